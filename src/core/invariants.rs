@@ -1,0 +1,113 @@
+//! The invariants of DESIGN.md that can be seen from one snapshot of the core.
+//! Debug builds check them after every input; the model test and the fuzzer call
+//! [`Core::check_invariants`] directly. Order-dependent rules (FIFO activation,
+//! a hook before every proxying connection) need the history and are checked by
+//! the drivers that see it.
+
+use std::collections::HashSet;
+
+use super::{Activation, ConnRef, ConnState, Core};
+
+impl Core {
+    /// Checks the snapshot invariants; the error names the first broken one.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut holding = 0;
+        let mut queued = 0;
+        let mut preparing = Vec::new();
+        let mut armed = 0;
+        for (slot, c) in &self.conns {
+            let conn = ConnRef { slot, id: c.id };
+            armed += usize::from(c.queue_deadline.is_some());
+            if let Some(key) = c.queue_deadline
+                && !self.timers.contains(key)
+            {
+                return Err(format!("conn {} holds a dead queue timer", c.id));
+            }
+            match &c.state {
+                ConnState::Queued { .. } => queued += 1,
+                ConnState::Activating(Activation::Hook { .. }) => {
+                    holding += 1;
+                    preparing.push(conn);
+                }
+                ConnState::Activating(Activation::Connecting { deadline }) => {
+                    holding += 1;
+                    armed += usize::from(deadline.is_some());
+                }
+                ConnState::Proxying { ttl } => {
+                    holding += 1;
+                    armed += usize::from(ttl.is_some());
+                    if c.queue_deadline.is_some() {
+                        return Err(format!("proxying conn {} still has a queue timer", c.id));
+                    }
+                }
+            }
+        }
+        if holding != self.active {
+            return Err(format!(
+                "permit count {} but {holding} connections hold one",
+                self.active
+            ));
+        }
+        if queued != self.queue.len() {
+            return Err(format!(
+                "{queued} queued connections but the queue holds {}",
+                self.queue.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for conn in &self.queue {
+            if !seen.insert(*conn) {
+                return Err(format!("conn {} is queued twice", conn.id));
+            }
+            match self.get(*conn) {
+                Some(c) if matches!(c.state, ConnState::Queued { .. }) => {}
+                _ => return Err(format!("queue entry for conn {} is stale", conn.id)),
+            }
+        }
+        // Invariant 3 holds by construction (one `Option<RunningHook>`); what can
+        // break is a connection waiting for a hook that is not its own.
+        if preparing.len() > 1 {
+            return Err("two connections wait for an on-activate hook".to_string());
+        }
+        if let Some(conn) = preparing.first()
+            && self.hook.as_ref().and_then(|run| run.conn) != Some(*conn)
+        {
+            return Err(format!(
+                "conn {} waits for a hook that is not running",
+                conn.id
+            ));
+        }
+        if let Some(run) = &self.hook {
+            armed += usize::from(run.deadline.is_some());
+        }
+        armed += usize::from(self.retry.is_some());
+        if let Some(shutdown) = &self.shutdown {
+            armed += usize::from(shutdown.grace.is_some());
+            if !self.queue.is_empty() {
+                return Err("connections still queued after shutdown".to_string());
+            }
+        }
+        if armed != self.timers.len() {
+            return Err(format!(
+                "{} timers armed but {armed} owned: a timer outlived its owner",
+                self.timers.len()
+            ));
+        }
+        let limit = self.settings.max_queue.max(self.reload_backlog);
+        if self.waiting() > limit {
+            return Err(format!(
+                "{} clients wait, more than max-queue {limit}",
+                self.waiting()
+            ));
+        }
+        if let Some(deadline) = self.poll_timeout()
+            && deadline <= self.now
+        {
+            return Err(format!(
+                "next deadline {deadline} is not after now {}",
+                self.now
+            ));
+        }
+        Ok(())
+    }
+}

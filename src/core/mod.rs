@@ -1,0 +1,794 @@
+//! The pure state machine at the heart of tcplock: a FIFO counting semaphore with
+//! a hook scheduler, driven by events and a clock passed in as a parameter.
+//!
+//! It never touches a socket, a process or the clock, so it can be unit-tested,
+//! model-tested and fuzzed. The shell (the mio loop) drives it:
+//!
+//! 1. Feed what happened through the `handle_*` methods, each with the current
+//!    monotonic time in milliseconds (`now` never goes backwards).
+//! 2. After every input, drain [`Core::poll_action`] until it returns `None` and
+//!    perform each action in order. Performing one may produce a new input (a
+//!    connect that fails at once, say); feed it and keep draining.
+//! 3. Before blocking, ask [`Core::poll_timeout`] for the next deadline and call
+//!    [`Core::handle_tick`] once it has passed (calling it early is harmless).
+//! 4. Stop when [`Core::is_finished`] says so (only after a shutdown).
+//!
+//! Each connection goes `Queued → Activating → Proxying` and then ends with one
+//! [`Outcome`], announced by [`Action::Close`]; from then on the core has
+//! forgotten it, and a handle or timer naming it is ignored.
+
+mod invariants;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+pub use types::{
+    Action, ConnId, ConnRef, Event, HookExit, HookId, HookKind, HookRequest, Outcome, RelayEnd,
+    Settings, StateName,
+};
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use slab::Slab;
+
+use crate::timer::{TimerKey, TimerWheel};
+
+/// The first retry of a failed on-activate hook waits this long; each further
+/// consecutive failure doubles it, up to [`RETRY_MAX_MS`].
+pub const RETRY_BASE_MS: u64 = 500;
+/// The longest wait between two on-activate hook attempts.
+pub const RETRY_MAX_MS: u64 = 30_000;
+
+/// The state machine. See the module documentation for the calling contract.
+pub struct Core {
+    settings: Settings,
+    conns: Slab<Conn>,
+    /// Waiting connections in accept order (a failed hook puts its connection
+    /// back at the front).
+    queue: VecDeque<ConnRef>,
+    /// Connections holding a permit: Activating plus Proxying.
+    active: usize,
+    next_conn_id: u64,
+    timers: TimerWheel<Deadline>,
+    hook: Option<RunningHook>,
+    next_hook_id: u64,
+    /// A TTL expired and the on-timeout hook has not run for it yet. Expiries
+    /// that pile up while it waits share one run: one restart serves them all.
+    timeout_hook_due: Option<(ConnId, SocketAddr)>,
+    /// An on-activate hook succeeded but its client left: the next one in line
+    /// goes through without running the hook again.
+    prepared: bool,
+    /// Consecutive on-activate failures, for the backoff.
+    hook_failures: u32,
+    /// While a failed on-activate hook backs off: when it may run again.
+    retry: Option<(u64, TimerKey)>,
+    shutdown: Option<Shutdown>,
+    stats: Stats,
+    last_outcome: Option<Outcome>,
+    actions: VecDeque<Action>,
+    /// The latest `now` seen, to check that the next deadline lies after it.
+    now: u64,
+    /// Clients waiting at the last reload: a lowered max-queue turns no one
+    /// away, so until they drain the line may stand above the new limit.
+    reload_backlog: usize,
+}
+
+/// Counters for hooks, logs and `Handle::stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections that reached Proxying.
+    pub activations: u64,
+    /// TTL expiries.
+    pub timeouts: u64,
+    /// How many connections ended with each outcome, indexed like [`Outcome::ALL`].
+    pub outcomes: [u64; 9],
+}
+
+impl Stats {
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        let index = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        self.outcomes[index]
+    }
+}
+
+struct Conn {
+    id: ConnId,
+    client: SocketAddr,
+    accepted_at: u64,
+    /// Spans Queued and Activating: the queue timeout counts until proxying.
+    queue_deadline: Option<TimerKey>,
+    state: ConnState,
+}
+
+enum ConnState {
+    /// `attempts` counts the on-activate hook runs that failed for it.
+    Queued {
+        attempts: u32,
+    },
+    Activating(Activation),
+    Proxying {
+        ttl: Option<TimerKey>,
+    },
+}
+
+enum Activation {
+    /// Its on-activate hook is running.
+    Hook { attempt: u32 },
+    /// The shell is connecting to the upstream.
+    Connecting { deadline: Option<TimerKey> },
+}
+
+struct RunningHook {
+    id: HookId,
+    kind: HookKind,
+    /// For an on-activate hook: the connection it prepares (it may leave).
+    conn: Option<ConnRef>,
+    conn_id: ConnId,
+    started_at: u64,
+    deadline: Option<TimerKey>,
+    timed_out: bool,
+}
+
+struct Shutdown {
+    grace: Option<TimerKey>,
+}
+
+/// Everything that can be armed in the timer wheel. Each names what it belongs
+/// to, so a timer that outlived its owner is recognised and ignored.
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    Queue(ConnRef),
+    Connect(ConnRef),
+    Ttl(ConnRef),
+    Hook(HookId),
+    HookRetry,
+    ShutdownGrace,
+}
+
+impl Core {
+    /// A core with no connections, at time `now`.
+    pub fn new(settings: Settings, now: u64) -> Self {
+        Core {
+            settings,
+            conns: Slab::new(),
+            queue: VecDeque::new(),
+            active: 0,
+            next_conn_id: 1,
+            timers: TimerWheel::new(now),
+            hook: None,
+            next_hook_id: 1,
+            timeout_hook_due: None,
+            prepared: false,
+            hook_failures: 0,
+            retry: None,
+            shutdown: None,
+            stats: Stats::default(),
+            last_outcome: None,
+            actions: VecDeque::new(),
+            now,
+            reload_backlog: 0,
+        }
+    }
+
+    // ----- inputs -----
+
+    /// A client connected. It always gets a handle; if the queue is full, the
+    /// handle is closed at once (an [`Action::Close`] with `Rejected`).
+    pub fn handle_accepted(&mut self, now: u64, client: SocketAddr) -> ConnRef {
+        self.advance(now);
+        let id = ConnId(self.next_conn_id);
+        self.next_conn_id += 1;
+        let slot = self.conns.insert(Conn {
+            id,
+            client,
+            accepted_at: now,
+            queue_deadline: None,
+            state: ConnState::Queued { attempts: 0 },
+        });
+        let conn = ConnRef { slot, id };
+        self.log(Event::Accepted { conn: id, client });
+        if self.shutdown.is_some() {
+            self.end(now, conn, Outcome::Shutdown);
+            return conn;
+        }
+        if let Some(timeout) = self.settings.queue_timeout_ms {
+            let key = self
+                .timers
+                .insert(now.saturating_add(timeout), Deadline::Queue(conn));
+            self.conns[slot].queue_deadline = Some(key);
+        }
+        self.queue.push_back(conn);
+        self.pump(now);
+        // Only the newcomer can push the line past its limit, and only if the
+        // pump left it there, at the back.
+        if self.waiting() > self.settings.max_queue && self.queue.back() == Some(&conn) {
+            self.queue.pop_back();
+            self.log(Event::Rejected { conn: id, client });
+            self.end(now, conn, Outcome::Rejected);
+        }
+        self.check();
+        conn
+    }
+
+    /// A waiting (Queued or Activating) client closed or reset before proxying.
+    /// Ignored for a stale handle or a proxying connection.
+    pub fn handle_client_left(&mut self, now: u64, conn: ConnRef) {
+        self.advance(now);
+        if let Some(c) = self.get(conn)
+            && !matches!(c.state, ConnState::Proxying { .. })
+        {
+            self.log(Event::Abandoned { conn: conn.id });
+            self.end(now, conn, Outcome::Abandoned);
+            self.pump(now);
+        }
+        self.check();
+    }
+
+    /// The upstream accepted the connection: it starts proxying.
+    pub fn handle_upstream_connected(&mut self, now: u64, conn: ConnRef) {
+        self.advance(now);
+        let ttl_ms = self.settings.ttl_ms;
+        let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
+            return;
+        };
+        let ConnState::Activating(Activation::Connecting { deadline }) = c.state else {
+            return;
+        };
+        let queue_deadline = c.queue_deadline.take();
+        let ttl = ttl_ms.map(|ttl| {
+            self.timers
+                .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
+        });
+        c.state = ConnState::Proxying { ttl };
+        let (client, accepted_at) = (c.client, c.accepted_at);
+        self.cancel(deadline);
+        self.cancel(queue_deadline);
+        self.stats.activations += 1;
+        self.log(Event::Activated {
+            conn: conn.id,
+            client,
+            waited_ms: now.saturating_sub(accepted_at),
+        });
+        self.actions.push_back(Action::StartRelay(conn));
+        self.check();
+    }
+
+    /// No upstream address took the connection. `error` is for the log.
+    pub fn handle_upstream_failed(&mut self, now: u64, conn: ConnRef, error: &str) {
+        self.advance(now);
+        if let Some(c) = self.get(conn)
+            && matches!(
+                c.state,
+                ConnState::Activating(Activation::Connecting { .. })
+            )
+        {
+            self.connect_failed(now, conn, error.to_string());
+        }
+        self.check();
+    }
+
+    /// A proxying connection finished or failed.
+    pub fn handle_relay_ended(&mut self, now: u64, conn: ConnRef, end: RelayEnd) {
+        self.advance(now);
+        if let Some(c) = self.get(conn)
+            && matches!(c.state, ConnState::Proxying { .. })
+        {
+            let outcome = match end {
+                RelayEnd::Finished => Outcome::Ok,
+                RelayEnd::ClientError => Outcome::ClientError,
+                RelayEnd::UpstreamError => Outcome::UpstreamError,
+            };
+            self.end(now, conn, outcome);
+            self.pump(now);
+        }
+        self.check();
+    }
+
+    /// A hook process ended (or could not start). Ignored for a stale hook id.
+    pub fn handle_hook_exited(&mut self, now: u64, hook: HookId, exit: HookExit) {
+        self.advance(now);
+        let Some(run) = self.hook.take_if(|run| run.id == hook) else {
+            return;
+        };
+        self.cancel(run.deadline);
+        match run.kind {
+            HookKind::Timeout => {
+                if !exit.is_success() {
+                    self.log(Event::HookFailed {
+                        hook,
+                        kind: run.kind,
+                        conn: Some(run.conn_id),
+                        exit,
+                        timed_out: run.timed_out,
+                        retry_in_ms: None,
+                    });
+                }
+            }
+            HookKind::Activate => self.activate_hook_exited(now, run, exit),
+        }
+        self.pump(now);
+        self.check();
+    }
+
+    /// Time passed: fire every deadline due at `now`.
+    pub fn handle_tick(&mut self, now: u64) {
+        self.advance(now);
+        self.check();
+    }
+
+    /// New settings, for activations from now on: a connection already proxying
+    /// keeps its TTL, a waiting one its queue deadline. More permits let waiting
+    /// clients through at once; fewer let active ones finish.
+    pub fn handle_reload(&mut self, now: u64, settings: Settings) {
+        self.advance(now);
+        if settings.on_activate != self.settings.on_activate {
+            // A preparation made by another command proves nothing now.
+            self.prepared = false;
+        }
+        self.settings = settings;
+        self.reload_backlog = self.waiting();
+        self.pump(now);
+        self.check();
+    }
+
+    /// Stop: close the listener and every waiting client, kill a running hook,
+    /// give proxying connections the shutdown grace. A second call ends them at
+    /// once.
+    pub fn handle_shutdown(&mut self, now: u64) {
+        self.advance(now);
+        if self.shutdown.is_some() {
+            self.log(Event::ShutdownForced {
+                active: self.active,
+            });
+            self.end_all(now);
+            self.check();
+            return;
+        }
+        self.actions.push_back(Action::StopAccepting);
+        self.log(Event::ShutdownStarted {
+            queued: self.queue.len(),
+            active: self.active,
+            grace_ms: self.settings.shutdown_grace_ms,
+        });
+        let waiting: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.state, ConnState::Proxying { .. }))
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in waiting {
+            self.end(now, conn, Outcome::Shutdown);
+        }
+        if let Some(run) = &self.hook {
+            self.actions.push_back(Action::KillHook(run.id));
+        }
+        self.timeout_hook_due = None;
+        let (_, retry) = self.retry.take().unzip();
+        self.cancel(retry);
+        let grace = self.settings.shutdown_grace_ms;
+        let key = self
+            .timers
+            .insert(now.saturating_add(grace), Deadline::ShutdownGrace);
+        self.shutdown = Some(Shutdown { grace: Some(key) });
+        if grace == 0 {
+            self.advance(now);
+        }
+        self.check();
+    }
+
+    /// Log one `state` line per connection and a summary (SIGUSR1).
+    pub fn handle_dump_state(&mut self, now: u64) {
+        self.advance(now);
+        let lines: Vec<Event> = self
+            .conns
+            .iter()
+            .map(|(_, c)| Event::State {
+                conn: c.id,
+                state: c.state.name(),
+                client: c.client,
+                age_ms: now.saturating_sub(c.accepted_at),
+            })
+            .collect();
+        for line in lines {
+            self.log(line);
+        }
+        self.log(Event::StateSummary {
+            queued: self.queue.len(),
+            active: self.active,
+            permits: self.settings.permits,
+            hook_running: self.hook.is_some(),
+            activations: self.stats.activations,
+            timeouts: self.stats.timeouts,
+        });
+    }
+
+    // ----- outputs -----
+
+    /// The next thing for the shell to do, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Core::handle_tick`] must be called next, if ever. Always later than
+    /// the latest `now` passed in, so the loop never spins.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.timers.next_deadline()
+    }
+
+    /// After a shutdown: no connection and no hook left.
+    pub fn is_finished(&self) -> bool {
+        self.shutdown.is_some() && self.conns.is_empty() && self.hook.is_none()
+    }
+
+    // ----- observers -----
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Connections holding a permit (Activating + Proxying).
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// Connections the core knows, in any state.
+    pub fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn hook_running(&self) -> Option<HookId> {
+        self.hook.as_ref().map(|run| run.id)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn state_of(&self, conn: ConnRef) -> Option<StateName> {
+        self.get(conn).map(|c| c.state.name())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    // ----- internals -----
+
+    fn get(&self, conn: ConnRef) -> Option<&Conn> {
+        self.conns.get(conn.slot).filter(|c| c.id == conn.id)
+    }
+
+    /// Every input first brings the core up to `now`: deadlines that passed
+    /// fire before the input is looked at, so the next deadline is always in
+    /// the future.
+    fn advance(&mut self, now: u64) {
+        debug_assert!(now >= self.now, "time went backwards: {now} < {}", self.now);
+        self.now = self.now.max(now);
+        let now = self.now;
+        while let Some((_, deadline)) = self.timers.poll_expired(now) {
+            self.fire(now, deadline);
+        }
+        self.pump(now);
+    }
+
+    /// Clients waiting for the upstream: the queue, plus the one whose
+    /// on-activate hook runs (it goes back to the queue if the hook fails).
+    fn waiting(&self) -> usize {
+        let preparing = self.hook.as_ref().and_then(|run| run.conn).filter(|conn| {
+            self.get(*conn)
+                .is_some_and(|c| matches!(c.state, ConnState::Activating(Activation::Hook { .. })))
+        });
+        self.queue.len() + usize::from(preparing.is_some())
+    }
+
+    fn log(&mut self, event: Event) {
+        self.actions.push_back(Action::Log(event));
+    }
+
+    fn cancel(&mut self, key: Option<TimerKey>) {
+        if let Some(key) = key {
+            self.timers.cancel(key);
+        }
+    }
+
+    /// Let waiting connections through while permits, hooks and backoff allow.
+    fn pump(&mut self, now: u64) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        loop {
+            if self.hook.is_some() {
+                return;
+            }
+            if let Some((conn_id, client)) = self.timeout_hook_due.take()
+                && let Some(command) = self.settings.on_timeout.clone()
+            {
+                self.spawn_hook(now, HookKind::Timeout, command, None, conn_id, client, 1);
+                return;
+            }
+            if self.active >= self.settings.permits as usize {
+                return;
+            }
+            let Some(&head) = self.queue.front() else {
+                return;
+            };
+            let attempts = match self.conns[head.slot].state {
+                ConnState::Queued { attempts } => attempts,
+                _ => 0,
+            };
+            let hook_needed = self.settings.on_activate.is_some() && !self.prepared;
+            if hook_needed && self.retry.is_some() {
+                return;
+            }
+            self.queue.pop_front();
+            self.active += 1;
+            match self.settings.on_activate.clone().filter(|_| hook_needed) {
+                Some(command) => {
+                    let client = self.conns[head.slot].client;
+                    let attempt = attempts + 1;
+                    self.conns[head.slot].state =
+                        ConnState::Activating(Activation::Hook { attempt });
+                    self.spawn_hook(
+                        now,
+                        HookKind::Activate,
+                        command,
+                        Some(head),
+                        head.id,
+                        client,
+                        attempt,
+                    );
+                    return;
+                }
+                None => {
+                    self.prepared = false;
+                    self.start_connect(now, head);
+                }
+            }
+        }
+    }
+
+    fn start_connect(&mut self, now: u64, conn: ConnRef) {
+        let deadline = self.settings.connect_timeout_ms.map(|timeout| {
+            self.timers
+                .insert(now.saturating_add(timeout), Deadline::Connect(conn))
+        });
+        self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting { deadline });
+        self.actions.push_back(Action::Connect(conn));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_hook(
+        &mut self,
+        now: u64,
+        kind: HookKind,
+        command: String,
+        conn: Option<ConnRef>,
+        conn_id: ConnId,
+        client: SocketAddr,
+        attempt: u32,
+    ) {
+        let id = HookId(self.next_hook_id);
+        self.next_hook_id += 1;
+        let deadline = self.settings.hook_timeout_ms.map(|timeout| {
+            self.timers
+                .insert(now.saturating_add(timeout), Deadline::Hook(id))
+        });
+        let last_outcome = self.last_outcome.map_or("none", Outcome::as_str);
+        let env = vec![
+            ("TCPLOCK_EVENT", kind.as_str().to_string()),
+            ("TCPLOCK_CONN_ID", conn_id.to_string()),
+            ("TCPLOCK_CLIENT_ADDR", client.to_string()),
+            ("TCPLOCK_UPSTREAM", self.settings.upstream.clone()),
+            ("TCPLOCK_ACTIVATIONS", self.stats.activations.to_string()),
+            ("TCPLOCK_TIMEOUTS", self.stats.timeouts.to_string()),
+            ("TCPLOCK_LAST_OUTCOME", last_outcome.to_string()),
+            ("TCPLOCK_QUEUE_LENGTH", self.queue.len().to_string()),
+            ("TCPLOCK_ACTIVE", self.active.to_string()),
+            ("TCPLOCK_ATTEMPT", attempt.to_string()),
+        ];
+        self.hook = Some(RunningHook {
+            id,
+            kind,
+            conn,
+            conn_id,
+            started_at: now,
+            deadline,
+            timed_out: false,
+        });
+        self.actions.push_back(Action::SpawnHook(HookRequest {
+            hook: id,
+            kind,
+            command,
+            env,
+        }));
+    }
+
+    fn activate_hook_exited(&mut self, now: u64, run: RunningHook, exit: HookExit) {
+        let waiting = run.conn.filter(|conn| {
+            self.get(*conn)
+                .is_some_and(|c| matches!(c.state, ConnState::Activating(Activation::Hook { .. })))
+        });
+        if exit.is_success() {
+            self.hook_failures = 0;
+            match waiting {
+                Some(conn) => self.start_connect(now, conn),
+                None => {
+                    self.prepared = true;
+                    self.log(Event::PreparationKept { hook: run.id });
+                }
+            }
+            return;
+        }
+        self.hook_failures = self.hook_failures.saturating_add(1);
+        let shift = (self.hook_failures - 1).min(16);
+        let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
+        let retry_in_ms = (self.shutdown.is_none() && !self.queue.is_empty() || waiting.is_some())
+            .then_some(backoff);
+        if let Some(conn) = waiting {
+            // Back to the head of the line: it keeps its place but not its permit.
+            let attempts = match self.conns[conn.slot].state {
+                ConnState::Activating(Activation::Hook { attempt }) => attempt,
+                _ => 1,
+            };
+            self.conns[conn.slot].state = ConnState::Queued { attempts };
+            self.active -= 1;
+            self.queue.push_front(conn);
+        }
+        self.log(Event::HookFailed {
+            hook: run.id,
+            kind: run.kind,
+            conn: Some(run.conn_id),
+            exit,
+            timed_out: run.timed_out,
+            retry_in_ms,
+        });
+        if self.shutdown.is_none() {
+            let key = self
+                .timers
+                .insert(now.saturating_add(backoff), Deadline::HookRetry);
+            self.retry = Some((now.saturating_add(backoff), key));
+        }
+    }
+
+    fn fire(&mut self, now: u64, deadline: Deadline) {
+        match deadline {
+            Deadline::Queue(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) {
+                    // The key just fired; forget it so `end` does not cancel it.
+                    c.queue_deadline = None;
+                    self.log(Event::QueueTimeout { conn: conn.id });
+                    self.end(now, conn, Outcome::QueueTimeout);
+                }
+            }
+            Deadline::Connect(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+                    && let ConnState::Activating(Activation::Connecting { deadline }) = &mut c.state
+                {
+                    *deadline = None;
+                    self.connect_failed(now, conn, "connect timeout".to_string());
+                }
+            }
+            Deadline::Ttl(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+                    && let ConnState::Proxying { ttl } = &mut c.state
+                {
+                    *ttl = None;
+                    let client = c.client;
+                    self.stats.timeouts += 1;
+                    self.log(Event::Timeout { conn: conn.id });
+                    self.end(now, conn, Outcome::Timeout);
+                    if self.settings.on_timeout.is_some() && self.shutdown.is_none() {
+                        self.timeout_hook_due = Some((conn.id, client));
+                    }
+                }
+            }
+            Deadline::Hook(hook) => {
+                if let Some(run) = self.hook.as_mut().filter(|run| run.id == hook) {
+                    run.deadline = None;
+                    run.timed_out = true;
+                    let after_ms = now.saturating_sub(run.started_at);
+                    self.actions.push_back(Action::KillHook(hook));
+                    self.log(Event::HookTimedOut { hook, after_ms });
+                }
+            }
+            Deadline::HookRetry => {
+                self.retry = None;
+            }
+            Deadline::ShutdownGrace => {
+                if let Some(shutdown) = &mut self.shutdown {
+                    shutdown.grace = None;
+                    self.end_all(now);
+                }
+            }
+        }
+    }
+
+    fn connect_failed(&mut self, now: u64, conn: ConnRef, error: String) {
+        self.log(Event::ConnectFailed {
+            conn: conn.id,
+            error,
+        });
+        self.end(now, conn, Outcome::ConnectFailed);
+        self.pump(now);
+    }
+
+    /// End every connection now and kill the hook (a forced or timed-out stop).
+    fn end_all(&mut self, now: u64) {
+        let all: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in all {
+            self.end(now, conn, Outcome::Shutdown);
+        }
+        if let Some(run) = &self.hook {
+            self.actions.push_back(Action::KillHook(run.id));
+        }
+    }
+
+    /// The one place a connection ends: it leaves the slab, the queue and the
+    /// timer wheel, gives back its permit and is announced to the shell.
+    fn end(&mut self, now: u64, conn: ConnRef, outcome: Outcome) {
+        if self.get(conn).is_none() {
+            return;
+        }
+        let c = self.conns.remove(conn.slot);
+        self.cancel(c.queue_deadline);
+        match c.state {
+            ConnState::Queued { .. } => {
+                if let Some(position) = self.queue.iter().position(|q| *q == conn) {
+                    self.queue.remove(position);
+                }
+            }
+            ConnState::Activating(activation) => {
+                self.active -= 1;
+                self.last_outcome = Some(outcome);
+                if let Activation::Connecting { deadline } = activation {
+                    self.cancel(deadline);
+                }
+            }
+            ConnState::Proxying { ttl } => {
+                self.active -= 1;
+                self.last_outcome = Some(outcome);
+                self.cancel(ttl);
+            }
+        }
+        let index = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        self.stats.outcomes[index] += 1;
+        self.actions.push_back(Action::Close {
+            conn,
+            outcome,
+            age_ms: now.saturating_sub(c.accepted_at),
+        });
+    }
+
+    fn check(&self) {
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.check_invariants() {
+            panic!("core invariant broken: {broken}");
+        }
+    }
+}
+
+impl ConnState {
+    fn name(&self) -> StateName {
+        match self {
+            ConnState::Queued { .. } => StateName::Queued,
+            ConnState::Activating(_) => StateName::Activating,
+            ConnState::Proxying { .. } => StateName::Proxying,
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Deterministic tests of the core's rules, with a fake clock.
+
+use std::net::SocketAddr;
+
+use super::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn settings() -> Settings {
+    Settings {
+        upstream: "127.0.0.1:8100".to_string(),
+        ..Settings::default()
+    }
+}
+
+fn with_hook(command: &str) -> Settings {
+    Settings {
+        on_activate: Some(command.to_string()),
+        ..settings()
+    }
+}
+
+/// Drains the actions, dropping log lines.
+fn actions(core: &mut Core) -> Vec<Action> {
+    std::iter::from_fn(|| core.poll_action())
+        .filter(|a| !matches!(a, Action::Log(_)))
+        .collect()
+}
+
+fn events(core: &mut Core) -> Vec<Event> {
+    std::iter::from_fn(|| core.poll_action())
+        .filter_map(|a| match a {
+            Action::Log(event) => Some(event),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(outcome: Outcome) -> impl Fn(&Action) -> bool {
+    move |a| matches!(a, Action::Close { outcome: o, .. } if *o == outcome)
+}
+
+fn spawned(actions: &[Action]) -> Option<HookRequest> {
+    actions.iter().find_map(|a| match a {
+        Action::SpawnHook(request) => Some(request.clone()),
+        _ => None,
+    })
+}
+
+fn env<'a>(request: &'a HookRequest, key: &str) -> &'a str {
+    request
+        .env
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+/// Accepts and proxies one connection.
+fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
+    let conn = core.handle_accepted(now, addr(port));
+    assert_eq!(actions(core), vec![Action::Connect(conn)]);
+    core.handle_upstream_connected(now, conn);
+    assert_eq!(actions(core), vec![Action::StartRelay(conn)]);
+    conn
+}
+
+#[test]
+fn one_permit_lets_connections_through_one_at_a_time_in_accept_order() {
+    let mut core = Core::new(settings(), 0);
+    let first = proxying(&mut core, 0, 1);
+    let second = core.handle_accepted(1, addr(2));
+    let third = core.handle_accepted(2, addr(3));
+    assert_eq!(
+        actions(&mut core),
+        vec![],
+        "nothing activates while the permit is held"
+    );
+    assert_eq!(core.queue_len(), 2);
+
+    core.handle_relay_ended(10, first, RelayEnd::Finished);
+    let after = actions(&mut core);
+    assert!(closed(Outcome::Ok)(&after[0]));
+    assert_eq!(
+        after[1],
+        Action::Connect(second),
+        "the next in line goes in the same call"
+    );
+    core.handle_upstream_connected(11, second);
+    core.handle_relay_ended(12, second, RelayEnd::ClientError);
+    let after = actions(&mut core);
+    assert!(after.iter().any(closed(Outcome::ClientError)));
+    assert!(after.contains(&Action::Connect(third)));
+    assert_eq!(core.stats().count(Outcome::Ok), 1);
+}
+
+#[test]
+fn permits_bound_the_active_connections() {
+    let mut core = Core::new(
+        Settings {
+            permits: 3,
+            ..settings()
+        },
+        0,
+    );
+    let conns: Vec<ConnRef> = (0..6).map(|i| core.handle_accepted(0, addr(i))).collect();
+    let connects = actions(&mut core);
+    assert_eq!(
+        connects,
+        conns[..3]
+            .iter()
+            .map(|c| Action::Connect(*c))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(core.active(), 3);
+    core.handle_upstream_failed(1, conns[1], "refused");
+    let after = actions(&mut core);
+    assert!(after.iter().any(closed(Outcome::ConnectFailed)));
+    assert!(
+        after.contains(&Action::Connect(conns[3])),
+        "the permit goes to the next"
+    );
+}
+
+#[test]
+fn a_full_queue_rejects_the_newcomer_only() {
+    let mut core = Core::new(
+        Settings {
+            max_queue: 2,
+            ..settings()
+        },
+        0,
+    );
+    proxying(&mut core, 0, 1);
+    let waiting: Vec<ConnRef> = (2..4).map(|p| core.handle_accepted(0, addr(p))).collect();
+    let newcomer = core.handle_accepted(0, addr(4));
+    let after = actions(&mut core);
+    assert_eq!(
+        after,
+        vec![Action::Close {
+            conn: newcomer,
+            outcome: Outcome::Rejected,
+            age_ms: 0
+        }]
+    );
+    assert_eq!(core.queue_len(), 2);
+    assert!(
+        waiting
+            .iter()
+            .all(|c| core.state_of(*c) == Some(StateName::Queued))
+    );
+}
+
+#[test]
+fn max_queue_zero_still_lets_a_free_permit_through() {
+    let mut core = Core::new(
+        Settings {
+            max_queue: 0,
+            ..settings()
+        },
+        0,
+    );
+    let first = core.handle_accepted(0, addr(1));
+    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+    core.handle_accepted(0, addr(2));
+    assert!(actions(&mut core).iter().any(closed(Outcome::Rejected)));
+}
+
+#[test]
+fn queue_timeout_closes_a_waiting_client_and_ttl_cuts_a_proxying_one() {
+    let mut core = Core::new(
+        Settings {
+            ttl_ms: Some(1_000),
+            queue_timeout_ms: Some(500),
+            ..settings()
+        },
+        0,
+    );
+    let first = proxying(&mut core, 0, 1);
+    let waiter = core.handle_accepted(100, addr(2));
+    assert_eq!(core.poll_timeout(), Some(600));
+    core.handle_tick(599);
+    assert_eq!(actions(&mut core), vec![]);
+    core.handle_tick(600);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Close {
+            conn: waiter,
+            outcome: Outcome::QueueTimeout,
+            age_ms: 500
+        }]
+    );
+    let next = core.handle_accepted(700, addr(3));
+    core.handle_tick(1_000);
+    let after = actions(&mut core);
+    assert!(
+        matches!(after[0], Action::Close { conn, outcome: Outcome::Timeout, .. } if conn == first)
+    );
+    assert_eq!(after[1], Action::Connect(next));
+    assert_eq!(core.stats().timeouts, 1);
+}
+
+#[test]
+fn a_stale_handle_for_a_reused_slot_is_ignored() {
+    let mut core = Core::new(settings(), 0);
+    let old = proxying(&mut core, 0, 1);
+    core.handle_relay_ended(1, old, RelayEnd::Finished);
+    actions(&mut core);
+    let new = core.handle_accepted(2, addr(2));
+    assert_eq!(new.slot(), old.slot(), "the slab reuses the slot");
+    actions(&mut core);
+    core.handle_upstream_connected(3, old);
+    core.handle_relay_ended(3, old, RelayEnd::ClientError);
+    core.handle_client_left(3, old);
+    assert_eq!(actions(&mut core), vec![]);
+    assert_eq!(core.state_of(new), Some(StateName::Activating));
+}
+
+#[test]
+fn connect_timeout_fails_the_connection() {
+    let mut core = Core::new(
+        Settings {
+            connect_timeout_ms: Some(200),
+            ..settings()
+        },
+        0,
+    );
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_tick(200);
+    let after = events(&mut core);
+    assert!(after.contains(&Event::ConnectFailed {
+        conn: conn.id(),
+        error: "connect timeout".to_string()
+    }));
+    assert_eq!(core.conn_count(), 0);
+}
+
+#[test]
+fn the_hook_runs_before_the_upstream_sees_the_connection() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    let first = actions(&mut core);
+    let request = spawned(&first).expect("a hook starts");
+    assert_eq!(first.len(), 1, "no connect before the hook succeeds");
+    assert_eq!(request.command, "restart");
+    assert_eq!(env(&request, "TCPLOCK_EVENT"), "activate");
+    assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "0");
+    assert_eq!(env(&request, "TCPLOCK_ATTEMPT"), "1");
+    assert_eq!(env(&request, "TCPLOCK_LAST_OUTCOME"), "none");
+    core.handle_hook_exited(50, request.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+}
+
+#[test]
+fn a_failed_hook_retries_with_doubling_backoff_and_keeps_the_place() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    let head = core.handle_accepted(0, addr(1));
+    let behind = core.handle_accepted(0, addr(2));
+    let mut now = 0;
+    let mut request = spawned(&actions(&mut core)).expect("hook");
+    for (attempt, backoff) in [(1, 500), (2, 1_000), (3, 2_000)] {
+        assert_eq!(env(&request, "TCPLOCK_CONN_ID"), head.id().to_string());
+        assert_eq!(env(&request, "TCPLOCK_ATTEMPT"), attempt.to_string());
+        core.handle_hook_exited(now, request.hook, HookExit::Failed(1));
+        assert!(events(&mut core).iter().any(|e| matches!(
+            e,
+            Event::HookFailed { retry_in_ms: Some(b), .. } if *b == backoff
+        )));
+        assert_eq!(core.state_of(head), Some(StateName::Queued));
+        assert_eq!(core.active(), 0, "a backing-off client holds no permit");
+        core.handle_tick(now + backoff - 1);
+        assert_eq!(
+            actions(&mut core),
+            vec![],
+            "nothing runs before the backoff ends"
+        );
+        now += backoff;
+        core.handle_tick(now);
+        request = spawned(&actions(&mut core)).expect("retried");
+    }
+    core.handle_hook_exited(now, request.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(head)]);
+    assert_eq!(core.state_of(behind), Some(StateName::Queued));
+}
+
+#[test]
+fn a_preparation_whose_client_left_serves_the_next_client() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    let leaver = core.handle_accepted(0, addr(1));
+    let next = core.handle_accepted(0, addr(2));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_client_left(10, leaver);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    core.handle_hook_exited(20, request.hook, HookExit::Success);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect(next)],
+        "no second hook run for the next client"
+    );
+}
+
+#[test]
+fn hooks_never_overlap_even_with_free_permits() {
+    let mut core = Core::new(
+        Settings {
+            permits: 3,
+            ..with_hook("restart")
+        },
+        0,
+    );
+    let conns: Vec<ConnRef> = (0..3).map(|i| core.handle_accepted(0, addr(i))).collect();
+    let mut hooks = 0;
+    let mut now = 0;
+    for conn in &conns {
+        let batch = actions(&mut core);
+        let request = spawned(&batch).expect("the next hook starts only now");
+        assert_eq!(
+            batch
+                .iter()
+                .filter(|a| matches!(a, Action::SpawnHook(_)))
+                .count(),
+            1
+        );
+        assert_eq!(env(&request, "TCPLOCK_CONN_ID"), conn.id().to_string());
+        hooks += 1;
+        now += 10;
+        core.handle_hook_exited(now, request.hook, HookExit::Success);
+    }
+    assert_eq!(hooks, 3);
+    assert_eq!(actions(&mut core), vec![Action::Connect(conns[2])]);
+}
+
+#[test]
+fn the_timeout_hook_runs_before_the_next_activation_hook() {
+    let mut core = Core::new(
+        Settings {
+            ttl_ms: Some(100),
+            on_timeout: Some("cleanup".to_string()),
+            ..with_hook("restart")
+        },
+        0,
+    );
+    let first = core.handle_accepted(0, addr(1));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_hook_exited(1, request.hook, HookExit::Success);
+    core.handle_upstream_connected(2, first);
+    actions(&mut core);
+    core.handle_accepted(3, addr(2));
+    assert_eq!(actions(&mut core), vec![]);
+    core.handle_tick(102);
+    let after = actions(&mut core);
+    let request = spawned(&after).expect("the timeout hook");
+    assert_eq!(request.command, "cleanup");
+    assert_eq!(env(&request, "TCPLOCK_EVENT"), "timeout");
+    assert_eq!(env(&request, "TCPLOCK_TIMEOUTS"), "1");
+    assert_eq!(env(&request, "TCPLOCK_LAST_OUTCOME"), "timeout");
+    core.handle_hook_exited(150, request.hook, HookExit::Success);
+    let request = spawned(&actions(&mut core)).expect("then the activation hook");
+    assert_eq!(request.command, "restart");
+    assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "1");
+}
+
+#[test]
+fn a_hook_timeout_kills_the_hook_and_counts_as_a_failure() {
+    let mut core = Core::new(
+        Settings {
+            hook_timeout_ms: Some(1_000),
+            ..with_hook("hang")
+        },
+        0,
+    );
+    core.handle_accepted(0, addr(1));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_tick(1_000);
+    assert_eq!(actions(&mut core), vec![Action::KillHook(request.hook)]);
+    core.handle_hook_exited(1_001, request.hook, HookExit::Signaled(9));
+    assert!(events(&mut core).iter().any(|e| matches!(
+        e,
+        Event::HookFailed {
+            timed_out: true,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn shutdown_closes_the_waiting_lets_proxying_finish_and_then_drains() {
+    let mut core = Core::new(
+        Settings {
+            shutdown_grace_ms: 5_000,
+            ..settings()
+        },
+        0,
+    );
+    let active = proxying(&mut core, 0, 1);
+    core.handle_accepted(1, addr(2));
+    core.handle_accepted(1, addr(3));
+    core.handle_shutdown(10);
+    let after = actions(&mut core);
+    assert_eq!(after[0], Action::StopAccepting);
+    assert_eq!(
+        after
+            .iter()
+            .filter(|a| closed(Outcome::Shutdown)(a))
+            .count(),
+        2
+    );
+    assert!(!core.is_finished());
+    core.handle_relay_ended(20, active, RelayEnd::Finished);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Ok)));
+    assert!(core.is_finished());
+}
+
+#[test]
+fn the_shutdown_grace_ends_a_connection_that_never_closes() {
+    let mut core = Core::new(
+        Settings {
+            shutdown_grace_ms: 5_000,
+            ..settings()
+        },
+        0,
+    );
+    proxying(&mut core, 0, 1);
+    core.handle_shutdown(10);
+    actions(&mut core);
+    core.handle_tick(5_009);
+    assert!(!core.is_finished());
+    core.handle_tick(5_010);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Shutdown)));
+    assert!(core.is_finished());
+}
+
+#[test]
+fn shutdown_kills_a_running_hook_and_waits_for_its_exit() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    core.handle_accepted(0, addr(1));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_shutdown(1);
+    let after = actions(&mut core);
+    assert!(after.contains(&Action::KillHook(request.hook)));
+    assert!(!core.is_finished(), "the hook is still to be reaped");
+    core.handle_hook_exited(2, request.hook, HookExit::Signaled(9));
+    assert!(core.is_finished());
+    core.handle_accepted(3, addr(2));
+    assert!(actions(&mut core).iter().any(closed(Outcome::Shutdown)));
+}
+
+#[test]
+fn raising_permits_on_reload_lets_a_waiter_through_at_once() {
+    let mut core = Core::new(settings(), 0);
+    proxying(&mut core, 0, 1);
+    let waiter = core.handle_accepted(1, addr(2));
+    actions(&mut core);
+    core.handle_reload(
+        2,
+        Settings {
+            permits: 2,
+            ..settings()
+        },
+    );
+    assert_eq!(actions(&mut core), vec![Action::Connect(waiter)]);
+}
+
+#[test]
+fn a_queued_client_that_leaves_never_runs_the_hook() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    let first = core.handle_accepted(0, addr(1));
+    let gone = core.handle_accepted(0, addr(2));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_client_left(1, gone);
+    actions(&mut core);
+    core.handle_hook_exited(2, request.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+    core.handle_upstream_connected(3, first);
+    core.handle_relay_ended(4, first, RelayEnd::Finished);
+    assert!(spawned(&actions(&mut core)).is_none());
+}

@@ -1,0 +1,318 @@
+//! The vocabulary the core speaks with the shell: handles, settings, actions,
+//! outcomes and log events.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+/// The id a connection gets at accept: 1, 2, 3, ... in accept order. It is what
+/// logs and hooks show, and it doubles as the generation of the connection's slab
+/// slot, so a stale handle for a reused slot never matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A handle to one connection: its slab slot and its id. The shell indexes its own
+/// per-connection I/O state by [`ConnRef::slot`] and must compare the id before
+/// acting, exactly as the core does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub(crate) slot: usize,
+    pub(crate) id: ConnId,
+}
+
+impl ConnRef {
+    /// The slab slot: dense, small, reused after the connection ends.
+    pub fn slot(self) -> usize {
+        self.slot
+    }
+
+    /// The connection's id, unique for the life of the process.
+    pub fn id(self) -> ConnId {
+        self.id
+    }
+}
+
+/// One hook run, unique for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HookId(pub u64);
+
+impl fmt::Display for HookId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The policy knobs of the core. Durations are milliseconds; `None` means no limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub permits: u32,
+    pub max_queue: usize,
+    pub ttl_ms: Option<u64>,
+    pub queue_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub on_activate: Option<String>,
+    pub on_timeout: Option<String>,
+    pub hook_timeout_ms: Option<u64>,
+    pub shutdown_grace_ms: u64,
+    /// Shown to hooks as `TCPLOCK_UPSTREAM`.
+    pub upstream: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            permits: 1,
+            max_queue: 1024,
+            ttl_ms: None,
+            queue_timeout_ms: None,
+            connect_timeout_ms: Some(10_000),
+            on_activate: None,
+            on_timeout: None,
+            hook_timeout_ms: Some(60_000),
+            shutdown_grace_ms: 30_000,
+            upstream: String::new(),
+        }
+    }
+}
+
+/// How a connection ended. Every accepted connection ends exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Both directions finished cleanly.
+    Ok,
+    /// The client reset or failed while proxying.
+    ClientError,
+    /// The upstream reset or failed while proxying.
+    UpstreamError,
+    /// The TTL of a proxying connection expired.
+    Timeout,
+    /// It waited longer than the queue timeout.
+    QueueTimeout,
+    /// No upstream address accepted the connection within the connect timeout.
+    ConnectFailed,
+    /// The client left while it was waiting.
+    Abandoned,
+    /// The queue was full when it arrived.
+    Rejected,
+    /// tcplock was stopping.
+    Shutdown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+            Outcome::QueueTimeout => "queue_timeout",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::Abandoned => "abandoned",
+            Outcome::Rejected => "rejected",
+            Outcome::Shutdown => "shutdown",
+        }
+    }
+
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::UpstreamError,
+        Outcome::Timeout,
+        Outcome::QueueTimeout,
+        Outcome::ConnectFailed,
+        Outcome::Abandoned,
+        Outcome::Rejected,
+        Outcome::Shutdown,
+    ];
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a relay ended, as the shell saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions reached end of stream and were flushed.
+    Finished,
+    ClientError,
+    UpstreamError,
+}
+
+/// Why a hook runs; shown to it as `TCPLOCK_EVENT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    Activate,
+    Timeout,
+}
+
+impl HookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::Activate => "activate",
+            HookKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// How a hook process ended, as the shell saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookExit {
+    /// Exit status 0.
+    Success,
+    /// A non-zero exit status.
+    Failed(i32),
+    /// Killed by a signal (by us after a hook timeout, or by someone else).
+    Signaled(i32),
+    /// The process could not be started.
+    SpawnFailed(String),
+}
+
+impl HookExit {
+    pub fn is_success(&self) -> bool {
+        matches!(self, HookExit::Success)
+    }
+}
+
+impl fmt::Display for HookExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookExit::Success => f.write_str("exit 0"),
+            HookExit::Failed(code) => write!(f, "exit {code}"),
+            HookExit::Signaled(signal) => write!(f, "signal {signal}"),
+            HookExit::SpawnFailed(error) => write!(f, "spawn failed: {error}"),
+        }
+    }
+}
+
+/// Everything the shell needs to start one hook process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookRequest {
+    pub hook: HookId,
+    pub kind: HookKind,
+    pub command: String,
+    /// `TCPLOCK_*` variables, in a fixed order.
+    pub env: Vec<(&'static str, String)>,
+}
+
+/// What the core asks the shell to do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start connecting this connection to the upstream; answer with
+    /// `handle_upstream_connected` or `handle_upstream_failed`.
+    Connect(ConnRef),
+    /// The upstream is connected: start relaying bytes; answer with
+    /// `handle_relay_ended` when both directions are done or one failed.
+    StartRelay(ConnRef),
+    /// Close both sockets of this connection. The core has already forgotten it.
+    /// `age_ms` counts from accept.
+    Close {
+        conn: ConnRef,
+        outcome: Outcome,
+        age_ms: u64,
+    },
+    /// Run a hook; answer with `handle_hook_exited`.
+    SpawnHook(HookRequest),
+    /// Kill the hook's whole process group; its exit still arrives through
+    /// `handle_hook_exited`.
+    KillHook(HookId),
+    /// Close the listening socket: tcplock is stopping.
+    StopAccepting,
+    /// Write a log line.
+    Log(Event),
+}
+
+/// A state a connection can be in, for `event=state` lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateName {
+    Queued,
+    Activating,
+    Proxying,
+}
+
+impl StateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateName::Queued => "queued",
+            StateName::Activating => "activating",
+            StateName::Proxying => "proxying",
+        }
+    }
+}
+
+/// A log record the core produces. The shell decides the format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Accepted {
+        conn: ConnId,
+        client: SocketAddr,
+    },
+    Rejected {
+        conn: ConnId,
+        client: SocketAddr,
+    },
+    Abandoned {
+        conn: ConnId,
+    },
+    Activated {
+        conn: ConnId,
+        client: SocketAddr,
+        waited_ms: u64,
+    },
+    Timeout {
+        conn: ConnId,
+    },
+    QueueTimeout {
+        conn: ConnId,
+    },
+    ConnectFailed {
+        conn: ConnId,
+        error: String,
+    },
+    HookFailed {
+        hook: HookId,
+        kind: HookKind,
+        conn: Option<ConnId>,
+        exit: HookExit,
+        timed_out: bool,
+        /// For an on-activate hook whose client still waits: when it runs again.
+        retry_in_ms: Option<u64>,
+    },
+    HookTimedOut {
+        hook: HookId,
+        after_ms: u64,
+    },
+    /// A successful on-activate hook whose client left: the next client uses it.
+    PreparationKept {
+        hook: HookId,
+    },
+    ShutdownStarted {
+        queued: usize,
+        active: usize,
+        grace_ms: u64,
+    },
+    ShutdownForced {
+        active: usize,
+    },
+    State {
+        conn: ConnId,
+        state: StateName,
+        client: SocketAddr,
+        age_ms: u64,
+    },
+    StateSummary {
+        queued: usize,
+        active: usize,
+        permits: u32,
+        hook_running: bool,
+        activations: u64,
+        timeouts: u64,
+    },
+}

@@ -1,0 +1,314 @@
+//! logfmt lines on stderr: `ts=… level=… event=… conn=…`.
+//!
+//! Lines are formatted into one buffer and written with one `write` per loop
+//! turn ([`Logger::flush`]), never a syscall per line or field.
+
+use std::fmt::{self, Display, Write as _};
+use std::io::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use crate::config::LogLevel;
+use crate::core::{Event, HookKind};
+
+/// Buffered logfmt writer.
+pub struct Logger {
+    level: LogLevel,
+    buf: String,
+}
+
+impl Logger {
+    pub fn new(level: LogLevel) -> Self {
+        Logger {
+            level,
+            buf: String::with_capacity(4096),
+        }
+    }
+
+    pub fn set_level(&mut self, level: LogLevel) {
+        self.level = level;
+    }
+
+    pub fn enabled(&self, level: LogLevel) -> bool {
+        level <= self.level
+    }
+
+    /// Starts a line, or returns `None` when `level` is filtered out (so callers
+    /// skip formatting the fields too).
+    pub fn line(&mut self, level: LogLevel, event: &str) -> Option<Line<'_>> {
+        if !self.enabled(level) {
+            return None;
+        }
+        let line = Line { buf: &mut self.buf };
+        line.buf.push_str("ts=");
+        write_timestamp(line.buf, SystemTime::now());
+        line.buf.push_str(" level=");
+        line.buf.push_str(level.as_str());
+        line.buf.push_str(" event=");
+        line.buf.push_str(event);
+        Some(line)
+    }
+
+    /// Writes one line for an event of the core.
+    pub fn event(&mut self, event: &Event) {
+        let (level, name) = level_and_name(event);
+        let Some(line) = self.line(level, name) else {
+            return;
+        };
+        match event {
+            Event::Accepted { conn, client } => line.field("conn", conn).field("client", client),
+            Event::Rejected { conn, client } => line
+                .field("conn", conn)
+                .field("client", client)
+                .field("reason", "queue_full"),
+            Event::Abandoned { conn } | Event::Timeout { conn } | Event::QueueTimeout { conn } => {
+                line.field("conn", conn)
+            }
+            Event::Activated {
+                conn,
+                client,
+                waited_ms,
+            } => line
+                .field("conn", conn)
+                .field("client", client)
+                .field("waited_ms", waited_ms),
+            Event::ConnectFailed { conn, error } => line.field("conn", conn).field("error", error),
+            Event::HookFailed {
+                hook,
+                kind,
+                conn,
+                exit,
+                timed_out,
+                retry_in_ms,
+            } => {
+                let mut line = line
+                    .field("hook", hook)
+                    .field("kind", kind.as_str())
+                    .field_opt("conn", conn.as_ref())
+                    .field("status", exit);
+                if *timed_out {
+                    line = line.field("reason", "hook_timeout");
+                }
+                line.field_opt("retry_in_ms", retry_in_ms.as_ref())
+            }
+            Event::HookTimedOut { hook, after_ms } => {
+                line.field("hook", hook).field("after_ms", after_ms)
+            }
+            Event::PreparationKept { hook } => line.field("hook", hook),
+            Event::ShutdownStarted {
+                queued,
+                active,
+                grace_ms,
+            } => line
+                .field("queued", queued)
+                .field("active", active)
+                .field("grace_ms", grace_ms),
+            Event::ShutdownForced { active } => line.field("active", active),
+            Event::State {
+                conn,
+                state,
+                client,
+                age_ms,
+            } => line
+                .field("conn", conn)
+                .field("state", state.as_str())
+                .field("client", client)
+                .field("age_ms", age_ms),
+            Event::StateSummary {
+                queued,
+                active,
+                permits,
+                hook_running,
+                activations,
+                timeouts,
+            } => line
+                .field("queued", queued)
+                .field("active", active)
+                .field("permits", permits)
+                .field("hook_running", hook_running)
+                .field("activations", activations)
+                .field("timeouts", timeouts),
+        };
+    }
+
+    /// Writes everything buffered to stderr in one go. A failing stderr loses the
+    /// lines rather than the proxy.
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let _ = std::io::stderr().lock().write_all(self.buf.as_bytes());
+        self.buf.clear();
+        if self.buf.capacity() > 1 << 20 {
+            // A burst (a state dump of thousands of connections) should not pin
+            // its memory for the life of the process.
+            self.buf.shrink_to(4096);
+        }
+    }
+}
+
+impl Drop for Logger {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
+    match event {
+        Event::Accepted { .. } => (LogLevel::Debug, "accepted"),
+        Event::Rejected { .. } => (LogLevel::Info, "rejected"),
+        Event::Abandoned { .. } => (LogLevel::Info, "abandoned"),
+        Event::Activated { .. } => (LogLevel::Info, "activated"),
+        Event::Timeout { .. } => (LogLevel::Info, "timeout"),
+        Event::QueueTimeout { .. } => (LogLevel::Info, "queue_timeout"),
+        Event::ConnectFailed { .. } => (LogLevel::Info, "connect_failed"),
+        Event::HookFailed { kind, .. } => match kind {
+            HookKind::Activate | HookKind::Timeout => (LogLevel::Warn, "hook_failed"),
+        },
+        Event::HookTimedOut { .. } => (LogLevel::Warn, "hook_timeout"),
+        Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),
+        Event::ShutdownStarted { .. } => (LogLevel::Info, "shutdown"),
+        Event::ShutdownForced { .. } => (LogLevel::Warn, "shutdown_forced"),
+        Event::State { .. } => (LogLevel::Info, "state"),
+        Event::StateSummary { .. } => (LogLevel::Info, "state_summary"),
+    }
+}
+
+/// One log line under construction; the newline is added when it is dropped.
+pub struct Line<'a> {
+    buf: &'a mut String,
+}
+
+impl Line<'_> {
+    /// Appends ` key=value`, quoting the value when logfmt needs it.
+    pub fn field(self, key: &str, value: impl Display) -> Self {
+        self.buf.push(' ');
+        self.buf.push_str(key);
+        self.buf.push('=');
+        let start = self.buf.len();
+        let _ = write!(self.buf, "{value}");
+        let needs_quotes = start == self.buf.len()
+            || self.buf[start..]
+                .bytes()
+                .any(|b| b <= b' ' || b == b'"' || b == b'=' || b == b'\\' || b == 0x7f);
+        if needs_quotes {
+            let raw = self.buf.split_off(start);
+            self.buf.push('"');
+            for ch in raw.chars() {
+                match ch {
+                    '"' => self.buf.push_str("\\\""),
+                    '\\' => self.buf.push_str("\\\\"),
+                    '\n' => self.buf.push_str("\\n"),
+                    '\r' => self.buf.push_str("\\r"),
+                    '\t' => self.buf.push_str("\\t"),
+                    c if c.is_control() => {
+                        let _ = write!(self.buf, "\\u{{{:x}}}", c as u32);
+                    }
+                    c => self.buf.push(c),
+                }
+            }
+            self.buf.push('"');
+        }
+        self
+    }
+
+    /// Appends the field only when there is a value.
+    pub fn field_opt(self, key: &str, value: Option<impl Display>) -> Self {
+        match value {
+            Some(value) => self.field(key, value),
+            None => self,
+        }
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        self.buf.push('\n');
+    }
+}
+
+/// `2026-11-26T07:00:00.123Z`: UTC with milliseconds.
+fn write_timestamp(out: &mut String, now: SystemTime) {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since_epoch.subsec_millis()
+    );
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// `civil_from_days`), so timestamps need no time crate.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A value shown as `a,b,c`.
+pub struct CommaList<'a>(pub &'a [&'a str]);
+
+impl Display for CommaList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(item)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_utc_with_milliseconds() {
+        let mut out = String::new();
+        write_timestamp(
+            &mut out,
+            UNIX_EPOCH + Duration::from_millis(1_795_676_400_123),
+        );
+        assert_eq!(out, "2026-11-26T07:00:00.123Z");
+        out.clear();
+        write_timestamp(&mut out, UNIX_EPOCH + Duration::from_secs(951_782_400));
+        assert_eq!(out, "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn values_with_spaces_or_quotes_are_quoted() {
+        let mut logger = Logger::new(LogLevel::Info);
+        if let Some(line) = logger.line(LogLevel::Info, "x") {
+            line.field("a", 1)
+                .field("b", "two words")
+                .field("c", "say \"hi\"")
+                .field("d", "");
+        }
+        let text = logger.buf.clone();
+        logger.buf.clear();
+        assert!(text.ends_with(" event=x a=1 b=\"two words\" c=\"say \\\"hi\\\"\" d=\"\"\n"));
+    }
+
+    #[test]
+    fn filtered_levels_write_nothing() {
+        let mut logger = Logger::new(LogLevel::Info);
+        assert!(logger.line(LogLevel::Debug, "x").is_none());
+        assert!(logger.buf.is_empty());
+    }
+}

@@ -1,0 +1,66 @@
+//! Hook processes: `/bin/sh -c CMD` in a process group of its own, reaped without
+//! blocking when SIGCHLD says something exited.
+
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Instant;
+
+use crate::core::{HookExit, HookId, HookRequest};
+use crate::sys;
+
+/// A running hook.
+pub struct HookProcess {
+    pub hook: HookId,
+    pub pid: u32,
+    pub started: Instant,
+    child: Child,
+}
+
+impl HookProcess {
+    /// Starts the hook: stdin from /dev/null, stdout and stderr to our stderr,
+    /// client facts only in the environment (never in the command string).
+    pub fn spawn(request: &HookRequest) -> io::Result<HookProcess> {
+        let stdout_to_stderr = io::stderr().lock();
+        let stdout = std::os::fd::AsFd::as_fd(&stdout_to_stderr).try_clone_to_owned()?;
+        drop(stdout_to_stderr);
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(&request.command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::inherit())
+            // Its own group, so a hook timeout kills what the hook started too.
+            .process_group(0);
+        for (key, value) in &request.env {
+            command.env(key, value);
+        }
+        let child = command.spawn()?;
+        Ok(HookProcess {
+            hook: request.hook,
+            pid: child.id(),
+            started: Instant::now(),
+            child,
+        })
+    }
+
+    /// The exit, if the process has ended; reaps it so no zombie is left.
+    pub fn try_reap(&mut self) -> io::Result<Option<HookExit>> {
+        Ok(self.child.try_wait()?.map(exit_of))
+    }
+
+    /// SIGKILL to the hook's whole process group.
+    pub fn kill(&self) -> io::Result<()> {
+        sys::kill_process_group(self.pid)
+    }
+}
+
+fn exit_of(status: ExitStatus) -> HookExit {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => HookExit::Success,
+        (Some(code), _) => HookExit::Failed(code),
+        (None, Some(signal)) => HookExit::Signaled(signal),
+        (None, None) => HookExit::Failed(-1),
+    }
+}

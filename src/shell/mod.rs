@@ -1,0 +1,645 @@
+//! The mio loop around the core: it turns readiness, signals and child exits
+//! into core inputs and performs the core's actions. It holds no policy: who goes
+//! next, when, and what ends is decided by [`crate::core::Core`].
+
+mod hooks;
+mod relay;
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::buffer::BufferPool;
+use crate::cli::RawArgs;
+use crate::config::{self, Config};
+use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings};
+use crate::log::{CommaList, LogLevel, Logger};
+use crate::sys;
+
+use hooks::HookProcess;
+use relay::{Pumped, Relay};
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+/// Connection tokens start here: two per slab slot, client then upstream.
+const FIRST_CONN_TOKEN: usize = 16;
+/// Accept at most this many connections per loop turn, so a flood cannot starve
+/// the connections already in flight.
+const ACCEPT_BATCH: usize = 256;
+/// Idle relay buffers kept for reuse beyond those in use.
+const IDLE_BUFFERS: usize = 16;
+
+/// Why tcplock could not start (exit code 1).
+#[derive(Debug)]
+pub struct StartError(String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Binds, resolves, and runs the loop until a shutdown completes.
+pub fn run(raw: RawArgs, config: Config) -> Result<(), StartError> {
+    let mut shell = Shell::start(raw, config)?;
+    shell
+        .run()
+        .map_err(|e| StartError(format!("event loop failed: {e}")))
+}
+
+/// The core's policy knobs, from a validated config.
+pub fn core_settings(config: &Config) -> Settings {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Settings {
+        permits: config.permits,
+        max_queue: config.max_queue,
+        ttl_ms: config.ttl.map(ms),
+        queue_timeout_ms: config.queue_timeout.map(ms),
+        connect_timeout_ms: config.connect_timeout.map(ms),
+        on_activate: config.on_activate.clone(),
+        on_timeout: config.on_timeout.clone(),
+        hook_timeout_ms: config.hook_timeout.map(ms),
+        shutdown_grace_ms: ms(config.shutdown_grace),
+        upstream: config.upstream.to_string(),
+    }
+}
+
+/// Resolves the upstream once (never inside the loop's hot path).
+fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, String> {
+    let name = config.upstream.to_string();
+    let addrs: Vec<SocketAddr> = (config.upstream.host.as_str(), config.upstream.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve upstream '{name}': {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve upstream '{name}': no addresses"));
+    }
+    Ok(addrs)
+}
+
+struct Shell {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    core: Core,
+    /// Sockets per core slab slot; each entry remembers which connection it is.
+    io: Vec<Option<ConnIo>>,
+    pool: BufferPool,
+    logger: Logger,
+    upstream_addrs: Vec<SocketAddr>,
+    hook: Option<HookProcess>,
+    raw: RawArgs,
+    config: Config,
+    started: Instant,
+    /// Out of file descriptors: wait for a close before accepting again.
+    accept_paused: bool,
+    /// The listener may hold more connections than the last batch took.
+    accept_more: bool,
+    /// Relays that used up their turn and must be pumped again.
+    busy_relays: Vec<ConnRef>,
+}
+
+struct ConnIo {
+    conn: ConnRef,
+    client: TcpStream,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Queued or running its hook: the client is only watched for leaving.
+    Waiting,
+    Connecting {
+        upstream: TcpStream,
+        /// The next upstream address to try if this one fails.
+        next_addr: usize,
+    },
+    Relaying(Box<Relay>),
+}
+
+impl Shell {
+    fn start(raw: RawArgs, config: Config) -> Result<Shell, StartError> {
+        let mut logger = Logger::new(config.log_level);
+        if let Err(e) = sys::raise_open_files_limit()
+            && let Some(line) = logger.line(LogLevel::Warn, "nofile_limit")
+        {
+            line.field("error", e);
+        }
+        let listen_addr = config
+            .listen
+            .to_socket_addrs()
+            .map_err(|e| {
+                StartError(format!(
+                    "cannot resolve listen address '{}': {e}",
+                    config.listen
+                ))
+            })?
+            .next()
+            .ok_or_else(|| {
+                StartError(format!("listen address '{}' has no address", config.listen))
+            })?;
+        let upstream_addrs = resolve_upstream(&config).map_err(StartError)?;
+        let mut listener = TcpListener::bind(listen_addr)
+            .map_err(|e| StartError(format!("cannot listen on {listen_addr}: {e}")))?;
+        let bound = listener.local_addr().unwrap_or(listen_addr);
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| StartError(format!("cannot register listener: {e}")))?;
+        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR1])
+            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(format!("cannot register signals: {e}")))?;
+        if let Some(line) = logger.line(LogLevel::Info, "listening") {
+            line.field("addr", bound)
+                .field("upstream", &config.upstream)
+                .field("permits", config.permits);
+        }
+        logger.flush();
+        let started = Instant::now();
+        Ok(Shell {
+            poll,
+            listener: Some(listener),
+            signals,
+            core: Core::new(core_settings(&config), 0),
+            io: Vec::new(),
+            pool: BufferPool::new(config.buffer_size, IDLE_BUFFERS),
+            logger,
+            upstream_addrs,
+            hook: None,
+            raw,
+            config,
+            started,
+            accept_paused: false,
+            accept_more: false,
+            busy_relays: Vec::new(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if self.accept_more || !self.busy_relays.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.core
+                    .poll_timeout()
+                    // Round up so a deadline never wakes us a millisecond early.
+                    .map(|deadline| Duration::from_millis(deadline.saturating_sub(self.now()) + 1))
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = self.now();
+            let mut signalled = false;
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_more = true,
+                    SIGNALS => signalled = true,
+                    Token(token) if token >= FIRST_CONN_TOKEN => {
+                        let slot = (token - FIRST_CONN_TOKEN) / 2;
+                        let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
+                        self.conn_ready(now, slot, upstream_side);
+                    }
+                    _ => {}
+                }
+            }
+            if signalled {
+                self.handle_signals(now);
+            }
+            for conn in std::mem::take(&mut self.busy_relays) {
+                self.pump(now, conn);
+            }
+            if self.accept_more {
+                self.accept(now);
+            }
+            self.core.handle_tick(now);
+            self.drain(now);
+            self.logger.flush();
+            if self.core.is_finished() {
+                return Ok(());
+            }
+        }
+    }
+
+    // ----- readiness -----
+
+    fn accept(&mut self, now: u64) {
+        self.accept_more = false;
+        if self.accept_paused {
+            return;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (client, addr) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if sys::is_fd_exhaustion(&e) => {
+                    self.accept_paused = true;
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "accept_paused") {
+                        line.field("error", e)
+                            .field("open_connections", self.core.conn_count());
+                    }
+                    return;
+                }
+                // ECONNABORTED and friends concern one client, not the listener.
+                Err(_) => continue,
+            };
+            let conn = self.core.handle_accepted(now, addr);
+            self.add_conn(now, conn, client);
+            self.drain(now);
+        }
+        self.accept_more = true;
+    }
+
+    fn add_conn(&mut self, now: u64, conn: ConnRef, mut client: TcpStream) {
+        let token = client_token(conn);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut client, token, Interest::READABLE)
+        {
+            if let Some(line) = self.logger.line(LogLevel::Error, "register_failed") {
+                line.field("conn", conn.id()).field("error", e);
+            }
+            self.core.handle_client_left(now, conn);
+            return;
+        }
+        if self.io.len() <= conn.slot() {
+            self.io.resize_with(conn.slot() + 1, || None);
+        }
+        self.io[conn.slot()] = Some(ConnIo {
+            conn,
+            client,
+            stage: Stage::Waiting,
+        });
+    }
+
+    fn conn_ready(&mut self, now: u64, slot: usize, upstream_side: bool) {
+        let Some(io) = self.io.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let conn = io.conn;
+        match &mut io.stage {
+            Stage::Relaying(_) => self.pump(now, conn),
+            Stage::Connecting { upstream, .. } if upstream_side => match connect_result(upstream) {
+                ConnectResult::Pending => {}
+                ConnectResult::Connected => {
+                    self.core.handle_upstream_connected(now, conn);
+                    self.drain(now);
+                }
+                ConnectResult::Failed(e) => {
+                    self.connect_next(now, conn, e);
+                    self.drain(now);
+                }
+            },
+            Stage::Waiting | Stage::Connecting { .. } => {
+                if !upstream_side && client_left(&io.client) {
+                    self.core.handle_client_left(now, conn);
+                    self.drain(now);
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self, now: u64, conn: ConnRef) {
+        let Some(io) = self.io_of(conn) else {
+            return;
+        };
+        let Stage::Relaying(relay) = &mut io.stage else {
+            return;
+        };
+        match relay.pump(&io.client) {
+            Pumped::Idle => {}
+            Pumped::Busy => self.busy_relays.push(conn),
+            Pumped::Ended(end) => {
+                self.core.handle_relay_ended(now, conn, end);
+                self.drain(now);
+            }
+        }
+    }
+
+    fn handle_signals(&mut self, now: u64) {
+        // Drain the self-pipe first, then act: signals coalesce, and one
+        // SIGCHLD may stand for several exits.
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for signal in pending {
+            match signal {
+                SIGCHLD => self.reap(now),
+                SIGHUP => self.reload(now),
+                SIGTERM | SIGINT => self.core.handle_shutdown(now),
+                SIGUSR1 => self.core.handle_dump_state(now),
+                _ => {}
+            }
+            self.drain(now);
+        }
+    }
+
+    fn reap(&mut self, now: u64) {
+        let Some(hook) = &mut self.hook else {
+            return;
+        };
+        let exit = match hook.try_reap() {
+            Ok(Some(exit)) => exit,
+            Ok(None) => return,
+            Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
+        };
+        let id = hook.hook;
+        let (pid, elapsed) = (hook.pid, hook.started.elapsed());
+        self.hook = None;
+        if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
+            line.field("hook", id)
+                .field("pid", pid)
+                .field("status", &exit)
+                .field("duration_ms", elapsed.as_millis());
+        }
+        self.core.handle_hook_exited(now, id, exit);
+    }
+
+    fn reload(&mut self, now: u64) {
+        let Some(path) = self.config.config_file.clone() else {
+            if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
+                line.field("reason", "no config file given with -c");
+            }
+            return;
+        };
+        let mut new = match config::load(&self.raw) {
+            Ok(new) => new,
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
+                    line.field("file", path.display()).field("error", e);
+                }
+                return;
+            }
+        };
+        let changed = config::changed_keys(&self.config, &new);
+        if new.upstream != self.config.upstream {
+            match resolve_upstream(&new) {
+                Ok(addrs) => self.upstream_addrs = addrs,
+                Err(e) => {
+                    if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
+                        line.field("file", path.display()).field("error", e);
+                    }
+                    return;
+                }
+            }
+        }
+        if new.listen != self.config.listen {
+            if let Some(line) = self.logger.line(LogLevel::Warn, "reload_ignored") {
+                line.field("key", "listen")
+                    .field("reason", "the listening socket stays; restart to move it");
+            }
+            new.listen = self.config.listen.clone();
+        }
+        self.logger.set_level(new.log_level);
+        self.pool.set_buffer_capacity(new.buffer_size);
+        self.core.handle_reload(now, core_settings(&new));
+        let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
+        if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
+            line.field("file", path.display())
+                .field("changed", CommaList(&changed));
+        }
+        self.config = new;
+    }
+
+    // ----- actions -----
+
+    /// Performs the core's actions until it has none left.
+    fn drain(&mut self, now: u64) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Connect(conn) => self.connect_next(now, conn, None),
+                Action::StartRelay(conn) => self.start_relay(now, conn),
+                Action::Close {
+                    conn,
+                    outcome,
+                    age_ms,
+                } => self.close(conn, outcome, age_ms),
+                Action::SpawnHook(request) => self.spawn_hook(now, &request),
+                Action::KillHook(hook) => self.kill_hook(hook),
+                Action::StopAccepting => self.stop_accepting(),
+                Action::Log(event) => self.logger.event(&event),
+            }
+        }
+    }
+
+    fn io_of(&mut self, conn: ConnRef) -> Option<&mut ConnIo> {
+        self.io
+            .get_mut(conn.slot())
+            .and_then(Option::as_mut)
+            .filter(|io| io.conn == conn)
+    }
+
+    /// Tries upstream addresses in turn, starting after the one that just
+    /// failed; reports failure to the core when none is left.
+    fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
+        let start = match self.io_of(conn).map(|io| &io.stage) {
+            Some(Stage::Waiting) => 0,
+            Some(Stage::Connecting { next_addr, .. }) => *next_addr,
+            _ => return,
+        };
+        let mut last_error = failed;
+        for index in start..self.upstream_addrs.len() {
+            let addr = self.upstream_addrs[index];
+            let attempt = TcpStream::connect(addr).and_then(|mut upstream| {
+                self.poll.registry().register(
+                    &mut upstream,
+                    upstream_token(conn),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(upstream)
+            });
+            match attempt {
+                Ok(upstream) => {
+                    if let Some(io) = self.io_of(conn) {
+                        io.stage = Stage::Connecting {
+                            upstream,
+                            next_addr: index + 1,
+                        };
+                    }
+                    return;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(io) = self.io_of(conn) {
+            io.stage = Stage::Waiting;
+        }
+        let error = last_error.map_or_else(|| "no address".to_string(), |e| e.to_string());
+        self.core.handle_upstream_failed(now, conn, &error);
+    }
+
+    fn start_relay(&mut self, now: u64, conn: ConnRef) {
+        let registry = self.poll.registry();
+        let Some(io) = self
+            .io
+            .get_mut(conn.slot())
+            .and_then(Option::as_mut)
+            .filter(|io| io.conn == conn)
+        else {
+            return;
+        };
+        let Stage::Connecting { upstream, .. } = std::mem::replace(&mut io.stage, Stage::Waiting)
+        else {
+            return;
+        };
+        // Best effort: small request/response traffic should not wait for Nagle.
+        let _ = upstream.set_nodelay(true);
+        let _ = io.client.set_nodelay(true);
+        if let Err(e) = registry.reregister(
+            &mut io.client,
+            client_token(conn),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            if let Some(line) = self.logger.line(LogLevel::Error, "register_failed") {
+                line.field("conn", conn.id()).field("error", e);
+            }
+            self.core
+                .handle_relay_ended(now, conn, crate::core::RelayEnd::ClientError);
+            return;
+        }
+        io.stage = Stage::Relaying(Box::new(Relay::new(upstream, &mut self.pool)));
+        // Bytes the client sent while queued wait in the kernel; no new edge
+        // will announce them, so pump now.
+        self.pump(now, conn);
+    }
+
+    fn close(&mut self, conn: ConnRef, outcome: Outcome, age_ms: u64) {
+        let Some(io) = self
+            .io
+            .get_mut(conn.slot())
+            .and_then(|slot| slot.take_if(|io| io.conn == conn))
+        else {
+            return;
+        };
+        let (up, down) = match io.stage {
+            Stage::Relaying(relay) => {
+                let bytes = relay.bytes();
+                relay.release(&mut self.pool);
+                bytes
+            }
+            Stage::Waiting | Stage::Connecting { .. } => (0, 0),
+        };
+        if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
+            line.field("conn", conn.id())
+                .field("outcome", outcome)
+                .field("bytes_up", up)
+                .field("bytes_down", down)
+                .field("duration_ms", age_ms);
+        }
+        if self.accept_paused {
+            self.accept_paused = false;
+            self.accept_more = true;
+        }
+        // Dropping the streams closes them, which also removes them from epoll.
+    }
+
+    fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
+        match HookProcess::spawn(request) {
+            Ok(process) => {
+                if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
+                    line.field("hook", request.hook)
+                        .field("kind", request.kind.as_str())
+                        .field("pid", process.pid)
+                        .field_opt(
+                            "conn",
+                            request
+                                .env
+                                .iter()
+                                .find(|(key, _)| *key == "TCPLOCK_CONN_ID")
+                                .map(|(_, value)| value),
+                        );
+                }
+                self.hook = Some(process);
+            }
+            Err(e) => {
+                self.core.handle_hook_exited(
+                    now,
+                    request.hook,
+                    HookExit::SpawnFailed(e.to_string()),
+                );
+            }
+        }
+    }
+
+    fn kill_hook(&mut self, hook: HookId) {
+        let Some(process) = self.hook.as_ref().filter(|p| p.hook == hook) else {
+            return;
+        };
+        if let Err(e) = process.kill()
+            && let Some(line) = self.logger.line(LogLevel::Error, "hook_kill_failed")
+        {
+            line.field("hook", hook)
+                .field("pid", process.pid)
+                .field("error", e);
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.accept_more = false;
+    }
+}
+
+fn client_token(conn: ConnRef) -> Token {
+    Token(FIRST_CONN_TOKEN + conn.slot() * 2)
+}
+
+fn upstream_token(conn: ConnRef) -> Token {
+    Token(FIRST_CONN_TOKEN + conn.slot() * 2 + 1)
+}
+
+enum ConnectResult {
+    Pending,
+    Connected,
+    Failed(Option<io::Error>),
+}
+
+/// Whether a non-blocking connect finished (mio's documented recipe: a pending
+/// error means failure; a peer address means connected; `NotConnected` means
+/// not yet).
+fn connect_result(upstream: &TcpStream) -> ConnectResult {
+    match upstream.take_error() {
+        Ok(Some(e)) | Err(e) => return ConnectResult::Failed(Some(e)),
+        Ok(None) => {}
+    }
+    match upstream.peer_addr() {
+        Ok(_) => ConnectResult::Connected,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectResult::Pending,
+        Err(e) => ConnectResult::Failed(Some(e)),
+    }
+}
+
+/// Whether a waiting client is gone: closed with nothing pending, or reset. A
+/// client that sent bytes (and perhaps half-closed after them) keeps its place;
+/// its bytes are delivered on activation.
+fn client_left(client: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match client.peek(&mut byte) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
