@@ -1,6 +1,7 @@
 //! Every `libc` call and `unsafe` block of tcplock, behind safe functions.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Raises the soft limit on open files to the hard limit, so the queue is bounded
 /// by `--max-queue` rather than by the default 1024 descriptors. Returns the new
@@ -59,8 +60,110 @@ pub fn is_fd_exhaustion(error: &io::Error) -> bool {
     )
 }
 
+/// A pipe used as the relay buffer of one direction with `splice(2)`: bytes
+/// move socket → pipe → socket inside the kernel, never through user memory.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// A non-blocking, close-on-exec pipe whose capacity is set to about
+    /// `capacity` bytes (the kernel rounds up to a power-of-two number of pages).
+    /// Returns the pipe and the capacity the kernel granted.
+    pub fn with_capacity(capacity: usize) -> io::Result<(Pipe, usize)> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us
+        // alone; OwnedFd closes them on every path from here on.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wanted = libc::c_int::try_from(capacity).unwrap_or(libc::c_int::MAX);
+        // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+        let granted = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, wanted) };
+        let granted = if granted > 0 {
+            granted as usize
+        } else {
+            // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory of ours.
+            let current = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if current <= 0 {
+                return Err(io::Error::last_os_error());
+            }
+            current as usize
+        };
+        Ok((Pipe { read, write }, granted))
+    }
+
+    /// Moves up to `len` bytes from the socket `from` into the pipe.
+    /// `Ok(0)` is end of stream.
+    pub fn fill_from(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(from, self.write.as_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe to the socket `to`.
+    pub fn drain_to(&self, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(self.read.as_fd(), to, len)
+    }
+}
+
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call (they are
+    // borrowed), the offsets are null (sockets and pipes have none), and splice
+    // touches no memory of ours.
+    let moved = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if moved < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(moved as usize)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pipe_moves_bytes_between_sockets() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut sender = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (receiver_in, _) = listener.accept().expect("accept");
+        let mut out_peer =
+            TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (out, _) = listener.accept().expect("accept");
+        let (pipe, granted) = Pipe::with_capacity(16 * 1024).expect("pipe");
+        assert!(granted >= 16 * 1024);
+        sender.write_all(b"spliced").expect("write");
+        sender
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let mut moved = 0;
+        for _ in 0..100_000 {
+            if moved >= 7 {
+                break;
+            }
+            match pipe.fill_from(receiver_in.as_fd(), granted) {
+                Ok(n) => moved += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("splice in: {e}"),
+            }
+        }
+        assert_eq!(pipe.drain_to(out.as_fd(), moved).expect("splice out"), 7);
+        let mut got = [0u8; 7];
+        out_peer.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"spliced");
+    }
+
     use super::*;
 
     #[test]

@@ -15,7 +15,6 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::buffer::BufferPool;
 use crate::cli::RawArgs;
 use crate::config::{self, Config};
 use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings};
@@ -23,7 +22,7 @@ use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
 
 use hooks::HookProcess;
-use relay::{Pumped, Relay};
+use relay::{ChannelPool, Pumped, Relay};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -32,8 +31,6 @@ const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
 /// the connections already in flight.
 const ACCEPT_BATCH: usize = 256;
-/// Idle relay buffers kept for reuse beyond those in use.
-const IDLE_BUFFERS: usize = 16;
 
 /// Why tcplock could not start (exit code 1).
 #[derive(Debug)]
@@ -92,7 +89,7 @@ struct Shell {
     core: Core,
     /// Sockets per core slab slot; each entry remembers which connection it is.
     io: Vec<Option<ConnIo>>,
-    pool: BufferPool,
+    pool: ChannelPool,
     logger: Logger,
     upstream_addrs: Vec<SocketAddr>,
     hook: Option<HookProcess>,
@@ -171,7 +168,7 @@ impl Shell {
             signals,
             core: Core::new(core_settings(&config), 0),
             io: Vec::new(),
-            pool: BufferPool::new(config.buffer_size, IDLE_BUFFERS),
+            pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             upstream_addrs,
             hook: None,
@@ -213,7 +210,10 @@ impl Shell {
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
-                        self.conn_ready(now, slot, upstream_side);
+                        // A waiting client is only of interest when it may have left.
+                        let readable =
+                            event.is_readable() || event.is_read_closed() || event.is_error();
+                        self.conn_ready(now, slot, upstream_side, readable);
                     }
                     _ => {}
                 }
@@ -270,11 +270,13 @@ impl Shell {
 
     fn add_conn(&mut self, now: u64, conn: ConnRef, mut client: TcpStream) {
         let token = client_token(conn);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut client, token, Interest::READABLE)
-        {
+        // Both interests from the start, so relaying needs no re-registration:
+        // one epoll_ctl per socket for its whole life.
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             if let Some(line) = self.logger.line(LogLevel::Error, "register_failed") {
                 line.field("conn", conn.id()).field("error", e);
             }
@@ -291,7 +293,7 @@ impl Shell {
         });
     }
 
-    fn conn_ready(&mut self, now: u64, slot: usize, upstream_side: bool) {
+    fn conn_ready(&mut self, now: u64, slot: usize, upstream_side: bool, readable: bool) {
         let Some(io) = self.io.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -310,7 +312,7 @@ impl Shell {
                 }
             },
             Stage::Waiting | Stage::Connecting { .. } => {
-                if !upstream_side && client_left(&io.client) {
+                if !upstream_side && readable && client_left(&io.client) {
                     self.core.handle_client_left(now, conn);
                     self.drain(now);
                 }
@@ -408,7 +410,7 @@ impl Shell {
             new.listen = self.config.listen.clone();
         }
         self.logger.set_level(new.log_level);
-        self.pool.set_buffer_capacity(new.buffer_size);
+        self.pool.reconfigure(new.buffer_size, new.splice);
         self.core.handle_reload(now, core_settings(&new));
         let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
@@ -486,13 +488,7 @@ impl Shell {
     }
 
     fn start_relay(&mut self, now: u64, conn: ConnRef) {
-        let registry = self.poll.registry();
-        let Some(io) = self
-            .io
-            .get_mut(conn.slot())
-            .and_then(Option::as_mut)
-            .filter(|io| io.conn == conn)
-        else {
+        let Some(io) = self.io_of(conn) else {
             return;
         };
         let Stage::Connecting { upstream, .. } = std::mem::replace(&mut io.stage, Stage::Waiting)
@@ -502,19 +498,10 @@ impl Shell {
         // Best effort: small request/response traffic should not wait for Nagle.
         let _ = upstream.set_nodelay(true);
         let _ = io.client.set_nodelay(true);
-        if let Err(e) = registry.reregister(
-            &mut io.client,
-            client_token(conn),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            if let Some(line) = self.logger.line(LogLevel::Error, "register_failed") {
-                line.field("conn", conn.id()).field("error", e);
-            }
-            self.core
-                .handle_relay_ended(now, conn, crate::core::RelayEnd::ClientError);
-            return;
+        let relay = Relay::new(upstream, &mut self.pool);
+        if let Some(io) = self.io_of(conn) {
+            io.stage = Stage::Relaying(Box::new(relay));
         }
-        io.stage = Stage::Relaying(Box::new(Relay::new(upstream, &mut self.pool)));
         // Bytes the client sent while queued wait in the kernel; no new edge
         // will announce them, so pump now.
         self.pump(now, conn);
