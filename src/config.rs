@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{Flag, RawArgs};
+use crate::hook::Hook;
 use crate::units::{self, HostPort, Quoted};
 
 /// Everything the proxy needs to run, validated.
@@ -31,13 +32,38 @@ pub struct Config {
     /// Bytes per relay direction, within [`MIN_BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`].
     pub buffer_size: usize,
     pub log_level: LogLevel,
-    pub on_activate: Option<String>,
-    pub on_timeout: Option<String>,
+    pub on_activate: Option<Hook>,
+    pub on_timeout: Option<Hook>,
     pub hook_timeout: Option<Duration>,
     /// Zero means close proxying connections at once on SIGTERM.
     pub shutdown_grace: Duration,
     pub splice: bool,
     pub config_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// A config with every default: 1 permit, no TTL or queue timeout, a queue of
+    /// 1024, a 10 s connect timeout, 16 KiB buffers, info logs, no hooks, a 60 s
+    /// hook timeout and a 30 s shutdown grace.
+    pub fn new(listen: String, upstream: HostPort) -> Config {
+        Config {
+            listen,
+            upstream,
+            permits: 1,
+            ttl: None,
+            queue_timeout: None,
+            max_queue: 1024,
+            connect_timeout: Some(Duration::from_secs(10)),
+            buffer_size: 16 * 1024,
+            log_level: LogLevel::Info,
+            on_activate: None,
+            on_timeout: None,
+            hook_timeout: Some(Duration::from_secs(60)),
+            shutdown_grace: Duration::from_secs(30),
+            splice: false,
+            config_file: None,
+        }
+    }
 }
 
 /// Reads the config file named by `-c` (if any), lets the command line override
@@ -237,23 +263,25 @@ impl Settings {
             ConfigError::Usage("no upstream: give -p PORT [-h HOST] or -u HOST:PORT".into())
         })?;
         let non_zero = |d: Duration| (!d.is_zero()).then_some(d);
-        let hook = |cmd: String| (!cmd.is_empty()).then_some(cmd);
+        let hook = |cmd: String| (!cmd.is_empty()).then(|| Hook::command(cmd));
+        let defaults = Config::new(listen, upstream);
         Ok(Config {
-            listen,
-            upstream,
-            permits: self.permits.unwrap_or(1),
+            permits: self.permits.unwrap_or(defaults.permits),
             ttl: self.timeout.and_then(non_zero),
             queue_timeout: self.queue_timeout.and_then(non_zero),
-            max_queue: self.max_queue.unwrap_or(1024),
-            connect_timeout: non_zero(self.connect_timeout.unwrap_or(Duration::from_secs(10))),
-            buffer_size: self.buffer_size.unwrap_or(16 * 1024),
-            log_level: self.log_level.unwrap_or(LogLevel::Info),
+            max_queue: self.max_queue.unwrap_or(defaults.max_queue),
+            connect_timeout: self
+                .connect_timeout
+                .map_or(defaults.connect_timeout, non_zero),
+            buffer_size: self.buffer_size.unwrap_or(defaults.buffer_size),
+            log_level: self.log_level.unwrap_or(defaults.log_level),
             on_activate: self.on_activate.and_then(hook),
             on_timeout: self.on_timeout.and_then(hook),
-            hook_timeout: non_zero(self.hook_timeout.unwrap_or(Duration::from_secs(60))),
-            shutdown_grace: self.shutdown_grace.unwrap_or(Duration::from_secs(30)),
-            splice: self.splice.unwrap_or(false),
+            hook_timeout: self.hook_timeout.map_or(defaults.hook_timeout, non_zero),
+            shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
+            splice: self.splice.unwrap_or(defaults.splice),
             config_file,
+            ..defaults
         })
     }
 }
@@ -577,7 +605,7 @@ mod tests {
         assert_eq!(c.connect_timeout, None);
         assert_eq!(c.buffer_size, 65536);
         assert_eq!(c.log_level, LogLevel::Debug);
-        assert_eq!(c.on_activate.as_deref(), Some("restart.sh"));
+        assert_eq!(c.on_activate, Some(Hook::command("restart.sh")));
         assert_eq!(c.on_timeout, None);
         assert_eq!(c.hook_timeout, None);
         assert_eq!(c.shutdown_grace, Duration::ZERO);
@@ -706,7 +734,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9000");
         assert_eq!(c.upstream.to_string(), "filehost:1");
         assert_eq!(c.permits, 4);
-        assert_eq!(c.on_activate.as_deref(), Some("a.sh"));
+        assert_eq!(c.on_activate, Some(Hook::command("a.sh")));
         assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
 
         let c = config(&["-c", p, "-n", "2", "-l", "9001", "--on-activate", ""]);

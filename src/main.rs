@@ -1,13 +1,14 @@
-//! The `tcplock` binary: parse, resolve the config, run. Exit codes: 0 after a
-//! shutdown, 1 when tcplock cannot start, 2 for a usage error.
+//! The `tcplock` binary, a thin user of the library: parse the command line,
+//! load the config, run the lock. Exit codes: 0 after a shutdown, 1 when
+//! tcplock cannot start, 2 for a usage error.
 
 use std::process::ExitCode;
 
-use tcplock::{cli, config, shell};
+use tcplock::{Builder, cli, config};
 
 fn main() -> ExitCode {
-    let raw = match cli::parse_env() {
-        Ok(cli::Command::Run(raw)) => raw,
+    let args = match cli::parse_env() {
+        Ok(cli::Command::Run(args)) => args,
         Ok(cli::Command::Help) => {
             print!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
@@ -21,18 +22,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match config::load(&raw) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("tcplock: {e}");
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1));
-        }
-    };
-    match shell::run(raw, config) {
+    let result = config::load(&args)
+        .map_err(tcplock::Error::from)
+        .and_then(|config| {
+            Builder::from_config(config)
+                .handle_signals(true)
+                .reload_from(args)
+                .build()
+        })
+        .and_then(|lock| lock.run());
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcplock: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -24,8 +24,8 @@ mod types;
 mod tests;
 
 pub use types::{
-    Action, ConnId, ConnRef, Event, HookExit, HookId, HookKind, HookRequest, Outcome, RelayEnd,
-    Settings, StateName,
+    Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRequest, Outcome,
+    RelayEnd, Settings, StateName,
 };
 
 use std::collections::VecDeque;
@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 
 use slab::Slab;
 
+use crate::hook::Hook;
 use crate::timer::{TimerKey, TimerWheel};
 
 /// The first retry of a failed on-activate hook waits this long; each further
@@ -88,11 +89,10 @@ pub struct Stats {
 
 impl Stats {
     pub fn count(&self, outcome: Outcome) -> u64 {
-        let index = Outcome::ALL
+        Outcome::ALL
             .iter()
             .position(|o| *o == outcome)
-            .unwrap_or_default();
-        self.outcomes[index]
+            .map_or(0, |index| self.outcomes[index])
     }
 }
 
@@ -327,8 +327,13 @@ impl Core {
     pub fn handle_reload(&mut self, now: u64, settings: Settings) {
         self.advance(now);
         if settings.on_activate != self.settings.on_activate {
-            // A preparation made by another command proves nothing now.
+            // A preparation made by another hook proves nothing now.
             self.prepared = false;
+        }
+        if settings.on_timeout.is_none() {
+            // A TTL expiry still waiting for the hook slot has no hook to run
+            // now; without this it would run whatever a later reload configures.
+            self.timeout_hook_due = None;
         }
         self.settings = settings;
         self.reload_backlog = self.waiting();
@@ -510,9 +515,9 @@ impl Core {
                 return;
             }
             if let Some((conn_id, client)) = self.timeout_hook_due.take()
-                && let Some(command) = self.settings.on_timeout.clone()
+                && let Some(run) = self.settings.on_timeout.clone()
             {
-                self.spawn_hook(now, HookKind::Timeout, command, None, conn_id, client, 1);
+                self.spawn_hook(now, HookKind::Timeout, run, None, conn_id, client, 1);
                 return;
             }
             if self.active >= self.settings.permits as usize {
@@ -532,7 +537,7 @@ impl Core {
             self.queue.pop_front();
             self.active += 1;
             match self.settings.on_activate.clone().filter(|_| hook_needed) {
-                Some(command) => {
+                Some(run) => {
                     let client = self.conns[head.slot].client;
                     let attempt = attempts + 1;
                     self.conns[head.slot].state =
@@ -540,7 +545,7 @@ impl Core {
                     self.spawn_hook(
                         now,
                         HookKind::Activate,
-                        command,
+                        run,
                         Some(head),
                         head.id,
                         client,
@@ -570,7 +575,7 @@ impl Core {
         &mut self,
         now: u64,
         kind: HookKind,
-        command: String,
+        run: Hook,
         conn: Option<ConnRef>,
         conn_id: ConnId,
         client: SocketAddr,
@@ -582,19 +587,18 @@ impl Core {
             self.timers
                 .insert(now.saturating_add(timeout), Deadline::Hook(id))
         });
-        let last_outcome = self.last_outcome.map_or("none", Outcome::as_str);
-        let env = vec![
-            ("TCPLOCK_EVENT", kind.as_str().to_string()),
-            ("TCPLOCK_CONN_ID", conn_id.to_string()),
-            ("TCPLOCK_CLIENT_ADDR", client.to_string()),
-            ("TCPLOCK_UPSTREAM", self.settings.upstream.clone()),
-            ("TCPLOCK_ACTIVATIONS", self.stats.activations.to_string()),
-            ("TCPLOCK_TIMEOUTS", self.stats.timeouts.to_string()),
-            ("TCPLOCK_LAST_OUTCOME", last_outcome.to_string()),
-            ("TCPLOCK_QUEUE_LENGTH", self.queue.len().to_string()),
-            ("TCPLOCK_ACTIVE", self.active.to_string()),
-            ("TCPLOCK_ATTEMPT", attempt.to_string()),
-        ];
+        let context = HookContext {
+            kind,
+            conn: conn_id,
+            client,
+            upstream: self.settings.upstream.clone(),
+            activations: self.stats.activations,
+            timeouts: self.stats.timeouts,
+            last_outcome: self.last_outcome,
+            queue_length: self.queue.len(),
+            active: self.active,
+            attempt,
+        };
         self.hook = Some(RunningHook {
             id,
             kind,
@@ -606,9 +610,8 @@ impl Core {
         });
         self.actions.push_back(Action::SpawnHook(HookRequest {
             hook: id,
-            kind,
-            command,
-            env,
+            run,
+            context,
         }));
     }
 
@@ -763,11 +766,9 @@ impl Core {
                 self.cancel(ttl);
             }
         }
-        let index = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or_default();
-        self.stats.outcomes[index] += 1;
+        if let Some(index) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.stats.outcomes[index] += 1;
+        }
         self.actions.push_back(Action::Close {
             conn,
             outcome,

@@ -17,7 +17,7 @@ fn settings() -> Settings {
 
 fn with_hook(command: &str) -> Settings {
     Settings {
-        on_activate: Some(command.to_string()),
+        on_activate: Some(Hook::command(command)),
         ..settings()
     }
 }
@@ -49,13 +49,14 @@ fn spawned(actions: &[Action]) -> Option<HookRequest> {
     })
 }
 
-fn env<'a>(request: &'a HookRequest, key: &str) -> &'a str {
+fn env(request: &HookRequest, key: &str) -> String {
     request
-        .env
-        .iter()
+        .context
+        .env()
+        .into_iter()
         .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
 }
 
 /// Accepts and proxies one connection.
@@ -245,7 +246,7 @@ fn the_hook_runs_before_the_upstream_sees_the_connection() {
     let first = actions(&mut core);
     let request = spawned(&first).expect("a hook starts");
     assert_eq!(first.len(), 1, "no connect before the hook succeeds");
-    assert_eq!(request.command, "restart");
+    assert_eq!(request.run, Hook::command("restart"));
     assert_eq!(env(&request, "TCPLOCK_EVENT"), "activate");
     assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "0");
     assert_eq!(env(&request, "TCPLOCK_ATTEMPT"), "1");
@@ -338,7 +339,7 @@ fn the_timeout_hook_runs_before_the_next_activation_hook() {
     let mut core = Core::new(
         Settings {
             ttl_ms: Some(100),
-            on_timeout: Some("cleanup".to_string()),
+            on_timeout: Some(Hook::command("cleanup")),
             ..with_hook("restart")
         },
         0,
@@ -353,13 +354,13 @@ fn the_timeout_hook_runs_before_the_next_activation_hook() {
     core.handle_tick(102);
     let after = actions(&mut core);
     let request = spawned(&after).expect("the timeout hook");
-    assert_eq!(request.command, "cleanup");
+    assert_eq!(request.run, Hook::command("cleanup"));
     assert_eq!(env(&request, "TCPLOCK_EVENT"), "timeout");
     assert_eq!(env(&request, "TCPLOCK_TIMEOUTS"), "1");
     assert_eq!(env(&request, "TCPLOCK_LAST_OUTCOME"), "timeout");
     core.handle_hook_exited(150, request.hook, HookExit::Success);
     let request = spawned(&actions(&mut core)).expect("then the activation hook");
-    assert_eq!(request.command, "restart");
+    assert_eq!(request.run, Hook::command("restart"));
     assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "1");
 }
 

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+use crate::hook::Hook;
+
 /// The id a connection gets at accept: 1, 2, 3, ... in accept order. It is what
 /// logs and hooks show, and it doubles as the generation of the connection's slab
 /// slot, so a stale handle for a reused slot never matches.
@@ -55,8 +57,8 @@ pub struct Settings {
     pub ttl_ms: Option<u64>,
     pub queue_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
-    pub on_activate: Option<String>,
-    pub on_timeout: Option<String>,
+    pub on_activate: Option<Hook>,
+    pub on_timeout: Option<Hook>,
     pub hook_timeout_ms: Option<u64>,
     pub shutdown_grace_ms: u64,
     /// Shown to hooks as `TCPLOCK_UPSTREAM`.
@@ -162,10 +164,10 @@ impl HookKind {
     }
 }
 
-/// How a hook process ended, as the shell saw it.
+/// How a hook ended, as the shell saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HookExit {
-    /// Exit status 0.
+    /// Exit status 0, or a closure hook's ticket proceeded.
     Success,
     /// A non-zero exit status.
     Failed(i32),
@@ -173,6 +175,13 @@ pub enum HookExit {
     Signaled(i32),
     /// The process could not be started.
     SpawnFailed(String),
+    /// A closure hook's ticket was failed.
+    Declined,
+    /// A closure hook's ticket was dropped without an answer.
+    Dropped,
+    /// A closure hook was given up on (hook timeout or shutdown); a late answer
+    /// is ignored.
+    Abandoned,
 }
 
 impl HookExit {
@@ -188,18 +197,69 @@ impl fmt::Display for HookExit {
             HookExit::Failed(code) => write!(f, "exit {code}"),
             HookExit::Signaled(signal) => write!(f, "signal {signal}"),
             HookExit::SpawnFailed(error) => write!(f, "spawn failed: {error}"),
+            HookExit::Declined => f.write_str("ticket failed"),
+            HookExit::Dropped => f.write_str("ticket dropped"),
+            HookExit::Abandoned => f.write_str("abandoned"),
         }
     }
 }
 
-/// Everything the shell needs to start one hook process.
+/// The facts of the moment a hook runs: a command hook gets them as `TCPLOCK_*`
+/// environment variables, a closure hook on its [`crate::Ticket`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookContext {
+    /// Why the hook runs.
+    pub kind: HookKind,
+    /// The connection it runs for: the one to be let through, or the one whose
+    /// TTL expired.
+    pub conn: ConnId,
+    pub client: SocketAddr,
+    /// The upstream as configured.
+    pub upstream: String,
+    /// Connections let through before this one.
+    pub activations: u64,
+    /// TTL expiries so far.
+    pub timeouts: u64,
+    /// How the last connection that held a permit ended; `None` before any did.
+    pub last_outcome: Option<Outcome>,
+    /// Clients waiting.
+    pub queue_length: usize,
+    /// Connections holding a permit.
+    pub active: usize,
+    /// 1, then 2, 3, ... while an on-activate hook is retried for one client.
+    pub attempt: u32,
+}
+
+impl HookContext {
+    /// The `TCPLOCK_*` variables of a command hook, in a fixed order.
+    pub fn env(&self) -> [(&'static str, String); 10] {
+        [
+            ("TCPLOCK_EVENT", self.kind.as_str().to_string()),
+            ("TCPLOCK_CONN_ID", self.conn.to_string()),
+            ("TCPLOCK_CLIENT_ADDR", self.client.to_string()),
+            ("TCPLOCK_UPSTREAM", self.upstream.clone()),
+            ("TCPLOCK_ACTIVATIONS", self.activations.to_string()),
+            ("TCPLOCK_TIMEOUTS", self.timeouts.to_string()),
+            (
+                "TCPLOCK_LAST_OUTCOME",
+                self.last_outcome
+                    .map_or("none", Outcome::as_str)
+                    .to_string(),
+            ),
+            ("TCPLOCK_QUEUE_LENGTH", self.queue_length.to_string()),
+            ("TCPLOCK_ACTIVE", self.active.to_string()),
+            ("TCPLOCK_ATTEMPT", self.attempt.to_string()),
+        ]
+    }
+}
+
+/// Everything the shell needs to run one hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookRequest {
     pub hook: HookId,
-    pub kind: HookKind,
-    pub command: String,
-    /// `TCPLOCK_*` variables, in a fixed order.
-    pub env: Vec<(&'static str, String)>,
+    /// What to run; the core does not look inside.
+    pub run: Hook,
+    pub context: HookContext,
 }
 
 /// What the core asks the shell to do, in order.

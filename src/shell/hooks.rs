@@ -6,7 +6,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Instant;
 
-use crate::core::{HookExit, HookId, HookRequest};
+use crate::core::{HookContext, HookExit, HookId};
 use crate::sys;
 
 /// A running hook.
@@ -20,25 +20,25 @@ pub struct HookProcess {
 impl HookProcess {
     /// Starts the hook: stdin from /dev/null, stdout and stderr to our stderr,
     /// client facts only in the environment (never in the command string).
-    pub fn spawn(request: &HookRequest) -> io::Result<HookProcess> {
+    pub fn spawn(hook: HookId, command: &str, context: &HookContext) -> io::Result<HookProcess> {
         let stdout_to_stderr = io::stderr().lock();
         let stdout = std::os::fd::AsFd::as_fd(&stdout_to_stderr).try_clone_to_owned()?;
         drop(stdout_to_stderr);
-        let mut command = Command::new("/bin/sh");
-        command
+        let mut process = Command::new("/bin/sh");
+        process
             .arg("-c")
-            .arg(&request.command)
+            .arg(command)
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::inherit())
             // Its own group, so a hook timeout kills what the hook started too.
             .process_group(0);
-        for (key, value) in &request.env {
-            command.env(key, value);
+        for (key, value) in context.env() {
+            process.env(key, value);
         }
-        let child = command.spawn()?;
+        let child = process.spawn()?;
         Ok(HookProcess {
-            hook: request.hook,
+            hook,
             pid: child.id(),
             started: Instant::now(),
             child,

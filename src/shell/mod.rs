@@ -5,19 +5,24 @@
 mod hooks;
 mod relay;
 
-use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config};
 use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings};
+use crate::error::Error;
+use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
+use crate::lock::{Handle, Stats};
 use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
 
@@ -26,30 +31,29 @@ use relay::{ChannelPool, Pumped, Relay};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
+/// Messages from handles and tickets on other threads.
+const CONTROL: Token = Token(2);
 /// Connection tokens start here: two per slab slot, client then upstream.
 const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
 /// the connections already in flight.
 const ACCEPT_BATCH: usize = 256;
 
-/// Why tcplock could not start (exit code 1).
-#[derive(Debug)]
-pub struct StartError(String);
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// What other threads ask of the loop, through a channel and a waker.
+pub(crate) enum Control {
+    Stop,
+    Reload(Box<Config>),
+    /// A closure hook's ticket was answered.
+    HookDone(HookId, HookExit),
 }
 
-impl std::error::Error for StartError {}
-
-/// Binds, resolves, and runs the loop until a shutdown completes.
-pub fn run(raw: RawArgs, config: Config) -> Result<(), StartError> {
-    let mut shell = Shell::start(raw, config)?;
-    shell
-        .run()
-        .map_err(|e| StartError(format!("event loop failed: {e}")))
+/// How the loop relates to its process.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ShellOptions {
+    /// SIGTERM/SIGINT stop, SIGHUP reloads, SIGUSR1 dumps state.
+    pub handle_signals: bool,
+    /// The command line the config came from, for SIGHUP reloads.
+    pub reload_args: Option<RawArgs>,
 }
 
 /// The core's policy knobs, from a validated config.
@@ -70,30 +74,44 @@ pub fn core_settings(config: &Config) -> Settings {
 }
 
 /// Resolves the upstream once (never inside the loop's hot path).
-fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, String> {
+fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
     let name = config.upstream.to_string();
+    let resolve_error = |source| Error::Resolve {
+        what: "upstream",
+        name: name.clone(),
+        source,
+    };
     let addrs: Vec<SocketAddr> = (config.upstream.host.as_str(), config.upstream.port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve upstream '{name}': {e}"))?
+        .map_err(resolve_error)?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("cannot resolve upstream '{name}': no addresses"));
+        return Err(resolve_error(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no addresses",
+        )));
     }
     Ok(addrs)
 }
 
-struct Shell {
+/// The loop and everything it owns.
+pub(crate) struct Shell {
     poll: Poll,
     listener: Option<TcpListener>,
+    local_addr: SocketAddr,
     signals: Signals,
+    options: ShellOptions,
+    waker: Arc<Waker>,
+    control_tx: Sender<Control>,
+    control_rx: Receiver<Control>,
+    stats: Arc<Mutex<Stats>>,
     core: Core,
     /// Sockets per core slab slot; each entry remembers which connection it is.
     io: Vec<Option<ConnIo>>,
     pool: ChannelPool,
     logger: Logger,
     upstream_addrs: Vec<SocketAddr>,
-    hook: Option<HookProcess>,
-    raw: RawArgs,
+    hook: Option<RunningHook>,
     config: Config,
     started: Instant,
     /// Out of file descriptors: wait for a close before accepting again.
@@ -102,12 +120,30 @@ struct Shell {
     accept_more: bool,
     /// Relays that used up their turn and must be pumped again.
     busy_relays: Vec<ConnRef>,
+    /// The list being worked through this turn; swapped with `busy_relays` so
+    /// neither is ever reallocated in steady state.
+    busy_now: Vec<ConnRef>,
 }
 
 struct ConnIo {
     conn: ConnRef,
     client: TcpStream,
     stage: Stage,
+}
+
+enum RunningHook {
+    Process(HookProcess),
+    /// A closure hook whose ticket is still out.
+    Closure(HookId),
+}
+
+impl RunningHook {
+    fn id(&self) -> HookId {
+        match self {
+            RunningHook::Process(process) => process.hook,
+            RunningHook::Closure(hook) => *hook,
+        }
+    }
 }
 
 enum Stage {
@@ -122,70 +158,104 @@ enum Stage {
 }
 
 impl Shell {
-    fn start(raw: RawArgs, config: Config) -> Result<Shell, StartError> {
+    /// Binds the listener, resolves the upstream and sets up the poll.
+    pub(crate) fn start(config: Config, options: ShellOptions) -> Result<Shell, Error> {
         let mut logger = Logger::new(config.log_level);
         if let Err(e) = sys::raise_open_files_limit()
             && let Some(line) = logger.line(LogLevel::Warn, "nofile_limit")
         {
             line.field("error", e);
         }
+        let resolve_error = |source| Error::Resolve {
+            what: "listen address",
+            name: config.listen.clone(),
+            source,
+        };
         let listen_addr = config
             .listen
             .to_socket_addrs()
-            .map_err(|e| {
-                StartError(format!(
-                    "cannot resolve listen address '{}': {e}",
-                    config.listen
-                ))
-            })?
+            .map_err(resolve_error)?
             .next()
             .ok_or_else(|| {
-                StartError(format!("listen address '{}' has no address", config.listen))
+                resolve_error(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
             })?;
-        let upstream_addrs = resolve_upstream(&config).map_err(StartError)?;
-        let mut listener = TcpListener::bind(listen_addr)
-            .map_err(|e| StartError(format!("cannot listen on {listen_addr}: {e}")))?;
-        let bound = listener.local_addr().unwrap_or(listen_addr);
-        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        let upstream_addrs = resolve_upstream(&config)?;
+        let io_error = |context| move |source| Error::Io { context, source };
+        let mut listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
+            addr: listen_addr,
+            source,
+        })?;
+        let local_addr = listener.local_addr().unwrap_or(listen_addr);
+        let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(|e| StartError(format!("cannot register listener: {e}")))?;
-        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR1])
-            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+            .map_err(io_error("cannot register the listener"))?;
+        let mut watched = vec![SIGCHLD];
+        if options.handle_signals {
+            watched.extend([SIGHUP, SIGTERM, SIGINT, SIGUSR1]);
+        }
+        let mut signals =
+            Signals::new(watched).map_err(io_error("cannot install signal handlers"))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(|e| StartError(format!("cannot register signals: {e}")))?;
+            .map_err(io_error("cannot register signals"))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
+        );
+        let (control_tx, control_rx) = mpsc::channel();
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
-            line.field("addr", bound)
+            line.field("addr", local_addr)
                 .field("upstream", &config.upstream)
                 .field("permits", config.permits);
         }
         logger.flush();
-        let started = Instant::now();
         Ok(Shell {
             poll,
             listener: Some(listener),
+            local_addr,
             signals,
+            options,
+            waker,
+            control_tx,
+            control_rx,
+            stats: Arc::new(Mutex::new(Stats::default())),
             core: Core::new(core_settings(&config), 0),
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             upstream_addrs,
             hook: None,
-            raw,
             config,
-            started,
+            started: Instant::now(),
             accept_paused: false,
             accept_more: false,
             busy_relays: Vec::new(),
+            busy_now: Vec::new(),
         })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn handle(&self) -> Handle {
+        Handle {
+            control: self.control_tx.clone(),
+            waker: Arc::clone(&self.waker),
+            stats: Arc::clone(&self.stats),
+        }
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn run(&mut self) -> io::Result<()> {
+    /// Runs until a shutdown completes.
+    pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.accept_more || !self.busy_relays.is_empty() {
@@ -199,7 +269,12 @@ impl Shell {
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(source) => {
+                    return Err(Error::Io {
+                        context: "event loop failed",
+                        source,
+                    });
+                }
             }
             let now = self.now();
             let mut signalled = false;
@@ -221,15 +296,20 @@ impl Shell {
             if signalled {
                 self.handle_signals(now);
             }
-            for conn in std::mem::take(&mut self.busy_relays) {
-                self.pump(now, conn);
+            // Cheap when empty, and a wake-up can race with the poll.
+            self.handle_control(now);
+            std::mem::swap(&mut self.busy_now, &mut self.busy_relays);
+            for index in 0..self.busy_now.len() {
+                self.pump(now, self.busy_now[index]);
             }
+            self.busy_now.clear();
             if self.accept_more {
                 self.accept(now);
             }
             self.core.handle_tick(now);
             self.drain(now);
             self.logger.flush();
+            self.publish_stats();
             if self.core.is_finished() {
                 return Ok(());
             }
@@ -354,49 +434,94 @@ impl Shell {
     }
 
     fn reap(&mut self, now: u64) {
-        let Some(hook) = &mut self.hook else {
+        let Some(RunningHook::Process(process)) = &mut self.hook else {
             return;
         };
-        let exit = match hook.try_reap() {
+        let exit = match process.try_reap() {
             Ok(Some(exit)) => exit,
             Ok(None) => return,
             Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
         };
-        let id = hook.hook;
-        let (pid, elapsed) = (hook.pid, hook.started.elapsed());
+        let (hook, pid, elapsed) = (process.hook, process.pid, process.started.elapsed());
         self.hook = None;
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
-            line.field("hook", id)
+            line.field("hook", hook)
                 .field("pid", pid)
                 .field("status", &exit)
                 .field("duration_ms", elapsed.as_millis());
         }
-        self.core.handle_hook_exited(now, id, exit);
+        self.core.handle_hook_exited(now, hook, exit);
+    }
+
+    fn handle_control(&mut self, now: u64) {
+        while let Ok(control) = self.control_rx.try_recv() {
+            match control {
+                Control::Stop => self.core.handle_shutdown(now),
+                Control::Reload(config) => self.apply_config(now, *config, None),
+                Control::HookDone(hook, exit) => {
+                    if self
+                        .hook
+                        .as_ref()
+                        .is_some_and(|running| running.id() == hook)
+                    {
+                        self.hook = None;
+                        if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
+                            line.field("hook", hook).field("status", &exit);
+                        }
+                        self.core.handle_hook_exited(now, hook, exit);
+                    }
+                }
+            }
+            self.drain(now);
+        }
+    }
+
+    fn publish_stats(&self) {
+        let counters = self.core.stats();
+        let stats = Stats {
+            queue_length: self.core.queue_len(),
+            active: self.core.active(),
+            activations: counters.activations,
+            timeouts: counters.timeouts,
+            outcomes: counters.outcomes,
+        };
+        match self.stats.lock() {
+            Ok(mut published) => *published = stats,
+            Err(poisoned) => *poisoned.into_inner() = stats,
+        }
     }
 
     fn reload(&mut self, now: u64) {
-        let Some(path) = self.config.config_file.clone() else {
+        let (Some(path), Some(args)) = (
+            self.config.config_file.clone(),
+            self.options.reload_args.as_ref(),
+        ) else {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
                 line.field("reason", "no config file given with -c");
             }
             return;
         };
-        let mut new = match config::load(&self.raw) {
-            Ok(new) => new,
+        match config::load(args) {
+            Ok(new) => self.apply_config(now, new, Some(&path)),
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", path.display()).field("error", e);
                 }
-                return;
             }
-        };
+        }
+    }
+
+    /// Puts new settings in force for activations from now on; the listening
+    /// socket stays as it is.
+    fn apply_config(&mut self, now: u64, mut new: Config, file: Option<&std::path::Path>) {
+        let source = file.map_or_else(|| "handle".to_string(), |f| f.display().to_string());
         let changed = config::changed_keys(&self.config, &new);
         if new.upstream != self.config.upstream {
             match resolve_upstream(&new) {
                 Ok(addrs) => self.upstream_addrs = addrs,
                 Err(e) => {
                     if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
-                        line.field("file", path.display()).field("error", e);
+                        line.field("file", &source).field("error", e);
                     }
                     return;
                 }
@@ -414,7 +539,7 @@ impl Shell {
         self.core.handle_reload(now, core_settings(&new));
         let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
-            line.field("file", path.display())
+            line.field("file", &source)
                 .field("changed", CommaList(&changed));
         }
         self.config = new;
@@ -434,7 +559,7 @@ impl Shell {
                     age_ms,
                 } => self.close(conn, outcome, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
-                Action::KillHook(hook) => self.kill_hook(hook),
+                Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
                 Action::Log(event) => self.logger.event(&event),
             }
@@ -538,43 +663,74 @@ impl Shell {
     }
 
     fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
-        match HookProcess::spawn(request) {
-            Ok(process) => {
+        let context = &request.context;
+        let kind = context.kind.as_str();
+        match request.run.body() {
+            HookBody::Command(command) => {
+                match HookProcess::spawn(request.hook, command, context) {
+                    Ok(process) => {
+                        if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
+                            line.field("hook", request.hook)
+                                .field("kind", kind)
+                                .field("pid", process.pid)
+                                .field("conn", context.conn);
+                        }
+                        self.hook = Some(RunningHook::Process(process));
+                    }
+                    Err(e) => {
+                        let exit = HookExit::SpawnFailed(e.to_string());
+                        self.core.handle_hook_exited(now, request.hook, exit);
+                    }
+                }
+            }
+            HookBody::Activate(f) => {
                 if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
                     line.field("hook", request.hook)
-                        .field("kind", request.kind.as_str())
-                        .field("pid", process.pid)
-                        .field_opt(
-                            "conn",
-                            request
-                                .env
-                                .iter()
-                                .find(|(key, _)| *key == "TCPLOCK_CONN_ID")
-                                .map(|(_, value)| value),
-                        );
+                        .field("kind", kind)
+                        .field("conn", context.conn);
                 }
-                self.hook = Some(process);
+                self.hook = Some(RunningHook::Closure(request.hook));
+                let reply = Reply {
+                    control: self.control_tx.clone(),
+                    waker: Arc::clone(&self.waker),
+                };
+                let ticket = Ticket::new(request.hook, context.clone(), reply);
+                // A panicking hook drops its ticket on the way out, which
+                // answers "failed"; the loop itself carries on.
+                if catch_unwind(AssertUnwindSafe(|| f(ticket))).is_err()
+                    && let Some(line) = self.logger.line(LogLevel::Error, "hook_panicked")
+                {
+                    line.field("hook", request.hook);
+                }
             }
-            Err(e) => {
-                self.core.handle_hook_exited(
-                    now,
-                    request.hook,
-                    HookExit::SpawnFailed(e.to_string()),
-                );
+            HookBody::Timeout(f) => {
+                let info = TimeoutInfo::from_context(context);
+                let exit = match catch_unwind(AssertUnwindSafe(|| f(&info))) {
+                    Ok(()) => HookExit::Success,
+                    Err(_) => HookExit::Dropped,
+                };
+                self.core.handle_hook_exited(now, request.hook, exit);
             }
         }
     }
 
-    fn kill_hook(&mut self, hook: HookId) {
-        let Some(process) = self.hook.as_ref().filter(|p| p.hook == hook) else {
-            return;
-        };
-        if let Err(e) = process.kill()
-            && let Some(line) = self.logger.line(LogLevel::Error, "hook_kill_failed")
-        {
-            line.field("hook", hook)
-                .field("pid", process.pid)
-                .field("error", e);
+    fn kill_hook(&mut self, now: u64, hook: HookId) {
+        match &self.hook {
+            Some(RunningHook::Process(process)) if process.hook == hook => {
+                if let Err(e) = process.kill()
+                    && let Some(line) = self.logger.line(LogLevel::Error, "hook_kill_failed")
+                {
+                    line.field("hook", hook)
+                        .field("pid", process.pid)
+                        .field("error", e);
+                }
+            }
+            Some(RunningHook::Closure(id)) if *id == hook => {
+                // A thread cannot be killed: stop waiting for its answer.
+                self.hook = None;
+                self.core.handle_hook_exited(now, hook, HookExit::Abandoned);
+            }
+            _ => {}
         }
     }
 

@@ -1,0 +1,361 @@
+//! The embeddable lock: build it, take a [`Handle`], run it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::cli::RawArgs;
+use crate::config::{self, Config, LogLevel};
+use crate::core::Outcome;
+use crate::error::Error;
+use crate::hook::{Hook, Ticket, TimeoutInfo};
+use crate::shell::{Control, Shell, ShellOptions};
+use crate::units::{self, HostPort};
+
+/// A bound, ready-to-run tcplock: the listening socket is open and the upstream
+/// resolved, so clients may connect (and wait in the kernel's backlog) before
+/// [`Lock::run`] is called.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let lock = tcplock::Lock::builder()
+///     .listen("127.0.0.1:9000")
+///     .upstream("127.0.0.1:8100")
+///     .permits(1)
+///     .ttl(Duration::from_secs(20))
+///     .on_activate(|ticket: tcplock::Ticket| {
+///         // Runs on the loop thread: hand slow work to another thread.
+///         std::thread::spawn(move || {
+///             // ... restart the service ...
+///             ticket.proceed();
+///         });
+///     })
+///     .on_timeout(|info| eprintln!("conn {} timed out", info.id))
+///     .build()?;
+/// let handle = lock.handle();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(Duration::from_secs(60));
+///     handle.stop();
+/// });
+/// lock.run()?;
+/// # Ok::<(), tcplock::Error>(())
+/// ```
+pub struct Lock {
+    shell: Shell,
+}
+
+impl Lock {
+    /// Starts describing a lock.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// The address clients connect to (useful after listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shell.local_addr()
+    }
+
+    /// A handle to stop, reconfigure and observe the lock from any thread.
+    pub fn handle(&self) -> Handle {
+        self.shell.handle()
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        self.shell.config()
+    }
+
+    /// Runs the event loop on this thread until [`Handle::stop`] (or, with
+    /// signals handled, SIGTERM/SIGINT) and the shutdown that follows complete.
+    pub fn run(mut self) -> Result<(), Error> {
+        self.shell.run()
+    }
+}
+
+/// Describes a [`Lock`]. Every setting but [`Builder::listen`] and
+/// [`Builder::upstream`] has the default the `tcplock` binary has.
+///
+/// ```
+/// let lock = tcplock::Lock::builder()
+///     .listen("127.0.0.1:0")
+///     .upstream("127.0.0.1:8100")
+///     .permits(2)
+///     .build()?;
+/// assert_eq!(lock.config().permits, 2);
+/// assert_ne!(lock.local_addr().port(), 0);
+/// # Ok::<(), tcplock::Error>(())
+/// ```
+#[must_use = "a builder does nothing until built"]
+pub struct Builder {
+    listen: Option<String>,
+    upstream: Option<String>,
+    /// Every other setting; its listen and upstream are placeholders until
+    /// `build` fills them in.
+    config: Config,
+    options: ShellOptions,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        let placeholder = HostPort {
+            host: String::new(),
+            port: 0,
+        };
+        Builder {
+            listen: None,
+            upstream: None,
+            config: Config::new(String::new(), placeholder),
+            options: ShellOptions::default(),
+        }
+    }
+
+    /// Starts from a complete config (what the binary loads from its command
+    /// line and config file).
+    pub fn from_config(config: Config) -> Builder {
+        Builder {
+            listen: Some(config.listen.clone()),
+            upstream: Some(config.upstream.to_string()),
+            config,
+            options: ShellOptions::default(),
+        }
+    }
+
+    /// Where clients connect: `PORT` (on 127.0.0.1), `HOST:PORT` or `[V6]:PORT`.
+    pub fn listen(mut self, addr: impl Into<String>) -> Builder {
+        self.listen = Some(addr.into());
+        self
+    }
+
+    /// The service behind the lock: `HOST:PORT` or `[V6]:PORT`, resolved once
+    /// when the lock is built.
+    pub fn upstream(mut self, addr: impl Into<String>) -> Builder {
+        self.upstream = Some(addr.into());
+        self
+    }
+
+    /// Connections let through at once (at least 1; default 1).
+    pub fn permits(mut self, permits: u32) -> Builder {
+        self.config.permits = permits;
+        self
+    }
+
+    /// How long a connection may proxy before it is cut (default: no limit).
+    pub fn ttl(mut self, ttl: Duration) -> Builder {
+        self.config.ttl = non_zero(ttl);
+        self
+    }
+
+    /// How long a client may wait from accept until proxying (default: no limit).
+    pub fn queue_timeout(mut self, timeout: Duration) -> Builder {
+        self.config.queue_timeout = non_zero(timeout);
+        self
+    }
+
+    /// Most clients waiting; one more is turned away (default 1024).
+    pub fn max_queue(mut self, max_queue: usize) -> Builder {
+        self.config.max_queue = max_queue;
+        self
+    }
+
+    /// Upstream connect timeout (default 10 s; zero means none).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Builder {
+        self.config.connect_timeout = non_zero(timeout);
+        self
+    }
+
+    /// Relay buffer size per direction (default 16 KiB).
+    pub fn buffer_size(mut self, bytes: usize) -> Builder {
+        self.config.buffer_size = bytes;
+        self
+    }
+
+    /// Log level of the logfmt lines on stderr (default info).
+    pub fn log_level(mut self, level: LogLevel) -> Builder {
+        self.config.log_level = level;
+        self
+    }
+
+    /// A closure run before each activation; see [`Ticket`].
+    pub fn on_activate(mut self, f: impl Fn(Ticket) + Send + Sync + 'static) -> Builder {
+        self.config.on_activate = Some(Hook::activate_fn(f));
+        self
+    }
+
+    /// A closure run after each TTL expiry.
+    pub fn on_timeout(mut self, f: impl Fn(&TimeoutInfo) + Send + Sync + 'static) -> Builder {
+        self.config.on_timeout = Some(Hook::timeout_fn(f));
+        self
+    }
+
+    /// Any hook (for example [`Hook::command`]) before each activation.
+    pub fn on_activate_hook(mut self, hook: Hook) -> Builder {
+        self.config.on_activate = Some(hook);
+        self
+    }
+
+    /// Any hook after each TTL expiry.
+    pub fn on_timeout_hook(mut self, hook: Hook) -> Builder {
+        self.config.on_timeout = Some(hook);
+        self
+    }
+
+    /// How long a hook may run before it is given up on (command hooks are
+    /// killed with their process group). Default 60 s; zero means never.
+    pub fn hook_timeout(mut self, timeout: Duration) -> Builder {
+        self.config.hook_timeout = non_zero(timeout);
+        self
+    }
+
+    /// How long a stop waits for proxying connections (default 30 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Builder {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Relay with `splice(2)` through pipes instead of user-space buffers.
+    pub fn splice(mut self, on: bool) -> Builder {
+        self.config.splice = on;
+        self
+    }
+
+    /// Handle SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 (state dump)
+    /// as the binary does. Off by default: a library should not take over its
+    /// host's signals. (SIGCHLD is always watched, for command hooks.)
+    pub fn handle_signals(mut self, on: bool) -> Builder {
+        self.options.handle_signals = on;
+        self
+    }
+
+    /// The command line the config came from, so SIGHUP can re-read the config
+    /// file with the command line still winning.
+    pub fn reload_from(mut self, args: RawArgs) -> Builder {
+        self.options.reload_args = Some(args);
+        self
+    }
+
+    /// Validates, binds the listening socket and resolves the upstream.
+    pub fn build(mut self) -> Result<Lock, Error> {
+        let listen = self
+            .listen
+            .ok_or_else(|| Error::Invalid("no listen address: call listen()".into()))?;
+        self.config.listen =
+            units::parse_listen(&listen).map_err(|e| Error::Invalid(format!("listen: {e}")))?;
+        let upstream = self
+            .upstream
+            .ok_or_else(|| Error::Invalid("no upstream: call upstream()".into()))?;
+        self.config.upstream = units::parse_host_port(&upstream)
+            .map_err(|e| Error::Invalid(format!("upstream: {e}")))?;
+        validate(&self.config)?;
+        let shell = Shell::start(self.config, self.options)?;
+        Ok(Lock { shell })
+    }
+}
+
+fn non_zero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// The range checks the command line gets from the config parser.
+fn validate(config: &Config) -> Result<(), Error> {
+    if config.permits == 0 || config.permits > config::MAX_PERMITS {
+        return Err(Error::Invalid(format!(
+            "permits must be 1 to {}, not {}",
+            config::MAX_PERMITS,
+            config.permits
+        )));
+    }
+    if config.max_queue > config::MAX_QUEUE {
+        return Err(Error::Invalid(format!(
+            "max_queue must be at most {}, not {}",
+            config::MAX_QUEUE,
+            config.max_queue
+        )));
+    }
+    if !(config::MIN_BUFFER_SIZE..=config::MAX_BUFFER_SIZE).contains(&config.buffer_size) {
+        return Err(Error::Invalid(format!(
+            "buffer_size must be {} to {} bytes, not {}",
+            config::MIN_BUFFER_SIZE,
+            config::MAX_BUFFER_SIZE,
+            config.buffer_size
+        )));
+    }
+    Ok(())
+}
+
+/// Stops, reconfigures and observes a running [`Lock`] from any thread. Cheap
+/// to clone. Calls after the lock has stopped do nothing.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) control: std::sync::mpsc::Sender<Control>,
+    pub(crate) waker: Arc<mio::Waker>,
+    pub(crate) stats: Arc<Mutex<Stats>>,
+}
+
+impl Handle {
+    /// Graceful stop: waiting clients are closed, a running hook is given up
+    /// on, proxying connections get the shutdown grace. A second call ends
+    /// them at once.
+    pub fn stop(&self) {
+        self.send(Control::Stop);
+    }
+
+    /// New settings for activations from now on, as SIGHUP applies a config
+    /// file: a changed listen address is ignored (and logged).
+    pub fn reload(&self, config: Config) {
+        if let Err(e) = validate(&config) {
+            // The loop would have to refuse it anyway; say why here, where the
+            // caller's logs are.
+            eprintln!("tcplock: reload refused: {e}");
+            return;
+        }
+        self.send(Control::Reload(Box::new(config)));
+    }
+
+    /// Counters as of the end of the loop's latest turn.
+    pub fn stats(&self) -> Stats {
+        match self.stats.lock() {
+            Ok(stats) => stats.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn send(&self, control: Control) {
+        if self.control.send(control).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What a [`Handle`] reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Clients waiting.
+    pub queue_length: usize,
+    /// Connections holding a permit.
+    pub active: usize,
+    /// Connections let through so far.
+    pub activations: u64,
+    /// TTL expiries so far.
+    pub timeouts: u64,
+    /// Connections ended, per outcome, in the order of [`Outcome::ALL`].
+    pub outcomes: [u64; 9],
+}
+
+impl Stats {
+    /// How many connections ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |index| self.outcomes[index])
+    }
+}
