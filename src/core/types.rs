@@ -52,14 +52,23 @@ impl fmt::Display for HookId {
 /// The policy knobs of the core. Durations are milliseconds; `None` means no limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
+    /// Connections that may hold a permit (Activating or Proxying) at once.
     pub permits: u32,
+    /// Clients that may wait; one more is rejected.
     pub max_queue: usize,
+    /// How long a connection may proxy.
     pub ttl_ms: Option<u64>,
+    /// How long a client may wait from accept until proxying.
     pub queue_timeout_ms: Option<u64>,
+    /// How long connecting to the upstream may take.
     pub connect_timeout_ms: Option<u64>,
+    /// Runs before each activation; success lets the connection through.
     pub on_activate: Option<Hook>,
+    /// Runs after a TTL expiry, before the next on-activate hook.
     pub on_timeout: Option<Hook>,
+    /// How long a hook may run before it is killed (and counts as failed).
     pub hook_timeout_ms: Option<u64>,
+    /// How long a shutdown waits for proxying connections.
     pub shutdown_grace_ms: u64,
     /// Shown to hooks as `TCPLOCK_UPSTREAM`.
     pub upstream: String,
@@ -106,6 +115,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The name used in logs and in `TCPLOCK_LAST_OUTCOME`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -120,6 +130,7 @@ impl Outcome {
         }
     }
 
+    /// Every outcome, in the order [`crate::Stats::outcomes`] counts them.
     pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::ClientError,
@@ -144,18 +155,23 @@ impl fmt::Display for Outcome {
 pub enum RelayEnd {
     /// Both directions reached end of stream and were flushed.
     Finished,
+    /// Reading from or writing to the client failed.
     ClientError,
+    /// Reading from or writing to the upstream failed.
     UpstreamError,
 }
 
 /// Why a hook runs; shown to it as `TCPLOCK_EVENT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookKind {
+    /// Before a connection is let through.
     Activate,
+    /// After a connection's TTL expired.
     Timeout,
 }
 
 impl HookKind {
+    /// `activate` or `timeout`.
     pub fn as_str(self) -> &'static str {
         match self {
             HookKind::Activate => "activate",
@@ -185,6 +201,7 @@ pub enum HookExit {
 }
 
 impl HookExit {
+    /// Whether the hook let the connection through.
     pub fn is_success(&self) -> bool {
         matches!(self, HookExit::Success)
     }
@@ -213,6 +230,7 @@ pub struct HookContext {
     /// The connection it runs for: the one to be let through, or the one whose
     /// TTL expired.
     pub conn: ConnId,
+    /// That connection's client address.
     pub client: SocketAddr,
     /// The upstream as configured.
     pub upstream: String,
@@ -256,9 +274,11 @@ impl HookContext {
 /// Everything the shell needs to run one hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookRequest {
+    /// Names this run in `handle_hook_exited` and `KillHook`.
     pub hook: HookId,
     /// What to run; the core does not look inside.
     pub run: Hook,
+    /// The facts the hook gets.
     pub context: HookContext,
 }
 
@@ -274,8 +294,11 @@ pub enum Action {
     /// Close both sockets of this connection. The core has already forgotten it.
     /// `age_ms` counts from accept.
     Close {
+        /// The connection.
         conn: ConnRef,
+        /// How it ended.
         outcome: Outcome,
+        /// Milliseconds since accept.
         age_ms: u64,
     },
     /// Run a hook; answer with `handle_hook_exited`.
@@ -292,12 +315,16 @@ pub enum Action {
 /// A state a connection can be in, for `event=state` lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateName {
+    /// Waiting in the queue.
     Queued,
+    /// Holding a permit: its hook runs or the upstream connect is under way.
     Activating,
+    /// Relaying bytes.
     Proxying,
 }
 
 impl StateName {
+    /// `queued`, `activating` or `proxying`.
     pub fn as_str(self) -> &'static str {
         match self {
             StateName::Queued => "queued",
@@ -307,66 +334,61 @@ impl StateName {
     }
 }
 
-/// A log record the core produces. The shell decides the format.
+/// A log record the core produces. The shell decides the format; the variant
+/// names match the `event=` names in snake case. Throughout, `conn` is the
+/// connection, `client` its client's address and `hook` the hook run.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)] // The fields are named for what they hold; see above.
 pub enum Event {
-    Accepted {
-        conn: ConnId,
-        client: SocketAddr,
-    },
-    Rejected {
-        conn: ConnId,
-        client: SocketAddr,
-    },
-    Abandoned {
-        conn: ConnId,
-    },
+    /// A client connected (debug level).
+    Accepted { conn: ConnId, client: SocketAddr },
+    /// The queue was full.
+    Rejected { conn: ConnId, client: SocketAddr },
+    /// A waiting client left.
+    Abandoned { conn: ConnId },
+    /// A connection started proxying after `waited_ms` since accept.
     Activated {
         conn: ConnId,
         client: SocketAddr,
         waited_ms: u64,
     },
-    Timeout {
-        conn: ConnId,
-    },
-    QueueTimeout {
-        conn: ConnId,
-    },
-    ConnectFailed {
-        conn: ConnId,
-        error: String,
-    },
+    /// A proxying connection's TTL expired.
+    Timeout { conn: ConnId },
+    /// A client waited longer than the queue timeout.
+    QueueTimeout { conn: ConnId },
+    /// No upstream address took the connection; `error` says why.
+    ConnectFailed { conn: ConnId, error: String },
+    /// A hook failed: `exit` is how, `timed_out` whether we killed it for its
+    /// hook timeout, and `retry_in_ms` when an on-activate hook runs again for
+    /// a client that still waits.
     HookFailed {
         hook: HookId,
         kind: HookKind,
         conn: Option<ConnId>,
         exit: HookExit,
         timed_out: bool,
-        /// For an on-activate hook whose client still waits: when it runs again.
         retry_in_ms: Option<u64>,
     },
-    HookTimedOut {
-        hook: HookId,
-        after_ms: u64,
-    },
+    /// A hook ran `after_ms` and was killed.
+    HookTimedOut { hook: HookId, after_ms: u64 },
     /// A successful on-activate hook whose client left: the next client uses it.
-    PreparationKept {
-        hook: HookId,
-    },
+    PreparationKept { hook: HookId },
+    /// A shutdown began with `queued` waiting and `active` holding a permit.
     ShutdownStarted {
         queued: usize,
         active: usize,
         grace_ms: u64,
     },
-    ShutdownForced {
-        active: usize,
-    },
+    /// A second stop request: `active` connections are cut now.
+    ShutdownForced { active: usize },
+    /// One connection, for a state dump.
     State {
         conn: ConnId,
         state: StateName,
         client: SocketAddr,
         age_ms: u64,
     },
+    /// The totals closing a state dump.
     StateSummary {
         queued: usize,
         active: usize,
