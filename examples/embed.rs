@@ -92,7 +92,7 @@ struct Service {
 impl Service {
     /// Makes the service fit for the next client, then answers the ticket.
     fn prepare(&self, ticket: Ticket) {
-        let due = ticket.activations() % RESTART_EVERY == 0
+        let due = ticket.activations().is_multiple_of(RESTART_EVERY)
             || ticket.last_outcome() == Some(Outcome::Timeout)
             || !self.is_running();
         if !due {

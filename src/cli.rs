@@ -15,12 +15,31 @@ use crate::units::Quoted;
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// Run the proxy with these flags; their values are not yet validated.
     Run(RawArgs),
+    /// `--help`: print [`USAGE`] and exit 0.
     Help,
+    /// `-V`/`--version`: print [`VERSION`] and exit 0.
     Version,
 }
 
 /// Parses arguments, not including the program name.
+///
+/// Only the shape is checked: an unknown flag, a missing value, a flag given
+/// twice, a positional argument or a non-UTF-8 value is a [`UsageError`];
+/// the values themselves are judged later by [`crate::config::load`].
+/// Reading stops at `--help` or `--version`, which win over the flags before them.
+///
+/// ```
+/// use tcplock::cli::{Command, Flag, parse_from};
+///
+/// let Ok(Command::Run(raw)) = parse_from(["-l", "9000", "--permits=2"]) else {
+///     panic!("not a run");
+/// };
+/// assert_eq!(raw.get(Flag::Permits), Some("2"));
+/// assert_eq!(parse_from(["-n", "1", "-n", "2"]).unwrap_err().to_string(),
+///            "-n/--permits given twice");
+/// ```
 pub fn parse_from<I>(args: I) -> Result<Command, UsageError>
 where
     I: IntoIterator,
@@ -87,22 +106,39 @@ pub fn parse_env() -> Result<Command, UsageError> {
 /// Every value-taking flag as given, unvalidated. `None` means not given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawArgs {
+    /// `-l`/`--listen`: where clients connect.
     pub listen: Option<String>,
+    /// `-p`/`--proxy-port`: the upstream port.
     pub proxy_port: Option<String>,
+    /// `-h`/`--proxy-host`: the upstream host.
     pub proxy_host: Option<String>,
+    /// `-u`/`--upstream`: the upstream as one `HOST:PORT`.
     pub upstream: Option<String>,
+    /// `-n`/`--permits`: connections let through at once.
     pub permits: Option<String>,
+    /// `-t`/`--timeout`: longest a connection may proxy.
     pub timeout: Option<String>,
+    /// `--queue-timeout`: longest wait from accept until proxying.
     pub queue_timeout: Option<String>,
+    /// `--max-queue`: most connections waiting.
     pub max_queue: Option<String>,
+    /// `--connect-timeout`: the upstream connect timeout.
     pub connect_timeout: Option<String>,
+    /// `--buffer-size`: relay buffer per direction.
     pub buffer_size: Option<String>,
+    /// `--log-level`: `error`, `warn`, `info` or `debug`.
     pub log_level: Option<String>,
+    /// `--on-activate`: shell command run before each activation; empty means none.
     pub on_activate: Option<String>,
+    /// `--on-timeout`: shell command run after a TTL expiry; empty means none.
     pub on_timeout: Option<String>,
+    /// `--hook-timeout`: how long a hook may run.
     pub hook_timeout: Option<String>,
+    /// `--shutdown-grace`: how long proxying connections may finish on SIGTERM.
     pub shutdown_grace: Option<String>,
+    /// `--splice`: `on` or `off`.
     pub splice: Option<String>,
+    /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
 }
 
@@ -157,26 +193,45 @@ impl RawArgs {
 /// A value-taking flag. Its long name doubles as its config-file key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Flag {
+    /// `-l`/`--listen`.
     Listen,
+    /// `-p`/`--proxy-port`.
     ProxyPort,
+    /// `-h`/`--proxy-host`.
     ProxyHost,
+    /// `-u`/`--upstream`.
     Upstream,
+    /// `-n`/`--permits`.
     Permits,
+    /// `-t`/`--timeout`.
     Timeout,
+    /// `--queue-timeout`.
     QueueTimeout,
+    /// `--max-queue`.
     MaxQueue,
+    /// `--connect-timeout`.
     ConnectTimeout,
+    /// `--buffer-size`.
     BufferSize,
+    /// `--log-level`.
     LogLevel,
+    /// `--on-activate`.
     OnActivate,
+    /// `--on-timeout`.
     OnTimeout,
+    /// `--hook-timeout`.
     HookTimeout,
+    /// `--shutdown-grace`.
     ShutdownGrace,
+    /// `--splice`.
     Splice,
+    /// `-c`/`--config`; the one flag that is not also a config-file key.
     Config,
 }
 
 impl Flag {
+    /// Every value-taking flag, each once (`--help` and `--version` take no
+    /// value and are not among them).
     pub const ALL: [Self; 17] = [
         Self::Listen,
         Self::ProxyPort,
@@ -220,6 +275,7 @@ impl Flag {
         }
     }
 
+    /// The one-letter alias without `-`, for the seven flags that have one.
     pub fn short(self) -> Option<char> {
         match self {
             Self::Listen => Some('l'),
@@ -234,10 +290,12 @@ impl Flag {
         }
     }
 
+    /// The flag whose long name (without `--`) is exactly `name`, case-sensitive.
     pub fn from_long(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|f| f.long() == name)
     }
 
+    /// The flag whose one-letter alias is `c`.
     pub fn from_short(c: char) -> Option<Self> {
         Self::ALL.into_iter().find(|f| f.short() == Some(c))
     }
@@ -256,13 +314,19 @@ impl fmt::Display for Flag {
 /// A command line that cannot be read. `Display` is one line naming the flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsageError {
+    /// A flag tcplock does not know, as typed (`--foo`, `-x`).
     UnknownFlag(String),
+    /// A value-taking flag came last, with no value after it.
     MissingValue(Flag),
     /// `--help=x` and the like: a flag that takes no value was given one.
     UnexpectedValue(String),
+    /// A positional argument; tcplock takes none.
     UnexpectedArgument(String),
+    /// A flag given more than once.
     Duplicate(Flag),
+    /// The flag's value is not valid UTF-8.
     NotUnicode(Flag),
+    /// Any other failure of the argument lexer, as its message.
     Other(String),
 }
 

@@ -20,24 +20,37 @@ use crate::units::{self, HostPort, Quoted};
 pub struct Config {
     /// `HOST:PORT`, normalized by [`units::parse_listen`]; resolved by the caller.
     pub listen: String,
+    /// The service behind the lock; resolved at start-up and again when a
+    /// reload changes it.
     pub upstream: HostPort,
     /// At least 1.
     pub permits: u32,
     /// `--timeout`: how long a connection may proxy. `None` means no limit.
     pub ttl: Option<Duration>,
+    /// Longest wait from accept until proxying. `None` means no limit.
     pub queue_timeout: Option<Duration>,
     /// 0 means a connection that cannot be activated at once is rejected.
     pub max_queue: usize,
+    /// Upstream connect timeout, 10 s by default. `None` means no limit.
     pub connect_timeout: Option<Duration>,
     /// Bytes per relay direction, within [`MIN_BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`].
     pub buffer_size: usize,
+    /// What the logfmt lines on stderr include; [`LogLevel::Info`] by default.
     pub log_level: LogLevel,
+    /// Runs before each activation; only its success lets the connection
+    /// through, a failure retries after a backoff. `None` lets connections
+    /// straight through.
     pub on_activate: Option<Hook>,
+    /// Runs after each TTL expiry. `None` means nothing runs.
     pub on_timeout: Option<Hook>,
+    /// How long a hook may run before it is given up on (a command hook's
+    /// process group is killed), 60 s by default. `None` means never.
     pub hook_timeout: Option<Duration>,
     /// Zero means close proxying connections at once on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Relay with `splice(2)` instead of user-space buffers; off by default.
     pub splice: bool,
+    /// The `-c` file, re-read on SIGHUP; `None` when none was given.
     pub config_file: Option<PathBuf>,
 }
 
@@ -88,6 +101,25 @@ pub fn load(raw: &RawArgs) -> Result<Config, ConfigError> {
 
 /// Parses the text of a config file. Pure, so it can be fuzzed; `path` only
 /// names the file in errors.
+///
+/// Blank lines and lines starting with `#` are skipped; every other line is
+/// `key = value`, split at the first `=`, with the long flag names (except
+/// `config`) as keys. Keys may be missing here. The first unknown or repeated
+/// key, bad value, or `upstream` next to `proxy-host`/`proxy-port` is a
+/// [`ConfigError::File`] naming its line.
+///
+/// ```
+/// use std::path::Path;
+/// use tcplock::config::parse_file;
+///
+/// let path = Path::new("tcplock.conf");
+/// let file = parse_file("# db lock\nlisten = 9000\npermits = 2\n", path).unwrap();
+/// assert_eq!(file.settings.listen.as_deref(), Some("127.0.0.1:9000"));
+/// assert_eq!(file.settings.permits, Some(2));
+///
+/// let err = parse_file("permits = 0\n", path).unwrap_err();
+/// assert_eq!(err.to_string(), "tcplock.conf:1: permits: '0' is too small (at least 1)");
+/// ```
 pub fn parse_file(text: &str, path: &Path) -> Result<FileArgs, ConfigError> {
     let mut settings = Settings::default();
     let mut seen: Vec<(Flag, usize)> = Vec::new();
@@ -153,6 +185,7 @@ pub fn parse_file(text: &str, path: &Path) -> Result<FileArgs, ConfigError> {
 /// The settings a config file holds, validated value by value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileArgs {
+    /// Every key the file sets, each value checked on its own.
     pub settings: Settings,
     /// Where `proxy-host` was set, to blame that line if no port turns up.
     pub proxy_host_line: Option<usize>,
@@ -162,23 +195,38 @@ pub struct FileArgs {
 /// source does not set it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
+    /// `listen`, normalized to `HOST:PORT` by [`units::parse_listen`].
     pub listen: Option<String>,
+    /// `upstream`, port 1-65535.
     pub upstream: Option<HostPort>,
+    /// `proxy-host`, without brackets.
     pub proxy_host: Option<String>,
+    /// `proxy-port`, 1-65535.
     pub proxy_port: Option<u16>,
+    /// `permits`, 1..=[`MAX_PERMITS`].
     pub permits: Option<u32>,
+    /// `timeout`; zero is kept and means no limit.
     pub timeout: Option<Duration>,
+    /// `queue-timeout`; zero is kept and means no limit.
     pub queue_timeout: Option<Duration>,
+    /// `max-queue`, 0..=[`MAX_QUEUE`].
     pub max_queue: Option<usize>,
+    /// `connect-timeout`; zero is kept and means no limit.
     pub connect_timeout: Option<Duration>,
+    /// `buffer-size` in bytes, [`MIN_BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`].
     pub buffer_size: Option<usize>,
+    /// `log-level`.
     pub log_level: Option<LogLevel>,
     /// Kept as given: an empty command here means "no hook", and must still
     /// override a hook set by the other source.
     pub on_activate: Option<String>,
+    /// `on-timeout`, kept as given like `on_activate`.
     pub on_timeout: Option<String>,
+    /// `hook-timeout`; zero is kept and means never.
     pub hook_timeout: Option<Duration>,
+    /// `shutdown-grace`; zero means don't wait.
     pub shutdown_grace: Option<Duration>,
+    /// `splice`: `on` is `true`, `off` is `false`.
     pub splice: Option<bool>,
 }
 
@@ -286,15 +334,18 @@ impl Settings {
     }
 }
 
-/// Smallest and largest `--buffer-size`: below 1k relaying costs a syscall per
-/// few bytes, above 64m one connection could eat a small host's memory.
+/// Smallest `--buffer-size`, 1 KiB: below it relaying costs a syscall per few
+/// bytes.
 pub const MIN_BUFFER_SIZE: usize = 1024;
+/// Largest `--buffer-size`, 64 MiB: above it one connection could eat a small
+/// host's memory.
 pub const MAX_BUFFER_SIZE: usize = 64 * 1024 * 1024;
 
-/// Caps on `--permits` and `--max-queue`: each entry costs at least one file
-/// descriptor, so more than this could never be served, and a cap keeps
-/// capacity arithmetic and pre-sizing elsewhere safe.
+/// Cap on `--permits`: each permit holds at least one file descriptor, so more
+/// could never be served, and a cap keeps capacity arithmetic and pre-sizing
+/// elsewhere safe.
 pub const MAX_PERMITS: u32 = 1_000_000;
+/// Cap on `--max-queue`, for the same reasons as [`MAX_PERMITS`].
 pub const MAX_QUEUE: usize = 1_000_000;
 
 /// Command line over file, key by key, except that the upstream is decided as
@@ -391,9 +442,13 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
 /// How much the log says; each level includes those before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LogLevel {
+    /// Errors only, such as a failed reload.
     Error,
+    /// Also warnings, such as a failed or timed-out hook.
     Warn,
+    /// Also each connection's activation, end and rejection; the default.
     Info,
+    /// Also every accept.
     Debug,
 }
 
@@ -405,6 +460,7 @@ impl LogLevel {
             .find(|level| level.as_str().eq_ignore_ascii_case(s))
     }
 
+    /// The lower-case name, as logs show it and [`LogLevel::parse`] reads it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Error => "error",
@@ -428,12 +484,20 @@ pub enum ConfigError {
     Usage(String),
     /// The config file is wrong at `line` (1-based).
     File {
+        /// The file as named by `-c`.
         path: PathBuf,
+        /// 1-based line number.
         line: usize,
+        /// What is wrong there, naming the key.
         message: String,
     },
     /// The config file cannot be read.
-    Io { path: PathBuf, error: io::Error },
+    Io {
+        /// The file as named by `-c`.
+        path: PathBuf,
+        /// Why reading it failed.
+        error: io::Error,
+    },
 }
 
 impl ConfigError {

@@ -15,16 +15,25 @@ pub enum Error {
     Config(ConfigError),
     /// A host name did not resolve.
     Resolve {
-        /// `listen` or `upstream`.
+        /// `"listen address"` or `"upstream"`.
         what: &'static str,
+        /// The name as given, `HOST:PORT`.
         name: String,
+        /// The resolver's error, or `NotFound` when it gave no address.
         source: io::Error,
     },
     /// The listening socket could not be bound.
-    Bind { addr: SocketAddr, source: io::Error },
+    Bind {
+        /// The resolved listen address.
+        addr: SocketAddr,
+        /// The OS error, e.g. address in use or permission denied.
+        source: io::Error,
+    },
     /// Setting up or running the event loop failed.
     Io {
+        /// What was being done, as a short phrase for the message.
         context: &'static str,
+        /// The OS error.
         source: io::Error,
     },
 }

@@ -123,6 +123,7 @@ impl Ticket {
         self.context.conn
     }
 
+    /// The waiting client's address.
     pub fn client_addr(&self) -> SocketAddr {
         self.context.client
     }
@@ -191,6 +192,7 @@ impl fmt::Debug for Ticket {
 pub struct TimeoutInfo {
     /// The connection whose TTL expired.
     pub id: ConnId,
+    /// That connection's client address.
     pub client: SocketAddr,
     /// TTL expiries so far, this one included.
     pub timeouts: u64,

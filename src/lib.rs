@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! tcplock: a TCP proxy that puts a FIFO counting semaphore in front of one
 //! upstream service, with hooks that run before a connection is let through and
 //! after one overstays its TTL.

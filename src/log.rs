@@ -17,6 +17,7 @@ pub struct Logger {
 }
 
 impl Logger {
+    /// An empty logger that writes lines at `level` and more severe ones.
     pub fn new(level: LogLevel) -> Self {
         Logger {
             level,
@@ -24,10 +25,13 @@ impl Logger {
         }
     }
 
+    /// Changes the level for lines started from now on.
     pub fn set_level(&mut self, level: LogLevel) {
         self.level = level;
     }
 
+    /// Whether a line at `level` would be written: it is at most as verbose as
+    /// the logger's level.
     pub fn enabled(&self, level: LogLevel) -> bool {
         level <= self.level
     }

@@ -14,6 +14,15 @@ use std::time::Duration;
 /// `0` is accepted; callers give it the meaning "no limit". Durations above
 /// [`MAX_DURATION`] are refused so that `now + duration` on a millisecond clock
 /// can never overflow.
+///
+/// ```
+/// use std::time::Duration;
+/// use tcplock::units::parse_duration;
+///
+/// assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+/// assert_eq!(parse_duration("20000"), Ok(Duration::from_secs(20)));
+/// assert!(parse_duration("1.5s").is_err()); // whole numbers only
+/// ```
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let invalid = || UnitError::InvalidDuration(s.to_owned());
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -43,7 +52,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Parses a byte count: bare bytes, or a `k`/`K` (×1024) or `m`/`M` (×1024²)
-/// suffix.
+/// suffix. Fails with [`UnitError::SizeTooLarge`] if the count overflows `usize`.
 pub fn parse_size(s: &str) -> Result<usize, UnitError> {
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(digits_end);
@@ -67,6 +76,14 @@ pub fn parse_size(s: &str) -> Result<usize, UnitError> {
 /// which exposed the guarded service to the network by default. Port 0 is
 /// allowed (the kernel picks one). The result is `HOST:PORT` with an IPv6
 /// literal bracketed, ready for `ToSocketAddrs`.
+///
+/// ```
+/// use tcplock::units::parse_listen;
+///
+/// assert_eq!(parse_listen("9000").unwrap(), "127.0.0.1:9000");
+/// assert_eq!(parse_listen("[::1]:9000").unwrap(), "[::1]:9000");
+/// assert!(parse_listen("::1:9000").is_err()); // IPv6 needs brackets
+/// ```
 pub fn parse_listen(s: &str) -> Result<String, UnitError> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         let port = port_number(s).ok_or_else(|| UnitError::InvalidAddress {
@@ -89,6 +106,7 @@ pub fn parse_listen(s: &str) -> Result<String, UnitError> {
 pub struct HostPort {
     /// A host name or an IP literal; an IPv6 literal is kept without brackets.
     pub host: String,
+    /// The port; never 0 when made by [`parse_host_port`].
     pub port: u16,
 }
 
@@ -136,15 +154,27 @@ pub fn parse_host(s: &str) -> Result<String, UnitError> {
     Ok(unbracketed.to_owned())
 }
 
-/// Why a value was refused. `Display` is one short line that quotes the value.
+/// Why a value was refused; each variant holds the value as given. `Display`
+/// is one short line that quotes the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnitError {
+    /// Not a duration in a known unit.
     InvalidDuration(String),
+    /// Longer than [`MAX_DURATION`].
     DurationTooLarge(String),
+    /// Not a byte count with a known suffix.
     InvalidSize(String),
+    /// More bytes than `usize` holds.
     SizeTooLarge(String),
+    /// Not a port in 1-65535.
     InvalidPort(String),
-    InvalidAddress { value: String, reason: &'static str },
+    /// Not a usable host, `HOST:PORT` or `[V6]:PORT`.
+    InvalidAddress {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it, e.g. `"port must be 1-65535"`.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for UnitError {

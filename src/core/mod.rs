@@ -88,6 +88,7 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// How many connections ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> u64 {
         Outcome::ALL
             .iter()
@@ -432,10 +433,12 @@ impl Core {
 
     // ----- observers -----
 
+    /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
+    /// Clients in the queue (not counting one whose on-activate hook runs).
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
@@ -450,18 +453,22 @@ impl Core {
         self.conns.len()
     }
 
+    /// The hook run the core waits for, if any.
     pub fn hook_running(&self) -> Option<HookId> {
         self.hook.as_ref().map(|run| run.id)
     }
 
+    /// Counters since start.
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
+    /// The state of a live connection; `None` once it ended (or for a stale handle).
     pub fn state_of(&self, conn: ConnRef) -> Option<StateName> {
         self.get(conn).map(|c| c.state.name())
     }
 
+    /// Whether a shutdown began.
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.is_some()
     }
