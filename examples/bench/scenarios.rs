@@ -1,0 +1,532 @@
+//! The five scenarios of issue 5, one function each. Every run starts its own
+//! proxy (or none, for "direct") and returns one value per metric, in the
+//! order of [`Scenario::metrics`]; `NaN` means "does not apply".
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Kind, Proxy};
+use crate::upstream::Upstreams;
+
+/// Read/write timeout on every client socket of the bench.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the proxy may take to accept everything the bench connected.
+const ACCEPT_WAIT: Duration = Duration::from_secs(60);
+const CHUNK: usize = 64 * 1024;
+/// The recorder index the FIFO scenario's permit holder sends.
+const HOLDER: u32 = u32::MAX;
+
+/// Sizes of one bench invocation.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    pub bulk_bytes: u64,
+    pub churn: Duration,
+    pub clients: usize,
+    pub churn_permits: usize,
+    pub queued: usize,
+    pub proxying: usize,
+    pub proxying_fill: usize,
+    pub fifo: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    BulkEcho,
+    BulkUp,
+    BulkDown,
+    Churn,
+    Queue,
+    Proxying,
+    Fifo,
+}
+
+pub struct Metric {
+    pub name: &'static str,
+    pub higher_is_better: bool,
+}
+
+const fn up(name: &'static str) -> Metric {
+    Metric {
+        name,
+        higher_is_better: true,
+    }
+}
+
+const fn down(name: &'static str) -> Metric {
+    Metric {
+        name,
+        higher_is_better: false,
+    }
+}
+
+const BULK: &[Metric] = &[up("MB/s"), down("proxy CPU s")];
+const CHURN: &[Metric] = &[
+    up("conn/s"),
+    down("latency p50 µs"),
+    down("latency p90 µs"),
+    down("latency p99 µs"),
+    down("proxy CPU µs/conn"),
+    down("failed conns"),
+];
+const QUEUE: &[Metric] = &[
+    down("RSS idle KiB"),
+    down("anon RSS idle KiB"),
+    down("RSS holding KiB"),
+    down("B per queued conn"),
+];
+const PROXYING: &[Metric] = &[
+    down("RSS idle KiB"),
+    down("RSS holding KiB"),
+    down("B per proxying conn"),
+    down("B/conn, buffers filled"),
+];
+const FIFO: &[Metric] = &[down("inversions"), up("served in time")];
+
+impl Scenario {
+    pub const ALL: [Scenario; 7] = [
+        Scenario::BulkEcho,
+        Scenario::BulkUp,
+        Scenario::BulkDown,
+        Scenario::Churn,
+        Scenario::Queue,
+        Scenario::Proxying,
+        Scenario::Fifo,
+    ];
+
+    /// The name `--only` selects it by (the three bulk runs share one).
+    pub fn group(self) -> &'static str {
+        match self {
+            Scenario::BulkEcho | Scenario::BulkUp | Scenario::BulkDown => "bulk",
+            Scenario::Churn => "churn",
+            Scenario::Queue => "queue",
+            Scenario::Proxying => "proxying",
+            Scenario::Fifo => "fifo",
+        }
+    }
+
+    pub fn label(self, sizes: &Sizes) -> String {
+        let mib = sizes.bulk_bytes / (1024 * 1024);
+        match self {
+            Scenario::BulkEcho => format!("bulk echo {mib} MiB"),
+            Scenario::BulkUp => format!("bulk up {mib} MiB"),
+            Scenario::BulkDown => format!("bulk down {mib} MiB"),
+            Scenario::Churn => format!(
+                "churn C={} N={} {:?}",
+                sizes.clients, sizes.churn_permits, sizes.churn
+            ),
+            Scenario::Queue => format!("queue K={} N=1", sizes.queued),
+            Scenario::Proxying => format!("proxying {0} N={0}", sizes.proxying),
+            Scenario::Fifo => format!("fifo {} N=1", sizes.fifo),
+        }
+    }
+
+    pub fn metrics(self) -> &'static [Metric] {
+        match self {
+            Scenario::BulkEcho | Scenario::BulkUp | Scenario::BulkDown => BULK,
+            Scenario::Churn => CHURN,
+            Scenario::Queue => QUEUE,
+            Scenario::Proxying => PROXYING,
+            Scenario::Fifo => FIFO,
+        }
+    }
+
+    /// Whether a direct connection (no proxy) makes sense as a baseline.
+    pub fn has_direct(self) -> bool {
+        matches!(
+            self,
+            Scenario::BulkEcho | Scenario::BulkUp | Scenario::BulkDown | Scenario::Churn
+        )
+    }
+
+    /// One run through `proxy` (`None`: straight to the upstream).
+    pub fn run(
+        self,
+        proxy: Option<&Kind>,
+        up: &Upstreams,
+        sizes: &Sizes,
+    ) -> Result<Vec<f64>, String> {
+        match self {
+            Scenario::BulkEcho => bulk_echo(proxy, up.echo, sizes.bulk_bytes),
+            Scenario::BulkUp => bulk_up(proxy, up.sink, sizes.bulk_bytes),
+            Scenario::BulkDown => bulk_down(proxy, up.source, sizes.bulk_bytes),
+            Scenario::Churn => churn(proxy, up.echo, sizes),
+            Scenario::Queue => queue_memory(proxy, up.echo, sizes.queued),
+            Scenario::Proxying => proxying_memory(proxy, up.echo, sizes),
+            Scenario::Fifo => fifo(proxy, up, sizes.fifo),
+        }
+    }
+}
+
+// ----- 1. bulk -----
+
+/// One connection, `bytes` echoed: a writer thread sends, this thread reads.
+fn bulk_echo(proxy: Option<&Kind>, upstream: SocketAddr, bytes: u64) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, upstream, 4)?;
+    let stream = connect(addr)?;
+    let writer_stream = stream.try_clone().map_err(err("clone"))?;
+    let cpu = CpuMeter::start(proxy.as_ref());
+    let started = Instant::now();
+    let writer = thread::spawn(move || send_bytes(&writer_stream, bytes));
+    let received = receive_all(&stream).map_err(err("echo read"));
+    let sent = writer
+        .join()
+        .map_err(|_| "writer panicked".to_owned())?
+        .map_err(err("echo write"));
+    let elapsed = started.elapsed();
+    sent?;
+    check_count("echoed", received?, bytes)?;
+    Ok(vec![mb_per_s(bytes, elapsed), cpu.seconds()])
+}
+
+/// `bytes` client → upstream; done when the sink has counted them all.
+fn bulk_up(proxy: Option<&Kind>, upstream: SocketAddr, bytes: u64) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, upstream, 4)?;
+    let mut stream = connect(addr)?;
+    let cpu = CpuMeter::start(proxy.as_ref());
+    let started = Instant::now();
+    send_bytes(&stream, bytes).map_err(err("sink write"))?;
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count).map_err(err("sink count"))?;
+    let elapsed = started.elapsed();
+    check_count("sunk", u64::from_le_bytes(count), bytes)?;
+    Ok(vec![mb_per_s(bytes, elapsed), cpu.seconds()])
+}
+
+/// `bytes` upstream → client, until the source's end of stream.
+fn bulk_down(proxy: Option<&Kind>, upstream: SocketAddr, bytes: u64) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, upstream, 4)?;
+    let mut stream = connect(addr)?;
+    let cpu = CpuMeter::start(proxy.as_ref());
+    let started = Instant::now();
+    stream
+        .write_all(&bytes.to_le_bytes())
+        .map_err(err("source request"))?;
+    let received = receive_all(&stream).map_err(err("source read"))?;
+    let elapsed = started.elapsed();
+    check_count("sourced", received, bytes)?;
+    Ok(vec![mb_per_s(bytes, elapsed), cpu.seconds()])
+}
+
+// ----- 2. churn -----
+
+/// C client threads, each looping connect → 64 B → echo → close until the
+/// deadline; latency is connect start to echo received.
+fn churn(proxy: Option<&Kind>, upstream: SocketAddr, sizes: &Sizes) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, upstream, sizes.churn_permits)?;
+    let barrier = Arc::new(Barrier::new(sizes.clients + 1));
+    let duration = sizes.churn;
+    let workers: Vec<_> = (0..sizes.clients)
+        .map(|i| {
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || churn_client(addr, i, &barrier, duration))
+        })
+        .collect();
+    barrier.wait();
+    let cpu = CpuMeter::start(proxy.as_ref());
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut failed = 0u64;
+    for worker in workers {
+        let (lat, fails) = worker
+            .join()
+            .map_err(|_| "churn client panicked".to_owned())?;
+        latencies.extend(lat);
+        failed += fails;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu.seconds();
+    if latencies.is_empty() {
+        return Err(format!("no connection succeeded ({failed} failed)"));
+    }
+    latencies.sort_unstable();
+    let n = latencies.len();
+    let pct = |q: f64| latencies[((n - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Ok(vec![
+        n as f64 / elapsed,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        cpu_seconds * 1e6 / n as f64,
+        failed as f64,
+    ])
+}
+
+/// Returns the latencies (ns) of the successful connections and the number
+/// of failed ones.
+fn churn_client(
+    addr: SocketAddr,
+    id: usize,
+    barrier: &Barrier,
+    duration: Duration,
+) -> (Vec<u64>, u64) {
+    let mut request = [0u8; 64];
+    for (i, byte) in request.iter_mut().enumerate() {
+        *byte = (id + i) as u8;
+    }
+    let mut latencies = Vec::with_capacity(1 << 16);
+    let mut failed = 0;
+    barrier.wait();
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let ok = (|| -> io::Result<bool> {
+            let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+            stream.write_all(&request)?;
+            let mut reply = [0u8; 64];
+            stream.read_exact(&mut reply)?;
+            Ok(reply == request)
+        })();
+        match ok {
+            Ok(true) => latencies.push(started.elapsed().as_nanos() as u64),
+            _ => {
+                failed += 1;
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    (latencies, failed)
+}
+
+// ----- 3. queue memory -----
+
+/// One connection holds the single permit; `k` more wait behind it.
+fn queue_memory(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, upstream, 1)?;
+    let proxy = proxy.ok_or("the queue scenario needs a proxy")?;
+    settle();
+    let idle = proxy.rss_bytes();
+    let idle_anon = proxy.anon_rss_bytes();
+    let idle_fds = proxy.fd_count();
+    let _holder = proxied_echo(addr, 1)?;
+    // The holder's buffers are not queue cost: measure from here.
+    let holding_one = proxy.rss_bytes();
+    let mut queued = Vec::with_capacity(k);
+    for i in 0..k {
+        queued.push(connect(addr).map_err(|e| format!("queued client {i}: {e}"))?);
+    }
+    // Client and upstream socket of the holder, one socket per queued client.
+    proxy.wait_for_fds(idle_fds + 2 + k, ACCEPT_WAIT)?;
+    let holding = proxy.rss_bytes();
+    Ok(vec![
+        kib(idle),
+        kib(idle_anon),
+        kib(holding),
+        holding.saturating_sub(holding_one) as f64 / k as f64,
+    ])
+}
+
+// ----- 4. proxying memory -----
+
+/// N permits, N idle proxied connections (each echoed one byte); then each
+/// echoes `proxying_fill` bytes so every relay buffer has been written.
+fn proxying_memory(
+    proxy: Option<&Kind>,
+    upstream: SocketAddr,
+    sizes: &Sizes,
+) -> Result<Vec<f64>, String> {
+    let n = sizes.proxying;
+    let (addr, proxy) = launch(proxy, upstream, n)?;
+    let proxy = proxy.ok_or("the proxying scenario needs a proxy")?;
+    settle();
+    let idle = proxy.rss_bytes();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        conns.push(proxied_echo(addr, 1).map_err(|e| format!("connection {i}: {e}"))?);
+    }
+    settle();
+    let holding = proxy.rss_bytes();
+    let fill = vec![0xa5u8; sizes.proxying_fill];
+    let mut back = vec![0u8; sizes.proxying_fill];
+    for stream in &mut conns {
+        stream.write_all(&fill).map_err(err("fill write"))?;
+        stream.read_exact(&mut back).map_err(err("fill read"))?;
+    }
+    settle();
+    let filled = proxy.rss_bytes();
+    let per_conn = |rss: u64| rss.saturating_sub(idle) as f64 / n as f64;
+    Ok(vec![
+        kib(idle),
+        kib(holding),
+        per_conn(holding),
+        per_conn(filled),
+    ])
+}
+
+// ----- 5. FIFO -----
+
+/// The permit is held while `n` clients connect one after another, each
+/// sending its index and half-closing; then the holder leaves and the
+/// recorder upstream logs the order they reach it in.
+fn fifo(proxy: Option<&Kind>, up: &Upstreams, n: usize) -> Result<Vec<f64>, String> {
+    let (addr, proxy) = launch(proxy, up.recorder, 1)?;
+    let proxy = proxy.ok_or("the FIFO scenario needs a proxy")?;
+    let recorded = |up: &Upstreams| {
+        up.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    };
+    up.recorded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let idle_fds = proxy.fd_count();
+    let mut holder = connect(addr)?;
+    holder
+        .write_all(&HOLDER.to_le_bytes())
+        .map_err(err("holder write"))?;
+    wait_until(ACCEPT_WAIT, || recorded(up) == [HOLDER])
+        .map_err(|()| "the holder never reached the recorder".to_owned())?;
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut stream = connect(addr)?;
+        let index = u32::try_from(i).map_err(|_| "too many FIFO clients")?;
+        stream
+            .write_all(&index.to_le_bytes())
+            .map_err(err("index write"))?;
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(err("half-close"))?;
+        clients.push(stream);
+    }
+    proxy.wait_for_fds(idle_fds + 2 + n, ACCEPT_WAIT)?;
+    drop(holder);
+    let _ = wait_until(ACCEPT_WAIT, || recorded(up).len() > n);
+    let order: Vec<u32> = recorded(up).into_iter().filter(|&i| i != HOLDER).collect();
+    Ok(vec![inversions(&order) as f64, order.len() as f64])
+}
+
+/// Pairs served in the opposite order of their arrival.
+fn inversions(order: &[u32]) -> u64 {
+    let mut count = 0;
+    for (i, a) in order.iter().enumerate() {
+        count += order[i + 1..].iter().filter(|b| *b < a).count() as u64;
+    }
+    count
+}
+
+// ----- helpers -----
+
+/// Starts the proxy (if any) and returns where clients connect.
+fn launch(
+    kind: Option<&Kind>,
+    upstream: SocketAddr,
+    permits: usize,
+) -> Result<(SocketAddr, Option<Proxy>), String> {
+    match kind {
+        None => Ok((upstream, None)),
+        Some(kind) => {
+            let proxy = Proxy::start(kind, upstream, permits)?;
+            Ok((proxy.addr, Some(proxy)))
+        }
+    }
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(err("nodelay"))?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(err("timeout"))?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(err("timeout"))?;
+    Ok(stream)
+}
+
+/// A connection that has echoed `bytes` bytes, so it is surely proxying.
+fn proxied_echo(addr: SocketAddr, bytes: usize) -> Result<TcpStream, String> {
+    let mut stream = connect(addr)?;
+    let data = vec![7u8; bytes];
+    let mut back = vec![0u8; bytes];
+    stream.write_all(&data).map_err(err("write"))?;
+    stream.read_exact(&mut back).map_err(err("echo"))?;
+    Ok(stream)
+}
+
+fn send_bytes(mut stream: &TcpStream, bytes: u64) -> io::Result<()> {
+    let buf = vec![0x3cu8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        stream.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+fn receive_all(mut stream: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn check_count(what: &str, got: u64, want: u64) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what} {got} bytes, expected {want}"))
+    }
+}
+
+/// Proxy CPU time over a stretch of the run (`NaN` without a proxy).
+struct CpuMeter<'a> {
+    proxy: Option<&'a Proxy>,
+    start: f64,
+}
+
+impl<'a> CpuMeter<'a> {
+    fn start(proxy: Option<&'a Proxy>) -> Self {
+        CpuMeter {
+            proxy,
+            start: proxy.map_or(f64::NAN, Proxy::cpu_seconds),
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.proxy
+            .map_or(f64::NAN, |p| p.cpu_seconds() - self.start)
+    }
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return Err(());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Lets the allocator and the kernel's RSS accounting catch up.
+fn settle() {
+    thread::sleep(Duration::from_millis(300));
+}
+
+fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+fn kib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0
+}
+
+fn err(what: &'static str) -> impl Fn(io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
