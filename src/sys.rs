@@ -51,6 +51,27 @@ pub fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Turns Nagle's algorithm off on a socket. Set on a listener, it is inherited
+/// by every socket it accepts.
+pub fn set_tcp_nodelay(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and the length passed is its size; the
+    // descriptor is borrowed, so it stays open for the call.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether an accept error means "out of file descriptors": the loop then
 /// stops accepting until a connection closes instead of spinning.
 pub fn is_fd_exhaustion(error: &io::Error) -> bool {

@@ -70,3 +70,61 @@ fn tiny_buffer_size_still_relays_exactly() {
     let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
     assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
 }
+
+#[test]
+fn splice_mode_relays_64_mib_both_ways_exactly() {
+    let up = Upstream::echo();
+    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", "on"]);
+    let total = 64 * MIB + 3;
+    assert_eq!(pump_and_check(&proxy, total, 0x5eed_5911), total);
+    let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+    assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
+    assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+}
+
+#[test]
+fn splice_mode_with_small_pipes_and_many_connections_in_turn() {
+    let up = Upstream::echo();
+    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", "on", "--buffer-size", "4k"]);
+    for (i, seed) in (0..5u64).enumerate() {
+        let total = MIB + i * 4099;
+        assert_eq!(pump_and_check(&proxy, total, seed), total, "connection {i}");
+    }
+    assert!(
+        proxy.wait_for_count(outcome("ok"), 5, WAIT),
+        "five ok closes"
+    );
+}
+
+/// A one-way flood keeps the pipe partly full: a splice into it that answers
+/// EAGAIN for lack of pipe room must not be taken for an empty socket, or the
+/// rest of the stream waits for a readiness edge that never comes.
+#[test]
+fn splice_mode_delivers_a_one_way_flood_to_the_end() {
+    const TOTAL: usize = 256 * MIB;
+    let source = Upstream::spawn(|mut s, _active| {
+        let chunk = vec![0x7e_u8; 64 * KIB];
+        let mut left = TOTAL;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if s.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = read_to_eof(&mut s);
+    });
+    let proxy = Proxy::start(&["-u", &source.arg(), "--splice", "on"]);
+    let mut client = proxy.connect();
+    let mut buf = vec![0u8; 64 * KIB];
+    let mut got = 0;
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("stalled after {got} of {TOTAL} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, TOTAL);
+}

@@ -7,6 +7,7 @@ mod relay;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -186,6 +187,12 @@ impl Shell {
             source,
         })?;
         let local_addr = listener.local_addr().unwrap_or(listen_addr);
+        // Accepted sockets inherit it: one syscall instead of one per client.
+        if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
+            && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
+        {
+            line.field("error", e);
+        }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
@@ -288,7 +295,8 @@ impl Shell {
                         // A waiting client is only of interest when it may have left.
                         let readable =
                             event.is_readable() || event.is_read_closed() || event.is_error();
-                        self.conn_ready(now, slot, upstream_side, readable);
+                        let writable = event.is_writable();
+                        self.conn_ready(now, slot, upstream_side, readable, writable);
                     }
                     _ => {}
                 }
@@ -373,24 +381,33 @@ impl Shell {
         });
     }
 
-    fn conn_ready(&mut self, now: u64, slot: usize, upstream_side: bool, readable: bool) {
+    fn conn_ready(
+        &mut self,
+        now: u64,
+        slot: usize,
+        upstream_side: bool,
+        readable: bool,
+        writable: bool,
+    ) {
         let Some(io) = self.io.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         let conn = io.conn;
         match &mut io.stage {
             Stage::Relaying(_) => self.pump(now, conn),
-            Stage::Connecting { upstream, .. } if upstream_side => match connect_result(upstream) {
-                ConnectResult::Pending => {}
-                ConnectResult::Connected => {
-                    self.core.handle_upstream_connected(now, conn);
-                    self.drain(now);
+            Stage::Connecting { upstream, .. } if upstream_side => {
+                match connect_result(upstream, writable) {
+                    ConnectResult::Pending => {}
+                    ConnectResult::Connected => {
+                        self.core.handle_upstream_connected(now, conn);
+                        self.drain(now);
+                    }
+                    ConnectResult::Failed(e) => {
+                        self.connect_next(now, conn, e);
+                        self.drain(now);
+                    }
                 }
-                ConnectResult::Failed(e) => {
-                    self.connect_next(now, conn, e);
-                    self.drain(now);
-                }
-            },
+            }
             Stage::Waiting | Stage::Connecting { .. } => {
                 if !upstream_side && readable && client_left(&io.client) {
                     self.core.handle_client_left(now, conn);
@@ -401,13 +418,18 @@ impl Shell {
     }
 
     fn pump(&mut self, now: u64, conn: ConnRef) {
-        let Some(io) = self.io_of(conn) else {
+        let Some(io) = self
+            .io
+            .get_mut(conn.slot())
+            .and_then(Option::as_mut)
+            .filter(|io| io.conn == conn)
+        else {
             return;
         };
         let Stage::Relaying(relay) = &mut io.stage else {
             return;
         };
-        match relay.pump(&io.client) {
+        match relay.pump(&io.client, &mut self.pool) {
             Pumped::Idle => {}
             Pumped::Busy => self.busy_relays.push(conn),
             Pumped::Ended(end) => {
@@ -620,9 +642,9 @@ impl Shell {
         else {
             return;
         };
-        // Best effort: small request/response traffic should not wait for Nagle.
+        // Best effort: small request/response traffic should not wait for
+        // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let _ = io.client.set_nodelay(true);
         let relay = Relay::new(upstream, &mut self.pool);
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
@@ -758,10 +780,13 @@ enum ConnectResult {
 
 /// Whether a non-blocking connect finished (mio's documented recipe: a pending
 /// error means failure; a peer address means connected; `NotConnected` means
-/// not yet).
-fn connect_result(upstream: &TcpStream) -> ConnectResult {
+/// not yet). On Linux a connecting socket turns writable only once the
+/// handshake is over, so writability without an error already says
+/// "connected" and saves the peer-address call.
+fn connect_result(upstream: &TcpStream, writable: bool) -> ConnectResult {
     match upstream.take_error() {
         Ok(Some(e)) | Err(e) => return ConnectResult::Failed(Some(e)),
+        Ok(None) if writable => return ConnectResult::Connected,
         Ok(None) => {}
     }
     match upstream.peer_addr() {

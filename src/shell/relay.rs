@@ -1,13 +1,17 @@
-//! Pumping bytes between the two sockets of a proxying connection through two
-//! bounded channels: a fixed user-space buffer each way, or with `--splice on`
-//! a pipe each way that keeps the bytes inside the kernel.
+//! Pumping bytes between the two sockets of a proxying connection.
+//!
+//! Copying mode reads into one scratch buffer shared by the whole loop and
+//! writes straight on; only bytes the destination would not take are kept, in a
+//! buffer of `--buffer-size` taken from the pool and given back as soon as it
+//! drains. An idle proxying connection therefore holds no buffer at all, and a
+//! busy one at most one per direction. With `--splice on` each direction has a
+//! pipe instead and the bytes never leave the kernel.
 //!
 //! The sockets are registered edge-triggered for both readiness kinds once and
-//! never re-registered: backpressure is simply not reading a side whose channel
-//! is full. The kernel's socket buffers fill, TCP flow control slows the sender,
-//! and memory stays at two channels per connection. Reading resumes in the same
-//! pump call that makes room, so no readiness edge is ever needed that the
-//! kernel will not send.
+//! never re-registered: backpressure is simply not reading a side whose held
+//! bytes are at the limit. The kernel's socket buffers fill, TCP flow control
+//! slows the sender, and reading resumes in the same pump call that makes room,
+//! so no readiness edge is ever needed that the kernel will not send.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -24,12 +28,14 @@ use crate::sys::Pipe;
 /// their turn; the loop comes back to it without waiting for a readiness edge.
 const ROUNDS_PER_PUMP: usize = 64;
 
-/// Idle channels kept for reuse beyond those in use.
+/// Idle buffers and pipes kept for reuse beyond those in use.
 const IDLE_CHANNELS: usize = 16;
 
-/// Where relay channels come from and go back to.
+/// Where relay memory comes from and goes back to.
 pub struct ChannelPool {
     buffers: BufferPool,
+    /// Every read in copying mode lands here first.
+    scratch: Box<[u8]>,
     splice: bool,
     /// Empty pipes ready for reuse, with their capacity.
     pipes: Vec<(Pipe, usize)>,
@@ -39,6 +45,7 @@ impl ChannelPool {
     pub fn new(buffer_size: usize, splice: bool) -> Self {
         ChannelPool {
             buffers: BufferPool::new(buffer_size, IDLE_CHANNELS),
+            scratch: vec![0; buffer_size].into_boxed_slice(),
             splice,
             pipes: Vec::new(),
         }
@@ -48,37 +55,40 @@ impl ChannelPool {
     pub fn reconfigure(&mut self, buffer_size: usize, splice: bool) {
         if buffer_size != self.buffers.buffer_capacity() {
             self.buffers.set_buffer_capacity(buffer_size);
+            self.scratch = vec![0; buffer_size].into_boxed_slice();
             self.pipes.clear();
         }
         self.splice = splice;
     }
 
-    fn take(&mut self) -> Channel {
+    /// What a new direction holds its bytes in.
+    fn new_held(&mut self) -> Held {
         if self.splice {
             if let Some((pipe, capacity)) = self.pipes.pop() {
-                return Channel::Pipe {
+                return Held::Pipe {
                     pipe,
                     capacity,
                     len: 0,
                 };
             }
-            // Without a pipe (out of descriptors, say) the copying relay still works.
+            // Without a pipe (out of descriptors, say) copying still works.
             if let Ok((pipe, capacity)) = Pipe::with_capacity(self.buffers.buffer_capacity()) {
-                return Channel::Pipe {
+                return Held::Pipe {
                     pipe,
                     capacity,
                     len: 0,
                 };
             }
         }
-        Channel::Buffer(self.buffers.take())
+        Held::Nothing
     }
 
-    fn give_back(&mut self, channel: Channel) {
-        match channel {
-            Channel::Buffer(buf) => self.buffers.give_back(buf),
+    fn give_back(&mut self, held: Held) {
+        match held {
+            Held::Nothing => {}
+            Held::Buffer(buf) => self.buffers.give_back(buf),
             // A pipe still holding bytes cannot be emptied cheaply: close it.
-            Channel::Pipe {
+            Held::Pipe {
                 pipe,
                 capacity,
                 len,
@@ -101,7 +111,7 @@ pub struct Relay {
 }
 
 struct Direction {
-    channel: Channel,
+    held: Held,
     /// The source sent end of stream.
     eof: bool,
     /// End of stream was passed on to the destination.
@@ -110,8 +120,12 @@ struct Direction {
 }
 
 /// Bytes read from one side and not yet written to the other.
-enum Channel {
+enum Held {
+    /// Copying mode with everything written.
+    Nothing,
+    /// Copying mode: what the destination would not take yet.
     Buffer(RelayBuffer),
+    /// Splice mode: the pipe and how many bytes sit in it.
     Pipe {
         pipe: Pipe,
         capacity: usize,
@@ -136,12 +150,20 @@ enum Side {
     Upstream,
 }
 
+/// What one read-or-write round of a direction did.
+#[derive(Default)]
+struct Round {
+    progressed: bool,
+    src_blocked: bool,
+    dst_blocked: bool,
+}
+
 impl Relay {
     pub fn new(upstream: TcpStream, pool: &mut ChannelPool) -> Self {
         Relay {
             upstream,
-            up: Direction::new(pool.take()),
-            down: Direction::new(pool.take()),
+            up: Direction::new(pool.new_held()),
+            down: Direction::new(pool.new_held()),
         }
     }
 
@@ -150,142 +172,258 @@ impl Relay {
         (self.up.bytes, self.down.bytes)
     }
 
-    /// Returns the channels to the pool.
+    /// Returns what the directions hold to the pool.
     pub fn release(self, pool: &mut ChannelPool) {
-        pool.give_back(self.up.channel);
-        pool.give_back(self.down.channel);
+        pool.give_back(self.up.held);
+        pool.give_back(self.down.held);
     }
 
     /// Moves what can be moved in both directions without blocking.
-    pub fn pump(&mut self, client: &TcpStream) -> Pumped {
-        let up = self
-            .up
-            .pump(client, &self.upstream, Side::Client, Side::Upstream);
-        let down = self
-            .down
-            .pump(&self.upstream, client, Side::Upstream, Side::Client);
-        match (up, down) {
-            (Err(side), _) | (_, Err(side)) => Pumped::Ended(match side {
-                Side::Client => RelayEnd::ClientError,
-                Side::Upstream => RelayEnd::UpstreamError,
-            }),
-            _ if self.up.shut && self.down.shut => Pumped::Ended(RelayEnd::Finished),
-            (Ok(true), _) | (_, Ok(true)) => Pumped::Busy,
-            _ => Pumped::Idle,
+    pub fn pump(&mut self, client: &TcpStream, pool: &mut ChannelPool) -> Pumped {
+        let up = self.up.pump(client, &self.upstream, pool);
+        let down = self.down.pump(&self.upstream, client, pool);
+        let busy = match (up, down) {
+            (Err(side), _) => return Pumped::Ended(side.into_end(Side::Client, Side::Upstream)),
+            (_, Err(side)) => return Pumped::Ended(side.into_end(Side::Upstream, Side::Client)),
+            (Ok(up_busy), Ok(down_busy)) => up_busy || down_busy,
+        };
+        let up_done = self.up.eof && self.up.held.is_empty();
+        let down_done = self.down.eof && self.down.held.is_empty();
+        if up_done && down_done {
+            // Closing both sockets sends the last end of stream; a shutdown
+            // call for it would be one syscall too many.
+            return Pumped::Ended(RelayEnd::Finished);
+        }
+        // Half-close: the peer sees end of stream and can still answer. A peer
+        // that is already gone shows up as an error on the next read or write,
+        // so a failed shutdown needs no handling of its own.
+        if up_done && !self.up.shut {
+            self.up.shut = true;
+            let _ = self.upstream.shutdown(Shutdown::Write);
+        }
+        if down_done && !self.down.shut {
+            self.down.shut = true;
+            let _ = client.shutdown(Shutdown::Write);
+        }
+        if busy { Pumped::Busy } else { Pumped::Idle }
+    }
+}
+
+/// Which end of a direction failed.
+enum Failed {
+    Source,
+    Destination,
+}
+
+impl Failed {
+    fn into_end(self, source: Side, destination: Side) -> RelayEnd {
+        let side = match self {
+            Failed::Source => source,
+            Failed::Destination => destination,
+        };
+        match side {
+            Side::Client => RelayEnd::ClientError,
+            Side::Upstream => RelayEnd::UpstreamError,
         }
     }
 }
 
 impl Direction {
-    fn new(channel: Channel) -> Self {
+    fn new(held: Held) -> Self {
         Direction {
-            channel,
+            held,
             eof: false,
             shut: false,
             bytes: 0,
         }
     }
 
-    /// Reads from `src` and writes to `dst` until both would block (or the
-    /// round budget is spent: `Ok(true)`). `Err` names the side that failed.
+    /// Reads from `src` and writes to `dst` until both would block. `Ok(true)`
+    /// means the round budget ran out first.
     fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
-        src_side: Side,
-        dst_side: Side,
-    ) -> Result<bool, Side> {
-        let mut src_blocked = false;
-        let mut dst_blocked = false;
+        pool: &mut ChannelPool,
+    ) -> Result<bool, Failed> {
+        let mut state = Round::default();
         for _ in 0..ROUNDS_PER_PUMP {
-            let mut progressed = false;
-            if !self.eof && !src_blocked && !self.channel.is_full() {
-                match self.channel.fill(src) {
-                    Ok(0) => {
-                        self.eof = true;
-                        progressed = true;
-                    }
-                    Ok(_) => progressed = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => src_blocked = true,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(_) => return Err(src_side),
-                }
+            state.progressed = false;
+            match &mut self.held {
+                Held::Nothing => self.copy_through(src, dst, pool, &mut state)?,
+                Held::Buffer(_) => self.drain_buffer(src, dst, pool, &mut state)?,
+                Held::Pipe { .. } => self.splice_round(src, dst, &mut state)?,
             }
-            if !self.channel.is_empty() && !dst_blocked {
-                match self.channel.drain(dst) {
-                    Ok(0) => return Err(dst_side),
-                    Ok(n) => {
-                        self.bytes += n as u64;
-                        progressed = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst_blocked = true,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                    Err(_) => return Err(dst_side),
-                }
-            }
-            if self.eof && self.channel.is_empty() && !self.shut {
-                self.shut = true;
-                // Half-close: the peer sees end of stream and can still answer.
-                // A peer that is already gone shows up as an error on the next
-                // read or write, so a failure here needs no handling of its own.
-                let _ = dst.shutdown(Shutdown::Write);
-            }
-            if !progressed {
+            if !state.progressed {
                 return Ok(false);
             }
         }
         Ok(true)
     }
+
+    /// Nothing held: read into the scratch buffer and write straight on; keep
+    /// only what the destination refused.
+    fn copy_through(
+        &mut self,
+        mut src: &TcpStream,
+        mut dst: &TcpStream,
+        pool: &mut ChannelPool,
+        state: &mut Round,
+    ) -> Result<(), Failed> {
+        if self.eof || state.src_blocked {
+            return Ok(());
+        }
+        let n = match src.read(&mut pool.scratch) {
+            Ok(0) => {
+                self.eof = true;
+                state.progressed = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                state.src_blocked = true;
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                state.progressed = true;
+                return Ok(());
+            }
+            Err(_) => return Err(Failed::Source),
+        };
+        state.progressed = true;
+        let written = if state.dst_blocked {
+            0
+        } else {
+            write_some(&mut dst, &pool.scratch[..n])?
+        };
+        self.bytes += written as u64;
+        if written < n {
+            // The destination is full: keep the rest until it drains.
+            state.dst_blocked = true;
+            let mut buf = pool.buffers.take();
+            let rest = &pool.scratch[written..n];
+            buf.space()[..rest.len()].copy_from_slice(rest);
+            buf.commit(rest.len());
+            self.held = Held::Buffer(buf);
+        }
+        Ok(())
+    }
+
+    /// Bytes held from before: write them first, top the buffer up while there
+    /// is room, and hand it back once it is empty.
+    fn drain_buffer(
+        &mut self,
+        mut src: &TcpStream,
+        mut dst: &TcpStream,
+        pool: &mut ChannelPool,
+        state: &mut Round,
+    ) -> Result<(), Failed> {
+        let Held::Buffer(buf) = &mut self.held else {
+            return Ok(());
+        };
+        if !state.dst_blocked {
+            let written = write_some(&mut dst, buf.data())?;
+            if written == 0 {
+                state.dst_blocked = true;
+            } else {
+                buf.consume(written);
+                self.bytes += written as u64;
+                state.progressed = true;
+            }
+        }
+        if buf.is_empty() {
+            if let Held::Buffer(buf) = std::mem::replace(&mut self.held, Held::Nothing) {
+                pool.buffers.give_back(buf);
+            }
+            return Ok(());
+        }
+        if !self.eof && !state.src_blocked && !buf.is_full() {
+            match src.read(buf.space()) {
+                Ok(0) => {
+                    self.eof = true;
+                    state.progressed = true;
+                }
+                Ok(n) => {
+                    buf.commit(n);
+                    state.progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.src_blocked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
+                Err(_) => return Err(Failed::Source),
+            }
+        }
+        Ok(())
+    }
+
+    /// Splice mode: socket → pipe → socket.
+    fn splice_round(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        state: &mut Round,
+    ) -> Result<(), Failed> {
+        let Held::Pipe {
+            pipe,
+            capacity,
+            len,
+        } = &mut self.held
+        else {
+            return Ok(());
+        };
+        if !self.eof && !state.src_blocked && *len < *capacity {
+            match pipe.fill_from(src.as_fd(), *capacity - *len) {
+                Ok(0) => {
+                    self.eof = true;
+                    state.progressed = true;
+                }
+                Ok(n) => {
+                    *len += n;
+                    state.progressed = true;
+                }
+                // A pipe is full by pages, not bytes: with bytes in it, EAGAIN
+                // may mean "pipe full" rather than "socket empty", so only an
+                // empty pipe proves the socket has nothing to give.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.src_blocked = *len == 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
+                Err(_) => return Err(Failed::Source),
+            }
+        }
+        if *len > 0 && !state.dst_blocked {
+            match pipe.drain_to(dst.as_fd(), *len) {
+                Ok(0) => return Err(Failed::Destination),
+                Ok(n) => {
+                    *len -= n;
+                    self.bytes += n as u64;
+                    state.progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.dst_blocked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
+                Err(_) => return Err(Failed::Destination),
+            }
+        }
+        Ok(())
+    }
 }
 
-impl Channel {
-    fn is_full(&self) -> bool {
-        match self {
-            Channel::Buffer(buf) => buf.is_full(),
-            Channel::Pipe { capacity, len, .. } => len >= capacity,
-        }
-    }
-
+impl Held {
     fn is_empty(&self) -> bool {
         match self {
-            Channel::Buffer(buf) => buf.is_empty(),
-            Channel::Pipe { len, .. } => *len == 0,
+            Held::Nothing => true,
+            Held::Buffer(buf) => buf.is_empty(),
+            Held::Pipe { len, .. } => *len == 0,
         }
     }
+}
 
-    /// Reads from `src` into the free room; `Ok(0)` is end of stream.
-    fn fill(&mut self, mut src: &TcpStream) -> io::Result<usize> {
-        match self {
-            Channel::Buffer(buf) => {
-                let n = src.read(buf.space())?;
-                buf.commit(n);
-                Ok(n)
-            }
-            Channel::Pipe {
-                pipe,
-                capacity,
-                len,
-            } => {
-                let n = pipe.fill_from(src.as_fd(), *capacity - *len)?;
-                *len += n;
-                Ok(n)
-            }
-        }
-    }
-
-    /// Writes what is held to `dst`.
-    fn drain(&mut self, mut dst: &TcpStream) -> io::Result<usize> {
-        match self {
-            Channel::Buffer(buf) => {
-                let n = dst.write(buf.data())?;
-                buf.consume(n);
-                Ok(n)
-            }
-            Channel::Pipe { pipe, len, .. } => {
-                let n = pipe.drain_to(dst.as_fd(), *len)?;
-                *len -= n;
-                Ok(n)
-            }
+/// One write: how much the destination took (0 if it would block).
+fn write_some(dst: &mut &TcpStream, data: &[u8]) -> Result<usize, Failed> {
+    loop {
+        match dst.write(data) {
+            Ok(0) => return Err(Failed::Destination),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(Failed::Destination),
         }
     }
 }
