@@ -9,7 +9,7 @@ use crate::config::{self, Config, LogLevel};
 use crate::core::Outcome;
 use crate::error::Error;
 use crate::hook::{Hook, Ticket, TimeoutInfo};
-use crate::shell::{Control, Shell, ShellOptions};
+use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 use crate::units::{self, HostPort};
 
 /// A bound, ready-to-run tcplock: the listening socket is open and the upstream
@@ -301,15 +301,15 @@ impl Handle {
     }
 
     /// New settings for activations from now on, as SIGHUP applies a config
-    /// file: a changed listen address is ignored (and logged).
-    pub fn reload(&self, config: Config) {
-        if let Err(e) = validate(&config) {
-            // The loop would have to refuse it anyway; say why here, where the
-            // caller's logs are.
-            eprintln!("tcplock: reload refused: {e}");
-            return;
-        }
-        self.send(Control::Reload(Box::new(config)));
+    /// file: a changed listen address is ignored (and logged). The upstream is
+    /// resolved here, on the caller's thread, so the loop never waits for DNS.
+    /// Returns an error, and changes nothing, if a setting is out of range or
+    /// the upstream does not resolve.
+    pub fn reload(&self, config: Config) -> Result<(), Error> {
+        validate(&config)?;
+        let upstream_addrs = resolve_upstream(&config)?;
+        self.send(Control::Reload(Box::new(config), upstream_addrs));
+        Ok(())
     }
 
     /// Counters as of the end of the loop's latest turn.

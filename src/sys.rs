@@ -51,6 +51,19 @@ pub fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Deepens a listening socket's accept backlog (the kernel caps it at
+/// `net.core.somaxconn`). A burst of clients larger than the default 128 would
+/// otherwise see SYNs dropped and retried a second later.
+pub fn set_listen_backlog(listener: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
+    // SAFETY: listen takes plain integers; the descriptor is borrowed, so it
+    // stays open for the call. Calling it again on a listening socket only
+    // changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Turns Nagle's algorithm off on a socket. Set on a listener, it is inherited
 /// by every socket it accepts.
 pub fn set_tcp_nodelay(socket: BorrowedFd<'_>) -> io::Result<()> {

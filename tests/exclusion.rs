@@ -49,6 +49,10 @@ fn one_permit_upstream_never_sees_two_at_once() {
         wait_until(WAIT, || up.accepted() >= 1),
         "nobody reached the upstream"
     );
+    assert!(
+        proxy.wait_for_count(event("activated"), 1, WAIT),
+        "activation logged"
+    );
     assert_eq!(
         proxy.count_logs(event("activated")),
         1,
@@ -86,6 +90,12 @@ fn three_permits_six_clients_at_most_three_all_served() {
         wait_until(WAIT, || up.current() == 3),
         "upstream never saw 3 at once (current {})",
         up.current()
+    );
+    // The log line may trail the upstream's accept by a loop turn: wait for
+    // it, then make sure there is no fourth.
+    assert!(
+        proxy.wait_for_count(event("activated"), 3, WAIT),
+        "three activations logged"
     );
     assert_eq!(
         proxy.count_logs(event("activated")),

@@ -61,6 +61,10 @@ fn eight_queued_clients_are_served_in_accept_order() {
         "order the upstream saw the clients in"
     );
 
+    assert!(
+        proxy.wait_for_count(outcome("ok"), 9, WAIT),
+        "not all 9 closed ok"
+    );
     let activated: Vec<u64> = proxy
         .matching(event("activated"))
         .iter()
@@ -70,10 +74,6 @@ fn eight_queued_clients_are_served_in_accept_order() {
         activated,
         (1..=9).collect::<Vec<u64>>(),
         "activation order in the log"
-    );
-    assert!(
-        proxy.wait_for_count(outcome("ok"), 9, WAIT),
-        "not all 9 closed ok"
     );
 }
 

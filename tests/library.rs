@@ -169,7 +169,7 @@ fn reload_from_a_handle_raises_the_permits_for_a_waiting_client() {
     let mut second = connect(addr);
     assert!(wait_until(WAIT, || handle.stats().queue_length == 1));
     config.permits = 2;
-    handle.reload(config);
+    handle.reload(config).expect("a valid reload");
     roundtrip(&mut second, b"two at once");
     assert_eq!(upstream.max_concurrent(), 2);
     drop((first, second));
@@ -192,4 +192,33 @@ fn build_errors_name_the_problem() {
         .upstream("no-such-host.invalid:80")
         .build();
     assert!(matches!(&unresolvable, Err(e) if e.to_string().contains("no-such-host.invalid")));
+}
+
+#[test]
+fn a_reload_that_cannot_apply_is_refused_and_changes_nothing() {
+    let upstream = Upstream::echo();
+    let lock = Lock::builder()
+        .listen("127.0.0.1:0")
+        .upstream(upstream.arg())
+        .log_level(LogLevel::Error)
+        .build()
+        .expect("build");
+    let config = lock.config().clone();
+    let (addr, handle, runner) = spawn(lock);
+
+    let zero_permits = tcplock::Config {
+        permits: 0,
+        ..config.clone()
+    };
+    assert!(matches!(handle.reload(zero_permits), Err(e) if e.to_string().contains("permits")));
+    let unresolvable = tcplock::Config {
+        upstream: tcplock::units::parse_host_port("no-such-host.invalid:80").expect("syntax"),
+        ..config
+    };
+    assert!(handle.reload(unresolvable).is_err());
+    let mut client = connect(addr);
+    roundtrip(&mut client, b"still the old settings");
+    drop(client);
+    handle.stop();
+    join_within(runner, WAIT);
 }

@@ -75,12 +75,12 @@ fn client_half_closed_while_queued_keeps_its_place() {
         got.len(),
         data.len()
     );
+    proxy.expect_log(closed_with(2, "ok"), "closed conn=2 outcome=ok");
     assert_eq!(
         proxy.count_logs(conn_event("abandoned", 2)),
         0,
         "half-closed client was abandoned"
     );
-    proxy.expect_log(closed_with(2, "ok"), "closed conn=2 outcome=ok");
     finish(later);
 }
 

@@ -40,6 +40,10 @@ fn ttl_cuts_a_connection_and_the_next_one_is_served() {
     );
     proxy.expect_log(conn_event("timeout", 1), "timeout conn=1");
     proxy.expect_log(closed_with(1, "timeout"), "closed conn=1 outcome=timeout");
+    assert!(
+        wait_until(WAIT, || up.ended() >= 1),
+        "the TTL cut did not close the upstream side"
+    );
 
     // The second, queued for about the TTL, now gets its own full TTL.
     let got = read_n(&mut second, 7).expect("second client is served after the cut");

@@ -59,3 +59,60 @@ fn upstream_down_then_back_then_down() {
         "closed conn=5 outcome=connect_failed",
     );
 }
+
+/// An upstream whose listen backlog is full never completes a handshake:
+/// `--connect-timeout` must give up on it, close the client with
+/// connect_failed, and pass the permit on.
+#[test]
+fn connect_timeout_gives_up_on_an_upstream_that_never_answers() {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target = silent.local_addr().expect("addr");
+    // Fill the backlog (never accepted) until a connect no longer completes.
+    let mut fillers = Vec::new();
+    let mut full = false;
+    for _ in 0..2000 {
+        match TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => {
+                full = true;
+                break;
+            }
+        }
+    }
+    assert!(full, "could not fill the backlog of the silent upstream");
+
+    let proxy = Proxy::start(&[
+        "-u",
+        &target.to_string(),
+        "-n",
+        "1",
+        "--connect-timeout",
+        "500ms",
+    ]);
+    let t = Instant::now();
+    let mut first = proxy.connect();
+    let mut second = proxy.connect();
+    expect_closed(&mut first, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("first client not closed by --connect-timeout 500ms: {e}"));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "gave up after only {took:?}"
+    );
+    proxy.expect_log(conn_event("connect_failed", 1), "connect_failed conn=1");
+    proxy.expect_log(
+        closed_with(1, "connect_failed"),
+        "closed conn=1 outcome=connect_failed",
+    );
+    // The permit moved on: the second client gets its own attempt.
+    expect_closed(&mut second, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("second client not closed by --connect-timeout: {e}"));
+    proxy.expect_log(
+        closed_with(2, "connect_failed"),
+        "closed conn=2 outcome=connect_failed",
+    );
+    drop(fillers);
+}

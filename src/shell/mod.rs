@@ -39,11 +39,15 @@ const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
 /// the connections already in flight.
 const ACCEPT_BATCH: usize = 256;
+/// The kernel's accept backlog: deep, because a burst of clients is exactly
+/// what a queueing proxy exists for.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
     Stop,
-    Reload(Box<Config>),
+    /// New settings with their upstream already resolved.
+    Reload(Box<Config>, Vec<SocketAddr>),
     /// A closure hook's ticket was answered.
     HookDone(HookId, HookExit),
 }
@@ -75,7 +79,7 @@ pub fn core_settings(config: &Config) -> Settings {
 }
 
 /// Resolves the upstream once (never inside the loop's hot path).
-fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
+pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
     let name = config.upstream.to_string();
     let resolve_error = |source| Error::Resolve {
         what: "upstream",
@@ -187,6 +191,11 @@ impl Shell {
             source,
         })?;
         let local_addr = listener.local_addr().unwrap_or(listen_addr);
+        if let Err(e) = sys::set_listen_backlog(listener.as_fd(), LISTEN_BACKLOG)
+            && let Some(line) = logger.line(LogLevel::Warn, "backlog_failed")
+        {
+            line.field("error", e);
+        }
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -479,7 +488,9 @@ impl Shell {
         while let Ok(control) = self.control_rx.try_recv() {
             match control {
                 Control::Stop => self.core.handle_shutdown(now),
-                Control::Reload(config) => self.apply_config(now, *config, None),
+                Control::Reload(config, upstream_addrs) => {
+                    self.apply_config(now, *config, upstream_addrs, ("source", "handle"));
+                }
                 Control::HookDone(hook, exit) => {
                     if self
                         .hook
@@ -523,11 +534,22 @@ impl Shell {
             }
             return;
         };
-        match config::load(args) {
-            Ok(new) => self.apply_config(now, new, Some(&path)),
+        // A name that needs DNS is looked up here, on the loop: SIGHUP is rare
+        // and operator-driven, and an IP literal costs nothing.
+        let loaded = config::load(args).map_err(Error::from).and_then(|new| {
+            let addrs = if new.upstream == self.config.upstream {
+                self.upstream_addrs.clone()
+            } else {
+                resolve_upstream(&new)?
+            };
+            Ok((new, addrs))
+        });
+        let source = path.display().to_string();
+        match loaded {
+            Ok((new, addrs)) => self.apply_config(now, new, addrs, ("file", &source)),
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
-                    line.field("file", path.display()).field("error", e);
+                    line.field("file", &source).field("error", e);
                 }
             }
         }
@@ -535,20 +557,15 @@ impl Shell {
 
     /// Puts new settings in force for activations from now on; the listening
     /// socket stays as it is.
-    fn apply_config(&mut self, now: u64, mut new: Config, file: Option<&std::path::Path>) {
-        let source = file.map_or_else(|| "handle".to_string(), |f| f.display().to_string());
+    fn apply_config(
+        &mut self,
+        now: u64,
+        mut new: Config,
+        upstream_addrs: Vec<SocketAddr>,
+        (origin_key, origin): (&str, &str),
+    ) {
         let changed = config::changed_keys(&self.config, &new);
-        if new.upstream != self.config.upstream {
-            match resolve_upstream(&new) {
-                Ok(addrs) => self.upstream_addrs = addrs,
-                Err(e) => {
-                    if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
-                        line.field("file", &source).field("error", e);
-                    }
-                    return;
-                }
-            }
-        }
+        self.upstream_addrs = upstream_addrs;
         if new.listen != self.config.listen {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_ignored") {
                 line.field("key", "listen")
@@ -561,7 +578,7 @@ impl Shell {
         self.core.handle_reload(now, core_settings(&new));
         let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
-            line.field("file", &source)
+            line.field(origin_key, origin)
                 .field("changed", CommaList(&changed));
         }
         self.config = new;
