@@ -223,8 +223,26 @@ impl Proxy {
 
     /// Starts `tcplock ARGS...` exactly as given and waits for `event=listening`.
     pub fn start_raw(args: &[&str]) -> Proxy {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Proxy::start_command(command, args)
+    }
+
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with at most `limit` open files
+    /// (soft and hard, so tcplock cannot raise it).
+    pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Proxy {
+        let mut full = vec!["-l", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg(BIN)
+            .args(&full);
+        Proxy::start_command(command, &full)
+    }
+
+    fn start_command(mut command: Command, args: &[&str]) -> Proxy {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

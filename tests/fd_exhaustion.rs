@@ -1,0 +1,53 @@
+//! Out of file descriptors: tcplock stops accepting until a connection closes,
+//! does not spin meanwhile, and serves every client once descriptors free up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
+    let upstream = Upstream::echo();
+    let proxy = Proxy::start_with_fd_limit(32, &["-u", &upstream.arg(), "--max-queue", "500"]);
+
+    let mut first = proxy.connect();
+    roundtrip(&mut first, b"holding the permit");
+    let mut waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
+    proxy.expect_log(
+        event("accept_paused"),
+        "accept_paused once descriptors run out",
+    );
+
+    // Paused means idle: measured over a fixed window (a measurement, not a
+    // wait for something to happen), the loop burns next to no CPU.
+    let before = cpu_ticks(proxy.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = cpu_ticks(proxy.pid()) - before;
+    assert!(
+        spent <= 10,
+        "{spent} ticks of CPU in 500 ms while paused: spinning"
+    );
+
+    drop(first);
+    for (i, client) in waiting.iter_mut().enumerate() {
+        roundtrip(client, format!("client {i}").as_bytes());
+        // Closing frees descriptors for the clients still in the backlog.
+        client.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    }
+    assert!(
+        proxy.wait_for_count(outcome("ok"), 41, WAIT),
+        "all 41 served"
+    );
+    assert_eq!(upstream.max_concurrent(), 1);
+}
