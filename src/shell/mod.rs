@@ -355,8 +355,25 @@ impl Shell {
                     }
                     return;
                 }
-                // ECONNABORTED and friends concern one client, not the listener.
-                Err(_) => continue,
+                // These concern one client, not the listener.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                // Anything else would only repeat at once: say so and wait for
+                // the next connection's readiness edge instead of spinning.
+                Err(e) => {
+                    if let Some(line) = self.logger.line(LogLevel::Error, "accept_failed") {
+                        line.field("error", e);
+                    }
+                    return;
+                }
             };
             let conn = self.core.handle_accepted(now, addr);
             self.add_conn(now, conn, client);
