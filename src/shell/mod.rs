@@ -301,10 +301,12 @@ impl Shell {
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
-                        // A waiting client is only of interest when it may have left.
+                        // A closed or failed side counts as ready: the next
+                        // read or write on it reports how it ended.
                         let readable =
                             event.is_readable() || event.is_read_closed() || event.is_error();
-                        let writable = event.is_writable();
+                        let writable =
+                            event.is_writable() || event.is_write_closed() || event.is_error();
                         self.conn_ready(now, slot, upstream_side, readable, writable);
                     }
                     _ => {}
@@ -420,7 +422,10 @@ impl Shell {
         };
         let conn = io.conn;
         match &mut io.stage {
-            Stage::Relaying(_) => self.pump(now, conn),
+            Stage::Relaying(relay) => {
+                relay.note_ready(upstream_side, readable, writable);
+                self.pump(now, conn);
+            }
             Stage::Connecting { upstream, .. } if upstream_side => {
                 match connect_result(upstream, writable) {
                     ConnectResult::Pending => {}

@@ -108,6 +108,26 @@ pub struct Relay {
     up: Direction,
     /// Upstream to client.
     down: Direction,
+    client_ready: Readiness,
+    upstream_ready: Readiness,
+}
+
+/// What a socket may do without blocking, as far as we know: set by a
+/// readiness edge, cleared by `WouldBlock`. Edge-triggered epoll reports each
+/// change once, so this saves the read or write that would only say "nothing".
+#[derive(Clone, Copy)]
+struct Readiness {
+    readable: bool,
+    writable: bool,
+}
+
+impl Readiness {
+    /// Relaying starts with bytes possibly waiting on either side and room to
+    /// write: try everything once.
+    const UNKNOWN: Readiness = Readiness {
+        readable: true,
+        writable: true,
+    };
 }
 
 struct Direction {
@@ -150,8 +170,7 @@ enum Side {
     Upstream,
 }
 
-/// What one read-or-write round of a direction did.
-#[derive(Default)]
+/// What the rounds of one direction's pump call did and learned.
 struct Round {
     progressed: bool,
     src_blocked: bool,
@@ -164,7 +183,20 @@ impl Relay {
             upstream,
             up: Direction::new(pool.new_held()),
             down: Direction::new(pool.new_held()),
+            client_ready: Readiness::UNKNOWN,
+            upstream_ready: Readiness::UNKNOWN,
         }
+    }
+
+    /// Records a readiness event for one of the two sockets.
+    pub fn note_ready(&mut self, upstream_side: bool, readable: bool, writable: bool) {
+        let ready = if upstream_side {
+            &mut self.upstream_ready
+        } else {
+            &mut self.client_ready
+        };
+        ready.readable |= readable;
+        ready.writable |= writable;
     }
 
     /// Bytes relayed client → upstream and upstream → client.
@@ -180,8 +212,20 @@ impl Relay {
 
     /// Moves what can be moved in both directions without blocking.
     pub fn pump(&mut self, client: &TcpStream, pool: &mut ChannelPool) -> Pumped {
-        let up = self.up.pump(client, &self.upstream, pool);
-        let down = self.down.pump(&self.upstream, client, pool);
+        let up = self.up.pump(
+            client,
+            &self.upstream,
+            &mut self.client_ready.readable,
+            &mut self.upstream_ready.writable,
+            pool,
+        );
+        let down = self.down.pump(
+            &self.upstream,
+            client,
+            &mut self.upstream_ready.readable,
+            &mut self.client_ready.writable,
+            pool,
+        );
         let busy = match (up, down) {
             (Err(side), _) => return Pumped::Ended(side.into_end(Side::Client, Side::Upstream)),
             (_, Err(side)) => return Pumped::Ended(side.into_end(Side::Upstream, Side::Client)),
@@ -239,14 +283,22 @@ impl Direction {
     }
 
     /// Reads from `src` and writes to `dst` until both would block. `Ok(true)`
-    /// means the round budget ran out first.
+    /// means the round budget ran out first. The readiness flags say which
+    /// side is worth trying and learn which one blocked.
     fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
+        src_readable: &mut bool,
+        dst_writable: &mut bool,
         pool: &mut ChannelPool,
     ) -> Result<bool, Failed> {
-        let mut state = Round::default();
+        let mut state = Round {
+            progressed: false,
+            src_blocked: !*src_readable,
+            dst_blocked: !*dst_writable,
+        };
+        let mut busy = true;
         for _ in 0..ROUNDS_PER_PUMP {
             state.progressed = false;
             match &mut self.held {
@@ -255,10 +307,13 @@ impl Direction {
                 Held::Pipe { .. } => self.splice_round(src, dst, &mut state)?,
             }
             if !state.progressed {
-                return Ok(false);
+                busy = false;
+                break;
             }
         }
-        Ok(true)
+        *src_readable = !state.src_blocked;
+        *dst_writable = !state.dst_blocked;
+        Ok(busy)
     }
 
     /// Nothing held: read into the scratch buffer and write straight on; keep
