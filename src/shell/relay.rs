@@ -328,28 +328,13 @@ impl Direction {
         if self.eof || state.src_blocked {
             return Ok(());
         }
-        let n = match src.read(&mut pool.scratch) {
-            Ok(0) => {
-                self.eof = true;
-                state.progressed = true;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                state.src_blocked = true;
-                return Ok(());
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                state.progressed = true;
-                return Ok(());
-            }
-            Err(_) => return Err(Failed::Source),
+        let Some(n) = read_with(|| src.read(&mut pool.scratch), &mut self.eof, state, true)? else {
+            return Ok(());
         };
-        state.progressed = true;
         let written = if state.dst_blocked {
             0
         } else {
-            write_some(&mut dst, &pool.scratch[..n])?
+            write_with(|| dst.write(&pool.scratch[..n]))?
         };
         self.bytes += written as u64;
         if written < n {
@@ -377,7 +362,7 @@ impl Direction {
             return Ok(());
         };
         if !state.dst_blocked {
-            let written = write_some(&mut dst, buf.data())?;
+            let written = write_with(|| dst.write(buf.data()))?;
             if written == 0 {
                 state.dst_blocked = true;
             } else {
@@ -392,20 +377,12 @@ impl Direction {
             }
             return Ok(());
         }
-        if !self.eof && !state.src_blocked && !buf.is_full() {
-            match src.read(buf.space()) {
-                Ok(0) => {
-                    self.eof = true;
-                    state.progressed = true;
-                }
-                Ok(n) => {
-                    buf.commit(n);
-                    state.progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.src_blocked = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
-                Err(_) => return Err(Failed::Source),
-            }
+        if !self.eof
+            && !state.src_blocked
+            && !buf.is_full()
+            && let Some(n) = read_with(|| src.read(buf.space()), &mut self.eof, state, true)?
+        {
+            buf.commit(n);
         }
         Ok(())
     }
@@ -426,34 +403,28 @@ impl Direction {
             return Ok(());
         };
         if !self.eof && !state.src_blocked && *len < *capacity {
-            match pipe.fill_from(src.as_fd(), *capacity - *len) {
-                Ok(0) => {
-                    self.eof = true;
-                    state.progressed = true;
-                }
-                Ok(n) => {
-                    *len += n;
-                    state.progressed = true;
-                }
-                // A pipe is full by pages, not bytes: with bytes in it, EAGAIN
-                // may mean "pipe full" rather than "socket empty", so only an
-                // empty pipe proves the socket has nothing to give.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.src_blocked = *len == 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
-                Err(_) => return Err(Failed::Source),
+            // A pipe is full by pages, not bytes: with bytes in it, EAGAIN may
+            // mean "pipe full" rather than "socket empty", so only an empty
+            // pipe proves the socket has nothing to give.
+            let empty = *len == 0;
+            let room = *capacity - *len;
+            if let Some(n) = read_with(
+                || pipe.fill_from(src.as_fd(), room),
+                &mut self.eof,
+                state,
+                empty,
+            )? {
+                *len += n;
             }
         }
         if *len > 0 && !state.dst_blocked {
-            match pipe.drain_to(dst.as_fd(), *len) {
-                Ok(0) => return Err(Failed::Destination),
-                Ok(n) => {
-                    *len -= n;
-                    self.bytes += n as u64;
-                    state.progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.dst_blocked = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => state.progressed = true,
-                Err(_) => return Err(Failed::Destination),
+            let moved = write_with(|| pipe.drain_to(dst.as_fd(), *len))?;
+            if moved == 0 {
+                state.dst_blocked = true;
+            } else {
+                *len -= moved;
+                self.bytes += moved as u64;
+                state.progressed = true;
             }
         }
         Ok(())
@@ -470,10 +441,41 @@ impl Held {
     }
 }
 
-/// One write: how much the destination took (0 if it would block).
-fn write_some(dst: &mut &TcpStream, data: &[u8]) -> Result<usize, Failed> {
+/// One read into a direction's channel: the byte count, or `None` after end
+/// of stream (recorded in `eof`) or `WouldBlock` (recorded as a blocked source
+/// when `would_block_means_empty`). Any other error fails the source.
+fn read_with(
+    mut read: impl FnMut() -> io::Result<usize>,
+    eof: &mut bool,
+    state: &mut Round,
+    would_block_means_empty: bool,
+) -> Result<Option<usize>, Failed> {
     loop {
-        match dst.write(data) {
+        match read() {
+            Ok(0) => {
+                *eof = true;
+                state.progressed = true;
+                return Ok(None);
+            }
+            Ok(n) => {
+                state.progressed = true;
+                return Ok(Some(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                state.src_blocked = would_block_means_empty;
+                return Ok(None);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(Failed::Source),
+        }
+    }
+}
+
+/// One write: how much the destination took (0 if it would block). Writing
+/// nothing at all, or any error, fails the destination.
+fn write_with(mut write: impl FnMut() -> io::Result<usize>) -> Result<usize, Failed> {
+    loop {
+        match write() {
             Ok(0) => return Err(Failed::Destination),
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
