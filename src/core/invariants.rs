@@ -93,7 +93,19 @@ impl Core {
                 self.timers.len()
             ));
         }
-        let limit = self.settings.max_queue.max(self.reload_backlog);
+        // A client let straight into a free permit is admitted even with
+        // max-queue 0; while its on-activate hook runs, or after it failed and
+        // put it back at the head for a retry, it is the one waiting client
+        // that max-queue did not admit.
+        let admitted_straight = self.waiting() > self.queue.len()
+            || self.queue.front().is_some_and(|head| {
+                matches!(self.conns[head.slot].state, ConnState::Queued { attempts } if attempts > 0)
+            });
+        let limit = self
+            .settings
+            .max_queue
+            .max(self.reload_backlog)
+            .max(usize::from(admitted_straight));
         if self.waiting() > limit {
             return Err(format!(
                 "{} clients wait, more than max-queue {limit}",

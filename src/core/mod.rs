@@ -18,6 +18,8 @@
 //! forgotten it, and a handle or timer naming it is ignored.
 
 mod invariants;
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 mod types;
 
 #[cfg(test)]

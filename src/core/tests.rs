@@ -479,3 +479,75 @@ fn a_queued_client_that_leaves_never_runs_the_hook() {
     core.handle_relay_ended(4, first, RelayEnd::Finished);
     assert!(spawned(&actions(&mut core)).is_none());
 }
+
+// ----- regressions found by the model test (src/core/model.rs) -----
+
+/// Found by the model test: with max-queue 0 the first client takes the
+/// free permit and waits for its hook; the debug invariant check counted it as
+/// one client too many in line and panicked on the very first accept.
+#[test]
+fn max_queue_zero_admits_a_client_into_a_free_permit_through_a_failing_hook() {
+    let mut core = Core::new(
+        Settings {
+            max_queue: 0,
+            ..with_hook("restart")
+        },
+        0,
+    );
+    let first = core.handle_accepted(0, addr(1));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_accepted(1, addr(2));
+    assert!(
+        actions(&mut core).iter().any(closed(Outcome::Rejected)),
+        "no room in line while the first one's hook runs"
+    );
+    core.handle_hook_exited(2, request.hook, HookExit::Failed(1));
+    assert_eq!(
+        core.state_of(first),
+        Some(StateName::Queued),
+        "back in line, above max-queue 0, for its retry"
+    );
+    core.handle_tick(2 + RETRY_BASE_MS);
+    let retry = spawned(&actions(&mut core)).expect("retried");
+    core.handle_hook_exited(3 + RETRY_BASE_MS, retry.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+}
+
+/// Found by the model test: a TTL expired while an on-activate hook
+/// ran, a reload removed the on-timeout hook and a later one added it back; the
+/// old expiry then ran the new hook, long after the fact.
+#[test]
+fn a_reload_without_an_on_timeout_hook_drops_a_pending_timeout_run() {
+    let cleanup = Settings {
+        permits: 2,
+        ttl_ms: Some(100),
+        on_timeout: Some(Hook::command("cleanup")),
+        ..with_hook("restart")
+    };
+    let mut core = Core::new(cleanup.clone(), 0);
+    let first = core.handle_accepted(0, addr(1));
+    let request = spawned(&actions(&mut core)).expect("hook");
+    core.handle_hook_exited(1, request.hook, HookExit::Success);
+    core.handle_upstream_connected(2, first);
+    let second = core.handle_accepted(3, addr(2));
+    let request = spawned(&actions(&mut core)).expect("the second one's hook");
+    core.handle_tick(102);
+    assert!(
+        actions(&mut core).iter().any(closed(Outcome::Timeout)),
+        "the TTL expires while the second hook runs"
+    );
+    core.handle_reload(
+        103,
+        Settings {
+            on_timeout: None,
+            ..cleanup.clone()
+        },
+    );
+    core.handle_reload(104, cleanup);
+    core.handle_hook_exited(105, request.hook, HookExit::Success);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect(second)],
+        "no on-timeout run for an expiry seen while none was configured"
+    );
+}

@@ -1,0 +1,193 @@
+//! Drives the core with an arbitrary sequence of events through the model
+//! checker of `tcplock::core::model`, which panics on the first broken invariant.
+//!
+//! `cargo +nightly fuzz run state_machine` from the repository root (or
+//! `cargo fuzz run state_machine` in `fuzz/`, which pins nightly). Replay a crash
+//! with `TCPLOCK_MODEL_TRACE=1 cargo +nightly fuzz run state_machine
+//! fuzz/artifacts/state_machine/crash-...`, print its events with
+//! `cargo +nightly fuzz fmt state_machine fuzz/artifacts/state_machine/crash-...`.
+
+#![no_main]
+
+use std::sync::LazyLock;
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use tcplock::Hook;
+use tcplock::core::model::{self, Op, StrayInput};
+use tcplock::core::{HookExit, RelayEnd, Settings};
+
+/// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
+const MAX_OPS: usize = 400;
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    initial: Knobs,
+    ops: Vec<Event>,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Event {
+    Accept,
+    ClientLeft(u8),
+    UpstreamConnected(u8),
+    UpstreamFailed(u8),
+    RelayEnded(u8, End),
+    HookExited(Exit),
+    Advance(Span),
+    Tick,
+    Wake,
+    Reload(Knobs),
+    DumpState,
+    Shutdown,
+    Stray(u8, Stray),
+}
+
+/// A duration in one of a few ranges, so small steps and hour-long jumps are
+/// both easy to reach.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Span {
+    Ms(u8),
+    Seconds(u16),
+    Hours(u8),
+}
+
+#[derive(Arbitrary, Debug)]
+struct Knobs {
+    permits: u8,
+    max_queue: u8,
+    ttl: Option<Span>,
+    queue_timeout: Option<Span>,
+    connect_timeout: Option<Span>,
+    /// 0: none, 1 and 2: two different commands (a reload between them drops a
+    /// kept preparation).
+    on_activate: u8,
+    on_timeout: bool,
+    hook_timeout: Option<Span>,
+    shutdown_grace: Span,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum End {
+    Finished,
+    ClientError,
+    UpstreamError,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Exit {
+    Success,
+    Failed(i8),
+    Signaled(u8),
+    SpawnFailed,
+    Declined,
+    Dropped,
+    Abandoned,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Stray {
+    ClientLeft,
+    UpstreamConnected,
+    UpstreamFailed,
+    RelayEnded(End),
+    HookExited,
+}
+
+impl Span {
+    fn ms(self) -> u64 {
+        match self {
+            Span::Ms(n) => u64::from(n),
+            Span::Seconds(n) => u64::from(n) * 1_000,
+            Span::Hours(n) => u64::from(n) * 3_600_000,
+        }
+    }
+}
+
+impl End {
+    fn relay_end(self) -> RelayEnd {
+        match self {
+            End::Finished => RelayEnd::Finished,
+            End::ClientError => RelayEnd::ClientError,
+            End::UpstreamError => RelayEnd::UpstreamError,
+        }
+    }
+}
+
+impl Knobs {
+    /// `model::run` sanitizes further (permits >= 1, zero durations = none).
+    fn settings(&self) -> Settings {
+        let hook = match self.on_activate % 3 {
+            0 => None,
+            1 => Some(Hook::command("prepare-a")),
+            _ => Some(Hook::command("prepare-b")),
+        };
+        Settings {
+            permits: u32::from(self.permits % 8),
+            max_queue: usize::from(self.max_queue % 16),
+            ttl_ms: self.ttl.map(Span::ms),
+            queue_timeout_ms: self.queue_timeout.map(Span::ms),
+            connect_timeout_ms: self.connect_timeout.map(Span::ms),
+            on_activate: hook,
+            on_timeout: self.on_timeout.then(|| Hook::command("cleanup")),
+            hook_timeout_ms: self.hook_timeout.map(Span::ms),
+            shutdown_grace_ms: self.shutdown_grace.ms(),
+            upstream: "127.0.0.1:9".to_string(),
+        }
+    }
+}
+
+impl Event {
+    fn op(&self) -> Op {
+        match self {
+            Event::Accept => Op::Accept,
+            Event::ClientLeft(i) => Op::ClientLeft(*i),
+            Event::UpstreamConnected(i) => Op::UpstreamConnected(*i),
+            Event::UpstreamFailed(i) => Op::UpstreamFailed(*i),
+            Event::RelayEnded(i, end) => Op::RelayEnded(*i, end.relay_end()),
+            Event::HookExited(exit) => Op::HookExited(match exit {
+                Exit::Success => HookExit::Success,
+                Exit::Failed(code) => HookExit::Failed(i32::from(*code)),
+                Exit::Signaled(signal) => HookExit::Signaled(i32::from(*signal)),
+                Exit::SpawnFailed => HookExit::SpawnFailed("not found".to_string()),
+                Exit::Declined => HookExit::Declined,
+                Exit::Dropped => HookExit::Dropped,
+                Exit::Abandoned => HookExit::Abandoned,
+            }),
+            Event::Advance(span) => Op::Advance(span.ms()),
+            Event::Tick => Op::Tick,
+            Event::Wake => Op::Wake,
+            Event::Reload(knobs) => Op::Reload(knobs.settings()),
+            Event::DumpState => Op::DumpState,
+            Event::Shutdown => Op::Shutdown,
+            Event::Stray(i, stray) => Op::Stray(
+                *i,
+                match stray {
+                    Stray::ClientLeft => StrayInput::ClientLeft,
+                    Stray::UpstreamConnected => StrayInput::UpstreamConnected,
+                    Stray::UpstreamFailed => StrayInput::UpstreamFailed,
+                    Stray::RelayEnded(end) => StrayInput::RelayEnded(end.relay_end()),
+                    Stray::HookExited => StrayInput::HookExited,
+                },
+            ),
+        }
+    }
+}
+
+/// `TCPLOCK_MODEL_TRACE=1` traces every step from the start, so that a panic
+/// inside the core (rather than a broken invariant, which is always traced)
+/// prints the steps leading to it when a crash input is replayed.
+static TRACE: LazyLock<bool> = LazyLock::new(|| std::env::var_os("TCPLOCK_MODEL_TRACE").is_some());
+
+fuzz_target!(|input: Input| {
+    let ops: Vec<Op> = input.ops.iter().take(MAX_OPS).map(Event::op).collect();
+    let settings = input.initial.settings();
+    let result = if *TRACE {
+        model::run_traced(settings, &ops)
+    } else {
+        model::run(settings, &ops)
+    };
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+});
