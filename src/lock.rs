@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config, LogLevel};
-use crate::core::Outcome;
+use crate::core::{Outcome, OutcomeCounts};
 use crate::error::Error;
 use crate::hook::{Hook, Ticket, TimeoutInfo};
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
@@ -346,16 +346,13 @@ pub struct Stats {
     pub activations: u64,
     /// TTL expiries so far.
     pub timeouts: u64,
-    /// Connections ended, per outcome, in the order of [`Outcome::ALL`].
-    pub outcomes: [u64; 9],
+    /// Connections ended, per outcome.
+    pub outcomes: OutcomeCounts,
 }
 
 impl Stats {
     /// How many connections ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> u64 {
-        Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .map_or(0, |index| self.outcomes[index])
+        self.outcomes.count(outcome)
     }
 }

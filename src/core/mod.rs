@@ -27,7 +27,7 @@ mod tests;
 
 pub use types::{
     Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRequest, Outcome,
-    RelayEnd, Settings, StateName,
+    OutcomeCounts, RelayEnd, Settings, StateName,
 };
 
 use std::collections::VecDeque;
@@ -86,16 +86,13 @@ pub struct Stats {
     /// TTL expiries.
     pub timeouts: u64,
     /// How many connections ended with each outcome, indexed like [`Outcome::ALL`].
-    pub outcomes: [u64; 9],
+    pub outcomes: OutcomeCounts,
 }
 
 impl Stats {
     /// How many connections ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> u64 {
-        Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .map_or(0, |index| self.outcomes[index])
+        self.outcomes.count(outcome)
     }
 }
 
@@ -775,9 +772,7 @@ impl Core {
                 self.cancel(ttl);
             }
         }
-        if let Some(index) = Outcome::ALL.iter().position(|o| *o == outcome) {
-            self.stats.outcomes[index] += 1;
-        }
+        self.stats.outcomes.add(outcome);
         self.actions.push_back(Action::Close {
             conn,
             outcome,

@@ -65,7 +65,7 @@ use std::net::SocketAddr;
 
 use super::{
     Action, ConnId, ConnRef, Core, Event, HookExit, HookId, HookKind, HookRequest, Outcome,
-    RETRY_BASE_MS, RETRY_MAX_MS, RelayEnd, Settings,
+    OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayEnd, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -298,7 +298,7 @@ struct Model {
     tracing: bool,
     /// StartRelay actions seen, and Close actions by outcome (as `Stats`).
     relays: u64,
-    outcomes: [u64; 9],
+    outcomes: OutcomeCounts,
     trace: String,
     steps: usize,
 }
@@ -334,7 +334,7 @@ impl Model {
             activations: 0,
             tracing,
             relays: 0,
-            outcomes: [0; 9],
+            outcomes: OutcomeCounts::default(),
             trace,
             steps: 0,
         }
@@ -945,7 +945,7 @@ impl Model {
             .values()
             .filter(|s| matches!(s.state, State::Waiting))
             .count();
-        let timeouts = self.outcomes[index_of(Outcome::Timeout)];
+        let timeouts = self.outcomes.count(Outcome::Timeout);
         let expected = (
             c.activations,
             c.timeouts,
@@ -1037,7 +1037,7 @@ impl Model {
         }
         self.conns.remove(&id);
         self.closed += 1;
-        self.outcomes[index_of(outcome)] += 1;
+        self.outcomes.add(outcome);
         self.ended.push(conn);
         if self.ended.len() > 16 {
             self.ended.remove(0);
@@ -1073,7 +1073,7 @@ impl Model {
             .count();
         let holders = self.holders();
         let stats = core.stats();
-        let timeouts = self.outcomes[index_of(Outcome::Timeout)];
+        let timeouts = self.outcomes.count(Outcome::Timeout);
         if (stats.activations, stats.timeouts, stats.outcomes)
             != (self.relays, timeouts, self.outcomes)
         {
@@ -1295,14 +1295,6 @@ impl Drop for Model {
             eprintln!("--- model trace up to the panic ---\n{}", self.trace);
         }
     }
-}
-
-/// Where `Stats::outcomes` counts `outcome`.
-fn index_of(outcome: Outcome) -> usize {
-    Outcome::ALL
-        .iter()
-        .position(|o| *o == outcome)
-        .unwrap_or_default()
 }
 
 fn client_addr(n: u64) -> SocketAddr {

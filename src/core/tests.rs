@@ -551,3 +551,16 @@ fn a_reload_without_an_on_timeout_hook_drops_a_pending_timeout_run() {
         "no on-timeout run for an expiry seen while none was configured"
     );
 }
+
+#[test]
+fn outcome_counts_keep_each_outcome_apart() {
+    let mut counts = OutcomeCounts::default();
+    for (n, outcome) in Outcome::ALL.into_iter().enumerate() {
+        for _ in 0..=n {
+            counts.add(outcome);
+        }
+    }
+    for (n, outcome) in Outcome::ALL.into_iter().enumerate() {
+        assert_eq!(counts.count(outcome), n as u64 + 1, "{outcome}");
+    }
+}

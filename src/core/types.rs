@@ -115,6 +115,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Its place in [`Outcome::ALL`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name used in logs and in `TCPLOCK_LAST_OUTCOME`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -130,7 +135,7 @@ impl Outcome {
         }
     }
 
-    /// Every outcome, in the order [`crate::Stats::outcomes`] counts them.
+    /// Every outcome.
     pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::ClientError,
@@ -142,6 +147,22 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::Shutdown,
     ];
+}
+
+/// How many connections ended with each [`Outcome`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeCounts([u64; Outcome::ALL.len()]);
+
+impl OutcomeCounts {
+    /// How many connections ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.0[outcome.index()]
+    }
+
+    /// Counts one more connection that ended with `outcome`.
+    pub fn add(&mut self, outcome: Outcome) {
+        self.0[outcome.index()] += 1;
+    }
 }
 
 impl fmt::Display for Outcome {
