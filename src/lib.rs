@@ -23,7 +23,7 @@ pub mod timer;
 pub mod units;
 
 pub use config::{Config, LogLevel};
-pub use core::{ConnId, HookContext, HookKind, Outcome};
+pub use core::{ConnId, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 pub use error::Error;
 pub use hook::{Hook, Ticket, TimeoutInfo};
-pub use lock::{Builder, Handle, Lock, Stats};
+pub use lock::{Builder, Handle, Lock};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config, LogLevel};
-use crate::core::{Outcome, OutcomeCounts};
+use crate::core::Stats;
 use crate::error::Error;
 use crate::hook::{Hook, Ticket, TimeoutInfo};
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
@@ -332,27 +332,5 @@ impl std::fmt::Debug for Handle {
         f.debug_struct("Handle")
             .field("stats", &self.stats())
             .finish()
-    }
-}
-
-/// What a [`Handle`] reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Clients waiting.
-    pub queue_length: usize,
-    /// Connections holding a permit.
-    pub active: usize,
-    /// Connections let through so far.
-    pub activations: u64,
-    /// TTL expiries so far.
-    pub timeouts: u64,
-    /// Connections ended, per outcome.
-    pub outcomes: OutcomeCounts,
-}
-
-impl Stats {
-    /// How many connections ended with `outcome`.
-    pub fn count(&self, outcome: Outcome) -> u64 {
-        self.outcomes.count(outcome)
     }
 }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Upstream, WAIT, connect, roundtrip, wait_until};
-use tcplock::{Lock, LogLevel, Outcome, Ticket};
+use common::{Upstream, WAIT, connect, quiet_lock, roundtrip, wait_until};
+use tcplock::{Lock, Outcome, Ticket};
 
 /// Runs the lock on its own thread; returns its address, handle and join handle.
 fn spawn(
@@ -40,10 +40,7 @@ fn a_closure_hook_proceeds_from_another_thread_after_a_delay() {
     let upstream = Upstream::echo();
     let proceeded_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let seen = Arc::clone(&proceeded_at);
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
+    let lock = quiet_lock(&upstream)
         .on_activate(move |ticket: Ticket| {
             let seen = Arc::clone(&seen);
             thread::spawn(move || {
@@ -81,10 +78,7 @@ fn a_dropped_ticket_counts_as_a_failure_and_is_retried() {
     let calls = Arc::new(AtomicU32::new(0));
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let (counter, seen) = (Arc::clone(&calls), Arc::clone(&attempts));
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
+    let lock = quiet_lock(&upstream)
         .on_activate(move |ticket: Ticket| {
             seen.lock().expect("lock").push(ticket.attempt());
             if counter.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -114,10 +108,7 @@ fn a_dropped_ticket_counts_as_a_failure_and_is_retried() {
 #[test]
 fn stop_from_another_thread_closes_the_queued_and_lets_the_active_finish() {
     let upstream = Upstream::echo();
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
+    let lock = quiet_lock(&upstream)
         .shutdown_grace(Duration::from_secs(10))
         .build()
         .expect("build");
@@ -155,12 +146,7 @@ fn stop_from_another_thread_closes_the_queued_and_lets_the_active_finish() {
 #[test]
 fn reload_from_a_handle_raises_the_permits_for_a_waiting_client() {
     let upstream = Upstream::echo();
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
-        .build()
-        .expect("build");
+    let lock = quiet_lock(&upstream).build().expect("build");
     let mut config = lock.config().clone();
     let (addr, handle, runner) = spawn(lock);
 
@@ -197,12 +183,7 @@ fn build_errors_name_the_problem() {
 #[test]
 fn a_reload_that_cannot_apply_is_refused_and_changes_nothing() {
     let upstream = Upstream::echo();
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
-        .build()
-        .expect("build");
+    let lock = quiet_lock(&upstream).build().expect("build");
     let config = lock.config().clone();
     let (addr, handle, runner) = spawn(lock);
 

@@ -9,8 +9,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-use common::{MIB, Upstream, WAIT, connect, wait_until};
-use tcplock::{Lock, LogLevel};
+use common::{MIB, Upstream, WAIT, connect, quiet_lock, wait_until};
 
 /// Counts allocations made on threads that opted in.
 struct CountingAllocator;
@@ -65,12 +64,7 @@ fn echo_through(client: &mut std::net::TcpStream, total: usize) {
 #[test]
 fn relaying_megabytes_allocates_nothing_on_the_loop_thread() {
     let upstream = Upstream::echo();
-    let lock = Lock::builder()
-        .listen("127.0.0.1:0")
-        .upstream(upstream.arg())
-        .log_level(LogLevel::Error)
-        .build()
-        .expect("build");
+    let lock = quiet_lock(&upstream).build().expect("build");
     let addr = lock.local_addr();
     let handle = lock.handle();
     let runner = thread::spawn(move || {

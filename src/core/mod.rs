@@ -27,7 +27,7 @@ mod tests;
 
 pub use types::{
     Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRequest, Outcome,
-    OutcomeCounts, RelayEnd, Settings, StateName,
+    OutcomeCounts, RelayEnd, Settings, StateName, Stats,
 };
 
 use std::collections::VecDeque;
@@ -68,7 +68,7 @@ pub struct Core {
     /// While a failed on-activate hook backs off: when it may run again.
     retry: Option<(u64, TimerKey)>,
     shutdown: Option<Shutdown>,
-    stats: Stats,
+    counters: Counters,
     last_outcome: Option<Outcome>,
     actions: VecDeque<Action>,
     /// The latest `now` seen, to check that the next deadline lies after it.
@@ -78,22 +78,13 @@ pub struct Core {
     reload_backlog: usize,
 }
 
-/// Counters for hooks, logs and `Handle::stats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Connections that reached Proxying.
-    pub activations: u64,
-    /// TTL expiries.
-    pub timeouts: u64,
-    /// How many connections ended with each outcome, indexed like [`Outcome::ALL`].
-    pub outcomes: OutcomeCounts,
-}
-
-impl Stats {
-    /// How many connections ended with `outcome`.
-    pub fn count(&self, outcome: Outcome) -> u64 {
-        self.outcomes.count(outcome)
-    }
+/// What only history can tell; everything else in [`Stats`] is read off the
+/// current state.
+#[derive(Default)]
+struct Counters {
+    activations: u64,
+    timeouts: u64,
+    outcomes: OutcomeCounts,
 }
 
 struct Conn {
@@ -167,7 +158,7 @@ impl Core {
             hook_failures: 0,
             retry: None,
             shutdown: None,
-            stats: Stats::default(),
+            counters: Counters::default(),
             last_outcome: None,
             actions: VecDeque::new(),
             now,
@@ -248,7 +239,7 @@ impl Core {
         let (client, accepted_at) = (c.client, c.accepted_at);
         self.cancel(deadline);
         self.cancel(queue_deadline);
-        self.stats.activations += 1;
+        self.counters.activations += 1;
         self.log(Event::Activated {
             conn: conn.id,
             client,
@@ -407,8 +398,8 @@ impl Core {
             active: self.active,
             permits: self.settings.permits,
             hook_running: self.hook.is_some(),
-            activations: self.stats.activations,
-            timeouts: self.stats.timeouts,
+            activations: self.counters.activations,
+            timeouts: self.counters.timeouts,
         });
     }
 
@@ -457,9 +448,15 @@ impl Core {
         self.hook.as_ref().map(|run| run.id)
     }
 
-    /// Counters since start.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    /// The numbers a [`crate::Handle`] reports.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            queue_length: self.queue.len(),
+            active: self.active,
+            activations: self.counters.activations,
+            timeouts: self.counters.timeouts,
+            outcomes: self.counters.outcomes,
+        }
     }
 
     /// The state of a live connection; `None` once it ended (or for a stale handle).
@@ -598,8 +595,8 @@ impl Core {
             conn: conn_id,
             client,
             upstream: self.settings.upstream.clone(),
-            activations: self.stats.activations,
-            timeouts: self.stats.timeouts,
+            activations: self.counters.activations,
+            timeouts: self.counters.timeouts,
             last_outcome: self.last_outcome,
             queue_length: self.queue.len(),
             active: self.active,
@@ -692,7 +689,7 @@ impl Core {
                 {
                     *ttl = None;
                     let client = c.client;
-                    self.stats.timeouts += 1;
+                    self.counters.timeouts += 1;
                     self.log(Event::Timeout { conn: conn.id });
                     self.end(now, conn, Outcome::Timeout);
                     if self.settings.on_timeout.is_some() && self.shutdown.is_none() {
@@ -772,7 +769,7 @@ impl Core {
                 self.cancel(ttl);
             }
         }
-        self.stats.outcomes.add(outcome);
+        self.counters.outcomes.add(outcome);
         self.actions.push_back(Action::Close {
             conn,
             outcome,

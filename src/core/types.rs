@@ -149,6 +149,28 @@ impl Outcome {
     ];
 }
 
+/// What a lock reports about itself (see [`crate::Handle::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Clients waiting.
+    pub queue_length: usize,
+    /// Connections holding a permit.
+    pub active: usize,
+    /// Connections let through so far.
+    pub activations: u64,
+    /// TTL expiries so far.
+    pub timeouts: u64,
+    /// Connections ended, per outcome.
+    pub outcomes: OutcomeCounts,
+}
+
+impl Stats {
+    /// How many connections ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes.count(outcome)
+    }
+}
+
 /// How many connections ended with each [`Outcome`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutcomeCounts([u64; Outcome::ALL.len()]);

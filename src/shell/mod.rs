@@ -20,10 +20,10 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config};
-use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings};
+use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
 use crate::error::Error;
 use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
-use crate::lock::{Handle, Stats};
+use crate::lock::Handle;
 use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
 
@@ -532,14 +532,7 @@ impl Shell {
     }
 
     fn publish_stats(&self) {
-        let counters = self.core.stats();
-        let stats = Stats {
-            queue_length: self.core.queue_len(),
-            active: self.core.active(),
-            activations: counters.activations,
-            timeouts: counters.timeouts,
-            outcomes: counters.outcomes,
-        };
+        let stats = self.core.stats();
         match self.stats.lock() {
             Ok(mut published) => *published = stats,
             Err(poisoned) => *poisoned.into_inner() = stats,

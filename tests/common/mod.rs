@@ -956,3 +956,12 @@ pub fn echo_handler(mut s: TcpStream, active: Active) {
     drop(active);
     let _ = s.shutdown(Shutdown::Write);
 }
+
+/// A library lock in front of `upstream` on an ephemeral loopback port, logging
+/// errors only; tests add what they exercise.
+pub fn quiet_lock(upstream: &Upstream) -> tcplock::Builder {
+    tcplock::Lock::builder()
+        .listen("127.0.0.1:0")
+        .upstream(upstream.arg())
+        .log_level(tcplock::LogLevel::Error)
+}
