@@ -65,8 +65,8 @@ pub struct Core {
     prepared: bool,
     /// Consecutive on-activate failures, for the backoff.
     hook_failures: u32,
-    /// While a failed on-activate hook backs off: when it may run again.
-    retry: Option<(u64, TimerKey)>,
+    /// While a failed on-activate hook backs off: the timer that ends it.
+    retry: Option<TimerKey>,
     shutdown: Option<Shutdown>,
     counters: Counters,
     last_outcome: Option<Outcome>,
@@ -364,7 +364,7 @@ impl Core {
             self.actions.push_back(Action::KillHook(run.id));
         }
         self.timeout_hook_due = None;
-        let (_, retry) = self.retry.take().unzip();
+        let retry = self.retry.take();
         self.cancel(retry);
         let grace = self.settings.shutdown_grace_ms;
         let key = self
@@ -661,7 +661,7 @@ impl Core {
             let key = self
                 .timers
                 .insert(now.saturating_add(backoff), Deadline::HookRetry);
-            self.retry = Some((now.saturating_add(backoff), key));
+            self.retry = Some(key);
         }
     }
 
