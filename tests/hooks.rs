@@ -260,6 +260,8 @@ fi"#,
     // The retry (attempt 2) succeeds and the client is served.
     roundtrip(&mut client, b"served after the retry\n");
     finish(client);
+    // Log lines are read on another thread: wait for the last one first.
+    proxy.expect_log(closed_with(1, "ok"), "the client's close");
     assert_eq!(proxy.count_logs(event("hook_started")), 2);
     assert_no_zombies(proxy.pid(), Duration::from_secs(2));
 }
@@ -325,6 +327,7 @@ fn a_preparation_whose_client_left_goes_to_the_next_in_line() {
     assert_eq!(num_field(&kept, "hook"), 1, "{kept}");
     roundtrip(&mut next, b"prepared for someone else\n");
     finish(next);
+    proxy.expect_log(closed_with(2, "ok"), "the next client's close");
     assert_eq!(dir.lines("runs"), ["1"], "the hook ran once");
     assert_eq!(proxy.count_logs(event("hook_started")), 1);
 }
@@ -367,6 +370,7 @@ fn on_timeout_runs_after_a_ttl_expiry() {
     let mut next = proxy.connect();
     roundtrip(&mut next, b"next\n");
     finish(next);
+    proxy.expect_log(closed_with(2, "ok"), "the next client's close");
     let env = dir.env_file("env.2");
     let get = |k: &str| env.get(k).map(String::as_str).unwrap_or("<unset>");
     assert_eq!(get("TCPLOCK_EVENT"), "activate", "{env:?}");
