@@ -677,7 +677,7 @@ impl Shell {
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let relay = Relay::new(upstream, &mut self.pool);
+        let relay = Relay::new(upstream);
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }

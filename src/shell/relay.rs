@@ -4,8 +4,9 @@
 //! writes straight on; only bytes the destination would not take are kept, in a
 //! buffer of `--buffer-size` taken from the pool and given back as soon as it
 //! drains. An idle proxying connection therefore holds no buffer at all, and a
-//! busy one at most one per direction. With `--splice on` each direction has a
-//! pipe instead and the bytes never leave the kernel.
+//! busy one at most one per direction. With `--splice on` a direction takes a
+//! pipe from the pool when it has bytes to move and gives it back once empty,
+//! and the bytes never leave the kernel.
 //!
 //! The sockets are registered edge-triggered for both readiness kinds once and
 //! never re-registered: backpressure is simply not reading a side whose held
@@ -61,26 +62,22 @@ impl ChannelPool {
         self.splice = splice;
     }
 
-    /// What a new direction holds its bytes in.
-    fn new_held(&mut self) -> Held {
-        if self.splice {
-            if let Some((pipe, capacity)) = self.pipes.pop() {
-                return Held::Pipe {
-                    pipe,
-                    capacity,
-                    len: 0,
-                };
-            }
-            // Without a pipe (out of descriptors, say) copying still works.
-            if let Ok((pipe, capacity)) = Pipe::with_capacity(self.buffers.buffer_capacity()) {
-                return Held::Pipe {
-                    pipe,
-                    capacity,
-                    len: 0,
-                };
-            }
+    /// An empty pipe for a direction about to read, in splice mode. `None`
+    /// means copy instead: splice is off, or no pipe can be had (out of
+    /// descriptors, say), which copying does not need.
+    fn take_pipe(&mut self) -> Option<Held> {
+        if !self.splice {
+            return None;
         }
-        Held::Nothing
+        let (pipe, capacity) = match self.pipes.pop() {
+            Some(idle) => idle,
+            None => Pipe::with_capacity(self.buffers.buffer_capacity()).ok()?,
+        };
+        Some(Held::Pipe {
+            pipe,
+            capacity,
+            len: 0,
+        })
     }
 
     fn give_back(&mut self, held: Held) {
@@ -178,11 +175,11 @@ struct Round {
 }
 
 impl Relay {
-    pub fn new(upstream: TcpStream, pool: &mut ChannelPool) -> Self {
+    pub fn new(upstream: TcpStream) -> Self {
         Relay {
             upstream,
-            up: Direction::new(pool.new_held()),
-            down: Direction::new(pool.new_held()),
+            up: Direction::new(),
+            down: Direction::new(),
             client_ready: Readiness::UNKNOWN,
             upstream_ready: Readiness::UNKNOWN,
         }
@@ -273,9 +270,9 @@ impl Failed {
 }
 
 impl Direction {
-    fn new(held: Held) -> Self {
+    fn new() -> Self {
         Direction {
-            held,
+            held: Held::Nothing,
             eof: false,
             shut: false,
             bytes: 0,
@@ -301,10 +298,17 @@ impl Direction {
         let mut busy = true;
         for _ in 0..ROUNDS_PER_PUMP {
             state.progressed = false;
+            if matches!(self.held, Held::Nothing)
+                && !self.eof
+                && !state.src_blocked
+                && let Some(pipe) = pool.take_pipe()
+            {
+                self.held = pipe;
+            }
             match &mut self.held {
                 Held::Nothing => self.copy_through(src, dst, pool, &mut state)?,
                 Held::Buffer(_) => self.drain_buffer(src, dst, pool, &mut state)?,
-                Held::Pipe { .. } => self.splice_round(src, dst, &mut state)?,
+                Held::Pipe { .. } => self.splice_round(src, dst, pool, &mut state)?,
             }
             if !state.progressed {
                 busy = false;
@@ -387,11 +391,13 @@ impl Direction {
         Ok(())
     }
 
-    /// Splice mode: socket → pipe → socket.
+    /// Splice mode: socket → pipe → socket; an emptied pipe goes back to the
+    /// pool, so an idle connection holds none.
     fn splice_round(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
+        pool: &mut ChannelPool,
         state: &mut Round,
     ) -> Result<(), Failed> {
         let Held::Pipe {
@@ -426,6 +432,9 @@ impl Direction {
                 self.bytes += moved as u64;
                 state.progressed = true;
             }
+        }
+        if *len == 0 {
+            pool.give_back(std::mem::replace(&mut self.held, Held::Nothing));
         }
         Ok(())
     }
