@@ -203,3 +203,13 @@ fn a_reload_that_cannot_apply_is_refused_and_changes_nothing() {
     handle.stop();
     join_within(runner, WAIT);
 }
+
+#[test]
+fn the_types_that_cross_threads_say_so() {
+    fn send<T: Send>() {}
+    fn send_sync_clone<T: Send + Sync + Clone>() {}
+    send::<Lock>();
+    send::<Ticket>();
+    send_sync_clone::<tcplock::Handle>();
+    send_sync_clone::<tcplock::Hook>();
+}
