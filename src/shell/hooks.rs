@@ -2,28 +2,24 @@
 //! blocking when SIGCHLD says something exited.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Instant;
 
-use crate::core::{HookContext, HookExit, HookId};
+use crate::core::{HookContext, HookExit};
 use crate::sys;
 
-/// A running hook.
+/// A running hook process.
 pub struct HookProcess {
-    pub hook: HookId,
     pub pid: u32,
-    pub started: Instant,
     child: Child,
 }
 
 impl HookProcess {
     /// Starts the hook: stdin from /dev/null, stdout and stderr to our stderr,
     /// client facts only in the environment (never in the command string).
-    pub fn spawn(hook: HookId, command: &str, context: &HookContext) -> io::Result<HookProcess> {
-        let stdout_to_stderr = io::stderr().lock();
-        let stdout = std::os::fd::AsFd::as_fd(&stdout_to_stderr).try_clone_to_owned()?;
-        drop(stdout_to_stderr);
+    pub fn spawn(command: &str, context: &HookContext) -> io::Result<HookProcess> {
+        let stdout = io::stderr().as_fd().try_clone_to_owned()?;
         let mut process = Command::new("/bin/sh");
         process
             .arg("-c")
@@ -38,9 +34,7 @@ impl HookProcess {
         }
         let child = process.spawn()?;
         Ok(HookProcess {
-            hook,
             pid: child.id(),
-            started: Instant::now(),
             child,
         })
     }

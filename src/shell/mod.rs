@@ -136,19 +136,12 @@ struct ConnIo {
     stage: Stage,
 }
 
-enum RunningHook {
-    Process(HookProcess),
-    /// A closure hook whose ticket is still out.
-    Closure(HookId),
-}
-
-impl RunningHook {
-    fn id(&self) -> HookId {
-        match self {
-            RunningHook::Process(process) => process.hook,
-            RunningHook::Closure(hook) => *hook,
-        }
-    }
+/// The hook the core waits for.
+struct RunningHook {
+    id: HookId,
+    started: Instant,
+    /// `None` for a closure hook (its ticket is still out).
+    process: Option<HookProcess>,
 }
 
 enum Stage {
@@ -487,7 +480,12 @@ impl Shell {
     }
 
     fn reap(&mut self, now: u64) {
-        let Some(RunningHook::Process(process)) = &mut self.hook else {
+        let Some(RunningHook {
+            id,
+            process: Some(process),
+            ..
+        }) = &mut self.hook
+        else {
             return;
         };
         let exit = match process.try_reap() {
@@ -495,13 +493,22 @@ impl Shell {
             Ok(None) => return,
             Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
         };
-        let (hook, pid, elapsed) = (process.hook, process.pid, process.started.elapsed());
-        self.hook = None;
+        let hook = *id;
+        self.hook_ended(now, hook, exit);
+    }
+
+    /// The one way a running hook ends, whatever kind it is: it is forgotten,
+    /// logged, and reported to the core. An end for a hook that is not the
+    /// running one (a ticket answered after it was abandoned) is ignored.
+    fn hook_ended(&mut self, now: u64, hook: HookId, exit: HookExit) {
+        let Some(run) = self.hook.take_if(|run| run.id == hook) else {
+            return;
+        };
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
             line.field("hook", hook)
-                .field("pid", pid)
+                .field_opt("pid", run.process.as_ref().map(|p| p.pid))
                 .field("status", &exit)
-                .field("duration_ms", elapsed.as_millis());
+                .field("duration_ms", run.started.elapsed().as_millis());
         }
         self.core.handle_hook_exited(now, hook, exit);
     }
@@ -513,19 +520,7 @@ impl Shell {
                 Control::Reload(config, upstream_addrs) => {
                     self.apply_config(now, *config, upstream_addrs, ("source", "handle"));
                 }
-                Control::HookDone(hook, exit) => {
-                    if self
-                        .hook
-                        .as_ref()
-                        .is_some_and(|running| running.id() == hook)
-                    {
-                        self.hook = None;
-                        if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
-                            line.field("hook", hook).field("status", &exit);
-                        }
-                        self.core.handle_hook_exited(now, hook, exit);
-                    }
-                }
+                Control::HookDone(hook, exit) => self.hook_ended(now, hook, exit),
             }
             self.drain(now);
         }
@@ -718,32 +713,32 @@ impl Shell {
 
     fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
         let context = &request.context;
-        let kind = context.kind.as_str();
+        let process = match request.run.body() {
+            HookBody::Command(command) => match HookProcess::spawn(command, context) {
+                Ok(process) => Some(process),
+                Err(e) => {
+                    // Nothing ran: the core logs the failure and retries.
+                    let exit = HookExit::SpawnFailed(e.to_string());
+                    self.core.handle_hook_exited(now, request.hook, exit);
+                    return;
+                }
+            },
+            HookBody::Activate(_) | HookBody::Timeout(_) => None,
+        };
+        if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
+            line.field("hook", request.hook)
+                .field("kind", context.kind.as_str())
+                .field_opt("pid", process.as_ref().map(|p| p.pid))
+                .field("conn", context.conn);
+        }
+        self.hook = Some(RunningHook {
+            id: request.hook,
+            started: Instant::now(),
+            process,
+        });
         match request.run.body() {
-            HookBody::Command(command) => {
-                match HookProcess::spawn(request.hook, command, context) {
-                    Ok(process) => {
-                        if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
-                            line.field("hook", request.hook)
-                                .field("kind", kind)
-                                .field("pid", process.pid)
-                                .field("conn", context.conn);
-                        }
-                        self.hook = Some(RunningHook::Process(process));
-                    }
-                    Err(e) => {
-                        let exit = HookExit::SpawnFailed(e.to_string());
-                        self.core.handle_hook_exited(now, request.hook, exit);
-                    }
-                }
-            }
+            HookBody::Command(_) => {}
             HookBody::Activate(f) => {
-                if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
-                    line.field("hook", request.hook)
-                        .field("kind", kind)
-                        .field("conn", context.conn);
-                }
-                self.hook = Some(RunningHook::Closure(request.hook));
                 let reply = Reply {
                     control: self.control_tx.clone(),
                     waker: Arc::clone(&self.waker),
@@ -763,14 +758,17 @@ impl Shell {
                     Ok(()) => HookExit::Success,
                     Err(_) => HookExit::Dropped,
                 };
-                self.core.handle_hook_exited(now, request.hook, exit);
+                self.hook_ended(now, request.hook, exit);
             }
         }
     }
 
     fn kill_hook(&mut self, now: u64, hook: HookId) {
-        match &self.hook {
-            Some(RunningHook::Process(process)) if process.hook == hook => {
+        let Some(run) = self.hook.as_ref().filter(|run| run.id == hook) else {
+            return;
+        };
+        match &run.process {
+            Some(process) => {
                 if let Err(e) = process.kill()
                     && let Some(line) = self.logger.line(LogLevel::Error, "hook_kill_failed")
                 {
@@ -779,12 +777,8 @@ impl Shell {
                         .field("error", e);
                 }
             }
-            Some(RunningHook::Closure(id)) if *id == hook => {
-                // A thread cannot be killed: stop waiting for its answer.
-                self.hook = None;
-                self.core.handle_hook_exited(now, hook, HookExit::Abandoned);
-            }
-            _ => {}
+            // A thread cannot be killed: stop waiting for its answer.
+            None => self.hook_ended(now, hook, HookExit::Abandoned),
         }
     }
 
