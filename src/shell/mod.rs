@@ -80,16 +80,27 @@ pub fn core_settings(config: &Config) -> Settings {
 
 /// Resolves the upstream once (never inside the loop's hot path).
 pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
-    let name = config.upstream.to_string();
+    let upstream = &config.upstream;
+    resolve(
+        "upstream",
+        &upstream.to_string(),
+        (upstream.host.as_str(), upstream.port).to_socket_addrs(),
+    )
+}
+
+/// Every address a lookup gave, or an error naming `what` and `name`; an empty
+/// answer is an error too.
+fn resolve(
+    what: &'static str,
+    name: &str,
+    lookup: io::Result<std::vec::IntoIter<SocketAddr>>,
+) -> Result<Vec<SocketAddr>, Error> {
     let resolve_error = |source| Error::Resolve {
-        what: "upstream",
-        name: name.clone(),
+        what,
+        name: name.to_string(),
         source,
     };
-    let addrs: Vec<SocketAddr> = (config.upstream.host.as_str(), config.upstream.port)
-        .to_socket_addrs()
-        .map_err(resolve_error)?
-        .collect();
+    let addrs: Vec<SocketAddr> = lookup.map_err(resolve_error)?.collect();
     if addrs.is_empty() {
         return Err(resolve_error(io::Error::new(
             io::ErrorKind::NotFound,
@@ -164,19 +175,12 @@ impl Shell {
         {
             line.field("error", e);
         }
-        let resolve_error = |source| Error::Resolve {
-            what: "listen address",
-            name: config.listen.clone(),
-            source,
-        };
-        let listen_addr = config
-            .listen
-            .to_socket_addrs()
-            .map_err(resolve_error)?
-            .next()
-            .ok_or_else(|| {
-                resolve_error(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
-            })?;
+        // `resolve` never returns an empty list, so the first address exists.
+        let listen_addr = resolve(
+            "listen address",
+            &config.listen,
+            config.listen.to_socket_addrs(),
+        )?[0];
         let upstream_addrs = resolve_upstream(&config)?;
         let io_error = |context| move |source| Error::Io { context, source };
         let mut listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
