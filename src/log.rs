@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use crate::config::LogLevel;
-use crate::core::{Event, HookKind};
+use crate::core::Event;
 
 /// Buffered logfmt writer.
 pub struct Logger {
@@ -87,7 +87,7 @@ impl Logger {
                 let mut line = line
                     .field("hook", hook)
                     .field("kind", kind.as_str())
-                    .field_opt("conn", conn.as_ref())
+                    .field("conn", conn)
                     .field("status", exit);
                 if *timed_out {
                     line = line.field("reason", "hook_timeout");
@@ -165,9 +165,7 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::Timeout { .. } => (LogLevel::Info, "timeout"),
         Event::QueueTimeout { .. } => (LogLevel::Info, "queue_timeout"),
         Event::ConnectFailed { .. } => (LogLevel::Info, "connect_failed"),
-        Event::HookFailed { kind, .. } => match kind {
-            HookKind::Activate | HookKind::Timeout => (LogLevel::Warn, "hook_failed"),
-        },
+        Event::HookFailed { .. } => (LogLevel::Warn, "hook_failed"),
         Event::HookTimedOut { .. } => (LogLevel::Warn, "hook_timeout"),
         Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),
         Event::ShutdownStarted { .. } => (LogLevel::Info, "shutdown"),

@@ -293,7 +293,7 @@ impl Core {
                     self.log(Event::HookFailed {
                         hook,
                         kind: run.kind,
-                        conn: Some(run.conn_id),
+                        conn: run.conn_id,
                         exit,
                         timed_out: run.timed_out,
                         retry_in_ms: None,
@@ -462,11 +462,6 @@ impl Core {
     /// The state of a live connection; `None` once it ended (or for a stale handle).
     pub fn state_of(&self, conn: ConnRef) -> Option<StateName> {
         self.get(conn).map(|c| c.state.name())
-    }
-
-    /// Whether a shutdown began.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutdown.is_some()
     }
 
     // ----- internals -----
@@ -652,7 +647,7 @@ impl Core {
         self.log(Event::HookFailed {
             hook: run.id,
             kind: run.kind,
-            conn: Some(run.conn_id),
+            conn: run.conn_id,
             exit,
             timed_out: run.timed_out,
             retry_in_ms,

@@ -786,7 +786,7 @@ impl Model {
             Action::Log(Event::HookFailed {
                 hook,
                 kind: HookKind::Activate,
-                conn: Some(id),
+                conn: id,
                 ..
             }) => {
                 if self.just_reaped != Some(*hook) {

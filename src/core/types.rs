@@ -407,7 +407,7 @@ pub enum Event {
     HookFailed {
         hook: HookId,
         kind: HookKind,
-        conn: Option<ConnId>,
+        conn: ConnId,
         exit: HookExit,
         timed_out: bool,
         retry_in_ms: Option<u64>,
