@@ -70,7 +70,11 @@ impl Core {
             return Err("two connections wait for an on-activate hook".to_string());
         }
         if let Some(conn) = preparing.first()
-            && self.hook.as_ref().and_then(|run| run.conn) != Some(*conn)
+            && self
+                .hook
+                .as_ref()
+                .and_then(|run| self.still_waiting_for(run))
+                != Some(*conn)
         {
             return Err(format!(
                 "conn {} waits for a hook that is not running",

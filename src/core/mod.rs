@@ -116,13 +116,35 @@ enum Activation {
 
 struct RunningHook {
     id: HookId,
-    kind: HookKind,
-    /// For an on-activate hook: the connection it prepares (it may leave).
-    conn: Option<ConnRef>,
-    conn_id: ConnId,
+    purpose: HookPurpose,
     started_at: u64,
     deadline: Option<TimerKey>,
     timed_out: bool,
+}
+
+/// What a hook runs for.
+#[derive(Clone, Copy)]
+enum HookPurpose {
+    /// Preparing this connection's activation (the client may leave meanwhile).
+    Activate(ConnRef),
+    /// After this connection's TTL expired.
+    Timeout(ConnId),
+}
+
+impl HookPurpose {
+    fn kind(self) -> HookKind {
+        match self {
+            HookPurpose::Activate(_) => HookKind::Activate,
+            HookPurpose::Timeout(_) => HookKind::Timeout,
+        }
+    }
+
+    fn conn_id(self) -> ConnId {
+        match self {
+            HookPurpose::Activate(conn) => conn.id,
+            HookPurpose::Timeout(id) => id,
+        }
+    }
 }
 
 struct Shutdown {
@@ -287,20 +309,20 @@ impl Core {
             return;
         };
         self.cancel(run.deadline);
-        match run.kind {
-            HookKind::Timeout => {
+        match run.purpose {
+            HookPurpose::Timeout(conn) => {
                 if !exit.is_success() {
                     self.log(Event::HookFailed {
                         hook,
-                        kind: run.kind,
-                        conn: run.conn_id,
+                        kind: HookKind::Timeout,
+                        conn,
                         exit,
                         timed_out: run.timed_out,
                         retry_in_ms: None,
                     });
                 }
             }
-            HookKind::Activate => self.activate_hook_exited(now, run, exit),
+            HookPurpose::Activate(_) => self.activate_hook_exited(now, run, exit),
         }
         self.pump(now);
         self.check();
@@ -486,11 +508,22 @@ impl Core {
     /// Clients waiting for the upstream: the queue, plus the one whose
     /// on-activate hook runs (it goes back to the queue if the hook fails).
     fn waiting(&self) -> usize {
-        let preparing = self.hook.as_ref().and_then(|run| run.conn).filter(|conn| {
-            self.get(*conn)
-                .is_some_and(|c| matches!(c.state, ConnState::Activating(Activation::Hook { .. })))
-        });
+        let preparing = self
+            .hook
+            .as_ref()
+            .and_then(|run| self.still_waiting_for(run));
         self.queue.len() + usize::from(preparing.is_some())
+    }
+
+    /// The connection an on-activate hook prepares, if it is still there
+    /// waiting for the hook.
+    fn still_waiting_for(&self, run: &RunningHook) -> Option<ConnRef> {
+        let HookPurpose::Activate(conn) = run.purpose else {
+            return None;
+        };
+        self.get(conn)
+            .filter(|c| matches!(c.state, ConnState::Activating(Activation::Hook { .. })))
+            .map(|_| conn)
     }
 
     fn log(&mut self, event: Event) {
@@ -515,7 +548,7 @@ impl Core {
             if let Some((conn_id, client)) = self.timeout_hook_due.take()
                 && let Some(run) = self.settings.on_timeout.clone()
             {
-                self.spawn_hook(now, HookKind::Timeout, run, None, conn_id, client, 1);
+                self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
                 return;
             }
             if self.active >= self.settings.permits as usize {
@@ -540,15 +573,7 @@ impl Core {
                     let attempt = attempts + 1;
                     self.conns[head.slot].state =
                         ConnState::Activating(Activation::Hook { attempt });
-                    self.spawn_hook(
-                        now,
-                        HookKind::Activate,
-                        run,
-                        Some(head),
-                        head.id,
-                        client,
-                        attempt,
-                    );
+                    self.spawn_hook(now, HookPurpose::Activate(head), run, client, attempt);
                     return;
                 }
                 None => {
@@ -568,14 +593,11 @@ impl Core {
         self.actions.push_back(Action::Connect(conn));
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn spawn_hook(
         &mut self,
         now: u64,
-        kind: HookKind,
+        purpose: HookPurpose,
         run: Hook,
-        conn: Option<ConnRef>,
-        conn_id: ConnId,
         client: SocketAddr,
         attempt: u32,
     ) {
@@ -586,8 +608,8 @@ impl Core {
                 .insert(now.saturating_add(timeout), Deadline::Hook(id))
         });
         let context = HookContext {
-            kind,
-            conn: conn_id,
+            kind: purpose.kind(),
+            conn: purpose.conn_id(),
             client,
             upstream: self.settings.upstream.clone(),
             activations: self.counters.activations,
@@ -599,9 +621,7 @@ impl Core {
         };
         self.hook = Some(RunningHook {
             id,
-            kind,
-            conn,
-            conn_id,
+            purpose,
             started_at: now,
             deadline,
             timed_out: false,
@@ -614,10 +634,7 @@ impl Core {
     }
 
     fn activate_hook_exited(&mut self, now: u64, run: RunningHook, exit: HookExit) {
-        let waiting = run.conn.filter(|conn| {
-            self.get(*conn)
-                .is_some_and(|c| matches!(c.state, ConnState::Activating(Activation::Hook { .. })))
-        });
+        let waiting = self.still_waiting_for(&run);
         if exit.is_success() {
             self.hook_failures = 0;
             match waiting {
@@ -646,8 +663,8 @@ impl Core {
         }
         self.log(Event::HookFailed {
             hook: run.id,
-            kind: run.kind,
-            conn: run.conn_id,
+            kind: HookKind::Activate,
+            conn: run.purpose.conn_id(),
             exit,
             timed_out: run.timed_out,
             retry_in_ms,
