@@ -136,7 +136,7 @@ pub struct RawArgs {
     pub hook_timeout: Option<String>,
     /// `--shutdown-grace`: how long proxying connections may finish on SIGTERM.
     pub shutdown_grace: Option<String>,
-    /// `--splice`: `on` or `off`.
+    /// `--splice`: `auto`, `on` or `off`.
     pub splice: Option<String>,
     /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
@@ -404,7 +404,9 @@ Other:
       --shutdown-grace DUR   on SIGTERM, how long proxying connections may
                              finish; 0 = don't wait (default: 30s)
       --log-level LEVEL      error, warn, info or debug (default: info)
-      --splice on|off        relay with splice(2) (default: off)
+      --splice auto|on|off   move bytes with splice(2) instead of copying;
+                             auto switches a direction over once it streams
+                             a full buffer (default: auto)
   -V, --version              print the version and exit
       --help                 print this help and exit
 

@@ -48,8 +48,9 @@ pub struct Config {
     pub hook_timeout: Option<Duration>,
     /// Zero means close proxying connections at once on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Relay with `splice(2)` instead of user-space buffers; off by default.
-    pub splice: bool,
+    /// When to relay with `splice(2)` instead of copying;
+    /// [`Splice::Auto`] by default.
+    pub splice: Splice,
     /// The `-c` file, re-read on SIGHUP; `None` when none was given.
     pub config_file: Option<PathBuf>,
 }
@@ -73,7 +74,7 @@ impl Config {
             on_timeout: None,
             hook_timeout: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
-            splice: false,
+            splice: Splice::Auto,
             config_file: None,
         }
     }
@@ -226,8 +227,8 @@ pub struct Settings {
     pub hook_timeout: Option<Duration>,
     /// `shutdown-grace`; zero means don't wait.
     pub shutdown_grace: Option<Duration>,
-    /// `splice`: `on` is `true`, `off` is `false`.
-    pub splice: Option<bool>,
+    /// `splice`: `auto`, `on` or `off`.
+    pub splice: Option<Splice>,
 }
 
 impl Settings {
@@ -291,11 +292,9 @@ impl Settings {
             Flag::OnActivate => self.on_activate = Some(value.to_owned()),
             Flag::OnTimeout => self.on_timeout = Some(value.to_owned()),
             Flag::Splice => {
-                self.splice = Some(match value {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(format!("invalid value {} (use on or off)", Quoted(value))),
-                })
+                self.splice = Some(Splice::parse(value).ok_or_else(|| {
+                    format!("invalid value {} (use auto, on or off)", Quoted(value))
+                })?)
             }
             // The file parser refuses this key and `from_args` skips it.
             Flag::Config => {}
@@ -437,6 +436,44 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         .filter(|&(_, changed)| changed)
         .map(|(key, _)| key)
         .collect()
+}
+
+/// When the relay moves bytes with `splice(2)` through a pipe instead of
+/// copying them through user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splice {
+    /// Always copy.
+    Off,
+    /// Copy until a direction fills a whole buffer in one read, then splice
+    /// that direction: small exchanges stay on the cheaper copying path and
+    /// bulk streams skip two copies per buffer. The default.
+    Auto,
+    /// Splice every direction from its first byte.
+    On,
+}
+
+impl Splice {
+    /// Reads `auto`, `on` or `off`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Off, Self::Auto, Self::On]
+            .into_iter()
+            .find(|mode| mode.as_str() == s)
+    }
+
+    /// The name, as logs show it and [`Splice::parse`] reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Auto => "auto",
+            Self::On => "on",
+        }
+    }
+}
+
+impl fmt::Display for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How much the log says; each level includes those before it.
@@ -623,7 +660,7 @@ mod tests {
                 on_timeout: None,
                 hook_timeout: Some(Duration::from_secs(60)),
                 shutdown_grace: Duration::from_secs(30),
-                splice: false,
+                splice: Splice::Auto,
                 config_file: None,
             }
         );
@@ -673,7 +710,7 @@ mod tests {
         assert_eq!(c.on_timeout, None);
         assert_eq!(c.hook_timeout, None);
         assert_eq!(c.shutdown_grace, Duration::ZERO);
-        assert!(c.splice);
+        assert_eq!(c.splice, Splice::On);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cli::RawArgs;
-use crate::config::{self, Config, LogLevel};
+use crate::config::{self, Config, LogLevel, Splice};
 use crate::core::Stats;
 use crate::error::Error;
 use crate::hook::{Hook, Ticket, TimeoutInfo};
@@ -213,9 +213,10 @@ impl Builder {
         self
     }
 
-    /// Relay with `splice(2)` through pipes instead of user-space buffers.
-    pub fn splice(mut self, on: bool) -> Builder {
-        self.config.splice = on;
+    /// When to relay with `splice(2)` through pipes instead of copying
+    /// through user space; [`Splice::Auto`] by default.
+    pub fn splice(mut self, mode: Splice) -> Builder {
+        self.config.splice = mode;
         self
     }
 

@@ -1,5 +1,6 @@
 //! Integrity: a deterministic pseudo-random stream pushed through the proxy
-//! to an echo upstream comes back byte for byte, in both directions at once.
+//! to an echo upstream comes back byte for byte, in both directions at once,
+//! in every relay mode; and `--splice auto` splices bulk streams only.
 mod common;
 
 use common::*;
@@ -59,6 +60,60 @@ fn sixty_four_mib_both_directions_at_once() {
         "64 MiB each way took {took:?}"
     );
     eprintln!("64 MiB each way through tcplock in {took:?}");
+}
+
+#[test]
+fn copy_mode_relays_64_mib_both_ways_exactly() {
+    let up = Upstream::echo();
+    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", "off"]);
+    let total = 64 * MIB + 5;
+    assert_eq!(pump_and_check(&proxy, total, 0x5eed_c0b7), total);
+    let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+    assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
+    assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+}
+
+/// Pipes the tcplock process has open. Spliced directions give their emptied
+/// pipes back to a pool that keeps them open, so a count above the one at
+/// start proves that some direction spliced.
+fn open_pipes(proxy: &Proxy) -> usize {
+    let dir = format!("/proc/{}/fd", proxy.pid());
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[test]
+fn auto_mode_copies_small_exchanges() {
+    let up = Upstream::echo();
+    let proxy = Proxy::start(&["-u", &up.arg()]);
+    let at_start = open_pipes(&proxy);
+    let mut s = proxy.connect();
+    for i in 0..200u32 {
+        roundtrip(
+            &mut s,
+            format!("message {i} of a small exchange").as_bytes(),
+        );
+    }
+    finish(s);
+    proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+    assert_eq!(open_pipes(&proxy), at_start, "small exchanges took a pipe");
+}
+
+#[test]
+fn auto_mode_splices_a_stream_that_fills_the_buffer_and_off_never_does() {
+    for (mode, expect_splice) in [("auto", true), ("off", false)] {
+        let up = Upstream::echo();
+        let proxy = Proxy::start(&["-u", &up.arg(), "--splice", mode]);
+        let at_start = open_pipes(&proxy);
+        let total = 4 * MIB + 11;
+        assert_eq!(pump_and_check(&proxy, total, 7), total, "--splice {mode}");
+        proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+        let spliced = open_pipes(&proxy) > at_start;
+        assert_eq!(spliced, expect_splice, "--splice {mode}: pipes taken");
+    }
 }
 
 #[test]

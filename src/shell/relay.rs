@@ -4,9 +4,12 @@
 //! writes straight on; only bytes the destination would not take are kept, in a
 //! buffer of `--buffer-size` taken from the pool and given back as soon as it
 //! drains. An idle proxying connection therefore holds no buffer at all, and a
-//! busy one at most one per direction. With `--splice on` a direction takes a
-//! pipe from the pool when it has bytes to move and gives it back once empty,
-//! and the bytes never leave the kernel.
+//! busy one at most one per direction. A splicing direction takes a pipe from
+//! the pool when it has bytes to move and gives it back once empty, and the
+//! bytes never leave the kernel. With `--splice auto` a direction splices once
+//! one read has filled the whole scratch buffer: a stream that big is worth the
+//! pipe, while the small reads of a request/response exchange are cheaper
+//! copied.
 //!
 //! The sockets are registered edge-triggered for both readiness kinds once and
 //! never re-registered: backpressure is simply not reading a side whose held
@@ -21,6 +24,7 @@ use std::os::fd::AsFd;
 use mio::net::TcpStream;
 
 use crate::buffer::{BufferPool, RelayBuffer};
+use crate::config::Splice;
 use crate::core::RelayEnd;
 use crate::sys::Pipe;
 
@@ -37,13 +41,13 @@ pub struct ChannelPool {
     buffers: BufferPool,
     /// Every read in copying mode lands here first.
     scratch: Box<[u8]>,
-    splice: bool,
+    splice: Splice,
     /// Empty pipes ready for reuse, with their capacity.
     pipes: Vec<(Pipe, usize)>,
 }
 
 impl ChannelPool {
-    pub fn new(buffer_size: usize, splice: bool) -> Self {
+    pub fn new(buffer_size: usize, splice: Splice) -> Self {
         ChannelPool {
             buffers: BufferPool::new(buffer_size, IDLE_CHANNELS),
             scratch: vec![0; buffer_size].into_boxed_slice(),
@@ -53,7 +57,7 @@ impl ChannelPool {
     }
 
     /// Applies a reloaded buffer size and relay mode to connections from now on.
-    pub fn reconfigure(&mut self, buffer_size: usize, splice: bool) {
+    pub fn reconfigure(&mut self, buffer_size: usize, splice: Splice) {
         if buffer_size != self.buffers.buffer_capacity() {
             self.buffers.set_buffer_capacity(buffer_size);
             self.scratch = vec![0; buffer_size].into_boxed_slice();
@@ -62,11 +66,17 @@ impl ChannelPool {
         self.splice = splice;
     }
 
-    /// An empty pipe for a direction about to read, in splice mode. `None`
-    /// means copy instead: splice is off, or no pipe can be had (out of
+    /// An empty pipe for a direction about to read, if it should splice.
+    /// `None` means copy instead: splicing is off, or not yet earned by a
+    /// `streaming` direction in auto mode, or no pipe can be had (out of
     /// descriptors, say), which copying does not need.
-    fn take_pipe(&mut self) -> Option<Held> {
-        if !self.splice {
+    fn take_pipe(&mut self, streaming: bool) -> Option<Held> {
+        let wanted = match self.splice {
+            Splice::Off => false,
+            Splice::Auto => streaming,
+            Splice::On => true,
+        };
+        if !wanted {
             return None;
         }
         let (pipe, capacity) = match self.pipes.pop() {
@@ -90,7 +100,7 @@ impl ChannelPool {
                 capacity,
                 len,
             } => {
-                if len == 0 && self.splice && self.pipes.len() < IDLE_CHANNELS {
+                if len == 0 && self.splice != Splice::Off && self.pipes.len() < IDLE_CHANNELS {
                     self.pipes.push((pipe, capacity));
                 }
             }
@@ -133,6 +143,9 @@ struct Direction {
     eof: bool,
     /// End of stream was passed on to the destination.
     shut: bool,
+    /// A read has filled the whole scratch buffer: `--splice auto` splices
+    /// this direction from now on.
+    streaming: bool,
     bytes: u64,
 }
 
@@ -275,6 +288,7 @@ impl Direction {
             held: Held::Nothing,
             eof: false,
             shut: false,
+            streaming: false,
             bytes: 0,
         }
     }
@@ -301,7 +315,7 @@ impl Direction {
             if matches!(self.held, Held::Nothing)
                 && !self.eof
                 && !state.src_blocked
-                && let Some(pipe) = pool.take_pipe()
+                && let Some(pipe) = pool.take_pipe(self.streaming)
             {
                 self.held = pipe;
             }
@@ -335,6 +349,7 @@ impl Direction {
         let Some(n) = read_with(|| src.read(&mut pool.scratch), &mut self.eof, state, true)? else {
             return Ok(());
         };
+        self.streaming |= n == pool.scratch.len();
         let written = if state.dst_blocked {
             0
         } else {
