@@ -28,7 +28,7 @@ use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
 
 use hooks::HookProcess;
-use relay::{ChannelPool, Pumped, Relay};
+use relay::{ChannelPool, Pumped, Readiness, Relay};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -144,6 +144,7 @@ pub(crate) struct Shell {
 struct ConnIo {
     conn: ConnRef,
     client: TcpStream,
+    client_ready: Readiness,
     stage: Stage,
 }
 
@@ -160,6 +161,7 @@ enum Stage {
     Waiting,
     Connecting {
         upstream: TcpStream,
+        upstream_ready: Readiness,
         /// The next upstream address to try if this one fails.
         next_addr: usize,
     },
@@ -300,11 +302,14 @@ impl Shell {
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
                         // A closed or failed side counts as ready: the next
                         // read or write on it reports how it ended.
-                        let readable =
-                            event.is_readable() || event.is_read_closed() || event.is_error();
-                        let writable =
-                            event.is_writable() || event.is_write_closed() || event.is_error();
-                        self.conn_ready(now, slot, upstream_side, readable, writable);
+                        let closing =
+                            event.is_read_closed() || event.is_write_closed() || event.is_error();
+                        let ready = SocketEvent {
+                            readable: event.is_readable() || closing,
+                            writable: event.is_writable() || closing,
+                            closing,
+                        };
+                        self.conn_ready(now, slot, upstream_side, ready);
                     }
                     _ => {}
                 }
@@ -402,29 +407,34 @@ impl Shell {
         self.io[conn.slot()] = Some(ConnIo {
             conn,
             client,
+            client_ready: Readiness::default(),
             stage: Stage::Waiting,
         });
     }
 
-    fn conn_ready(
-        &mut self,
-        now: u64,
-        slot: usize,
-        upstream_side: bool,
-        readable: bool,
-        writable: bool,
-    ) {
+    fn conn_ready(&mut self, now: u64, slot: usize, upstream_side: bool, ready: SocketEvent) {
         let Some(io) = self.io.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         let conn = io.conn;
+        if !upstream_side {
+            io.client_ready
+                .note(ready.readable, ready.writable, ready.closing);
+        }
         match &mut io.stage {
             Stage::Relaying(relay) => {
-                relay.note_ready(upstream_side, readable, writable);
+                if upstream_side {
+                    relay.note_upstream_ready(ready.readable, ready.writable, ready.closing);
+                }
                 self.pump(now, conn);
             }
-            Stage::Connecting { upstream, .. } if upstream_side => {
-                match connect_result(upstream, writable) {
+            Stage::Connecting {
+                upstream,
+                upstream_ready,
+                ..
+            } if upstream_side => {
+                upstream_ready.note(ready.readable, ready.writable, ready.closing);
+                match connect_result(upstream, ready) {
                     ConnectResult::Pending => {}
                     ConnectResult::Connected => {
                         self.core.handle_upstream_connected(now, conn);
@@ -437,7 +447,9 @@ impl Shell {
                 }
             }
             Stage::Waiting | Stage::Connecting { .. } => {
-                if !upstream_side && readable && client_left(&io.client) {
+                // Plain bytes from a waiting client only wait for activation;
+                // only a close or a failure needs a look at whether it left.
+                if !upstream_side && ready.closing && client_left(&io.client) {
                     self.core.handle_client_left(now, conn);
                     self.drain(now);
                 }
@@ -457,7 +469,7 @@ impl Shell {
         let Stage::Relaying(relay) = &mut io.stage else {
             return;
         };
-        match relay.pump(&io.client, &mut self.pool) {
+        match relay.pump(&io.client, &mut io.client_ready, &mut self.pool) {
             Pumped::Idle => {}
             Pumped::Busy => self.busy_relays.push(conn),
             Pumped::Ended(end) => {
@@ -650,6 +662,7 @@ impl Shell {
                     if let Some(io) = self.io_of(conn) {
                         io.stage = Stage::Connecting {
                             upstream,
+                            upstream_ready: Readiness::default(),
                             next_addr: index + 1,
                         };
                     }
@@ -669,19 +682,23 @@ impl Shell {
         let Some(io) = self.io_of(conn) else {
             return;
         };
-        let Stage::Connecting { upstream, .. } = std::mem::replace(&mut io.stage, Stage::Waiting)
+        let Stage::Connecting {
+            upstream,
+            upstream_ready,
+            ..
+        } = std::mem::replace(&mut io.stage, Stage::Waiting)
         else {
             return;
         };
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let relay = Relay::new(upstream);
+        let relay = Relay::new(upstream, upstream_ready);
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }
-        // Bytes the client sent while queued wait in the kernel; no new edge
-        // will announce them, so pump now.
+        // Bytes the client sent while queued wait in the kernel, announced by
+        // an edge already spent; its readiness remembers them, so pump now.
         self.pump(now, conn);
     }
 
@@ -802,6 +819,15 @@ fn upstream_token(conn: ConnRef) -> Token {
     Token(FIRST_CONN_TOKEN + conn.slot() * 2 + 1)
 }
 
+/// What one readiness event said about one socket.
+#[derive(Clone, Copy)]
+struct SocketEvent {
+    readable: bool,
+    writable: bool,
+    /// The peer closed or the socket failed.
+    closing: bool,
+}
+
 enum ConnectResult {
     Pending,
     Connected,
@@ -811,12 +837,15 @@ enum ConnectResult {
 /// Whether a non-blocking connect finished (mio's documented recipe: a pending
 /// error means failure; a peer address means connected; `NotConnected` means
 /// not yet). On Linux a connecting socket turns writable only once the
-/// handshake is over, so writability without an error already says
-/// "connected" and saves the peer-address call.
-fn connect_result(upstream: &TcpStream, writable: bool) -> ConnectResult {
+/// handshake is over, and a failed connect reports an error or hang-up, so
+/// plain writability already says "connected" and saves both calls.
+fn connect_result(upstream: &TcpStream, ready: SocketEvent) -> ConnectResult {
+    if ready.writable && !ready.closing {
+        return ConnectResult::Connected;
+    }
     match upstream.take_error() {
         Ok(Some(e)) | Err(e) => return ConnectResult::Failed(Some(e)),
-        Ok(None) if writable => return ConnectResult::Connected,
+        Ok(None) if ready.writable => return ConnectResult::Connected,
         Ok(None) => {}
     }
     match upstream.peer_addr() {

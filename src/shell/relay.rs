@@ -108,33 +108,40 @@ impl ChannelPool {
     }
 }
 
-/// The relay state of one proxying connection.
+/// The relay state of one proxying connection. The client socket and its
+/// readiness stay with the shell, which had them before relaying began.
 pub struct Relay {
     pub upstream: TcpStream,
+    upstream_ready: Readiness,
     /// Client to upstream.
     up: Direction,
     /// Upstream to client.
     down: Direction,
-    client_ready: Readiness,
-    upstream_ready: Readiness,
 }
 
-/// What a socket may do without blocking, as far as we know: set by a
-/// readiness edge, cleared by `WouldBlock`. Edge-triggered epoll reports each
-/// change once, so this saves the read or write that would only say "nothing".
-#[derive(Clone, Copy)]
-struct Readiness {
+/// What a socket may do without blocking, as far as we know, tracked from the
+/// moment it is registered: epoll reports the state at registration and every
+/// change after it, once each (edge-triggered), so nothing is missed. Set by
+/// readiness events; cleared by `WouldBlock`, or by a short read while no
+/// event has said the peer is closing.
+#[derive(Clone, Copy, Default)]
+pub struct Readiness {
     readable: bool,
     writable: bool,
+    /// An event said the peer closed or the socket failed. Until then a read
+    /// that returns less than asked has emptied the socket, since later bytes
+    /// bring a new event; after it, end of stream or an error waits behind
+    /// the bytes and only another read reports it.
+    closing: bool,
 }
 
 impl Readiness {
-    /// Relaying starts with bytes possibly waiting on either side and room to
-    /// write: try everything once.
-    const UNKNOWN: Readiness = Readiness {
-        readable: true,
-        writable: true,
-    };
+    /// Records one readiness event.
+    pub fn note(&mut self, readable: bool, writable: bool, closing: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+        self.closing |= closing;
+    }
 }
 
 struct Direction {
@@ -184,29 +191,26 @@ enum Side {
 struct Round {
     progressed: bool,
     src_blocked: bool,
+    /// See [`Readiness::closing`]: a short read proves nothing while set.
+    src_closing: bool,
     dst_blocked: bool,
 }
 
 impl Relay {
-    pub fn new(upstream: TcpStream) -> Self {
+    /// Starts relaying over a connected upstream whose readiness was tracked
+    /// since it was registered.
+    pub fn new(upstream: TcpStream, upstream_ready: Readiness) -> Self {
         Relay {
             upstream,
+            upstream_ready,
             up: Direction::new(),
             down: Direction::new(),
-            client_ready: Readiness::UNKNOWN,
-            upstream_ready: Readiness::UNKNOWN,
         }
     }
 
-    /// Records a readiness event for one of the two sockets.
-    pub fn note_ready(&mut self, upstream_side: bool, readable: bool, writable: bool) {
-        let ready = if upstream_side {
-            &mut self.upstream_ready
-        } else {
-            &mut self.client_ready
-        };
-        ready.readable |= readable;
-        ready.writable |= writable;
+    /// Records a readiness event for the upstream socket.
+    pub fn note_upstream_ready(&mut self, readable: bool, writable: bool, closing: bool) {
+        self.upstream_ready.note(readable, writable, closing);
     }
 
     /// Bytes relayed client → upstream and upstream → client.
@@ -221,19 +225,24 @@ impl Relay {
     }
 
     /// Moves what can be moved in both directions without blocking.
-    pub fn pump(&mut self, client: &TcpStream, pool: &mut ChannelPool) -> Pumped {
+    pub fn pump(
+        &mut self,
+        client: &TcpStream,
+        client_ready: &mut Readiness,
+        pool: &mut ChannelPool,
+    ) -> Pumped {
         let up = self.up.pump(
             client,
             &self.upstream,
-            &mut self.client_ready.readable,
+            client_ready,
             &mut self.upstream_ready.writable,
             pool,
         );
         let down = self.down.pump(
             &self.upstream,
             client,
-            &mut self.upstream_ready.readable,
-            &mut self.client_ready.writable,
+            &mut self.upstream_ready,
+            &mut client_ready.writable,
             pool,
         );
         let busy = match (up, down) {
@@ -300,13 +309,14 @@ impl Direction {
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
-        src_readable: &mut bool,
+        src_ready: &mut Readiness,
         dst_writable: &mut bool,
         pool: &mut ChannelPool,
     ) -> Result<bool, Failed> {
         let mut state = Round {
             progressed: false,
-            src_blocked: !*src_readable,
+            src_blocked: !src_ready.readable,
+            src_closing: src_ready.closing,
             dst_blocked: !*dst_writable,
         };
         let mut busy = true;
@@ -329,7 +339,7 @@ impl Direction {
                 break;
             }
         }
-        *src_readable = !state.src_blocked;
+        src_ready.readable = !state.src_blocked;
         *dst_writable = !state.dst_blocked;
         Ok(busy)
     }
@@ -346,9 +356,11 @@ impl Direction {
         if self.eof || state.src_blocked {
             return Ok(());
         }
+        let asked = pool.scratch.len();
         let Some(n) = read_with(|| src.read(&mut pool.scratch), &mut self.eof, state, true)? else {
             return Ok(());
         };
+        state.note_short_read(n, asked);
         self.streaming |= n == pool.scratch.len();
         let written = if state.dst_blocked {
             0
@@ -396,12 +408,12 @@ impl Direction {
             }
             return Ok(());
         }
-        if !self.eof
-            && !state.src_blocked
-            && !buf.is_full()
-            && let Some(n) = read_with(|| src.read(buf.space()), &mut self.eof, state, true)?
-        {
-            buf.commit(n);
+        if !self.eof && !state.src_blocked && !buf.is_full() {
+            let asked = buf.space().len();
+            if let Some(n) = read_with(|| src.read(buf.space()), &mut self.eof, state, true)? {
+                buf.commit(n);
+                state.note_short_read(n, asked);
+            }
         }
         Ok(())
     }
@@ -452,6 +464,18 @@ impl Direction {
             pool.give_back(std::mem::replace(&mut self.held, Held::Nothing));
         }
         Ok(())
+    }
+}
+
+impl Round {
+    /// A copying read that got less than it asked for emptied the socket,
+    /// unless end of stream or an error may be queued behind the bytes. A
+    /// splice is never judged so: it stops short when the pipe runs out of
+    /// page slots too.
+    fn note_short_read(&mut self, got: usize, asked: usize) {
+        if got < asked && !self.src_closing {
+            self.src_blocked = true;
+        }
     }
 }
 
