@@ -1,5 +1,6 @@
-//! Out of file descriptors: tcplock stops accepting until a connection closes,
-//! does not spin meanwhile, and serves every client once descriptors free up.
+//! Out of file descriptors: tcplock gives up its idle pipes, then stops
+//! accepting until a connection closes, does not spin meanwhile, and serves
+//! every client once descriptors free up.
 
 mod common;
 
@@ -50,4 +51,50 @@ fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
         "all 41 served"
     );
     assert_eq!(upstream.max_concurrent(), 1);
+}
+
+/// Idle pipes kept for reuse are descriptors no client is using: when
+/// accepting runs out of descriptors, tcplock closes them before it pauses.
+#[test]
+fn idle_pipes_are_given_up_before_accepting_pauses() {
+    let upstream = Upstream::echo();
+    let proxy = Proxy::start_with_fd_limit(32, &["-u", &upstream.arg(), "--max-queue", "500"]);
+    let at_start = proxy.open_pipes();
+
+    // Writes that fill whole buffers make the default --splice auto splice,
+    // and the emptied pipes stay in the pool.
+    let mut bulk = proxy.connect();
+    let chunk = vec![0x5a_u8; 64 * KIB];
+    for _ in 0..4 {
+        roundtrip(&mut bulk, &chunk);
+    }
+    finish(bulk);
+    proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+    assert!(
+        proxy.open_pipes() > at_start,
+        "the bulk exchange left no pipe in the pool"
+    );
+
+    let mut first = proxy.connect();
+    roundtrip(&mut first, b"holding the permit");
+    let mut waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
+    proxy.expect_log(
+        event("accept_paused"),
+        "accept_paused once descriptors run out",
+    );
+    assert_eq!(
+        proxy.open_pipes(),
+        at_start,
+        "idle pipes kept open while accepting is paused"
+    );
+
+    drop(first);
+    for (i, client) in waiting.iter_mut().enumerate() {
+        roundtrip(client, format!("client {i}").as_bytes());
+        client.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    }
+    assert!(
+        proxy.wait_for_count(outcome("ok"), 42, WAIT),
+        "all 42 served"
+    );
 }

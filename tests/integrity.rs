@@ -73,23 +73,11 @@ fn copy_mode_relays_64_mib_both_ways_exactly() {
     assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
 }
 
-/// Pipes the tcplock process has open. Spliced directions give their emptied
-/// pipes back to a pool that keeps them open, so a count above the one at
-/// start proves that some direction spliced.
-fn open_pipes(proxy: &Proxy) -> usize {
-    let dir = format!("/proc/{}/fd", proxy.pid());
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
-        .count()
-}
-
 #[test]
 fn auto_mode_copies_small_exchanges() {
     let up = Upstream::echo();
     let proxy = Proxy::start(&["-u", &up.arg()]);
-    let at_start = open_pipes(&proxy);
+    let at_start = proxy.open_pipes();
     let mut s = proxy.connect();
     for i in 0..200u32 {
         roundtrip(
@@ -99,7 +87,7 @@ fn auto_mode_copies_small_exchanges() {
     }
     finish(s);
     proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
-    assert_eq!(open_pipes(&proxy), at_start, "small exchanges took a pipe");
+    assert_eq!(proxy.open_pipes(), at_start, "small exchanges took a pipe");
 }
 
 #[test]
@@ -107,11 +95,11 @@ fn auto_mode_splices_a_stream_that_fills_the_buffer_and_off_never_does() {
     for (mode, expect_splice) in [("auto", true), ("off", false)] {
         let up = Upstream::echo();
         let proxy = Proxy::start(&["-u", &up.arg(), "--splice", mode]);
-        let at_start = open_pipes(&proxy);
+        let at_start = proxy.open_pipes();
         let total = 4 * MIB + 11;
         assert_eq!(pump_and_check(&proxy, total, 7), total, "--splice {mode}");
         proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
-        let spliced = open_pipes(&proxy) > at_start;
+        let spliced = proxy.open_pipes() > at_start;
         assert_eq!(spliced, expect_splice, "--splice {mode}: pipes taken");
     }
 }

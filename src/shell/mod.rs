@@ -352,6 +352,9 @@ impl Shell {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if sys::is_fd_exhaustion(&e) => {
+                    if self.pool.drop_idle_pipes() {
+                        continue;
+                    }
                     self.accept_paused = true;
                     if let Some(line) = self.logger.line(LogLevel::Warn, "accept_paused") {
                         line.field("error", e)
@@ -649,14 +652,11 @@ impl Shell {
         let mut last_error = failed;
         for index in start..self.upstream_addrs.len() {
             let addr = self.upstream_addrs[index];
-            let attempt = TcpStream::connect(addr).and_then(|mut upstream| {
-                self.poll.registry().register(
-                    &mut upstream,
-                    upstream_token(conn),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                Ok(upstream)
-            });
+            let mut attempt = self.connect_upstream(addr, conn);
+            if matches!(&attempt, Err(e) if sys::is_fd_exhaustion(e)) && self.pool.drop_idle_pipes()
+            {
+                attempt = self.connect_upstream(addr, conn);
+            }
             match attempt {
                 Ok(upstream) => {
                     if let Some(io) = self.io_of(conn) {
@@ -676,6 +676,16 @@ impl Shell {
         }
         let error = last_error.map_or_else(|| "no address".to_string(), |e| e.to_string());
         self.core.handle_upstream_failed(now, conn, &error);
+    }
+
+    fn connect_upstream(&self, addr: SocketAddr, conn: ConnRef) -> io::Result<TcpStream> {
+        let mut upstream = TcpStream::connect(addr)?;
+        self.poll.registry().register(
+            &mut upstream,
+            upstream_token(conn),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(upstream)
     }
 
     fn start_relay(&mut self, now: u64, conn: ConnRef) {

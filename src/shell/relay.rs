@@ -90,6 +90,14 @@ impl ChannelPool {
         })
     }
 
+    /// Closes the idle pipes kept for reuse; says whether there were any. Out
+    /// of descriptors, a client or an upstream needs them more than the pool.
+    pub fn drop_idle_pipes(&mut self) -> bool {
+        let had_any = !self.pipes.is_empty();
+        self.pipes.clear();
+        had_any
+    }
+
     fn give_back(&mut self, held: Held) {
         match held {
             Held::Nothing => {}

@@ -357,6 +357,18 @@ impl Proxy {
             .expect("VmRSS in /proc/PID/status")
     }
 
+    /// Pipes the proxy has open. A spliced direction gives its emptied pipe
+    /// back to a pool that keeps it open, so a count above the one at start
+    /// proves that some direction spliced.
+    pub fn open_pipes(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
     /// Sends a signal by name (e.g. "TERM") with kill(1).
     pub fn signal(&self, sig: &str) {
         let st = Command::new("kill")
