@@ -1,6 +1,6 @@
 //! Backpressure: pushing 32 MiB into an upstream that does not read (then
 //! reads slowly) must not grow tcplock's memory: it stops reading the client
-//! when its buffer is full.
+//! when its buffer (or pipe) is full. Checked on both relay paths.
 mod common;
 
 use common::*;
@@ -12,11 +12,20 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 #[test]
-fn thirty_two_mib_into_a_slow_reader_keeps_rss_flat() {
+fn thirty_two_mib_into_a_slow_reader_keeps_rss_flat_when_copying() {
+    push_into_a_slow_reader("off");
+}
+
+#[test]
+fn thirty_two_mib_into_a_slow_reader_keeps_rss_flat_when_splicing() {
+    push_into_a_slow_reader("auto");
+}
+
+fn push_into_a_slow_reader(splice: &str) {
     let total = 32 * MIB;
     let gate = Arc::new(AtomicBool::new(false));
     let up = Upstream::slow_sink(Arc::clone(&gate), 32 * KIB, Duration::from_millis(1));
-    let proxy = Proxy::start(&["-u", &up.arg()]);
+    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", splice]);
     let rss_start = proxy.rss_kib();
 
     let written = Arc::new(AtomicUsize::new(0));
@@ -60,7 +69,7 @@ fn thirty_two_mib_into_a_slow_reader_keeps_rss_flat() {
         done.load(Ordering::SeqCst)
     });
     eprintln!(
-        "RSS start {rss_start} KiB, while stalled {rss_stalled} KiB, max {rss_max} KiB; \
+        "--splice {splice}: RSS start {rss_start} KiB, while stalled {rss_stalled} KiB, max {rss_max} KiB; \
          client stalled after {} KiB of {} KiB",
         stalled_at / KIB,
         total / KIB
