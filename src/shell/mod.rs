@@ -28,7 +28,7 @@ use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
 
 use hooks::HookProcess;
-use relay::{ChannelPool, Pumped, Readiness, Relay};
+use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -300,16 +300,7 @@ impl Shell {
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
-                        // A closed or failed side counts as ready: the next
-                        // read or write on it reports how it ended.
-                        let closing =
-                            event.is_read_closed() || event.is_write_closed() || event.is_error();
-                        let ready = SocketEvent {
-                            readable: event.is_readable() || closing,
-                            writable: event.is_writable() || closing,
-                            closing,
-                        };
-                        self.conn_ready(now, slot, upstream_side, ready);
+                        self.conn_ready(now, slot, upstream_side, SocketEvent::of(event));
                     }
                     _ => {}
                 }
@@ -421,13 +412,12 @@ impl Shell {
         };
         let conn = io.conn;
         if !upstream_side {
-            io.client_ready
-                .note(ready.readable, ready.writable, ready.closing);
+            io.client_ready.note(ready);
         }
         match &mut io.stage {
             Stage::Relaying(relay) => {
                 if upstream_side {
-                    relay.note_upstream_ready(ready.readable, ready.writable, ready.closing);
+                    relay.note_upstream_ready(ready);
                 }
                 self.pump(now, conn);
             }
@@ -436,7 +426,7 @@ impl Shell {
                 upstream_ready,
                 ..
             } if upstream_side => {
-                upstream_ready.note(ready.readable, ready.writable, ready.closing);
+                upstream_ready.note(ready);
                 match connect_result(upstream, ready) {
                     ConnectResult::Pending => {}
                     ConnectResult::Connected => {
@@ -827,15 +817,6 @@ fn client_token(conn: ConnRef) -> Token {
 
 fn upstream_token(conn: ConnRef) -> Token {
     Token(FIRST_CONN_TOKEN + conn.slot() * 2 + 1)
-}
-
-/// What one readiness event said about one socket.
-#[derive(Clone, Copy)]
-struct SocketEvent {
-    readable: bool,
-    writable: bool,
-    /// The peer closed or the socket failed.
-    closing: bool,
 }
 
 enum ConnectResult {

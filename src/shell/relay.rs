@@ -145,10 +145,31 @@ pub struct Readiness {
 
 impl Readiness {
     /// Records one readiness event.
-    pub fn note(&mut self, readable: bool, writable: bool, closing: bool) {
-        self.readable |= readable;
-        self.writable |= writable;
-        self.closing |= closing;
+    pub fn note(&mut self, event: SocketEvent) {
+        self.readable |= event.readable;
+        self.writable |= event.writable;
+        self.closing |= event.closing;
+    }
+}
+
+/// What one readiness event said about one socket. A closed or failed socket
+/// counts as readable and writable: the next read or write says how it ended.
+#[derive(Clone, Copy)]
+pub struct SocketEvent {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer closed or the socket failed.
+    pub closing: bool,
+}
+
+impl SocketEvent {
+    pub fn of(event: &mio::event::Event) -> Self {
+        let closing = event.is_read_closed() || event.is_write_closed() || event.is_error();
+        SocketEvent {
+            readable: event.is_readable() || closing,
+            writable: event.is_writable() || closing,
+            closing,
+        }
     }
 }
 
@@ -217,8 +238,8 @@ impl Relay {
     }
 
     /// Records a readiness event for the upstream socket.
-    pub fn note_upstream_ready(&mut self, readable: bool, writable: bool, closing: bool) {
-        self.upstream_ready.note(readable, writable, closing);
+    pub fn note_upstream_ready(&mut self, event: SocketEvent) {
+        self.upstream_ready.note(event);
     }
 
     /// Bytes relayed client → upstream and upstream → client.
