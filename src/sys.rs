@@ -132,7 +132,8 @@ impl Pipe {
     }
 
     /// Moves up to `len` bytes from the socket `from` into the pipe.
-    /// `Ok(0)` is end of stream.
+    /// `Ok(0)` is end of stream; [`io::ErrorKind::Unsupported`] means splice
+    /// is refused here (by the kernel or a seccomp filter).
     pub fn fill_from(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
         splice(from, self.write.as_fd(), len)
     }
@@ -158,7 +159,17 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
         )
     };
     if moved < 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        // A kernel without splice for these descriptors, or a sandbox whose
+        // seccomp filter denies the call, says so with one of these; the
+        // relay then copies instead.
+        if matches!(
+            error.raw_os_error(),
+            Some(libc::EPERM | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+        ) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, error));
+        }
+        return Err(error);
     }
     Ok(moved as usize)
 }

@@ -104,6 +104,28 @@ fn auto_mode_splices_a_stream_that_fills_the_buffer_and_off_never_does() {
     }
 }
 
+/// Where the kernel or a seccomp filter refuses splice (here strace fails
+/// every splice call with EPERM), the default --splice auto copies instead:
+/// streams arrive whole and the refusal is logged once, not per connection.
+#[test]
+fn refused_splice_falls_back_to_copying() {
+    let up = Upstream::echo();
+    let mut proxy = Proxy::start_injecting("splice:error=EPERM", &["-u", &up.arg()]);
+    for (conn, seed) in [(1, 0x5eed_0001), (2, 0x5eed_0002)] {
+        let total = 4 * MIB + 3;
+        assert_eq!(pump_and_check(&proxy, total, seed), total, "conn {conn}");
+        let closed = proxy.expect_log(closed_with(conn, "ok"), "closed outcome=ok");
+        assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+    }
+    let refusals = proxy.matching(event("splice_refused"));
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(refusals[0].contains("level=warn"), "{}", refusals[0]);
+    assert!(
+        proxy.stop(WAIT).is_some(),
+        "tcplock under strace did not stop"
+    );
+}
+
 #[test]
 fn tiny_buffer_size_still_relays_exactly() {
     let up = Upstream::echo();

@@ -462,7 +462,13 @@ impl Shell {
         let Stage::Relaying(relay) = &mut io.stage else {
             return;
         };
-        match relay.pump(&io.client, &mut io.client_ready, &mut self.pool) {
+        let pumped = relay.pump(&io.client, &mut io.client_ready, &mut self.pool);
+        if let Some(error) = self.pool.take_splice_refusal()
+            && let Some(line) = self.logger.line(LogLevel::Warn, "splice_refused")
+        {
+            line.field("error", error).field("relay", "copying");
+        }
+        match pumped {
             Pumped::Idle => {}
             Pumped::Busy => self.busy_relays.push(conn),
             Pumped::Ended(end) => {

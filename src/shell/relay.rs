@@ -44,6 +44,10 @@ pub struct ChannelPool {
     splice: Splice,
     /// Empty pipes ready for reuse, with their capacity.
     pipes: Vec<(Pipe, usize)>,
+    /// The kernel or a sandbox refused splice: copy from now on.
+    splice_refused: bool,
+    /// The refusal, until the shell has logged it.
+    refusal: Option<io::Error>,
 }
 
 impl ChannelPool {
@@ -53,6 +57,8 @@ impl ChannelPool {
             scratch: vec![0; buffer_size].into_boxed_slice(),
             splice,
             pipes: Vec::new(),
+            splice_refused: false,
+            refusal: None,
         }
     }
 
@@ -76,7 +82,7 @@ impl ChannelPool {
             Splice::Auto => streaming,
             Splice::On => true,
         };
-        if !wanted {
+        if !wanted || self.splice_refused {
             return None;
         }
         let (pipe, capacity) = match self.pipes.pop() {
@@ -96,6 +102,19 @@ impl ChannelPool {
         let had_any = !self.pipes.is_empty();
         self.pipes.clear();
         had_any
+    }
+
+    /// Stops splicing for good after the first refusal; nothing is lost, as
+    /// only a splice into an empty pipe is taken for one.
+    fn refuse_splice(&mut self, error: io::Error) {
+        self.splice_refused = true;
+        self.pipes.clear();
+        self.refusal = Some(error);
+    }
+
+    /// The refusal that turned splicing off, once, for the log.
+    pub fn take_splice_refusal(&mut self) -> Option<io::Error> {
+        self.refusal.take()
     }
 
     fn give_back(&mut self, held: Held) {
@@ -305,12 +324,14 @@ impl Relay {
 enum Failed {
     Source,
     Destination,
+    /// Splicing from the source was refused; nothing was moved.
+    SpliceRefused(io::Error),
 }
 
 impl Failed {
     fn into_end(self, source: Side, destination: Side) -> RelayEnd {
         let side = match self {
-            Failed::Source => source,
+            Failed::Source | Failed::SpliceRefused(_) => source,
             Failed::Destination => destination,
         };
         match side {
@@ -361,7 +382,15 @@ impl Direction {
             match &mut self.held {
                 Held::Nothing => self.copy_through(src, dst, pool, &mut state)?,
                 Held::Buffer(_) => self.drain_buffer(src, dst, pool, &mut state)?,
-                Held::Pipe { .. } => self.splice_round(src, dst, pool, &mut state)?,
+                Held::Pipe { .. } => match self.splice_round(src, dst, pool, &mut state) {
+                    Err(Failed::SpliceRefused(error)) => {
+                        // The pipe is empty: drop it and copy this round.
+                        self.held = Held::Nothing;
+                        pool.refuse_splice(error);
+                        state.progressed = true;
+                    }
+                    other => other?,
+                },
             }
             if !state.progressed {
                 busy = false;
@@ -470,12 +499,17 @@ impl Direction {
             // pipe proves the socket has nothing to give.
             let empty = *len == 0;
             let room = *capacity - *len;
-            if let Some(n) = read_with(
+            let filled = match read_with(
                 || pipe.fill_from(src.as_fd(), room),
                 &mut self.eof,
                 state,
                 empty,
-            )? {
+            ) {
+                // Bytes in the pipe could not be moved on: fail instead.
+                Err(Failed::SpliceRefused(_)) if !empty => return Err(Failed::Source),
+                other => other?,
+            };
+            if let Some(n) = filled {
                 *len += n;
             }
         }
@@ -543,6 +577,9 @@ fn read_with(
                 return Ok(None);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                return Err(Failed::SpliceRefused(e));
+            }
             Err(_) => return Err(Failed::Source),
         }
     }

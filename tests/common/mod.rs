@@ -211,6 +211,8 @@ pub struct Proxy {
     addr: SocketAddr,
     status: Option<ExitStatus>,
     args: Vec<String>,
+    /// tcplock's own pid when it runs as a child of `strace`.
+    traced: Option<u32>,
 }
 
 impl Proxy {
@@ -239,6 +241,35 @@ impl Proxy {
             .arg(BIN)
             .args(&full);
         Proxy::start_command(command, &full)
+    }
+
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` under `strace` with a fault
+    /// injection such as `splice:error=EPERM`: every such call fails, as
+    /// under a seccomp filter. `pid()` and signals reach tcplock itself.
+    pub fn start_injecting(fault: &str, args: &[&str]) -> Proxy {
+        let mut full = vec!["-l", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        let syscall = fault.split(':').next().unwrap_or(fault);
+        let mut command = Command::new("strace");
+        command
+            .args(["-f", "-o", "/dev/null", "-e"])
+            .arg(format!("trace={syscall}"))
+            .arg("-e")
+            .arg(format!("inject={fault}"))
+            .arg(BIN)
+            .args(&full);
+        let mut proxy = Proxy::start_command(command, &full);
+        let tracer = proxy.child.id();
+        let children = format!("/proc/{tracer}/task/{tracer}/children");
+        let tracee =
+            std::fs::read_to_string(&children).unwrap_or_else(|e| panic!("{children}: {e}"));
+        let tracee = tracee
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("strace {tracer} has no child in {children}"));
+        proxy.traced = Some(tracee);
+        proxy
     }
 
     fn start_command(mut command: Command, args: &[&str]) -> Proxy {
@@ -273,6 +304,7 @@ impl Proxy {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             status: None,
             args: args.iter().map(|s| s.to_string()).collect(),
+            traced: None,
         };
         let line = proxy
             .wait_for_log(event("listening"), WAIT)
@@ -296,7 +328,7 @@ impl Proxy {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.traced.unwrap_or_else(|| self.child.id())
     }
 
     /// A client connection to the proxy, with timeouts set.
@@ -421,6 +453,14 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // A killed strace would leave its tracee running, holding the log pipe.
+        if let Some(pid) = self.traced
+            && self.status.is_none()
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         if self.status.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
