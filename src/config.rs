@@ -453,11 +453,11 @@ pub enum Splice {
 }
 
 impl Splice {
-    /// Reads `auto`, `on` or `off`.
+    /// Reads `auto`, `on` or `off`, in any case.
     pub fn parse(s: &str) -> Option<Self> {
         [Self::Off, Self::Auto, Self::On]
             .into_iter()
-            .find(|mode| mode.as_str() == s)
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(s))
     }
 
     /// The name, as logs show it and [`Splice::parse`] reads it.
@@ -695,7 +695,7 @@ mod tests {
             "--shutdown-grace",
             "0",
             "--splice",
-            "on",
+            "On",
         ]);
         assert_eq!(c.listen, "[::1]:0");
         assert_eq!(c.upstream.to_string(), "db:5432");

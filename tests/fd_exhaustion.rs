@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
@@ -17,6 +18,21 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
+/// Ends the permit holder's connection, then expects every waiting client
+/// to be served in turn, `ok_total` clean closes in all.
+fn serve_all_after(proxy: &Proxy, first: TcpStream, mut waiting: Vec<TcpStream>, ok_total: usize) {
+    drop(first);
+    for (i, client) in waiting.iter_mut().enumerate() {
+        roundtrip(client, format!("client {i}").as_bytes());
+        // Closing frees descriptors for the clients still in the backlog.
+        client.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    }
+    assert!(
+        proxy.wait_for_count(outcome("ok"), ok_total, WAIT),
+        "all {ok_total} served"
+    );
+}
+
 #[test]
 fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
     let upstream = Upstream::echo();
@@ -24,7 +40,7 @@ fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
 
     let mut first = proxy.connect();
     roundtrip(&mut first, b"holding the permit");
-    let mut waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
+    let waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
     proxy.expect_log(
         event("accept_paused"),
         "accept_paused once descriptors run out",
@@ -40,16 +56,7 @@ fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
         "{spent} ticks of CPU in 500 ms while paused: spinning"
     );
 
-    drop(first);
-    for (i, client) in waiting.iter_mut().enumerate() {
-        roundtrip(client, format!("client {i}").as_bytes());
-        // Closing frees descriptors for the clients still in the backlog.
-        client.shutdown(std::net::Shutdown::Both).expect("shutdown");
-    }
-    assert!(
-        proxy.wait_for_count(outcome("ok"), 41, WAIT),
-        "all 41 served"
-    );
+    serve_all_after(&proxy, first, waiting, 41);
     assert_eq!(upstream.max_concurrent(), 1);
 }
 
@@ -77,7 +84,7 @@ fn idle_pipes_are_given_up_before_accepting_pauses() {
 
     let mut first = proxy.connect();
     roundtrip(&mut first, b"holding the permit");
-    let mut waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
+    let waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
     proxy.expect_log(
         event("accept_paused"),
         "accept_paused once descriptors run out",
@@ -88,13 +95,5 @@ fn idle_pipes_are_given_up_before_accepting_pauses() {
         "idle pipes kept open while accepting is paused"
     );
 
-    drop(first);
-    for (i, client) in waiting.iter_mut().enumerate() {
-        roundtrip(client, format!("client {i}").as_bytes());
-        client.shutdown(std::net::Shutdown::Both).expect("shutdown");
-    }
-    assert!(
-        proxy.wait_for_count(outcome("ok"), 42, WAIT),
-        "all 42 served"
-    );
+    serve_all_after(&proxy, first, waiting, 42);
 }

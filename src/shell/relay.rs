@@ -419,7 +419,7 @@ impl Direction {
             return Ok(());
         };
         state.note_short_read(n, asked);
-        self.streaming |= n == pool.scratch.len();
+        self.streaming |= n == asked;
         let written = if state.dst_blocked {
             0
         } else {
