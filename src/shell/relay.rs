@@ -505,7 +505,8 @@ impl Direction {
                 state,
                 empty,
             ) {
-                // Bytes in the pipe could not be moved on: fail instead.
+                // Copying cannot take over while the pipe holds bytes
+                // ahead of the socket's: fail the connection instead.
                 Err(Failed::SpliceRefused(_)) if !empty => return Err(Failed::Source),
                 other => other?,
             };
