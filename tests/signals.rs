@@ -102,6 +102,31 @@ fn sighup_raising_permits_lets_a_waiter_through() {
 }
 
 #[test]
+fn sighup_turning_splice_off_closes_the_idle_pipes() {
+    let dir = TempDir::new("hup-splice");
+    let upstream = Upstream::echo();
+    let file = config(&dir, &upstream, "splice = auto\n");
+    let proxy = Proxy::start(&["-c", &file]);
+    let at_start = proxy.open_pipes();
+
+    // Whole-buffer writes splice, and the emptied pipes stay in the pool.
+    let mut bulk = proxy.connect();
+    roundtrip(&mut bulk, &vec![0x5a_u8; 256 * KIB]);
+    finish(bulk);
+    proxy.expect_log(closed_with(1, "ok"), "bulk connection closed");
+    assert!(proxy.open_pipes() > at_start, "no pipe left in the pool");
+
+    config(&dir, &upstream, "splice = off\n");
+    proxy.signal("HUP");
+    proxy.expect_log(reloaded_with("splice"), "reload to splice = off");
+    assert_eq!(
+        proxy.open_pipes(),
+        at_start,
+        "idle pipes kept after splice = off"
+    );
+}
+
+#[test]
 fn sighup_without_a_file_or_with_a_new_listen_address() {
     // No -c: nothing to reload, and the proxy keeps working.
     let upstream = Upstream::echo();

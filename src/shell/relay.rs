@@ -70,6 +70,15 @@ impl ChannelPool {
             self.pipes.clear();
         }
         self.splice = splice;
+        if !self.splices() {
+            self.pipes.clear();
+        }
+    }
+
+    /// Whether pipes are wanted at all: splicing is configured and was never
+    /// refused.
+    fn splices(&self) -> bool {
+        self.splice != Splice::Off && !self.splice_refused
     }
 
     /// An empty pipe for a direction about to read, if it should splice.
@@ -77,12 +86,8 @@ impl ChannelPool {
     /// `streaming` direction in auto mode, or no pipe can be had (out of
     /// descriptors, say), which copying does not need.
     fn take_pipe(&mut self, streaming: bool) -> Option<Held> {
-        let wanted = match self.splice {
-            Splice::Off => false,
-            Splice::Auto => streaming,
-            Splice::On => true,
-        };
-        if !wanted || self.splice_refused {
+        let earned = self.splice == Splice::On || streaming;
+        if !earned || !self.splices() {
             return None;
         }
         let (pipe, capacity) = match self.pipes.pop() {
@@ -127,7 +132,7 @@ impl ChannelPool {
                 capacity,
                 len,
             } => {
-                if len == 0 && self.splice != Splice::Off && self.pipes.len() < IDLE_CHANNELS {
+                if len == 0 && self.splices() && self.pipes.len() < IDLE_CHANNELS {
                     self.pipes.push((pipe, capacity));
                 }
             }
