@@ -18,6 +18,19 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
+/// One client takes the permit and 40 more queue behind it, more than the
+/// descriptor limit leaves room for: tcplock must pause accepting.
+fn connect_until_accepting_pauses(proxy: &Proxy) -> (TcpStream, Vec<TcpStream>) {
+    let mut first = proxy.connect();
+    roundtrip(&mut first, b"holding the permit");
+    let waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
+    proxy.expect_log(
+        event("accept_paused"),
+        "accept_paused once descriptors run out",
+    );
+    (first, waiting)
+}
+
 /// Ends the permit holder's connection, then expects every waiting client
 /// to be served in turn, `ok_total` clean closes in all.
 fn serve_all_after(proxy: &Proxy, first: TcpStream, mut waiting: Vec<TcpStream>, ok_total: usize) {
@@ -38,13 +51,7 @@ fn emfile_pauses_accepting_without_spinning_and_every_client_is_served() {
     let upstream = Upstream::echo();
     let proxy = Proxy::start_with_fd_limit(32, &["-u", &upstream.arg(), "--max-queue", "500"]);
 
-    let mut first = proxy.connect();
-    roundtrip(&mut first, b"holding the permit");
-    let waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
-    proxy.expect_log(
-        event("accept_paused"),
-        "accept_paused once descriptors run out",
-    );
+    let (first, waiting) = connect_until_accepting_pauses(&proxy);
 
     // Paused means idle: measured over a fixed window (a measurement, not a
     // wait for something to happen), the loop burns next to no CPU.
@@ -82,13 +89,7 @@ fn idle_pipes_are_given_up_before_accepting_pauses() {
         "the bulk exchange left no pipe in the pool"
     );
 
-    let mut first = proxy.connect();
-    roundtrip(&mut first, b"holding the permit");
-    let waiting: Vec<_> = (0..40).map(|_| proxy.connect()).collect();
-    proxy.expect_log(
-        event("accept_paused"),
-        "accept_paused once descriptors run out",
-    );
+    let (first, waiting) = connect_until_accepting_pauses(&proxy);
     assert_eq!(
         proxy.open_pipes(),
         at_start,

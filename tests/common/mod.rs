@@ -215,11 +215,17 @@ pub struct Proxy {
     traced: Option<u32>,
 }
 
+/// `-l 127.0.0.1:0` followed by `args`: the kernel picks the port.
+fn on_any_loopback_port<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["-l", "127.0.0.1:0"];
+    full.extend_from_slice(args);
+    full
+}
+
 impl Proxy {
     /// Starts `tcplock -l 127.0.0.1:0 ARGS...` and waits for `event=listening`.
     pub fn start(args: &[&str]) -> Proxy {
-        let mut full = vec!["-l", "127.0.0.1:0"];
-        full.extend_from_slice(args);
+        let full = on_any_loopback_port(args);
         Proxy::start_raw(&full)
     }
 
@@ -233,8 +239,7 @@ impl Proxy {
     /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with at most `limit` open files
     /// (soft and hard, so tcplock cannot raise it).
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Proxy {
-        let mut full = vec!["-l", "127.0.0.1:0"];
-        full.extend_from_slice(args);
+        let full = on_any_loopback_port(args);
         let mut command = Command::new("prlimit");
         command
             .arg(format!("--nofile={limit}:{limit}"))
@@ -247,8 +252,7 @@ impl Proxy {
     /// injection such as `splice:error=EPERM`: every such call fails, as
     /// under a seccomp filter. `pid()` and signals reach tcplock itself.
     pub fn start_injecting(fault: &str, args: &[&str]) -> Proxy {
-        let mut full = vec!["-l", "127.0.0.1:0"];
-        full.extend_from_slice(args);
+        let full = on_any_loopback_port(args);
         let syscall = fault.split(':').next().unwrap_or(fault);
         let mut command = Command::new("strace");
         command
