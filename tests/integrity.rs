@@ -43,18 +43,26 @@ fn pump_and_check(proxy: &Proxy, total: usize, seed: u64) -> usize {
     got
 }
 
-#[test]
-fn sixty_four_mib_both_directions_at_once() {
+/// Starts tcplock with `args` in front of an echo upstream, pushes `total`
+/// bytes of the seed's stream through one connection, and checks they come
+/// back whole and that the closed line counts them both ways.
+fn echo_exactly(args: &[&str], total: usize, seed: u64) {
     let up = Upstream::echo();
-    let proxy = Proxy::start(&["-u", &up.arg()]);
-    let total = 64 * MIB;
-    let start = Instant::now();
-    let got = pump_and_check(&proxy, total, 0x5eed_1234);
-    let took = start.elapsed();
-    assert_eq!(got, total, "bytes echoed");
+    let upstream = up.arg();
+    let mut full = vec!["-u", &upstream];
+    full.extend_from_slice(args);
+    let proxy = Proxy::start(&full);
+    assert_eq!(pump_and_check(&proxy, total, seed), total, "bytes echoed");
     let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
     assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
     assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+}
+
+#[test]
+fn sixty_four_mib_both_directions_at_once() {
+    let start = Instant::now();
+    echo_exactly(&[], 64 * MIB, 0x5eed_1234);
+    let took = start.elapsed();
     assert!(
         took < Duration::from_secs(40),
         "64 MiB each way took {took:?}"
@@ -64,13 +72,7 @@ fn sixty_four_mib_both_directions_at_once() {
 
 #[test]
 fn copy_mode_relays_64_mib_both_ways_exactly() {
-    let up = Upstream::echo();
-    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", "off"]);
-    let total = 64 * MIB + 5;
-    assert_eq!(pump_and_check(&proxy, total, 0x5eed_c0b7), total);
-    let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
-    assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
-    assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+    echo_exactly(&["--splice", "off"], 64 * MIB + 5, 0x5eed_c0b7);
 }
 
 #[test]
@@ -128,23 +130,12 @@ fn refused_splice_falls_back_to_copying() {
 
 #[test]
 fn tiny_buffer_size_still_relays_exactly() {
-    let up = Upstream::echo();
-    let proxy = Proxy::start(&["-u", &up.arg(), "--buffer-size", "1k"]);
-    let total = 4 * MIB + 17;
-    assert_eq!(pump_and_check(&proxy, total, 42), total);
-    let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
-    assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
+    echo_exactly(&["--buffer-size", "1k"], 4 * MIB + 17, 42);
 }
 
 #[test]
 fn splice_mode_relays_64_mib_both_ways_exactly() {
-    let up = Upstream::echo();
-    let proxy = Proxy::start(&["-u", &up.arg(), "--splice", "on"]);
-    let total = 64 * MIB + 3;
-    assert_eq!(pump_and_check(&proxy, total, 0x5eed_5911), total);
-    let closed = proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
-    assert_eq!(num_field(&closed, "bytes_up"), total as u64, "{closed}");
-    assert_eq!(num_field(&closed, "bytes_down"), total as u64, "{closed}");
+    echo_exactly(&["--splice", "on"], 64 * MIB + 3, 0x5eed_5911);
 }
 
 #[test]
