@@ -4,26 +4,33 @@
 //! after one overstays its TTL.
 //!
 //! Embed it with [`Lock::builder`]; the `tcplock` binary is a thin user of the
-//! same API. The crate is split as DESIGN.md lays out: [`core`] is the pure
+//! same API. The crate is split as DESIGN.md lays out: `core` is the pure
 //! state machine (events in, actions out, time as a parameter), `shell` the
-//! single-threaded mio loop that performs its actions, and the rest are the
-//! parts both use.
+//! single-threaded mio loop that performs its actions, `config` the settings
+//! table and its two sources, and `api` the types a user holds.
 
-pub mod buffer;
-pub mod cli;
-pub mod config;
-pub mod core;
-mod error;
-mod hook;
-mod lock;
-pub mod log;
+mod api;
+mod config;
+mod core;
 mod shell;
 mod sys;
-pub mod timer;
-pub mod units;
 
-pub use config::{Config, LogLevel, Splice};
+pub use api::error::Error;
+pub use api::hook::{Hook, Ticket, TimeoutInfo};
+pub use api::lock::{Builder, Handle, Lock};
+pub use config::units::HostPort;
+pub use config::{Config, ConfigError, LogLevel, Splice};
 pub use core::{ConnId, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
-pub use error::Error;
-pub use hook::{Hook, Ticket, TimeoutInfo};
-pub use lock::{Builder, Handle, Lock};
+
+/// What the `tcplock` binary, the fuzz targets and the benchmarks reach
+/// beyond the library's API. Not part of the API: it may change at any time.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::config::{cli, file, load, units};
+    /// The pure state machine, for the model checker's fuzz target.
+    #[cfg(feature = "model")]
+    pub mod core {
+        pub use crate::core::model;
+        pub use crate::core::{HookExit, HookRef, RelayEnd, Settings};
+    }
+}

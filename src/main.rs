@@ -4,13 +4,14 @@
 
 use std::process::ExitCode;
 
-use tcplock::{Builder, cli, config};
+use tcplock::Builder;
+use tcplock::internals::{cli, load};
 
 fn main() -> ExitCode {
     let args = match cli::parse_env() {
         Ok(cli::Command::Run(args)) => args,
         Ok(cli::Command::Help) => {
-            print!("{}", cli::USAGE);
+            print!("{}", cli::usage());
             return ExitCode::SUCCESS;
         }
         Ok(cli::Command::Version) => {
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = config::load(&args)
+    let result = load(&args)
         .map_err(tcplock::Error::from)
         .and_then(|config| {
             Builder::from_config(config)

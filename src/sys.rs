@@ -51,6 +51,17 @@ pub fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens a file for reading without blocking on it: opening a FIFO with no
+/// writer, or a device, must not stall the caller (the loop re-reads the config
+/// file on SIGHUP). The caller checks what it opened before reading.
+pub fn open_nonblocking(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
 /// Deepens a listening socket's accept backlog (the kernel caps it at
 /// `net.core.somaxconn`). A burst of clients larger than the default 128 would
 /// otherwise see SYNs dropped and retried a second later.

@@ -151,3 +151,95 @@ fn command_line_port_replaces_the_files_proxy_host_and_port() {
     finish(c);
     assert!(wait_until(Duration::from_secs(2), || upstream.accepted() == 1));
 }
+
+/// Makes a FIFO at `path` (nobody ever writes to it).
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+#[test]
+fn a_config_file_that_is_not_a_regular_file_is_refused_at_start() {
+    let dir = TempDir::new("conf-kind");
+    let fifo = dir.join("fifo.conf");
+    mkfifo(&fifo);
+    let zero = dir.join("zero.conf");
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    for path in [&fifo, &zero] {
+        let path = path.to_string_lossy().into_owned();
+        // `run` gives up after WAIT: reading the FIFO would hang, /dev/zero
+        // would be read until memory runs out.
+        let out = run(&["-c", &path], WAIT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{path}: {stderr}");
+        assert_eq!(
+            stderr.trim(),
+            format!("tcplock: {path}: not a regular file")
+        );
+    }
+    let big = dir.write_atomic("big.conf", &"#\n".repeat(600 * 1024));
+    let big = big.to_string_lossy().into_owned();
+    let out = run(&["-c", &big], WAIT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), format!("tcplock: {big}: larger than 1 MiB"));
+}
+
+#[test]
+fn sighup_refuses_a_fifo_or_an_impossible_hook_and_keeps_serving() {
+    let dir = TempDir::new("conf-hup-kind");
+    let upstream = Upstream::echo();
+    let conf = |extra: &str| {
+        let text = format!(
+            "listen = 127.0.0.1:0\nupstream = {}\n{extra}",
+            upstream.arg()
+        );
+        dir.write_atomic("tcplock.conf", &text)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let path = conf("");
+    let proxy = Proxy::start_raw(&["-c", &path]);
+
+    // Swapped for a FIFO: a blocking open would freeze every relay.
+    std::fs::remove_file(&path).expect("remove");
+    mkfifo(std::path::Path::new(&path));
+    proxy.signal("HUP");
+    let failed = proxy.expect_log(event("reload_failed"), "reload_failed for the FIFO");
+    assert_eq!(
+        field(&failed, "error").as_deref(),
+        Some(format!("{path}: not a regular file").as_str()),
+        "{failed}"
+    );
+    let mut client = proxy.connect();
+    roundtrip(&mut client, b"served while the file is a FIFO\n");
+    finish(client);
+
+    // A hook with a NUL byte could never be run: refused, naming its line.
+    std::fs::remove_file(&path).expect("remove");
+    conf("on-activate = true\0false\n");
+    proxy.signal("HUP");
+    assert!(
+        proxy.wait_for_count(event("reload_failed"), 2, WAIT),
+        "no second reload_failed: {:?}",
+        proxy.logs()
+    );
+    let failed = proxy
+        .matching(event("reload_failed"))
+        .pop()
+        .unwrap_or_default();
+    let error = field(&failed, "error").unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("{path}:3: on-activate:")),
+        "{failed}"
+    );
+    assert!(error.contains("NUL"), "{failed}");
+    let mut client = proxy.connect();
+    roundtrip(&mut client, b"still served, no hook\n");
+    finish(client);
+    assert_eq!(proxy.count_logs(event("hook_started")), 0);
+}

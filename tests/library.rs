@@ -187,14 +187,13 @@ fn a_reload_that_cannot_apply_is_refused_and_changes_nothing() {
     let config = lock.config().clone();
     let (addr, handle, runner) = spawn(lock);
 
-    let zero_permits = tcplock::Config {
-        permits: 0,
-        ..config.clone()
-    };
+    let mut zero_permits = config.clone();
+    zero_permits.permits = 0;
     assert!(matches!(handle.reload(zero_permits), Err(e) if e.to_string().contains("permits")));
-    let unresolvable = tcplock::Config {
-        upstream: tcplock::units::parse_host_port("no-such-host.invalid:80").expect("syntax"),
-        ..config
+    let mut unresolvable = config;
+    unresolvable.upstream = tcplock::HostPort {
+        host: "no-such-host.invalid".into(),
+        port: 80,
     };
     assert!(handle.reload(unresolvable).is_err());
     let mut client = connect(addr);
@@ -212,4 +211,28 @@ fn the_types_that_cross_threads_say_so() {
     send::<Ticket>();
     send_sync_clone::<tcplock::Handle>();
     send_sync_clone::<tcplock::Hook>();
+}
+
+#[test]
+fn the_builder_gets_the_checks_the_command_line_gets() {
+    let upstream = Upstream::echo();
+    // Duration::MAX once overflowed a deadline in the loop (a panic in a
+    // debug build); now it is refused like `--queue-timeout 200y`.
+    let refused = |builder: tcplock::Builder| match builder.build() {
+        Err(tcplock::Error::Invalid(message)) => message,
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("built"),
+    };
+    let message = refused(quiet_lock(&upstream).queue_timeout(Duration::MAX));
+    assert!(message.starts_with("queue-timeout: "), "{message}");
+    let message = refused(quiet_lock(&upstream).ttl(Duration::MAX));
+    assert!(message.starts_with("timeout: "), "{message}");
+    let message = refused(quiet_lock(&upstream).permits(0));
+    assert_eq!(message, "permits: '0' is too small (at least 1)");
+    let nul = tcplock::Hook::command("true\0false");
+    let message = refused(quiet_lock(&upstream).on_activate_hook(nul));
+    assert!(message.starts_with("on-activate: "), "{message}");
+    let long = tcplock::Hook::command("x".repeat(200 * 1024));
+    let message = refused(quiet_lock(&upstream).on_timeout_hook(long));
+    assert!(message.starts_with("on-timeout: "), "{message}");
 }

@@ -7,14 +7,14 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tcplock::{cli, config, units};
+use tcplock::internals::{cli, file, load, units};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let shown = |r: Result<String, String>| r.map_or_else(|e| e.len(), |v| v.len());
 
     let _ = shown(
-        config::parse_file(&text, Path::new("fuzz.conf"))
+        file::parse_file(&text, Path::new("fuzz.conf"))
             .map(|f| format!("{f:?}"))
             .map_err(|e| e.to_string()),
     );
@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
     match cli::parse_from(args) {
         Ok(cli::Command::Run(raw)) if raw.config.is_none() => {
             let _ = shown(
-                config::load(&raw)
+                load(&raw)
                     .map(|c| format!("{c:?}"))
                     .map_err(|e| e.to_string()),
             );

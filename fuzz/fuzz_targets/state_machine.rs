@@ -1,5 +1,5 @@
 //! Drives the core with an arbitrary sequence of events through the model
-//! checker of `tcplock::core::model`, which panics on the first broken invariant.
+//! checker of `tcplock::internals::core::model`, which panics on the first broken invariant.
 //!
 //! `cargo +nightly fuzz run state_machine` from the repository root (or
 //! `cargo fuzz run state_machine` in `fuzz/`, which pins nightly). Replay a crash
@@ -13,9 +13,8 @@ use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tcplock::Hook;
-use tcplock::core::model::{self, Op, StrayInput};
-use tcplock::core::{HookExit, RelayEnd, Settings};
+use tcplock::internals::core::model::{self, Op, StrayInput};
+use tcplock::internals::core::{HookExit, HookRef, RelayEnd, Settings};
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
 const MAX_OPS: usize = 400;
@@ -119,8 +118,8 @@ impl Knobs {
     fn settings(&self) -> Settings {
         let hook = match self.on_activate % 3 {
             0 => None,
-            1 => Some(Hook::command("prepare-a")),
-            _ => Some(Hook::command("prepare-b")),
+            1 => Some(HookRef(1)),
+            _ => Some(HookRef(2)),
         };
         Settings {
             permits: u32::from(self.permits % 8),
@@ -129,7 +128,7 @@ impl Knobs {
             queue_timeout_ms: self.queue_timeout.map(Span::ms),
             connect_timeout_ms: self.connect_timeout.map(Span::ms),
             on_activate: hook,
-            on_timeout: self.on_timeout.then(|| Hook::command("cleanup")),
+            on_timeout: self.on_timeout.then(|| HookRef(3)),
             hook_timeout_ms: self.hook_timeout.map(Span::ms),
             shutdown_grace_ms: self.shutdown_grace.ms(),
             upstream: "127.0.0.1:9".to_string(),

@@ -20,14 +20,15 @@
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+pub(crate) mod timer;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
 pub use types::{
-    Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRequest, Outcome,
-    OutcomeCounts, RelayEnd, Settings, StateName, Stats,
+    Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest,
+    Outcome, OutcomeCounts, RelayEnd, Settings, StateName, Stats,
 };
 
 use std::collections::VecDeque;
@@ -35,8 +36,7 @@ use std::net::SocketAddr;
 
 use slab::Slab;
 
-use crate::hook::Hook;
-use crate::timer::{TimerKey, TimerWheel};
+use timer::{TimerKey, TimerWheel};
 
 /// The first retry of a failed on-activate hook waits this long; each further
 /// consecutive failure doubles it, up to [`RETRY_MAX_MS`].
@@ -445,16 +445,13 @@ impl Core {
 
     // ----- observers -----
 
-    /// The settings in force.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
+    #[cfg(any(test, feature = "model"))]
     /// Clients in the queue (not counting one whose on-activate hook runs).
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
 
+    #[cfg(any(test, feature = "model"))]
     /// Connections holding a permit (Activating + Proxying).
     pub fn active(&self) -> usize {
         self.active
@@ -465,6 +462,7 @@ impl Core {
         self.conns.len()
     }
 
+    #[cfg(any(test, feature = "model"))]
     /// The hook run the core waits for, if any.
     pub fn hook_running(&self) -> Option<HookId> {
         self.hook.as_ref().map(|run| run.id)
@@ -481,6 +479,7 @@ impl Core {
         }
     }
 
+    #[cfg(any(test, feature = "model"))]
     /// The state of a live connection; `None` once it ended (or for a stale handle).
     pub fn state_of(&self, conn: ConnRef) -> Option<StateName> {
         self.get(conn).map(|c| c.state.name())
@@ -546,7 +545,7 @@ impl Core {
                 return;
             }
             if let Some((conn_id, client)) = self.timeout_hook_due.take()
-                && let Some(run) = self.settings.on_timeout.clone()
+                && let Some(run) = self.settings.on_timeout
             {
                 self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
                 return;
@@ -567,7 +566,7 @@ impl Core {
             }
             self.queue.pop_front();
             self.active += 1;
-            match self.settings.on_activate.clone().filter(|_| hook_needed) {
+            match self.settings.on_activate.filter(|_| hook_needed) {
                 Some(run) => {
                     let client = self.conns[head.slot].client;
                     let attempt = attempts + 1;
@@ -597,7 +596,7 @@ impl Core {
         &mut self,
         now: u64,
         purpose: HookPurpose,
-        run: Hook,
+        run: HookRef,
         client: SocketAddr,
         attempt: u32,
     ) {

@@ -1324,7 +1324,7 @@ mod tests {
     use std::panic::AssertUnwindSafe;
 
     use super::*;
-    use crate::hook::Hook;
+    use crate::core::HookRef;
 
     /// xorshift64*: tiny, deterministic, good enough to pick events.
     struct Rng(u64);
@@ -1380,10 +1380,10 @@ mod tests {
             connect_timeout_ms: rng.limit(),
             on_activate: match rng.below(3) {
                 0 => None,
-                1 => Some(Hook::command("prepare-a")),
-                _ => Some(Hook::command("prepare-b")),
+                1 => Some(HookRef(1)),
+                _ => Some(HookRef(2)),
             },
-            on_timeout: rng.chance(50).then(|| Hook::command("cleanup")),
+            on_timeout: rng.chance(50).then_some(HookRef(3)),
             hook_timeout_ms: rng.limit(),
             shutdown_grace_ms: if rng.chance(20) { 0 } else { rng.duration() },
             upstream: "127.0.0.1:9".to_string(),

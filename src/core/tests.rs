@@ -15,9 +15,9 @@ fn settings() -> Settings {
     }
 }
 
-fn with_hook(command: &str) -> Settings {
+fn with_hook(hook: u32) -> Settings {
     Settings {
-        on_activate: Some(Hook::command(command)),
+        on_activate: Some(HookRef(hook)),
         ..settings()
     }
 }
@@ -47,16 +47,6 @@ fn spawned(actions: &[Action]) -> Option<HookRequest> {
         Action::SpawnHook(request) => Some(request.clone()),
         _ => None,
     })
-}
-
-fn env(request: &HookRequest, key: &str) -> String {
-    request
-        .context
-        .env()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-        .unwrap_or_default()
 }
 
 /// Accepts and proxies one connection.
@@ -241,30 +231,30 @@ fn connect_timeout_fails_the_connection() {
 
 #[test]
 fn the_hook_runs_before_the_upstream_sees_the_connection() {
-    let mut core = Core::new(with_hook("restart"), 0);
+    let mut core = Core::new(with_hook(1), 0);
     let conn = core.handle_accepted(0, addr(1));
     let first = actions(&mut core);
     let request = spawned(&first).expect("a hook starts");
     assert_eq!(first.len(), 1, "no connect before the hook succeeds");
-    assert_eq!(request.run, Hook::command("restart"));
-    assert_eq!(env(&request, "TCPLOCK_EVENT"), "activate");
-    assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "0");
-    assert_eq!(env(&request, "TCPLOCK_ATTEMPT"), "1");
-    assert_eq!(env(&request, "TCPLOCK_LAST_OUTCOME"), "none");
+    assert_eq!(request.run, HookRef(1));
+    assert_eq!(request.context.kind, HookKind::Activate);
+    assert_eq!(request.context.activations, 0);
+    assert_eq!(request.context.attempt, 1);
+    assert_eq!(request.context.last_outcome, None);
     core.handle_hook_exited(50, request.hook, HookExit::Success);
     assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
 }
 
 #[test]
 fn a_failed_hook_retries_with_doubling_backoff_and_keeps_the_place() {
-    let mut core = Core::new(with_hook("restart"), 0);
+    let mut core = Core::new(with_hook(1), 0);
     let head = core.handle_accepted(0, addr(1));
     let behind = core.handle_accepted(0, addr(2));
     let mut now = 0;
     let mut request = spawned(&actions(&mut core)).expect("hook");
     for (attempt, backoff) in [(1, 500), (2, 1_000), (3, 2_000)] {
-        assert_eq!(env(&request, "TCPLOCK_CONN_ID"), head.id().to_string());
-        assert_eq!(env(&request, "TCPLOCK_ATTEMPT"), attempt.to_string());
+        assert_eq!(request.context.conn, head.id());
+        assert_eq!(request.context.attempt, attempt);
         core.handle_hook_exited(now, request.hook, HookExit::Failed(1));
         assert!(events(&mut core).iter().any(|e| matches!(
             e,
@@ -289,7 +279,7 @@ fn a_failed_hook_retries_with_doubling_backoff_and_keeps_the_place() {
 
 #[test]
 fn a_preparation_whose_client_left_serves_the_next_client() {
-    let mut core = Core::new(with_hook("restart"), 0);
+    let mut core = Core::new(with_hook(1), 0);
     let leaver = core.handle_accepted(0, addr(1));
     let next = core.handle_accepted(0, addr(2));
     let request = spawned(&actions(&mut core)).expect("hook");
@@ -308,7 +298,7 @@ fn hooks_never_overlap_even_with_free_permits() {
     let mut core = Core::new(
         Settings {
             permits: 3,
-            ..with_hook("restart")
+            ..with_hook(1)
         },
         0,
     );
@@ -325,7 +315,7 @@ fn hooks_never_overlap_even_with_free_permits() {
                 .count(),
             1
         );
-        assert_eq!(env(&request, "TCPLOCK_CONN_ID"), conn.id().to_string());
+        assert_eq!(request.context.conn, conn.id());
         hooks += 1;
         now += 10;
         core.handle_hook_exited(now, request.hook, HookExit::Success);
@@ -339,8 +329,8 @@ fn the_timeout_hook_runs_before_the_next_activation_hook() {
     let mut core = Core::new(
         Settings {
             ttl_ms: Some(100),
-            on_timeout: Some(Hook::command("cleanup")),
-            ..with_hook("restart")
+            on_timeout: Some(HookRef(2)),
+            ..with_hook(1)
         },
         0,
     );
@@ -354,14 +344,14 @@ fn the_timeout_hook_runs_before_the_next_activation_hook() {
     core.handle_tick(102);
     let after = actions(&mut core);
     let request = spawned(&after).expect("the timeout hook");
-    assert_eq!(request.run, Hook::command("cleanup"));
-    assert_eq!(env(&request, "TCPLOCK_EVENT"), "timeout");
-    assert_eq!(env(&request, "TCPLOCK_TIMEOUTS"), "1");
-    assert_eq!(env(&request, "TCPLOCK_LAST_OUTCOME"), "timeout");
+    assert_eq!(request.run, HookRef(2));
+    assert_eq!(request.context.kind, HookKind::Timeout);
+    assert_eq!(request.context.timeouts, 1);
+    assert_eq!(request.context.last_outcome, Some(Outcome::Timeout));
     core.handle_hook_exited(150, request.hook, HookExit::Success);
     let request = spawned(&actions(&mut core)).expect("then the activation hook");
-    assert_eq!(request.run, Hook::command("restart"));
-    assert_eq!(env(&request, "TCPLOCK_ACTIVATIONS"), "1");
+    assert_eq!(request.run, HookRef(1));
+    assert_eq!(request.context.activations, 1);
 }
 
 #[test]
@@ -369,7 +359,7 @@ fn a_hook_timeout_kills_the_hook_and_counts_as_a_failure() {
     let mut core = Core::new(
         Settings {
             hook_timeout_ms: Some(1_000),
-            ..with_hook("hang")
+            ..with_hook(4)
         },
         0,
     );
@@ -436,7 +426,7 @@ fn the_shutdown_grace_ends_a_connection_that_never_closes() {
 
 #[test]
 fn shutdown_kills_a_running_hook_and_waits_for_its_exit() {
-    let mut core = Core::new(with_hook("restart"), 0);
+    let mut core = Core::new(with_hook(1), 0);
     core.handle_accepted(0, addr(1));
     let request = spawned(&actions(&mut core)).expect("hook");
     core.handle_shutdown(1);
@@ -467,7 +457,7 @@ fn raising_permits_on_reload_lets_a_waiter_through_at_once() {
 
 #[test]
 fn a_queued_client_that_leaves_never_runs_the_hook() {
-    let mut core = Core::new(with_hook("restart"), 0);
+    let mut core = Core::new(with_hook(1), 0);
     let first = core.handle_accepted(0, addr(1));
     let gone = core.handle_accepted(0, addr(2));
     let request = spawned(&actions(&mut core)).expect("hook");
@@ -490,7 +480,7 @@ fn max_queue_zero_admits_a_client_into_a_free_permit_through_a_failing_hook() {
     let mut core = Core::new(
         Settings {
             max_queue: 0,
-            ..with_hook("restart")
+            ..with_hook(1)
         },
         0,
     );
@@ -521,8 +511,8 @@ fn a_reload_without_an_on_timeout_hook_drops_a_pending_timeout_run() {
     let cleanup = Settings {
         permits: 2,
         ttl_ms: Some(100),
-        on_timeout: Some(Hook::command("cleanup")),
-        ..with_hook("restart")
+        on_timeout: Some(HookRef(2)),
+        ..with_hook(1)
     };
     let mut core = Core::new(cleanup.clone(), 0);
     let first = core.handle_accepted(0, addr(1));

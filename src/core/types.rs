@@ -4,8 +4,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::hook::Hook;
-
 /// The id a connection gets at accept: 1, 2, 3, ... in accept order. It is what
 /// logs and hooks show, and it doubles as the generation of the connection's slab
 /// slot, so a stale handle for a reused slot never matches.
@@ -39,6 +37,13 @@ impl ConnRef {
     }
 }
 
+/// A hook as the core schedules it: a name the shell gave it and looks up
+/// when asked to run it. The core never looks inside; two refs are equal
+/// exactly when they name the same hook, so a reload that swaps the hook is
+/// told apart from one that keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HookRef(pub u32);
+
 /// One hook run, unique for the life of the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HookId(pub u64);
@@ -63,9 +68,9 @@ pub struct Settings {
     /// How long connecting to the upstream may take.
     pub connect_timeout_ms: Option<u64>,
     /// Runs before each activation; success lets the connection through.
-    pub on_activate: Option<Hook>,
+    pub on_activate: Option<HookRef>,
     /// Runs after a TTL expiry, before the next on-activate hook.
-    pub on_timeout: Option<Hook>,
+    pub on_timeout: Option<HookRef>,
     /// How long a hook may run before it is killed (and counts as failed).
     pub hook_timeout_ms: Option<u64>,
     /// How long a shutdown waits for proxying connections.
@@ -291,36 +296,13 @@ pub struct HookContext {
     pub attempt: u32,
 }
 
-impl HookContext {
-    /// The `TCPLOCK_*` variables of a command hook, in a fixed order.
-    pub fn env(&self) -> [(&'static str, String); 10] {
-        [
-            ("TCPLOCK_EVENT", self.kind.as_str().to_string()),
-            ("TCPLOCK_CONN_ID", self.conn.to_string()),
-            ("TCPLOCK_CLIENT_ADDR", self.client.to_string()),
-            ("TCPLOCK_UPSTREAM", self.upstream.clone()),
-            ("TCPLOCK_ACTIVATIONS", self.activations.to_string()),
-            ("TCPLOCK_TIMEOUTS", self.timeouts.to_string()),
-            (
-                "TCPLOCK_LAST_OUTCOME",
-                self.last_outcome
-                    .map_or("none", Outcome::as_str)
-                    .to_string(),
-            ),
-            ("TCPLOCK_QUEUE_LENGTH", self.queue_length.to_string()),
-            ("TCPLOCK_ACTIVE", self.active.to_string()),
-            ("TCPLOCK_ATTEMPT", self.attempt.to_string()),
-        ]
-    }
-}
-
 /// Everything the shell needs to run one hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookRequest {
     /// Names this run in `handle_hook_exited` and `KillHook`.
     pub hook: HookId,
     /// What to run; the core does not look inside.
-    pub run: Hook,
+    pub run: HookRef,
     /// The facts the hook gets.
     pub context: HookContext,
 }

@@ -2,7 +2,9 @@
 //! into core inputs and performs the core's actions. It holds no policy: who goes
 //! next, when, and what ends is decided by [`crate::core::Core`].
 
+mod buffer;
 mod hooks;
+mod log;
 mod relay;
 
 use std::io;
@@ -18,16 +20,15 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::cli::RawArgs;
-use crate::config::{self, Config};
+use crate::api::error::Error;
+use crate::api::hook::{HookBody, Reply, Ticket, TimeoutInfo};
+use crate::api::lock::Handle;
+use crate::config::{self, Config, LogLevel, RawArgs};
 use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
-use crate::error::Error;
-use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
-use crate::lock::Handle;
-use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
+use log::{CommaList, Logger};
 
-use hooks::HookProcess;
+use hooks::{HookProcess, HookTable};
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
 
 const LISTENER: Token = Token(0);
@@ -61,8 +62,10 @@ pub(crate) struct ShellOptions {
     pub reload_args: Option<RawArgs>,
 }
 
-/// The core's policy knobs, from a validated config.
-pub fn core_settings(config: &Config) -> Settings {
+/// The core's policy knobs, from a validated config; its hooks are named in
+/// `hooks`.
+fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
+    let (on_activate, on_timeout) = hooks.update(config);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Settings {
         permits: config.permits,
@@ -70,8 +73,8 @@ pub fn core_settings(config: &Config) -> Settings {
         ttl_ms: config.ttl.map(ms),
         queue_timeout_ms: config.queue_timeout.map(ms),
         connect_timeout_ms: config.connect_timeout.map(ms),
-        on_activate: config.on_activate.clone(),
-        on_timeout: config.on_timeout.clone(),
+        on_activate,
+        on_timeout,
         hook_timeout_ms: config.hook_timeout.map(ms),
         shutdown_grace_ms: ms(config.shutdown_grace),
         upstream: config.upstream.to_string(),
@@ -128,6 +131,7 @@ pub(crate) struct Shell {
     logger: Logger,
     upstream_addrs: Vec<SocketAddr>,
     hook: Option<RunningHook>,
+    hooks: HookTable,
     config: Config,
     started: Instant,
     /// Out of file descriptors: wait for a close before accepting again.
@@ -224,6 +228,8 @@ impl Shell {
                 .field("permits", config.permits);
         }
         logger.flush();
+        let mut hooks = HookTable::default();
+        let settings = core_settings(&config, &mut hooks);
         Ok(Shell {
             poll,
             listener: Some(listener),
@@ -234,12 +240,13 @@ impl Shell {
             control_tx,
             control_rx,
             stats: Arc::new(Mutex::new(Stats::default())),
-            core: Core::new(core_settings(&config), 0),
+            core: Core::new(settings, 0),
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             upstream_addrs,
             hook: None,
+            hooks,
             config,
             started: Instant::now(),
             accept_paused: false,
@@ -279,7 +286,9 @@ impl Shell {
                 self.core
                     .poll_timeout()
                     // Round up so a deadline never wakes us a millisecond early.
-                    .map(|deadline| Duration::from_millis(deadline.saturating_sub(self.now()) + 1))
+                    .map(|deadline| {
+                        Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
+                    })
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -589,19 +598,18 @@ impl Shell {
         upstream_addrs: Vec<SocketAddr>,
         (origin_key, origin): (&str, &str),
     ) {
-        let changed = config::changed_keys(&self.config, &new);
         self.upstream_addrs = upstream_addrs;
-        if new.listen != self.config.listen {
+        for key in config::keep_fixed(&self.config, &mut new) {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_ignored") {
-                line.field("key", "listen")
-                    .field("reason", "the listening socket stays; restart to move it");
+                line.field("key", key)
+                    .field("reason", "fixed at start-up; restart to change it");
             }
-            new.listen = self.config.listen.clone();
         }
+        let changed = config::changed_keys(&self.config, &new);
         self.logger.set_level(new.log_level);
         self.pool.reconfigure(new.buffer_size, new.splice);
-        self.core.handle_reload(now, core_settings(&new));
-        let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
+        let settings = core_settings(&new, &mut self.hooks);
+        self.core.handle_reload(now, settings);
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
                 .field("changed", CommaList(&changed));
@@ -740,7 +748,13 @@ impl Shell {
 
     fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
         let context = &request.context;
-        let process = match request.run.body() {
+        // The core asks only for hooks the table named for it.
+        let Some(run) = self.hooks.get(request.run).cloned() else {
+            let exit = HookExit::SpawnFailed("unknown hook".into());
+            self.core.handle_hook_exited(now, request.hook, exit);
+            return;
+        };
+        let process = match run.body() {
             HookBody::Command(command) => match HookProcess::spawn(command, context) {
                 Ok(process) => Some(process),
                 Err(e) => {
@@ -763,7 +777,7 @@ impl Shell {
             started: Instant::now(),
             process,
         });
-        match request.run.body() {
+        match run.body() {
             HookBody::Command(_) => {}
             HookBody::Activate(f) => {
                 let reply = Reply {

@@ -23,9 +23,9 @@ use std::os::fd::AsFd;
 
 use mio::net::TcpStream;
 
-use crate::buffer::{BufferPool, RelayBuffer};
 use crate::config::Splice;
 use crate::core::RelayEnd;
+use crate::shell::buffer::{BufferPool, RelayBuffer};
 use crate::sys::Pipe;
 
 /// How many read-or-write rounds one direction gets per pump call. A busy

@@ -17,7 +17,7 @@ use std::time::Duration;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tcplock::units::parse_duration;
+/// use tcplock::internals::units::parse_duration;
 ///
 /// assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
 /// assert_eq!(parse_duration("20000"), Ok(Duration::from_secs(20)));
@@ -78,7 +78,7 @@ pub fn parse_size(s: &str) -> Result<usize, UnitError> {
 /// literal bracketed, ready for `ToSocketAddrs`.
 ///
 /// ```
-/// use tcplock::units::parse_listen;
+/// use tcplock::internals::units::parse_listen;
 ///
 /// assert_eq!(parse_listen("9000").unwrap(), "127.0.0.1:9000");
 /// assert_eq!(parse_listen("[::1]:9000").unwrap(), "[::1]:9000");
@@ -102,7 +102,7 @@ pub fn parse_listen(s: &str) -> Result<String, UnitError> {
 
 /// An upstream address as the user wrote it; the name is resolved at start-up,
 /// not here.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostPort {
     /// A host name or an IP literal; an IPv6 literal is kept without brackets.
     pub host: String,

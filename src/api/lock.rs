@@ -4,13 +4,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cli::RawArgs;
-use crate::config::{self, Config, LogLevel, Splice};
+use crate::api::error::Error;
+use crate::api::hook::{Hook, Ticket, TimeoutInfo};
+use crate::config::units::{self, HostPort};
+use crate::config::{Config, LogLevel, RawArgs, Splice};
 use crate::core::Stats;
-use crate::error::Error;
-use crate::hook::{Hook, Ticket, TimeoutInfo};
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
-use crate::units::{self, HostPort};
 
 /// A bound, ready-to-run tcplock: the listening socket is open and the upstream
 /// resolved, so clients may connect (and wait in the kernel's backlog) before
@@ -257,31 +256,10 @@ fn non_zero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// The range checks the command line gets from the config parser.
+/// The checks every setting gets, whichever way it came in (flag, file,
+/// builder or reload): one validation, so the ways in cannot drift apart.
 fn validate(config: &Config) -> Result<(), Error> {
-    if config.permits == 0 || config.permits > config::MAX_PERMITS {
-        return Err(Error::Invalid(format!(
-            "permits must be 1 to {}, not {}",
-            config::MAX_PERMITS,
-            config.permits
-        )));
-    }
-    if config.max_queue > config::MAX_QUEUE {
-        return Err(Error::Invalid(format!(
-            "max_queue must be at most {}, not {}",
-            config::MAX_QUEUE,
-            config.max_queue
-        )));
-    }
-    if !(config::MIN_BUFFER_SIZE..=config::MAX_BUFFER_SIZE).contains(&config.buffer_size) {
-        return Err(Error::Invalid(format!(
-            "buffer_size must be {} to {} bytes, not {}",
-            config::MIN_BUFFER_SIZE,
-            config::MAX_BUFFER_SIZE,
-            config.buffer_size
-        )));
-    }
-    Ok(())
+    config.validate().map_err(Error::Invalid)
 }
 
 /// Stops, reconfigures and observes a running [`Lock`] from any thread. Cheap

@@ -33,6 +33,7 @@ pub const TICK_MS: u64 = 8;
 pub const SLOTS: usize = 512;
 
 /// Span of one full turn of the wheel, in milliseconds.
+#[cfg(test)]
 pub const REVOLUTION_MS: u64 = TICK_MS * SLOTS as u64;
 
 /// Index into `TimerWheel::lists` of the list of entries already found due.
@@ -204,6 +205,7 @@ impl<T> TimerWheel<T> {
         self.entries.len()
     }
 
+    #[cfg(test)]
     /// True when no entry is pending.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

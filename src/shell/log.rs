@@ -7,7 +7,7 @@ use std::fmt::{self, Display, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use crate::config::LogLevel;
+use crate::config::LogLevel;
 use crate::core::Event;
 
 /// Buffered logfmt writer.

@@ -177,11 +177,13 @@ impl BufferPool {
         self.capacity
     }
 
+    #[cfg(test)]
     /// Number of buffers taken and not yet given back.
     pub fn outstanding(&self) -> usize {
         self.outstanding
     }
 
+    #[cfg(test)]
     /// Number of buffers kept for reuse.
     pub fn idle(&self) -> usize {
         self.free.len()

@@ -1,0 +1,6 @@
+//! What a library user holds: the lock and its builder and handle, hooks and
+//! their tickets, and the error type.
+
+pub mod error;
+pub mod hook;
+pub mod lock;

@@ -1,0 +1,518 @@
+//! Every setting, declared once: its field in [`Config`], its default, its
+//! flag and config-file key, how its text is read, the range every way in must
+//! respect, whether a reload may change it, and its `--help` line.
+//!
+//! The command line, the config file, the merge of the two, `--help`, the
+//! reload diff and the builder's validation all derive from [`SETTINGS`], so
+//! adding a setting means one entry here, a builder method in `api::lock`, and
+//! the place that uses it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::api::hook::Hook;
+use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
+
+/// Where a setting is listed in `--help`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Group {
+    Addresses,
+    Limits,
+    Hooks,
+    Other,
+}
+
+impl Group {
+    pub(crate) const ALL: [Group; 4] =
+        [Group::Addresses, Group::Limits, Group::Hooks, Group::Other];
+
+    pub(crate) fn title(self) -> &'static str {
+        match self {
+            Group::Addresses => "Addresses",
+            Group::Limits => "Limits",
+            Group::Hooks => "Hooks (run with /bin/sh -c, one at a time)",
+            Group::Other => "Other",
+        }
+    }
+}
+
+/// A setting as the command line, the file and `--help` see it.
+pub(crate) struct Spec {
+    /// The long flag without `--`, which is also the config-file key.
+    pub(crate) key: &'static str,
+    pub(crate) short: Option<char>,
+    /// What `--help` calls its value: `N`, `DUR`, ...
+    pub(crate) value_name: &'static str,
+    pub(crate) group: Group,
+    /// The `--help` text; `\n` starts a continuation line.
+    pub(crate) help: &'static str,
+    /// Whether a reload may change it; a changed value that may not is kept
+    /// (and logged).
+    pub(crate) reloadable: bool,
+    /// Reads the text into the draft; the error is the reason only, so the
+    /// caller can prefix the flag or the file line.
+    pub(crate) set: fn(&mut Draft, &str) -> Result<(), String>,
+    /// The range every way in must respect (flags, file, builder, reload).
+    pub(crate) check: fn(&Config) -> Result<(), String>,
+    pub(crate) differs: fn(&Config, &Config) -> bool,
+    /// Copies the value from the config in force (for a reload that may not
+    /// change it).
+    pub(crate) keep: fn(&mut Config, &Config),
+}
+
+/// Shows the flag as the user may have typed it: `-n/--permits` or `--max-queue`.
+impl fmt::Display for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.short {
+            Some(c) => write!(f, "-{c}/--{}", self.key),
+            None => write!(f, "--{}", self.key),
+        }
+    }
+}
+
+impl fmt::Debug for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl PartialEq for Spec {
+    fn eq(&self, other: &Spec) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Spec {}
+
+/// A config being assembled from its sources. The upstream may come as one
+/// `upstream` or as the 2011 tool's `proxy-host` and `proxy-port` pair, which
+/// only the merge can put together.
+pub(crate) struct Draft {
+    pub(crate) config: Config,
+    pub(crate) proxy_host: Option<String>,
+    pub(crate) proxy_port: Option<u16>,
+}
+
+/// Declares [`Config`] and [`SETTINGS`] from one table.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $default:expr,
+            key $key:literal $(short $short:literal)? value $value_name:literal,
+            $group:ident, reload $reload:literal,
+            parse $parse:expr, check $check:expr,
+            help $help:literal;
+    )*) => {
+        /// Everything the proxy needs to run, validated.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+            /// The `-c` file, re-read on SIGHUP; `None` when none was given.
+            pub config_file: Option<PathBuf>,
+        }
+
+        impl Config {
+            /// A config with every default and the two addresses given.
+            pub fn new(listen: String, upstream: HostPort) -> Config {
+                Config {
+                    $( $field: $default, )*
+                    config_file: None,
+                }
+                .with_addresses(listen, upstream)
+            }
+        }
+
+        /// Every setting of [`Config`], in `--help` order within each group.
+        pub(crate) const SETTINGS: &[Spec] = &[
+            $(
+                Spec {
+                    key: $key,
+                    short: settings!(@short $($short)?),
+                    value_name: $value_name,
+                    group: Group::$group,
+                    help: $help,
+                    reloadable: $reload,
+                    set: |draft, text| {
+                        let parse: fn(&str) -> Result<$ty, String> = $parse;
+                        draft.config.$field = parse(text)?;
+                        Ok(())
+                    },
+                    check: |config| {
+                        let check: fn(&$ty) -> Result<(), String> = $check;
+                        check(&config.$field)
+                    },
+                    differs: |old, new| old.$field != new.$field,
+                    keep: |new, old| new.$field = old.$field.clone(),
+                },
+            )*
+        ];
+    };
+    (@short $c:literal) => { Some($c) };
+    (@short) => { None };
+}
+
+settings! {
+    /// `HOST:PORT`, normalized by [`units::parse_listen`]; resolved by the caller.
+    listen: String = String::new(),
+        key "listen" short 'l' value "ADDR", Addresses, reload false,
+        parse |s| units::parse_listen(s).map_err(|e| e.to_string()),
+        check |_| Ok(()),
+        help "where clients connect: PORT, HOST:PORT or\n\
+              [V6]:PORT; required. PORT alone binds 127.0.0.1";
+    /// The service behind the lock; resolved at start-up and on every reload.
+    upstream: HostPort = HostPort::default(),
+        key "upstream" short 'u' value "HOST:PORT", Addresses, reload true,
+        parse |s| units::parse_host_port(s).map_err(|e| e.to_string()),
+        check |_| Ok(()),
+        help "upstream in one word; not together with -p or -h";
+    /// Connections let through at once; at least 1.
+    permits: u32 = 1,
+        key "permits" short 'n' value "N", Limits, reload true,
+        parse |s| parse_count(s),
+        check |n| in_range(*n, 1, MAX_PERMITS),
+        help "connections let through at once (default: 1)";
+    /// `--timeout`: how long a connection may proxy. `None` means no limit.
+    ttl: Option<Duration> = None,
+        key "timeout" short 't' value "DUR", Limits, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "longest a connection may proxy; 0 = no limit\n(default: 0)";
+    /// Longest wait from accept until proxying. `None` means no limit.
+    queue_timeout: Option<Duration> = None,
+        key "queue-timeout" value "DUR", Limits, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "longest wait from accept until proxying;\n0 = no limit (default: 0)";
+    /// Clients that may wait; 0 means a connection that cannot be activated at
+    /// once is rejected.
+    max_queue: usize = 1024,
+        key "max-queue" value "N", Limits, reload true,
+        parse |s| parse_count(s),
+        check |n| in_range(*n, 0, MAX_QUEUE),
+        help "most connections waiting; one more is closed at\nonce (default: 1024)";
+    /// Upstream connect timeout, 10 s by default. `None` means no limit.
+    connect_timeout: Option<Duration> = Some(Duration::from_secs(10)),
+        key "connect-timeout" value "DUR", Limits, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "upstream connect timeout, shared out among its\n\
+              addresses; 0 = no limit (default: 10s)";
+    /// Bytes per relay direction, within [`MIN_BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`].
+    buffer_size: usize = 16 * 1024,
+        key "buffer-size" value "BYTES", Limits, reload true,
+        parse |s| units::parse_size(s).map_err(|e| e.to_string()),
+        check |n| check_buffer_size(*n),
+        help "relay buffer per direction, 1k to 64m\n(default: 16k)";
+    /// Runs before each activation; only its success lets the connection
+    /// through, a failure retries after a backoff. `None` lets connections
+    /// straight through.
+    on_activate: Option<Hook> = None,
+        key "on-activate" value "CMD", Hooks, reload true,
+        parse |s| Ok(parse_hook(s)),
+        check |hook| check_hook(hook.as_ref()),
+        help "runs before each activation; exit 0 lets the\n\
+              connection through (default: none)";
+    /// Runs after each TTL expiry. `None` means nothing runs.
+    on_timeout: Option<Hook> = None,
+        key "on-timeout" value "CMD", Hooks, reload true,
+        parse |s| Ok(parse_hook(s)),
+        check |hook| check_hook(hook.as_ref()),
+        help "runs after a connection's timeout (default: none)";
+    /// How long a hook may run before it is given up on (a command hook's
+    /// process group is killed), 60 s by default. `None` means never.
+    hook_timeout: Option<Duration> = Some(Duration::from_secs(60)),
+        key "hook-timeout" value "DUR", Hooks, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "kill a hook and its process group after this\n\
+              long; 0 = never (default: 60s)";
+    /// How long a stop waits for proxying connections; zero closes them at once.
+    shutdown_grace: Duration = Duration::from_secs(30),
+        key "shutdown-grace" value "DUR", Other, reload true,
+        parse |s| units::parse_duration(s).map_err(|e| e.to_string()),
+        check |d| check_limit(Some(*d)),
+        help "on SIGTERM, how long proxying connections may\n\
+              finish; 0 = don't wait (default: 30s)";
+    /// What the logfmt lines on stderr include; [`LogLevel::Info`] by default.
+    log_level: LogLevel = LogLevel::Info,
+        key "log-level" value "LEVEL", Other, reload true,
+        parse |s| parse_choice(s, &LogLevel::ALL, LogLevel::as_str, "log level"),
+        check |_| Ok(()),
+        help "error, warn, info or debug (default: info)";
+    /// When to relay with `splice(2)` instead of copying; [`Splice::Auto`] by
+    /// default.
+    splice: Splice = Splice::Auto,
+        key "splice" value "auto|on|off", Other, reload true,
+        parse |s| parse_choice(s, &Splice::ALL, Splice::as_str, "value"),
+        check |_| Ok(()),
+        help "move bytes with splice(2) instead of copying;\n\
+              auto switches a direction over once it streams\n\
+              a full buffer (default: auto)";
+}
+
+/// The 2011 tool's way to name the upstream; the merge folds them into
+/// [`Config::upstream`].
+pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
+    Spec {
+        key: "proxy-port",
+        short: Some('p'),
+        value_name: "PORT",
+        group: Group::Addresses,
+        help: "upstream port",
+        reloadable: true,
+        set: |draft, text| {
+            draft.proxy_port = Some(units::parse_port(text).map_err(|e| e.to_string())?);
+            Ok(())
+        },
+        check: |_| Ok(()),
+        differs: |_, _| false,
+        keep: |_, _| {},
+    },
+    Spec {
+        key: "proxy-host",
+        short: Some('h'),
+        value_name: "HOST",
+        group: Group::Addresses,
+        help: "upstream host (default: localhost)",
+        reloadable: true,
+        set: |draft, text| {
+            draft.proxy_host = Some(units::parse_host(text).map_err(|e| e.to_string())?);
+            Ok(())
+        },
+        check: |_| Ok(()),
+        differs: |_, _| false,
+        keep: |_, _| {},
+    },
+];
+
+/// Every setting the command line and the file accept, `-c` aside.
+pub(crate) fn all_specs() -> impl Iterator<Item = &'static Spec> {
+    SETTINGS.iter().chain(UPSTREAM_PARTS)
+}
+
+/// The setting whose key (long flag name) is exactly `key`.
+pub(crate) fn spec_by_key(key: &str) -> Option<&'static Spec> {
+    all_specs().find(|spec| spec.key == key)
+}
+
+/// The setting whose one-letter flag is `c`.
+pub(crate) fn spec_by_short(c: char) -> Option<&'static Spec> {
+    all_specs().find(|spec| spec.short == Some(c))
+}
+
+impl Config {
+    fn with_addresses(mut self, listen: String, upstream: HostPort) -> Config {
+        self.listen = listen;
+        self.upstream = upstream;
+        self
+    }
+
+    /// Checks every setting against the range the command line enforces, so a
+    /// builder or a `Handle::reload` cannot get past what a flag could not.
+    /// The error names the setting's key.
+    pub fn validate(&self) -> Result<(), String> {
+        for spec in SETTINGS {
+            (spec.check)(self).map_err(|reason| format!("{}: {reason}", spec.key))?;
+        }
+        Ok(())
+    }
+}
+
+/// The keys whose values differ between two configs, in table order, for the
+/// `event=reloaded changed=...` log line.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    SETTINGS
+        .iter()
+        .filter(|spec| (spec.differs)(old, new))
+        .map(|spec| spec.key)
+        .collect()
+}
+
+/// Puts back, in `new`, every value a reload may not change, and returns
+/// the keys of those that differed (for a `reload_ignored` line each).
+pub fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    for spec in SETTINGS.iter().filter(|spec| !spec.reloadable) {
+        if (spec.differs)(old, new) {
+            (spec.keep)(new, old);
+            kept.push(spec.key);
+        }
+    }
+    kept
+}
+
+/// Smallest `--buffer-size`, 1 KiB: below it relaying costs a syscall per few
+/// bytes.
+pub const MIN_BUFFER_SIZE: usize = 1024;
+/// Largest `--buffer-size`, 64 MiB: above it one connection could eat a small
+/// host's memory.
+pub const MAX_BUFFER_SIZE: usize = 64 * 1024 * 1024;
+/// Cap on `--permits`: each permit holds at least one file descriptor, so more
+/// could never be served, and a cap keeps capacity arithmetic and pre-sizing
+/// elsewhere safe.
+pub const MAX_PERMITS: u32 = 1_000_000;
+/// Cap on `--max-queue`, for the same reasons as [`MAX_PERMITS`].
+pub const MAX_QUEUE: usize = 1_000_000;
+/// The kernel refuses a single `execve` argument this long or longer
+/// (`MAX_ARG_STRLEN`, 32 pages), and `/bin/sh -c` passes the command as one.
+pub const MAX_HOOK_COMMAND: usize = 128 * 1024 - 1;
+
+/// How much the log says; each level includes those before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum LogLevel {
+    /// Errors only, such as a failed reload.
+    Error,
+    /// Also warnings, such as a failed or timed-out hook.
+    Warn,
+    /// Also each connection's activation, end and rejection; the default.
+    Info,
+    /// Also every accept.
+    Debug,
+}
+
+impl LogLevel {
+    const ALL: [LogLevel; 4] = [Self::Error, Self::Warn, Self::Info, Self::Debug];
+
+    /// The lower-case name, as logs show it and the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When the relay moves bytes with `splice(2)` through a pipe instead of
+/// copying them through user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Splice {
+    /// Always copy.
+    Off,
+    /// Copy until a direction fills a whole buffer in one read, then splice
+    /// that direction: small exchanges stay on the cheaper copying path and
+    /// bulk streams skip two copies per buffer. The default.
+    Auto,
+    /// Splice every direction from its first byte.
+    On,
+}
+
+impl Splice {
+    const ALL: [Splice; 3] = [Self::Off, Self::Auto, Self::On];
+
+    /// The name, as logs show it and the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Auto => "auto",
+            Self::On => "on",
+        }
+    }
+}
+
+impl fmt::Display for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of `choices` by name, in any case; the error lists them.
+fn parse_choice<T: Copy>(
+    text: &str,
+    choices: &[T],
+    name: fn(T) -> &'static str,
+    what: &str,
+) -> Result<T, String> {
+    choices
+        .iter()
+        .copied()
+        .find(|&choice| name(choice).eq_ignore_ascii_case(text))
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|&c| name(c)).collect();
+            let (last, rest) = names.split_last().unwrap_or((&"", &[]));
+            format!(
+                "invalid {what} {} (use {} or {last})",
+                Quoted(text),
+                rest.join(", ")
+            )
+        })
+}
+
+/// A plain decimal count; its range is the setting's check.
+fn parse_count<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("invalid number {}", Quoted(text)));
+    }
+    text.parse()
+        .map_err(|_| format!("{} is too large", Quoted(text)))
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(n: T, min: T, max: T) -> Result<(), String> {
+    if n < min {
+        return Err(format!("'{n}' is too small (at least {min})"));
+    }
+    if n > max {
+        return Err(format!("'{n}' is too large (at most {max})"));
+    }
+    Ok(())
+}
+
+/// A duration where zero means "no limit".
+fn parse_limit(text: &str) -> Result<Option<Duration>, String> {
+    let duration = units::parse_duration(text).map_err(|e| e.to_string())?;
+    Ok((!duration.is_zero()).then_some(duration))
+}
+
+/// Deadlines are `now + duration` on a millisecond clock: the cap keeps that
+/// sum far from overflowing, however the duration came in.
+fn check_limit(duration: Option<Duration>) -> Result<(), String> {
+    match duration {
+        Some(d) if d > MAX_DURATION => Err(format!(
+            "{} ms is too long (at most 100 years)",
+            d.as_millis()
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_buffer_size(size: usize) -> Result<(), String> {
+    if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
+        return Err(format!("buffer size {size} out of range (1k to 64m)"));
+    }
+    Ok(())
+}
+
+/// An empty command means "no hook", and still overrides a hook the other
+/// source sets.
+fn parse_hook(text: &str) -> Option<Hook> {
+    (!text.is_empty()).then(|| Hook::command(text))
+}
+
+/// A command that `/bin/sh -c` could never be given would fail every
+/// activation forever: refuse it where it is set instead.
+fn check_hook(hook: Option<&Hook>) -> Result<(), String> {
+    let Some(command) = hook.and_then(Hook::as_command) else {
+        return Ok(());
+    };
+    if command.contains('\0') {
+        return Err("a command cannot contain a NUL byte".into());
+    }
+    if command.len() > MAX_HOOK_COMMAND {
+        return Err(format!(
+            "a command of {} bytes is too long (at most {MAX_HOOK_COMMAND})",
+            command.len()
+        ));
+    }
+    Ok(())
+}
