@@ -8,6 +8,7 @@ use crate::config::ConfigError;
 
 /// Why a [`crate::Lock`] could not be built or stopped running.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// A setting is missing or out of range; the message names it.
     Invalid(String),

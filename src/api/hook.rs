@@ -189,6 +189,7 @@ impl fmt::Debug for Ticket {
 
 /// What a closure on-timeout hook is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TimeoutInfo {
     /// The connection whose TTL expired.
     pub id: ConnId,

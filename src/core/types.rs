@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 /// logs and hooks show, and it doubles as the generation of the connection's slab
 /// slot, so a stale handle for a reused slot never matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConnId(pub u64);
+pub struct ConnId(pub(crate) u64);
 
 impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -98,6 +98,7 @@ impl Default for Settings {
 
 /// How a connection ended. Every accepted connection ends exactly once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Both directions finished cleanly.
     Ok,
@@ -156,6 +157,7 @@ impl Outcome {
 
 /// What a lock reports about itself (see [`crate::Handle::stats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Clients waiting.
     pub queue_length: usize,
@@ -211,6 +213,7 @@ pub enum RelayEnd {
 
 /// Why a hook runs; shown to it as `TCPLOCK_EVENT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HookKind {
     /// Before a connection is let through.
     Activate,
@@ -272,6 +275,7 @@ impl fmt::Display for HookExit {
 /// The facts of the moment a hook runs: a command hook gets them as `TCPLOCK_*`
 /// environment variables, a closure hook on its [`crate::Ticket`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HookContext {
     /// Why the hook runs.
     pub kind: HookKind,
