@@ -134,7 +134,8 @@ pub(crate) struct Shell {
     accept_paused: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
-    /// Relays that used up their turn and must be pumped again.
+    /// Relays that used up their turn and must be pumped again, each once
+    /// (see [`Relay::scheduled`]).
     busy_relays: Vec<ConnRef>,
     /// The list being worked through this turn; swapped with `busy_relays` so
     /// neither is ever reallocated in steady state.
@@ -312,7 +313,11 @@ impl Shell {
             self.handle_control(now);
             std::mem::swap(&mut self.busy_now, &mut self.busy_relays);
             for index in 0..self.busy_now.len() {
-                self.pump(now, self.busy_now[index]);
+                let conn = self.busy_now[index];
+                if let Some(Stage::Relaying(relay)) = self.io_of(conn).map(|io| &mut io.stage) {
+                    relay.scheduled = false;
+                }
+                self.pump(now, conn);
             }
             self.busy_now.clear();
             if self.accept_more {
@@ -470,7 +475,17 @@ impl Shell {
         }
         match pumped {
             Pumped::Idle => {}
-            Pumped::Busy => self.busy_relays.push(conn),
+            Pumped::Busy => {
+                if !relay.scheduled {
+                    relay.scheduled = true;
+                    debug_assert!(
+                        !self.busy_relays.contains(&conn),
+                        "conn {} is on the busy list twice",
+                        conn.id()
+                    );
+                    self.busy_relays.push(conn);
+                }
+            }
             Pumped::Ended(end) => {
                 self.core.handle_relay_ended(now, conn, end);
                 self.drain(now);
@@ -702,6 +717,12 @@ impl Shell {
         let relay = Relay::new(upstream, upstream_ready);
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
+        }
+        // Each relay is on the busy list at most once: room for every
+        // connection holding a permit, made now, means relaying never grows it.
+        let relays = self.core.active();
+        for list in [&mut self.busy_relays, &mut self.busy_now] {
+            list.reserve(relays.saturating_sub(list.len()));
         }
         // Bytes the client sent while queued wait in the kernel, announced by
         // an edge already spent; its readiness remembers them, so pump now.

@@ -149,6 +149,9 @@ pub struct Relay {
     up: Direction,
     /// Upstream to client.
     down: Direction,
+    /// On the shell's busy list, waiting for its next turn: a relay pumped
+    /// from a readiness event while it waits there must not be listed twice.
+    pub scheduled: bool,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -258,6 +261,7 @@ impl Relay {
             upstream_ready,
             up: Direction::new(),
             down: Direction::new(),
+            scheduled: false,
         }
     }
 
