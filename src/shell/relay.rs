@@ -26,7 +26,7 @@ use mio::net::TcpStream;
 use crate::buffer::{BufferPool, RelayBuffer};
 use crate::config::Splice;
 use crate::core::RelayEnd;
-use crate::sys::Pipe;
+use crate::sys::{self, Pipe};
 
 /// How many read-or-write rounds one direction gets per pump call. A busy
 /// connection yields after this so timers, accepts and other connections get
@@ -303,8 +303,14 @@ impl Relay {
             pool,
         );
         let busy = match (up, down) {
-            (Err(side), _) => return Pumped::Ended(side.into_end(Side::Client, Side::Upstream)),
-            (_, Err(side)) => return Pumped::Ended(side.into_end(Side::Upstream, Side::Client)),
+            (Err(side), _) => {
+                self.reset_both(client);
+                return Pumped::Ended(side.into_end(Side::Client, Side::Upstream));
+            }
+            (_, Err(side)) => {
+                self.reset_both(client);
+                return Pumped::Ended(side.into_end(Side::Upstream, Side::Client));
+            }
             (Ok(up_busy), Ok(down_busy)) => up_busy || down_busy,
         };
         let up_done = self.up.eof && self.up.held.is_empty();
@@ -326,6 +332,17 @@ impl Relay {
             let _ = client.shutdown(Shutdown::Write);
         }
         if busy { Pumped::Busy } else { Pumped::Idle }
+    }
+
+    /// A failed relay ends both sides with a reset when their sockets close:
+    /// the peer that is still there must see an error, not a clean end of
+    /// stream that would pass a truncated stream off as complete. The side
+    /// that failed is gone already, so setting it there too costs nothing and
+    /// spares knowing which one it was. A socket that refuses the option is
+    /// closed normally: there is nothing better left to do with it.
+    fn reset_both(&self, client: &TcpStream) {
+        let _ = sys::set_reset_on_close(client.as_fd());
+        let _ = sys::set_reset_on_close(self.upstream.as_fd());
     }
 }
 
