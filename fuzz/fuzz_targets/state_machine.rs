@@ -72,6 +72,7 @@ enum End {
     Finished,
     ClientError,
     UpstreamError,
+    RelayError,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -110,6 +111,7 @@ impl End {
             End::Finished => RelayEnd::Finished,
             End::ClientError => RelayEnd::ClientError,
             End::UpstreamError => RelayEnd::UpstreamError,
+            End::RelayError => RelayEnd::RelayError,
         }
     }
 }

@@ -295,6 +295,7 @@ impl Core {
                 RelayEnd::Finished => Outcome::Ok,
                 RelayEnd::ClientError => Outcome::ClientError,
                 RelayEnd::UpstreamError => Outcome::UpstreamError,
+                RelayEnd::RelayError => Outcome::RelayError,
             };
             self.end(now, conn, outcome);
             self.pump(now);

@@ -990,11 +990,12 @@ impl Model {
         }
         let proxying = matches!(state, State::Proxying { .. });
         let fits = match outcome {
-            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError => {
+            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
                 let end = match outcome {
                     Outcome::Ok => RelayEnd::Finished,
                     Outcome::ClientError => RelayEnd::ClientError,
-                    _ => RelayEnd::UpstreamError,
+                    Outcome::UpstreamError => RelayEnd::UpstreamError,
+                    _ => RelayEnd::RelayError,
                 };
                 proxying && fed.relay_end == Some((id, end))
             }
@@ -1403,10 +1404,11 @@ mod tests {
     }
 
     fn relay_end(rng: &mut Rng) -> RelayEnd {
-        match rng.below(3) {
+        match rng.below(4) {
             0 => RelayEnd::Finished,
             1 => RelayEnd::ClientError,
-            _ => RelayEnd::UpstreamError,
+            2 => RelayEnd::UpstreamError,
+            _ => RelayEnd::RelayError,
         }
     }
 

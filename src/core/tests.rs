@@ -564,3 +564,24 @@ fn outcome_counts_keep_each_outcome_apart() {
         assert_eq!(counts.count(outcome), n as u64 + 1, "{outcome}");
     }
 }
+
+#[test]
+fn a_relay_that_fails_on_its_own_is_no_peers_fault() {
+    let mut core = Core::new(with_hook("prepare"), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    let hook = spawned(&actions(&mut core)).expect("hook").hook;
+    core.handle_hook_exited(1, hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+    core.handle_upstream_connected(2, conn);
+    actions(&mut core);
+    core.handle_relay_ended(3, conn, RelayEnd::RelayError);
+    assert!(actions(&mut core).iter().any(closed(Outcome::RelayError)));
+    let stats = core.stats();
+    assert_eq!(stats.count(Outcome::RelayError), 1);
+    assert_eq!(stats.count(Outcome::ClientError), 0);
+    assert_eq!(stats.count(Outcome::UpstreamError), 0);
+
+    core.handle_accepted(4, addr(2));
+    let next = spawned(&actions(&mut core)).expect("the next client's hook");
+    assert_eq!(env(&next, "TCPLOCK_LAST_OUTCOME"), "relay_error");
+}

@@ -100,6 +100,9 @@ pub enum Outcome {
     ClientError,
     /// The upstream reset or failed while proxying.
     UpstreamError,
+    /// tcplock could not go on relaying though neither peer failed: splicing
+    /// was refused while a pipe held bytes it could neither deliver nor copy.
+    RelayError,
     /// The TTL of a proxying connection expired.
     Timeout,
     /// It waited longer than the queue timeout.
@@ -126,6 +129,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::ClientError => "client_error",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::RelayError => "relay_error",
             Outcome::Timeout => "timeout",
             Outcome::QueueTimeout => "queue_timeout",
             Outcome::ConnectFailed => "connect_failed",
@@ -136,10 +140,11 @@ impl Outcome {
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
+        Outcome::RelayError,
         Outcome::Timeout,
         Outcome::QueueTimeout,
         Outcome::ConnectFailed,
@@ -202,6 +207,9 @@ pub enum RelayEnd {
     ClientError,
     /// Reading from or writing to the upstream failed.
     UpstreamError,
+    /// The relay itself could not go on (splicing refused with bytes in a
+    /// pipe); neither peer is to blame.
+    RelayError,
 }
 
 /// Why a hook runs; shown to it as `TCPLOCK_EVENT`.

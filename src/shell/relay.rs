@@ -109,8 +109,10 @@ impl ChannelPool {
         had_any
     }
 
-    /// Stops splicing for good after the first refusal; nothing is lost, as
-    /// only a splice into an empty pipe is taken for one.
+    /// Stops splicing for good after the first refusal. A refusal met with
+    /// an empty pipe loses nothing and copying takes over; one met with bytes
+    /// in the pipe fails that connection (`relay_error`) and only the next
+    /// ones copy.
     fn refuse_splice(&mut self, error: io::Error) {
         self.splice_refused = true;
         self.pipes.clear();
@@ -352,6 +354,9 @@ enum Failed {
     Destination,
     /// Splicing from the source was refused; nothing was moved.
     SpliceRefused(io::Error),
+    /// Splicing was refused while the pipe held bytes: copying cannot take
+    /// over behind them, and neither peer is to blame.
+    Relay,
 }
 
 impl Failed {
@@ -359,6 +364,7 @@ impl Failed {
         let side = match self {
             Failed::Source | Failed::SpliceRefused(_) => source,
             Failed::Destination => destination,
+            Failed::Relay => return RelayEnd::RelayError,
         };
         match side {
             Side::Client => RelayEnd::ClientError,
@@ -532,8 +538,12 @@ impl Direction {
                 empty,
             ) {
                 // Copying cannot take over while the pipe holds bytes
-                // ahead of the socket's: fail the connection instead.
-                Err(Failed::SpliceRefused(_)) if !empty => return Err(Failed::Source),
+                // ahead of the socket's: fail the connection instead, and
+                // copy from the next connection on.
+                Err(Failed::SpliceRefused(error)) if !empty => {
+                    pool.refuse_splice(error);
+                    return Err(Failed::Relay);
+                }
                 other => other?,
             };
             if let Some(n) = filled {
@@ -541,7 +551,14 @@ impl Direction {
             }
         }
         if *len > 0 && !state.dst_blocked {
-            let moved = write_with(|| pipe.drain_to(dst.as_fd(), *len))?;
+            let moved = match write_with(|| pipe.drain_to(dst.as_fd(), *len)) {
+                // The bytes are stuck in the pipe, as above.
+                Err(Failed::SpliceRefused(error)) => {
+                    pool.refuse_splice(error);
+                    return Err(Failed::Relay);
+                }
+                other => other?,
+            };
             if moved == 0 {
                 state.dst_blocked = true;
             } else {
@@ -613,7 +630,7 @@ fn read_with(
 }
 
 /// One write: how much the destination took (0 if it would block). Writing
-/// nothing at all, or any error, fails the destination.
+/// nothing at all, or any error but a refused splice, fails the destination.
 fn write_with(mut write: impl FnMut() -> io::Result<usize>) -> Result<usize, Failed> {
     loop {
         match write() {
@@ -621,6 +638,9 @@ fn write_with(mut write: impl FnMut() -> io::Result<usize>) -> Result<usize, Fai
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                return Err(Failed::SpliceRefused(e));
+            }
             Err(_) => return Err(Failed::Destination),
         }
     }
