@@ -23,7 +23,7 @@ pub mod timer;
 pub mod units;
 
 pub use config::{Config, LogLevel, Splice};
-pub use core::{ConnId, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
+pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 pub use error::Error;
 pub use hook::{Hook, Ticket, TimeoutInfo};
 pub use lock::{Builder, Handle, Lock};

@@ -15,7 +15,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tcplock::Hook;
 use tcplock::core::model::{self, Op, StrayInput};
-use tcplock::core::{HookExit, RelayEnd, Settings};
+use tcplock::core::{EndedBy, HookExit, RelayCause, RelayEnd, Settings};
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
 const MAX_OPS: usize = 400;
@@ -68,11 +68,24 @@ struct Knobs {
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
-enum End {
+struct End {
+    cause: Cause,
+    by: By,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Cause {
     Finished,
     ClientError,
     UpstreamError,
     RelayError,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum By {
+    Client,
+    Upstream,
+    Tcplock,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -107,12 +120,18 @@ impl Span {
 
 impl End {
     fn relay_end(self) -> RelayEnd {
-        match self {
-            End::Finished => RelayEnd::Finished,
-            End::ClientError => RelayEnd::ClientError,
-            End::UpstreamError => RelayEnd::UpstreamError,
-            End::RelayError => RelayEnd::RelayError,
-        }
+        let cause = match self.cause {
+            Cause::Finished => RelayCause::Finished,
+            Cause::ClientError => RelayCause::ClientError,
+            Cause::UpstreamError => RelayCause::UpstreamError,
+            Cause::RelayError => RelayCause::RelayError,
+        };
+        let ended_by = match self.by {
+            By::Client => EndedBy::Client,
+            By::Upstream => EndedBy::Upstream,
+            By::Tcplock => EndedBy::Tcplock,
+        };
+        RelayEnd { cause, ended_by }
     }
 }
 

@@ -198,9 +198,49 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Who ended a connection: the side that closed or reset first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndedBy {
+    /// The client: it left while waiting, or closed or reset first while
+    /// proxying.
+    Client,
+    /// The upstream closed or reset first while proxying.
+    Upstream,
+    /// tcplock: a TTL, a queue timeout, a shutdown, a failed connect, a full
+    /// queue, or a relay that failed before either peer closed.
+    Tcplock,
+}
+
+impl EndedBy {
+    /// The name used in logs and in `TCPLOCK_LAST_ENDED_BY`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Client => "client",
+            EndedBy::Upstream => "upstream",
+            EndedBy::Tcplock => "tcplock",
+        }
+    }
+}
+
+impl fmt::Display for EndedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a relay ended, as the shell saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayEnd {
+pub struct RelayEnd {
+    /// What ended it.
+    pub cause: RelayCause,
+    /// The side that sent end of stream or failed first; [`EndedBy::Tcplock`]
+    /// if the relay itself failed before either did.
+    pub ended_by: EndedBy,
+}
+
+/// What ended a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayCause {
     /// Both directions reached end of stream and were flushed.
     Finished,
     /// Reading from or writing to the client failed.
@@ -291,6 +331,8 @@ pub struct HookContext {
     pub timeouts: u64,
     /// How the last connection that held a permit ended; `None` before any did.
     pub last_outcome: Option<Outcome>,
+    /// Who ended that connection; `None` before any ended.
+    pub last_ended_by: Option<EndedBy>,
     /// Clients waiting.
     pub queue_length: usize,
     /// Connections holding a permit.
@@ -301,7 +343,7 @@ pub struct HookContext {
 
 impl HookContext {
     /// The `TCPLOCK_*` variables of a command hook, in a fixed order.
-    pub fn env(&self) -> [(&'static str, String); 10] {
+    pub fn env(&self) -> [(&'static str, String); 11] {
         [
             ("TCPLOCK_EVENT", self.kind.as_str().to_string()),
             ("TCPLOCK_CONN_ID", self.conn.to_string()),
@@ -313,6 +355,12 @@ impl HookContext {
                 "TCPLOCK_LAST_OUTCOME",
                 self.last_outcome
                     .map_or("none", Outcome::as_str)
+                    .to_string(),
+            ),
+            (
+                "TCPLOCK_LAST_ENDED_BY",
+                self.last_ended_by
+                    .map_or("none", EndedBy::as_str)
                     .to_string(),
             ),
             ("TCPLOCK_QUEUE_LENGTH", self.queue_length.to_string()),
@@ -349,6 +397,8 @@ pub enum Action {
         conn: ConnRef,
         /// How it ended.
         outcome: Outcome,
+        /// Who closed or reset first.
+        ended_by: EndedBy,
         /// Milliseconds since accept.
         age_ms: u64,
     },

@@ -20,7 +20,9 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config};
-use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
+use crate::core::{
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, HookRequest, Outcome, Settings, Stats,
+};
 use crate::error::Error;
 use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
 use crate::lock::Handle;
@@ -635,8 +637,9 @@ impl Shell {
                 Action::Close {
                     conn,
                     outcome,
+                    ended_by,
                     age_ms,
-                } => self.close(conn, outcome, age_ms),
+                } => self.close(conn, outcome, ended_by, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
@@ -729,7 +732,7 @@ impl Shell {
         self.pump(now, conn);
     }
 
-    fn close(&mut self, conn: ConnRef, outcome: Outcome, age_ms: u64) {
+    fn close(&mut self, conn: ConnRef, outcome: Outcome, ended_by: EndedBy, age_ms: u64) {
         let Some(io) = self
             .io
             .get_mut(conn.slot())
@@ -748,6 +751,7 @@ impl Shell {
         if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
             line.field("conn", conn.id())
                 .field("outcome", outcome)
+                .field("ended_by", ended_by)
                 .field("bytes_up", up)
                 .field("bytes_down", down)
                 .field("duration_ms", age_ms);

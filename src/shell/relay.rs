@@ -25,7 +25,7 @@ use mio::net::TcpStream;
 
 use crate::buffer::{BufferPool, RelayBuffer};
 use crate::config::Splice;
-use crate::core::RelayEnd;
+use crate::core::{EndedBy, RelayCause, RelayEnd};
 use crate::sys::{self, Pipe};
 
 /// How many read-or-write rounds one direction gets per pump call. A busy
@@ -154,6 +154,8 @@ pub struct Relay {
     /// On the shell's busy list, waiting for its next turn: a relay pumped
     /// from a readiness event while it waits there must not be listed twice.
     pub scheduled: bool,
+    /// The side that sent end of stream or failed first, once one did.
+    ended_by: Option<EndedBy>,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -245,6 +247,15 @@ enum Side {
     Upstream,
 }
 
+impl Side {
+    fn ended_by(self) -> EndedBy {
+        match self {
+            Side::Client => EndedBy::Client,
+            Side::Upstream => EndedBy::Upstream,
+        }
+    }
+}
+
 /// What the rounds of one direction's pump call did and learned.
 struct Round {
     progressed: bool,
@@ -264,6 +275,7 @@ impl Relay {
             up: Direction::new(),
             down: Direction::new(),
             scheduled: false,
+            ended_by: None,
         }
     }
 
@@ -297,6 +309,7 @@ impl Relay {
             &mut self.upstream_ready.writable,
             pool,
         );
+        self.note_end(&up, self.up.eof, Side::Client, Side::Upstream);
         let down = self.down.pump(
             &self.upstream,
             client,
@@ -304,14 +317,16 @@ impl Relay {
             &mut client_ready.writable,
             pool,
         );
+        self.note_end(&down, self.down.eof, Side::Upstream, Side::Client);
+        let ended_by = self.ended_by.unwrap_or(EndedBy::Tcplock);
         let busy = match (up, down) {
             (Err(side), _) => {
                 self.reset_both(client);
-                return Pumped::Ended(side.into_end(Side::Client, Side::Upstream));
+                return Pumped::Ended(side.into_end(Side::Client, Side::Upstream, ended_by));
             }
             (_, Err(side)) => {
                 self.reset_both(client);
-                return Pumped::Ended(side.into_end(Side::Upstream, Side::Client));
+                return Pumped::Ended(side.into_end(Side::Upstream, Side::Client, ended_by));
             }
             (Ok(up_busy), Ok(down_busy)) => up_busy || down_busy,
         };
@@ -320,7 +335,10 @@ impl Relay {
         if up_done && down_done {
             // Closing both sockets sends the last end of stream; a shutdown
             // call for it would be one syscall too many.
-            return Pumped::Ended(RelayEnd::Finished);
+            return Pumped::Ended(RelayEnd {
+                cause: RelayCause::Finished,
+                ended_by,
+            });
         }
         // Half-close: the peer sees end of stream and can still answer. A peer
         // that is already gone shows up as an error on the next read or write,
@@ -334,6 +352,28 @@ impl Relay {
             let _ = client.shutdown(Shutdown::Write);
         }
         if busy { Pumped::Busy } else { Pumped::Idle }
+    }
+
+    /// Remembers the first side to end: the source of a direction that saw
+    /// end of stream, or whichever end of it failed. Within one pump call the
+    /// client → upstream direction goes first, so it wins a tie.
+    fn note_end(
+        &mut self,
+        pumped: &Result<bool, Failed>,
+        eof: bool,
+        source: Side,
+        destination: Side,
+    ) {
+        if self.ended_by.is_some() {
+            return;
+        }
+        self.ended_by = match pumped {
+            Err(Failed::Source | Failed::SpliceRefused(_)) => Some(source.ended_by()),
+            Err(Failed::Destination) => Some(destination.ended_by()),
+            Err(Failed::Relay) => Some(EndedBy::Tcplock),
+            Ok(_) if eof => Some(source.ended_by()),
+            Ok(_) => None,
+        };
     }
 
     /// A failed relay ends both sides with a reset when their sockets close:
@@ -360,16 +400,18 @@ enum Failed {
 }
 
 impl Failed {
-    fn into_end(self, source: Side, destination: Side) -> RelayEnd {
+    fn into_end(self, source: Side, destination: Side, ended_by: EndedBy) -> RelayEnd {
         let side = match self {
-            Failed::Source | Failed::SpliceRefused(_) => source,
-            Failed::Destination => destination,
-            Failed::Relay => return RelayEnd::RelayError,
+            Failed::Source | Failed::SpliceRefused(_) => Some(source),
+            Failed::Destination => Some(destination),
+            Failed::Relay => None,
         };
-        match side {
-            Side::Client => RelayEnd::ClientError,
-            Side::Upstream => RelayEnd::UpstreamError,
-        }
+        let cause = match side {
+            Some(Side::Client) => RelayCause::ClientError,
+            Some(Side::Upstream) => RelayCause::UpstreamError,
+            None => RelayCause::RelayError,
+        };
+        RelayEnd { cause, ended_by }
     }
 }
 
