@@ -20,7 +20,7 @@ pub use api::hook::{Hook, Ticket, TimeoutInfo};
 pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
 pub use config::{Config, ConfigError, LogLevel, Splice};
-pub use core::{ConnId, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
+pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach
 /// beyond the library's API. Not part of the API: it may change at any time.
@@ -31,6 +31,6 @@ pub mod internals {
     #[cfg(feature = "model")]
     pub mod core {
         pub use crate::core::model;
-        pub use crate::core::{HookExit, HookRef, RelayEnd, Settings};
+        pub use crate::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
     }
 }

@@ -96,6 +96,32 @@ pub fn set_tcp_nodelay(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes closing a socket reset the connection (`SO_LINGER` on with a zero
+/// timeout): the peer gets RST instead of end of stream, and reads an error
+/// after what it had already received. Bytes not yet sent are dropped.
+/// std's `TcpStream::set_linger` is unstable and mio has none.
+pub fn set_reset_on_close(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a live libc::linger and the length passed is its
+    // size; the descriptor is borrowed, so it stays open for the call.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether an accept error means "out of file descriptors": the loop then
 /// stops accepting until a connection closes instead of spinning.
 pub fn is_fd_exhaustion(error: &io::Error) -> bool {
@@ -226,6 +252,22 @@ mod tests {
     fn open_files_limit_is_at_least_the_old_soft_limit() {
         let raised = raise_open_files_limit().expect("getrlimit works");
         assert!(raised >= 256, "soft limit {raised}");
+    }
+
+    #[test]
+    fn a_socket_set_to_reset_on_close_resets_its_peer() {
+        use std::io::Read;
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut peer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (closing, _) = listener.accept().expect("accept");
+        set_reset_on_close(closing.as_fd()).expect("SO_LINGER");
+        drop(closing);
+        let mut byte = [0u8; 1];
+        let error = peer
+            .read(&mut byte)
+            .expect_err("a reset, not end of stream");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[test]

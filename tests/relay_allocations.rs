@@ -1,5 +1,7 @@
 //! Steady-state relaying allocates nothing: a counting global allocator watches
-//! the loop thread while megabytes go through an in-process lock.
+//! the loop thread while megabytes go through an in-process lock, both in
+//! lock-step echo and in a one-way flood that keeps the relay busy (on the
+//! loop's busy list turn after turn) into a reader that keeps falling behind.
 
 mod common;
 
@@ -8,8 +10,9 @@ use std::cell::Cell;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
+use std::time::Duration;
 
-use common::{MIB, Upstream, WAIT, connect, quiet_lock, wait_until};
+use common::{KIB, MIB, Upstream, WAIT, connect, echo_handler, quiet_lock, wait_until};
 use tcplock::Splice;
 
 /// Counts allocations made on threads that opted in.
@@ -50,6 +53,34 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
+/// The flood's first byte: the upstream then writes without end.
+const FLOOD: u8 = b'F';
+
+/// Echoes, except that a connection opening with [`FLOOD`] gets an endless
+/// stream instead (until the client goes away).
+fn echo_or_flood() -> Upstream {
+    Upstream::spawn(|mut s, active| {
+        let mut first = [0u8; 1];
+        if s.read_exact(&mut first).is_err() {
+            return;
+        }
+        if first[0] != FLOOD {
+            if s.write_all(&first).is_ok() {
+                echo_handler(s, active);
+            }
+            return;
+        }
+        let chunk = vec![0xa5_u8; 256 * KIB];
+        // Bounded: ends when the client leaves, after 4 GiB, or on the
+        // stand-in's write timeout.
+        for _ in 0..(16 * 1024) {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Sends `total` bytes and reads the echo back, in 64 KiB steps.
 fn echo_through(client: &mut std::net::TcpStream, total: usize) {
     let chunk = vec![0x5a_u8; 64 * 1024];
@@ -62,17 +93,38 @@ fn echo_through(client: &mut std::net::TcpStream, total: usize) {
     }
 }
 
-/// Both relay paths, one after the other: the counter is shared by every
-/// loop thread, so the two must not run at once.
+/// Reads `total` bytes of the flood in small reads, falling behind now and
+/// then, so the relay alternates between using up its turn and waiting for
+/// the reader.
+fn read_flood(client: &mut std::net::TcpStream, total: usize) {
+    let mut buf = vec![0u8; 4 * KIB];
+    let mut got = 0;
+    let mut since_pause = 0;
+    while got < total {
+        let n = client.read(&mut buf).expect("read the flood");
+        assert!(n > 0, "the flood ended after {got} bytes");
+        got += n;
+        since_pause += n;
+        if since_pause >= 512 * KIB {
+            since_pause = 0;
+            // Deliberate slowness of the reader, not a wait for a condition.
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Every relay path, one after the other: the counter is shared by every
+/// loop thread, so they must not run at once. Debug builds also assert, on
+/// the loop thread, that a busy relay is listed for its next turn only once.
 #[test]
 fn relaying_megabytes_allocates_nothing_on_the_loop_thread() {
-    for mode in [Splice::Off, Splice::Auto] {
+    for mode in [Splice::Off, Splice::Auto, Splice::On] {
         relay_without_allocating(mode);
     }
 }
 
 fn relay_without_allocating(mode: Splice) {
-    let upstream = Upstream::echo();
+    let upstream = echo_or_flood();
     let lock = quiet_lock(&upstream).splice(mode).build().expect("build");
     let addr = lock.local_addr();
     let handle = lock.handle();
@@ -90,10 +142,22 @@ fn relay_without_allocating(mode: Splice) {
     let during = LOOP_ALLOCATIONS.load(Ordering::Relaxed) - before;
     assert_eq!(
         during, 0,
-        "allocations on the loop thread while relaying 32 MiB with --splice {mode}"
+        "allocations on the loop thread while echoing 32 MiB with --splice {mode}"
     );
-
     drop(client);
+
+    let mut flooded = connect(addr);
+    flooded.write_all(&[FLOOD]).expect("ask for the flood");
+    read_flood(&mut flooded, 4 * MIB);
+    let before_flood = LOOP_ALLOCATIONS.load(Ordering::Relaxed);
+    read_flood(&mut flooded, 64 * MIB);
+    let during = LOOP_ALLOCATIONS.load(Ordering::Relaxed) - before_flood;
+    assert_eq!(
+        during, 0,
+        "allocations on the loop thread while flooding 64 MiB with --splice {mode}"
+    );
+    drop(flooded);
+
     handle.stop();
     assert!(wait_until(WAIT, || runner.is_finished()));
     runner.join().expect("loop thread");

@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tcplock::internals::core::model::{self, Op, StrayInput};
-use tcplock::internals::core::{HookExit, HookRef, RelayEnd, Settings};
+use tcplock::internals::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
 const MAX_OPS: usize = 400;
@@ -67,10 +67,24 @@ struct Knobs {
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
-enum End {
+struct End {
+    cause: Cause,
+    by: By,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Cause {
     Finished,
     ClientError,
     UpstreamError,
+    RelayError,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum By {
+    Client,
+    Upstream,
+    Tcplock,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -105,11 +119,18 @@ impl Span {
 
 impl End {
     fn relay_end(self) -> RelayEnd {
-        match self {
-            End::Finished => RelayEnd::Finished,
-            End::ClientError => RelayEnd::ClientError,
-            End::UpstreamError => RelayEnd::UpstreamError,
-        }
+        let cause = match self.cause {
+            Cause::Finished => RelayCause::Finished,
+            Cause::ClientError => RelayCause::ClientError,
+            Cause::UpstreamError => RelayCause::UpstreamError,
+            Cause::RelayError => RelayCause::RelayError,
+        };
+        let ended_by = match self.by {
+            By::Client => EndedBy::Client,
+            By::Upstream => EndedBy::Upstream,
+            By::Tcplock => EndedBy::Tcplock,
+        };
+        RelayEnd { cause, ended_by }
     }
 }
 

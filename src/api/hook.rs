@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
-use crate::core::{ConnId, HookContext, HookExit, HookId, Outcome};
+use crate::core::{ConnId, EndedBy, HookContext, HookExit, HookId, Outcome};
 use crate::shell::Control;
 
 /// A hook: a shell command or a closure. Cheap to clone.
@@ -141,6 +141,11 @@ impl Ticket {
     /// How the last connection that held a permit ended, if any did.
     pub fn last_outcome(&self) -> Option<Outcome> {
         self.context.last_outcome
+    }
+
+    /// Who ended the last connection that held a permit, if any did.
+    pub fn last_ended_by(&self) -> Option<EndedBy> {
+        self.context.last_ended_by
     }
 
     /// Everything a command hook would see in its environment.

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use super::{Activation, ConnRef, ConnState, Core};
+use super::{Activation, ConnRef, ConnState, Core, EndedBy, Outcome};
 
 impl Core {
     /// Checks the snapshot invariants; the error names the first broken one.
@@ -115,6 +115,36 @@ impl Core {
                 "{} clients wait, more than max-queue {limit}",
                 self.waiting()
             ));
+        }
+        // Who ended the last permit holder is recorded with its outcome, and
+        // only a relay's outcome can be ended by either side.
+        match (self.last_outcome, self.last_ended_by) {
+            (None, None) => {}
+            (Some(Outcome::Abandoned), Some(EndedBy::Client))
+            | (
+                Some(
+                    Outcome::Ok
+                    | Outcome::ClientError
+                    | Outcome::UpstreamError
+                    | Outcome::RelayError,
+                ),
+                Some(_),
+            )
+            | (
+                Some(
+                    Outcome::Timeout
+                    | Outcome::QueueTimeout
+                    | Outcome::ConnectFailed
+                    | Outcome::Rejected
+                    | Outcome::Shutdown,
+                ),
+                Some(EndedBy::Tcplock),
+            ) => {}
+            (outcome, ended_by) => {
+                return Err(format!(
+                    "the last connection ended with {outcome:?}, ended by {ended_by:?}"
+                ));
+            }
         }
         if let Some(deadline) = self.poll_timeout()
             && deadline <= self.now

@@ -27,8 +27,8 @@ mod types;
 mod tests;
 
 pub use types::{
-    Action, ConnId, ConnRef, Event, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest,
-    Outcome, OutcomeCounts, RelayEnd, Settings, StateName, Stats,
+    Action, ConnId, ConnRef, EndedBy, Event, HookContext, HookExit, HookId, HookKind, HookRef,
+    HookRequest, Outcome, OutcomeCounts, RelayCause, RelayEnd, Settings, StateName, Stats,
 };
 
 use std::collections::VecDeque;
@@ -70,6 +70,8 @@ pub struct Core {
     shutdown: Option<Shutdown>,
     counters: Counters,
     last_outcome: Option<Outcome>,
+    /// Who ended that connection; set together with `last_outcome`.
+    last_ended_by: Option<EndedBy>,
     actions: VecDeque<Action>,
     /// The latest `now` seen, to check that the next deadline lies after it.
     now: u64,
@@ -182,6 +184,7 @@ impl Core {
             shutdown: None,
             counters: Counters::default(),
             last_outcome: None,
+            last_ended_by: None,
             actions: VecDeque::new(),
             now,
             reload_backlog: 0,
@@ -206,7 +209,7 @@ impl Core {
         let conn = ConnRef { slot, id };
         self.log(Event::Accepted { conn: id, client });
         if self.shutdown.is_some() {
-            self.end(now, conn, Outcome::Shutdown);
+            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
             return conn;
         }
         if let Some(timeout) = self.settings.queue_timeout_ms {
@@ -222,7 +225,7 @@ impl Core {
         if self.waiting() > self.settings.max_queue && self.queue.back() == Some(&conn) {
             self.queue.pop_back();
             self.log(Event::Rejected { conn: id, client });
-            self.end(now, conn, Outcome::Rejected);
+            self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
         }
         self.check();
         conn
@@ -236,7 +239,7 @@ impl Core {
             && !matches!(c.state, ConnState::Proxying { .. })
         {
             self.log(Event::Abandoned { conn: conn.id });
-            self.end(now, conn, Outcome::Abandoned);
+            self.end(now, conn, Outcome::Abandoned, EndedBy::Client);
             self.pump(now);
         }
         self.check();
@@ -285,18 +288,20 @@ impl Core {
         self.check();
     }
 
-    /// A proxying connection finished or failed.
+    /// A proxying connection finished or failed; `end` also says which side
+    /// closed or reset first.
     pub fn handle_relay_ended(&mut self, now: u64, conn: ConnRef, end: RelayEnd) {
         self.advance(now);
         if let Some(c) = self.get(conn)
             && matches!(c.state, ConnState::Proxying { .. })
         {
-            let outcome = match end {
-                RelayEnd::Finished => Outcome::Ok,
-                RelayEnd::ClientError => Outcome::ClientError,
-                RelayEnd::UpstreamError => Outcome::UpstreamError,
+            let outcome = match end.cause {
+                RelayCause::Finished => Outcome::Ok,
+                RelayCause::ClientError => Outcome::ClientError,
+                RelayCause::UpstreamError => Outcome::UpstreamError,
+                RelayCause::RelayError => Outcome::RelayError,
             };
-            self.end(now, conn, outcome);
+            self.end(now, conn, outcome, end.ended_by);
             self.pump(now);
         }
         self.check();
@@ -380,7 +385,7 @@ impl Core {
             .map(|(slot, c)| ConnRef { slot, id: c.id })
             .collect();
         for conn in waiting {
-            self.end(now, conn, Outcome::Shutdown);
+            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
         }
         if let Some(run) = &self.hook {
             self.actions.push_back(Action::KillHook(run.id));
@@ -451,7 +456,6 @@ impl Core {
         self.queue.len()
     }
 
-    #[cfg(any(test, feature = "model"))]
     /// Connections holding a permit (Activating + Proxying).
     pub fn active(&self) -> usize {
         self.active
@@ -614,6 +618,7 @@ impl Core {
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             last_outcome: self.last_outcome,
+            last_ended_by: self.last_ended_by,
             queue_length: self.queue.len(),
             active: self.active,
             attempt,
@@ -683,7 +688,7 @@ impl Core {
                     // The key just fired; forget it so `end` does not cancel it.
                     c.queue_deadline = None;
                     self.log(Event::QueueTimeout { conn: conn.id });
-                    self.end(now, conn, Outcome::QueueTimeout);
+                    self.end(now, conn, Outcome::QueueTimeout, EndedBy::Tcplock);
                 }
             }
             Deadline::Connect(conn) => {
@@ -702,7 +707,7 @@ impl Core {
                     let client = c.client;
                     self.counters.timeouts += 1;
                     self.log(Event::Timeout { conn: conn.id });
-                    self.end(now, conn, Outcome::Timeout);
+                    self.end(now, conn, Outcome::Timeout, EndedBy::Tcplock);
                     if self.settings.on_timeout.is_some() && self.shutdown.is_none() {
                         self.timeout_hook_due = Some((conn.id, client));
                     }
@@ -734,7 +739,7 @@ impl Core {
             conn: conn.id,
             error,
         });
-        self.end(now, conn, Outcome::ConnectFailed);
+        self.end(now, conn, Outcome::ConnectFailed, EndedBy::Tcplock);
         self.pump(now);
     }
 
@@ -746,7 +751,7 @@ impl Core {
             .map(|(slot, c)| ConnRef { slot, id: c.id })
             .collect();
         for conn in all {
-            self.end(now, conn, Outcome::Shutdown);
+            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
         }
         if let Some(run) = &self.hook {
             self.actions.push_back(Action::KillHook(run.id));
@@ -755,7 +760,7 @@ impl Core {
 
     /// The one place a connection ends: it leaves the slab, the queue and the
     /// timer wheel, gives back its permit and is announced to the shell.
-    fn end(&mut self, now: u64, conn: ConnRef, outcome: Outcome) {
+    fn end(&mut self, now: u64, conn: ConnRef, outcome: Outcome, ended_by: EndedBy) {
         if self.get(conn).is_none() {
             return;
         }
@@ -770,6 +775,7 @@ impl Core {
             ConnState::Activating(activation) => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
+                self.last_ended_by = Some(ended_by);
                 if let Activation::Connecting { deadline } = activation {
                     self.cancel(deadline);
                 }
@@ -777,6 +783,7 @@ impl Core {
             ConnState::Proxying { ttl } => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
+                self.last_ended_by = Some(ended_by);
                 self.cancel(ttl);
             }
         }
@@ -784,6 +791,7 @@ impl Core {
         self.actions.push_back(Action::Close {
             conn,
             outcome,
+            ended_by,
             age_ms: now.saturating_sub(c.accepted_at),
         });
     }

@@ -31,7 +31,9 @@
 //!    preparation, a `Connect` during a hook needs its success, and `StartRelay`
 //!    needs a `Connect` and an upstream that connected;
 //! 5. every accepted connection gets exactly one `Close`, whose outcome matches
-//!    its state and what was fed (and whose deadline had passed, for timeouts);
+//!    its state and what was fed (and whose deadline had passed, for timeouts),
+//!    and whose `ended_by` is the relay's own word for a relay's end, the
+//!    client for `Abandoned` and tcplock for every other outcome;
 //!    no action names it afterwards; stale and misdirected inputs produce no
 //!    action at all;
 //! 6. the line (queued + preparing) stays within max-queue, except for those
@@ -64,8 +66,8 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
 use super::{
-    Action, ConnId, ConnRef, Core, Event, HookExit, HookId, HookKind, HookRequest, Outcome,
-    OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayEnd, Settings,
+    Action, ConnId, ConnRef, Core, EndedBy, Event, HookExit, HookId, HookKind, HookRequest,
+    Outcome, OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayCause, RelayEnd, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -289,8 +291,9 @@ struct Model {
     timeout_due: bool,
     /// The connection of the latest TTL expiry.
     last_expired: Option<ConnId>,
-    /// How the latest connection that held a permit ended.
+    /// How the latest connection that held a permit ended, and who ended it.
     last_outcome: Option<Outcome>,
+    last_ended_by: Option<EndedBy>,
     shutdown: Option<ShutdownState>,
     /// Waiting clients allowed above max-queue since the last reload.
     allowance: usize,
@@ -329,6 +332,7 @@ impl Model {
             timeout_due: false,
             last_expired: None,
             last_outcome: None,
+            last_ended_by: None,
             shutdown: None,
             allowance: 0,
             activations: 0,
@@ -734,8 +738,9 @@ impl Model {
             Action::Close {
                 conn,
                 outcome,
+                ended_by,
                 age_ms,
-            } => self.close(*conn, *outcome, *age_ms, fed)?,
+            } => self.close(*conn, *outcome, *ended_by, *age_ms, fed)?,
             Action::SpawnHook(request) => self.spawned(request)?,
             Action::KillHook(hook) => {
                 if self.just_reaped == Some(*hook) {
@@ -950,6 +955,7 @@ impl Model {
             c.activations,
             c.timeouts,
             c.last_outcome,
+            c.last_ended_by,
             c.queue_length,
             c.active,
             c.attempt,
@@ -958,14 +964,15 @@ impl Model {
             self.relays,
             timeouts,
             self.last_outcome,
+            self.last_ended_by,
             queued,
             self.holders(),
             attempt,
         );
         if expected != shadow {
             return Err(format!(
-                "hook {} is told (activations, timeouts, last outcome, queued, active, \
-                 attempt) = {expected:?}, the shadow says {shadow:?}",
+                "hook {} is told (activations, timeouts, last outcome, last ended by, queued, \
+                 active, attempt) = {expected:?}, the shadow says {shadow:?}",
                 request.hook
             ));
         }
@@ -976,6 +983,7 @@ impl Model {
         &mut self,
         conn: ConnRef,
         outcome: Outcome,
+        ended_by: EndedBy,
         age_ms: u64,
         fed: &mut Fed,
     ) -> Result<(), String> {
@@ -990,13 +998,15 @@ impl Model {
         }
         let proxying = matches!(state, State::Proxying { .. });
         let fits = match outcome {
-            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError => {
-                let end = match outcome {
-                    Outcome::Ok => RelayEnd::Finished,
-                    Outcome::ClientError => RelayEnd::ClientError,
-                    _ => RelayEnd::UpstreamError,
+            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
+                let cause = match outcome {
+                    Outcome::Ok => RelayCause::Finished,
+                    Outcome::ClientError => RelayCause::ClientError,
+                    Outcome::UpstreamError => RelayCause::UpstreamError,
+                    _ => RelayCause::RelayError,
                 };
-                proxying && fed.relay_end == Some((id, end))
+                // Who ended a relay is the shell's word, passed on as is.
+                proxying && fed.relay_end == Some((id, RelayEnd { cause, ended_by }))
             }
             Outcome::Timeout => {
                 matches!(state, State::Proxying { deadline: Some(d) } if d <= now)
@@ -1018,6 +1028,22 @@ impl Model {
                 Some(sd) => !proxying || sd.forced || sd.grace_deadline <= now,
             },
         };
+        let decided_by_core = match outcome {
+            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
+                None
+            }
+            Outcome::Abandoned => Some(EndedBy::Client),
+            Outcome::Timeout
+            | Outcome::QueueTimeout
+            | Outcome::ConnectFailed
+            | Outcome::Rejected
+            | Outcome::Shutdown => Some(EndedBy::Tcplock),
+        };
+        if decided_by_core.is_some_and(|expected| expected != ended_by) {
+            return Err(format!(
+                "conn {id} closed as {outcome} but ended by {ended_by}"
+            ));
+        }
         if !fits {
             return Err(format!(
                 "conn {id} closed as {outcome} in state {state:?} at {now} \
@@ -1030,6 +1056,7 @@ impl Model {
         }
         if self.conns.get(&id).is_some_and(|s| s.permit.is_some()) {
             self.last_outcome = Some(outcome);
+            self.last_ended_by = Some(ended_by);
         }
         if let State::Hooking { ok: true, .. } = state {
             // It left (or timed out) just before its hook's success was seen.
@@ -1403,11 +1430,18 @@ mod tests {
     }
 
     fn relay_end(rng: &mut Rng) -> RelayEnd {
-        match rng.below(3) {
-            0 => RelayEnd::Finished,
-            1 => RelayEnd::ClientError,
-            _ => RelayEnd::UpstreamError,
-        }
+        let cause = match rng.below(4) {
+            0 => RelayCause::Finished,
+            1 => RelayCause::ClientError,
+            2 => RelayCause::UpstreamError,
+            _ => RelayCause::RelayError,
+        };
+        let ended_by = match rng.below(3) {
+            0 => EndedBy::Client,
+            1 => EndedBy::Upstream,
+            _ => EndedBy::Tcplock,
+        };
+        RelayEnd { cause, ended_by }
     }
 
     fn op(rng: &mut Rng) -> Op {
@@ -1512,6 +1546,7 @@ mod tests {
         let close = Action::Close {
             conn,
             outcome: Outcome::Ok,
+            ended_by: EndedBy::Client,
             age_ms: 0,
         };
         assert!(

@@ -38,6 +38,10 @@ fn events(core: &mut Core) -> Vec<Event> {
         .collect()
 }
 
+fn relay_end(cause: RelayCause, ended_by: EndedBy) -> RelayEnd {
+    RelayEnd { cause, ended_by }
+}
+
 fn closed(outcome: Outcome) -> impl Fn(&Action) -> bool {
     move |a| matches!(a, Action::Close { outcome: o, .. } if *o == outcome)
 }
@@ -71,7 +75,7 @@ fn one_permit_lets_connections_through_one_at_a_time_in_accept_order() {
     );
     assert_eq!(core.queue_len(), 2);
 
-    core.handle_relay_ended(10, first, RelayEnd::Finished);
+    core.handle_relay_ended(10, first, relay_end(RelayCause::Finished, EndedBy::Client));
     let after = actions(&mut core);
     assert!(closed(Outcome::Ok)(&after[0]));
     assert_eq!(
@@ -80,7 +84,11 @@ fn one_permit_lets_connections_through_one_at_a_time_in_accept_order() {
         "the next in line goes in the same call"
     );
     core.handle_upstream_connected(11, second);
-    core.handle_relay_ended(12, second, RelayEnd::ClientError);
+    core.handle_relay_ended(
+        12,
+        second,
+        relay_end(RelayCause::ClientError, EndedBy::Client),
+    );
     let after = actions(&mut core);
     assert!(after.iter().any(closed(Outcome::ClientError)));
     assert!(after.contains(&Action::Connect(third)));
@@ -133,6 +141,7 @@ fn a_full_queue_rejects_the_newcomer_only() {
         vec![Action::Close {
             conn: newcomer,
             outcome: Outcome::Rejected,
+            ended_by: EndedBy::Tcplock,
             age_ms: 0
         }]
     );
@@ -180,6 +189,7 @@ fn queue_timeout_closes_a_waiting_client_and_ttl_cuts_a_proxying_one() {
         vec![Action::Close {
             conn: waiter,
             outcome: Outcome::QueueTimeout,
+            ended_by: EndedBy::Tcplock,
             age_ms: 500
         }]
     );
@@ -197,13 +207,13 @@ fn queue_timeout_closes_a_waiting_client_and_ttl_cuts_a_proxying_one() {
 fn a_stale_handle_for_a_reused_slot_is_ignored() {
     let mut core = Core::new(settings(), 0);
     let old = proxying(&mut core, 0, 1);
-    core.handle_relay_ended(1, old, RelayEnd::Finished);
+    core.handle_relay_ended(1, old, relay_end(RelayCause::Finished, EndedBy::Client));
     actions(&mut core);
     let new = core.handle_accepted(2, addr(2));
     assert_eq!(new.slot(), old.slot(), "the slab reuses the slot");
     actions(&mut core);
     core.handle_upstream_connected(3, old);
-    core.handle_relay_ended(3, old, RelayEnd::ClientError);
+    core.handle_relay_ended(3, old, relay_end(RelayCause::ClientError, EndedBy::Client));
     core.handle_client_left(3, old);
     assert_eq!(actions(&mut core), vec![]);
     assert_eq!(core.state_of(new), Some(StateName::Activating));
@@ -400,7 +410,7 @@ fn shutdown_closes_the_waiting_lets_proxying_finish_and_then_drains() {
         2
     );
     assert!(!core.is_finished());
-    core.handle_relay_ended(20, active, RelayEnd::Finished);
+    core.handle_relay_ended(20, active, relay_end(RelayCause::Finished, EndedBy::Client));
     assert!(actions(&mut core).iter().any(closed(Outcome::Ok)));
     assert!(core.is_finished());
 }
@@ -466,7 +476,7 @@ fn a_queued_client_that_leaves_never_runs_the_hook() {
     core.handle_hook_exited(2, request.hook, HookExit::Success);
     assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
     core.handle_upstream_connected(3, first);
-    core.handle_relay_ended(4, first, RelayEnd::Finished);
+    core.handle_relay_ended(4, first, relay_end(RelayCause::Finished, EndedBy::Client));
     assert!(spawned(&actions(&mut core)).is_none());
 }
 
@@ -553,4 +563,86 @@ fn outcome_counts_keep_each_outcome_apart() {
     for (n, outcome) in Outcome::ALL.into_iter().enumerate() {
         assert_eq!(counts.count(outcome), n as u64 + 1, "{outcome}");
     }
+}
+
+#[test]
+fn a_relay_that_fails_on_its_own_is_no_peers_fault() {
+    let mut core = Core::new(with_hook(1), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    let hook = spawned(&actions(&mut core)).expect("hook").hook;
+    core.handle_hook_exited(1, hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+    core.handle_upstream_connected(2, conn);
+    actions(&mut core);
+    core.handle_relay_ended(3, conn, relay_end(RelayCause::RelayError, EndedBy::Tcplock));
+    assert!(actions(&mut core).iter().any(closed(Outcome::RelayError)));
+    let stats = core.stats();
+    assert_eq!(stats.count(Outcome::RelayError), 1);
+    assert_eq!(stats.count(Outcome::ClientError), 0);
+    assert_eq!(stats.count(Outcome::UpstreamError), 0);
+
+    core.handle_accepted(4, addr(2));
+    let next = spawned(&actions(&mut core)).expect("the next client's hook");
+    assert_eq!(next.context.last_outcome, Some(Outcome::RelayError));
+}
+
+fn ended_by(actions: &[Action]) -> Vec<(Outcome, EndedBy)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close {
+                outcome, ended_by, ..
+            } => Some((*outcome, *ended_by)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_close_says_who_ended_it_and_the_next_hook_is_told() {
+    let mut core = Core::new(
+        Settings {
+            ttl_ms: Some(100),
+            ..with_hook(1)
+        },
+        0,
+    );
+    let first = core.handle_accepted(0, addr(1));
+    let hook = spawned(&actions(&mut core)).expect("hook");
+    assert_eq!(hook.context.last_ended_by, None);
+    // A client that leaves while waiting ended it itself.
+    let waiter = core.handle_accepted(1, addr(2));
+    core.handle_client_left(2, waiter);
+    assert_eq!(
+        ended_by(&actions(&mut core)),
+        [(Outcome::Abandoned, EndedBy::Client)]
+    );
+    core.handle_hook_exited(3, hook.hook, HookExit::Success);
+    actions(&mut core);
+    core.handle_upstream_connected(4, first);
+    actions(&mut core);
+    // The relay's word on who closed first is passed on as is.
+    core.handle_relay_ended(5, first, relay_end(RelayCause::Finished, EndedBy::Upstream));
+    assert_eq!(
+        ended_by(&actions(&mut core)),
+        [(Outcome::Ok, EndedBy::Upstream)]
+    );
+
+    let second = core.handle_accepted(6, addr(3));
+    let hook = spawned(&actions(&mut core)).expect("hook");
+    assert_eq!(hook.context.last_outcome, Some(Outcome::Ok));
+    assert_eq!(hook.context.last_ended_by, Some(EndedBy::Upstream));
+    core.handle_hook_exited(7, hook.hook, HookExit::Success);
+    actions(&mut core);
+    core.handle_upstream_connected(8, second);
+    actions(&mut core);
+    // A TTL expiry is tcplock's doing.
+    core.handle_tick(108);
+    assert_eq!(
+        ended_by(&actions(&mut core)),
+        [(Outcome::Timeout, EndedBy::Tcplock)]
+    );
+    core.handle_accepted(110, addr(4));
+    let hook = spawned(&actions(&mut core)).expect("hook");
+    assert_eq!(hook.context.last_ended_by, Some(EndedBy::Tcplock));
 }

@@ -106,6 +106,9 @@ pub enum Outcome {
     ClientError,
     /// The upstream reset or failed while proxying.
     UpstreamError,
+    /// tcplock could not go on relaying though neither peer failed: splicing
+    /// was refused while a pipe held bytes it could neither deliver nor copy.
+    RelayError,
     /// The TTL of a proxying connection expired.
     Timeout,
     /// It waited longer than the queue timeout.
@@ -132,6 +135,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::ClientError => "client_error",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::RelayError => "relay_error",
             Outcome::Timeout => "timeout",
             Outcome::QueueTimeout => "queue_timeout",
             Outcome::ConnectFailed => "connect_failed",
@@ -142,10 +146,11 @@ impl Outcome {
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
+        Outcome::RelayError,
         Outcome::Timeout,
         Outcome::QueueTimeout,
         Outcome::ConnectFailed,
@@ -200,15 +205,58 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Who ended a connection: the side that closed or reset first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndedBy {
+    /// The client: it left while waiting, or closed or reset first while
+    /// proxying.
+    Client,
+    /// The upstream closed or reset first while proxying.
+    Upstream,
+    /// tcplock: a TTL, a queue timeout, a shutdown, a failed connect, a full
+    /// queue, or a relay that failed before either peer closed.
+    Tcplock,
+}
+
+impl EndedBy {
+    /// The name used in logs and in `TCPLOCK_LAST_ENDED_BY`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Client => "client",
+            EndedBy::Upstream => "upstream",
+            EndedBy::Tcplock => "tcplock",
+        }
+    }
+}
+
+impl fmt::Display for EndedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a relay ended, as the shell saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayEnd {
+pub struct RelayEnd {
+    /// What ended it.
+    pub cause: RelayCause,
+    /// The side that sent end of stream or failed first; [`EndedBy::Tcplock`]
+    /// if the relay itself failed before either did.
+    pub ended_by: EndedBy,
+}
+
+/// What ended a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayCause {
     /// Both directions reached end of stream and were flushed.
     Finished,
     /// Reading from or writing to the client failed.
     ClientError,
     /// Reading from or writing to the upstream failed.
     UpstreamError,
+    /// The relay itself could not go on (splicing refused with bytes in a
+    /// pipe); neither peer is to blame.
+    RelayError,
 }
 
 /// Why a hook runs; shown to it as `TCPLOCK_EVENT`.
@@ -292,6 +340,8 @@ pub struct HookContext {
     pub timeouts: u64,
     /// How the last connection that held a permit ended; `None` before any did.
     pub last_outcome: Option<Outcome>,
+    /// Who ended that connection; `None` before any ended.
+    pub last_ended_by: Option<EndedBy>,
     /// Clients waiting.
     pub queue_length: usize,
     /// Connections holding a permit.
@@ -327,6 +377,8 @@ pub enum Action {
         conn: ConnRef,
         /// How it ended.
         outcome: Outcome,
+        /// Who closed or reset first.
+        ended_by: EndedBy,
         /// Milliseconds since accept.
         age_ms: u64,
     },

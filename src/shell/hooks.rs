@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 use crate::api::hook::Hook;
 use crate::config::Config;
-use crate::core::{HookContext, HookExit, HookRef, Outcome};
+use crate::core::{EndedBy, HookContext, HookExit, HookRef, Outcome};
 use crate::sys;
 
 /// A running hook process.
@@ -62,7 +62,7 @@ fn exit_of(status: ExitStatus) -> HookExit {
 }
 
 /// The `TCPLOCK_*` variables of a command hook, in a fixed order.
-fn hook_env(context: &HookContext) -> [(&'static str, String); 10] {
+fn hook_env(context: &HookContext) -> [(&'static str, String); 11] {
     [
         ("TCPLOCK_EVENT", context.kind.as_str().to_string()),
         ("TCPLOCK_CONN_ID", context.conn.to_string()),
@@ -75,6 +75,13 @@ fn hook_env(context: &HookContext) -> [(&'static str, String); 10] {
             context
                 .last_outcome
                 .map_or("none", Outcome::as_str)
+                .to_string(),
+        ),
+        (
+            "TCPLOCK_LAST_ENDED_BY",
+            context
+                .last_ended_by
+                .map_or("none", EndedBy::as_str)
                 .to_string(),
         ),
         ("TCPLOCK_QUEUE_LENGTH", context.queue_length.to_string()),

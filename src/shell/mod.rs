@@ -24,7 +24,9 @@ use crate::api::error::Error;
 use crate::api::hook::{HookBody, Reply, Ticket, TimeoutInfo};
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, RawArgs};
-use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
+use crate::core::{
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, HookRequest, Outcome, Settings, Stats,
+};
 use crate::sys;
 use log::{CommaList, Logger};
 
@@ -138,7 +140,8 @@ pub(crate) struct Shell {
     accept_paused: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
-    /// Relays that used up their turn and must be pumped again.
+    /// Relays that used up their turn and must be pumped again, each once
+    /// (see [`Relay::scheduled`]).
     busy_relays: Vec<ConnRef>,
     /// The list being worked through this turn; swapped with `busy_relays` so
     /// neither is ever reallocated in steady state.
@@ -321,7 +324,11 @@ impl Shell {
             self.handle_control(now);
             std::mem::swap(&mut self.busy_now, &mut self.busy_relays);
             for index in 0..self.busy_now.len() {
-                self.pump(now, self.busy_now[index]);
+                let conn = self.busy_now[index];
+                if let Some(Stage::Relaying(relay)) = self.io_of(conn).map(|io| &mut io.stage) {
+                    relay.scheduled = false;
+                }
+                self.pump(now, conn);
             }
             self.busy_now.clear();
             if self.accept_more {
@@ -479,7 +486,17 @@ impl Shell {
         }
         match pumped {
             Pumped::Idle => {}
-            Pumped::Busy => self.busy_relays.push(conn),
+            Pumped::Busy => {
+                if !relay.scheduled {
+                    relay.scheduled = true;
+                    debug_assert!(
+                        !self.busy_relays.contains(&conn),
+                        "conn {} is on the busy list twice",
+                        conn.id()
+                    );
+                    self.busy_relays.push(conn);
+                }
+            }
             Pumped::Ended(end) => {
                 self.core.handle_relay_ended(now, conn, end);
                 self.drain(now);
@@ -628,8 +645,9 @@ impl Shell {
                 Action::Close {
                     conn,
                     outcome,
+                    ended_by,
                     age_ms,
-                } => self.close(conn, outcome, age_ms),
+                } => self.close(conn, outcome, ended_by, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
@@ -711,12 +729,18 @@ impl Shell {
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }
+        // Each relay is on the busy list at most once: room for every
+        // connection holding a permit, made now, means relaying never grows it.
+        let relays = self.core.active();
+        for list in [&mut self.busy_relays, &mut self.busy_now] {
+            list.reserve(relays.saturating_sub(list.len()));
+        }
         // Bytes the client sent while queued wait in the kernel, announced by
         // an edge already spent; its readiness remembers them, so pump now.
         self.pump(now, conn);
     }
 
-    fn close(&mut self, conn: ConnRef, outcome: Outcome, age_ms: u64) {
+    fn close(&mut self, conn: ConnRef, outcome: Outcome, ended_by: EndedBy, age_ms: u64) {
         let Some(io) = self
             .io
             .get_mut(conn.slot())
@@ -735,6 +759,7 @@ impl Shell {
         if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
             line.field("conn", conn.id())
                 .field("outcome", outcome)
+                .field("ended_by", ended_by)
                 .field("bytes_up", up)
                 .field("bytes_down", down)
                 .field("duration_ms", age_ms);

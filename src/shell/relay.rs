@@ -24,9 +24,9 @@ use std::os::fd::AsFd;
 use mio::net::TcpStream;
 
 use crate::config::Splice;
-use crate::core::RelayEnd;
+use crate::core::{EndedBy, RelayCause, RelayEnd};
 use crate::shell::buffer::{BufferPool, RelayBuffer};
-use crate::sys::Pipe;
+use crate::sys::{self, Pipe};
 
 /// How many read-or-write rounds one direction gets per pump call. A busy
 /// connection yields after this so timers, accepts and other connections get
@@ -109,8 +109,10 @@ impl ChannelPool {
         had_any
     }
 
-    /// Stops splicing for good after the first refusal; nothing is lost, as
-    /// only a splice into an empty pipe is taken for one.
+    /// Stops splicing for good after the first refusal. A refusal met with
+    /// an empty pipe loses nothing and copying takes over; one met with bytes
+    /// in the pipe fails that connection (`relay_error`) and only the next
+    /// ones copy.
     fn refuse_splice(&mut self, error: io::Error) {
         self.splice_refused = true;
         self.pipes.clear();
@@ -149,6 +151,11 @@ pub struct Relay {
     up: Direction,
     /// Upstream to client.
     down: Direction,
+    /// On the shell's busy list, waiting for its next turn: a relay pumped
+    /// from a readiness event while it waits there must not be listed twice.
+    pub scheduled: bool,
+    /// The side that sent end of stream or failed first, once one did.
+    ended_by: Option<EndedBy>,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -240,6 +247,15 @@ enum Side {
     Upstream,
 }
 
+impl Side {
+    fn ended_by(self) -> EndedBy {
+        match self {
+            Side::Client => EndedBy::Client,
+            Side::Upstream => EndedBy::Upstream,
+        }
+    }
+}
+
 /// What the rounds of one direction's pump call did and learned.
 struct Round {
     progressed: bool,
@@ -258,6 +274,8 @@ impl Relay {
             upstream_ready,
             up: Direction::new(),
             down: Direction::new(),
+            scheduled: false,
+            ended_by: None,
         }
     }
 
@@ -291,6 +309,7 @@ impl Relay {
             &mut self.upstream_ready.writable,
             pool,
         );
+        self.note_end(&up, self.up.eof, Side::Client, Side::Upstream);
         let down = self.down.pump(
             &self.upstream,
             client,
@@ -298,9 +317,17 @@ impl Relay {
             &mut client_ready.writable,
             pool,
         );
+        self.note_end(&down, self.down.eof, Side::Upstream, Side::Client);
+        let ended_by = self.ended_by.unwrap_or(EndedBy::Tcplock);
         let busy = match (up, down) {
-            (Err(side), _) => return Pumped::Ended(side.into_end(Side::Client, Side::Upstream)),
-            (_, Err(side)) => return Pumped::Ended(side.into_end(Side::Upstream, Side::Client)),
+            (Err(side), _) => {
+                self.reset_both(client);
+                return Pumped::Ended(side.into_end(Side::Client, Side::Upstream, ended_by));
+            }
+            (_, Err(side)) => {
+                self.reset_both(client);
+                return Pumped::Ended(side.into_end(Side::Upstream, Side::Client, ended_by));
+            }
             (Ok(up_busy), Ok(down_busy)) => up_busy || down_busy,
         };
         let up_done = self.up.eof && self.up.held.is_empty();
@@ -308,7 +335,10 @@ impl Relay {
         if up_done && down_done {
             // Closing both sockets sends the last end of stream; a shutdown
             // call for it would be one syscall too many.
-            return Pumped::Ended(RelayEnd::Finished);
+            return Pumped::Ended(RelayEnd {
+                cause: RelayCause::Finished,
+                ended_by,
+            });
         }
         // Half-close: the peer sees end of stream and can still answer. A peer
         // that is already gone shows up as an error on the next read or write,
@@ -323,6 +353,39 @@ impl Relay {
         }
         if busy { Pumped::Busy } else { Pumped::Idle }
     }
+
+    /// Remembers the first side to end: the source of a direction that saw
+    /// end of stream, or whichever end of it failed. Within one pump call the
+    /// client → upstream direction goes first, so it wins a tie.
+    fn note_end(
+        &mut self,
+        pumped: &Result<bool, Failed>,
+        eof: bool,
+        source: Side,
+        destination: Side,
+    ) {
+        if self.ended_by.is_some() {
+            return;
+        }
+        self.ended_by = match pumped {
+            Err(Failed::Source | Failed::SpliceRefused(_)) => Some(source.ended_by()),
+            Err(Failed::Destination) => Some(destination.ended_by()),
+            Err(Failed::Relay) => Some(EndedBy::Tcplock),
+            Ok(_) if eof => Some(source.ended_by()),
+            Ok(_) => None,
+        };
+    }
+
+    /// A failed relay ends both sides with a reset when their sockets close:
+    /// the peer that is still there must see an error, not a clean end of
+    /// stream that would pass a truncated stream off as complete. The side
+    /// that failed is gone already, so setting it there too costs nothing and
+    /// spares knowing which one it was. A socket that refuses the option is
+    /// closed normally: there is nothing better left to do with it.
+    fn reset_both(&self, client: &TcpStream) {
+        let _ = sys::set_reset_on_close(client.as_fd());
+        let _ = sys::set_reset_on_close(self.upstream.as_fd());
+    }
 }
 
 /// Which end of a direction failed.
@@ -331,18 +394,24 @@ enum Failed {
     Destination,
     /// Splicing from the source was refused; nothing was moved.
     SpliceRefused(io::Error),
+    /// Splicing was refused while the pipe held bytes: copying cannot take
+    /// over behind them, and neither peer is to blame.
+    Relay,
 }
 
 impl Failed {
-    fn into_end(self, source: Side, destination: Side) -> RelayEnd {
+    fn into_end(self, source: Side, destination: Side, ended_by: EndedBy) -> RelayEnd {
         let side = match self {
-            Failed::Source | Failed::SpliceRefused(_) => source,
-            Failed::Destination => destination,
+            Failed::Source | Failed::SpliceRefused(_) => Some(source),
+            Failed::Destination => Some(destination),
+            Failed::Relay => None,
         };
-        match side {
-            Side::Client => RelayEnd::ClientError,
-            Side::Upstream => RelayEnd::UpstreamError,
-        }
+        let cause = match side {
+            Some(Side::Client) => RelayCause::ClientError,
+            Some(Side::Upstream) => RelayCause::UpstreamError,
+            None => RelayCause::RelayError,
+        };
+        RelayEnd { cause, ended_by }
     }
 }
 
@@ -511,8 +580,12 @@ impl Direction {
                 empty,
             ) {
                 // Copying cannot take over while the pipe holds bytes
-                // ahead of the socket's: fail the connection instead.
-                Err(Failed::SpliceRefused(_)) if !empty => return Err(Failed::Source),
+                // ahead of the socket's: fail the connection instead, and
+                // copy from the next connection on.
+                Err(Failed::SpliceRefused(error)) if !empty => {
+                    pool.refuse_splice(error);
+                    return Err(Failed::Relay);
+                }
                 other => other?,
             };
             if let Some(n) = filled {
@@ -520,7 +593,14 @@ impl Direction {
             }
         }
         if *len > 0 && !state.dst_blocked {
-            let moved = write_with(|| pipe.drain_to(dst.as_fd(), *len))?;
+            let moved = match write_with(|| pipe.drain_to(dst.as_fd(), *len)) {
+                // The bytes are stuck in the pipe, as above.
+                Err(Failed::SpliceRefused(error)) => {
+                    pool.refuse_splice(error);
+                    return Err(Failed::Relay);
+                }
+                other => other?,
+            };
             if moved == 0 {
                 state.dst_blocked = true;
             } else {
@@ -592,7 +672,7 @@ fn read_with(
 }
 
 /// One write: how much the destination took (0 if it would block). Writing
-/// nothing at all, or any error, fails the destination.
+/// nothing at all, or any error but a refused splice, fails the destination.
 fn write_with(mut write: impl FnMut() -> io::Result<usize>) -> Result<usize, Failed> {
     loop {
         match write() {
@@ -600,6 +680,9 @@ fn write_with(mut write: impl FnMut() -> io::Result<usize>) -> Result<usize, Fai
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                return Err(Failed::SpliceRefused(e));
+            }
             Err(_) => return Err(Failed::Destination),
         }
     }
