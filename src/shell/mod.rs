@@ -7,20 +7,23 @@ mod relay;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::cli::RawArgs;
 use crate::config::{self, Config};
-use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
+use crate::core::{
+    Action, ConnRef, Core, HookContext, HookExit, HookId, HookRequest, Outcome, Settings, Stats,
+};
 use crate::error::Error;
 use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
 use crate::lock::Handle;
@@ -34,6 +37,8 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 /// Messages from handles and tickets on other threads.
 const CONTROL: Token = Token(2);
+/// The running hook's pidfd: readable once it has exited.
+const HOOK_EXIT: Token = Token(3);
 /// Connection tokens start here: two per slab slot, client then upstream.
 const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
@@ -115,7 +120,11 @@ pub(crate) struct Shell {
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
-    signals: Signals,
+    /// `None` until a signal is to be watched: a library that leaves signals
+    /// to its host installs no handler at all.
+    signals: Option<Signals>,
+    /// Hooks are watched by pidfds; once the kernel refuses them, by SIGCHLD.
+    pidfds_available: bool,
     options: ShellOptions,
     waker: Arc<Waker>,
     control_tx: Sender<Control>,
@@ -205,15 +214,14 @@ impl Shell {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
-        let mut watched = vec![SIGCHLD];
-        if options.handle_signals {
-            watched.extend([SIGHUP, SIGTERM, SIGINT, SIGUSR1]);
-        }
-        let mut signals =
-            Signals::new(watched).map_err(io_error("cannot install signal handlers"))?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(io_error("cannot register signals"))?;
+        let signals = if options.handle_signals {
+            Some(
+                watch_signals(&poll, &[SIGHUP, SIGTERM, SIGINT, SIGUSR1])
+                    .map_err(io_error("cannot install signal handlers"))?,
+            )
+        } else {
+            None
+        };
         let waker = Arc::new(
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
         );
@@ -229,6 +237,7 @@ impl Shell {
             listener: Some(listener),
             local_addr,
             signals,
+            pidfds_available: true,
             options,
             waker,
             control_tx,
@@ -271,6 +280,15 @@ impl Shell {
 
     /// Runs until a shutdown completes.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
+        let _sigpipe = match sys::block_sigpipe() {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "sigpipe_unblocked") {
+                    line.field("error", e);
+                }
+                None
+            }
+        };
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.accept_more || !self.busy_relays.is_empty() {
@@ -297,6 +315,7 @@ impl Shell {
                 match event.token() {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
+                    HOOK_EXIT => self.reap(now),
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -481,7 +500,10 @@ impl Shell {
     fn handle_signals(&mut self, now: u64) {
         // Drain the self-pipe first, then act: signals coalesce, and one
         // SIGCHLD may stand for several exits.
-        let pending: Vec<i32> = self.signals.pending().collect();
+        let Some(signals) = &mut self.signals else {
+            return;
+        };
+        let pending: Vec<i32> = signals.pending().collect();
         for signal in pending {
             match signal {
                 SIGCHLD => self.reap(now),
@@ -741,7 +763,7 @@ impl Shell {
     fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
         let context = &request.context;
         let process = match request.run.body() {
-            HookBody::Command(command) => match HookProcess::spawn(command, context) {
+            HookBody::Command(command) => match self.spawn_process(command, context) {
                 Ok(process) => Some(process),
                 Err(e) => {
                     // Nothing ran: the core logs the failure and retries.
@@ -790,6 +812,55 @@ impl Shell {
         }
     }
 
+    /// Starts a hook process watched by its pidfd, or, on a kernel without
+    /// pidfds, by SIGCHLD (said once in the log).
+    fn spawn_process(&mut self, command: &str, context: &HookContext) -> io::Result<HookProcess> {
+        if self.pidfds_available {
+            match HookProcess::spawn(command, context) {
+                Ok(process) => {
+                    let Some(pidfd) = process.pidfd() else {
+                        return Ok(process);
+                    };
+                    let raw = pidfd.as_raw_fd();
+                    match self.poll.registry().register(
+                        &mut SourceFd(&raw),
+                        HOOK_EXIT,
+                        Interest::READABLE,
+                    ) {
+                        Ok(()) => return Ok(process),
+                        Err(e) => {
+                            // Unwatched, it would hold the hook slot forever.
+                            let _ = process.kill();
+                            let mut process = process;
+                            let _ = process.wait();
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if sys::is_pidfd_unsupported(&e) => {
+                    self.pidfds_available = false;
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
+                        line.field("error", e).field("fallback", "SIGCHLD");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.watch_sigchld()?;
+        HookProcess::spawn_without_pidfd(command, context)
+    }
+
+    /// Adds SIGCHLD to the watched signals, installing the handler if none is.
+    fn watch_sigchld(&mut self) -> io::Result<()> {
+        match &self.signals {
+            Some(signals) => signals.add_signal(SIGCHLD),
+            None => {
+                self.signals = Some(watch_signals(&self.poll, &[SIGCHLD])?);
+                Ok(())
+            }
+        }
+    }
+
     fn kill_hook(&mut self, now: u64, hook: HookId) {
         let Some(run) = self.hook.as_ref().filter(|run| run.id == hook) else {
             return;
@@ -815,6 +886,14 @@ impl Shell {
         }
         self.accept_more = false;
     }
+}
+
+/// Installs handlers for `signals` and registers their self-pipe.
+fn watch_signals(poll: &Poll, signals: &[i32]) -> io::Result<Signals> {
+    let mut watched = Signals::new(signals.iter().copied())?;
+    poll.registry()
+        .register(&mut watched, SIGNALS, Interest::READABLE)?;
+    Ok(watched)
 }
 
 fn client_token(conn: ConnRef) -> Token {
