@@ -467,6 +467,32 @@ fn sigpipe_set() -> libc::sigset_t {
     }
 }
 
+/// Whether this process is PID 1 of its pid namespace (a container's
+/// entrypoint), the one that inherits every orphan.
+pub fn is_pid_one() -> bool {
+    // SAFETY: getpid takes nothing and cannot fail.
+    unsafe { libc::getpid() == 1 }
+}
+
+/// Reaps one exited child that exits with SIGCHLD (an orphan handed to PID 1,
+/// or a child started without a pidfd), without blocking: its pid and raw
+/// wait status, or `None` when no such child has exited. Children started by
+/// [`spawn_watched`] are not taken: their exit signal is not SIGCHLD.
+pub fn reap_any_child() -> Option<(u32, i32)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a live, writable int for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            return Some((pid as u32, status));
+        }
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

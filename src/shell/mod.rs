@@ -125,6 +125,9 @@ pub(crate) struct Shell {
     signals: Option<Signals>,
     /// Hooks are watched by pidfds; once the kernel refuses them, by SIGCHLD.
     pidfds_available: bool,
+    /// PID 1 of a pid namespace (a container's entrypoint) inherits every
+    /// orphan and must reap them all, or each one stays a zombie.
+    reaps_orphans: bool,
     options: ShellOptions,
     waker: Arc<Waker>,
     control_tx: Sender<Control>,
@@ -214,13 +217,21 @@ impl Shell {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
-        let signals = if options.handle_signals {
+        let reaps_orphans = sys::is_pid_one();
+        let mut watched = Vec::new();
+        if options.handle_signals {
+            watched.extend([SIGHUP, SIGTERM, SIGINT, SIGUSR1]);
+        }
+        if reaps_orphans {
+            watched.push(SIGCHLD);
+        }
+        let signals = if watched.is_empty() {
+            None
+        } else {
             Some(
-                watch_signals(&poll, &[SIGHUP, SIGTERM, SIGINT, SIGUSR1])
+                watch_signals(&poll, &watched)
                     .map_err(io_error("cannot install signal handlers"))?,
             )
-        } else {
-            None
         };
         let waker = Arc::new(
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
@@ -238,6 +249,7 @@ impl Shell {
             local_addr,
             signals,
             pidfds_available: true,
+            reaps_orphans,
             options,
             waker,
             control_tx,
@@ -506,7 +518,10 @@ impl Shell {
         let pending: Vec<i32> = signals.pending().collect();
         for signal in pending {
             match signal {
-                SIGCHLD => self.reap(now),
+                SIGCHLD => {
+                    self.reap(now);
+                    self.reap_orphans(now);
+                }
                 SIGHUP => self.reload(now),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
@@ -532,6 +547,26 @@ impl Shell {
         };
         let hook = *id;
         self.hook_ended(now, hook, exit);
+    }
+
+    /// As PID 1: reaps every exited child that is not a pidfd-watched hook
+    /// (those exit without SIGCHLD and are not taken here). A hook started
+    /// without a pidfd may be among them: its status goes to the hook.
+    fn reap_orphans(&mut self, now: u64) {
+        if !self.reaps_orphans {
+            return;
+        }
+        while let Some((pid, status)) = sys::reap_any_child() {
+            let hook = match &self.hook {
+                Some(RunningHook {
+                    id,
+                    process: Some(process),
+                    ..
+                }) if process.pid == pid => *id,
+                _ => continue,
+            };
+            self.hook_ended(now, hook, hooks::exit_of_raw(status));
+        }
     }
 
     /// The one way a running hook ends, whatever kind it is: it is forgotten,
