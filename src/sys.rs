@@ -493,6 +493,138 @@ pub fn reap_any_child() -> Option<(u32, i32)> {
     }
 }
 
+/// Where log lines go: stderr, written without ever blocking the caller.
+///
+/// Setting O_NONBLOCK on fd 2 itself would change the file description we
+/// share with our parent, its terminal and every hook, and make their writes
+/// fail with EAGAIN. Instead, by what stderr is:
+/// - a pipe, FIFO or terminal: reopened through `/proc/self/fd/2`, which gives
+///   a new description of the same pipe or terminal whose O_NONBLOCK is ours;
+/// - a socket (journald's stdout stream): `send` with `MSG_DONTWAIT`, a
+///   per-call flag;
+/// - a regular file: written as is; a file does not stall on a slow reader.
+///
+/// If the reopen fails, a write is only tried after `poll` says there is
+/// room, and then at most `PIPE_BUF` bytes, which a pipe with room takes
+/// whole.
+pub struct LogSink {
+    kind: SinkKind,
+}
+
+enum SinkKind {
+    Reopened(OwnedFd),
+    Socket,
+    File,
+    PollFirst,
+}
+
+const STDERR: libc::c_int = 2;
+
+impl LogSink {
+    /// The sink for this process's stderr.
+    pub fn stderr() -> LogSink {
+        // SAFETY: stat is plain data for which all zeroes is a valid value.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `stat` is live and writable for the call.
+        if unsafe { libc::fstat(STDERR, &mut stat) } != 0 {
+            return LogSink {
+                kind: SinkKind::PollFirst,
+            };
+        }
+        let kind = match stat.st_mode & libc::S_IFMT {
+            libc::S_IFSOCK => SinkKind::Socket,
+            libc::S_IFIFO | libc::S_IFCHR => match reopen_stderr() {
+                Ok(fd) => SinkKind::Reopened(fd),
+                Err(_) => SinkKind::PollFirst,
+            },
+            libc::S_IFREG => SinkKind::File,
+            _ => SinkKind::PollFirst,
+        };
+        LogSink { kind }
+    }
+
+    /// Writes what fits now; [`io::ErrorKind::WouldBlock`] when nothing does.
+    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        loop {
+            let written = match &self.kind {
+                // SAFETY (these four): the buffer is live for the length
+                // passed, and the descriptor is open (ours, or fd 2).
+                SinkKind::Reopened(fd) => unsafe {
+                    libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len())
+                },
+                SinkKind::Socket => unsafe {
+                    libc::send(
+                        STDERR,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                },
+                SinkKind::File => unsafe {
+                    libc::write(STDERR, bytes.as_ptr().cast(), bytes.len())
+                },
+                SinkKind::PollFirst => {
+                    if !poll_writable(STDERR, 0) {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    let len = bytes.len().min(libc::PIPE_BUF);
+                    unsafe { libc::write(STDERR, bytes.as_ptr().cast(), len) }
+                }
+            };
+            if written >= 0 {
+                return Ok(written as usize);
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+
+    /// The descriptor to watch for room, if the sink can run out of it and
+    /// the poll can watch it.
+    pub fn watch_fd(&self) -> Option<libc::c_int> {
+        match &self.kind {
+            SinkKind::Reopened(fd) => Some(fd.as_raw_fd()),
+            SinkKind::Socket | SinkKind::PollFirst => Some(STDERR),
+            SinkKind::File => None,
+        }
+    }
+
+    /// Waits up to `timeout_ms` for room to write.
+    pub fn wait_writable(&self, timeout_ms: i32) -> bool {
+        self.watch_fd()
+            .is_none_or(|fd| poll_writable(fd, timeout_ms))
+    }
+}
+
+fn reopen_stderr() -> io::Result<OwnedFd> {
+    let path = c"/proc/self/fd/2";
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open succeeded, so `fd` is an open descriptor only we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn poll_writable(fd: libc::c_int, timeout_ms: i32) -> bool {
+    let mut watched = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one live, writable pollfd, and the count passed is 1.
+    let ready = unsafe { libc::poll(&mut watched, 1, timeout_ms) };
+    ready > 0 && watched.revents & libc::POLLOUT != 0
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

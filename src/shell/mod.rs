@@ -39,6 +39,10 @@ const SIGNALS: Token = Token(1);
 const CONTROL: Token = Token(2);
 /// The running hook's pidfd: readable once it has exited.
 const HOOK_EXIT: Token = Token(3);
+/// stderr has room again for log lines that waited.
+const LOG_SINK: Token = Token(4);
+/// How often lines waiting for a stderr the poll cannot watch are retried.
+const LOG_RETRY: Duration = Duration::from_millis(100);
 /// Connection tokens start here: two per slab slot, client then upstream.
 const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
@@ -138,6 +142,9 @@ pub(crate) struct Shell {
     io: Vec<Option<ConnIo>>,
     pool: ChannelPool,
     logger: Logger,
+    /// The poll wakes us when stderr has room; otherwise waiting log lines
+    /// are retried every [`LOG_RETRY`].
+    log_watched: bool,
     upstream_addrs: Vec<SocketAddr>,
     hook: Option<RunningHook>,
     config: Config,
@@ -214,6 +221,12 @@ impl Shell {
             line.field("error", e);
         }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
+        // Edge-triggered: one wake-up each time a stalled stderr gains room.
+        let log_watched = logger.watch_fd().is_some_and(|fd| {
+            poll.registry()
+                .register(&mut SourceFd(&fd), LOG_SINK, Interest::WRITABLE)
+                .is_ok()
+        });
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
@@ -259,6 +272,7 @@ impl Shell {
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
+            log_watched,
             upstream_addrs,
             hook: None,
             config,
@@ -303,7 +317,7 @@ impl Shell {
         };
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.accept_more || !self.busy_relays.is_empty() {
+            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 self.core
@@ -311,6 +325,9 @@ impl Shell {
                     // Round up so a deadline never wakes us a millisecond early.
                     .map(|deadline| Duration::from_millis(deadline.saturating_sub(self.now()) + 1))
             };
+            if self.logger.has_pending() && !self.log_watched {
+                timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
