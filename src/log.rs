@@ -221,6 +221,10 @@ impl Logger {
     /// Flushes what is left, waiting for a stalled stderr at most
     /// [`EXIT_FLUSH_WAIT`] in all.
     fn flush_before_exit(&mut self) {
+        // Outside the loop SIGPIPE is not blocked, and a stderr pipe whose
+        // reader is gone would raise it: a host with SIGPIPE at its default
+        // must not die of its last log lines.
+        let _sigpipe = crate::sys::block_sigpipe();
         let deadline = Instant::now() + EXIT_FLUSH_WAIT;
         loop {
             self.flush();

@@ -669,6 +669,39 @@ mod tests {
     }
 
     #[test]
+    fn a_watched_child_reports_its_exit_and_a_failed_exec_is_an_error() {
+        let shell = c"/bin/sh";
+        let (dash_c, script) = (c"-c", c"exit 3");
+        let argv = [
+            shell.as_ptr(),
+            dash_c.as_ptr(),
+            script.as_ptr(),
+            std::ptr::null(),
+        ];
+        let envp = [std::ptr::null()];
+        let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
+        let spec = ExecSpec {
+            program: shell,
+            argv: &argv,
+            envp: &envp,
+            stdin: stdin.as_fd(),
+        };
+        let child = spawn_watched(&spec).expect("spawn");
+        let status = wait_exited(&child, true).expect("wait").expect("exited");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3,
+            "{status:#x}"
+        );
+        let missing = c"/nonexistent/tcplock-test";
+        let spec = ExecSpec {
+            program: missing,
+            ..spec
+        };
+        let error = spawn_watched(&spec).expect_err("no such program");
+        assert_eq!(error.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
     fn killing_a_missing_group_is_fine_and_low_groups_are_refused() {
         assert!(kill_process_group(1).is_err());
         assert!(kill_process_group(0).is_err());

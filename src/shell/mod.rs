@@ -255,7 +255,11 @@ impl Shell {
                 .field("upstream", &config.upstream)
                 .field("permits", config.permits);
         }
-        logger.flush();
+        {
+            // Not yet in the loop, which blocks SIGPIPE: see `Logger` at exit.
+            let _sigpipe = sys::block_sigpipe();
+            logger.flush();
+        }
         Ok(Shell {
             poll,
             listener: Some(listener),
