@@ -380,27 +380,29 @@ pub fn pidfd_exit_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
     (result == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
 }
 
-/// SIGKILL through the pidfd: reaches this process and no other, even if it
-/// has exited and its pid been reused. A process already gone is no error.
-pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+/// Sends `signal` through the pidfd (0 only asks whether the process is
+/// still there): it reaches this process and no other, even one that reused
+/// its pid. `Ok(false)` when the process is gone (reaped).
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<bool> {
     // SAFETY: pidfd_send_signal takes a borrowed (so open) descriptor, a
     // signal number, a null siginfo and zero flags; it touches no memory of ours.
     let result = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            signal,
             std::ptr::null::<libc::siginfo_t>(),
             0,
         )
     };
     if result != 0 {
         let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ESRCH) {
-            return Err(error);
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
         }
+        return Err(error);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// SIGPIPE held off the calling thread while this lives.

@@ -143,15 +143,24 @@ impl HookProcess {
         }
     }
 
-    /// SIGKILL to the hook's whole process group. Safe from pid reuse while
-    /// the hook is unreaped: its zombie holds the pid, and so the group id.
-    /// Through the pidfd the leader is hit even if the group call is refused.
+    /// SIGKILL to the hook's whole process group. The group id is the
+    /// leader's pid, which cannot be reused while the leader is alive or an
+    /// unreaped zombie; the pidfd says which, so a leader already reaped
+    /// behind our back (a host ignoring SIGCHLD) never leads to a stranger's
+    /// group being killed.
     pub fn kill(&self) -> io::Result<()> {
-        let group = sys::kill_process_group(self.pid);
-        if let Watch::Pidfd(child) = &self.watch {
-            sys::pidfd_kill(child.pidfd.as_fd())?;
+        match &self.watch {
+            Watch::Pidfd(child) => {
+                if !sys::pidfd_signal(child.pidfd.as_fd(), 0)? {
+                    return Ok(());
+                }
+                let group = sys::kill_process_group(self.pid);
+                // The leader is hit even if the group call was refused.
+                sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL)?;
+                group
+            }
+            Watch::Sigchld(_) => sys::kill_process_group(self.pid),
         }
-        group
     }
 }
 
