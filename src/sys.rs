@@ -1,5 +1,6 @@
 //! Every `libc` call and `unsafe` block of tcplock, behind safe functions.
 
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -211,6 +212,458 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     Ok(moved as usize)
 }
 
+/// A child started with a pidfd of its own: [`spawn_watched`].
+#[derive(Debug)]
+pub struct WatchedChild {
+    pub pid: u32,
+    /// Readable once the child has exited; signals sent through it can never
+    /// reach another process that reused the pid.
+    pub pidfd: OwnedFd,
+}
+
+/// What a child needs prepared before `clone`, since the child may only make
+/// async-signal-safe calls (no allocation) between `clone` and `execve`.
+pub struct ExecSpec<'a> {
+    pub program: &'a CStr,
+    /// Null-terminated, pointing into strings that outlive the call.
+    pub argv: &'a [*const libc::c_char],
+    /// Null-terminated, pointing into strings that outlive the call.
+    pub envp: &'a [*const libc::c_char],
+    /// Becomes the child's stdin.
+    pub stdin: BorrowedFd<'a>,
+}
+
+/// Starts `spec.program` as the leader of a new process group, its stdout on
+/// our stderr, with an empty signal mask and SIGCHLD and SIGPIPE at their
+/// defaults whatever the host set.
+///
+/// `clone(CLONE_PIDFD)` hands back a pidfd atomically (no window in which the
+/// pid could exit and be reused before we hold it), and an exit signal of 0
+/// keeps the child out of the process-wide SIGCHLD business: no signal
+/// reaches the host's handler, a host that ignores SIGCHLD does not auto-reap
+/// it, and a host's `waitpid(-1)` does not take it (only `__WALL` waits do).
+/// An error whose raw code is `ENOSYS`, `EINVAL` or `EPERM` means the kernel
+/// (before 5.2) or a seccomp filter refuses the call: [`is_pidfd_unsupported`].
+pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
+    if spec.argv.last() != Some(&std::ptr::null()) || spec.envp.last() != Some(&std::ptr::null()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "argv and envp must end with a null pointer",
+        ));
+    }
+    let mut exec_errors = [0 as libc::c_int; 2];
+    // SAFETY: `exec_errors` is a writable array of two ints, as pipe2 requires.
+    if unsafe { libc::pipe2(exec_errors.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    let (error_read, error_write) = unsafe {
+        (
+            OwnedFd::from_raw_fd(exec_errors[0]),
+            OwnedFd::from_raw_fd(exec_errors[1]),
+        )
+    };
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_PIDFD as libc::c_ulong;
+    // SAFETY: without CLONE_VM and with a null stack this is a fork: the child
+    // runs on a copy of our memory. The third argument (parent_tid on every
+    // architecture) is where CLONE_PIDFD stores the pidfd; `pidfd` outlives
+    // the call. The child never returns from `exec_child`.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0usize,
+            &mut pidfd as *mut libc::c_int,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; `spec` points into memory
+        // copied with us, and `exec_child` makes only async-signal-safe calls.
+        unsafe { exec_child(spec, error_write.as_raw_fd()) }
+    }
+    // SAFETY: clone succeeded with CLONE_PIDFD, so `pidfd` is an open
+    // descriptor (close-on-exec) that only we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop(error_write);
+    let child = WatchedChild {
+        pid: pid as u32,
+        pidfd,
+    };
+    // The child writes errno here if execve fails; a successful exec closes
+    // the pipe (close-on-exec), so this read ends at once either way.
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    while got < errno.len() {
+        // SAFETY: the buffer is live and writable for the length passed.
+        let n = unsafe {
+            libc::read(
+                error_read.as_raw_fd(),
+                errno[got..].as_mut_ptr().cast(),
+                errno.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    if got == errno.len() {
+        // The child is gone or going: reap it so it leaves no zombie.
+        let _ = wait_exited(&child, true);
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
+    Ok(child)
+}
+
+/// The cloned child: reset what the host may have changed, then exec.
+///
+/// # Safety
+/// Only to be called in a child just returned from `clone`; everything `spec`
+/// points to must be valid.
+unsafe fn exec_child(spec: &ExecSpec<'_>, error_fd: libc::c_int) -> ! {
+    // SAFETY (whole block): only async-signal-safe calls on memory prepared
+    // before the clone; the child ends in execve or _exit.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Ignored dispositions survive exec; a hook's shell needs its own
+        // children's exits and a normal SIGPIPE.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::setpgid(0, 0) == 0
+            && libc::dup2(spec.stdin.as_raw_fd(), 0) == 0
+            && libc::dup2(2, 1) == 1
+        {
+            libc::execve(
+                spec.program.as_ptr(),
+                spec.argv.as_ptr(),
+                spec.envp.as_ptr(),
+            );
+        }
+        let errno = *libc::__errno_location();
+        libc::write(error_fd, (&errno as *const libc::c_int).cast(), 4);
+        libc::_exit(127)
+    }
+}
+
+/// Whether [`spawn_watched`] failed because pidfds are not available here.
+pub fn is_pidfd_unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSYS | libc::EINVAL | libc::EPERM)
+    )
+}
+
+/// Reaps `child` if it has exited (or waits for it when `block`), returning
+/// its raw wait status. `__WALL` because its exit signal is not SIGCHLD.
+pub fn wait_exited(child: &WatchedChild, block: bool) -> io::Result<Option<i32>> {
+    let pid = libc::pid_t::try_from(child.pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    let flags = libc::__WALL | if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a live, writable int for the call. The pid
+        // cannot name another process: our unreaped child keeps it.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, flags) };
+        match reaped {
+            0 => return Ok(None),
+            r if r == pid => return Ok(Some(status)),
+            _ => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
+/// The wait status a pidfd remembers for its exited process, even after
+/// someone else reaped it (a host that ignores SIGCHLD has the kernel reap
+/// children at once). `PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux 6.15+;
+/// `None` where the kernel cannot tell.
+pub fn pidfd_exit_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
+    /// `struct pidfd_info` of <linux/pidfd.h>, its first version (64 bytes).
+    #[repr(C)]
+    #[derive(Default)]
+    struct PidfdInfo {
+        mask: u64,
+        cgroupid: u64,
+        ids: [u32; 11],
+        exit_code: i32,
+        coredump_mask: u32,
+        spare: u32,
+    }
+    const PIDFD_INFO_EXIT: u64 = 1 << 3;
+    // _IOWR(0xFF, 11, struct pidfd_info)
+    const PIDFD_GET_INFO: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: `info` is a live, writable struct of the size the request
+    // encodes; the descriptor is borrowed, so open for the call.
+    let result = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &mut info) };
+    (result == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+}
+
+/// Sends `signal` through the pidfd (0 only asks whether the process is
+/// still there): it reaches this process and no other, even one that reused
+/// its pid. `Ok(false)` when the process is gone (reaped).
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<bool> {
+    // SAFETY: pidfd_send_signal takes a borrowed (so open) descriptor, a
+    // signal number, a null siginfo and zero flags; it touches no memory of ours.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if result != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        return Err(error);
+    }
+    Ok(true)
+}
+
+/// SIGPIPE held off the calling thread while this lives.
+///
+/// `splice` (and `writev`) into a socket the peer reset raises SIGPIPE, and no
+/// flag suppresses it as `MSG_NOSIGNAL` does for `send`. An embedding program
+/// may have SIGPIPE at its default (death, exit 141), and changing its
+/// process-wide disposition is not ours to do; blocking the signal on the loop
+/// thread only affects that thread. The kernel directs this SIGPIPE at the
+/// thread that wrote, so it stays pending here, never reaches another thread,
+/// and the failing call still returns EPIPE. Dropping the guard discards a
+/// pending SIGPIPE before unblocking, so it cannot strike later.
+pub struct SigpipeBlocked {
+    was_blocked: bool,
+}
+
+/// Blocks SIGPIPE on this thread until the guard is dropped.
+pub fn block_sigpipe() -> io::Result<SigpipeBlocked> {
+    let set = sigpipe_set();
+    // SAFETY: sigset_t is plain data for which all zeroes is a valid value.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are live for the call; pthread_sigmask changes only
+    // this thread's mask.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous) };
+    if result != 0 {
+        return Err(io::Error::from_raw_os_error(result));
+    }
+    // SAFETY: `previous` was filled in by pthread_sigmask above.
+    let was_blocked = unsafe { libc::sigismember(&previous, libc::SIGPIPE) } == 1;
+    Ok(SigpipeBlocked { was_blocked })
+}
+
+impl Drop for SigpipeBlocked {
+    fn drop(&mut self) {
+        if self.was_blocked {
+            return;
+        }
+        let set = sigpipe_set();
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // Standard signals do not queue, so one pending SIGPIPE is all there
+        // can be; the bound only guards against a kernel that says otherwise.
+        for _ in 0..4 {
+            // SAFETY: `set` and `zero` are live for the call and the siginfo
+            // pointer may be null; a zero timeout makes it return at once.
+            if unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) } < 0 {
+                break;
+            }
+        }
+        // SAFETY: `set` is live for the call; this changes this thread's mask only.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+fn sigpipe_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        set
+    }
+}
+
+/// Whether this process is PID 1 of its pid namespace (a container's
+/// entrypoint), the one that inherits every orphan.
+pub fn is_pid_one() -> bool {
+    // SAFETY: getpid takes nothing and cannot fail.
+    unsafe { libc::getpid() == 1 }
+}
+
+/// Reaps one exited child that exits with SIGCHLD (an orphan handed to PID 1,
+/// or a child started without a pidfd), without blocking: its pid and raw
+/// wait status, or `None` when no such child has exited. Children started by
+/// [`spawn_watched`] are not taken: their exit signal is not SIGCHLD.
+pub fn reap_any_child() -> Option<(u32, i32)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a live, writable int for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            return Some((pid as u32, status));
+        }
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+/// Where log lines go: stderr, written without ever blocking the caller.
+///
+/// Setting O_NONBLOCK on fd 2 itself would change the file description we
+/// share with our parent, its terminal and every hook, and make their writes
+/// fail with EAGAIN. Instead, by what stderr is:
+/// - a pipe, FIFO or terminal: reopened through `/proc/self/fd/2`, which gives
+///   a new description of the same pipe or terminal whose O_NONBLOCK is ours;
+/// - a socket (journald's stdout stream): `send` with `MSG_DONTWAIT`, a
+///   per-call flag;
+/// - a regular file: written as is; a file does not stall on a slow reader.
+///
+/// If the reopen fails, a write is only tried after `poll` says there is
+/// room, and then at most `PIPE_BUF` bytes, which a pipe with room takes
+/// whole.
+pub struct LogSink {
+    kind: SinkKind,
+}
+
+enum SinkKind {
+    Reopened(OwnedFd),
+    Socket,
+    File,
+    PollFirst,
+}
+
+const STDERR: libc::c_int = 2;
+
+impl LogSink {
+    /// The sink for this process's stderr.
+    pub fn stderr() -> LogSink {
+        // SAFETY: stat is plain data for which all zeroes is a valid value.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `stat` is live and writable for the call.
+        if unsafe { libc::fstat(STDERR, &mut stat) } != 0 {
+            return LogSink {
+                kind: SinkKind::PollFirst,
+            };
+        }
+        let kind = match stat.st_mode & libc::S_IFMT {
+            libc::S_IFSOCK => SinkKind::Socket,
+            libc::S_IFIFO | libc::S_IFCHR => match reopen_stderr() {
+                Ok(fd) => SinkKind::Reopened(fd),
+                Err(_) => SinkKind::PollFirst,
+            },
+            libc::S_IFREG => SinkKind::File,
+            _ => SinkKind::PollFirst,
+        };
+        LogSink { kind }
+    }
+
+    /// Writes what fits now; [`io::ErrorKind::WouldBlock`] when nothing does.
+    pub fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        loop {
+            let written = match &self.kind {
+                // SAFETY (these four): the buffer is live for the length
+                // passed, and the descriptor is open (ours, or fd 2).
+                SinkKind::Reopened(fd) => unsafe {
+                    libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len())
+                },
+                SinkKind::Socket => unsafe {
+                    libc::send(
+                        STDERR,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                },
+                SinkKind::File => unsafe {
+                    libc::write(STDERR, bytes.as_ptr().cast(), bytes.len())
+                },
+                SinkKind::PollFirst => {
+                    if !poll_writable(STDERR, 0) {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    let len = bytes.len().min(libc::PIPE_BUF);
+                    unsafe { libc::write(STDERR, bytes.as_ptr().cast(), len) }
+                }
+            };
+            if written >= 0 {
+                return Ok(written as usize);
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+
+    /// The descriptor to watch for room, if the sink can run out of it and
+    /// the poll can watch it.
+    pub fn watch_fd(&self) -> Option<libc::c_int> {
+        match &self.kind {
+            SinkKind::Reopened(fd) => Some(fd.as_raw_fd()),
+            SinkKind::Socket | SinkKind::PollFirst => Some(STDERR),
+            SinkKind::File => None,
+        }
+    }
+
+    /// Waits up to `timeout_ms` for room to write.
+    pub fn wait_writable(&self, timeout_ms: i32) -> bool {
+        self.watch_fd()
+            .is_none_or(|fd| poll_writable(fd, timeout_ms))
+    }
+}
+
+fn reopen_stderr() -> io::Result<OwnedFd> {
+    let path = c"/proc/self/fd/2";
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open succeeded, so `fd` is an open descriptor only we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn poll_writable(fd: libc::c_int, timeout_ms: i32) -> bool {
+    let mut watched = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one live, writable pollfd, and the count passed is 1.
+    let ready = unsafe { libc::poll(&mut watched, 1, timeout_ms) };
+    ready > 0 && watched.revents & libc::POLLOUT != 0
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -268,6 +721,39 @@ mod tests {
             .read(&mut byte)
             .expect_err("a reset, not end of stream");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn a_watched_child_reports_its_exit_and_a_failed_exec_is_an_error() {
+        let shell = c"/bin/sh";
+        let (dash_c, script) = (c"-c", c"exit 3");
+        let argv = [
+            shell.as_ptr(),
+            dash_c.as_ptr(),
+            script.as_ptr(),
+            std::ptr::null(),
+        ];
+        let envp = [std::ptr::null()];
+        let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
+        let spec = ExecSpec {
+            program: shell,
+            argv: &argv,
+            envp: &envp,
+            stdin: stdin.as_fd(),
+        };
+        let child = spawn_watched(&spec).expect("spawn");
+        let status = wait_exited(&child, true).expect("wait").expect("exited");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3,
+            "{status:#x}"
+        );
+        let missing = c"/nonexistent/tcplock-test";
+        let spec = ExecSpec {
+            program: missing,
+            ..spec
+        };
+        let error = spawn_watched(&spec).expect_err("no such program");
+        assert_eq!(error.raw_os_error(), Some(libc::ENOENT));
     }
 
     #[test]

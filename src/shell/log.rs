@@ -1,19 +1,33 @@
 //! logfmt lines on stderr: `ts=… level=… event=… conn=…`.
 //!
 //! Lines are formatted into one buffer and written with one `write` per loop
-//! turn ([`Logger::flush`]), never a syscall per line or field.
+//! turn ([`Logger::flush`]), never a syscall per line or field. The write
+//! never blocks: a stderr nobody drains (a stuck journald or container log
+//! pipe) costs a bounded buffer and dropped lines, never the loop.
 
 use std::fmt::{self, Display, Write as _};
-use std::io::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::io;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::LogLevel;
 use crate::core::Event;
+use crate::sys::LogSink;
+
+/// Most bytes of log held while stderr takes none; lines beyond it are
+/// dropped and counted.
+pub const LOG_BUFFER_BYTES: usize = 256 * 1024;
+/// How long the last lines may wait for a stalled stderr at exit.
+const EXIT_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// Buffered logfmt writer.
 pub struct Logger {
     level: LogLevel,
+    /// Lines not yet taken by stderr, at most about [`LOG_BUFFER_BYTES`].
     buf: String,
+    /// Lines dropped since the buffer was last full; reported by the first
+    /// line that fits afterwards.
+    dropped: u64,
+    sink: LogSink,
 }
 
 impl Logger {
@@ -22,7 +36,20 @@ impl Logger {
         Logger {
             level,
             buf: String::with_capacity(4096),
+            dropped: 0,
+            sink: LogSink::stderr(),
         }
+    }
+
+    /// The descriptor to watch for room while lines are waiting, if stderr
+    /// is something the poll can watch ([`Logger::flush`] when it has room).
+    pub fn watch_fd(&self) -> Option<i32> {
+        self.sink.watch_fd()
+    }
+
+    /// Whether lines are waiting for stderr to take them.
+    pub fn has_pending(&self) -> bool {
+        !self.buf.is_empty()
     }
 
     /// Changes the level for lines started from now on.
@@ -42,7 +69,14 @@ impl Logger {
         if !self.enabled(level) {
             return None;
         }
-        let line = Line { buf: &mut self.buf };
+        if self.dropped > 0 {
+            self.report_dropped();
+        }
+        let line = Line {
+            start: self.buf.len(),
+            buf: &mut self.buf,
+            dropped: &mut self.dropped,
+        };
         line.buf.push_str("ts=");
         write_timestamp(line.buf, SystemTime::now());
         line.buf.push_str(" level=");
@@ -134,25 +168,81 @@ impl Logger {
         };
     }
 
-    /// Writes everything buffered to stderr in one go. A failing stderr loses the
-    /// lines rather than the proxy.
-    pub fn flush(&mut self) {
-        if self.buf.is_empty() {
+    /// `level=warn event=log_dropped lines=N`, once there is room for it.
+    fn report_dropped(&mut self) {
+        const ROOM: usize = 128;
+        if self.buf.len() + ROOM > LOG_BUFFER_BYTES {
             return;
         }
-        let _ = std::io::stderr().lock().write_all(self.buf.as_bytes());
-        self.buf.clear();
-        if self.buf.capacity() > 1 << 20 {
+        let dropped = std::mem::take(&mut self.dropped);
+        if !self.enabled(LogLevel::Warn) {
+            return;
+        }
+        let line = Line {
+            start: self.buf.len(),
+            buf: &mut self.buf,
+            // Room was checked: this line is never dropped itself.
+            dropped: &mut 0,
+        };
+        line.buf.push_str("ts=");
+        write_timestamp(line.buf, SystemTime::now());
+        line.buf.push_str(" level=warn event=log_dropped");
+        line.field("lines", dropped);
+    }
+
+    /// Writes what stderr takes now, without blocking; the rest waits for the
+    /// next call. A failing stderr loses the lines rather than the proxy.
+    pub fn flush(&mut self) {
+        let mut written = 0;
+        while written < self.buf.len() {
+            match self.sink.write(&self.buf.as_bytes()[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    written = self.buf.len();
+                    break;
+                }
+            }
+        }
+        if written == self.buf.len() {
+            self.buf.clear();
+        } else {
+            // A write may stop inside a line: the rest of it goes next time.
+            self.buf.drain(..written);
+        }
+        if self.buf.is_empty() && self.buf.capacity() > 2 * LOG_BUFFER_BYTES {
             // A burst (a state dump of thousands of connections) should not pin
             // its memory for the life of the process.
             self.buf.shrink_to(4096);
+        }
+    }
+
+    /// Flushes what is left, waiting for a stalled stderr at most
+    /// [`EXIT_FLUSH_WAIT`] in all.
+    fn flush_before_exit(&mut self) {
+        // Outside the loop SIGPIPE is not blocked, and a stderr pipe whose
+        // reader is gone would raise it: a host with SIGPIPE at its default
+        // must not die of its last log lines.
+        let _sigpipe = crate::sys::block_sigpipe();
+        let deadline = Instant::now() + EXIT_FLUSH_WAIT;
+        loop {
+            self.flush();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.buf.is_empty() || left.is_zero() {
+                return;
+            }
+            let wait_ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            if !self.sink.wait_writable(wait_ms) && Instant::now() >= deadline {
+                return;
+            }
         }
     }
 }
 
 impl Drop for Logger {
     fn drop(&mut self) {
-        self.flush();
+        self.flush_before_exit();
     }
 }
 
@@ -175,9 +265,13 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
     }
 }
 
-/// One log line under construction; the newline is added when it is dropped.
+/// One log line under construction; the newline is added when it is dropped,
+/// and the whole line is taken back then if it overfills the buffer.
 pub struct Line<'a> {
     buf: &'a mut String,
+    /// Where this line starts in `buf`.
+    start: usize,
+    dropped: &'a mut u64,
 }
 
 impl Line<'_> {
@@ -225,6 +319,10 @@ impl Line<'_> {
 impl Drop for Line<'_> {
     fn drop(&mut self) {
         self.buf.push('\n');
+        if self.buf.len() > LOG_BUFFER_BYTES {
+            self.buf.truncate(self.start);
+            *self.dropped += 1;
+        }
     }
 }
 
@@ -305,6 +403,41 @@ mod tests {
         let text = logger.buf.clone();
         logger.buf.clear();
         assert!(text.ends_with(" event=x a=1 b=\"two words\" c=\"say \\\"hi\\\"\" d=\"\"\n"));
+    }
+
+    #[test]
+    fn lines_past_the_buffer_are_dropped_counted_and_reported() {
+        let mut logger = Logger::new(LogLevel::Info);
+        let long = "x".repeat(1000);
+        for _ in 0..300 {
+            if let Some(line) = logger.line(LogLevel::Info, "filler") {
+                line.field("v", &long);
+            }
+        }
+        assert!(logger.buf.len() <= LOG_BUFFER_BYTES);
+        assert!(logger.buf.ends_with('\n'), "only whole lines are kept");
+        let dropped = logger.dropped;
+        assert!(dropped > 0);
+        // stderr took everything: the next line is preceded by the count.
+        logger.buf.clear();
+        if let Some(line) = logger.line(LogLevel::Info, "after") {
+            line.field("a", 1);
+        }
+        let text = std::mem::take(&mut logger.buf);
+        let mut lines = text.lines();
+        let report = lines.next().unwrap_or_default();
+        assert!(
+            report.contains(" level=warn event=log_dropped ")
+                && report.ends_with(&format!(" lines={dropped}")),
+            "{report}"
+        );
+        assert!(
+            lines
+                .next()
+                .unwrap_or_default()
+                .contains(" event=after a=1")
+        );
+        assert_eq!(logger.dropped, 0);
     }
 
     #[test]

@@ -9,13 +9,14 @@ mod relay;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
@@ -25,7 +26,8 @@ use crate::api::hook::{HookBody, Reply, Ticket, TimeoutInfo};
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, RawArgs};
 use crate::core::{
-    Action, ConnRef, Core, EndedBy, HookExit, HookId, HookRequest, Outcome, Settings, Stats,
+    Action, ConnRef, Core, EndedBy, HookContext, HookExit, HookId, HookRequest, Outcome, Settings,
+    Stats,
 };
 use crate::sys;
 use log::{CommaList, Logger};
@@ -37,6 +39,12 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 /// Messages from handles and tickets on other threads.
 const CONTROL: Token = Token(2);
+/// The running hook's pidfd: readable once it has exited.
+const HOOK_EXIT: Token = Token(3);
+/// stderr has room again for log lines that waited.
+const LOG_SINK: Token = Token(4);
+/// How often lines waiting for a stderr the poll cannot watch are retried.
+const LOG_RETRY: Duration = Duration::from_millis(100);
 /// Connection tokens start here: two per slab slot, client then upstream.
 const FIRST_CONN_TOKEN: usize = 16;
 /// Accept at most this many connections per loop turn, so a flood cannot starve
@@ -120,7 +128,14 @@ pub(crate) struct Shell {
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
-    signals: Signals,
+    /// `None` until a signal is to be watched: a library that leaves signals
+    /// to its host installs no handler at all.
+    signals: Option<Signals>,
+    /// Hooks are watched by pidfds; once the kernel refuses them, by SIGCHLD.
+    pidfds_available: bool,
+    /// PID 1 of a pid namespace (a container's entrypoint) inherits every
+    /// orphan and must reap them all, or each one stays a zombie.
+    reaps_orphans: bool,
     options: ShellOptions,
     waker: Arc<Waker>,
     control_tx: Sender<Control>,
@@ -131,6 +146,9 @@ pub(crate) struct Shell {
     io: Vec<Option<ConnIo>>,
     pool: ChannelPool,
     logger: Logger,
+    /// The poll wakes us when stderr has room; otherwise waiting log lines
+    /// are retried every [`LOG_RETRY`].
+    log_watched: bool,
     upstream_addrs: Vec<SocketAddr>,
     hook: Option<RunningHook>,
     hooks: HookTable,
@@ -209,18 +227,31 @@ impl Shell {
             line.field("error", e);
         }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
+        // Edge-triggered: one wake-up each time a stalled stderr gains room.
+        let log_watched = logger.watch_fd().is_some_and(|fd| {
+            poll.registry()
+                .register(&mut SourceFd(&fd), LOG_SINK, Interest::WRITABLE)
+                .is_ok()
+        });
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
-        let mut watched = vec![SIGCHLD];
+        let reaps_orphans = sys::is_pid_one();
+        let mut watched = Vec::new();
         if options.handle_signals {
             watched.extend([SIGHUP, SIGTERM, SIGINT, SIGUSR1]);
         }
-        let mut signals =
-            Signals::new(watched).map_err(io_error("cannot install signal handlers"))?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(io_error("cannot register signals"))?;
+        if reaps_orphans {
+            watched.push(SIGCHLD);
+        }
+        let signals = if watched.is_empty() {
+            None
+        } else {
+            Some(
+                watch_signals(&poll, &watched)
+                    .map_err(io_error("cannot install signal handlers"))?,
+            )
+        };
         let waker = Arc::new(
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
         );
@@ -230,7 +261,11 @@ impl Shell {
                 .field("upstream", &config.upstream)
                 .field("permits", config.permits);
         }
-        logger.flush();
+        {
+            // Not yet in the loop, which blocks SIGPIPE: see `Logger` at exit.
+            let _sigpipe = sys::block_sigpipe();
+            logger.flush();
+        }
         let mut hooks = HookTable::default();
         let settings = core_settings(&config, &mut hooks);
         Ok(Shell {
@@ -238,6 +273,8 @@ impl Shell {
             listener: Some(listener),
             local_addr,
             signals,
+            pidfds_available: true,
+            reaps_orphans,
             options,
             waker,
             control_tx,
@@ -247,6 +284,7 @@ impl Shell {
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
+            log_watched,
             upstream_addrs,
             hook: None,
             hooks,
@@ -281,9 +319,18 @@ impl Shell {
 
     /// Runs until a shutdown completes.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
+        let _sigpipe = match sys::block_sigpipe() {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "sigpipe_unblocked") {
+                    line.field("error", e);
+                }
+                None
+            }
+        };
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.accept_more || !self.busy_relays.is_empty() {
+            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 self.core
@@ -293,6 +340,9 @@ impl Shell {
                         Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
                     })
             };
+            if self.logger.has_pending() && !self.log_watched {
+                timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -309,6 +359,7 @@ impl Shell {
                 match event.token() {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
+                    HOOK_EXIT => self.reap(now),
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -507,10 +558,16 @@ impl Shell {
     fn handle_signals(&mut self, now: u64) {
         // Drain the self-pipe first, then act: signals coalesce, and one
         // SIGCHLD may stand for several exits.
-        let pending: Vec<i32> = self.signals.pending().collect();
+        let Some(signals) = &mut self.signals else {
+            return;
+        };
+        let pending: Vec<i32> = signals.pending().collect();
         for signal in pending {
             match signal {
-                SIGCHLD => self.reap(now),
+                SIGCHLD => {
+                    self.reap(now);
+                    self.reap_orphans(now);
+                }
                 SIGHUP => self.reload(now),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
@@ -536,6 +593,26 @@ impl Shell {
         };
         let hook = *id;
         self.hook_ended(now, hook, exit);
+    }
+
+    /// As PID 1: reaps every exited child that is not a pidfd-watched hook
+    /// (those exit without SIGCHLD and are not taken here). A hook started
+    /// without a pidfd may be among them: its status goes to the hook.
+    fn reap_orphans(&mut self, now: u64) {
+        if !self.reaps_orphans {
+            return;
+        }
+        while let Some((pid, status)) = sys::reap_any_child() {
+            let hook = match &self.hook {
+                Some(RunningHook {
+                    id,
+                    process: Some(process),
+                    ..
+                }) if process.pid == pid => *id,
+                _ => continue,
+            };
+            self.hook_ended(now, hook, hooks::exit_of_raw(status));
+        }
     }
 
     /// The one way a running hook ends, whatever kind it is: it is forgotten,
@@ -780,7 +857,7 @@ impl Shell {
             return;
         };
         let process = match run.body() {
-            HookBody::Command(command) => match HookProcess::spawn(command, context) {
+            HookBody::Command(command) => match self.spawn_process(command, context) {
                 Ok(process) => Some(process),
                 Err(e) => {
                     // Nothing ran: the core logs the failure and retries.
@@ -829,6 +906,55 @@ impl Shell {
         }
     }
 
+    /// Starts a hook process watched by its pidfd, or, on a kernel without
+    /// pidfds, by SIGCHLD (said once in the log).
+    fn spawn_process(&mut self, command: &str, context: &HookContext) -> io::Result<HookProcess> {
+        if self.pidfds_available {
+            match HookProcess::spawn(command, context) {
+                Ok(process) => {
+                    let Some(pidfd) = process.pidfd() else {
+                        return Ok(process);
+                    };
+                    let raw = pidfd.as_raw_fd();
+                    match self.poll.registry().register(
+                        &mut SourceFd(&raw),
+                        HOOK_EXIT,
+                        Interest::READABLE,
+                    ) {
+                        Ok(()) => return Ok(process),
+                        Err(e) => {
+                            // Unwatched, it would hold the hook slot forever.
+                            let _ = process.kill();
+                            let mut process = process;
+                            let _ = process.wait();
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if sys::is_pidfd_unsupported(&e) => {
+                    self.pidfds_available = false;
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
+                        line.field("error", e).field("fallback", "SIGCHLD");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.watch_sigchld()?;
+        HookProcess::spawn_without_pidfd(command, context)
+    }
+
+    /// Adds SIGCHLD to the watched signals, installing the handler if none is.
+    fn watch_sigchld(&mut self) -> io::Result<()> {
+        match &self.signals {
+            Some(signals) => signals.add_signal(SIGCHLD),
+            None => {
+                self.signals = Some(watch_signals(&self.poll, &[SIGCHLD])?);
+                Ok(())
+            }
+        }
+    }
+
     fn kill_hook(&mut self, now: u64, hook: HookId) {
         let Some(run) = self.hook.as_ref().filter(|run| run.id == hook) else {
             return;
@@ -854,6 +980,14 @@ impl Shell {
         }
         self.accept_more = false;
     }
+}
+
+/// Installs handlers for `signals` and registers their self-pipe.
+fn watch_signals(poll: &Poll, signals: &[i32]) -> io::Result<Signals> {
+    let mut watched = Signals::new(signals.iter().copied())?;
+    poll.registry()
+        .register(&mut watched, SIGNALS, Interest::READABLE)?;
+    Ok(watched)
 }
 
 fn client_token(conn: ConnRef) -> Token {

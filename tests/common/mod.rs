@@ -211,7 +211,7 @@ pub struct Proxy {
     addr: SocketAddr,
     status: Option<ExitStatus>,
     args: Vec<String>,
-    /// tcplock's own pid when it runs as a child of `strace`.
+    /// tcplock's own pid when it runs as a child of `strace` or `unshare`.
     traced: Option<u32>,
 }
 
@@ -273,6 +273,31 @@ impl Proxy {
             .and_then(|pid| pid.parse().ok())
             .unwrap_or_else(|| panic!("strace {tracer} has no child in {children}"));
         proxy.traced = Some(tracee);
+        proxy
+    }
+
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` as PID 1 of a new pid
+    /// namespace (`unshare --pid --fork --mount-proc`, as root), the way a
+    /// container runs its entrypoint. `pid()` is tcplock's pid as seen from here.
+    pub fn start_as_pid_one(args: &[&str]) -> Proxy {
+        let full = on_any_loopback_port(args);
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+            .arg(BIN)
+            .args(&full);
+        let mut proxy = Proxy::start_command(command, &full);
+        let outer = proxy.child.id();
+        let children = format!("/proc/{outer}/task/{outer}/children");
+        let inner =
+            std::fs::read_to_string(&children).unwrap_or_else(|e| panic!("{children}: {e}"));
+        proxy.traced = Some(
+            inner
+                .split_whitespace()
+                .next()
+                .and_then(|pid| pid.parse().ok())
+                .unwrap_or_else(|| panic!("unshare {outer} has no child in {children}")),
+        );
         proxy
     }
 
