@@ -38,6 +38,7 @@ enum Event {
     Tick,
     Wake,
     Reload(Knobs),
+    AcceptPaused,
     DumpState,
     Shutdown,
     Stray(u8, Stray),
@@ -158,6 +159,7 @@ impl Event {
             Event::Tick => Op::Tick,
             Event::Wake => Op::Wake,
             Event::Reload(knobs) => Op::Reload(knobs.settings()),
+            Event::AcceptPaused => Op::AcceptPaused,
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,
             Event::Stray(i, stray) => Op::Stray(

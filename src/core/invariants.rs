@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use super::{Activation, ConnRef, ConnState, Core};
+use super::{ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, ConnRef, ConnState, Core};
 
 impl Core {
     /// Checks the snapshot invariants; the error names the first broken one.
@@ -85,8 +85,12 @@ impl Core {
             armed += usize::from(run.deadline.is_some());
         }
         armed += usize::from(self.retry.is_some());
+        armed += usize::from(self.accept_retry.is_some());
         if let Some(shutdown) = &self.shutdown {
             armed += usize::from(shutdown.grace.is_some());
+            if self.accept_retry.is_some() {
+                return Err("an accept retry is armed after shutdown".to_string());
+            }
             if !self.queue.is_empty() {
                 return Err("connections still queued after shutdown".to_string());
             }
@@ -114,6 +118,12 @@ impl Core {
             return Err(format!(
                 "{} clients wait, more than max-queue {limit}",
                 self.waiting()
+            ));
+        }
+        if !(ACCEPT_RETRY_BASE_MS..=ACCEPT_RETRY_MAX_MS).contains(&self.accept_backoff_ms) {
+            return Err(format!(
+                "accept retry backoff {} ms outside its bounds",
+                self.accept_backoff_ms
             ));
         }
         if let Some(deadline) = self.poll_timeout()

@@ -43,6 +43,11 @@ use crate::timer::{TimerKey, TimerWheel};
 pub const RETRY_BASE_MS: u64 = 500;
 /// The longest wait between two on-activate hook attempts.
 pub const RETRY_MAX_MS: u64 = 30_000;
+/// A paused accept is first retried after this long; each further pause
+/// without an accept in between doubles it, up to [`ACCEPT_RETRY_MAX_MS`].
+pub const ACCEPT_RETRY_BASE_MS: u64 = 50;
+/// The longest wait before a paused accept is retried.
+pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
 
 /// The state machine. See the module documentation for the calling contract.
 pub struct Core {
@@ -76,6 +81,11 @@ pub struct Core {
     /// Clients waiting at the last reload: a lowered max-queue turns no one
     /// away, so until they drain the line may stand above the new limit.
     reload_backlog: usize,
+    /// While the shell does not accept (out of descriptors): the timer that
+    /// makes it try again even if nothing of ours closes meanwhile.
+    accept_retry: Option<TimerKey>,
+    /// The wait before the next paused accept is retried.
+    accept_backoff_ms: u64,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -160,6 +170,7 @@ enum Deadline {
     Ttl(ConnRef),
     Hook(HookId),
     HookRetry,
+    AcceptRetry,
     ShutdownGrace,
 }
 
@@ -185,6 +196,8 @@ impl Core {
             actions: VecDeque::new(),
             now,
             reload_backlog: 0,
+            accept_retry: None,
+            accept_backoff_ms: ACCEPT_RETRY_BASE_MS,
         }
     }
 
@@ -194,6 +207,8 @@ impl Core {
     /// handle is closed at once (an [`Action::Close`] with `Rejected`).
     pub fn handle_accepted(&mut self, now: u64, client: SocketAddr) -> ConnRef {
         self.advance(now);
+        // Accepting works again: the next pause starts from the shortest wait.
+        self.accept_backoff_ms = ACCEPT_RETRY_BASE_MS;
         let id = ConnId(self.next_conn_id);
         self.next_conn_id += 1;
         let slot = self.conns.insert(Conn {
@@ -226,6 +241,25 @@ impl Core {
         }
         self.check();
         conn
+    }
+
+    /// The shell stopped accepting (out of descriptors, or keeping its reserve).
+    /// The core answers with [`Action::ResumeAccepting`] when one of its
+    /// connections ends or a hook exits (both free descriptors), or when the
+    /// retry backoff runs out, whichever comes first: descriptors can also be
+    /// freed by something tcplock does not see. Ignored while already paused
+    /// and after a shutdown.
+    pub fn handle_accept_paused(&mut self, now: u64) {
+        self.advance(now);
+        if self.shutdown.is_none() && self.accept_retry.is_none() {
+            let key = self.timers.insert(
+                now.saturating_add(self.accept_backoff_ms),
+                Deadline::AcceptRetry,
+            );
+            self.accept_retry = Some(key);
+            self.accept_backoff_ms = (self.accept_backoff_ms * 2).min(ACCEPT_RETRY_MAX_MS);
+        }
+        self.check();
     }
 
     /// A waiting (Queued or Activating) client closed or reset before proxying.
@@ -309,6 +343,7 @@ impl Core {
             return;
         };
         self.cancel(run.deadline);
+        self.resume_accepting();
         match run.purpose {
             HookPurpose::Timeout(conn) => {
                 if !exit.is_success() {
@@ -368,6 +403,9 @@ impl Core {
             return;
         }
         self.actions.push_back(Action::StopAccepting);
+        // Before the waiting clients end: a closed listener is not resumed.
+        let accept_retry = self.accept_retry.take();
+        self.cancel(accept_retry);
         self.log(Event::ShutdownStarted {
             queued: self.queue.len(),
             active: self.active,
@@ -463,6 +501,11 @@ impl Core {
     /// Connections the core knows, in any state.
     pub fn conn_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Whether the shell's accepting is paused, waiting for a resume.
+    pub fn accept_paused(&self) -> bool {
+        self.accept_retry.is_some()
     }
 
     /// The hook run the core waits for, if any.
@@ -721,12 +764,25 @@ impl Core {
             Deadline::HookRetry => {
                 self.retry = None;
             }
+            Deadline::AcceptRetry => {
+                if self.accept_retry.take().is_some() {
+                    self.actions.push_back(Action::ResumeAccepting);
+                }
+            }
             Deadline::ShutdownGrace => {
                 if let Some(shutdown) = &mut self.shutdown {
                     shutdown.grace = None;
                     self.end_all(now);
                 }
             }
+        }
+    }
+
+    /// Descriptors were freed: a paused accept tries again now.
+    fn resume_accepting(&mut self) {
+        if let Some(key) = self.accept_retry.take() {
+            self.timers.cancel(key);
+            self.actions.push_back(Action::ResumeAccepting);
         }
     }
 
@@ -787,6 +843,7 @@ impl Core {
             outcome,
             age_ms: now.saturating_sub(c.accepted_at),
         });
+        self.resume_accepting();
     }
 
     fn check(&self) {

@@ -43,7 +43,11 @@
 //! 7. `poll_timeout()` is after the latest `now`, and nothing is overdue: every
 //!    deadline the shadow knows of (queue, connect, TTL, hook, grace, retry)
 //!    that passed has been acted on, and the core is never stuck with a free
-//!    permit, a waiting client and nothing to wait for.
+//!    permit, a waiting client and nothing to wait for;
+//! 8. a paused accept is resumed (`ResumeAccepting`) in the step a connection
+//!    closes or a hook exits, or once its backoff (50 ms doubling to 1 s,
+//!    reset by an accept) runs out; never when not paused, never after
+//!    shutdown.
 //!
 //! Also: a due on-timeout hook runs before the next on-activate one, hooks run
 //! the command in force, the facts a hook is told (`HookContext`) and the
@@ -64,8 +68,9 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
 use super::{
-    Action, ConnId, ConnRef, Core, Event, HookExit, HookId, HookKind, HookRequest, Outcome,
-    OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayEnd, Settings,
+    ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Action, ConnId, ConnRef, Core, Event, HookExit,
+    HookId, HookKind, HookRequest, Outcome, OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayEnd,
+    Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -103,6 +108,9 @@ pub enum Op {
     Wake,
     /// New settings (sanitized to what the config can produce).
     Reload(Settings),
+    /// The shell paused accepting (out of descriptors). Ticks to its time
+    /// first, like a reload, so the shadow knows which pause it arms.
+    AcceptPaused,
     /// SIGUSR1.
     DumpState,
     /// SIGTERM (a second one forces).
@@ -265,6 +273,8 @@ struct Fed {
     rejected: bool,
     stop_accepting: bool,
     dumped: Vec<ConnId>,
+    /// `Close` actions seen in this step.
+    closes: usize,
 }
 
 struct Model {
@@ -294,6 +304,10 @@ struct Model {
     shutdown: Option<ShutdownState>,
     /// Waiting clients allowed above max-queue since the last reload.
     allowance: usize,
+    /// While accepting is paused: when the core must resume it at the latest.
+    accept_paused_until: Option<u64>,
+    /// The backoff the next pause arms.
+    accept_backoff: u64,
     activations: u64,
     tracing: bool,
     /// StartRelay actions seen, and Close actions by outcome (as `Stats`).
@@ -331,6 +345,8 @@ impl Model {
             last_outcome: None,
             shutdown: None,
             allowance: 0,
+            accept_paused_until: None,
+            accept_backoff: ACCEPT_RETRY_BASE_MS,
             activations: 0,
             tracing,
             relays: 0,
@@ -411,6 +427,7 @@ impl Model {
                 }
                 self.last_id = conn.id.0;
                 self.accepted += 1;
+                self.accept_backoff = ACCEPT_RETRY_BASE_MS;
                 fed.accepted = Some(conn.id);
                 fed.arriving = Some(Shadow {
                     conn,
@@ -486,22 +503,23 @@ impl Model {
                 trace!(self, "t={} wake", self.now);
                 self.core.handle_tick(self.now);
             }
+            Op::AcceptPaused => {
+                self.tick_first(fed)?;
+                trace!(self, "t={} accept_paused", self.now);
+                if self.shutdown.is_none() && self.accept_paused_until.is_none() {
+                    self.accept_paused_until = Some(self.now + self.accept_backoff);
+                    self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_RETRY_MAX_MS);
+                } else {
+                    fed.quiet = true;
+                }
+                self.core.handle_accept_paused(self.now);
+            }
             Op::Reload(settings) => {
                 // The shell reads the clock, then reloads. A reload at a later
                 // time would first fire the deadlines under the old settings,
                 // which nothing in the action stream would mark; ticking first
                 // keeps the shadow's settings in step with the core's.
-                if self.now > self.fed {
-                    self.fed = self.now;
-                    trace!(self, "t={} tick (before reload)", self.now);
-                    self.core.handle_tick(self.now);
-                    self.drain(fed)?;
-                    self.check_after(fed)?;
-                    *fed = Fed::default();
-                    if self.tracing {
-                        let _ = write!(self.trace, "#{}' ", self.steps);
-                    }
-                }
+                self.tick_first(fed)?;
                 let settings = sanitize(settings.clone());
                 trace!(self, "t={} reload {settings:?}", self.now);
                 self.allowance = self.waiting();
@@ -527,6 +545,23 @@ impl Model {
                 self.core.handle_shutdown(self.now);
             }
             Op::Stray(i, input) => return self.feed_stray(*i, *input, fed),
+        }
+        Ok(())
+    }
+
+    /// Brings the core to the model's time with a tick of its own (a step of
+    /// its own), for inputs whose shadow update must not race with deadlines.
+    fn tick_first(&mut self, fed: &mut Fed) -> Result<(), String> {
+        if self.now > self.fed {
+            self.fed = self.now;
+            trace!(self, "t={} tick (first)", self.now);
+            self.core.handle_tick(self.now);
+            self.drain(fed)?;
+            self.check_after(fed)?;
+            *fed = Fed::default();
+            if self.tracing {
+                let _ = write!(self.trace, "#{}' ", self.steps);
+            }
         }
         Ok(())
     }
@@ -735,7 +770,23 @@ impl Model {
                 conn,
                 outcome,
                 age_ms,
-            } => self.close(*conn, *outcome, *age_ms, fed)?,
+            } => {
+                fed.closes += 1;
+                self.close(*conn, *outcome, *age_ms, fed)?;
+            }
+            Action::ResumeAccepting => {
+                let Some(until) = self.accept_paused_until else {
+                    return Err("ResumeAccepting while accepting is not paused".to_string());
+                };
+                let freed = fed.closes > 0 || self.just_reaped.is_some();
+                if !freed && until > now {
+                    return Err(format!(
+                        "ResumeAccepting before its backoff ends at {until} (now {now}) \
+                         with nothing closed"
+                    ));
+                }
+                self.accept_paused_until = None;
+            }
             Action::SpawnHook(request) => self.spawned(request)?,
             Action::KillHook(hook) => {
                 if self.just_reaped == Some(*hook) {
@@ -761,6 +812,7 @@ impl Model {
                     return Err("StopAccepting twice or without a shutdown".to_string());
                 }
                 fed.stop_accepting = true;
+                self.accept_paused_until = None;
                 let grace = self.settings.shutdown_grace_ms;
                 self.shutdown = Some(ShutdownState {
                     grace_deadline: now + grace,
@@ -1088,16 +1140,19 @@ impl Model {
             core.active(),
             core.queue_len(),
             core.hook_running(),
+            core.accept_paused(),
         );
         let shadow = (
             self.conns.len(),
             holders,
             queued,
             self.hook.as_ref().map(|r| r.id),
+            self.accept_paused_until.is_some(),
         );
         if observed != shadow {
             return Err(format!(
-                "core (conns, active, queued, hook) = {observed:?}, shadow {shadow:?}"
+                "core (conns, active, queued, hook, accept paused) = {observed:?}, \
+                 shadow {shadow:?}"
             ));
         }
         let mut slots: Vec<usize> = self.conns.values().map(|s| s.conn.slot).collect();
@@ -1183,6 +1238,14 @@ impl Model {
                     return Err(format!("conn {id} is {:?} past its deadline {d}", s.state));
                 }
                 _ => {}
+            }
+        }
+        if let Some(until) = self.accept_paused_until {
+            if until <= now {
+                return Err(format!("accepting still paused after its retry at {until}"));
+            }
+            if fed.closes > 0 || self.just_reaped.is_some() {
+                return Err("descriptors were freed but accepting stays paused".into());
             }
         }
         if let Some(run) = &self.hook
@@ -1418,7 +1481,8 @@ mod tests {
             37..=40 => Op::UpstreamFailed(rng.byte()),
             41..=50 => Op::RelayEnded(rng.byte(), relay_end(rng)),
             51..=60 => Op::HookExited(hook_exit(rng)),
-            61..=72 => Op::Advance(rng.duration()),
+            61..=70 => Op::Advance(rng.duration()),
+            71..=72 => Op::AcceptPaused,
             73..=75 => Op::Tick,
             76..=84 => Op::Wake,
             85..=87 => Op::Reload(settings(rng)),

@@ -564,3 +564,68 @@ fn outcome_counts_keep_each_outcome_apart() {
         assert_eq!(counts.count(outcome), n as u64 + 1, "{outcome}");
     }
 }
+
+// ----- paused accepting -----
+
+fn resumes(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| **a == Action::ResumeAccepting)
+        .count()
+}
+
+#[test]
+fn a_paused_accept_is_retried_after_a_backoff_doubling_to_one_second() {
+    let mut core = Core::new(settings(), 0);
+    let mut now = 0;
+    let mut waits = Vec::new();
+    for _ in 0..7 {
+        core.handle_accept_paused(now);
+        assert!(core.accept_paused());
+        let due = core.poll_timeout().expect("a retry deadline");
+        core.handle_tick(due - 1);
+        assert_eq!(resumes(&actions(&mut core)), 0, "resumed early");
+        core.handle_tick(due);
+        assert_eq!(resumes(&actions(&mut core)), 1, "not resumed at {due}");
+        assert!(!core.accept_paused());
+        waits.push(due - now);
+        now = due;
+    }
+    assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000]);
+
+    // An accept in between starts the backoff over.
+    core.handle_accepted(now, addr(1));
+    actions(&mut core);
+    core.handle_accept_paused(now);
+    assert_eq!(core.poll_timeout(), Some(now + 50));
+}
+
+#[test]
+fn a_close_resumes_a_paused_accept_at_once_and_disarms_its_timer() {
+    let mut core = Core::new(settings(), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_accept_paused(10);
+    core.handle_client_left(20, conn);
+    let after = actions(&mut core);
+    assert!(after.iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(resumes(&after), 1);
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "the retry timer outlived the resume"
+    );
+    core.handle_tick(10_000);
+    assert_eq!(resumes(&actions(&mut core)), 0, "resumed twice");
+}
+
+#[test]
+fn shutdown_drops_a_paused_accept_for_good() {
+    let mut core = Core::new(settings(), 0);
+    core.handle_accept_paused(0);
+    core.handle_shutdown(1);
+    assert_eq!(resumes(&actions(&mut core)), 0);
+    assert!(!core.accept_paused());
+    core.handle_accept_paused(2);
+    assert!(!core.accept_paused(), "paused after shutdown");
+}

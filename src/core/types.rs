@@ -351,6 +351,9 @@ pub enum Action {
     KillHook(HookId),
     /// Close the listening socket: tcplock is stopping.
     StopAccepting,
+    /// Accept again after `handle_accept_paused`: descriptors were freed or
+    /// the retry backoff ran out.
+    ResumeAccepting,
     /// Write a log line.
     Log(Event),
 }

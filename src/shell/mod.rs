@@ -130,7 +130,8 @@ pub(crate) struct Shell {
     hook: Option<RunningHook>,
     config: Config,
     started: Instant,
-    /// Out of file descriptors: wait for a close before accepting again.
+    /// Out of file descriptors: wait for the core's `ResumeAccepting` (after a
+    /// close or a retry backoff) before accepting again.
     accept_paused: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
@@ -351,6 +352,8 @@ impl Shell {
                         line.field("error", e)
                             .field("open_connections", self.core.conn_count());
                     }
+                    self.core.handle_accept_paused(now);
+                    self.drain(now);
                     return;
                 }
                 // These concern one client, not the listener.
@@ -625,6 +628,10 @@ impl Shell {
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
+                Action::ResumeAccepting => {
+                    self.accept_paused = false;
+                    self.accept_more = true;
+                }
                 Action::Log(event) => self.logger.event(&event),
             }
         }
@@ -730,10 +737,6 @@ impl Shell {
                 .field("bytes_up", up)
                 .field("bytes_down", down)
                 .field("duration_ms", age_ms);
-        }
-        if self.accept_paused {
-            self.accept_paused = false;
-            self.accept_more = true;
         }
         // Dropping the streams closes them, which also removes them from epoll.
     }
