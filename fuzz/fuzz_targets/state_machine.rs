@@ -32,6 +32,7 @@ enum Event {
     ClientLeft(u8),
     UpstreamConnected(u8),
     UpstreamFailed(u8),
+    ConnectAttempt(u8, u8),
     RelayEnded(u8, End),
     HookExited(Exit),
     Advance(Span),
@@ -145,6 +146,7 @@ impl Event {
             Event::ClientLeft(i) => Op::ClientLeft(*i),
             Event::UpstreamConnected(i) => Op::UpstreamConnected(*i),
             Event::UpstreamFailed(i) => Op::UpstreamFailed(*i),
+            Event::ConnectAttempt(i, left) => Op::ConnectAttempt(*i, *left),
             Event::RelayEnded(i, end) => Op::RelayEnded(*i, end.relay_end()),
             Event::HookExited(exit) => Op::HookExited(match exit {
                 Exit::Success => HookExit::Success,

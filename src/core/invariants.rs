@@ -29,9 +29,20 @@ impl Core {
                     holding += 1;
                     preparing.push(conn);
                 }
-                ConnState::Activating(Activation::Connecting { deadline }) => {
+                ConnState::Activating(Activation::Connecting {
+                    deadline,
+                    ends_at,
+                    attempt,
+                }) => {
                     holding += 1;
                     armed += usize::from(deadline.is_some());
+                    armed += usize::from(attempt.is_some());
+                    if attempt.is_some() && ends_at.is_none_or(|at| at <= self.now) {
+                        return Err(format!(
+                            "conn {} has an attempt deadline but no connect time left",
+                            c.id
+                        ));
+                    }
                 }
                 ConnState::Proxying { ttl } => {
                     holding += 1;

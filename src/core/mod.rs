@@ -120,8 +120,14 @@ enum ConnState {
 enum Activation {
     /// Its on-activate hook is running.
     Hook { attempt: u32 },
-    /// The shell is connecting to the upstream.
-    Connecting { deadline: Option<TimerKey> },
+    /// The shell is connecting to the upstream. `deadline` ends the whole
+    /// connect at `ends_at`; `attempt` ends the try of one address early, so
+    /// the addresses after it get their share of the time.
+    Connecting {
+        deadline: Option<TimerKey>,
+        ends_at: Option<u64>,
+        attempt: Option<TimerKey>,
+    },
 }
 
 struct RunningHook {
@@ -167,6 +173,7 @@ struct Shutdown {
 enum Deadline {
     Queue(ConnRef),
     Connect(ConnRef),
+    ConnectAttempt(ConnRef),
     Ttl(ConnRef),
     Hook(HookId),
     HookRetry,
@@ -283,7 +290,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
         };
-        let ConnState::Activating(Activation::Connecting { deadline }) = c.state else {
+        let ConnState::Activating(Activation::Connecting {
+            deadline, attempt, ..
+        }) = c.state
+        else {
             return;
         };
         let queue_deadline = c.queue_deadline.take();
@@ -294,6 +304,7 @@ impl Core {
         c.state = ConnState::Proxying { ttl };
         let (client, accepted_at) = (c.client, c.accepted_at);
         self.cancel(deadline);
+        self.cancel(attempt);
         self.cancel(queue_deadline);
         self.counters.activations += 1;
         self.log(Event::Activated {
@@ -302,6 +313,38 @@ impl Core {
             waited_ms: now.saturating_sub(accepted_at),
         });
         self.actions.push_back(Action::StartRelay(conn));
+        self.check();
+    }
+
+    /// The shell started connecting to one upstream address, with
+    /// `addresses_left` addresses to go counting this one. With a connect
+    /// timeout, this attempt gets its share of what is left of it (the rest
+    /// divided by `addresses_left`), so a black-holed address cannot use up
+    /// the time of the ones after it; when the share runs out the core asks
+    /// for the next address with [`Action::ConnectNext`]. The last address
+    /// gets all that is left. Ignored unless the connection is connecting.
+    pub fn handle_connect_attempt(&mut self, now: u64, conn: ConnRef, addresses_left: usize) {
+        self.advance(now);
+        let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
+            return;
+        };
+        let ConnState::Activating(Activation::Connecting {
+            ends_at, attempt, ..
+        }) = &mut c.state
+        else {
+            return;
+        };
+        let previous = attempt.take();
+        let share_ends = ends_at.filter(|_| addresses_left > 1).and_then(|ends_at| {
+            let left = u64::try_from(addresses_left).unwrap_or(u64::MAX);
+            let share = (ends_at.saturating_sub(now) / left).max(1);
+            let share_ends = now.saturating_add(share);
+            (share_ends < ends_at).then_some(share_ends)
+        });
+        if let Some(at) = share_ends {
+            *attempt = Some(self.timers.insert(at, Deadline::ConnectAttempt(conn)));
+        }
+        self.cancel(previous);
         self.check();
     }
 
@@ -628,11 +671,16 @@ impl Core {
     }
 
     fn start_connect(&mut self, now: u64, conn: ConnRef) {
-        let deadline = self.settings.connect_timeout_ms.map(|timeout| {
-            self.timers
-                .insert(now.saturating_add(timeout), Deadline::Connect(conn))
+        let ends_at = self
+            .settings
+            .connect_timeout_ms
+            .map(|timeout| now.saturating_add(timeout));
+        let deadline = ends_at.map(|at| self.timers.insert(at, Deadline::Connect(conn)));
+        self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting {
+            deadline,
+            ends_at,
+            attempt: None,
         });
-        self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting { deadline });
         self.actions.push_back(Action::Connect(conn));
     }
 
@@ -732,10 +780,20 @@ impl Core {
             }
             Deadline::Connect(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
-                    && let ConnState::Activating(Activation::Connecting { deadline }) = &mut c.state
+                    && let ConnState::Activating(Activation::Connecting { deadline, .. }) =
+                        &mut c.state
                 {
                     *deadline = None;
                     self.connect_failed(now, conn, "connect timeout".to_string());
+                }
+            }
+            Deadline::ConnectAttempt(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+                    && let ConnState::Activating(Activation::Connecting { attempt, .. }) =
+                        &mut c.state
+                    && attempt.take().is_some()
+                {
+                    self.actions.push_back(Action::ConnectNext(conn));
                 }
             }
             Deadline::Ttl(conn) => {
@@ -827,8 +885,12 @@ impl Core {
             ConnState::Activating(activation) => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
-                if let Activation::Connecting { deadline } = activation {
+                if let Activation::Connecting {
+                    deadline, attempt, ..
+                } = activation
+                {
                     self.cancel(deadline);
+                    self.cancel(attempt);
                 }
             }
             ConnState::Proxying { ttl } => {

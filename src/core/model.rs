@@ -95,6 +95,9 @@ pub enum Op {
     UpstreamConnected(u8),
     /// The upstream refused a connecting connection.
     UpstreamFailed(u8),
+    /// The shell tries an address of a connecting connection, with this
+    /// many addresses left counting it (ticks to its time first).
+    ConnectAttempt(u8, u8),
     /// A proxying connection ended.
     RelayEnded(u8, RelayEnd),
     /// The running hook ended (skipped if none runs).
@@ -215,8 +218,10 @@ enum State {
         hook: HookId,
         ok: bool,
     },
+    /// `attempt`: when the address being tried has used up its share.
     Connecting {
         deadline: Option<u64>,
+        attempt: Option<u64>,
     },
     Proxying {
         deadline: Option<u64>,
@@ -463,6 +468,24 @@ impl Model {
                     fed.failed = Some(conn.id);
                     self.core.handle_upstream_failed(self.now, conn, "refused");
                 }
+            }
+            Op::ConnectAttempt(i, left) => {
+                self.tick_first(fed)?;
+                let Some(conn) = self.pick(*i, |s| matches!(s, State::Connecting { .. })) else {
+                    return self.skip(op);
+                };
+                let now = self.now;
+                trace!(self, "t={now} connect_attempt conn {} left {left}", conn.id);
+                fed.quiet = true;
+                let left = usize::from(*left);
+                let s = self.shadow_mut(conn.id);
+                if let State::Connecting { deadline, attempt } = &mut s.state {
+                    *attempt = deadline.filter(|_| left > 1).and_then(|ends| {
+                        let share = ((ends - now) / left as u64).max(1);
+                        (now + share < ends).then_some(now + share)
+                    });
+                }
+                self.core.handle_connect_attempt(now, conn, left);
             }
             Op::RelayEnded(i, end) => {
                 let Some(conn) = self.pick(*i, |s| matches!(s, State::Proxying { .. })) else {
@@ -742,8 +765,34 @@ impl Model {
                 }
                 let deadline = self.settings.connect_timeout_ms.map(|t| now + t);
                 let s = self.shadow_mut(conn.id);
-                s.state = State::Connecting { deadline };
+                s.state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
                 s.cleared = true;
+            }
+            Action::ConnectNext(conn) => {
+                let state = self.live(*conn, "ConnectNext")?.state;
+                let State::Connecting {
+                    deadline,
+                    attempt: Some(at),
+                } = state
+                else {
+                    return Err(format!(
+                        "ConnectNext for conn {} in state {state:?}",
+                        conn.id
+                    ));
+                };
+                if at > now {
+                    return Err(format!(
+                        "ConnectNext for conn {} before its attempt ends at {at} (now {now})",
+                        conn.id
+                    ));
+                }
+                self.shadow_mut(conn.id).state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
             }
             Action::StartRelay(conn) => {
                 if self.shutdown.is_some() {
@@ -1055,7 +1104,7 @@ impl Model {
             }
             Outcome::QueueTimeout => !proxying && queue_deadline.is_some_and(|d| d <= now),
             Outcome::ConnectFailed => match state {
-                State::Connecting { deadline } => {
+                State::Connecting { deadline, .. } => {
                     fed.failed == Some(id) || deadline.is_some_and(|d| d <= now)
                 }
                 _ => false,
@@ -1232,7 +1281,13 @@ impl Model {
                 ));
             }
             match s.state {
-                State::Connecting { deadline: Some(d) } | State::Proxying { deadline: Some(d) }
+                State::Connecting {
+                    deadline: Some(d), ..
+                }
+                | State::Connecting {
+                    attempt: Some(d), ..
+                }
+                | State::Proxying { deadline: Some(d) }
                     if d <= now =>
                 {
                     return Err(format!("conn {id} is {:?} past its deadline {d}", s.state));
@@ -1477,7 +1532,8 @@ mod tests {
         match rng.below(100) {
             0..=19 => Op::Accept,
             20..=25 => Op::ClientLeft(rng.byte()),
-            26..=36 => Op::UpstreamConnected(rng.byte()),
+            26..=33 => Op::UpstreamConnected(rng.byte()),
+            34..=36 => Op::ConnectAttempt(rng.byte(), rng.byte() % 4),
             37..=40 => Op::UpstreamFailed(rng.byte()),
             41..=50 => Op::RelayEnded(rng.byte(), relay_end(rng)),
             51..=60 => Op::HookExited(hook_exit(rng)),

@@ -629,3 +629,83 @@ fn shutdown_drops_a_paused_accept_for_good() {
     core.handle_accept_paused(2);
     assert!(!core.accept_paused(), "paused after shutdown");
 }
+
+// ----- connecting to several addresses -----
+
+fn connect_nexts(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::ConnectNext(_)))
+        .count()
+}
+
+#[test]
+fn each_upstream_address_gets_its_share_of_what_is_left_of_the_connect_timeout() {
+    let mut core = Core::new(settings(), 0); // connect timeout 10 s
+    let conn = core.handle_accepted(0, addr(1));
+    assert!(actions(&mut core).contains(&Action::Connect(conn)));
+
+    core.handle_connect_attempt(0, conn, 3);
+    assert_eq!(core.poll_timeout(), Some(3_333), "a third of 10 s");
+    core.handle_tick(3_332);
+    assert_eq!(connect_nexts(&actions(&mut core)), 0, "gave up early");
+    core.handle_tick(3_333);
+    assert_eq!(actions(&mut core), [Action::ConnectNext(conn)]);
+
+    core.handle_connect_attempt(3_333, conn, 2);
+    assert_eq!(core.poll_timeout(), Some(6_666), "half of the 6667 ms left");
+    core.handle_tick(6_666);
+    assert_eq!(actions(&mut core), [Action::ConnectNext(conn)]);
+
+    // The last address gets all that is left, and then the connect fails.
+    core.handle_connect_attempt(6_666, conn, 1);
+    assert_eq!(core.poll_timeout(), Some(10_000));
+    core.handle_tick(10_000);
+    assert!(
+        actions(&mut core)
+            .iter()
+            .any(closed(Outcome::ConnectFailed))
+    );
+}
+
+#[test]
+fn an_attempt_that_connects_or_fails_disarms_its_share() {
+    let mut core = Core::new(settings(), 0);
+    let first = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, first, 2);
+    core.handle_upstream_connected(100, first);
+    assert!(actions(&mut core).contains(&Action::StartRelay(first)));
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "an attempt deadline outlived the connect"
+    );
+
+    let mut core = Core::new(settings(), 0);
+    let second = core.handle_accepted(0, addr(2));
+    actions(&mut core);
+    core.handle_connect_attempt(0, second, 2);
+    core.handle_upstream_failed(100, second, "refused");
+    assert!(
+        actions(&mut core)
+            .iter()
+            .any(closed(Outcome::ConnectFailed))
+    );
+    assert_eq!(core.poll_timeout(), None);
+}
+
+#[test]
+fn without_a_connect_timeout_no_address_is_cut_short() {
+    let mut core = Core::new(
+        Settings {
+            connect_timeout_ms: None,
+            ..settings()
+        },
+        0,
+    );
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, conn, 2);
+    assert_eq!(core.poll_timeout(), None);
+}

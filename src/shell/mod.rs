@@ -619,6 +619,13 @@ impl Shell {
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Connect(conn) => self.connect_next(now, conn, None),
+                Action::ConnectNext(conn) => {
+                    let timed_out = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer within its share of the connect timeout",
+                    );
+                    self.connect_next(now, conn, Some(timed_out));
+                }
                 Action::StartRelay(conn) => self.start_relay(now, conn),
                 Action::Close {
                     conn,
@@ -645,7 +652,8 @@ impl Shell {
     }
 
     /// Tries upstream addresses in turn, starting after the one that just
-    /// failed; reports failure to the core when none is left.
+    /// failed (or timed out); tells the core how many are left with each
+    /// attempt, and reports failure when none is left.
     fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
         let start = match self.io_of(conn).map(|io| &io.stage) {
             Some(Stage::Waiting) => 0,
@@ -663,12 +671,16 @@ impl Shell {
             match attempt {
                 Ok(upstream) => {
                     if let Some(io) = self.io_of(conn) {
+                        // Replacing the stage closes the socket of an
+                        // attempt given up on.
                         io.stage = Stage::Connecting {
                             upstream,
                             upstream_ready: Readiness::default(),
                             next_addr: index + 1,
                         };
                     }
+                    let addresses_left = self.upstream_addrs.len() - index;
+                    self.core.handle_connect_attempt(now, conn, addresses_left);
                     return;
                 }
                 Err(e) => last_error = Some(e),

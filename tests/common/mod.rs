@@ -276,6 +276,21 @@ impl Proxy {
         proxy
     }
 
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` in a mount namespace of its
+    /// own where `hosts` is /etc/hosts, so a test can give a name the
+    /// addresses it needs (two for one name, say). Needs root and `unshare`.
+    pub fn start_with_hosts(hosts: &std::path::Path, args: &[&str]) -> Proxy {
+        let full = on_any_loopback_port(args);
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(hosts)
+            .arg(BIN)
+            .args(&full);
+        Proxy::start_command(command, &full)
+    }
+
     fn start_command(mut command: Command, args: &[&str]) -> Proxy {
         let mut child = command
             .stdin(Stdio::null())
