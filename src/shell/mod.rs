@@ -22,7 +22,7 @@ use crate::cli::RawArgs;
 use crate::config::{self, Config};
 use crate::core::{Action, ConnRef, Core, HookExit, HookId, HookRequest, Outcome, Settings, Stats};
 use crate::error::Error;
-use crate::hook::{HookBody, Reply, Ticket, TimeoutInfo};
+use crate::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::lock::Handle;
 use crate::log::{CommaList, LogLevel, Logger};
 use crate::sys;
@@ -42,6 +42,14 @@ const ACCEPT_BATCH: usize = 256;
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
 const LISTEN_BACKLOG: i32 = 4096;
+/// Descriptors one permit needs beyond its client: the upstream socket and a
+/// splice pipe (two descriptors) per direction.
+const FDS_PER_PERMIT: usize = 5;
+/// Descriptors spawning one hook process needs: the stdout duplicate,
+/// /dev/null, the exec-status pipe std uses while spawning, and a pidfd.
+const FDS_PER_HOOK: usize = 5;
+/// Kept free for the listening and control sockets later features add.
+const FDS_SPARE: usize = 4;
 
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
@@ -130,9 +138,16 @@ pub(crate) struct Shell {
     hook: Option<RunningHook>,
     config: Config,
     started: Instant,
-    /// Out of file descriptors: wait for the core's `ResumeAccepting` (after a
-    /// close or a retry backoff) before accepting again.
+    /// Out of file descriptors (or at the reserve): wait for the core's
+    /// `ResumeAccepting` (after a close or a retry backoff) before accepting
+    /// again.
     accept_paused: bool,
+    /// What activation needs kept free, and how much there is.
+    fds: FdBudget,
+    /// A pause at the reserve was logged and the backlog has not been
+    /// emptied since: each close lets one more client in and pauses again,
+    /// which is worth one warning, not one per client.
+    reserve_pause_logged: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
     /// Relays that used up their turn and must be pumped again.
@@ -140,6 +155,63 @@ pub(crate) struct Shell {
     /// The list being worked through this turn; swapped with `busy_relays` so
     /// neither is ever reallocated in steady state.
     busy_now: Vec<ConnRef>,
+}
+
+/// The descriptors tcplock may use, and how many of them activating needs
+/// kept free. Open descriptors are counted without a system call: those
+/// open at start, plus one per client, plus idle pipes. What an activation
+/// opens (upstream sockets, pipes in use, a hook) is in the reserve.
+struct FdBudget {
+    /// The soft limit at start; `None` if it could not be read (then only
+    /// EMFILE pauses accepting).
+    limit: Option<usize>,
+    /// Descriptors open once the loop was set up.
+    baseline: usize,
+}
+
+impl FdBudget {
+    /// Descriptors activating needs kept free under `config`: the permits
+    /// that fit next to their clients, one hook if a command hook is
+    /// configured, and a few spare.
+    fn reserve(&self, config: &Config) -> usize {
+        let is_command = |hook: &Option<Hook>| hook.as_ref().and_then(Hook::as_command).is_some();
+        let hook = if is_command(&config.on_activate) || is_command(&config.on_timeout) {
+            FDS_PER_HOOK
+        } else {
+            0
+        };
+        let fixed = hook + FDS_SPARE;
+        let room = self
+            .limit
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.baseline + fixed);
+        // More permits than the limit can hold would keep every client out.
+        let permits = (config.permits as usize).min(room / (FDS_PER_PERMIT + 1));
+        permits * FDS_PER_PERMIT + fixed
+    }
+
+    /// The most clients the limit holds beside the reserve, if it is known.
+    fn client_capacity(&self, config: &Config) -> Option<usize> {
+        let limit = self.limit?;
+        Some(limit.saturating_sub(self.baseline + self.reserve(config)))
+    }
+
+    /// `--max-queue`, lowered (and said so) to the clients the limit can hold
+    /// beside the reserve. Accepting pauses at that many clients, so a full
+    /// queue makes clients wait in the kernel's backlog rather than be
+    /// rejected for descriptors tcplock lacks.
+    fn adjusted_max_queue(&self, config: &Config, logger: &mut Logger) -> usize {
+        let fits = self.client_capacity(config);
+        match (fits, self.limit) {
+            (Some(fits), Some(limit)) if fits < config.max_queue => {
+                if let Some(line) = logger.line(LogLevel::Warn, "limit_adjusted") {
+                    line.field("max_queue", fits).field("nofile", limit);
+                }
+                fits
+            }
+            _ => config.max_queue,
+        }
+    }
 }
 
 struct ConnIo {
@@ -173,11 +245,15 @@ impl Shell {
     /// Binds the listener, resolves the upstream and sets up the poll.
     pub(crate) fn start(config: Config, options: ShellOptions) -> Result<Shell, Error> {
         let mut logger = Logger::new(config.log_level);
-        if let Err(e) = sys::raise_open_files_limit()
-            && let Some(line) = logger.line(LogLevel::Warn, "nofile_limit")
-        {
-            line.field("error", e);
-        }
+        let fd_limit = match sys::raise_open_files_limit() {
+            Ok(limit) => Some(limit),
+            Err(e) => {
+                if let Some(line) = logger.line(LogLevel::Warn, "nofile_limit") {
+                    line.field("error", e);
+                }
+                None
+            }
+        };
         // `resolve` never returns an empty list, so the first address exists.
         let listen_addr = resolve(
             "listen address",
@@ -219,6 +295,12 @@ impl Shell {
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
         );
         let (control_tx, control_rx) = mpsc::channel();
+        let fds = FdBudget {
+            limit: fd_limit.and_then(|limit| usize::try_from(limit).ok()),
+            baseline: sys::count_open_fds().unwrap_or(FIRST_CONN_TOKEN),
+        };
+        let mut settings = core_settings(&config);
+        settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
                 .field("upstream", &config.upstream)
@@ -235,7 +317,7 @@ impl Shell {
             control_tx,
             control_rx,
             stats: Arc::new(Mutex::new(Stats::default())),
-            core: Core::new(core_settings(&config), 0),
+            core: Core::new(settings, 0),
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
@@ -244,6 +326,8 @@ impl Shell {
             config,
             started: Instant::now(),
             accept_paused: false,
+            fds,
+            reserve_pause_logged: false,
             accept_more: false,
             busy_relays: Vec::new(),
             busy_now: Vec::new(),
@@ -337,23 +421,30 @@ impl Shell {
             return;
         }
         for _ in 0..ACCEPT_BATCH {
+            if self.listener.is_none() {
+                return;
+            }
+            if self.at_fd_reserve() {
+                if self.pool.drop_idle_pipes() {
+                    continue;
+                }
+                self.pause_accepting(now, "fd_reserve", None);
+                return;
+            }
             let Some(listener) = &self.listener else {
                 return;
             };
             let (client, addr) = match listener.accept() {
                 Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reserve_pause_logged = false;
+                    return;
+                }
                 Err(e) if sys::is_fd_exhaustion(&e) => {
                     if self.pool.drop_idle_pipes() {
                         continue;
                     }
-                    self.accept_paused = true;
-                    if let Some(line) = self.logger.line(LogLevel::Warn, "accept_paused") {
-                        line.field("error", e)
-                            .field("open_connections", self.core.conn_count());
-                    }
-                    self.core.handle_accept_paused(now);
-                    self.drain(now);
+                    self.pause_accepting(now, "fd_exhausted", Some(e));
                     return;
                 }
                 // These concern one client, not the listener.
@@ -381,6 +472,32 @@ impl Shell {
             self.drain(now);
         }
         self.accept_more = true;
+    }
+
+    /// Whether one more client would eat into the descriptors activation needs.
+    fn at_fd_reserve(&self) -> bool {
+        let Some(limit) = self.fds.limit else {
+            return false;
+        };
+        let open = self.fds.baseline + self.core.conn_count() + self.pool.idle_pipe_fds();
+        open + 1 + self.fds.reserve(&self.config) > limit
+    }
+
+    fn pause_accepting(&mut self, now: u64, reason: &str, error: Option<io::Error>) {
+        self.accept_paused = true;
+        let level = if error.is_none() && self.reserve_pause_logged {
+            LogLevel::Debug
+        } else {
+            LogLevel::Warn
+        };
+        self.reserve_pause_logged |= error.is_none();
+        if let Some(line) = self.logger.line(level, "accept_paused") {
+            line.field("reason", reason)
+                .field_opt("error", error)
+                .field("open_connections", self.core.conn_count());
+        }
+        self.core.handle_accept_paused(now);
+        self.drain(now);
     }
 
     fn add_conn(&mut self, now: u64, conn: ConnRef, mut client: TcpStream) {
@@ -603,7 +720,9 @@ impl Shell {
         }
         self.logger.set_level(new.log_level);
         self.pool.reconfigure(new.buffer_size, new.splice);
-        self.core.handle_reload(now, core_settings(&new));
+        let mut settings = core_settings(&new);
+        settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
+        self.core.handle_reload(now, settings);
         let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)

@@ -109,6 +109,11 @@ impl ChannelPool {
         had_any
     }
 
+    /// Descriptors held by the idle pipes kept for reuse.
+    pub fn idle_pipe_fds(&self) -> usize {
+        self.pipes.len() * 2
+    }
+
     /// Stops splicing for good after the first refusal; nothing is lost, as
     /// only a splice into an empty pipe is taken for one.
     fn refuse_splice(&mut self, error: io::Error) {
