@@ -56,6 +56,9 @@ pub(crate) enum Control {
     Stop,
     /// New settings with their upstream already resolved.
     Reload(Box<Config>, Vec<SocketAddr>),
+    /// What a SIGHUP reload's helper thread read from the config file and
+    /// resolved, or why it could not.
+    FileReloaded(Result<(Box<Config>, Vec<SocketAddr>), Error>),
     /// A closure hook's ticket was answered.
     HookDone(HookId, HookExit),
 }
@@ -150,6 +153,11 @@ pub(crate) struct Shell {
     reserve_pause_logged: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
+    /// A SIGHUP reload's helper thread is loading and resolving.
+    reload_running: bool,
+    /// Another SIGHUP came meanwhile: reload again once it is done, with one
+    /// thread at a time however many signals arrive.
+    reload_again: bool,
     /// Relays that used up their turn and must be pumped again.
     busy_relays: Vec<ConnRef>,
     /// The list being worked through this turn; swapped with `busy_relays` so
@@ -328,6 +336,8 @@ impl Shell {
             accept_paused: false,
             fds,
             reserve_pause_logged: false,
+            reload_running: false,
+            reload_again: false,
             accept_more: false,
             busy_relays: Vec::new(),
             busy_now: Vec::new(),
@@ -605,7 +615,7 @@ impl Shell {
         for signal in pending {
             match signal {
                 SIGCHLD => self.reap(now),
-                SIGHUP => self.reload(now),
+                SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
                 _ => {}
@@ -655,6 +665,7 @@ impl Shell {
                 Control::Reload(config, upstream_addrs) => {
                     self.apply_config(now, *config, upstream_addrs, ("source", "handle"));
                 }
+                Control::FileReloaded(loaded) => self.file_reloaded(now, loaded),
                 Control::HookDone(hook, exit) => self.hook_ended(now, hook, exit),
             }
             self.drain(now);
@@ -669,9 +680,13 @@ impl Shell {
         }
     }
 
-    fn reload(&mut self, now: u64) {
+    /// SIGHUP: re-reads the config file and looks the upstream up again
+    /// (a host may have moved even if its name did not) on a helper thread,
+    /// so a slow resolver never stalls the loop. The answer comes back as
+    /// `Control::FileReloaded`.
+    fn reload(&mut self) {
         let (Some(path), Some(args)) = (
-            self.config.config_file.clone(),
+            self.config.config_file.as_ref(),
             self.options.reload_args.as_ref(),
         ) else {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
@@ -679,24 +694,55 @@ impl Shell {
             }
             return;
         };
-        // A name that needs DNS is looked up here, on the loop: SIGHUP is rare
-        // and operator-driven, and an IP literal costs nothing.
-        let loaded = config::load(args).map_err(Error::from).and_then(|new| {
-            let addrs = if new.upstream == self.config.upstream {
-                self.upstream_addrs.clone()
-            } else {
-                resolve_upstream(&new)?
-            };
-            Ok((new, addrs))
-        });
-        let source = path.display().to_string();
+        if self.reload_running {
+            self.reload_again = true;
+            return;
+        }
+        let args = args.clone();
+        let control = self.control_tx.clone();
+        let waker = Arc::clone(&self.waker);
+        let spawned = std::thread::Builder::new()
+            .name("tcplock-reload".to_string())
+            .spawn(move || {
+                let loaded = config::load(&args).map_err(Error::from).and_then(|new| {
+                    let addrs = resolve_upstream(&new)?;
+                    Ok((Box::new(new), addrs))
+                });
+                // A loop that stopped meanwhile no longer wants the answer.
+                if control.send(Control::FileReloaded(loaded)).is_ok() {
+                    let _ = waker.wake();
+                }
+            });
+        match spawned {
+            Ok(_) => self.reload_running = true,
+            Err(e) => {
+                let source = path.display().to_string();
+                if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
+                    line.field("file", source)
+                        .field("error", format_args!("cannot start the reload thread: {e}"));
+                }
+            }
+        }
+    }
+
+    fn file_reloaded(&mut self, now: u64, loaded: Result<(Box<Config>, Vec<SocketAddr>), Error>) {
+        self.reload_running = false;
+        let source = self
+            .config
+            .config_file
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default();
         match loaded {
-            Ok((new, addrs)) => self.apply_config(now, new, addrs, ("file", &source)),
+            Ok((new, addrs)) => self.apply_config(now, *new, addrs, ("file", &source)),
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", &source).field("error", e);
                 }
             }
+        }
+        if std::mem::take(&mut self.reload_again) {
+            self.reload();
         }
     }
 
@@ -726,7 +772,8 @@ impl Shell {
         let changed: Vec<&str> = changed.into_iter().filter(|key| *key != "listen").collect();
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
-                .field("changed", CommaList(&changed));
+                .field("changed", CommaList(&changed))
+                .field("addresses", self.upstream_addrs.len());
         }
         self.config = new;
     }
