@@ -50,6 +50,9 @@ const FDS_PER_PERMIT: usize = 5;
 const FDS_PER_HOOK: usize = 5;
 /// Kept free for the listening and control sockets later features add.
 const FDS_SPARE: usize = 4;
+/// Assumed open at start where /proc cannot tell: the standard streams, the
+/// listener, the poll, the signal pipe and the waker, generously rounded.
+const FDS_AT_START_UNKNOWN: usize = 16;
 
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
@@ -305,7 +308,7 @@ impl Shell {
         let (control_tx, control_rx) = mpsc::channel();
         let fds = FdBudget {
             limit: fd_limit.and_then(|limit| usize::try_from(limit).ok()),
-            baseline: sys::count_open_fds().unwrap_or(FIRST_CONN_TOKEN),
+            baseline: sys::count_open_fds().unwrap_or(FDS_AT_START_UNKNOWN),
         };
         let mut settings = core_settings(&config);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
