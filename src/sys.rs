@@ -30,6 +30,14 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// How many descriptors the process has open, counted once from
+/// `/proc/self/fd` (not counting the one the count itself uses).
+pub fn count_open_fds() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1))
+}
+
 /// Sends SIGKILL to every process in the group `pgid` (a hook started as the
 /// leader of its own group). A group that is already gone is not an error.
 pub fn kill_process_group(pgid: u32) -> io::Result<()> {

@@ -6,7 +6,10 @@
 
 use std::collections::HashSet;
 
-use super::{Activation, ConnRef, ConnState, Core, EndedBy, Outcome};
+use super::{
+    ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, ConnRef, ConnState, Core, EndedBy,
+    Outcome,
+};
 
 impl Core {
     /// Checks the snapshot invariants; the error names the first broken one.
@@ -29,9 +32,20 @@ impl Core {
                     holding += 1;
                     preparing.push(conn);
                 }
-                ConnState::Activating(Activation::Connecting { deadline }) => {
+                ConnState::Activating(Activation::Connecting {
+                    deadline,
+                    ends_at,
+                    attempt,
+                }) => {
                     holding += 1;
                     armed += usize::from(deadline.is_some());
+                    armed += usize::from(attempt.is_some());
+                    if attempt.is_some() && ends_at.is_none_or(|at| at <= self.now) {
+                        return Err(format!(
+                            "conn {} has an attempt deadline but no connect time left",
+                            c.id
+                        ));
+                    }
                 }
                 ConnState::Proxying { ttl } => {
                     holding += 1;
@@ -85,8 +99,12 @@ impl Core {
             armed += usize::from(run.deadline.is_some());
         }
         armed += usize::from(self.retry.is_some());
+        armed += usize::from(self.accept_retry.is_some());
         if let Some(shutdown) = &self.shutdown {
             armed += usize::from(shutdown.grace.is_some());
+            if self.accept_retry.is_some() {
+                return Err("an accept retry is armed after shutdown".to_string());
+            }
             if !self.queue.is_empty() {
                 return Err("connections still queued after shutdown".to_string());
             }
@@ -145,6 +163,12 @@ impl Core {
                     "the last connection ended with {outcome:?}, ended by {ended_by:?}"
                 ));
             }
+        }
+        if !(ACCEPT_RETRY_BASE_MS..=ACCEPT_RETRY_MAX_MS).contains(&self.accept_backoff_ms) {
+            return Err(format!(
+                "accept retry backoff {} ms outside its bounds",
+                self.accept_backoff_ms
+            ));
         }
         if let Some(deadline) = self.poll_timeout()
             && deadline <= self.now

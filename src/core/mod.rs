@@ -43,6 +43,11 @@ use timer::{TimerKey, TimerWheel};
 pub const RETRY_BASE_MS: u64 = 500;
 /// The longest wait between two on-activate hook attempts.
 pub const RETRY_MAX_MS: u64 = 30_000;
+/// A paused accept is first retried after this long; each further pause
+/// without an accept in between doubles it, up to [`ACCEPT_RETRY_MAX_MS`].
+pub const ACCEPT_RETRY_BASE_MS: u64 = 50;
+/// The longest wait before a paused accept is retried.
+pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
 
 /// The state machine. See the module documentation for the calling contract.
 pub struct Core {
@@ -78,6 +83,11 @@ pub struct Core {
     /// Clients waiting at the last reload: a lowered max-queue turns no one
     /// away, so until they drain the line may stand above the new limit.
     reload_backlog: usize,
+    /// While the shell does not accept (out of descriptors): the timer that
+    /// makes it try again even if nothing of ours closes meanwhile.
+    accept_retry: Option<TimerKey>,
+    /// The wait before the next paused accept is retried.
+    accept_backoff_ms: u64,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -112,8 +122,14 @@ enum ConnState {
 enum Activation {
     /// Its on-activate hook is running.
     Hook { attempt: u32 },
-    /// The shell is connecting to the upstream.
-    Connecting { deadline: Option<TimerKey> },
+    /// The shell is connecting to the upstream. `deadline` ends the whole
+    /// connect at `ends_at`; `attempt` ends the try of one address early, so
+    /// the addresses after it get their share of the time.
+    Connecting {
+        deadline: Option<TimerKey>,
+        ends_at: Option<u64>,
+        attempt: Option<TimerKey>,
+    },
 }
 
 struct RunningHook {
@@ -159,9 +175,11 @@ struct Shutdown {
 enum Deadline {
     Queue(ConnRef),
     Connect(ConnRef),
+    ConnectAttempt(ConnRef),
     Ttl(ConnRef),
     Hook(HookId),
     HookRetry,
+    AcceptRetry,
     ShutdownGrace,
 }
 
@@ -188,6 +206,8 @@ impl Core {
             actions: VecDeque::new(),
             now,
             reload_backlog: 0,
+            accept_retry: None,
+            accept_backoff_ms: ACCEPT_RETRY_BASE_MS,
         }
     }
 
@@ -197,6 +217,8 @@ impl Core {
     /// handle is closed at once (an [`Action::Close`] with `Rejected`).
     pub fn handle_accepted(&mut self, now: u64, client: SocketAddr) -> ConnRef {
         self.advance(now);
+        // Accepting works again: the next pause starts from the shortest wait.
+        self.accept_backoff_ms = ACCEPT_RETRY_BASE_MS;
         let id = ConnId(self.next_conn_id);
         self.next_conn_id += 1;
         let slot = self.conns.insert(Conn {
@@ -231,6 +253,25 @@ impl Core {
         conn
     }
 
+    /// The shell stopped accepting (out of descriptors, or keeping its reserve).
+    /// The core answers with [`Action::ResumeAccepting`] when one of its
+    /// connections ends or a hook exits (both free descriptors), or when the
+    /// retry backoff runs out, whichever comes first: descriptors can also be
+    /// freed by something tcplock does not see. Ignored while already paused
+    /// and after a shutdown.
+    pub fn handle_accept_paused(&mut self, now: u64) {
+        self.advance(now);
+        if self.shutdown.is_none() && self.accept_retry.is_none() {
+            let key = self.timers.insert(
+                now.saturating_add(self.accept_backoff_ms),
+                Deadline::AcceptRetry,
+            );
+            self.accept_retry = Some(key);
+            self.accept_backoff_ms = (self.accept_backoff_ms * 2).min(ACCEPT_RETRY_MAX_MS);
+        }
+        self.check();
+    }
+
     /// A waiting (Queued or Activating) client closed or reset before proxying.
     /// Ignored for a stale handle or a proxying connection.
     pub fn handle_client_left(&mut self, now: u64, conn: ConnRef) {
@@ -252,7 +293,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
         };
-        let ConnState::Activating(Activation::Connecting { deadline }) = c.state else {
+        let ConnState::Activating(Activation::Connecting {
+            deadline, attempt, ..
+        }) = c.state
+        else {
             return;
         };
         let queue_deadline = c.queue_deadline.take();
@@ -263,6 +307,7 @@ impl Core {
         c.state = ConnState::Proxying { ttl };
         let (client, accepted_at) = (c.client, c.accepted_at);
         self.cancel(deadline);
+        self.cancel(attempt);
         self.cancel(queue_deadline);
         self.counters.activations += 1;
         self.log(Event::Activated {
@@ -271,6 +316,38 @@ impl Core {
             waited_ms: now.saturating_sub(accepted_at),
         });
         self.actions.push_back(Action::StartRelay(conn));
+        self.check();
+    }
+
+    /// The shell started connecting to one upstream address, with
+    /// `addresses_left` addresses to go counting this one. With a connect
+    /// timeout, this attempt gets its share of what is left of it (the rest
+    /// divided by `addresses_left`), so a black-holed address cannot use up
+    /// the time of the ones after it; when the share runs out the core asks
+    /// for the next address with [`Action::ConnectNext`]. The last address
+    /// gets all that is left. Ignored unless the connection is connecting.
+    pub fn handle_connect_attempt(&mut self, now: u64, conn: ConnRef, addresses_left: usize) {
+        self.advance(now);
+        let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
+            return;
+        };
+        let ConnState::Activating(Activation::Connecting {
+            ends_at, attempt, ..
+        }) = &mut c.state
+        else {
+            return;
+        };
+        let previous = attempt.take();
+        let share_ends = ends_at.filter(|_| addresses_left > 1).and_then(|ends_at| {
+            let left = u64::try_from(addresses_left).unwrap_or(u64::MAX);
+            let share = (ends_at.saturating_sub(now) / left).max(1);
+            let share_ends = now.saturating_add(share);
+            (share_ends < ends_at).then_some(share_ends)
+        });
+        if let Some(at) = share_ends {
+            *attempt = Some(self.timers.insert(at, Deadline::ConnectAttempt(conn)));
+        }
+        self.cancel(previous);
         self.check();
     }
 
@@ -314,6 +391,7 @@ impl Core {
             return;
         };
         self.cancel(run.deadline);
+        self.resume_accepting();
         match run.purpose {
             HookPurpose::Timeout(conn) => {
                 if !exit.is_success() {
@@ -373,6 +451,9 @@ impl Core {
             return;
         }
         self.actions.push_back(Action::StopAccepting);
+        // Before the waiting clients end: a closed listener is not resumed.
+        let accept_retry = self.accept_retry.take();
+        self.cancel(accept_retry);
         self.log(Event::ShutdownStarted {
             queued: self.queue.len(),
             active: self.active,
@@ -464,6 +545,12 @@ impl Core {
     /// Connections the core knows, in any state.
     pub fn conn_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Whether the shell's accepting is paused, waiting for a resume.
+    #[cfg(any(test, feature = "model"))]
+    pub fn accept_paused(&self) -> bool {
+        self.accept_retry.is_some()
     }
 
     #[cfg(any(test, feature = "model"))]
@@ -588,11 +675,16 @@ impl Core {
     }
 
     fn start_connect(&mut self, now: u64, conn: ConnRef) {
-        let deadline = self.settings.connect_timeout_ms.map(|timeout| {
-            self.timers
-                .insert(now.saturating_add(timeout), Deadline::Connect(conn))
+        let ends_at = self
+            .settings
+            .connect_timeout_ms
+            .map(|timeout| now.saturating_add(timeout));
+        let deadline = ends_at.map(|at| self.timers.insert(at, Deadline::Connect(conn)));
+        self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting {
+            deadline,
+            ends_at,
+            attempt: None,
         });
-        self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting { deadline });
         self.actions.push_back(Action::Connect(conn));
     }
 
@@ -693,10 +785,20 @@ impl Core {
             }
             Deadline::Connect(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
-                    && let ConnState::Activating(Activation::Connecting { deadline }) = &mut c.state
+                    && let ConnState::Activating(Activation::Connecting { deadline, .. }) =
+                        &mut c.state
                 {
                     *deadline = None;
                     self.connect_failed(now, conn, "connect timeout".to_string());
+                }
+            }
+            Deadline::ConnectAttempt(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+                    && let ConnState::Activating(Activation::Connecting { attempt, .. }) =
+                        &mut c.state
+                    && attempt.take().is_some()
+                {
+                    self.actions.push_back(Action::ConnectNext(conn));
                 }
             }
             Deadline::Ttl(conn) => {
@@ -725,12 +827,25 @@ impl Core {
             Deadline::HookRetry => {
                 self.retry = None;
             }
+            Deadline::AcceptRetry => {
+                if self.accept_retry.take().is_some() {
+                    self.actions.push_back(Action::ResumeAccepting);
+                }
+            }
             Deadline::ShutdownGrace => {
                 if let Some(shutdown) = &mut self.shutdown {
                     shutdown.grace = None;
                     self.end_all(now);
                 }
             }
+        }
+    }
+
+    /// Descriptors were freed: a paused accept tries again now.
+    fn resume_accepting(&mut self) {
+        if let Some(key) = self.accept_retry.take() {
+            self.timers.cancel(key);
+            self.actions.push_back(Action::ResumeAccepting);
         }
     }
 
@@ -776,8 +891,12 @@ impl Core {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
-                if let Activation::Connecting { deadline } = activation {
+                if let Activation::Connecting {
+                    deadline, attempt, ..
+                } = activation
+                {
                     self.cancel(deadline);
+                    self.cancel(attempt);
                 }
             }
             ConnState::Proxying { ttl } => {
@@ -794,6 +913,7 @@ impl Core {
             ended_by,
             age_ms: now.saturating_sub(c.accepted_at),
         });
+        self.resume_accepting();
     }
 
     fn check(&self) {

@@ -45,7 +45,11 @@
 //! 7. `poll_timeout()` is after the latest `now`, and nothing is overdue: every
 //!    deadline the shadow knows of (queue, connect, TTL, hook, grace, retry)
 //!    that passed has been acted on, and the core is never stuck with a free
-//!    permit, a waiting client and nothing to wait for.
+//!    permit, a waiting client and nothing to wait for;
+//! 8. a paused accept is resumed (`ResumeAccepting`) in the step a connection
+//!    closes or a hook exits, or once its backoff (50 ms doubling to 1 s,
+//!    reset by an accept) runs out; never when not paused, never after
+//!    shutdown.
 //!
 //! Also: a due on-timeout hook runs before the next on-activate one, hooks run
 //! the command in force, the facts a hook is told (`HookContext`) and the
@@ -66,8 +70,9 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
 use super::{
-    Action, ConnId, ConnRef, Core, EndedBy, Event, HookExit, HookId, HookKind, HookRequest,
-    Outcome, OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS, RelayCause, RelayEnd, Settings,
+    ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Action, ConnId, ConnRef, Core, EndedBy, Event,
+    HookExit, HookId, HookKind, HookRequest, Outcome, OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS,
+    RelayCause, RelayEnd, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -92,6 +97,9 @@ pub enum Op {
     UpstreamConnected(u8),
     /// The upstream refused a connecting connection.
     UpstreamFailed(u8),
+    /// The shell tries an address of a connecting connection, with this
+    /// many addresses left counting it (ticks to its time first).
+    ConnectAttempt(u8, u8),
     /// A proxying connection ended.
     RelayEnded(u8, RelayEnd),
     /// The running hook ended (skipped if none runs).
@@ -105,6 +113,9 @@ pub enum Op {
     Wake,
     /// New settings (sanitized to what the config can produce).
     Reload(Settings),
+    /// The shell paused accepting (out of descriptors). Ticks to its time
+    /// first, like a reload, so the shadow knows which pause it arms.
+    AcceptPaused,
     /// SIGUSR1.
     DumpState,
     /// SIGTERM (a second one forces).
@@ -209,8 +220,10 @@ enum State {
         hook: HookId,
         ok: bool,
     },
+    /// `attempt`: when the address being tried has used up its share.
     Connecting {
         deadline: Option<u64>,
+        attempt: Option<u64>,
     },
     Proxying {
         deadline: Option<u64>,
@@ -267,6 +280,8 @@ struct Fed {
     rejected: bool,
     stop_accepting: bool,
     dumped: Vec<ConnId>,
+    /// `Close` actions seen in this step.
+    closes: usize,
 }
 
 struct Model {
@@ -297,6 +312,10 @@ struct Model {
     shutdown: Option<ShutdownState>,
     /// Waiting clients allowed above max-queue since the last reload.
     allowance: usize,
+    /// While accepting is paused: when the core must resume it at the latest.
+    accept_paused_until: Option<u64>,
+    /// The backoff the next pause arms.
+    accept_backoff: u64,
     activations: u64,
     tracing: bool,
     /// StartRelay actions seen, and Close actions by outcome (as `Stats`).
@@ -335,6 +354,8 @@ impl Model {
             last_ended_by: None,
             shutdown: None,
             allowance: 0,
+            accept_paused_until: None,
+            accept_backoff: ACCEPT_RETRY_BASE_MS,
             activations: 0,
             tracing,
             relays: 0,
@@ -415,6 +436,7 @@ impl Model {
                 }
                 self.last_id = conn.id.0;
                 self.accepted += 1;
+                self.accept_backoff = ACCEPT_RETRY_BASE_MS;
                 fed.accepted = Some(conn.id);
                 fed.arriving = Some(Shadow {
                     conn,
@@ -450,6 +472,24 @@ impl Model {
                     fed.failed = Some(conn.id);
                     self.core.handle_upstream_failed(self.now, conn, "refused");
                 }
+            }
+            Op::ConnectAttempt(i, left) => {
+                self.tick_first(fed)?;
+                let Some(conn) = self.pick(*i, |s| matches!(s, State::Connecting { .. })) else {
+                    return self.skip(op);
+                };
+                let now = self.now;
+                trace!(self, "t={now} connect_attempt conn {} left {left}", conn.id);
+                fed.quiet = true;
+                let left = usize::from(*left);
+                let s = self.shadow_mut(conn.id);
+                if let State::Connecting { deadline, attempt } = &mut s.state {
+                    *attempt = deadline.filter(|_| left > 1).and_then(|ends| {
+                        let share = ((ends - now) / left as u64).max(1);
+                        (now + share < ends).then_some(now + share)
+                    });
+                }
+                self.core.handle_connect_attempt(now, conn, left);
             }
             Op::RelayEnded(i, end) => {
                 let Some(conn) = self.pick(*i, |s| matches!(s, State::Proxying { .. })) else {
@@ -490,22 +530,23 @@ impl Model {
                 trace!(self, "t={} wake", self.now);
                 self.core.handle_tick(self.now);
             }
+            Op::AcceptPaused => {
+                self.tick_first(fed)?;
+                trace!(self, "t={} accept_paused", self.now);
+                if self.shutdown.is_none() && self.accept_paused_until.is_none() {
+                    self.accept_paused_until = Some(self.now + self.accept_backoff);
+                    self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_RETRY_MAX_MS);
+                } else {
+                    fed.quiet = true;
+                }
+                self.core.handle_accept_paused(self.now);
+            }
             Op::Reload(settings) => {
                 // The shell reads the clock, then reloads. A reload at a later
                 // time would first fire the deadlines under the old settings,
                 // which nothing in the action stream would mark; ticking first
                 // keeps the shadow's settings in step with the core's.
-                if self.now > self.fed {
-                    self.fed = self.now;
-                    trace!(self, "t={} tick (before reload)", self.now);
-                    self.core.handle_tick(self.now);
-                    self.drain(fed)?;
-                    self.check_after(fed)?;
-                    *fed = Fed::default();
-                    if self.tracing {
-                        let _ = write!(self.trace, "#{}' ", self.steps);
-                    }
-                }
+                self.tick_first(fed)?;
                 let settings = sanitize(settings.clone());
                 trace!(self, "t={} reload {settings:?}", self.now);
                 self.allowance = self.waiting();
@@ -531,6 +572,23 @@ impl Model {
                 self.core.handle_shutdown(self.now);
             }
             Op::Stray(i, input) => return self.feed_stray(*i, *input, fed),
+        }
+        Ok(())
+    }
+
+    /// Brings the core to the model's time with a tick of its own (a step of
+    /// its own), for inputs whose shadow update must not race with deadlines.
+    fn tick_first(&mut self, fed: &mut Fed) -> Result<(), String> {
+        if self.now > self.fed {
+            self.fed = self.now;
+            trace!(self, "t={} tick (first)", self.now);
+            self.core.handle_tick(self.now);
+            self.drain(fed)?;
+            self.check_after(fed)?;
+            *fed = Fed::default();
+            if self.tracing {
+                let _ = write!(self.trace, "#{}' ", self.steps);
+            }
         }
         Ok(())
     }
@@ -711,8 +769,34 @@ impl Model {
                 }
                 let deadline = self.settings.connect_timeout_ms.map(|t| now + t);
                 let s = self.shadow_mut(conn.id);
-                s.state = State::Connecting { deadline };
+                s.state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
                 s.cleared = true;
+            }
+            Action::ConnectNext(conn) => {
+                let state = self.live(*conn, "ConnectNext")?.state;
+                let State::Connecting {
+                    deadline,
+                    attempt: Some(at),
+                } = state
+                else {
+                    return Err(format!(
+                        "ConnectNext for conn {} in state {state:?}",
+                        conn.id
+                    ));
+                };
+                if at > now {
+                    return Err(format!(
+                        "ConnectNext for conn {} before its attempt ends at {at} (now {now})",
+                        conn.id
+                    ));
+                }
+                self.shadow_mut(conn.id).state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
             }
             Action::StartRelay(conn) => {
                 if self.shutdown.is_some() {
@@ -740,7 +824,23 @@ impl Model {
                 outcome,
                 ended_by,
                 age_ms,
-            } => self.close(*conn, *outcome, *ended_by, *age_ms, fed)?,
+            } => {
+                fed.closes += 1;
+                self.close(*conn, *outcome, *ended_by, *age_ms, fed)?;
+            }
+            Action::ResumeAccepting => {
+                let Some(until) = self.accept_paused_until else {
+                    return Err("ResumeAccepting while accepting is not paused".to_string());
+                };
+                let freed = fed.closes > 0 || self.just_reaped.is_some();
+                if !freed && until > now {
+                    return Err(format!(
+                        "ResumeAccepting before its backoff ends at {until} (now {now}) \
+                         with nothing closed"
+                    ));
+                }
+                self.accept_paused_until = None;
+            }
             Action::SpawnHook(request) => self.spawned(request)?,
             Action::KillHook(hook) => {
                 if self.just_reaped == Some(*hook) {
@@ -766,6 +866,7 @@ impl Model {
                     return Err("StopAccepting twice or without a shutdown".to_string());
                 }
                 fed.stop_accepting = true;
+                self.accept_paused_until = None;
                 let grace = self.settings.shutdown_grace_ms;
                 self.shutdown = Some(ShutdownState {
                     grace_deadline: now + grace,
@@ -1013,7 +1114,7 @@ impl Model {
             }
             Outcome::QueueTimeout => !proxying && queue_deadline.is_some_and(|d| d <= now),
             Outcome::ConnectFailed => match state {
-                State::Connecting { deadline } => {
+                State::Connecting { deadline, .. } => {
                     fed.failed == Some(id) || deadline.is_some_and(|d| d <= now)
                 }
                 _ => false,
@@ -1115,16 +1216,19 @@ impl Model {
             core.active(),
             core.queue_len(),
             core.hook_running(),
+            core.accept_paused(),
         );
         let shadow = (
             self.conns.len(),
             holders,
             queued,
             self.hook.as_ref().map(|r| r.id),
+            self.accept_paused_until.is_some(),
         );
         if observed != shadow {
             return Err(format!(
-                "core (conns, active, queued, hook) = {observed:?}, shadow {shadow:?}"
+                "core (conns, active, queued, hook, accept paused) = {observed:?}, \
+                 shadow {shadow:?}"
             ));
         }
         let mut slots: Vec<usize> = self.conns.values().map(|s| s.conn.slot).collect();
@@ -1204,12 +1308,26 @@ impl Model {
                 ));
             }
             match s.state {
-                State::Connecting { deadline: Some(d) } | State::Proxying { deadline: Some(d) }
+                State::Connecting {
+                    deadline: Some(d), ..
+                }
+                | State::Connecting {
+                    attempt: Some(d), ..
+                }
+                | State::Proxying { deadline: Some(d) }
                     if d <= now =>
                 {
                     return Err(format!("conn {id} is {:?} past its deadline {d}", s.state));
                 }
                 _ => {}
+            }
+        }
+        if let Some(until) = self.accept_paused_until {
+            if until <= now {
+                return Err(format!("accepting still paused after its retry at {until}"));
+            }
+            if fed.closes > 0 || self.just_reaped.is_some() {
+                return Err("descriptors were freed but accepting stays paused".into());
             }
         }
         if let Some(run) = &self.hook
@@ -1448,11 +1566,13 @@ mod tests {
         match rng.below(100) {
             0..=19 => Op::Accept,
             20..=25 => Op::ClientLeft(rng.byte()),
-            26..=36 => Op::UpstreamConnected(rng.byte()),
+            26..=33 => Op::UpstreamConnected(rng.byte()),
+            34..=36 => Op::ConnectAttempt(rng.byte(), rng.byte() % 4),
             37..=40 => Op::UpstreamFailed(rng.byte()),
             41..=50 => Op::RelayEnded(rng.byte(), relay_end(rng)),
             51..=60 => Op::HookExited(hook_exit(rng)),
-            61..=72 => Op::Advance(rng.duration()),
+            61..=70 => Op::Advance(rng.duration()),
+            71..=72 => Op::AcceptPaused,
             73..=75 => Op::Tick,
             76..=84 => Op::Wake,
             85..=87 => Op::Reload(settings(rng)),

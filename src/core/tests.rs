@@ -646,3 +646,148 @@ fn every_close_says_who_ended_it_and_the_next_hook_is_told() {
     let hook = spawned(&actions(&mut core)).expect("hook");
     assert_eq!(hook.context.last_ended_by, Some(EndedBy::Tcplock));
 }
+
+// ----- paused accepting -----
+
+fn resumes(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| **a == Action::ResumeAccepting)
+        .count()
+}
+
+#[test]
+fn a_paused_accept_is_retried_after_a_backoff_doubling_to_one_second() {
+    let mut core = Core::new(settings(), 0);
+    let mut now = 0;
+    let mut waits = Vec::new();
+    for _ in 0..7 {
+        core.handle_accept_paused(now);
+        assert!(core.accept_paused());
+        let due = core.poll_timeout().expect("a retry deadline");
+        core.handle_tick(due - 1);
+        assert_eq!(resumes(&actions(&mut core)), 0, "resumed early");
+        core.handle_tick(due);
+        assert_eq!(resumes(&actions(&mut core)), 1, "not resumed at {due}");
+        assert!(!core.accept_paused());
+        waits.push(due - now);
+        now = due;
+    }
+    assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000]);
+
+    // An accept in between starts the backoff over.
+    core.handle_accepted(now, addr(1));
+    actions(&mut core);
+    core.handle_accept_paused(now);
+    assert_eq!(core.poll_timeout(), Some(now + 50));
+}
+
+#[test]
+fn a_close_resumes_a_paused_accept_at_once_and_disarms_its_timer() {
+    let mut core = Core::new(settings(), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_accept_paused(10);
+    core.handle_client_left(20, conn);
+    let after = actions(&mut core);
+    assert!(after.iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(resumes(&after), 1);
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "the retry timer outlived the resume"
+    );
+    core.handle_tick(10_000);
+    assert_eq!(resumes(&actions(&mut core)), 0, "resumed twice");
+}
+
+#[test]
+fn shutdown_drops_a_paused_accept_for_good() {
+    let mut core = Core::new(settings(), 0);
+    core.handle_accept_paused(0);
+    core.handle_shutdown(1);
+    assert_eq!(resumes(&actions(&mut core)), 0);
+    assert!(!core.accept_paused());
+    core.handle_accept_paused(2);
+    assert!(!core.accept_paused(), "paused after shutdown");
+}
+
+// ----- connecting to several addresses -----
+
+fn connect_nexts(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::ConnectNext(_)))
+        .count()
+}
+
+#[test]
+fn each_upstream_address_gets_its_share_of_what_is_left_of_the_connect_timeout() {
+    let mut core = Core::new(settings(), 0); // connect timeout 10 s
+    let conn = core.handle_accepted(0, addr(1));
+    assert!(actions(&mut core).contains(&Action::Connect(conn)));
+
+    core.handle_connect_attempt(0, conn, 3);
+    assert_eq!(core.poll_timeout(), Some(3_333), "a third of 10 s");
+    core.handle_tick(3_332);
+    assert_eq!(connect_nexts(&actions(&mut core)), 0, "gave up early");
+    core.handle_tick(3_333);
+    assert_eq!(actions(&mut core), [Action::ConnectNext(conn)]);
+
+    core.handle_connect_attempt(3_333, conn, 2);
+    assert_eq!(core.poll_timeout(), Some(6_666), "half of the 6667 ms left");
+    core.handle_tick(6_666);
+    assert_eq!(actions(&mut core), [Action::ConnectNext(conn)]);
+
+    // The last address gets all that is left, and then the connect fails.
+    core.handle_connect_attempt(6_666, conn, 1);
+    assert_eq!(core.poll_timeout(), Some(10_000));
+    core.handle_tick(10_000);
+    assert!(
+        actions(&mut core)
+            .iter()
+            .any(closed(Outcome::ConnectFailed))
+    );
+}
+
+#[test]
+fn an_attempt_that_connects_or_fails_disarms_its_share() {
+    let mut core = Core::new(settings(), 0);
+    let first = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, first, 2);
+    core.handle_upstream_connected(100, first);
+    assert!(actions(&mut core).contains(&Action::StartRelay(first)));
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "an attempt deadline outlived the connect"
+    );
+
+    let mut core = Core::new(settings(), 0);
+    let second = core.handle_accepted(0, addr(2));
+    actions(&mut core);
+    core.handle_connect_attempt(0, second, 2);
+    core.handle_upstream_failed(100, second, "refused");
+    assert!(
+        actions(&mut core)
+            .iter()
+            .any(closed(Outcome::ConnectFailed))
+    );
+    assert_eq!(core.poll_timeout(), None);
+}
+
+#[test]
+fn without_a_connect_timeout_no_address_is_cut_short() {
+    let mut core = Core::new(
+        Settings {
+            connect_timeout_ms: None,
+            ..settings()
+        },
+        0,
+    );
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, conn, 2);
+    assert_eq!(core.poll_timeout(), None);
+}

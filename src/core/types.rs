@@ -364,9 +364,14 @@ pub struct HookRequest {
 /// What the core asks the shell to do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Start connecting this connection to the upstream; answer with
+    /// Start connecting this connection to the upstream; report each address
+    /// tried with `handle_connect_attempt`, answer with
     /// `handle_upstream_connected` or `handle_upstream_failed`.
     Connect(ConnRef),
+    /// The address being tried used up its share of the connect timeout:
+    /// give it up and try the next one (`handle_connect_attempt` again), or
+    /// report `handle_upstream_failed` if none is left.
+    ConnectNext(ConnRef),
     /// The upstream is connected: start relaying bytes; answer with
     /// `handle_relay_ended` when both directions are done or one failed.
     StartRelay(ConnRef),
@@ -389,6 +394,9 @@ pub enum Action {
     KillHook(HookId),
     /// Close the listening socket: tcplock is stopping.
     StopAccepting,
+    /// Accept again after `handle_accept_paused`: descriptors were freed or
+    /// the retry backoff ran out.
+    ResumeAccepting,
     /// Write a log line.
     Log(Event),
 }

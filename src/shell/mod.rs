@@ -22,7 +22,7 @@ use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::api::error::Error;
-use crate::api::hook::{HookBody, Reply, Ticket, TimeoutInfo};
+use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, RawArgs};
 use crate::core::{
@@ -53,12 +53,26 @@ const ACCEPT_BATCH: usize = 256;
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
 const LISTEN_BACKLOG: i32 = 4096;
+/// Descriptors one permit needs beyond its client: the upstream socket and a
+/// splice pipe (two descriptors) per direction.
+const FDS_PER_PERMIT: usize = 5;
+/// Descriptors spawning one hook process needs: the stdout duplicate,
+/// /dev/null, the exec-status pipe std uses while spawning, and a pidfd.
+const FDS_PER_HOOK: usize = 5;
+/// Kept free for the listening and control sockets later features add.
+const FDS_SPARE: usize = 4;
+/// Assumed open at start where /proc cannot tell: the standard streams, the
+/// listener, the poll, the signal pipe and the waker, generously rounded.
+const FDS_AT_START_UNKNOWN: usize = 16;
 
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
     Stop,
     /// New settings with their upstream already resolved.
     Reload(Box<Config>, Vec<SocketAddr>),
+    /// What a SIGHUP reload's helper thread read from the config file and
+    /// resolved, or why it could not.
+    FileReloaded(Result<(Box<Config>, Vec<SocketAddr>), Error>),
     /// A closure hook's ticket was answered.
     HookDone(HookId, HookExit),
 }
@@ -154,16 +168,86 @@ pub(crate) struct Shell {
     hooks: HookTable,
     config: Config,
     started: Instant,
-    /// Out of file descriptors: wait for a close before accepting again.
+    /// Out of file descriptors (or at the reserve): wait for the core's
+    /// `ResumeAccepting` (after a close or a retry backoff) before accepting
+    /// again.
     accept_paused: bool,
+    /// What activation needs kept free, and how much there is.
+    fds: FdBudget,
+    /// A pause at the reserve was logged and the backlog has not been
+    /// emptied since: each close lets one more client in and pauses again,
+    /// which is worth one warning, not one per client.
+    reserve_pause_logged: bool,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
+    /// A SIGHUP reload's helper thread is loading and resolving.
+    reload_running: bool,
+    /// Another SIGHUP came meanwhile: reload again once it is done, with one
+    /// thread at a time however many signals arrive.
+    reload_again: bool,
     /// Relays that used up their turn and must be pumped again, each once
     /// (see [`Relay::scheduled`]).
     busy_relays: Vec<ConnRef>,
     /// The list being worked through this turn; swapped with `busy_relays` so
     /// neither is ever reallocated in steady state.
     busy_now: Vec<ConnRef>,
+}
+
+/// The descriptors tcplock may use, and how many of them activating needs
+/// kept free. Open descriptors are counted without a system call: those
+/// open at start, plus one per client, plus idle pipes. What an activation
+/// opens (upstream sockets, pipes in use, a hook) is in the reserve.
+struct FdBudget {
+    /// The soft limit at start; `None` if it could not be read (then only
+    /// EMFILE pauses accepting).
+    limit: Option<usize>,
+    /// Descriptors open once the loop was set up.
+    baseline: usize,
+}
+
+impl FdBudget {
+    /// Descriptors activating needs kept free under `config`: the permits
+    /// that fit next to their clients, one hook if a command hook is
+    /// configured, and a few spare.
+    fn reserve(&self, config: &Config) -> usize {
+        let is_command = |hook: &Option<Hook>| hook.as_ref().and_then(Hook::as_command).is_some();
+        let hook = if is_command(&config.on_activate) || is_command(&config.on_timeout) {
+            FDS_PER_HOOK
+        } else {
+            0
+        };
+        let fixed = hook + FDS_SPARE;
+        let room = self
+            .limit
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.baseline + fixed);
+        // More permits than the limit can hold would keep every client out.
+        let permits = (config.permits as usize).min(room / (FDS_PER_PERMIT + 1));
+        permits * FDS_PER_PERMIT + fixed
+    }
+
+    /// The most clients the limit holds beside the reserve, if it is known.
+    fn client_capacity(&self, config: &Config) -> Option<usize> {
+        let limit = self.limit?;
+        Some(limit.saturating_sub(self.baseline + self.reserve(config)))
+    }
+
+    /// `--max-queue`, lowered (and said so) to the clients the limit can hold
+    /// beside the reserve. Accepting pauses at that many clients, so a full
+    /// queue makes clients wait in the kernel's backlog rather than be
+    /// rejected for descriptors tcplock lacks.
+    fn adjusted_max_queue(&self, config: &Config, logger: &mut Logger) -> usize {
+        let fits = self.client_capacity(config);
+        match (fits, self.limit) {
+            (Some(fits), Some(limit)) if fits < config.max_queue => {
+                if let Some(line) = logger.line(LogLevel::Warn, "limit_adjusted") {
+                    line.field("max_queue", fits).field("nofile", limit);
+                }
+                fits
+            }
+            _ => config.max_queue,
+        }
+    }
 }
 
 struct ConnIo {
@@ -197,11 +281,15 @@ impl Shell {
     /// Binds the listener, resolves the upstream and sets up the poll.
     pub(crate) fn start(config: Config, options: ShellOptions) -> Result<Shell, Error> {
         let mut logger = Logger::new(config.log_level);
-        if let Err(e) = sys::raise_open_files_limit()
-            && let Some(line) = logger.line(LogLevel::Warn, "nofile_limit")
-        {
-            line.field("error", e);
-        }
+        let fd_limit = match sys::raise_open_files_limit() {
+            Ok(limit) => Some(limit),
+            Err(e) => {
+                if let Some(line) = logger.line(LogLevel::Warn, "nofile_limit") {
+                    line.field("error", e);
+                }
+                None
+            }
+        };
         // `resolve` never returns an empty list, so the first address exists.
         let listen_addr = resolve(
             "listen address",
@@ -256,6 +344,13 @@ impl Shell {
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
         );
         let (control_tx, control_rx) = mpsc::channel();
+        let fds = FdBudget {
+            limit: fd_limit.and_then(|limit| usize::try_from(limit).ok()),
+            baseline: sys::count_open_fds().unwrap_or(FDS_AT_START_UNKNOWN),
+        };
+        let mut hooks = HookTable::default();
+        let mut settings = core_settings(&config, &mut hooks);
+        settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
                 .field("upstream", &config.upstream)
@@ -266,8 +361,6 @@ impl Shell {
             let _sigpipe = sys::block_sigpipe();
             logger.flush();
         }
-        let mut hooks = HookTable::default();
-        let settings = core_settings(&config, &mut hooks);
         Ok(Shell {
             poll,
             listener: Some(listener),
@@ -291,6 +384,10 @@ impl Shell {
             config,
             started: Instant::now(),
             accept_paused: false,
+            fds,
+            reserve_pause_logged: false,
+            reload_running: false,
+            reload_again: false,
             accept_more: false,
             busy_relays: Vec::new(),
             busy_now: Vec::new(),
@@ -403,21 +500,30 @@ impl Shell {
             return;
         }
         for _ in 0..ACCEPT_BATCH {
+            if self.listener.is_none() {
+                return;
+            }
+            if self.at_fd_reserve() {
+                if self.pool.drop_idle_pipes() {
+                    continue;
+                }
+                self.pause_accepting(now, "fd_reserve", None);
+                return;
+            }
             let Some(listener) = &self.listener else {
                 return;
             };
             let (client, addr) = match listener.accept() {
                 Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reserve_pause_logged = false;
+                    return;
+                }
                 Err(e) if sys::is_fd_exhaustion(&e) => {
                     if self.pool.drop_idle_pipes() {
                         continue;
                     }
-                    self.accept_paused = true;
-                    if let Some(line) = self.logger.line(LogLevel::Warn, "accept_paused") {
-                        line.field("error", e)
-                            .field("open_connections", self.core.conn_count());
-                    }
+                    self.pause_accepting(now, "fd_exhausted", Some(e));
                     return;
                 }
                 // These concern one client, not the listener.
@@ -445,6 +551,32 @@ impl Shell {
             self.drain(now);
         }
         self.accept_more = true;
+    }
+
+    /// Whether one more client would eat into the descriptors activation needs.
+    fn at_fd_reserve(&self) -> bool {
+        let Some(limit) = self.fds.limit else {
+            return false;
+        };
+        let open = self.fds.baseline + self.core.conn_count() + self.pool.idle_pipe_fds();
+        open + 1 + self.fds.reserve(&self.config) > limit
+    }
+
+    fn pause_accepting(&mut self, now: u64, reason: &str, error: Option<io::Error>) {
+        self.accept_paused = true;
+        let level = if error.is_none() && self.reserve_pause_logged {
+            LogLevel::Debug
+        } else {
+            LogLevel::Warn
+        };
+        self.reserve_pause_logged |= error.is_none();
+        if let Some(line) = self.logger.line(level, "accept_paused") {
+            line.field("reason", reason)
+                .field_opt("error", error)
+                .field("open_connections", self.core.conn_count());
+        }
+        self.core.handle_accept_paused(now);
+        self.drain(now);
     }
 
     fn add_conn(&mut self, now: u64, conn: ConnRef, mut client: TcpStream) {
@@ -568,7 +700,7 @@ impl Shell {
                     self.reap(now);
                     self.reap_orphans(now);
                 }
-                SIGHUP => self.reload(now),
+                SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
                 _ => {}
@@ -638,6 +770,7 @@ impl Shell {
                 Control::Reload(config, upstream_addrs) => {
                     self.apply_config(now, *config, upstream_addrs, ("source", "handle"));
                 }
+                Control::FileReloaded(loaded) => self.file_reloaded(now, loaded),
                 Control::HookDone(hook, exit) => self.hook_ended(now, hook, exit),
             }
             self.drain(now);
@@ -652,9 +785,13 @@ impl Shell {
         }
     }
 
-    fn reload(&mut self, now: u64) {
+    /// SIGHUP: re-reads the config file and looks the upstream up again
+    /// (a host may have moved even if its name did not) on a helper thread,
+    /// so a slow resolver never stalls the loop. The answer comes back as
+    /// `Control::FileReloaded`.
+    fn reload(&mut self) {
         let (Some(path), Some(args)) = (
-            self.config.config_file.clone(),
+            self.config.config_file.as_ref(),
             self.options.reload_args.as_ref(),
         ) else {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
@@ -662,24 +799,55 @@ impl Shell {
             }
             return;
         };
-        // A name that needs DNS is looked up here, on the loop: SIGHUP is rare
-        // and operator-driven, and an IP literal costs nothing.
-        let loaded = config::load(args).map_err(Error::from).and_then(|new| {
-            let addrs = if new.upstream == self.config.upstream {
-                self.upstream_addrs.clone()
-            } else {
-                resolve_upstream(&new)?
-            };
-            Ok((new, addrs))
-        });
-        let source = path.display().to_string();
+        if self.reload_running {
+            self.reload_again = true;
+            return;
+        }
+        let args = args.clone();
+        let control = self.control_tx.clone();
+        let waker = Arc::clone(&self.waker);
+        let spawned = std::thread::Builder::new()
+            .name("tcplock-reload".to_string())
+            .spawn(move || {
+                let loaded = config::load(&args).map_err(Error::from).and_then(|new| {
+                    let addrs = resolve_upstream(&new)?;
+                    Ok((Box::new(new), addrs))
+                });
+                // A loop that stopped meanwhile no longer wants the answer.
+                if control.send(Control::FileReloaded(loaded)).is_ok() {
+                    let _ = waker.wake();
+                }
+            });
+        match spawned {
+            Ok(_) => self.reload_running = true,
+            Err(e) => {
+                let source = path.display().to_string();
+                if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
+                    line.field("file", source)
+                        .field("error", format_args!("cannot start the reload thread: {e}"));
+                }
+            }
+        }
+    }
+
+    fn file_reloaded(&mut self, now: u64, loaded: Result<(Box<Config>, Vec<SocketAddr>), Error>) {
+        self.reload_running = false;
+        let source = self
+            .config
+            .config_file
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default();
         match loaded {
-            Ok((new, addrs)) => self.apply_config(now, new, addrs, ("file", &source)),
+            Ok((new, addrs)) => self.apply_config(now, *new, addrs, ("file", &source)),
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", &source).field("error", e);
                 }
             }
+        }
+        if std::mem::take(&mut self.reload_again) {
+            self.reload();
         }
     }
 
@@ -702,11 +870,13 @@ impl Shell {
         let changed = config::changed_keys(&self.config, &new);
         self.logger.set_level(new.log_level);
         self.pool.reconfigure(new.buffer_size, new.splice);
-        let settings = core_settings(&new, &mut self.hooks);
+        let mut settings = core_settings(&new, &mut self.hooks);
+        settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
         self.core.handle_reload(now, settings);
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
-                .field("changed", CommaList(&changed));
+                .field("changed", CommaList(&changed))
+                .field("addresses", self.upstream_addrs.len());
         }
         self.config = new;
     }
@@ -718,6 +888,13 @@ impl Shell {
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Connect(conn) => self.connect_next(now, conn, None),
+                Action::ConnectNext(conn) => {
+                    let timed_out = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer within its share of the connect timeout",
+                    );
+                    self.connect_next(now, conn, Some(timed_out));
+                }
                 Action::StartRelay(conn) => self.start_relay(now, conn),
                 Action::Close {
                     conn,
@@ -728,6 +905,10 @@ impl Shell {
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
+                Action::ResumeAccepting => {
+                    self.accept_paused = false;
+                    self.accept_more = true;
+                }
                 Action::Log(event) => self.logger.event(&event),
             }
         }
@@ -741,7 +922,8 @@ impl Shell {
     }
 
     /// Tries upstream addresses in turn, starting after the one that just
-    /// failed; reports failure to the core when none is left.
+    /// failed (or timed out); tells the core how many are left with each
+    /// attempt, and reports failure when none is left.
     fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
         let start = match self.io_of(conn).map(|io| &io.stage) {
             Some(Stage::Waiting) => 0,
@@ -759,12 +941,16 @@ impl Shell {
             match attempt {
                 Ok(upstream) => {
                     if let Some(io) = self.io_of(conn) {
+                        // Replacing the stage closes the socket of an
+                        // attempt given up on.
                         io.stage = Stage::Connecting {
                             upstream,
                             upstream_ready: Readiness::default(),
                             next_addr: index + 1,
                         };
                     }
+                    let addresses_left = self.upstream_addrs.len() - index;
+                    self.core.handle_connect_attempt(now, conn, addresses_left);
                     return;
                 }
                 Err(e) => last_error = Some(e),
@@ -840,10 +1026,6 @@ impl Shell {
                 .field("bytes_up", up)
                 .field("bytes_down", down)
                 .field("duration_ms", age_ms);
-        }
-        if self.accept_paused {
-            self.accept_paused = false;
-            self.accept_more = true;
         }
         // Dropping the streams closes them, which also removes them from epoll.
     }

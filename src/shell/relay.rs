@@ -109,6 +109,11 @@ impl ChannelPool {
         had_any
     }
 
+    /// Descriptors held by the idle pipes kept for reuse.
+    pub fn idle_pipe_fds(&self) -> usize {
+        self.pipes.len() * 2
+    }
+
     /// Stops splicing for good after the first refusal. A refusal met with
     /// an empty pipe loses nothing and copying takes over; one met with bytes
     /// in the pipe fails that connection (`relay_error`) and only the next

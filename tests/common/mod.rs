@@ -301,6 +301,34 @@ impl Proxy {
         proxy
     }
 
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` in a mount namespace of its
+    /// own where `hosts` is /etc/hosts, so a test can give a name the
+    /// addresses it needs (two for one name, say). Needs root and `unshare`.
+    pub fn start_with_hosts(hosts: &std::path::Path, args: &[&str]) -> Proxy {
+        Proxy::start_with_etc(&[(hosts, "/etc/hosts")], args)
+    }
+
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` in a mount namespace of its
+    /// own where each `(file, target)` is bind-mounted over `target` (such
+    /// as /etc/hosts or /etc/resolv.conf). Rewrite a file in place (not by
+    /// rename) and tcplock sees the change. Needs root and `unshare`.
+    pub fn start_with_etc(files: &[(&std::path::Path, &str)], args: &[&str]) -> Proxy {
+        let full = on_any_loopback_port(args);
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "sh", "-c"])
+            .arg(
+                r#"while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 1; shift 2; done
+                   shift; exec "$@""#,
+            )
+            .arg("sh");
+        for (file, target) in files {
+            command.arg(file).arg(target);
+        }
+        command.arg("--").arg(BIN).args(&full);
+        Proxy::start_command(command, &full)
+    }
+
     fn start_command(mut command: Command, args: &[&str]) -> Proxy {
         let mut child = command
             .stdin(Stdio::null())

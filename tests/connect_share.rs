@@ -1,0 +1,56 @@
+//! Each upstream address gets its share of the connect timeout: a first
+//! address that never answers (a black hole) gives way to the next one in
+//! time, instead of using up the whole `--connect-timeout`.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::*;
+
+/// A listener on `[::1]:0` whose accept queue is full: the kernel drops
+/// every further SYN, so a connect to it neither succeeds nor fails. Keep
+/// the returned streams alive: they are what fills the queue.
+fn black_hole() -> (TcpListener, Vec<TcpStream>) {
+    let listener = TcpListener::bind("[::1]:0").expect("bind [::1]:0 (is IPv6 loopback up?)");
+    // SAFETY: a valid listening socket owned by `listener`; listen() again
+    // only changes its backlog.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+    assert_eq!(rc, 0, "listen(0): {}", std::io::Error::last_os_error());
+    let addr = listener.local_addr().expect("local_addr");
+    let mut filling = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(stream) => filling.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (listener, filling),
+            Err(e) => panic!("filling the black hole's backlog: {e}"),
+        }
+    }
+    panic!("16 connections to a listen(0) socket all completed: SYNs are not dropped");
+}
+
+#[test]
+fn a_black_holed_first_address_leaves_the_second_its_share_of_the_connect_timeout() {
+    let (hole, _filling) = black_hole();
+    let port = hole.local_addr().expect("local_addr").port();
+    let upstream = Upstream::echo_on(&SocketAddr::from(([127, 0, 0, 1], port)).to_string())
+        .expect("the echo stand-in on 127.0.0.1 with the black hole's port");
+    // getaddrinfo puts ::1 before 127.0.0.1: the black hole is tried first.
+    let hosts = std::env::temp_dir().join(format!("tcplock-hosts-{}", std::process::id()));
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n::1 twoaddr\n127.0.0.1 twoaddr\n",
+    )
+    .expect("write the hosts file");
+    let target = format!("twoaddr:{port}");
+    let proxy = Proxy::start_with_hosts(&hosts, &["-u", &target, "--connect-timeout", "6s"]);
+    let _ = std::fs::remove_file(&hosts);
+
+    let mut client = proxy.connect();
+    roundtrip(&mut client, b"through the second address");
+    finish(client);
+    proxy.expect_log(closed_with(1, "ok"), "closed conn=1 outcome=ok");
+    assert_eq!(upstream.accepted(), 1);
+}
