@@ -58,11 +58,22 @@ impl Proxy {
     /// Starts a proxy in front of `upstream` letting `permits` connections
     /// through at once, and waits until it listens.
     pub fn start(kind: &Kind, upstream: SocketAddr, permits: usize) -> Result<Proxy, String> {
+        Proxy::start_with_queue(kind, upstream, permits, MAX_QUEUE)
+    }
+
+    /// As [`Proxy::start`], with tcplock's `--max-queue` at `max_queue`
+    /// (HAProxy keeps [`MAX_QUEUE`]).
+    pub fn start_with_queue(
+        kind: &Kind,
+        upstream: SocketAddr,
+        permits: usize,
+        max_queue: usize,
+    ) -> Result<Proxy, String> {
         // The port is picked by binding :0 and releasing it; another process
         // could grab it in between, so a failed start is retried.
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Proxy::try_start(kind, upstream, permits) {
+            match Proxy::try_start(kind, upstream, permits, max_queue) {
                 Ok(proxy) => return Ok(proxy),
                 Err(e) => last_error = e,
             }
@@ -70,7 +81,12 @@ impl Proxy {
         Err(last_error)
     }
 
-    fn try_start(kind: &Kind, upstream: SocketAddr, permits: usize) -> Result<Proxy, String> {
+    fn try_start(
+        kind: &Kind,
+        upstream: SocketAddr,
+        permits: usize,
+        max_queue: usize,
+    ) -> Result<Proxy, String> {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (mut command, config_file) = match kind {
@@ -90,7 +106,7 @@ impl Proxy {
                     "-n",
                     &permits.to_string(),
                     "--max-queue",
-                    &MAX_QUEUE.to_string(),
+                    &max_queue.to_string(),
                     "--log-level",
                     log_level,
                 ]);

@@ -564,3 +564,51 @@ fn outcome_counts_keep_each_outcome_apart() {
         assert_eq!(counts.count(outcome), n as u64 + 1, "{outcome}");
     }
 }
+
+#[test]
+fn leaving_the_queue_newest_first_costs_constant_work_per_client() {
+    const CLIENTS: u64 = 2_000;
+    let mut core = Core::new(
+        Settings {
+            max_queue: CLIENTS as usize,
+            ..settings()
+        },
+        0,
+    );
+    let holder = proxying(&mut core, 0, 1);
+    let waiting: Vec<ConnRef> = (0..CLIENTS)
+        .map(|i| core.handle_accepted(1, addr(2 + i as u16)))
+        .collect();
+    assert_eq!(core.queue_len(), CLIENTS as usize);
+    // Every other one leaves newest-first, so the survivors keep the line long
+    // and the leavers are never at its head.
+    for conn in waiting.iter().rev().step_by(2) {
+        core.handle_client_left(2, *conn);
+    }
+    assert_eq!(core.queue_len(), (CLIENTS / 2) as usize);
+    assert!(
+        core.queue.len() <= CLIENTS as usize,
+        "stale entries are swept: {} entries for {} clients",
+        core.queue.len(),
+        core.queue_len()
+    );
+    actions(&mut core);
+    // FIFO still holds for the survivors.
+    core.handle_relay_ended(3, holder, RelayEnd::Finished);
+    assert!(
+        actions(&mut core).contains(&Action::Connect(waiting[0])),
+        "the oldest survivor goes first"
+    );
+    for conn in waiting.iter().rev() {
+        core.handle_client_left(4, *conn);
+    }
+    assert_eq!(core.queue_len(), 0);
+    assert_eq!(core.queue.len(), 0, "an empty line keeps no stale entries");
+    // Pushing, popping, skipping and sweeping each entry a bounded number of
+    // times; a scan per leave would visit about CLIENTS² / 4 entries.
+    let visited = core.queue_entries_visited();
+    assert!(
+        visited <= 6 * CLIENTS,
+        "the queue visited {visited} entries for {CLIENTS} clients"
+    );
+}
