@@ -852,10 +852,16 @@ fn connect_result(upstream: &TcpStream, ready: SocketEvent) -> ConnectResult {
     }
 }
 
-/// Whether a waiting client is gone: closed with nothing pending, or reset. A
-/// client that sent bytes (and perhaps half-closed after them) keeps its place;
-/// its bytes are delivered on activation.
+/// Whether a waiting client is gone: reset or failed, or closed with nothing
+/// pending. A client that sent bytes and half-closed after them keeps its
+/// place; its bytes are delivered on activation.
 fn client_left(client: &TcpStream) -> bool {
+    // The kernel keeps bytes that arrived before a reset, so a peek alone
+    // would find them and keep a dead client queued; a reset or error leaves
+    // its mark in SO_ERROR, which a half-close does not.
+    if !matches!(client.take_error(), Ok(None)) {
+        return true;
+    }
     let mut byte = [0u8; 1];
     loop {
         match client.peek(&mut byte) {
