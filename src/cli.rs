@@ -138,6 +138,8 @@ pub struct RawArgs {
     pub shutdown_grace: Option<String>,
     /// `--splice`: `auto`, `on` or `off`.
     pub splice: Option<String>,
+    /// `--queued-eof`: `keep` or `drop`.
+    pub queued_eof: Option<String>,
     /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
 }
@@ -162,6 +164,7 @@ impl RawArgs {
             Flag::HookTimeout => &self.hook_timeout,
             Flag::ShutdownGrace => &self.shutdown_grace,
             Flag::Splice => &self.splice,
+            Flag::QueuedEof => &self.queued_eof,
             Flag::Config => &self.config,
         };
         slot.as_deref()
@@ -185,6 +188,7 @@ impl RawArgs {
             Flag::HookTimeout => &mut self.hook_timeout,
             Flag::ShutdownGrace => &mut self.shutdown_grace,
             Flag::Splice => &mut self.splice,
+            Flag::QueuedEof => &mut self.queued_eof,
             Flag::Config => &mut self.config,
         }
     }
@@ -225,6 +229,8 @@ pub enum Flag {
     ShutdownGrace,
     /// `--splice`.
     Splice,
+    /// `--queued-eof`.
+    QueuedEof,
     /// `-c`/`--config`; the one flag that is not also a config-file key.
     Config,
 }
@@ -232,7 +238,7 @@ pub enum Flag {
 impl Flag {
     /// Every value-taking flag, each once (`--help` and `--version` take no
     /// value and are not among them).
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::Listen,
         Self::ProxyPort,
         Self::ProxyHost,
@@ -249,6 +255,7 @@ impl Flag {
         Self::HookTimeout,
         Self::ShutdownGrace,
         Self::Splice,
+        Self::QueuedEof,
         Self::Config,
     ];
 
@@ -271,6 +278,7 @@ impl Flag {
             Self::HookTimeout => "hook-timeout",
             Self::ShutdownGrace => "shutdown-grace",
             Self::Splice => "splice",
+            Self::QueuedEof => "queued-eof",
             Self::Config => "config",
         }
     }
@@ -407,6 +415,9 @@ Other:
       --splice auto|on|off   move bytes with splice(2) instead of copying;
                              auto switches a direction over once it streams
                              a full buffer (default: auto)
+      --queued-eof keep|drop what a waiting client's end of stream means:
+                             keep its place and deliver what it sent, or
+                             drop it from the queue (default: keep)
   -V, --version              print the version and exit
       --help                 print this help and exit
 

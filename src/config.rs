@@ -51,6 +51,9 @@ pub struct Config {
     /// When to relay with `splice(2)` instead of copying;
     /// [`Splice::Auto`] by default.
     pub splice: Splice,
+    /// What a waiting client's end of stream does; [`QueuedEof::Keep`] by
+    /// default.
+    pub queued_eof: QueuedEof,
     /// The `-c` file, re-read on SIGHUP; `None` when none was given.
     pub config_file: Option<PathBuf>,
 }
@@ -75,6 +78,7 @@ impl Config {
             hook_timeout: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
             splice: Splice::Auto,
+            queued_eof: QueuedEof::Keep,
             config_file: None,
         }
     }
@@ -229,6 +233,8 @@ pub struct Settings {
     pub shutdown_grace: Option<Duration>,
     /// `splice`: `auto`, `on` or `off`.
     pub splice: Option<Splice>,
+    /// `queued-eof`: `keep` or `drop`.
+    pub queued_eof: Option<QueuedEof>,
 }
 
 impl Settings {
@@ -296,6 +302,12 @@ impl Settings {
                     format!("invalid value {} (use auto, on or off)", Quoted(value))
                 })?)
             }
+            Flag::QueuedEof => {
+                self.queued_eof =
+                    Some(QueuedEof::parse(value).ok_or_else(|| {
+                        format!("invalid value {} (use keep or drop)", Quoted(value))
+                    })?)
+            }
             // The file parser refuses this key and `from_args` skips it.
             Flag::Config => {}
         }
@@ -327,6 +339,7 @@ impl Settings {
             hook_timeout: self.hook_timeout.map_or(defaults.hook_timeout, non_zero),
             shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
             splice: self.splice.unwrap_or(defaults.splice),
+            queued_eof: self.queued_eof.unwrap_or(defaults.queued_eof),
             config_file,
             ..defaults
         })
@@ -406,6 +419,7 @@ fn merge(cli: Settings, file: FileArgs, file_path: &Path) -> Result<Settings, Co
         hook_timeout: cli.hook_timeout.or(file.hook_timeout),
         shutdown_grace: cli.shutdown_grace.or(file.shutdown_grace),
         splice: cli.splice.or(file.splice),
+        queued_eof: cli.queued_eof.or(file.queued_eof),
     })
 }
 
@@ -430,6 +444,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("hook-timeout", old.hook_timeout != new.hook_timeout),
         ("shutdown-grace", old.shutdown_grace != new.shutdown_grace),
         ("splice", old.splice != new.splice),
+        ("queued-eof", old.queued_eof != new.queued_eof),
     ];
     checks
         .into_iter()
@@ -471,6 +486,41 @@ impl Splice {
 }
 
 impl fmt::Display for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a waiting client's end of stream (a FIN, with or without bytes before
+/// it) does to its place in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuedEof {
+    /// It keeps its place; what it sent is delivered on activation (for
+    /// protocols where a client half-closes after its request). The default.
+    Keep,
+    /// It leaves the queue as abandoned (for request/response protocols whose
+    /// clients never half-close, so an end of stream means the client is gone).
+    Drop,
+}
+
+impl QueuedEof {
+    /// Reads `keep` or `drop`, in any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Keep, Self::Drop]
+            .into_iter()
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// The name, as [`QueuedEof::parse`] reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+impl fmt::Display for QueuedEof {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -661,6 +711,7 @@ mod tests {
                 hook_timeout: Some(Duration::from_secs(60)),
                 shutdown_grace: Duration::from_secs(30),
                 splice: Splice::Auto,
+                queued_eof: QueuedEof::Keep,
                 config_file: None,
             }
         );
@@ -696,6 +747,8 @@ mod tests {
             "0",
             "--splice",
             "On",
+            "--queued-eof",
+            "DROP",
         ]);
         assert_eq!(c.listen, "[::1]:0");
         assert_eq!(c.upstream.to_string(), "db:5432");
@@ -711,6 +764,7 @@ mod tests {
         assert_eq!(c.hook_timeout, None);
         assert_eq!(c.shutdown_grace, Duration::ZERO);
         assert_eq!(c.splice, Splice::On);
+        assert_eq!(c.queued_eof, QueuedEof::Drop);
     }
 
     #[test]
@@ -754,6 +808,9 @@ mod tests {
         assert!(usage(&["-l", "1", "-p", "2", "--buffer-size", "65m"]).contains("1k to 64m"));
         assert!(usage(&["-l", "1", "-p", "2", "--log-level", "loud"]).contains("'loud'"));
         assert!(usage(&["-l", "1", "-p", "2", "--splice", "yes"]).starts_with("--splice:"));
+        assert!(
+            usage(&["-l", "1", "-p", "2", "--queued-eof", "close"]).starts_with("--queued-eof:")
+        );
         assert!(usage(&["-l", "1", "-p", "2", "--max-queue", "-1"]).starts_with("--max-queue:"));
     }
 

@@ -22,7 +22,7 @@ mod sys;
 pub mod timer;
 pub mod units;
 
-pub use config::{Config, LogLevel, Splice};
+pub use config::{Config, LogLevel, QueuedEof, Splice};
 pub use core::{ConnId, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 pub use error::Error;
 pub use hook::{Hook, Ticket, TimeoutInfo};

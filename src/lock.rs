@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cli::RawArgs;
-use crate::config::{self, Config, LogLevel, Splice};
+use crate::config::{self, Config, LogLevel, QueuedEof, Splice};
 use crate::core::Stats;
 use crate::error::Error;
 use crate::hook::{Hook, Ticket, TimeoutInfo};
@@ -217,6 +217,13 @@ impl Builder {
     /// through user space; [`Splice::Auto`] by default.
     pub fn splice(mut self, mode: Splice) -> Builder {
         self.config.splice = mode;
+        self
+    }
+
+    /// What a waiting client's end of stream does: keep its place (the
+    /// default) or drop it from the queue as abandoned.
+    pub fn queued_eof(mut self, policy: QueuedEof) -> Builder {
+        self.config.queued_eof = policy;
         self
     }
 
