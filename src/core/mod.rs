@@ -105,6 +105,8 @@ struct Conn {
     accepted_at: u64,
     /// Spans Queued and Activating: the queue timeout counts until proxying.
     queue_deadline: Option<TimerKey>,
+    /// The client's end of stream arrived while it waited (and it was kept).
+    client_eof: bool,
     state: ConnState,
 }
 
@@ -215,6 +217,7 @@ impl Core {
             client,
             accepted_at: now,
             queue_deadline: None,
+            client_eof: false,
             state: ConnState::Queued { attempts: 0 },
         });
         let conn = ConnRef { slot, id };
@@ -253,6 +256,28 @@ impl Core {
             self.log(Event::Abandoned { conn: conn.id });
             self.end(now, conn, Outcome::Abandoned);
             self.pump(now);
+        }
+        self.check();
+    }
+
+    /// A waiting (Queued or Activating) client's end of stream arrived, maybe
+    /// after bytes that still wait in the kernel. With
+    /// [`Settings::drop_queued_eof`] it leaves as abandoned; otherwise it
+    /// keeps its place, and a reload that turns dropping on drops it then.
+    /// Ignored for a stale handle or a proxying connection.
+    pub fn handle_client_eof(&mut self, now: u64, conn: ConnRef) {
+        self.advance(now);
+        let drop_eof = self.settings.drop_queued_eof;
+        if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+            && !matches!(c.state, ConnState::Proxying { .. })
+        {
+            if drop_eof {
+                self.log(Event::Abandoned { conn: conn.id });
+                self.end(now, conn, Outcome::Abandoned);
+                self.pump(now);
+            } else {
+                c.client_eof = true;
+            }
         }
         self.check();
     }
@@ -363,7 +388,11 @@ impl Core {
             // now; without this it would run whatever a later reload configures.
             self.timeout_hook_due = None;
         }
+        let now_dropping = settings.drop_queued_eof && !self.settings.drop_queued_eof;
         self.settings = settings;
+        if now_dropping {
+            self.drop_waiting_at_eof(now);
+        }
         self.reload_backlog = self.waiting();
         self.pump(now);
         self.check();
@@ -750,6 +779,21 @@ impl Core {
                     self.end_all(now);
                 }
             }
+        }
+    }
+
+    /// Ends every waiting client whose end of stream was kept (a reload
+    /// turned `--queued-eof drop` on).
+    fn drop_waiting_at_eof(&mut self, now: u64) {
+        let ended: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.client_eof && !matches!(c.state, ConnState::Proxying { .. }))
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in ended {
+            self.log(Event::Abandoned { conn: conn.id });
+            self.end(now, conn, Outcome::Abandoned);
         }
     }
 

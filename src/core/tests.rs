@@ -612,3 +612,35 @@ fn leaving_the_queue_newest_first_costs_constant_work_per_client() {
         "the queue visited {visited} entries for {CLIENTS} clients"
     );
 }
+
+#[test]
+fn a_waiting_clients_end_of_stream_keeps_or_drops_it_as_the_setting_says() {
+    let mut core = Core::new(with_hook("restart"), 0);
+    let holder = core.handle_accepted(0, addr(1));
+    let kept = core.handle_accepted(1, addr(2));
+    let dropped_later = core.handle_accepted(1, addr(3));
+    let first_hook = spawned(&actions(&mut core)).expect("the holder's hook");
+    core.handle_client_eof(2, kept);
+    assert_eq!(actions(&mut core), vec![], "keep: it stays in line");
+    assert_eq!(core.queue_len(), 2);
+
+    // A reload that turns dropping on drops the one whose end already came.
+    let dropping = Settings {
+        drop_queued_eof: true,
+        ..with_hook("restart")
+    };
+    core.handle_reload(3, dropping);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(core.state_of(kept), None);
+    assert_eq!(core.queue_len(), 1);
+
+    // From now on an end of stream drops at once, even while its hook runs.
+    core.handle_client_eof(4, holder);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    // Its hook's success serves the next in line without another run.
+    core.handle_hook_exited(5, first_hook.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(dropped_later)]);
+    core.handle_client_eof(6, dropped_later);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(core.conn_count(), 0);
+}
