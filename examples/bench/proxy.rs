@@ -188,20 +188,27 @@ impl Proxy {
 
     /// User + system CPU time so far, in seconds (all threads).
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
-            return f64::NAN;
-        };
+        self.cpu_ticks().map_or(f64::NAN, |(user, system)| {
+            (user + system) as f64 / clock_ticks_per_second()
+        })
+    }
+
+    /// User CPU time so far, in seconds: the proxy's own work, without the
+    /// kernel's (socket teardown, say).
+    pub fn user_cpu_seconds(&self) -> f64 {
+        self.cpu_ticks()
+            .map_or(f64::NAN, |(user, _)| user as f64 / clock_ticks_per_second())
+    }
+
+    /// (utime, stime) in clock ticks.
+    fn cpu_ticks(&self) -> Option<(u64, u64)> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
         // Fields after the parenthesised command name; utime and stime are
         // fields 14 and 15 of the whole line, 12 and 13 after the name.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            return f64::NAN;
-        };
+        let (_, rest) = stat.rsplit_once(')')?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        match (ticks(11), ticks(12)) {
-            (Some(user), Some(system)) => (user + system) as f64 / clock_ticks_per_second(),
-            _ => f64::NAN,
-        }
+        Some((ticks(11)?, ticks(12)?))
     }
 
     /// Resident set size in bytes (includes shared library pages).

@@ -92,6 +92,8 @@ const QUEUE_LEAVE: &[Metric] = &[
     down("worst echo round trip ms"),
     down("echo round trip p50 ms"),
     down("drain ms"),
+    down("proxy CPU ms in drain"),
+    down("proxy user CPU ms in drain"),
 ];
 
 impl Scenario {
@@ -449,12 +451,16 @@ fn queue_leave(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<V
         let stop = Arc::clone(&stop);
         thread::spawn(move || echo_round_trips(holder, &stop))
     };
+    let cpu = CpuMeter::start(Some(&proxy));
+    let user_cpu = proxy.user_cpu_seconds();
     let started = Instant::now();
     while let Some(client) = queued.pop() {
         drop(client);
     }
     let drained = wait_until(ACCEPT_WAIT, || proxy.fd_count() <= idle_fds + 2);
     let drain = started.elapsed();
+    let drain_cpu = cpu.seconds();
+    let drain_user_cpu = proxy.user_cpu_seconds() - user_cpu;
     // A few more round trips after the drain, so a stall at its very end shows.
     thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
@@ -466,7 +472,13 @@ fn queue_leave(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<V
         .get(round_trips.len() / 2)
         .copied()
         .unwrap_or(f64::NAN);
-    Ok(vec![worst, p50, drain.as_secs_f64() * 1e3])
+    Ok(vec![
+        worst,
+        p50,
+        drain.as_secs_f64() * 1e3,
+        drain_cpu * 1e3,
+        drain_user_cpu * 1e3,
+    ])
 }
 
 /// Echoes one byte at a time until `stop`; each round trip in milliseconds.
