@@ -6,13 +6,14 @@
 //! cargo build --release && cargo run --release --example bench -- [OPTIONS]
 //! ```
 //! Options: `--quick` (small sizes, one run), `--runs R` (default 5),
-//! `--only bulk,churn,queue,proxying,fifo`, `--targets direct,tcplock,haproxy`,
+//! `--only bulk,churn,queue,proxying,fifo,queue-leave`, `--targets direct,tcplock,haproxy`,
 //! `--tcplock PATH` (or `TCPLOCK_BIN`; default `target/release/tcplock` under
 //! the crate root), `--tcplock-args "--splice on"` (extra arguments),
 //! `--haproxy PATH`, `--tcplock-log-level LEVEL` (default warn: HAProxy is run
 //! without logging too), and size overrides
 //! `--bulk-mib`, `--churn-secs`, `--clients`, `--churn-permits`, `--queued`,
-//! `--proxying`, `--fifo`.
+//! `--proxying`, `--fifo`, `--leaving` (queue-leave: clients that queue and
+//! leave newest-first; each needs a descriptor in the bench and in tcplock).
 //!
 //! Not part of `cargo test`: a benchmark prints numbers, it asserts nothing.
 
@@ -106,7 +107,7 @@ impl Opts {
                 }
                 Long(
                     name @ ("bulk-mib" | "churn-secs" | "clients" | "churn-permits" | "queued"
-                    | "proxying" | "fifo"),
+                    | "proxying" | "fifo" | "leaving"),
                 ) => {
                     let name = name.to_owned();
                     let value = number(&mut parser, &name)?;
@@ -114,10 +115,10 @@ impl Opts {
                 }
                 Long("help") | Short('h') => {
                     return Err(
-                        "options: --quick --runs R --only bulk,churn,queue,proxying,fifo \
+                        "options: --quick --runs R --only bulk,churn,queue,proxying,fifo,queue-leave \
                          --targets direct,tcplock,haproxy --tcplock PATH --tcplock-args ARGS \
                          --haproxy PATH --tcplock-log-level LEVEL --bulk-mib M --churn-secs S --clients C \
-                         --churn-permits N --queued K --proxying N --fifo N"
+                         --churn-permits N --queued K --proxying N --fifo N --leaving K"
                             .to_owned(),
                     );
                 }
@@ -134,6 +135,7 @@ impl Opts {
                 proxying: 64,
                 proxying_fill: 64 * 1024,
                 fifo: 200,
+                leaving: 2_000,
             }
         } else {
             Sizes {
@@ -145,6 +147,7 @@ impl Opts {
                 proxying: 256,
                 proxying_fill: 64 * 1024,
                 fifo: 1_000,
+                leaving: 100_000,
             }
         };
         for (name, value) in overrides {
@@ -155,6 +158,7 @@ impl Opts {
                 "churn-permits" => sizes.churn_permits = value as usize,
                 "queued" => sizes.queued = value as usize,
                 "proxying" => sizes.proxying = value as usize,
+                "leaving" => sizes.leaving = value as usize,
                 _ => sizes.fifo = value as usize,
             }
         }
@@ -167,7 +171,8 @@ impl Opts {
                     .find(|n| !Scenario::ALL.iter().any(|s| s.group() == **n))
                 {
                     return Err(format!(
-                        "--only: unknown scenario '{bad}' (bulk, churn, queue, proxying, fifo)"
+                        "--only: unknown scenario '{bad}' (bulk, churn, queue, proxying, fifo, \
+                         queue-leave)"
                     ));
                 }
                 Scenario::ALL
@@ -255,9 +260,9 @@ fn run(opts: &Opts) -> Result<(), String> {
         targets.retain(|t| *t != Target::Haproxy);
     }
     match proxy::raise_open_files_limit() {
-        Ok(limit) if (limit as usize) < opts.sizes.queued + 512 => eprintln!(
-            "bench: open files limit {limit} is too low for --queued {}",
-            opts.sizes.queued
+        Ok(limit) if (limit as usize) < descriptors_needed(opts) => eprintln!(
+            "bench: open files limit {limit} is too low for --queued {} / --leaving {}",
+            opts.sizes.queued, opts.sizes.leaving
         ),
         Ok(_) => {}
         Err(e) => eprintln!("bench: cannot raise the open files limit: {e}"),
@@ -317,6 +322,17 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     print_report(opts, &rows, &errors, &load_before);
     Ok(())
+}
+
+/// Descriptors the bench itself holds at most: one per client of the largest
+/// selected queue scenario, plus some slack.
+fn descriptors_needed(opts: &Opts) -> usize {
+    let clients = opts.scenarios.iter().map(|s| match s {
+        Scenario::Queue => opts.sizes.queued,
+        Scenario::QueueLeave => opts.sizes.leaving,
+        _ => 0,
+    });
+    clients.max().unwrap_or(0) + 512
 }
 
 fn format_values(values: &[f64]) -> String {

@@ -58,11 +58,22 @@ impl Proxy {
     /// Starts a proxy in front of `upstream` letting `permits` connections
     /// through at once, and waits until it listens.
     pub fn start(kind: &Kind, upstream: SocketAddr, permits: usize) -> Result<Proxy, String> {
+        Proxy::start_with_queue(kind, upstream, permits, MAX_QUEUE)
+    }
+
+    /// As [`Proxy::start`], with tcplock's `--max-queue` at `max_queue`
+    /// (HAProxy keeps [`MAX_QUEUE`]).
+    pub fn start_with_queue(
+        kind: &Kind,
+        upstream: SocketAddr,
+        permits: usize,
+        max_queue: usize,
+    ) -> Result<Proxy, String> {
         // The port is picked by binding :0 and releasing it; another process
         // could grab it in between, so a failed start is retried.
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Proxy::try_start(kind, upstream, permits) {
+            match Proxy::try_start(kind, upstream, permits, max_queue) {
                 Ok(proxy) => return Ok(proxy),
                 Err(e) => last_error = e,
             }
@@ -70,7 +81,12 @@ impl Proxy {
         Err(last_error)
     }
 
-    fn try_start(kind: &Kind, upstream: SocketAddr, permits: usize) -> Result<Proxy, String> {
+    fn try_start(
+        kind: &Kind,
+        upstream: SocketAddr,
+        permits: usize,
+        max_queue: usize,
+    ) -> Result<Proxy, String> {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (mut command, config_file) = match kind {
@@ -90,7 +106,7 @@ impl Proxy {
                     "-n",
                     &permits.to_string(),
                     "--max-queue",
-                    &MAX_QUEUE.to_string(),
+                    &max_queue.to_string(),
                     "--log-level",
                     log_level,
                 ]);
@@ -172,20 +188,27 @@ impl Proxy {
 
     /// User + system CPU time so far, in seconds (all threads).
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
-            return f64::NAN;
-        };
+        self.cpu_ticks().map_or(f64::NAN, |(user, system)| {
+            (user + system) as f64 / clock_ticks_per_second()
+        })
+    }
+
+    /// User CPU time so far, in seconds: the proxy's own work, without the
+    /// kernel's (socket teardown, say).
+    pub fn user_cpu_seconds(&self) -> f64 {
+        self.cpu_ticks()
+            .map_or(f64::NAN, |(user, _)| user as f64 / clock_ticks_per_second())
+    }
+
+    /// (utime, stime) in clock ticks.
+    fn cpu_ticks(&self) -> Option<(u64, u64)> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
         // Fields after the parenthesised command name; utime and stime are
         // fields 14 and 15 of the whole line, 12 and 13 after the name.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            return f64::NAN;
-        };
+        let (_, rest) = stat.rsplit_once(')')?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        match (ticks(11), ticks(12)) {
-            (Some(user), Some(system)) => (user + system) as f64 / clock_ticks_per_second(),
-            _ => f64::NAN,
-        }
+        Some((ticks(11)?, ticks(12)?))
     }
 
     /// Resident set size in bytes (includes shared library pages).

@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ pub struct Sizes {
     pub proxying: usize,
     pub proxying_fill: usize,
     pub fifo: usize,
+    pub leaving: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +44,7 @@ pub enum Scenario {
     Queue,
     Proxying,
     Fifo,
+    QueueLeave,
 }
 
 pub struct Metric {
@@ -85,9 +88,16 @@ const PROXYING: &[Metric] = &[
     down("B/conn, buffers filled"),
 ];
 const FIFO: &[Metric] = &[down("inversions"), up("served in time")];
+const QUEUE_LEAVE: &[Metric] = &[
+    down("worst echo round trip ms"),
+    down("echo round trip p50 ms"),
+    down("drain ms"),
+    down("proxy CPU ms in drain"),
+    down("proxy user CPU ms in drain"),
+];
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::BulkEcho,
         Scenario::BulkUp,
         Scenario::BulkDown,
@@ -95,6 +105,7 @@ impl Scenario {
         Scenario::Queue,
         Scenario::Proxying,
         Scenario::Fifo,
+        Scenario::QueueLeave,
     ];
 
     /// The name `--only` selects it by (the three bulk runs share one).
@@ -105,6 +116,7 @@ impl Scenario {
             Scenario::Queue => "queue",
             Scenario::Proxying => "proxying",
             Scenario::Fifo => "fifo",
+            Scenario::QueueLeave => "queue-leave",
         }
     }
 
@@ -121,6 +133,7 @@ impl Scenario {
             Scenario::Queue => format!("queue K={} N=1", sizes.queued),
             Scenario::Proxying => format!("proxying {0} N={0}", sizes.proxying),
             Scenario::Fifo => format!("fifo {} N=1", sizes.fifo),
+            Scenario::QueueLeave => format!("queue-leave K={} N=1", sizes.leaving),
         }
     }
 
@@ -131,6 +144,7 @@ impl Scenario {
             Scenario::Queue => QUEUE,
             Scenario::Proxying => PROXYING,
             Scenario::Fifo => FIFO,
+            Scenario::QueueLeave => QUEUE_LEAVE,
         }
     }
 
@@ -157,6 +171,7 @@ impl Scenario {
             Scenario::Queue => queue_memory(proxy, up.echo, sizes.queued),
             Scenario::Proxying => proxying_memory(proxy, up.echo, sizes),
             Scenario::Fifo => fifo(proxy, up, sizes.fifo),
+            Scenario::QueueLeave => queue_leave(proxy, up.echo, sizes.leaving),
         }
     }
 }
@@ -409,6 +424,74 @@ fn inversions(order: &[u32]) -> u64 {
         count += order[i + 1..].iter().filter(|b| *b < a).count() as u64;
     }
     count
+}
+
+// ----- 6. leaving the queue -----
+
+/// One connection holds the single permit and echoes one byte at a time; `k`
+/// more queue behind it and then close, newest first. Every close is a client
+/// leaving the queue, so the echo's worst round trip shows how long the loop
+/// stalls on leaves, and the drain how long `k` leaves take.
+fn queue_leave(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<Vec<f64>, String> {
+    let kind = proxy.ok_or("the queue-leave scenario needs a proxy")?;
+    if !matches!(kind, Kind::Tcplock { .. }) {
+        return Err("the queue-leave scenario runs tcplock only".to_owned());
+    }
+    let proxy = Proxy::start_with_queue(kind, upstream, 1, k + 16)?;
+    let addr = proxy.addr;
+    let idle_fds = proxy.fd_count();
+    let holder = proxied_echo(addr, 1)?;
+    let mut queued = Vec::with_capacity(k);
+    for i in 0..k {
+        queued.push(connect(addr).map_err(|e| format!("queued client {i}: {e}"))?);
+    }
+    proxy.wait_for_fds(idle_fds + 2 + k, ACCEPT_WAIT)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || echo_round_trips(holder, &stop))
+    };
+    let cpu = CpuMeter::start(Some(&proxy));
+    let user_cpu = proxy.user_cpu_seconds();
+    let started = Instant::now();
+    while let Some(client) = queued.pop() {
+        drop(client);
+    }
+    let drained = wait_until(ACCEPT_WAIT, || proxy.fd_count() <= idle_fds + 2);
+    let drain = started.elapsed();
+    let drain_cpu = cpu.seconds();
+    let drain_user_cpu = proxy.user_cpu_seconds() - user_cpu;
+    // A few more round trips after the drain, so a stall at its very end shows.
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let mut round_trips = echo.join().map_err(|_| "the echo thread panicked")??;
+    drained.map_err(|()| format!("the queue did not drain in {ACCEPT_WAIT:?}"))?;
+    round_trips.sort_by(f64::total_cmp);
+    let worst = round_trips.last().copied().unwrap_or(f64::NAN);
+    let p50 = round_trips
+        .get(round_trips.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
+    Ok(vec![
+        worst,
+        p50,
+        drain.as_secs_f64() * 1e3,
+        drain_cpu * 1e3,
+        drain_user_cpu * 1e3,
+    ])
+}
+
+/// Echoes one byte at a time until `stop`; each round trip in milliseconds.
+fn echo_round_trips(mut stream: TcpStream, stop: &AtomicBool) -> Result<Vec<f64>, String> {
+    let mut round_trips = Vec::new();
+    let mut byte = [7u8];
+    while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        stream.write_all(&byte).map_err(err("echo write"))?;
+        stream.read_exact(&mut byte).map_err(err("echo read"))?;
+        round_trips.push(sent.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(round_trips)
 }
 
 // ----- helpers -----

@@ -42,6 +42,7 @@ enum Event {
     DumpState,
     Shutdown,
     Stray(u8, Stray),
+    ClientEof(u8),
 }
 
 /// A duration in one of a few ranges, so small steps and hour-long jumps are
@@ -66,6 +67,7 @@ struct Knobs {
     on_timeout: bool,
     hook_timeout: Option<Span>,
     shutdown_grace: Span,
+    drop_queued_eof: bool,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -107,6 +109,7 @@ enum Stray {
     UpstreamFailed,
     RelayEnded(End),
     HookExited,
+    ClientEof,
 }
 
 impl Span {
@@ -155,6 +158,7 @@ impl Knobs {
             hook_timeout_ms: self.hook_timeout.map(Span::ms),
             shutdown_grace_ms: self.shutdown_grace.ms(),
             upstream: "127.0.0.1:9".to_string(),
+            drop_queued_eof: self.drop_queued_eof,
         }
     }
 }
@@ -164,6 +168,7 @@ impl Event {
         match self {
             Event::Accept => Op::Accept,
             Event::ClientLeft(i) => Op::ClientLeft(*i),
+            Event::ClientEof(i) => Op::ClientEof(*i),
             Event::UpstreamConnected(i) => Op::UpstreamConnected(*i),
             Event::UpstreamFailed(i) => Op::UpstreamFailed(*i),
             Event::ConnectAttempt(i, left) => Op::ConnectAttempt(*i, *left),
@@ -192,6 +197,7 @@ impl Event {
                     Stray::UpstreamFailed => StrayInput::UpstreamFailed,
                     Stray::RelayEnded(end) => StrayInput::RelayEnded(end.relay_end()),
                     Stray::HookExited => StrayInput::HookExited,
+                    Stray::ClientEof => StrayInput::ClientEof,
                 },
             ),
         }

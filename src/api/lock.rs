@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
-use crate::config::{Config, LogLevel, RawArgs, Splice};
+use crate::config::{Config, LogLevel, QueuedEof, RawArgs, Splice};
 use crate::core::Stats;
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 
@@ -216,6 +216,13 @@ impl Builder {
     /// through user space; [`Splice::Auto`] by default.
     pub fn splice(mut self, mode: Splice) -> Builder {
         self.config.splice = mode;
+        self
+    }
+
+    /// What a waiting client's end of stream does: keep its place (the
+    /// default) or drop it from the queue as abandoned.
+    pub fn queued_eof(mut self, policy: QueuedEof) -> Builder {
+        self.config.queued_eof = policy;
         self
     }
 

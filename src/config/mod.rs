@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use cli::RawArgs;
 pub use file::{FileArgs, parse_file, read_config_file};
-pub use settings::{Config, LogLevel, Splice, changed_keys, keep_fixed};
+pub use settings::{Config, LogLevel, QueuedEof, Splice, changed_keys, keep_fixed};
 
 #[cfg(test)]
 use settings::{MAX_HOOK_COMMAND, MAX_QUEUE};
@@ -274,6 +274,7 @@ mod tests {
         assert_eq!(c.hook_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.splice, Splice::Auto);
+        assert_eq!(c.queued_eof, QueuedEof::Keep);
         assert_eq!(c.config_file, None);
     }
 
@@ -307,6 +308,8 @@ mod tests {
             "0",
             "--splice",
             "On",
+            "--queued-eof",
+            "DROP",
         ]);
         assert_eq!(c.listen, "[::1]:0");
         assert_eq!(c.upstream.to_string(), "db:5432");
@@ -322,6 +325,7 @@ mod tests {
         assert_eq!(c.hook_timeout, None);
         assert_eq!(c.shutdown_grace, Duration::ZERO);
         assert_eq!(c.splice, Splice::On);
+        assert_eq!(c.queued_eof, QueuedEof::Drop);
     }
 
     #[test]
@@ -365,6 +369,9 @@ mod tests {
         assert!(usage(&["-l", "1", "-p", "2", "--buffer-size", "65m"]).contains("1k to 64m"));
         assert!(usage(&["-l", "1", "-p", "2", "--log-level", "loud"]).contains("'loud'"));
         assert!(usage(&["-l", "1", "-p", "2", "--splice", "yes"]).starts_with("--splice:"));
+        assert!(
+            usage(&["-l", "1", "-p", "2", "--queued-eof", "close"]).starts_with("--queued-eof:")
+        );
         assert!(usage(&["-l", "1", "-p", "2", "--max-queue", "-1"]).starts_with("--max-queue:"));
     }
 

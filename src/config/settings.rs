@@ -241,6 +241,15 @@ settings! {
         parse |s| parse_choice(s, &LogLevel::ALL, LogLevel::as_str, "log level"),
         check |_| Ok(()),
         help "error, warn, info or debug (default: info)";
+    /// What a waiting client's end of stream does; [`QueuedEof::Keep`] by
+    /// default.
+    queued_eof: QueuedEof = QueuedEof::Keep,
+        key "queued-eof" value "keep|drop", Limits, reload true,
+        parse |s| parse_choice(s, &QueuedEof::ALL, QueuedEof::as_str, "value"),
+        check |_| Ok(()),
+        help "a waiting client's end of stream: keep its place\n\
+              and deliver its bytes on activation, or drop it\n\
+              from the queue (default: keep)";
     /// When to relay with `splice(2)` instead of copying; [`Splice::Auto`] by
     /// default.
     splice: Splice = Splice::Auto,
@@ -422,6 +431,37 @@ impl Splice {
 }
 
 impl fmt::Display for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a waiting client's end of stream (a FIN, with or without bytes before
+/// it) does to its place in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueuedEof {
+    /// It keeps its place; what it sent is delivered on activation (for
+    /// protocols where a client half-closes after its request). The default.
+    Keep,
+    /// It leaves the queue as abandoned (for request/response protocols whose
+    /// clients never half-close, so an end of stream means the client is gone).
+    Drop,
+}
+
+impl QueuedEof {
+    const ALL: [QueuedEof; 2] = [Self::Keep, Self::Drop];
+
+    /// The name, as logs show it and the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+impl fmt::Display for QueuedEof {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

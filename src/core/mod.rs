@@ -48,14 +48,26 @@ pub const RETRY_MAX_MS: u64 = 30_000;
 pub const ACCEPT_RETRY_BASE_MS: u64 = 50;
 /// The longest wait before a paused accept is retried.
 pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
+/// Stale queue entries are swept out only once there are at least this many,
+/// so a short line does not sweep on every leave.
+const COMPACT_MIN_STALE: usize = 8;
 
 /// The state machine. See the module documentation for the calling contract.
 pub struct Core {
     settings: Settings,
     conns: Slab<Conn>,
     /// Waiting connections in accept order (a failed hook puts its connection
-    /// back at the front).
+    /// back at the front). A connection that leaves stays behind as a stale
+    /// entry (its handle no longer matches a queued connection) so leaving is
+    /// O(1); stale entries are skipped at the head and swept out once they
+    /// outnumber the live ones, so the queue never holds more than about twice
+    /// the waiting clients. The head entry is always live.
     queue: VecDeque<ConnRef>,
+    /// Live entries in `queue`: the connections in state Queued.
+    queued: usize,
+    /// Queue entries pushed, popped, skipped or swept, for the test that pins
+    /// leaving the queue at O(1) without measuring time.
+    queue_entries_visited: u64,
     /// Connections holding a permit: Activating plus Proxying.
     active: usize,
     next_conn_id: u64,
@@ -105,6 +117,8 @@ struct Conn {
     accepted_at: u64,
     /// Spans Queued and Activating: the queue timeout counts until proxying.
     queue_deadline: Option<TimerKey>,
+    /// The client's end of stream arrived while it waited (and it was kept).
+    client_eof: bool,
     state: ConnState,
 }
 
@@ -190,6 +204,8 @@ impl Core {
             settings,
             conns: Slab::new(),
             queue: VecDeque::new(),
+            queued: 0,
+            queue_entries_visited: 0,
             active: 0,
             next_conn_id: 1,
             timers: TimerWheel::new(now),
@@ -226,10 +242,12 @@ impl Core {
             client,
             accepted_at: now,
             queue_deadline: None,
+            client_eof: false,
             state: ConnState::Queued { attempts: 0 },
         });
         let conn = ConnRef { slot, id };
         self.log(Event::Accepted { conn: id, client });
+        self.enqueue_back(conn);
         if self.shutdown.is_some() {
             self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
             return conn;
@@ -240,12 +258,12 @@ impl Core {
                 .insert(now.saturating_add(timeout), Deadline::Queue(conn));
             self.conns[slot].queue_deadline = Some(key);
         }
-        self.queue.push_back(conn);
         self.pump(now);
         // Only the newcomer can push the line past its limit, and only if the
         // pump left it there, at the back.
         if self.waiting() > self.settings.max_queue && self.queue.back() == Some(&conn) {
             self.queue.pop_back();
+            self.queue_entries_visited += 1;
             self.log(Event::Rejected { conn: id, client });
             self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
         }
@@ -282,6 +300,28 @@ impl Core {
             self.log(Event::Abandoned { conn: conn.id });
             self.end(now, conn, Outcome::Abandoned, EndedBy::Client);
             self.pump(now);
+        }
+        self.check();
+    }
+
+    /// A waiting (Queued or Activating) client's end of stream arrived, maybe
+    /// after bytes that still wait in the kernel. With
+    /// [`Settings::drop_queued_eof`] it leaves as abandoned; otherwise it
+    /// keeps its place, and a reload that turns dropping on drops it then.
+    /// Ignored for a stale handle or a proxying connection.
+    pub fn handle_client_eof(&mut self, now: u64, conn: ConnRef) {
+        self.advance(now);
+        let drop_eof = self.settings.drop_queued_eof;
+        if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+            && !matches!(c.state, ConnState::Proxying { .. })
+        {
+            if drop_eof {
+                self.log(Event::Abandoned { conn: conn.id });
+                self.end(now, conn, Outcome::Abandoned, EndedBy::Client);
+                self.pump(now);
+            } else {
+                c.client_eof = true;
+            }
         }
         self.check();
     }
@@ -431,7 +471,11 @@ impl Core {
             // now; without this it would run whatever a later reload configures.
             self.timeout_hook_due = None;
         }
+        let now_dropping = settings.drop_queued_eof && !self.settings.drop_queued_eof;
         self.settings = settings;
+        if now_dropping {
+            self.drop_waiting_at_eof(now);
+        }
         self.reload_backlog = self.waiting();
         self.pump(now);
         self.check();
@@ -455,7 +499,7 @@ impl Core {
         let accept_retry = self.accept_retry.take();
         self.cancel(accept_retry);
         self.log(Event::ShutdownStarted {
-            queued: self.queue.len(),
+            queued: self.queued,
             active: self.active,
             grace_ms: self.settings.shutdown_grace_ms,
         });
@@ -502,7 +546,7 @@ impl Core {
             self.log(line);
         }
         self.log(Event::StateSummary {
-            queued: self.queue.len(),
+            queued: self.queued,
             active: self.active,
             permits: self.settings.permits,
             hook_running: self.hook.is_some(),
@@ -534,7 +578,14 @@ impl Core {
     #[cfg(any(test, feature = "model"))]
     /// Clients in the queue (not counting one whose on-activate hook runs).
     pub fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.queued
+    }
+
+    /// Queue entries pushed, popped, skipped or swept so far: the work the
+    /// queue did, which stays proportional to the clients it saw.
+    #[cfg(test)]
+    pub fn queue_entries_visited(&self) -> u64 {
+        self.queue_entries_visited
     }
 
     /// Connections holding a permit (Activating + Proxying).
@@ -562,7 +613,7 @@ impl Core {
     /// The numbers a [`crate::Handle`] reports.
     pub fn stats(&self) -> Stats {
         Stats {
-            queue_length: self.queue.len(),
+            queue_length: self.queued,
             active: self.active,
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
@@ -602,7 +653,7 @@ impl Core {
             .hook
             .as_ref()
             .and_then(|run| self.still_waiting_for(run));
-        self.queue.len() + usize::from(preparing.is_some())
+        self.queued + usize::from(preparing.is_some())
     }
 
     /// The connection an on-activate hook prepares, if it is still there
@@ -655,7 +706,7 @@ impl Core {
             if hook_needed && self.retry.is_some() {
                 return;
             }
-            self.queue.pop_front();
+            self.pop_head();
             self.active += 1;
             match self.settings.on_activate.filter(|_| hook_needed) {
                 Some(run) => {
@@ -711,7 +762,7 @@ impl Core {
             timeouts: self.counters.timeouts,
             last_outcome: self.last_outcome,
             last_ended_by: self.last_ended_by,
-            queue_length: self.queue.len(),
+            queue_length: self.queued,
             active: self.active,
             attempt,
         };
@@ -745,8 +796,8 @@ impl Core {
         self.hook_failures = self.hook_failures.saturating_add(1);
         let shift = (self.hook_failures - 1).min(16);
         let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
-        let retry_in_ms = (self.shutdown.is_none() && !self.queue.is_empty() || waiting.is_some())
-            .then_some(backoff);
+        let retry_in_ms =
+            (self.shutdown.is_none() && self.queued > 0 || waiting.is_some()).then_some(backoff);
         if let Some(conn) = waiting {
             // Back to the head of the line: it keeps its place but not its permit.
             let attempts = match self.conns[conn.slot].state {
@@ -756,6 +807,8 @@ impl Core {
             self.conns[conn.slot].state = ConnState::Queued { attempts };
             self.active -= 1;
             self.queue.push_front(conn);
+            self.queued += 1;
+            self.queue_entries_visited += 1;
         }
         self.log(Event::HookFailed {
             hook: run.id,
@@ -849,6 +902,21 @@ impl Core {
         }
     }
 
+    /// Ends every waiting client whose end of stream was kept (a reload
+    /// turned `--queued-eof drop` on).
+    fn drop_waiting_at_eof(&mut self, now: u64) {
+        let ended: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.client_eof && !matches!(c.state, ConnState::Proxying { .. }))
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in ended {
+            self.log(Event::Abandoned { conn: conn.id });
+            self.end(now, conn, Outcome::Abandoned, EndedBy::Client);
+        }
+    }
+
     fn connect_failed(&mut self, now: u64, conn: ConnRef, error: String) {
         self.log(Event::ConnectFailed {
             conn: conn.id,
@@ -882,11 +950,7 @@ impl Core {
         let c = self.conns.remove(conn.slot);
         self.cancel(c.queue_deadline);
         match c.state {
-            ConnState::Queued { .. } => {
-                if let Some(position) = self.queue.iter().position(|q| *q == conn) {
-                    self.queue.remove(position);
-                }
-            }
+            ConnState::Queued { .. } => self.dequeue_left(conn),
             ConnState::Activating(activation) => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
@@ -914,6 +978,75 @@ impl Core {
             age_ms: now.saturating_sub(c.accepted_at),
         });
         self.resume_accepting();
+    }
+
+    fn enqueue_back(&mut self, conn: ConnRef) {
+        self.queue.push_back(conn);
+        self.queued += 1;
+        self.queue_entries_visited += 1;
+    }
+
+    /// Whether a queue entry still names a waiting connection. A connection
+    /// leaves the Queued state only by ending (its slot is freed or reused
+    /// under another id) or by being popped at the head, so this is exact.
+    fn is_live_entry(&self, entry: ConnRef) -> bool {
+        self.get(entry)
+            .is_some_and(|c| matches!(c.state, ConnState::Queued { .. }))
+    }
+
+    /// Takes the live head of the queue out, then restores the rule that the
+    /// head is live.
+    fn pop_head(&mut self) {
+        if self.queue.pop_front().is_some() {
+            self.queued -= 1;
+            self.queue_entries_visited += 1;
+        }
+        self.skip_stale_head();
+        self.sweep_if_mostly_stale();
+    }
+
+    /// A queued connection ended (its slab entry is already gone): its entry
+    /// stays behind, stale, unless it is at the head or stale entries now
+    /// dominate.
+    fn dequeue_left(&mut self, conn: ConnRef) {
+        self.queued -= 1;
+        if self.queued == 0 {
+            // Nothing live is left: every entry is stale. Copy entries need no
+            // drop, so this costs nothing per entry.
+            self.queue.clear();
+            return;
+        }
+        if self.queue.front() == Some(&conn) {
+            self.skip_stale_head();
+        }
+        self.sweep_if_mostly_stale();
+    }
+
+    /// Sweeps the stale entries out once they outnumber the live ones. Each
+    /// sweep costs at most twice the stale entries it removes, and each was
+    /// left by one leave, so leaving stays O(1) amortised.
+    fn sweep_if_mostly_stale(&mut self) {
+        let stale = self.queue.len() - self.queued;
+        if stale > self.queued && stale >= COMPACT_MIN_STALE {
+            self.queue_entries_visited += self.queue.len() as u64;
+            let mut queue = std::mem::take(&mut self.queue);
+            queue.retain(|entry| self.is_live_entry(*entry));
+            // Give back the memory of a line that was once much longer.
+            if queue.capacity() > 4 * queue.len().max(COMPACT_MIN_STALE) {
+                queue.shrink_to(2 * queue.len().max(COMPACT_MIN_STALE));
+            }
+            self.queue = queue;
+        }
+    }
+
+    fn skip_stale_head(&mut self) {
+        while let Some(&head) = self.queue.front() {
+            if self.is_live_entry(head) {
+                return;
+            }
+            self.queue.pop_front();
+            self.queue_entries_visited += 1;
+        }
     }
 
     fn check(&self) {

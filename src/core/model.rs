@@ -93,6 +93,8 @@ pub enum Op {
     Accept,
     /// A waiting client (Queued or Activating) goes away.
     ClientLeft(u8),
+    /// A waiting client's end of stream arrives (after bytes it sent).
+    ClientEof(u8),
     /// The upstream accepted a connecting connection.
     UpstreamConnected(u8),
     /// The upstream refused a connecting connection.
@@ -131,6 +133,8 @@ pub enum Op {
 pub enum StrayInput {
     /// `handle_client_left` (ignored for a proxying connection too).
     ClientLeft,
+    /// `handle_client_eof` (ignored for a proxying connection too).
+    ClientEof,
     /// `handle_upstream_connected` for one that is not connecting.
     UpstreamConnected,
     /// `handle_upstream_failed` for one that is not connecting.
@@ -244,6 +248,8 @@ struct Shadow {
     admitted: bool,
     /// On-activate hook runs started for it.
     hook_runs: u32,
+    /// Its end of stream arrived while it waited, and it was kept.
+    eof: bool,
 }
 
 struct HookRun {
@@ -268,6 +274,10 @@ struct Fed {
     /// accept) do not see it.
     arriving: Option<Shadow>,
     left: Option<ConnId>,
+    /// Waiting clients whose end of stream drops them (`drop_queued_eof`):
+    /// the one whose end arrived, or all those kept so far when a reload
+    /// turns dropping on.
+    dropped_at_eof: Vec<ConnId>,
     connected: Option<ConnId>,
     failed: Option<ConnId>,
     relay_end: Option<(ConnId, RelayEnd)>,
@@ -447,6 +457,7 @@ impl Model {
                     cleared: false,
                     admitted: false,
                     hook_runs: 0,
+                    eof: false,
                 });
             }
             Op::ClientLeft(i) => {
@@ -457,6 +468,19 @@ impl Model {
                 trace!(self, "t={} client_left conn {}", self.now, conn.id);
                 fed.left = Some(conn.id);
                 self.core.handle_client_left(self.now, conn);
+            }
+            Op::ClientEof(i) => {
+                let Some(conn) = self.pick(*i, |s| !matches!(s, State::Proxying { .. })) else {
+                    return self.skip(op);
+                };
+                self.fed = self.now;
+                trace!(self, "t={} client_eof conn {}", self.now, conn.id);
+                if self.settings.drop_queued_eof {
+                    fed.dropped_at_eof.push(conn.id);
+                } else if let Some(s) = self.conns.get_mut(&conn.id) {
+                    s.eof = true;
+                }
+                self.core.handle_client_eof(self.now, conn);
             }
             Op::UpstreamConnected(i) | Op::UpstreamFailed(i) => {
                 let Some(conn) = self.pick(*i, |s| matches!(s, State::Connecting { .. })) else {
@@ -549,7 +573,21 @@ impl Model {
                 self.tick_first(fed)?;
                 let settings = sanitize(settings.clone());
                 trace!(self, "t={} reload {settings:?}", self.now);
-                self.allowance = self.waiting();
+                if settings.drop_queued_eof && !self.settings.drop_queued_eof {
+                    fed.dropped_at_eof = self
+                        .conns
+                        .values()
+                        .filter(|s| s.eof && !matches!(s.state, State::Proxying { .. }))
+                        .map(|s| s.conn.id)
+                        .collect();
+                }
+                // The core counts its line after dropping them.
+                self.allowance = self
+                    .conns
+                    .values()
+                    .filter(|s| matches!(s.state, State::Waiting | State::Hooking { .. }))
+                    .filter(|s| !fed.dropped_at_eof.contains(&s.conn.id))
+                    .count();
                 if settings.on_activate != self.settings.on_activate {
                     self.prepared = false;
                 }
@@ -629,7 +667,7 @@ impl Model {
             return Ok(());
         }
         let misfit = |s: &State| match input {
-            StrayInput::ClientLeft => matches!(s, State::Proxying { .. }),
+            StrayInput::ClientLeft | StrayInput::ClientEof => matches!(s, State::Proxying { .. }),
             StrayInput::UpstreamConnected | StrayInput::UpstreamFailed => {
                 !matches!(s, State::Connecting { .. })
             }
@@ -653,6 +691,7 @@ impl Model {
         );
         match input {
             StrayInput::ClientLeft => self.core.handle_client_left(now, conn),
+            StrayInput::ClientEof => self.core.handle_client_eof(now, conn),
             StrayInput::UpstreamConnected => self.core.handle_upstream_connected(now, conn),
             StrayInput::UpstreamFailed => self.core.handle_upstream_failed(now, conn, "stray"),
             StrayInput::RelayEnded(end) => self.core.handle_relay_ended(now, conn, end),
@@ -1119,7 +1158,9 @@ impl Model {
                 }
                 _ => false,
             },
-            Outcome::Abandoned => !proxying && fed.left == Some(id),
+            Outcome::Abandoned => {
+                !proxying && (fed.left == Some(id) || fed.dropped_at_eof.contains(&id))
+            }
             Outcome::Rejected => {
                 fed.rejected = true;
                 matches!(state, State::Waiting) && fed.accepted == Some(id)
@@ -1342,7 +1383,11 @@ impl Model {
 
         // Inputs that must have had an effect did.
         let gone = |id: Option<ConnId>| id.is_some_and(|id| self.conns.contains_key(&id));
-        if gone(fed.left) || gone(fed.failed) || gone(fed.relay_end.map(|(id, _)| id)) {
+        if gone(fed.left)
+            || gone(fed.failed)
+            || gone(fed.relay_end.map(|(id, _)| id))
+            || fed.dropped_at_eof.iter().any(|id| gone(Some(*id)))
+        {
             return Err(
                 "a client left, a connect failed or a relay ended, but the connection lives on"
                     .into(),
@@ -1532,6 +1577,7 @@ mod tests {
             hook_timeout_ms: rng.limit(),
             shutdown_grace_ms: if rng.chance(20) { 0 } else { rng.duration() },
             upstream: "127.0.0.1:9".to_string(),
+            drop_queued_eof: rng.chance(50),
         }
     }
 
@@ -1565,7 +1611,8 @@ mod tests {
     fn op(rng: &mut Rng) -> Op {
         match rng.below(100) {
             0..=19 => Op::Accept,
-            20..=25 => Op::ClientLeft(rng.byte()),
+            20..=23 => Op::ClientLeft(rng.byte()),
+            24..=25 => Op::ClientEof(rng.byte()),
             26..=33 => Op::UpstreamConnected(rng.byte()),
             34..=36 => Op::ConnectAttempt(rng.byte(), rng.byte() % 4),
             37..=40 => Op::UpstreamFailed(rng.byte()),
@@ -1585,11 +1632,12 @@ mod tests {
                 }
             }
             _ => {
-                let input = match rng.below(5) {
+                let input = match rng.below(6) {
                     0 => StrayInput::ClientLeft,
                     1 => StrayInput::UpstreamConnected,
                     2 => StrayInput::UpstreamFailed,
                     3 => StrayInput::RelayEnded(relay_end(rng)),
+                    4 => StrayInput::ClientEof,
                     _ => StrayInput::HookExited,
                 };
                 Op::Stray(rng.byte(), input)

@@ -791,3 +791,83 @@ fn without_a_connect_timeout_no_address_is_cut_short() {
     core.handle_connect_attempt(0, conn, 2);
     assert_eq!(core.poll_timeout(), None);
 }
+
+#[test]
+fn leaving_the_queue_newest_first_costs_constant_work_per_client() {
+    const CLIENTS: u64 = 2_000;
+    let mut core = Core::new(
+        Settings {
+            max_queue: CLIENTS as usize,
+            ..settings()
+        },
+        0,
+    );
+    let holder = proxying(&mut core, 0, 1);
+    let waiting: Vec<ConnRef> = (0..CLIENTS)
+        .map(|i| core.handle_accepted(1, addr(2 + i as u16)))
+        .collect();
+    assert_eq!(core.queue_len(), CLIENTS as usize);
+    // Every other one leaves newest-first, so the survivors keep the line long
+    // and the leavers are never at its head.
+    for conn in waiting.iter().rev().step_by(2) {
+        core.handle_client_left(2, *conn);
+    }
+    assert_eq!(core.queue_len(), (CLIENTS / 2) as usize);
+    assert!(
+        core.queue.len() <= CLIENTS as usize,
+        "stale entries are swept: {} entries for {} clients",
+        core.queue.len(),
+        core.queue_len()
+    );
+    actions(&mut core);
+    // FIFO still holds for the survivors.
+    core.handle_relay_ended(3, holder, relay_end(RelayCause::Finished, EndedBy::Client));
+    assert!(
+        actions(&mut core).contains(&Action::Connect(waiting[0])),
+        "the oldest survivor goes first"
+    );
+    for conn in waiting.iter().rev() {
+        core.handle_client_left(4, *conn);
+    }
+    assert_eq!(core.queue_len(), 0);
+    assert_eq!(core.queue.len(), 0, "an empty line keeps no stale entries");
+    // Pushing, popping, skipping and sweeping each entry a bounded number of
+    // times; a scan per leave would visit about CLIENTS² / 4 entries.
+    let visited = core.queue_entries_visited();
+    assert!(
+        visited <= 6 * CLIENTS,
+        "the queue visited {visited} entries for {CLIENTS} clients"
+    );
+}
+
+#[test]
+fn a_waiting_clients_end_of_stream_keeps_or_drops_it_as_the_setting_says() {
+    let mut core = Core::new(with_hook(1), 0);
+    let holder = core.handle_accepted(0, addr(1));
+    let kept = core.handle_accepted(1, addr(2));
+    let dropped_later = core.handle_accepted(1, addr(3));
+    let first_hook = spawned(&actions(&mut core)).expect("the holder's hook");
+    core.handle_client_eof(2, kept);
+    assert_eq!(actions(&mut core), vec![], "keep: it stays in line");
+    assert_eq!(core.queue_len(), 2);
+
+    // A reload that turns dropping on drops the one whose end already came.
+    let dropping = Settings {
+        drop_queued_eof: true,
+        ..with_hook(1)
+    };
+    core.handle_reload(3, dropping);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(core.state_of(kept), None);
+    assert_eq!(core.queue_len(), 1);
+
+    // From now on an end of stream drops at once, even while its hook runs.
+    core.handle_client_eof(4, holder);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    // Its hook's success serves the next in line without another run.
+    core.handle_hook_exited(5, first_hook.hook, HookExit::Success);
+    assert_eq!(actions(&mut core), vec![Action::Connect(dropped_later)]);
+    core.handle_client_eof(6, dropped_later);
+    assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
+    assert_eq!(core.conn_count(), 0);
+}

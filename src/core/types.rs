@@ -77,6 +77,9 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     /// Shown to hooks as `TCPLOCK_UPSTREAM`.
     pub upstream: String,
+    /// A waiting client whose end of stream arrived leaves the queue as
+    /// abandoned (`--queued-eof drop`) instead of keeping its place.
+    pub drop_queued_eof: bool,
 }
 
 impl Default for Settings {
@@ -92,6 +95,7 @@ impl Default for Settings {
             hook_timeout_ms: Some(60_000),
             shutdown_grace_ms: 30_000,
             upstream: String::new(),
+            drop_queued_eof: false,
         }
     }
 }

@@ -24,7 +24,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::api::error::Error;
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::api::lock::Handle;
-use crate::config::{self, Config, LogLevel, RawArgs};
+use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs};
 use crate::core::{
     Action, ConnRef, Core, EndedBy, HookContext, HookExit, HookId, HookRequest, Outcome, Settings,
     Stats,
@@ -102,6 +102,7 @@ fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
         hook_timeout_ms: config.hook_timeout.map(ms),
         shutdown_grace_ms: ms(config.shutdown_grace),
         upstream: config.upstream.to_string(),
+        drop_queued_eof: config.queued_eof == QueuedEof::Drop,
     }
 }
 
@@ -641,8 +642,12 @@ impl Shell {
             Stage::Waiting | Stage::Connecting { .. } => {
                 // Plain bytes from a waiting client only wait for activation;
                 // only a close or a failure needs a look at whether it left.
-                if !upstream_side && ready.closing && client_left(&io.client) {
-                    self.core.handle_client_left(now, conn);
+                if !upstream_side && ready.closing {
+                    match waiting_client(&io.client) {
+                        WaitingClient::Present => {}
+                        WaitingClient::Gone => self.core.handle_client_left(now, conn),
+                        WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
+                    }
                     self.drain(now);
                 }
             }
@@ -1207,18 +1212,34 @@ fn connect_result(upstream: &TcpStream, ready: SocketEvent) -> ConnectResult {
     }
 }
 
-/// Whether a waiting client is gone: closed with nothing pending, or reset. A
-/// client that sent bytes (and perhaps half-closed after them) keeps its place;
-/// its bytes are delivered on activation.
-fn client_left(client: &TcpStream) -> bool {
+/// What a close or error event on a waiting client's socket means.
+enum WaitingClient {
+    /// Nothing ended after all.
+    Present,
+    /// Reset or failed, or closed with nothing pending.
+    Gone,
+    /// Its end of stream arrived after bytes that wait in the kernel: whether
+    /// it keeps its place is the core's call (`--queued-eof`).
+    EndOfStream,
+}
+
+fn waiting_client(client: &TcpStream) -> WaitingClient {
+    // The kernel keeps bytes that arrived before a reset, so a peek alone
+    // would find them and keep a dead client queued; a reset or error leaves
+    // its mark in SO_ERROR, which a half-close does not.
+    if !matches!(client.take_error(), Ok(None)) {
+        return WaitingClient::Gone;
+    }
     let mut byte = [0u8; 1];
     loop {
         match client.peek(&mut byte) {
-            Ok(0) => return true,
-            Ok(_) => return false,
+            Ok(0) => return WaitingClient::Gone,
+            // Called on a close event with no error pending: the peer's FIN
+            // arrived behind these bytes.
+            Ok(_) => return WaitingClient::EndOfStream,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WaitingClient::Present,
+            Err(_) => return WaitingClient::Gone,
         }
     }
 }
