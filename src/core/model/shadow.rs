@@ -1,0 +1,464 @@
+//! The shadow: what the shell knows, built only from the inputs fed and the
+//! actions the core emits.
+
+use super::*;
+
+impl Model {
+    /// The shadow's side of a hook exit, applied as the core applies it: after
+    /// the deadlines that passed have fired (which, with a hook running, can
+    /// close connections but activate none).
+    pub(super) fn reaped(&mut self, run: &HookRun, exit: &HookExit, fed: &mut Fed) {
+        self.just_reaped = Some(run.id);
+        self.old_hooks.push(run.id);
+        if self.old_hooks.len() > 8 {
+            self.old_hooks.remove(0);
+        }
+        if run.kind != HookKind::Activate {
+            return;
+        }
+        let waiting = run.conn.filter(|id| {
+            self.conns
+                .get(id)
+                .is_some_and(|s| matches!(s.state, State::Hooking { hook, .. } if hook == run.id))
+        });
+        if exit.is_success() {
+            self.hook_failures = 0;
+            match waiting {
+                Some(id) => {
+                    fed.hook_success_for = Some(id);
+                    if let Some(s) = self.conns.get_mut(&id) {
+                        s.state = State::Hooking {
+                            hook: run.id,
+                            ok: true,
+                        };
+                    }
+                }
+                None => self.prepared = true,
+            }
+            return;
+        }
+        self.hook_failures = self.hook_failures.saturating_add(1);
+        if self.shutdown.is_none() {
+            let shift = (self.hook_failures - 1).min(16);
+            let backoff = (RETRY_BASE_MS << shift).min(RETRY_MAX_MS);
+            self.retry_until = Some(self.now + backoff);
+        }
+        // Its client goes back in line when the core logs the failure (the
+        // deadlines that fire first see it still preparing).
+    }
+
+    pub(super) fn apply(&mut self, action: &Action, fed: &mut Fed) -> Result<(), String> {
+        let now = self.fed;
+        match action {
+            Action::Connect(conn) => {
+                if self.shutdown.is_some() {
+                    return Err(format!("Connect for conn {} after shutdown", conn.id));
+                }
+                let state = self.live(*conn, "Connect")?.state;
+                match state {
+                    State::Waiting => {
+                        self.activate(conn.id)?;
+                        let hooked = self.settings.on_activate.is_some();
+                        if hooked && !self.prepared {
+                            return Err(format!(
+                                "Connect for conn {} with an on-activate hook configured, \
+                                 no hook run and no preparation kept",
+                                conn.id
+                            ));
+                        }
+                        self.prepared = false;
+                    }
+                    State::Hooking { ok: true, .. } => {}
+                    State::Hooking { ok: false, hook } => {
+                        return Err(format!(
+                            "Connect for conn {} while its hook {hook} has not succeeded",
+                            conn.id
+                        ));
+                    }
+                    _ => return Err(format!("Connect for conn {} in state {state:?}", conn.id)),
+                }
+                let deadline = self.settings.connect_timeout_ms.map(|t| now + t);
+                let s = self.shadow_mut(conn.id);
+                s.state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
+                s.cleared = true;
+            }
+            Action::ConnectNext(conn) => {
+                let state = self.live(*conn, "ConnectNext")?.state;
+                let State::Connecting {
+                    deadline,
+                    attempt: Some(at),
+                } = state
+                else {
+                    return Err(format!(
+                        "ConnectNext for conn {} in state {state:?}",
+                        conn.id
+                    ));
+                };
+                if at > now {
+                    return Err(format!(
+                        "ConnectNext for conn {} before its attempt ends at {at} (now {now})",
+                        conn.id
+                    ));
+                }
+                self.shadow_mut(conn.id).state = State::Connecting {
+                    deadline,
+                    attempt: None,
+                };
+            }
+            Action::StartRelay(conn) => {
+                if self.shutdown.is_some() {
+                    return Err(format!("StartRelay for conn {} after shutdown", conn.id));
+                }
+                let s = self.live(*conn, "StartRelay")?;
+                if !matches!(s.state, State::Connecting { .. }) || !s.cleared {
+                    return Err(format!(
+                        "StartRelay for conn {} in state {:?} (cleared: {})",
+                        conn.id, s.state, s.cleared
+                    ));
+                }
+                if fed.connected != Some(conn.id) {
+                    return Err(format!(
+                        "StartRelay for conn {} whose upstream did not connect",
+                        conn.id
+                    ));
+                }
+                let deadline = self.settings.ttl_ms.map(|t| now + t);
+                self.shadow_mut(conn.id).state = State::Proxying { deadline };
+                self.relays += 1;
+            }
+            Action::Close {
+                conn,
+                outcome,
+                ended_by,
+                age_ms,
+            } => {
+                fed.closes += 1;
+                self.close(*conn, *outcome, *ended_by, *age_ms, fed)?;
+            }
+            Action::ResumeAccepting => {
+                let Some(until) = self.accept_paused_until else {
+                    return Err("ResumeAccepting while accepting is not paused".to_string());
+                };
+                let freed = fed.closes > 0 || self.just_reaped.is_some();
+                if !freed && until > now {
+                    return Err(format!(
+                        "ResumeAccepting before its backoff ends at {until} (now {now}) \
+                         with nothing closed"
+                    ));
+                }
+                self.accept_paused_until = None;
+            }
+            Action::SpawnHook(request) => self.spawned(request)?,
+            Action::KillHook(hook) => {
+                if self.just_reaped == Some(*hook) {
+                    // Its deadline fired while the core caught up to the time
+                    // of the exit, just before the exit itself: harmless, the
+                    // shell no longer knows the hook.
+                    return Ok(());
+                }
+                let shutting = self.shutdown.is_some();
+                let Some(run) = self.hook.as_mut().filter(|run| run.id == *hook) else {
+                    return Err(format!("KillHook for hook {hook}, which is not running"));
+                };
+                if !shutting && run.deadline.is_none_or(|d| d > now) {
+                    return Err(format!(
+                        "KillHook for hook {hook} before its deadline {:?} (now {now})",
+                        run.deadline
+                    ));
+                }
+                run.kill_sent = true;
+            }
+            Action::StopAccepting => {
+                if !fed.shutdown || self.shutdown.is_some() {
+                    return Err("StopAccepting twice or without a shutdown".to_string());
+                }
+                fed.stop_accepting = true;
+                self.accept_paused_until = None;
+                let grace = self.settings.shutdown_grace_ms;
+                self.shutdown = Some(ShutdownState {
+                    grace_deadline: now + grace,
+                    forced: false,
+                });
+                self.timeout_due = false;
+            }
+            Action::Log(Event::ShutdownForced { .. }) => {
+                if !fed.shutdown {
+                    return Err("ShutdownForced without a shutdown".to_string());
+                }
+                if let Some(shutdown) = &mut self.shutdown {
+                    shutdown.forced = true;
+                }
+            }
+            Action::Log(Event::Accepted { conn, .. }) => match fed.arriving.take() {
+                Some(s) if s.conn.id == *conn => {
+                    self.conns.insert(*conn, s);
+                }
+                _ => return Err(format!("Accepted logged for conn {conn}, not the newcomer")),
+            },
+            Action::Log(Event::State { conn, .. }) => fed.dumped.push(*conn),
+            Action::Log(Event::HookFailed {
+                hook,
+                kind: HookKind::Activate,
+                conn: id,
+                ..
+            }) => {
+                if self.just_reaped != Some(*hook) {
+                    return Err(format!(
+                        "HookFailed for hook {hook}, not the one just reaped"
+                    ));
+                }
+                if let Some(s) = self.conns.get_mut(id)
+                    && matches!(s.state, State::Hooking { hook: h, .. } if h == *hook)
+                {
+                    s.state = State::Waiting;
+                    s.permit = None;
+                }
+            }
+            Action::Log(_) => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn live(&self, conn: ConnRef, what: &str) -> Result<&Shadow, String> {
+        match self.conns.get(&conn.id) {
+            Some(s) if s.conn == conn => Ok(s),
+            Some(s) => Err(format!(
+                "{what} names conn {} with slot {}, but it lives in slot {}",
+                conn.id, conn.slot, s.conn.slot
+            )),
+            None if conn.id.0 <= self.last_id => {
+                Err(format!("{what} names conn {}, which has ended", conn.id))
+            }
+            None => Err(format!("{what} names conn {}, never accepted", conn.id)),
+        }
+    }
+
+    pub(super) fn shadow_mut(&mut self, id: ConnId) -> &mut Shadow {
+        self.conns.get_mut(&id).expect("checked live")
+    }
+
+    /// Checks and records an activation of a waiting connection.
+    pub(super) fn activate(&mut self, id: ConnId) -> Result<(), String> {
+        let holders = self.holders();
+        if holders >= self.settings.permits as usize {
+            return Err(format!(
+                "conn {id} activated while {holders} hold a permit (permits {})",
+                self.settings.permits
+            ));
+        }
+        let head = self
+            .conns
+            .values()
+            .find(|s| matches!(s.state, State::Waiting))
+            .map(|s| s.conn.id);
+        if head != Some(id) {
+            return Err(format!(
+                "conn {id} activated out of order: the head of the line is {head:?}"
+            ));
+        }
+        self.activations += 1;
+        let permits = self.settings.permits;
+        let seq = self.activations;
+        let s = self.shadow_mut(id);
+        s.permit = Some((seq, permits));
+        s.admitted = true;
+        Ok(())
+    }
+
+    pub(super) fn spawned(&mut self, request: &HookRequest) -> Result<(), String> {
+        let now = self.fed;
+        if let Some(run) = &self.hook {
+            return Err(format!(
+                "SpawnHook {} while hook {} is still alive",
+                request.hook, run.id
+            ));
+        }
+        if self.shutdown.is_some() {
+            return Err(format!("SpawnHook {} after shutdown", request.hook));
+        }
+        if self.old_hooks.contains(&request.hook) {
+            return Err(format!("SpawnHook reuses hook id {}", request.hook));
+        }
+        let conn_id = request.context.conn;
+        let kind = request.context.kind;
+        let conn = match kind {
+            HookKind::Activate => {
+                if self.settings.on_activate.as_ref() != Some(&request.run) {
+                    return Err(format!(
+                        "on-activate hook runs {:?}, configured {:?}",
+                        request.run, self.settings.on_activate
+                    ));
+                }
+                if self.prepared {
+                    return Err("an on-activate hook runs while a preparation is kept".into());
+                }
+                if self.timeout_due {
+                    return Err("an on-activate hook runs before a due on-timeout hook".into());
+                }
+                if let Some(until) = self.retry_until.filter(|until| now < *until) {
+                    return Err(format!(
+                        "an on-activate hook runs at {now}, during the backoff until {until}"
+                    ));
+                }
+                match self.conns.get(&conn_id).map(|s| s.state) {
+                    Some(State::Waiting) => {}
+                    other => {
+                        return Err(format!(
+                            "on-activate hook for conn {conn_id} in state {other:?}"
+                        ));
+                    }
+                }
+                self.activate(conn_id)?;
+                let s = self.shadow_mut(conn_id);
+                s.state = State::Hooking {
+                    hook: request.hook,
+                    ok: false,
+                };
+                s.hook_runs += 1;
+                let attempt = s.hook_runs;
+                self.check_context(request, attempt)?;
+                Some(conn_id)
+            }
+            HookKind::Timeout => {
+                if !self.timeout_due {
+                    return Err("an on-timeout hook runs with no TTL expiry pending".into());
+                }
+                if self.settings.on_timeout.as_ref() != Some(&request.run) {
+                    return Err(format!(
+                        "on-timeout hook runs {:?}, configured {:?}",
+                        request.run, self.settings.on_timeout
+                    ));
+                }
+                if Some(conn_id) != self.last_expired {
+                    return Err(format!(
+                        "on-timeout hook for conn {conn_id}, the latest expiry was {:?}",
+                        self.last_expired
+                    ));
+                }
+                self.check_context(request, 1)?;
+                self.timeout_due = false;
+                None
+            }
+        };
+        self.hook = Some(HookRun {
+            id: request.hook,
+            kind,
+            conn,
+            deadline: self.settings.hook_timeout_ms.map(|t| now + t),
+            kill_sent: false,
+        });
+        Ok(())
+    }
+
+    pub(super) fn close(
+        &mut self,
+        conn: ConnRef,
+        outcome: Outcome,
+        ended_by: EndedBy,
+        age_ms: u64,
+        fed: &mut Fed,
+    ) -> Result<(), String> {
+        let now = self.fed;
+        let s = self.live(conn, "Close")?;
+        let (state, accepted_at, queue_deadline) = (s.state, s.accepted_at, s.queue_deadline);
+        let id = conn.id;
+        if age_ms != now - accepted_at {
+            return Err(format!(
+                "conn {id} closed with age {age_ms}, accepted at {accepted_at}, now {now}"
+            ));
+        }
+        let proxying = matches!(state, State::Proxying { .. });
+        let fits = match outcome {
+            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
+                let cause = match outcome {
+                    Outcome::Ok => RelayCause::Finished,
+                    Outcome::ClientError => RelayCause::ClientError,
+                    Outcome::UpstreamError => RelayCause::UpstreamError,
+                    _ => RelayCause::RelayError,
+                };
+                // Who ended a relay is the shell's word, passed on as is.
+                proxying && fed.relay_end == Some((id, RelayEnd { cause, ended_by }))
+            }
+            Outcome::Timeout => {
+                matches!(state, State::Proxying { deadline: Some(d) } if d <= now)
+            }
+            Outcome::QueueTimeout => !proxying && queue_deadline.is_some_and(|d| d <= now),
+            Outcome::ConnectFailed => match state {
+                State::Connecting { deadline, .. } => {
+                    fed.failed == Some(id) || deadline.is_some_and(|d| d <= now)
+                }
+                _ => false,
+            },
+            Outcome::Abandoned => {
+                !proxying && (fed.left == Some(id) || fed.dropped_at_eof.contains(&id))
+            }
+            Outcome::Rejected => {
+                fed.rejected = true;
+                matches!(state, State::Waiting) && fed.accepted == Some(id)
+            }
+            Outcome::Shutdown => match &self.shutdown {
+                None => false,
+                Some(sd) => !proxying || sd.forced || sd.grace_deadline <= now,
+            },
+        };
+        let decided_by_core = match outcome {
+            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
+                None
+            }
+            Outcome::Abandoned => Some(EndedBy::Client),
+            Outcome::Timeout
+            | Outcome::QueueTimeout
+            | Outcome::ConnectFailed
+            | Outcome::Rejected
+            | Outcome::Shutdown => Some(EndedBy::Tcplock),
+        };
+        if decided_by_core.is_some_and(|expected| expected != ended_by) {
+            return Err(format!(
+                "conn {id} closed as {outcome} but ended by {ended_by}"
+            ));
+        }
+        if !fits {
+            return Err(format!(
+                "conn {id} closed as {outcome} in state {state:?} at {now} \
+                 (accepted {accepted_at}, queue deadline {queue_deadline:?})"
+            ));
+        }
+        if outcome == Outcome::Timeout && self.settings.on_timeout.is_some() {
+            self.timeout_due = self.shutdown.is_none();
+            self.last_expired = Some(id);
+        }
+        if self.conns.get(&id).is_some_and(|s| s.permit.is_some()) {
+            self.last_outcome = Some(outcome);
+            self.last_ended_by = Some(ended_by);
+        }
+        if let State::Hooking { ok: true, .. } = state {
+            // It left (or timed out) just before its hook's success was seen.
+            self.prepared = true;
+        }
+        self.conns.remove(&id);
+        self.closed += 1;
+        self.outcomes.add(outcome);
+        self.ended.push(conn);
+        if self.ended.len() > 16 {
+            self.ended.remove(0);
+        }
+        Ok(())
+    }
+
+    // ----- after each step -----
+
+    pub(super) fn holders(&self) -> usize {
+        self.conns.values().filter(|s| s.permit.is_some()).count()
+    }
+
+    /// The line as max-queue counts it: queued plus the one whose hook runs.
+    pub(super) fn waiting(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|s| matches!(s.state, State::Waiting | State::Hooking { .. }))
+            .count()
+    }
+}
