@@ -1,18 +1,29 @@
-//! Hook processes: `/bin/sh -c CMD` in a process group of its own. Each is
-//! watched through its own pidfd, registered with the poll (readable = exited);
-//! where the kernel has no pidfds, through SIGCHLD as before.
+//! Hooks: the table of those in force, starting them (a closure on the loop
+//! thread, or `/bin/sh -c CMD` in a process group of its own), watching their
+//! exit and killing them. Each process is watched through its own pidfd,
+//! registered with the poll (readable = exited); where the kernel has no
+//! pidfds, through SIGCHLD.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::api::hook::Hook;
-use crate::config::Config;
-use crate::core::{EndedBy, HookContext, HookExit, HookRef, Outcome};
+use mio::Interest;
+use mio::unix::SourceFd;
+
+use signal_hook::consts::signal::SIGCHLD;
+
+use super::{HOOK_EXIT, Shell, watch_signals};
+use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
+use crate::config::{Config, LogLevel};
+use crate::core::{EndedBy, HookContext, HookExit, HookId, HookRef, HookRequest, Outcome};
 use crate::sys::{self, ExecSpec, WatchedChild};
 
 const SHELL: &str = "/bin/sh";
@@ -254,5 +265,199 @@ impl HookTable {
             .flatten()
             .find(|(n, _)| *n == name)
             .map(|(_, hook)| hook)
+    }
+}
+
+/// The hook the core waits for.
+pub(super) struct RunningHook {
+    id: HookId,
+    started: Instant,
+    /// `None` for a closure hook (its ticket is still out).
+    process: Option<HookProcess>,
+}
+
+impl Shell {
+    pub(super) fn reap(&mut self, now: u64) {
+        let Some(RunningHook {
+            id,
+            process: Some(process),
+            ..
+        }) = &mut self.hook
+        else {
+            return;
+        };
+        let exit = match process.try_reap() {
+            Ok(Some(exit)) => exit,
+            Ok(None) => return,
+            Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
+        };
+        let hook = *id;
+        self.hook_ended(now, hook, exit);
+    }
+
+    /// The one way a running hook ends, whatever kind it is: it is forgotten,
+    /// logged, and reported to the core. An end for a hook that is not the
+    /// running one (a ticket answered after it was abandoned) is ignored.
+    pub(super) fn hook_ended(&mut self, now: u64, hook: HookId, exit: HookExit) {
+        let Some(run) = self.hook.take_if(|run| run.id == hook) else {
+            return;
+        };
+        if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
+            line.field("hook", hook)
+                .field_opt("pid", run.process.as_ref().map(|p| p.pid))
+                .field("status", &exit)
+                .field("duration_ms", run.started.elapsed().as_millis());
+        }
+        self.core.handle_hook_exited(now, hook, exit);
+    }
+
+    pub(super) fn spawn_hook(&mut self, now: u64, request: &HookRequest) {
+        let context = &request.context;
+        // The core asks only for hooks the table named for it.
+        let Some(run) = self.hooks.get(request.run).cloned() else {
+            let exit = HookExit::SpawnFailed("unknown hook".into());
+            self.core.handle_hook_exited(now, request.hook, exit);
+            return;
+        };
+        let process = match run.body() {
+            HookBody::Command(command) => match self.spawn_process(command, context) {
+                Ok(process) => Some(process),
+                Err(e) => {
+                    // Nothing ran: the core logs the failure and retries.
+                    let exit = HookExit::SpawnFailed(e.to_string());
+                    self.core.handle_hook_exited(now, request.hook, exit);
+                    return;
+                }
+            },
+            HookBody::Activate(_) | HookBody::Timeout(_) => None,
+        };
+        if let Some(line) = self.logger.line(LogLevel::Info, "hook_started") {
+            line.field("hook", request.hook)
+                .field("kind", context.kind.as_str())
+                .field_opt("pid", process.as_ref().map(|p| p.pid))
+                .field("conn", context.conn);
+        }
+        self.hook = Some(RunningHook {
+            id: request.hook,
+            started: Instant::now(),
+            process,
+        });
+        match run.body() {
+            HookBody::Command(_) => {}
+            HookBody::Activate(f) => {
+                let reply = Reply {
+                    control: self.control_tx.clone(),
+                    waker: Arc::clone(&self.waker),
+                };
+                let ticket = Ticket::new(request.hook, context.clone(), reply);
+                // A panicking hook drops its ticket on the way out, which
+                // answers "failed"; the loop itself carries on.
+                if catch_unwind(AssertUnwindSafe(|| f(ticket))).is_err()
+                    && let Some(line) = self.logger.line(LogLevel::Error, "hook_panicked")
+                {
+                    line.field("hook", request.hook);
+                }
+            }
+            HookBody::Timeout(f) => {
+                let info = TimeoutInfo::from_context(context);
+                let exit = match catch_unwind(AssertUnwindSafe(|| f(&info))) {
+                    Ok(()) => HookExit::Success,
+                    Err(_) => HookExit::Dropped,
+                };
+                self.hook_ended(now, request.hook, exit);
+            }
+        }
+    }
+
+    /// Starts a hook process watched by its pidfd, or, on a kernel without
+    /// pidfds, by SIGCHLD (said once in the log).
+    pub(super) fn spawn_process(
+        &mut self,
+        command: &str,
+        context: &HookContext,
+    ) -> io::Result<HookProcess> {
+        if self.pidfds_available {
+            match HookProcess::spawn(command, context) {
+                Ok(process) => {
+                    let Some(pidfd) = process.pidfd() else {
+                        return Ok(process);
+                    };
+                    let raw = pidfd.as_raw_fd();
+                    match self.poll.registry().register(
+                        &mut SourceFd(&raw),
+                        HOOK_EXIT,
+                        Interest::READABLE,
+                    ) {
+                        Ok(()) => return Ok(process),
+                        Err(e) => {
+                            // Unwatched, it would hold the hook slot forever.
+                            let _ = process.kill();
+                            let mut process = process;
+                            let _ = process.wait();
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if sys::is_pidfd_unsupported(&e) => {
+                    self.pidfds_available = false;
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
+                        line.field("error", e).field("fallback", "SIGCHLD");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.watch_sigchld()?;
+        HookProcess::spawn_without_pidfd(command, context)
+    }
+
+    pub(super) fn kill_hook(&mut self, now: u64, hook: HookId) {
+        let Some(run) = self.hook.as_ref().filter(|run| run.id == hook) else {
+            return;
+        };
+        match &run.process {
+            Some(process) => {
+                if let Err(e) = process.kill()
+                    && let Some(line) = self.logger.line(LogLevel::Error, "hook_kill_failed")
+                {
+                    line.field("hook", hook)
+                        .field("pid", process.pid)
+                        .field("error", e);
+                }
+            }
+            // A thread cannot be killed: stop waiting for its answer.
+            None => self.hook_ended(now, hook, HookExit::Abandoned),
+        }
+    }
+
+    /// As PID 1: reaps every exited child that is not a pidfd-watched hook
+    /// (those exit without SIGCHLD and are not taken here). A hook started
+    /// without a pidfd may be among them: its status goes to the hook.
+    pub(super) fn reap_orphans(&mut self, now: u64) {
+        if !self.reaps_orphans {
+            return;
+        }
+        while let Some((pid, status)) = sys::reap_any_child() {
+            let hook = match &self.hook {
+                Some(RunningHook {
+                    id,
+                    process: Some(process),
+                    ..
+                }) if process.pid == pid => *id,
+                _ => continue,
+            };
+            self.hook_ended(now, hook, exit_of_raw(status));
+        }
+    }
+
+    /// Adds SIGCHLD to the watched signals, installing the handler if none is.
+    pub(super) fn watch_sigchld(&mut self) -> io::Result<()> {
+        match &self.signals {
+            Some(signals) => signals.add_signal(SIGCHLD),
+            None => {
+                self.signals = Some(watch_signals(&self.poll, &[SIGCHLD])?);
+                Ok(())
+            }
+        }
     }
 }

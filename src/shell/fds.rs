@@ -1,0 +1,72 @@
+//! How many descriptors tcplock may still open, and how many activating needs
+//! kept free: accepting pauses before a client would take one of those.
+
+use super::*;
+
+/// Descriptors one permit needs beyond its client: the upstream socket and a
+/// splice pipe (two descriptors) per direction.
+pub(super) const FDS_PER_PERMIT: usize = 5;
+
+/// Descriptors spawning one hook process needs: the stdout duplicate,
+/// /dev/null, the exec-status pipe std uses while spawning, and a pidfd.
+pub(super) const FDS_PER_HOOK: usize = 5;
+
+/// Kept free for the listening and control sockets later features add.
+pub(super) const FDS_SPARE: usize = 4;
+
+/// The descriptors tcplock may use, and how many of them activating needs
+/// kept free. Open descriptors are counted without a system call: those
+/// open at start, plus one per client, plus idle pipes. What an activation
+/// opens (upstream sockets, pipes in use, a hook) is in the reserve.
+pub(super) struct FdBudget {
+    /// The soft limit at start; `None` if it could not be read (then only
+    /// EMFILE pauses accepting).
+    pub(super) limit: Option<usize>,
+    /// Descriptors open once the loop was set up.
+    pub(super) baseline: usize,
+}
+
+impl FdBudget {
+    /// Descriptors activating needs kept free under `config`: the permits
+    /// that fit next to their clients, one hook if a command hook is
+    /// configured, and a few spare.
+    pub(super) fn reserve(&self, config: &Config) -> usize {
+        let is_command = |hook: &Option<Hook>| hook.as_ref().and_then(Hook::as_command).is_some();
+        let hook = if is_command(&config.on_activate) || is_command(&config.on_timeout) {
+            FDS_PER_HOOK
+        } else {
+            0
+        };
+        let fixed = hook + FDS_SPARE;
+        let room = self
+            .limit
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.baseline + fixed);
+        // More permits than the limit can hold would keep every client out.
+        let permits = (config.permits as usize).min(room / (FDS_PER_PERMIT + 1));
+        permits * FDS_PER_PERMIT + fixed
+    }
+
+    /// The most clients the limit holds beside the reserve, if it is known.
+    pub(super) fn client_capacity(&self, config: &Config) -> Option<usize> {
+        let limit = self.limit?;
+        Some(limit.saturating_sub(self.baseline + self.reserve(config)))
+    }
+
+    /// `--max-queue`, lowered (and said so) to the clients the limit can hold
+    /// beside the reserve. Accepting pauses at that many clients, so a full
+    /// queue makes clients wait in the kernel's backlog rather than be
+    /// rejected for descriptors tcplock lacks.
+    pub(super) fn adjusted_max_queue(&self, config: &Config, logger: &mut Logger) -> usize {
+        let fits = self.client_capacity(config);
+        match (fits, self.limit) {
+            (Some(fits), Some(limit)) if fits < config.max_queue => {
+                if let Some(line) = logger.line(LogLevel::Warn, "limit_adjusted") {
+                    line.field("max_queue", fits).field("nofile", limit);
+                }
+                fits
+            }
+            _ => config.max_queue,
+        }
+    }
+}

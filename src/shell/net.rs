@@ -1,0 +1,438 @@
+//! Sockets: resolving, accepting, watching waiting clients, connecting to the
+//! upstream, relaying and closing.
+
+use super::*;
+
+/// Accept at most this many connections per loop turn, so a flood cannot starve
+/// the connections already in flight.
+pub(super) const ACCEPT_BATCH: usize = 256;
+
+/// Resolves the upstream once (never inside the loop's hot path).
+pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
+    let upstream = &config.upstream;
+    resolve(
+        "upstream",
+        &upstream.to_string(),
+        (upstream.host.as_str(), upstream.port).to_socket_addrs(),
+    )
+}
+
+/// Every address a lookup gave, or an error naming `what` and `name`; an empty
+/// answer is an error too.
+pub(super) fn resolve(
+    what: &'static str,
+    name: &str,
+    lookup: io::Result<std::vec::IntoIter<SocketAddr>>,
+) -> Result<Vec<SocketAddr>, Error> {
+    let resolve_error = |source| Error::Resolve {
+        what,
+        name: name.to_string(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = lookup.map_err(resolve_error)?.collect();
+    if addrs.is_empty() {
+        return Err(resolve_error(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no addresses",
+        )));
+    }
+    Ok(addrs)
+}
+
+impl Shell {
+    pub(super) fn accept(&mut self, now: u64) {
+        self.accept_more = false;
+        if self.accept_paused {
+            return;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            if self.listener.is_none() {
+                return;
+            }
+            if self.at_fd_reserve() {
+                if self.pool.drop_idle_pipes() {
+                    continue;
+                }
+                self.pause_accepting(now, "fd_reserve", None);
+                return;
+            }
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (client, addr) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reserve_pause_logged = false;
+                    return;
+                }
+                Err(e) if sys::is_fd_exhaustion(&e) => {
+                    if self.pool.drop_idle_pipes() {
+                        continue;
+                    }
+                    self.pause_accepting(now, "fd_exhausted", Some(e));
+                    return;
+                }
+                // These concern one client, not the listener.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                // Anything else would only repeat at once: say so and wait for
+                // the next connection's readiness edge instead of spinning.
+                Err(e) => {
+                    if let Some(line) = self.logger.line(LogLevel::Error, "accept_failed") {
+                        line.field("error", e);
+                    }
+                    return;
+                }
+            };
+            let conn = self.core.handle_accepted(now, addr);
+            self.add_conn(now, conn, client);
+            self.drain(now);
+        }
+        self.accept_more = true;
+    }
+
+    /// Whether one more client would eat into the descriptors activation needs.
+    pub(super) fn at_fd_reserve(&self) -> bool {
+        let Some(limit) = self.fds.limit else {
+            return false;
+        };
+        let open = self.fds.baseline + self.core.conn_count() + self.pool.idle_pipe_fds();
+        open + 1 + self.fds.reserve(&self.config) > limit
+    }
+
+    pub(super) fn pause_accepting(&mut self, now: u64, reason: &str, error: Option<io::Error>) {
+        self.accept_paused = true;
+        let level = if error.is_none() && self.reserve_pause_logged {
+            LogLevel::Debug
+        } else {
+            LogLevel::Warn
+        };
+        self.reserve_pause_logged |= error.is_none();
+        if let Some(line) = self.logger.line(level, "accept_paused") {
+            line.field("reason", reason)
+                .field_opt("error", error)
+                .field("open_connections", self.core.conn_count());
+        }
+        self.core.handle_accept_paused(now);
+        self.drain(now);
+    }
+
+    pub(super) fn add_conn(&mut self, now: u64, conn: ConnRef, mut client: TcpStream) {
+        let token = client_token(conn);
+        // Both interests from the start, so relaying needs no re-registration:
+        // one epoll_ctl per socket for its whole life.
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            if let Some(line) = self.logger.line(LogLevel::Error, "register_failed") {
+                line.field("conn", conn.id()).field("error", e);
+            }
+            self.core.handle_client_left(now, conn);
+            return;
+        }
+        if self.io.len() <= conn.slot() {
+            self.io.resize_with(conn.slot() + 1, || None);
+        }
+        self.io[conn.slot()] = Some(ConnIo {
+            conn,
+            client,
+            client_ready: Readiness::default(),
+            stage: Stage::Waiting,
+        });
+    }
+
+    pub(super) fn conn_ready(
+        &mut self,
+        now: u64,
+        slot: usize,
+        upstream_side: bool,
+        ready: SocketEvent,
+    ) {
+        let Some(io) = self.io.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let conn = io.conn;
+        if !upstream_side {
+            io.client_ready.note(ready);
+        }
+        match &mut io.stage {
+            Stage::Relaying(relay) => {
+                if upstream_side {
+                    relay.note_upstream_ready(ready);
+                }
+                self.pump(now, conn);
+            }
+            Stage::Connecting {
+                upstream,
+                upstream_ready,
+                ..
+            } if upstream_side => {
+                upstream_ready.note(ready);
+                match connect_result(upstream, ready) {
+                    ConnectResult::Pending => {}
+                    ConnectResult::Connected => {
+                        self.core.handle_upstream_connected(now, conn);
+                        self.drain(now);
+                    }
+                    ConnectResult::Failed(e) => {
+                        self.connect_next(now, conn, e);
+                        self.drain(now);
+                    }
+                }
+            }
+            Stage::Waiting | Stage::Connecting { .. } => {
+                // Plain bytes from a waiting client only wait for activation;
+                // only a close or a failure needs a look at whether it left.
+                if !upstream_side && ready.closing {
+                    match waiting_client(&io.client) {
+                        WaitingClient::Present => {}
+                        WaitingClient::Gone => self.core.handle_client_left(now, conn),
+                        WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
+                    }
+                    self.drain(now);
+                }
+            }
+        }
+    }
+
+    pub(super) fn pump(&mut self, now: u64, conn: ConnRef) {
+        let Some(io) = self
+            .io
+            .get_mut(conn.slot())
+            .and_then(Option::as_mut)
+            .filter(|io| io.conn == conn)
+        else {
+            return;
+        };
+        let Stage::Relaying(relay) = &mut io.stage else {
+            return;
+        };
+        let pumped = relay.pump(&io.client, &mut io.client_ready, &mut self.pool);
+        if let Some(error) = self.pool.take_splice_refusal()
+            && let Some(line) = self.logger.line(LogLevel::Warn, "splice_refused")
+        {
+            line.field("error", error).field("relay", "copying");
+        }
+        match pumped {
+            Pumped::Idle => {}
+            Pumped::Busy => {
+                if !relay.scheduled {
+                    relay.scheduled = true;
+                    debug_assert!(
+                        !self.busy_relays.contains(&conn),
+                        "conn {} is on the busy list twice",
+                        conn.id()
+                    );
+                    self.busy_relays.push(conn);
+                }
+            }
+            Pumped::Ended(end) => {
+                self.core.handle_relay_ended(now, conn, end);
+                self.drain(now);
+            }
+        }
+    }
+
+    /// Tries upstream addresses in turn, starting after the one that just
+    /// failed (or timed out); tells the core how many are left with each
+    /// attempt, and reports failure when none is left.
+    pub(super) fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
+        let start = match self.io_of(conn).map(|io| &io.stage) {
+            Some(Stage::Waiting) => 0,
+            Some(Stage::Connecting { next_addr, .. }) => *next_addr,
+            _ => return,
+        };
+        let mut last_error = failed;
+        for index in start..self.upstream_addrs.len() {
+            let addr = self.upstream_addrs[index];
+            let mut attempt = self.connect_upstream(addr, conn);
+            if matches!(&attempt, Err(e) if sys::is_fd_exhaustion(e)) && self.pool.drop_idle_pipes()
+            {
+                attempt = self.connect_upstream(addr, conn);
+            }
+            match attempt {
+                Ok(upstream) => {
+                    if let Some(io) = self.io_of(conn) {
+                        // Replacing the stage closes the socket of an
+                        // attempt given up on.
+                        io.stage = Stage::Connecting {
+                            upstream,
+                            upstream_ready: Readiness::default(),
+                            next_addr: index + 1,
+                        };
+                    }
+                    let addresses_left = self.upstream_addrs.len() - index;
+                    self.core.handle_connect_attempt(now, conn, addresses_left);
+                    return;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(io) = self.io_of(conn) {
+            io.stage = Stage::Waiting;
+        }
+        let error = last_error.map_or_else(|| "no address".to_string(), |e| e.to_string());
+        self.core.handle_upstream_failed(now, conn, &error);
+    }
+
+    pub(super) fn connect_upstream(
+        &self,
+        addr: SocketAddr,
+        conn: ConnRef,
+    ) -> io::Result<TcpStream> {
+        let mut upstream = TcpStream::connect(addr)?;
+        self.poll.registry().register(
+            &mut upstream,
+            upstream_token(conn),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(upstream)
+    }
+
+    pub(super) fn start_relay(&mut self, now: u64, conn: ConnRef) {
+        let Some(io) = self.io_of(conn) else {
+            return;
+        };
+        let Stage::Connecting {
+            upstream,
+            upstream_ready,
+            ..
+        } = std::mem::replace(&mut io.stage, Stage::Waiting)
+        else {
+            return;
+        };
+        // Best effort: small request/response traffic should not wait for
+        // Nagle. (Clients inherit the option from the listener.)
+        let _ = upstream.set_nodelay(true);
+        let relay = Relay::new(upstream, upstream_ready);
+        if let Some(io) = self.io_of(conn) {
+            io.stage = Stage::Relaying(Box::new(relay));
+        }
+        // Each relay is on the busy list at most once: room for every
+        // connection holding a permit, made now, means relaying never grows it.
+        let relays = self.core.active();
+        for list in [&mut self.busy_relays, &mut self.busy_now] {
+            list.reserve(relays.saturating_sub(list.len()));
+        }
+        // Bytes the client sent while queued wait in the kernel, announced by
+        // an edge already spent; its readiness remembers them, so pump now.
+        self.pump(now, conn);
+    }
+
+    pub(super) fn close(
+        &mut self,
+        conn: ConnRef,
+        outcome: Outcome,
+        ended_by: EndedBy,
+        age_ms: u64,
+    ) {
+        let Some(io) = self
+            .io
+            .get_mut(conn.slot())
+            .and_then(|slot| slot.take_if(|io| io.conn == conn))
+        else {
+            return;
+        };
+        let (up, down) = match io.stage {
+            Stage::Relaying(relay) => {
+                let bytes = relay.bytes();
+                relay.release(&mut self.pool);
+                bytes
+            }
+            Stage::Waiting | Stage::Connecting { .. } => (0, 0),
+        };
+        if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
+            line.field("conn", conn.id())
+                .field("outcome", outcome)
+                .field("ended_by", ended_by)
+                .field("bytes_up", up)
+                .field("bytes_down", down)
+                .field("duration_ms", age_ms);
+        }
+        // Dropping the streams closes them, which also removes them from epoll.
+    }
+
+    pub(super) fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.accept_more = false;
+    }
+}
+
+pub(super) fn client_token(conn: ConnRef) -> Token {
+    Token(FIRST_CONN_TOKEN + conn.slot() * 2)
+}
+
+pub(super) fn upstream_token(conn: ConnRef) -> Token {
+    Token(FIRST_CONN_TOKEN + conn.slot() * 2 + 1)
+}
+
+pub(super) enum ConnectResult {
+    Pending,
+    Connected,
+    Failed(Option<io::Error>),
+}
+
+/// Whether a non-blocking connect finished (mio's documented recipe: a pending
+/// error means failure; a peer address means connected; `NotConnected` means
+/// not yet). On Linux a connecting socket turns writable only once the
+/// handshake is over, and a failed connect reports an error or hang-up, so
+/// plain writability already says "connected" and saves both calls.
+pub(super) fn connect_result(upstream: &TcpStream, ready: SocketEvent) -> ConnectResult {
+    if ready.writable && !ready.closing {
+        return ConnectResult::Connected;
+    }
+    match upstream.take_error() {
+        Ok(Some(e)) | Err(e) => return ConnectResult::Failed(Some(e)),
+        Ok(None) if ready.writable => return ConnectResult::Connected,
+        Ok(None) => {}
+    }
+    match upstream.peer_addr() {
+        Ok(_) => ConnectResult::Connected,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectResult::Pending,
+        Err(e) => ConnectResult::Failed(Some(e)),
+    }
+}
+
+/// What a close or error event on a waiting client's socket means.
+pub(super) enum WaitingClient {
+    /// Nothing ended after all.
+    Present,
+    /// Reset or failed, or closed with nothing pending.
+    Gone,
+    /// Its end of stream arrived after bytes that wait in the kernel: whether
+    /// it keeps its place is the core's call (`--queued-eof`).
+    EndOfStream,
+}
+
+pub(super) fn waiting_client(client: &TcpStream) -> WaitingClient {
+    // The kernel keeps bytes that arrived before a reset, so a peek alone
+    // would find them and keep a dead client queued; a reset or error leaves
+    // its mark in SO_ERROR, which a half-close does not.
+    if !matches!(client.take_error(), Ok(None)) {
+        return WaitingClient::Gone;
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        match client.peek(&mut byte) {
+            Ok(0) => return WaitingClient::Gone,
+            // Called on a close event with no error pending: the peer's FIN
+            // arrived behind these bytes.
+            Ok(_) => return WaitingClient::EndOfStream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WaitingClient::Present,
+            Err(_) => return WaitingClient::Gone,
+        }
+    }
+}
