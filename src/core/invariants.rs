@@ -6,9 +6,10 @@
 
 use std::collections::HashSet;
 
+use super::queue::SWEEP_MIN_STALE;
 use super::{
-    ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, COMPACT_MIN_STALE, ConnRef, ConnState,
-    Core, EndedBy, Outcome,
+    ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, ConnRef, ConnState, Core, EndedBy,
+    Outcome,
 };
 
 impl Core {
@@ -62,43 +63,43 @@ impl Core {
                 self.active
             ));
         }
-        if queued != self.queued {
+        if queued != self.queue.len() {
             return Err(format!(
                 "{queued} queued connections but the queue counts {}",
-                self.queued
+                self.queue.len()
             ));
         }
         let mut seen = HashSet::new();
-        for conn in &self.queue {
-            if !self.is_live_entry(*conn) {
-                if self.get(*conn).is_some() {
+        for conn in self.queue.entries() {
+            if !self.is_live_entry(conn) {
+                if self.get(conn).is_some() {
                     return Err(format!("stale queue entry for live conn {}", conn.id));
                 }
                 continue;
             }
-            if !seen.insert(*conn) {
+            if !seen.insert(conn) {
                 return Err(format!("conn {} is queued twice", conn.id));
             }
         }
-        if seen.len() != self.queued {
+        if seen.len() != self.queue.len() {
             return Err(format!(
                 "{} live queue entries but {} queued connections",
                 seen.len(),
-                self.queued
+                self.queue.len()
             ));
         }
         if let Some(head) = self.queue.front()
-            && !self.is_live_entry(*head)
+            && !self.is_live_entry(head)
         {
             return Err(format!("the queue head (conn {}) is stale", head.id));
         }
         // Stale entries are swept once they outnumber the live ones, so the
         // queue stays within about twice the line (memory bounded by max-queue).
-        let stale = self.queue.len() - self.queued;
-        if stale > self.queued.max(COMPACT_MIN_STALE) {
+        let stale = self.queue.stale();
+        if stale > self.queue.len().max(SWEEP_MIN_STALE) {
             return Err(format!(
                 "{stale} stale queue entries beside {} live ones",
-                self.queued
+                self.queue.len()
             ));
         }
         // Invariant 3 holds by construction (one `Option<RunningHook>`); what can
@@ -128,7 +129,7 @@ impl Core {
             if self.accept_retry.is_some() {
                 return Err("an accept retry is armed after shutdown".to_string());
             }
-            if self.queued > 0 {
+            if self.queue.len() > 0 {
                 return Err("connections still queued after shutdown".to_string());
             }
         }
@@ -142,7 +143,7 @@ impl Core {
         // max-queue 0; while its on-activate hook runs, or after it failed and
         // put it back at the head for a retry, it is the one waiting client
         // that max-queue did not admit.
-        let admitted_straight = self.waiting() > self.queued
+        let admitted_straight = self.waiting() > self.queue.len()
             || self.queue.front().is_some_and(|head| {
                 matches!(self.conns[head.slot].state, ConnState::Queued { attempts } if attempts > 0)
             });

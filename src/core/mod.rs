@@ -20,6 +20,7 @@
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+mod queue;
 pub(crate) mod timer;
 mod types;
 
@@ -36,6 +37,7 @@ use std::net::SocketAddr;
 
 use slab::Slab;
 
+use queue::WaitQueue;
 use timer::{TimerKey, TimerWheel};
 
 /// The first retry of a failed on-activate hook waits this long; each further
@@ -48,26 +50,13 @@ pub const RETRY_MAX_MS: u64 = 30_000;
 pub const ACCEPT_RETRY_BASE_MS: u64 = 50;
 /// The longest wait before a paused accept is retried.
 pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
-/// Stale queue entries are swept out only once there are at least this many,
-/// so a short line does not sweep on every leave.
-const COMPACT_MIN_STALE: usize = 8;
 
 /// The state machine. See the module documentation for the calling contract.
 pub struct Core {
     settings: Settings,
     conns: Slab<Conn>,
-    /// Waiting connections in accept order (a failed hook puts its connection
-    /// back at the front). A connection that leaves stays behind as a stale
-    /// entry (its handle no longer matches a queued connection) so leaving is
-    /// O(1); stale entries are skipped at the head and swept out once they
-    /// outnumber the live ones, so the queue never holds more than about twice
-    /// the waiting clients. The head entry is always live.
-    queue: VecDeque<ConnRef>,
-    /// Live entries in `queue`: the connections in state Queued.
-    queued: usize,
-    /// Queue entries pushed, popped, skipped or swept, for the test that pins
-    /// leaving the queue at O(1) without measuring time.
-    queue_entries_visited: u64,
+    /// Waiting connections in accept order.
+    queue: WaitQueue,
     /// Connections holding a permit: Activating plus Proxying.
     active: usize,
     next_conn_id: u64,
@@ -203,9 +192,7 @@ impl Core {
         Core {
             settings,
             conns: Slab::new(),
-            queue: VecDeque::new(),
-            queued: 0,
-            queue_entries_visited: 0,
+            queue: WaitQueue::default(),
             active: 0,
             next_conn_id: 1,
             timers: TimerWheel::new(now),
@@ -247,7 +234,7 @@ impl Core {
         });
         let conn = ConnRef { slot, id };
         self.log(Event::Accepted { conn: id, client });
-        self.enqueue_back(conn);
+        self.queue.push_back(conn);
         if self.shutdown.is_some() {
             self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
             return conn;
@@ -261,9 +248,7 @@ impl Core {
         self.pump(now);
         // Only the newcomer can push the line past its limit, and only if the
         // pump left it there, at the back.
-        if self.waiting() > self.settings.max_queue && self.queue.back() == Some(&conn) {
-            self.queue.pop_back();
-            self.queue_entries_visited += 1;
+        if self.waiting() > self.settings.max_queue && self.queue.back() == Some(conn) {
             self.log(Event::Rejected { conn: id, client });
             self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
         }
@@ -499,7 +484,7 @@ impl Core {
         let accept_retry = self.accept_retry.take();
         self.cancel(accept_retry);
         self.log(Event::ShutdownStarted {
-            queued: self.queued,
+            queued: self.queue.len(),
             active: self.active,
             grace_ms: self.settings.shutdown_grace_ms,
         });
@@ -546,7 +531,7 @@ impl Core {
             self.log(line);
         }
         self.log(Event::StateSummary {
-            queued: self.queued,
+            queued: self.queue.len(),
             active: self.active,
             permits: self.settings.permits,
             hook_running: self.hook.is_some(),
@@ -578,14 +563,14 @@ impl Core {
     #[cfg(any(test, feature = "model"))]
     /// Clients in the queue (not counting one whose on-activate hook runs).
     pub fn queue_len(&self) -> usize {
-        self.queued
+        self.queue.len()
     }
 
     /// Queue entries pushed, popped, skipped or swept so far: the work the
     /// queue did, which stays proportional to the clients it saw.
     #[cfg(test)]
     pub fn queue_entries_visited(&self) -> u64 {
-        self.queue_entries_visited
+        self.queue.visited()
     }
 
     /// Connections holding a permit (Activating + Proxying).
@@ -613,7 +598,7 @@ impl Core {
     /// The numbers a [`crate::Handle`] reports.
     pub fn stats(&self) -> Stats {
         Stats {
-            queue_length: self.queued,
+            queue_length: self.queue.len(),
             active: self.active,
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
@@ -653,7 +638,7 @@ impl Core {
             .hook
             .as_ref()
             .and_then(|run| self.still_waiting_for(run));
-        self.queued + usize::from(preparing.is_some())
+        self.queue.len() + usize::from(preparing.is_some())
     }
 
     /// The connection an on-activate hook prepares, if it is still there
@@ -695,7 +680,7 @@ impl Core {
             if self.active >= self.settings.permits as usize {
                 return;
             }
-            let Some(&head) = self.queue.front() else {
+            let Some(head) = self.queue.front() else {
                 return;
             };
             let attempts = match self.conns[head.slot].state {
@@ -706,7 +691,8 @@ impl Core {
             if hook_needed && self.retry.is_some() {
                 return;
             }
-            self.pop_head();
+            let conns = &self.conns;
+            self.queue.pop_front(|entry| is_queued(conns, entry));
             self.active += 1;
             match self.settings.on_activate.filter(|_| hook_needed) {
                 Some(run) => {
@@ -762,7 +748,7 @@ impl Core {
             timeouts: self.counters.timeouts,
             last_outcome: self.last_outcome,
             last_ended_by: self.last_ended_by,
-            queue_length: self.queued,
+            queue_length: self.queue.len(),
             active: self.active,
             attempt,
         };
@@ -796,8 +782,8 @@ impl Core {
         self.hook_failures = self.hook_failures.saturating_add(1);
         let shift = (self.hook_failures - 1).min(16);
         let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
-        let retry_in_ms =
-            (self.shutdown.is_none() && self.queued > 0 || waiting.is_some()).then_some(backoff);
+        let retry_in_ms = (self.shutdown.is_none() && self.queue.len() > 0 || waiting.is_some())
+            .then_some(backoff);
         if let Some(conn) = waiting {
             // Back to the head of the line: it keeps its place but not its permit.
             let attempts = match self.conns[conn.slot].state {
@@ -807,8 +793,6 @@ impl Core {
             self.conns[conn.slot].state = ConnState::Queued { attempts };
             self.active -= 1;
             self.queue.push_front(conn);
-            self.queued += 1;
-            self.queue_entries_visited += 1;
         }
         self.log(Event::HookFailed {
             hook: run.id,
@@ -950,7 +934,10 @@ impl Core {
         let c = self.conns.remove(conn.slot);
         self.cancel(c.queue_deadline);
         match c.state {
-            ConnState::Queued { .. } => self.dequeue_left(conn),
+            ConnState::Queued { .. } => {
+                let conns = &self.conns;
+                self.queue.left(conn, |entry| is_queued(conns, entry));
+            }
             ConnState::Activating(activation) => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
@@ -980,73 +967,9 @@ impl Core {
         self.resume_accepting();
     }
 
-    fn enqueue_back(&mut self, conn: ConnRef) {
-        self.queue.push_back(conn);
-        self.queued += 1;
-        self.queue_entries_visited += 1;
-    }
-
-    /// Whether a queue entry still names a waiting connection. A connection
-    /// leaves the Queued state only by ending (its slot is freed or reused
-    /// under another id) or by being popped at the head, so this is exact.
+    /// Whether a queue entry still names a waiting connection.
     fn is_live_entry(&self, entry: ConnRef) -> bool {
-        self.get(entry)
-            .is_some_and(|c| matches!(c.state, ConnState::Queued { .. }))
-    }
-
-    /// Takes the live head of the queue out, then restores the rule that the
-    /// head is live.
-    fn pop_head(&mut self) {
-        if self.queue.pop_front().is_some() {
-            self.queued -= 1;
-            self.queue_entries_visited += 1;
-        }
-        self.skip_stale_head();
-        self.sweep_if_mostly_stale();
-    }
-
-    /// A queued connection ended (its slab entry is already gone): its entry
-    /// stays behind, stale, unless it is at the head or stale entries now
-    /// dominate.
-    fn dequeue_left(&mut self, conn: ConnRef) {
-        self.queued -= 1;
-        if self.queued == 0 {
-            // Nothing live is left: every entry is stale. Copy entries need no
-            // drop, so this costs nothing per entry.
-            self.queue.clear();
-            return;
-        }
-        if self.queue.front() == Some(&conn) {
-            self.skip_stale_head();
-        }
-        self.sweep_if_mostly_stale();
-    }
-
-    /// Sweeps the stale entries out once they outnumber the live ones. Each
-    /// sweep costs at most twice the stale entries it removes, and each was
-    /// left by one leave, so leaving stays O(1) amortised.
-    fn sweep_if_mostly_stale(&mut self) {
-        let stale = self.queue.len() - self.queued;
-        if stale > self.queued && stale >= COMPACT_MIN_STALE {
-            self.queue_entries_visited += self.queue.len() as u64;
-            let mut queue = std::mem::take(&mut self.queue);
-            queue.retain(|entry| self.is_live_entry(*entry));
-            // Give back the memory of a line that was once much longer.
-            if queue.capacity() > 4 * queue.len().max(COMPACT_MIN_STALE) {
-                queue.shrink_to(2 * queue.len().max(COMPACT_MIN_STALE));
-            }
-            self.queue = queue;
-        }
-    }
-
-    fn skip_stale_head(&mut self) {
-        while let Some(&head) = self.queue.front() {
-            if self.is_live_entry(head) {
-                return;
-            }
-            self.queue.pop_front();
-            self.queue_entries_visited += 1;
-        }
+        is_queued(&self.conns, entry)
     }
 
     fn check(&self) {
@@ -1055,6 +978,15 @@ impl Core {
             panic!("core invariant broken: {broken}");
         }
     }
+}
+
+/// Whether a queue entry still names a waiting connection. A connection
+/// leaves the Queued state only by ending (its slot is freed or reused under
+/// another id) or by being taken at the head, so this is exact.
+fn is_queued(conns: &Slab<Conn>, entry: ConnRef) -> bool {
+    conns
+        .get(entry.slot)
+        .is_some_and(|c| c.id == entry.id && matches!(c.state, ConnState::Queued { .. }))
 }
 
 impl ConnState {
