@@ -233,10 +233,9 @@ pub struct WatchedChild {
 /// async-signal-safe calls (no allocation) between `clone` and `execve`.
 pub struct ExecSpec<'a> {
     pub program: &'a CStr,
-    /// Null-terminated, pointing into strings that outlive the call.
-    pub argv: &'a [*const libc::c_char],
-    /// Null-terminated, pointing into strings that outlive the call.
-    pub envp: &'a [*const libc::c_char],
+    pub argv: &'a [&'a CStr],
+    /// `KEY=VALUE` entries.
+    pub envp: &'a [&'a CStr],
     /// Becomes the child's stdin.
     pub stdin: BorrowedFd<'a>,
 }
@@ -252,13 +251,18 @@ pub struct ExecSpec<'a> {
 /// it, and a host's `waitpid(-1)` does not take it (only `__WALL` waits do).
 /// An error whose raw code is `ENOSYS`, `EINVAL` or `EPERM` means the kernel
 /// (before 5.2) or a seccomp filter refuses the call: [`is_pidfd_unsupported`].
+/// A failed `execve` in the child is an error with no raw code (it names the
+/// program), so it is never taken for that.
 pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
-    if spec.argv.last() != Some(&std::ptr::null()) || spec.envp.last() != Some(&std::ptr::null()) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "argv and envp must end with a null pointer",
-        ));
-    }
+    // Built before the clone: the child may not allocate.
+    let argv = null_terminated(spec.argv);
+    let envp = null_terminated(spec.envp);
+    let exec = ExecArgs {
+        program: spec.program,
+        argv: &argv,
+        envp: &envp,
+        stdin: spec.stdin,
+    };
     let mut exec_errors = [0 as libc::c_int; 2];
     // SAFETY: `exec_errors` is a writable array of two ints, as pipe2 requires.
     if unsafe { libc::pipe2(exec_errors.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -293,7 +297,7 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
     if pid == 0 {
         // SAFETY: we are the freshly cloned child; `spec` points into memory
         // copied with us, and `exec_child` makes only async-signal-safe calls.
-        unsafe { exec_child(spec, error_write.as_raw_fd()) }
+        unsafe { exec_child(&exec, error_write.as_raw_fd()) }
     }
     // SAFETY: clone succeeded with CLONE_PIDFD, so `pidfd` is an open
     // descriptor (close-on-exec) that only we own.
@@ -326,7 +330,11 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
     if got == errno.len() {
         // The child is gone or going: reap it so it leaves no zombie.
         let _ = wait_exited(&child, true);
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        let error = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+        return Err(io::Error::new(
+            error.kind(),
+            format!("exec {}: {error}", spec.program.to_string_lossy()),
+        ));
     }
     Ok(child)
 }
@@ -336,7 +344,7 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
 /// # Safety
 /// Only to be called in a child just returned from `clone`; everything `spec`
 /// points to must be valid.
-unsafe fn exec_child(spec: &ExecSpec<'_>, error_fd: libc::c_int) -> ! {
+unsafe fn exec_child(spec: &ExecArgs<'_>, error_fd: libc::c_int) -> ! {
     // SAFETY (whole block): only async-signal-safe calls on memory prepared
     // before the clone; the child ends in execve or _exit.
     unsafe {
@@ -361,6 +369,24 @@ unsafe fn exec_child(spec: &ExecSpec<'_>, error_fd: libc::c_int) -> ! {
         libc::write(error_fd, (&errno as *const libc::c_int).cast(), 4);
         libc::_exit(127)
     }
+}
+
+/// What the child execs, as raw pointers into the caller's strings.
+struct ExecArgs<'a> {
+    program: &'a CStr,
+    /// Null-terminated.
+    argv: &'a [*const libc::c_char],
+    /// Null-terminated.
+    envp: &'a [*const libc::c_char],
+    stdin: BorrowedFd<'a>,
+}
+
+fn null_terminated(strings: &[&CStr]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain([std::ptr::null()])
+        .collect()
 }
 
 /// Whether [`spawn_watched`] failed because pidfds are not available here.
@@ -735,13 +761,8 @@ mod tests {
     fn a_watched_child_reports_its_exit_and_a_failed_exec_is_an_error() {
         let shell = c"/bin/sh";
         let (dash_c, script) = (c"-c", c"exit 3");
-        let argv = [
-            shell.as_ptr(),
-            dash_c.as_ptr(),
-            script.as_ptr(),
-            std::ptr::null(),
-        ];
-        let envp = [std::ptr::null()];
+        let argv = [shell, dash_c, script];
+        let envp: [&CStr; 0] = [];
         let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
         let spec = ExecSpec {
             program: shell,
@@ -761,7 +782,13 @@ mod tests {
             ..spec
         };
         let error = spawn_watched(&spec).expect_err("no such program");
-        assert_eq!(error.raw_os_error(), Some(libc::ENOENT));
+        // Not to be taken for a kernel without pidfds.
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert!(!is_pidfd_unsupported(&error), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/tcplock-test"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -25,15 +25,6 @@ fn hook_sequence(proxy: &Proxy) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// `conn=` of every `hook_started` line, in order.
-fn hook_conns(proxy: &Proxy) -> Vec<u64> {
-    proxy
-        .matching(event("hook_started"))
-        .iter()
-        .map(|l| num_field(l, "conn"))
-        .collect()
-}
-
 #[test]
 fn the_hook_finishes_before_the_upstream_sees_the_connection() {
     let dir = TempDir::new("order");

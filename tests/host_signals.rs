@@ -8,13 +8,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{IO_TIMEOUT, Upstream, quiet_lock, roundtrip, set_timeouts, wait_until};
+use common::{IO_TIMEOUT, Upstream, quiet_lock, reset, roundtrip, set_timeouts, wait_until};
 use tcplock::{Hook, Lock, Splice};
 
 const SCENARIO_VAR: &str = "TCPLOCK_HOST_SCENARIO";
@@ -189,25 +188,6 @@ fn sigpipe_default() {
         "the lock did not stop"
     );
     runner.join().expect("the loop thread did not panic");
-}
-
-/// Closes with SO_LINGER 0: the peer gets a reset, not an end of stream.
-fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `linger` is live and its size is passed; the socket is open.
-    let result = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(result, 0, "SO_LINGER");
 }
 
 const WATCHED: [libc::c_int; 6] = [

@@ -15,15 +15,6 @@ use hookkit::*;
 
 const REQUEST: &[u8] = b"request\n";
 
-/// `conn=` of every `hook_started` line, in order.
-fn hook_conns(proxy: &Proxy) -> Vec<u64> {
-    proxy
-        .matching(event("hook_started"))
-        .iter()
-        .map(|l| num_field(l, "conn"))
-        .collect()
-}
-
 /// A client that sends its request and then half-closes, as a client that
 /// gave up after sending would look from tcplock.
 fn request_then_eof(proxy: &Proxy) -> TcpStream {

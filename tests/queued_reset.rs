@@ -5,40 +5,8 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 
 use common::*;
-
-/// Closes `stream` with a reset instead of a FIN (SO_LINGER on, timeout 0).
-fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: the fd is open for the call and `linger` is a valid value of the
-    // size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    drop(stream);
-}
-
-/// `conn=` of every `hook_started` line, in order.
-fn hook_conns(proxy: &Proxy) -> Vec<u64> {
-    proxy
-        .matching(event("hook_started"))
-        .iter()
-        .map(|l| num_field(l, "conn"))
-        .collect()
-}
 
 #[test]
 fn a_queued_client_that_sent_a_byte_and_reset_is_abandoned_without_a_hook_run() {

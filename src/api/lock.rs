@@ -228,7 +228,8 @@ impl Builder {
 
     /// Handle SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 (state dump)
     /// as the binary does. Off by default: a library should not take over its
-    /// host's signals. (SIGCHLD is always watched, for command hooks.)
+    /// host's signals, and without this none is touched (command hooks are
+    /// watched through pidfds; SIGCHLD only on kernels without them).
     pub fn handle_signals(mut self, on: bool) -> Builder {
         self.options.handle_signals = on;
         self

@@ -313,6 +313,7 @@ impl Core {
 
     /// The upstream accepted the connection: it starts proxying.
     pub fn handle_upstream_connected(&mut self, now: u64, conn: ConnRef) {
+        self.supersede_connect_attempt(conn);
         self.advance(now);
         let ttl_ms = self.settings.ttl_ms;
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
@@ -352,6 +353,7 @@ impl Core {
     /// for the next address with [`Action::ConnectNext`]. The last address
     /// gets all that is left. Ignored unless the connection is connecting.
     pub fn handle_connect_attempt(&mut self, now: u64, conn: ConnRef, addresses_left: usize) {
+        self.supersede_connect_attempt(conn);
         self.advance(now);
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
@@ -378,6 +380,7 @@ impl Core {
 
     /// No upstream address took the connection. `error` is for the log.
     pub fn handle_upstream_failed(&mut self, now: u64, conn: ConnRef, error: &str) {
+        self.supersede_connect_attempt(conn);
         self.advance(now);
         if let Some(c) = self.get(conn)
             && matches!(
@@ -970,6 +973,19 @@ impl Core {
     /// Whether a queue entry still names a waiting connection.
     fn is_live_entry(&self, entry: ConnRef) -> bool {
         is_queued(&self.conns, entry)
+    }
+
+    /// News of a connect (it succeeded, failed, or moved to the next address)
+    /// is newer than its address's share running out at the same moment: the
+    /// share's timer goes before deadlines fire, or it would send the shell to
+    /// the next address for a connect that already ended.
+    fn supersede_connect_attempt(&mut self, conn: ConnRef) {
+        if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+            && let ConnState::Activating(Activation::Connecting { attempt, .. }) = &mut c.state
+            && let Some(key) = attempt.take()
+        {
+            self.timers.cancel(key);
+        }
     }
 
     fn check(&self) {

@@ -875,3 +875,40 @@ fn a_waiting_clients_end_of_stream_keeps_or_drops_it_as_the_setting_says() {
     assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
     assert_eq!(core.conn_count(), 0);
 }
+
+#[test]
+fn news_of_a_connect_supersedes_its_share_running_out_at_the_same_moment() {
+    let settings = || Settings {
+        connect_timeout_ms: Some(10_000),
+        ..settings()
+    };
+    // Connected just as the first of two addresses' share ran out: relaying
+    // starts on the socket that connected, never a move to the next address.
+    let mut core = Core::new(settings(), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, conn, 2);
+    core.handle_upstream_connected(5_000, conn);
+    assert_eq!(actions(&mut core), vec![Action::StartRelay(conn)]);
+
+    // The first of three addresses failed as its share ran out: the second
+    // gets its own share, not a move on at once.
+    let mut core = Core::new(settings(), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, conn, 3);
+    core.handle_connect_attempt(3_333, conn, 2);
+    assert_eq!(actions(&mut core), vec![]);
+    assert_eq!(core.poll_timeout(), Some(3_333 + 3_333));
+
+    // Every address failed as the last share ran out: the connect fails, and
+    // no move to an address is asked for after it.
+    let mut core = Core::new(settings(), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    actions(&mut core);
+    core.handle_connect_attempt(0, conn, 2);
+    core.handle_upstream_failed(5_000, conn, "refused");
+    let after = actions(&mut core);
+    assert!(!after.contains(&Action::ConnectNext(conn)), "{after:?}");
+    assert!(after.iter().any(closed(Outcome::ConnectFailed)));
+}

@@ -4,7 +4,7 @@
 //! registered with the poll (readable = exited); where the kernel has no
 //! pidfds, through SIGCHLD.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -70,16 +70,8 @@ impl HookProcess {
         for (key, value) in &overrides {
             env.push(CString::new(format!("{key}={value}")).map_err(|_| nul_error())?);
         }
-        let argv: Vec<*const libc::c_char> = args
-            .iter()
-            .map(|arg| arg.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
-        let envp: Vec<*const libc::c_char> = env
-            .iter()
-            .map(|entry| entry.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
+        let argv: Vec<&CStr> = args.iter().map(CString::as_c_str).collect();
+        let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
         let child = sys::spawn_watched(&ExecSpec {
             program: &program,
@@ -383,32 +375,38 @@ impl Shell {
                         return Ok(process);
                     };
                     let raw = pidfd.as_raw_fd();
-                    match self.poll.registry().register(
+                    let watched = self.poll.registry().register(
                         &mut SourceFd(&raw),
                         HOOK_EXIT,
                         Interest::READABLE,
-                    ) {
-                        Ok(()) => return Ok(process),
-                        Err(e) => {
-                            // Unwatched, it would hold the hook slot forever.
-                            let _ = process.kill();
-                            let mut process = process;
-                            let _ = process.wait();
-                            return Err(e);
-                        }
+                    );
+                    let Err(e) = watched else {
+                        return Ok(process);
+                    };
+                    // Unwatched, it would hold the hook slot forever.
+                    let _ = process.kill();
+                    let mut process = process;
+                    let _ = process.wait();
+                    // Linux 5.2 hands out pidfds that cannot be polled yet.
+                    if e.raw_os_error() != Some(libc::EPERM) {
+                        return Err(e);
                     }
+                    self.pidfds_unavailable(e);
                 }
-                Err(e) if sys::is_pidfd_unsupported(&e) => {
-                    self.pidfds_available = false;
-                    if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
-                        line.field("error", e).field("fallback", "SIGCHLD");
-                    }
-                }
+                Err(e) if sys::is_pidfd_unsupported(&e) => self.pidfds_unavailable(e),
                 Err(e) => return Err(e),
             }
         }
         self.watch_sigchld()?;
         HookProcess::spawn_without_pidfd(command, context)
+    }
+
+    /// From now on hooks are watched through SIGCHLD; said once.
+    fn pidfds_unavailable(&mut self, error: io::Error) {
+        self.pidfds_available = false;
+        if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
+            line.field("error", error).field("fallback", "SIGCHLD");
+        }
     }
 
     pub(super) fn kill_hook(&mut self, now: u64, hook: HookId) {
@@ -456,6 +454,8 @@ impl Shell {
             Some(signals) => signals.add_signal(SIGCHLD),
             None => {
                 self.signals = Some(watch_signals(&self.poll, &[SIGCHLD])?);
+                // Its self-pipe was not open when the budget counted.
+                self.fds.baseline += 2;
                 Ok(())
             }
         }

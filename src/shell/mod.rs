@@ -132,7 +132,12 @@ pub(crate) struct Shell {
     /// The poll wakes us when stderr has room; otherwise waiting log lines
     /// are retried every [`LOG_RETRY`].
     log_watched: bool,
-    upstream_addrs: Vec<SocketAddr>,
+    /// Shared with each connecting client, which keeps walking the list it
+    /// started on when a reload swaps it.
+    upstream_addrs: Arc<[SocketAddr]>,
+    /// Counts poll returns: a socket made in this turn had no part in the
+    /// events of this turn, which belong to the one its token named before.
+    turn: u64,
     hook: Option<RunningHook>,
     hooks: HookTable,
     config: Config,
@@ -175,8 +180,12 @@ enum Stage {
     Connecting {
         upstream: TcpStream,
         upstream_ready: Readiness,
+        /// The addresses as they were when connecting began.
+        addrs: Arc<[SocketAddr]>,
         /// The next upstream address to try if this one fails.
         next_addr: usize,
+        /// The loop turn this socket was made in.
+        since_turn: u64,
     },
     Relaying(Box<Relay>),
 }
@@ -282,7 +291,8 @@ impl Shell {
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             log_watched,
-            upstream_addrs,
+            upstream_addrs: upstream_addrs.into(),
+            turn: 0,
             hook: None,
             hooks,
             config,
@@ -355,6 +365,7 @@ impl Shell {
                 }
             }
             let now = self.now();
+            self.turn += 1;
             let mut signalled = false;
             for event in events.iter() {
                 match event.token() {

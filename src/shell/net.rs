@@ -172,6 +172,11 @@ impl Shell {
                 }
                 self.pump(now, conn);
             }
+            Stage::Connecting { since_turn, .. } if upstream_side && *since_turn == self.turn => {
+                // The event was for the socket this token named before (an
+                // attempt given up on this turn, or a connection that ended):
+                // the new one's own state comes with the next poll.
+            }
             Stage::Connecting {
                 upstream,
                 upstream_ready,
@@ -247,14 +252,16 @@ impl Shell {
     /// failed (or timed out); tells the core how many are left with each
     /// attempt, and reports failure when none is left.
     pub(super) fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
-        let start = match self.io_of(conn).map(|io| &io.stage) {
-            Some(Stage::Waiting) => 0,
-            Some(Stage::Connecting { next_addr, .. }) => *next_addr,
+        let (addrs, start) = match self.io_of(conn).map(|io| &io.stage) {
+            Some(Stage::Waiting) => (Arc::clone(&self.upstream_addrs), 0),
+            Some(Stage::Connecting {
+                addrs, next_addr, ..
+            }) => (Arc::clone(addrs), *next_addr),
             _ => return,
         };
+        let turn = self.turn;
         let mut last_error = failed;
-        for index in start..self.upstream_addrs.len() {
-            let addr = self.upstream_addrs[index];
+        for (index, &addr) in addrs.iter().enumerate().skip(start) {
             let mut attempt = self.connect_upstream(addr, conn);
             if matches!(&attempt, Err(e) if sys::is_fd_exhaustion(e)) && self.pool.drop_idle_pipes()
             {
@@ -268,10 +275,12 @@ impl Shell {
                         io.stage = Stage::Connecting {
                             upstream,
                             upstream_ready: Readiness::default(),
+                            addrs: Arc::clone(&addrs),
                             next_addr: index + 1,
+                            since_turn: turn,
                         };
                     }
-                    let addresses_left = self.upstream_addrs.len() - index;
+                    let addresses_left = addrs.len() - index;
                     self.core.handle_connect_attempt(now, conn, addresses_left);
                     return;
                 }

@@ -118,7 +118,14 @@ impl Shell {
         upstream_addrs: Vec<SocketAddr>,
         (origin_key, origin): (&str, &str),
     ) {
-        self.upstream_addrs = upstream_addrs;
+        // Deadlines that passed fire under the settings (and hooks) they were
+        // set under, before the hook table names the new hooks.
+        self.core.handle_tick(now);
+        self.drain(now);
+        self.upstream_addrs = upstream_addrs.into();
+        // Which file SIGHUP reads is fixed by the command line, whatever
+        // config a `Handle::reload` passes.
+        new.config_file = self.config.config_file.clone();
         for key in config::keep_fixed(&self.config, &mut new) {
             if let Some(line) = self.logger.line(LogLevel::Warn, "reload_ignored") {
                 line.field("key", key)

@@ -692,6 +692,37 @@ pub fn expect_closed(s: &mut TcpStream, timeout: Duration) -> Result<(Ended, Vec
     }
 }
 
+/// Closes `stream` with a reset (SO_LINGER 0) instead of an end of stream.
+pub fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the socket is open for the call, and `linger` is live and of the
+    // size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(stream);
+}
+
+/// `conn=` of every `hook_started` line, in order.
+pub fn hook_conns(proxy: &Proxy) -> Vec<u64> {
+    proxy
+        .matching(event("hook_started"))
+        .iter()
+        .map(|l| num_field(l, "conn"))
+        .collect()
+}
+
 /// A port on 127.0.0.1 with nothing listening on it (bound then released).
 pub fn unused_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");

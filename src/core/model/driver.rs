@@ -116,6 +116,11 @@ impl Model {
                     return self.skip(op);
                 };
                 self.fed = self.now;
+                // The news supersedes its address's share, even one that ran
+                // out at this very moment: no ConnectNext may follow.
+                if let State::Connecting { attempt, .. } = &mut self.shadow_mut(conn.id).state {
+                    *attempt = None;
+                }
                 if matches!(op, Op::UpstreamConnected(_)) {
                     trace!(self, "t={} connected conn {}", self.now, conn.id);
                     fed.connected = Some(conn.id);
@@ -127,18 +132,19 @@ impl Model {
                 }
             }
             Op::ConnectAttempt(i, left) => {
-                self.tick_first(fed)?;
+                // Not ticked first: the share of the address before may run
+                // out at this very moment, and the new attempt supersedes it.
                 let Some(conn) = self.pick(*i, |s| matches!(s, State::Connecting { .. })) else {
                     return self.skip(op);
                 };
+                self.fed = self.now;
                 let now = self.now;
                 trace!(self, "t={now} connect_attempt conn {} left {left}", conn.id);
-                fed.quiet = true;
                 let left = usize::from(*left);
                 let s = self.shadow_mut(conn.id);
                 if let State::Connecting { deadline, attempt } = &mut s.state {
                     *attempt = deadline.filter(|_| left > 1).and_then(|ends| {
-                        let share = ((ends - now) / left as u64).max(1);
+                        let share = (ends.saturating_sub(now) / left as u64).max(1);
                         (now + share < ends).then_some(now + share)
                     });
                 }
