@@ -1,6 +1,6 @@
 //! The command line, read into [`RawArgs`] without judging the values.
 //!
-//! Values stay strings here because [`crate::config`] has to merge them with a
+//! Values stay strings here because `config` has to merge them with a
 //! config file before it can validate them (a flag overrides the file's key, and
 //! whether an upstream is missing depends on both). This module does no I/O, so
 //! tests drive it with [`parse_from`].
@@ -18,7 +18,7 @@ use crate::config::units::Quoted;
 pub enum Command {
     /// Run the proxy with these flags; their values are not yet validated.
     Run(RawArgs),
-    /// `--help`: print [`USAGE`] and exit 0.
+    /// `--help`: print [`usage`] and exit 0.
     Help,
     /// `-V`/`--version`: print [`VERSION`] and exit 0.
     Version,

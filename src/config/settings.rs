@@ -199,7 +199,7 @@ settings! {
         check |d| check_limit(*d),
         help "upstream connect timeout, shared out among its\n\
               addresses; 0 = no limit (default: 10s)";
-    /// Bytes per relay direction, within [`MIN_BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`].
+    /// Bytes per relay direction, 1 KiB to 64 MiB.
     buffer_size: usize = 16 * 1024,
         key "buffer-size" value "BYTES", Limits, reload true,
         parse |s| units::parse_size(s).map_err(|e| e.to_string()),
