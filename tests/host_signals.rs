@@ -55,18 +55,29 @@ fn main() {
         .filter(|arg| !arg.starts_with('-'))
         .collect();
     let mut failed = Vec::new();
+    let mut passed = 0;
     for (name, _) in CASES {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         match run_case(name) {
-            Ok(()) => println!("test {name} ... ok"),
+            Ok(()) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
             Err(why) => {
                 println!("test {name} ... FAILED: {why}");
                 failed.push(*name);
             }
         }
     }
+    // The summary line libtest prints, so a reader of the whole run counts
+    // these cases too.
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out\n",
+        failed.len()
+    );
     assert!(failed.is_empty(), "failed: {failed:?}");
 }
 
