@@ -33,14 +33,11 @@ impl Core {
                     holding += 1;
                     preparing.push(conn);
                 }
-                ConnState::Activating(Activation::Connecting {
-                    deadline,
-                    ends_at,
-                    attempt,
-                }) => {
+                ConnState::Activating(Activation::Connecting { deadline, attempt }) => {
                     holding += 1;
                     armed += usize::from(deadline.is_some());
                     armed += usize::from(attempt.is_some());
+                    let ends_at = deadline.and_then(|key| self.timers.deadline(key));
                     if attempt.is_some() && ends_at.is_none_or(|at| at <= self.now) {
                         return Err(format!(
                             "conn {} has an attempt deadline but no connect time left",

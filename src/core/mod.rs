@@ -126,11 +126,10 @@ enum Activation {
     /// Its on-activate hook is running.
     Hook { attempt: u32 },
     /// The shell is connecting to the upstream. `deadline` ends the whole
-    /// connect at `ends_at`; `attempt` ends the try of one address early, so
-    /// the addresses after it get their share of the time.
+    /// connect; `attempt` ends the try of one address early, so the addresses
+    /// after it get their share of the time.
     Connecting {
         deadline: Option<TimerKey>,
-        ends_at: Option<u64>,
         attempt: Option<TimerKey>,
     },
 }
@@ -358,13 +357,12 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
         };
-        let ConnState::Activating(Activation::Connecting {
-            ends_at, attempt, ..
-        }) = &mut c.state
+        let ConnState::Activating(Activation::Connecting { deadline, attempt }) = &mut c.state
         else {
             return;
         };
         let previous = attempt.take();
+        let ends_at = deadline.and_then(|key| self.timers.deadline(key));
         let share_ends = ends_at.filter(|_| addresses_left > 1).and_then(|ends_at| {
             let left = u64::try_from(addresses_left).unwrap_or(u64::MAX);
             let share = (ends_at.saturating_sub(now) / left).max(1);
@@ -715,14 +713,12 @@ impl Core {
     }
 
     fn start_connect(&mut self, now: u64, conn: ConnRef) {
-        let ends_at = self
-            .settings
-            .connect_timeout_ms
-            .map(|timeout| now.saturating_add(timeout));
-        let deadline = ends_at.map(|at| self.timers.insert(at, Deadline::Connect(conn)));
+        let deadline = self.settings.connect_timeout_ms.map(|timeout| {
+            self.timers
+                .insert(now.saturating_add(timeout), Deadline::Connect(conn))
+        });
         self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting {
             deadline,
-            ends_at,
             attempt: None,
         });
         self.actions.push_back(Action::Connect(conn));

@@ -23,6 +23,7 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::num::NonZeroU64;
 
 use slab::Slab;
 
@@ -75,10 +76,39 @@ pub struct TimerWheel<T> {
 /// Keys are never reused: once its entry fired or was cancelled, a key is
 /// stale and every method treats it as absent, even if a new entry took the
 /// same storage slot.
+///
+/// One word: the entry's slab index in the low [`INDEX_BITS`] bits, the low
+/// bits of its generation above them, never zero (generations start at 1), so
+/// an `Option<TimerKey>` is one word too. Every connection holds up to four
+/// of them. The generation bits wrap only after 2^40 inserts (a year at 30,000
+/// a second), and a key is only ever compared while its entry is pending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TimerKey {
-    index: usize,
-    generation: u64,
+pub struct TimerKey(NonZeroU64);
+
+/// Entries a wheel can hold: 16 million, far above what the settings' caps
+/// allow (a few timers for each of at most a million queued and a million
+/// proxying connections).
+const INDEX_BITS: u32 = 24;
+/// The generation bits a key keeps.
+const GENERATION_MASK: u64 = (1 << (64 - INDEX_BITS)) - 1;
+
+impl TimerKey {
+    fn new(index: usize, generation: u64) -> TimerKey {
+        debug_assert!(index < 1 << INDEX_BITS, "timer index {index} out of range");
+        debug_assert!(generation > 0);
+        let packed = (generation << INDEX_BITS) | index as u64;
+        // Never zero: `insert` skips generations whose kept bits are zero.
+        TimerKey(NonZeroU64::new(packed).unwrap_or(NonZeroU64::MIN))
+    }
+
+    fn index(self) -> usize {
+        (self.0.get() & ((1 << INDEX_BITS) - 1)) as usize
+    }
+
+    /// Whether this key names an entry of `generation`.
+    fn matches(self, generation: u64) -> bool {
+        self.0.get() >> INDEX_BITS == generation & GENERATION_MASK
+    }
 }
 
 impl<T> TimerWheel<T> {
@@ -91,7 +121,7 @@ impl<T> TimerWheel<T> {
             entries: Slab::new(),
             lists: vec![Links::EMPTY; SLOTS + 1].into_boxed_slice(),
             now_ms,
-            next_generation: 0,
+            next_generation: 1,
             wheel_min: Cell::new(WheelMin::Known(None)),
             scratch: Vec::new(),
         }
@@ -104,6 +134,9 @@ impl<T> TimerWheel<T> {
     /// [`poll_expired`](Self::poll_expired)) is already due: the entry comes
     /// out of the next `poll_expired`, whatever time that poll passes.
     pub fn insert(&mut self, deadline_ms: u64, value: T) -> TimerKey {
+        if self.next_generation & GENERATION_MASK == 0 {
+            self.next_generation += 1;
+        }
         let generation = self.next_generation;
         self.next_generation += 1;
         let index = self.entries.insert(Entry {
@@ -124,7 +157,7 @@ impl<T> TimerWheel<T> {
                 self.wheel_min.set(WheelMin::Known(Some(min)));
             }
         }
-        TimerKey { index, generation }
+        TimerKey::new(index, generation)
     }
 
     /// Removes the entry of `key` and returns its value.
@@ -136,13 +169,13 @@ impl<T> TimerWheel<T> {
         if !self.contains(key) {
             return None;
         }
-        let list = self.entries[key.index].list;
-        let deadline_ms = self.entries[key.index].deadline_ms;
-        self.unlink(key.index);
+        let list = self.entries[key.index()].list;
+        let deadline_ms = self.entries[key.index()].deadline_ms;
+        self.unlink(key.index());
         if list != DUE && self.wheel_min.get() == WheelMin::Known(Some(deadline_ms)) {
             self.wheel_min.set(WheelMin::Stale);
         }
-        Some(self.entries.remove(key.index).value)
+        Some(self.entries.remove(key.index()).value)
     }
 
     /// Removes and returns one entry whose deadline is at or before `now_ms`,
@@ -165,10 +198,7 @@ impl<T> TimerWheel<T> {
         }
         self.unlink(index);
         let entry = self.entries.remove(index);
-        let key = TimerKey {
-            index,
-            generation: entry.generation,
-        };
+        let key = TimerKey::new(index, entry.generation);
         Some((key, entry.value))
     }
 
@@ -211,11 +241,19 @@ impl<T> TimerWheel<T> {
         self.entries.is_empty()
     }
 
+    /// When `key`'s entry is due, if it is still pending.
+    pub fn deadline(&self, key: TimerKey) -> Option<u64> {
+        self.entries
+            .get(key.index())
+            .filter(|entry| key.matches(entry.generation))
+            .map(|entry| entry.deadline_ms)
+    }
+
     /// True when `key`'s entry is still pending (neither fired nor cancelled).
     pub fn contains(&self, key: TimerKey) -> bool {
         self.entries
-            .get(key.index)
-            .is_some_and(|entry| entry.generation == key.generation)
+            .get(key.index())
+            .is_some_and(|entry| key.matches(entry.generation))
     }
 
     /// Moves the clock to `now_ms` (> `self.now_ms`), moving every entry that
@@ -491,7 +529,7 @@ mod tests {
         let old = wheel.insert(10, "old");
         assert_eq!(wheel.poll_expired(10).map(|(k, _)| k), Some(old));
         let new = wheel.insert(20, "new");
-        assert_eq!(new.index, old.index, "test needs the slab slot reused");
+        assert_eq!(new.index(), old.index(), "test needs the slab slot reused");
         assert_ne!(new, old);
 
         assert!(!wheel.contains(old));
@@ -620,5 +658,21 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             if n == 0 { 0 } else { self.next() % n }
         }
+    }
+
+    #[test]
+    fn a_key_is_one_word_and_its_generation_bits_never_make_it_zero() {
+        assert_eq!(std::mem::size_of::<Option<TimerKey>>(), 8);
+        let mut wheel = TimerWheel::new(0);
+        // Just below a wrap of the kept generation bits: the insert at the
+        // wrap skips the all-zero generation, and its key still matches.
+        wheel.next_generation = GENERATION_MASK;
+        let before = wheel.insert(10, "before");
+        wheel.cancel(before);
+        let at_wrap = wheel.insert(10, "at wrap");
+        assert_eq!(at_wrap.index(), before.index());
+        assert!(wheel.contains(at_wrap));
+        assert!(!wheel.contains(before));
+        assert_eq!(wheel.cancel(at_wrap), Some("at wrap"));
     }
 }

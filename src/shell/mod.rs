@@ -167,6 +167,17 @@ pub(crate) struct Shell {
     busy_now: Vec<ConnRef>,
 }
 
+struct Connecting {
+    upstream: TcpStream,
+    upstream_ready: Readiness,
+    /// The addresses as they were when connecting began.
+    addrs: Arc<[SocketAddr]>,
+    /// The next upstream address to try if this one fails.
+    next_addr: usize,
+    /// The loop turn this socket was made in.
+    since_turn: u64,
+}
+
 struct ConnIo {
     conn: ConnRef,
     client: TcpStream,
@@ -177,16 +188,9 @@ struct ConnIo {
 enum Stage {
     /// Queued or running its hook: the client is only watched for leaving.
     Waiting,
-    Connecting {
-        upstream: TcpStream,
-        upstream_ready: Readiness,
-        /// The addresses as they were when connecting began.
-        addrs: Arc<[SocketAddr]>,
-        /// The next upstream address to try if this one fails.
-        next_addr: usize,
-        /// The loop turn this socket was made in.
-        since_turn: u64,
-    },
+    /// Boxed: every connection's entry is as large as its largest stage, and
+    /// most entries wait in the queue.
+    Connecting(Box<Connecting>),
     Relaying(Box<Relay>),
 }
 

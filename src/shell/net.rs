@@ -172,18 +172,16 @@ impl Shell {
                 }
                 self.pump(now, conn);
             }
-            Stage::Connecting { since_turn, .. } if upstream_side && *since_turn == self.turn => {
+            Stage::Connecting(connecting)
+                if upstream_side && connecting.since_turn == self.turn =>
+            {
                 // The event was for the socket this token named before (an
                 // attempt given up on this turn, or a connection that ended):
                 // the new one's own state comes with the next poll.
             }
-            Stage::Connecting {
-                upstream,
-                upstream_ready,
-                ..
-            } if upstream_side => {
-                upstream_ready.note(ready);
-                match connect_result(upstream, ready) {
+            Stage::Connecting(connecting) if upstream_side => {
+                connecting.upstream_ready.note(ready);
+                match connect_result(&connecting.upstream, ready) {
                     ConnectResult::Pending => {}
                     ConnectResult::Connected => {
                         self.core.handle_upstream_connected(now, conn);
@@ -195,7 +193,7 @@ impl Shell {
                     }
                 }
             }
-            Stage::Waiting | Stage::Connecting { .. } => {
+            Stage::Waiting | Stage::Connecting(_) => {
                 // Plain bytes from a waiting client only wait for activation;
                 // only a close or a failure needs a look at whether it left.
                 if !upstream_side && ready.closing {
@@ -254,9 +252,9 @@ impl Shell {
     pub(super) fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
         let (addrs, start) = match self.io_of(conn).map(|io| &io.stage) {
             Some(Stage::Waiting) => (Arc::clone(&self.upstream_addrs), 0),
-            Some(Stage::Connecting {
-                addrs, next_addr, ..
-            }) => (Arc::clone(addrs), *next_addr),
+            Some(Stage::Connecting(connecting)) => {
+                (Arc::clone(&connecting.addrs), connecting.next_addr)
+            }
             _ => return,
         };
         let turn = self.turn;
@@ -272,13 +270,13 @@ impl Shell {
                     if let Some(io) = self.io_of(conn) {
                         // Replacing the stage closes the socket of an
                         // attempt given up on.
-                        io.stage = Stage::Connecting {
+                        io.stage = Stage::Connecting(Box::new(Connecting {
                             upstream,
                             upstream_ready: Readiness::default(),
                             addrs: Arc::clone(&addrs),
                             next_addr: index + 1,
                             since_turn: turn,
-                        };
+                        }));
                     }
                     let addresses_left = addrs.len() - index;
                     self.core.handle_connect_attempt(now, conn, addresses_left);
@@ -312,14 +310,14 @@ impl Shell {
         let Some(io) = self.io_of(conn) else {
             return;
         };
-        let Stage::Connecting {
+        let Stage::Connecting(connecting) = std::mem::replace(&mut io.stage, Stage::Waiting) else {
+            return;
+        };
+        let Connecting {
             upstream,
             upstream_ready,
             ..
-        } = std::mem::replace(&mut io.stage, Stage::Waiting)
-        else {
-            return;
-        };
+        } = *connecting;
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
@@ -358,7 +356,7 @@ impl Shell {
                 relay.release(&mut self.pool);
                 bytes
             }
-            Stage::Waiting | Stage::Connecting { .. } => (0, 0),
+            Stage::Waiting | Stage::Connecting(_) => (0, 0),
         };
         if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
             line.field("conn", conn.id())
