@@ -10,6 +10,7 @@ mod net;
 mod relay;
 mod signals;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
@@ -160,11 +161,8 @@ pub(crate) struct Shell {
     /// thread at a time however many signals arrive.
     reload_again: bool,
     /// Relays that used up their turn and must be pumped again, each once
-    /// (see [`Relay::scheduled`]).
-    busy_relays: Vec<ConnRef>,
-    /// The list being worked through this turn; swapped with `busy_relays` so
-    /// neither is ever reallocated in steady state.
-    busy_now: Vec<ConnRef>,
+    /// (see [`Relay::scheduled`]); each turn takes those queued before it.
+    busy_relays: VecDeque<ConnRef>,
 }
 
 struct Connecting {
@@ -307,8 +305,7 @@ impl Shell {
             reload_running: false,
             reload_again: false,
             accept_more: false,
-            busy_relays: Vec::new(),
-            busy_now: Vec::new(),
+            busy_relays: VecDeque::new(),
         })
     }
 
@@ -389,15 +386,17 @@ impl Shell {
             }
             // Cheap when empty, and a wake-up can race with the poll.
             self.handle_control(now);
-            std::mem::swap(&mut self.busy_now, &mut self.busy_relays);
-            for index in 0..self.busy_now.len() {
-                let conn = self.busy_now[index];
+            // A relay taken off the list and still busy goes back at its end,
+            // so the list never holds more than one entry per relay.
+            for _ in 0..self.busy_relays.len() {
+                let Some(conn) = self.busy_relays.pop_front() else {
+                    break;
+                };
                 if let Some(Stage::Relaying(relay)) = self.io_of(conn).map(|io| &mut io.stage) {
                     relay.scheduled = false;
                 }
                 self.pump(now, conn);
             }
-            self.busy_now.clear();
             if self.accept_more {
                 self.accept(now);
             }

@@ -236,7 +236,7 @@ impl Shell {
                         "conn {} is on the busy list twice",
                         conn.id()
                     );
-                    self.busy_relays.push(conn);
+                    self.busy_relays.push_back(conn);
                 }
             }
             Pumped::Ended(end) => {
@@ -328,9 +328,8 @@ impl Shell {
         // Each relay is on the busy list at most once: room for every
         // connection holding a permit, made now, means relaying never grows it.
         let relays = self.core.active();
-        for list in [&mut self.busy_relays, &mut self.busy_now] {
-            list.reserve(relays.saturating_sub(list.len()));
-        }
+        self.busy_relays
+            .reserve(relays.saturating_sub(self.busy_relays.len()));
         // Bytes the client sent while queued wait in the kernel, announced by
         // an edge already spent; its readiness remembers them, so pump now.
         self.pump(now, conn);
