@@ -17,6 +17,8 @@
 //! [`Outcome`], announced by [`Action::Close`]; from then on the core has
 //! forgotten it, and a handle or timer naming it is ignored.
 
+// Checked after every input in debug builds, and by the model checker.
+#[cfg(any(debug_assertions, test, feature = "model"))]
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
@@ -967,6 +969,7 @@ impl Core {
     }
 
     /// Whether a queue entry still names a waiting connection.
+    #[cfg(any(debug_assertions, test, feature = "model"))]
     fn is_live_entry(&self, entry: ConnRef) -> bool {
         is_queued(&self.conns, entry)
     }

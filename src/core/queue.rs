@@ -92,6 +92,7 @@ impl WaitQueue {
     }
 
     /// Every entry, stale ones included, for the invariant checks.
+    #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn entries(&self) -> impl Iterator<Item = ConnRef> + '_ {
         self.entries.iter().copied()
     }
