@@ -19,7 +19,7 @@ pub use api::error::Error;
 pub use api::hook::{Hook, Ticket, TimeoutInfo};
 pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
-pub use config::{Config, ConfigError, LogLevel, QueuedEof, Splice};
+pub use config::{Config, ConfigError, LogLevel, QueuedEof, ShutdownQueue, Splice};
 pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach

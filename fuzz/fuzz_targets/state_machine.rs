@@ -43,6 +43,7 @@ enum Event {
     Shutdown,
     Stray(u8, Stray),
     ClientEof(u8),
+    HoldersIdle(Span),
 }
 
 /// A duration in one of a few ranges, so small steps and hour-long jumps are
@@ -68,6 +69,8 @@ struct Knobs {
     hook_timeout: Option<Span>,
     shutdown_grace: Span,
     drop_queued_eof: bool,
+    serve_queue_on_shutdown: bool,
+    stall_warn: Option<Span>,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -159,6 +162,8 @@ impl Knobs {
             shutdown_grace_ms: self.shutdown_grace.ms(),
             upstream: "127.0.0.1:9".to_string(),
             drop_queued_eof: self.drop_queued_eof,
+            serve_queue_on_shutdown: self.serve_queue_on_shutdown,
+            stall_warn_ms: self.stall_warn.map(Span::ms),
         }
     }
 }
@@ -189,6 +194,7 @@ impl Event {
             Event::AcceptPaused => Op::AcceptPaused,
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,
+            Event::HoldersIdle(span) => Op::HoldersIdle(span.ms()),
             Event::Stray(i, stray) => Op::Stray(
                 *i,
                 match stray {

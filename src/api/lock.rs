@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
-use crate::config::{Config, LogLevel, QueuedEof, RawArgs, Splice};
+use crate::config::{Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue, Splice};
 use crate::core::Stats;
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 
@@ -209,6 +209,22 @@ impl Builder {
     /// How long a stop waits for proxying connections (default 30 s).
     pub fn shutdown_grace(mut self, grace: Duration) -> Builder {
         self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// What a stop does to clients still waiting: close them at once
+    /// ([`ShutdownQueue::Close`], the default) or keep activating them in
+    /// order until the queue is empty or the shutdown grace runs out.
+    pub fn shutdown_queue(mut self, policy: ShutdownQueue) -> Builder {
+        self.config.shutdown_queue = policy;
+        self
+    }
+
+    /// Warn (`event=queue_stalled`, once per stall) when the head of the
+    /// queue waited this long while every permit holder moved no byte for as
+    /// long. Default 30 s; zero turns it off.
+    pub fn stall_warn(mut self, after: Duration) -> Builder {
+        self.config.stall_warn = non_zero(after);
         self
     }
 

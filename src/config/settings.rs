@@ -235,6 +235,23 @@ settings! {
         check |d| check_limit(Some(*d)),
         help "on SIGTERM, how long proxying connections may\n\
               finish; 0 = don't wait (default: 30s)";
+    /// What a stop does to waiting clients; [`ShutdownQueue::Close`] by
+    /// default.
+    shutdown_queue: ShutdownQueue = ShutdownQueue::Close,
+        key "shutdown-queue" value "close|serve", Other, reload true,
+        parse |s| parse_choice(s, &ShutdownQueue::ALL, ShutdownQueue::as_str, "value"),
+        check |_| Ok(()),
+        help "on SIGTERM, close waiting clients at once, or\n\
+              serve them in order until the queue is empty\n\
+              or the grace runs out (default: close)";
+    /// Warn when the head of the queue waited this long while every permit
+    /// holder moved no byte for as long; 30 s by default. `None` is off.
+    stall_warn: Option<Duration> = Some(Duration::from_secs(30)),
+        key "stall-warn" value "DUR", Other, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "warn when the queue is stuck behind idle permit\n\
+              holders this long; 0 = off (default: 30s)";
     /// What the logfmt lines on stderr include; [`LogLevel::Info`] by default.
     log_level: LogLevel = LogLevel::Info,
         key "log-level" value "LEVEL", Other, reload true,
@@ -462,6 +479,35 @@ impl QueuedEof {
 }
 
 impl fmt::Display for QueuedEof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a stop (SIGTERM, `Handle::stop`) does to clients still waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownQueue {
+    /// They are closed at once. The default.
+    Close,
+    /// They are still activated in order, hooks included, until the queue is
+    /// empty or the shutdown grace runs out; the listener closes at once.
+    Serve,
+}
+
+impl ShutdownQueue {
+    const ALL: [ShutdownQueue; 2] = [Self::Close, Self::Serve];
+
+    /// The name, as the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Close => "close",
+            Self::Serve => "serve",
+        }
+    }
+}
+
+impl fmt::Display for ShutdownQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

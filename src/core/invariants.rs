@@ -121,13 +121,27 @@ impl Core {
         }
         armed += usize::from(self.retry.is_some());
         armed += usize::from(self.accept_retry.is_some());
+        armed += usize::from(self.stall_check.is_some());
+        if self.stall_check.is_some() && self.idle_asked {
+            return Err("a stall check is armed while an idle report is awaited".to_string());
+        }
+        // Invariant 6: after a shutdown nothing new waits. With
+        // `--shutdown-queue close` (or once a serving shutdown's grace ran out
+        // or it was forced) nothing waits at all and nothing is activated;
+        // while serving, those waiting are activated in order.
         if let Some(shutdown) = &self.shutdown {
             armed += usize::from(shutdown.grace.is_some());
             if self.accept_retry.is_some() {
                 return Err("an accept retry is armed after shutdown".to_string());
             }
-            if self.queue.len() > 0 {
-                return Err("connections still queued after shutdown".to_string());
+            if self.stall_check.is_some() {
+                return Err("a stall check is armed after shutdown".to_string());
+            }
+            if !shutdown.serving && self.waiting() > 0 {
+                return Err("connections still waiting after shutdown".to_string());
+            }
+            if shutdown.serving && shutdown.grace.is_none() {
+                return Err("still serving the queue after the shutdown grace".to_string());
             }
         }
         if armed != self.timers.len() {

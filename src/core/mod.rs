@@ -91,6 +91,13 @@ pub struct Core {
     accept_retry: Option<TimerKey>,
     /// The wait before the next paused accept is retried.
     accept_backoff_ms: u64,
+    /// The next look at whether the queue is stalled (`--stall-warn`).
+    stall_check: Option<TimerKey>,
+    /// An [`Action::ReportIdle`] is out and its answer not yet in.
+    idle_asked: bool,
+    /// The current stall was logged; cleared when the queue moves or a
+    /// holder is found moving bytes again.
+    stall_warned: bool,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -171,6 +178,15 @@ impl HookPurpose {
 
 struct Shutdown {
     grace: Option<TimerKey>,
+    /// `--shutdown-queue serve`, until the grace runs out or a second stop:
+    /// waiting clients are still activated in order.
+    serving: bool,
+    /// Waiting clients activated after the shutdown began.
+    served: u64,
+    /// Waiting clients closed unserved by the shutdown.
+    closed: u64,
+    /// `ShutdownDone` was logged.
+    done: bool,
 }
 
 /// Everything that can be armed in the timer wheel. Each names what it belongs
@@ -185,6 +201,7 @@ enum Deadline {
     HookRetry,
     AcceptRetry,
     ShutdownGrace,
+    StallCheck,
 }
 
 impl Core {
@@ -212,6 +229,9 @@ impl Core {
             reload_backlog: 0,
             accept_retry: None,
             accept_backoff_ms: ACCEPT_RETRY_BASE_MS,
+            stall_check: None,
+            idle_asked: false,
+            stall_warned: false,
         }
     }
 
@@ -337,6 +357,9 @@ impl Core {
         self.cancel(attempt);
         self.cancel(queue_deadline);
         self.counters.activations += 1;
+        if let Some(shutdown) = &mut self.shutdown {
+            shutdown.served += 1;
+        }
         self.log(Event::Activated {
             conn: conn.id,
             client,
@@ -420,6 +443,7 @@ impl Core {
         };
         self.cancel(run.deadline);
         self.resume_accepting();
+        self.note_done();
         match run.purpose {
             HookPurpose::Timeout(conn) => {
                 if !exit.is_success() {
@@ -469,9 +493,11 @@ impl Core {
         self.check();
     }
 
-    /// Stop: close the listener and every waiting client, kill a running hook,
-    /// give proxying connections the shutdown grace. A second call ends them at
-    /// once.
+    /// Stop: close the listener, give proxying connections the shutdown
+    /// grace. With [`Settings::serve_queue_on_shutdown`] waiting clients keep
+    /// being activated in order (hooks included) until none is left or the
+    /// grace runs out; otherwise they are closed at once and a running hook is
+    /// killed. A second call ends everything at once.
     pub fn handle_shutdown(&mut self, now: u64) {
         self.advance(now);
         if self.shutdown.is_some() {
@@ -486,34 +512,92 @@ impl Core {
         // Before the waiting clients end: a closed listener is not resumed.
         let accept_retry = self.accept_retry.take();
         self.cancel(accept_retry);
+        let stall_check = self.stall_check.take();
+        self.cancel(stall_check);
+        self.idle_asked = false;
         self.log(Event::ShutdownStarted {
             queued: self.queue.len(),
             active: self.active,
             grace_ms: self.settings.shutdown_grace_ms,
         });
-        let waiting: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !matches!(c.state, ConnState::Proxying { .. }))
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in waiting {
-            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
-        }
-        if let Some(run) = &self.hook {
-            self.actions.push_back(Action::KillHook(run.id));
-        }
-        self.timeout_hook_due = None;
-        let retry = self.retry.take();
-        self.cancel(retry);
         let grace = self.settings.shutdown_grace_ms;
         let key = self
             .timers
             .insert(now.saturating_add(grace), Deadline::ShutdownGrace);
-        self.shutdown = Some(Shutdown { grace: Some(key) });
+        let serving = self.settings.serve_queue_on_shutdown;
+        self.shutdown = Some(Shutdown {
+            grace: Some(key),
+            serving,
+            served: 0,
+            closed: 0,
+            done: false,
+        });
+        if !serving {
+            let waiting: Vec<ConnRef> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !matches!(c.state, ConnState::Proxying { .. }))
+                .map(|(slot, c)| ConnRef { slot, id: c.id })
+                .collect();
+            for conn in waiting {
+                self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
+            }
+            if let Some(run) = &self.hook {
+                self.actions.push_back(Action::KillHook(run.id));
+            }
+            self.timeout_hook_due = None;
+            let retry = self.retry.take();
+            self.cancel(retry);
+        }
         if grace == 0 {
             self.advance(now);
         }
+        self.note_done();
+        self.check();
+    }
+
+    /// The shell's answer to [`Action::ReportIdle`]: `idle_ms` is how long
+    /// since the most recently active relay moved a byte. Ignored unless asked.
+    pub fn handle_holders_idle(&mut self, now: u64, idle_ms: u64) {
+        self.advance(now);
+        if !std::mem::take(&mut self.idle_asked) {
+            return;
+        }
+        let Some(warn) = self.settings.stall_warn_ms else {
+            return;
+        };
+        if idle_ms < warn {
+            // A holder moved bytes: a stall, if any, is over.
+            self.stall_warned = false;
+        }
+        if self.shutdown.is_some() {
+            return;
+        }
+        let Some(waited_ms) = self.stall_candidate(now, warn) else {
+            // Things changed meanwhile: look again when it could matter.
+            self.arm_stall_check(now);
+            self.check();
+            return;
+        };
+        let next = if idle_ms >= warn {
+            if !self.stall_warned {
+                self.stall_warned = true;
+                self.log(Event::QueueStalled {
+                    waited_ms,
+                    holders: self.active,
+                    idle_ms,
+                });
+            }
+            // Look again later, to notice the stall clearing.
+            warn
+        } else {
+            // The earliest a holder could have been idle for `warn`.
+            warn - idle_ms
+        };
+        let key = self
+            .timers
+            .insert(now.saturating_add(next.max(1)), Deadline::StallCheck);
+        self.stall_check = Some(key);
         self.check();
     }
 
@@ -665,9 +749,16 @@ impl Core {
         }
     }
 
-    /// Let waiting connections through while permits, hooks and backoff allow.
+    /// Let waiting connections through while permits, hooks and backoff
+    /// allow, then see that the stalled-queue check is armed.
     fn pump(&mut self, now: u64) {
-        if self.shutdown.is_some() {
+        self.let_through(now);
+        self.arm_stall_check(now);
+    }
+
+    fn let_through(&mut self, now: u64) {
+        // A serving shutdown runs hooks only for clients still in line.
+        if self.stopped() || self.shutdown.is_some() && self.waiting() == 0 {
             return;
         }
         loop {
@@ -697,6 +788,8 @@ impl Core {
             let conns = &self.conns;
             self.queue.pop_front(|entry| is_queued(conns, entry));
             self.active += 1;
+            // The line moved: a stall, if any, is over.
+            self.stall_warned = false;
             match self.settings.on_activate.filter(|_| hook_needed) {
                 Some(run) => {
                     let client = self.conns[head.slot].client;
@@ -783,8 +876,8 @@ impl Core {
         self.hook_failures = self.hook_failures.saturating_add(1);
         let shift = (self.hook_failures - 1).min(16);
         let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
-        let retry_in_ms = (self.shutdown.is_none() && self.queue.len() > 0 || waiting.is_some())
-            .then_some(backoff);
+        let retry_in_ms =
+            (!self.stopped() && self.queue.len() > 0 || waiting.is_some()).then_some(backoff);
         if let Some(conn) = waiting {
             // Back to the head of the line: it keeps its place but not its permit.
             let attempts = match self.conns[conn.slot].state {
@@ -803,7 +896,7 @@ impl Core {
             timed_out: run.timed_out,
             retry_in_ms,
         });
-        if self.shutdown.is_none() {
+        if !self.stopped() {
             let key = self
                 .timers
                 .insert(now.saturating_add(backoff), Deadline::HookRetry);
@@ -848,7 +941,7 @@ impl Core {
                     self.counters.timeouts += 1;
                     self.log(Event::Timeout { conn: conn.id });
                     self.end(now, conn, Outcome::Timeout, EndedBy::Tcplock);
-                    if self.settings.on_timeout.is_some() && self.shutdown.is_none() {
+                    if self.settings.on_timeout.is_some() && !self.stopped() {
                         self.timeout_hook_due = Some((conn.id, client));
                     }
                 }
@@ -876,7 +969,92 @@ impl Core {
                     self.end_all(now);
                 }
             }
+            Deadline::StallCheck => {
+                self.stall_check = None;
+                self.stall_fired(now);
+            }
         }
+    }
+
+    /// Whether activations have stopped for good: a shutdown that does not
+    /// serve the queue, or whose serving ended.
+    fn stopped(&self) -> bool {
+        self.shutdown.as_ref().is_some_and(|s| !s.serving)
+    }
+
+    /// After a shutdown, once no connection and no hook is left: log the
+    /// totals, once.
+    fn note_done(&mut self) {
+        if !self.conns.is_empty() || self.hook.is_some() {
+            return;
+        }
+        if let Some(shutdown) = self.shutdown.as_mut().filter(|s| !s.done) {
+            shutdown.done = true;
+            let (served, closed) = (shutdown.served, shutdown.closed);
+            self.log(Event::ShutdownDone { served, closed });
+        }
+    }
+
+    /// How long the head of the queue has waited, if the queue could be
+    /// stalled: the head waited at least `warn`, every permit is held and
+    /// every holder is proxying (a hook or a connect under way is progress,
+    /// bounded by its own timeouts).
+    fn stall_candidate(&self, now: u64, warn: u64) -> Option<u64> {
+        let head = self.queue.front()?;
+        let waited = now.saturating_sub(self.conns[head.slot].accepted_at);
+        let all_held = self.active > 0 && self.active >= self.settings.permits as usize;
+        let proxying = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Proxying { .. }))
+            .count();
+        (waited >= warn && all_held && proxying == self.active).then_some(waited)
+    }
+
+    /// The stalled-queue timer fired: ask the shell how idle the holders are
+    /// if the queue could be stalled, otherwise look again later.
+    fn stall_fired(&mut self, now: u64) {
+        let Some(warn) = self
+            .settings
+            .stall_warn_ms
+            .filter(|_| self.shutdown.is_none())
+        else {
+            return;
+        };
+        if self.stall_candidate(now, warn).is_some() {
+            self.idle_asked = true;
+            self.actions.push_back(Action::ReportIdle);
+            return;
+        }
+        let Some(head) = self.queue.front() else {
+            return;
+        };
+        let accepted_at = self.conns[head.slot].accepted_at;
+        let at = if now.saturating_sub(accepted_at) < warn {
+            accepted_at.saturating_add(warn)
+        } else {
+            now.saturating_add(warn)
+        };
+        self.stall_check = Some(self.timers.insert(at, Deadline::StallCheck));
+    }
+
+    /// With `--stall-warn` on and someone waiting, a look is always due: at
+    /// the earliest when the head has waited long enough.
+    fn arm_stall_check(&mut self, now: u64) {
+        if self.stall_check.is_some() || self.idle_asked || self.shutdown.is_some() {
+            return;
+        }
+        let Some(warn) = self.settings.stall_warn_ms else {
+            return;
+        };
+        let Some(head) = self.queue.front() else {
+            return;
+        };
+        let at = self.conns[head.slot]
+            .accepted_at
+            .saturating_add(warn)
+            .max(now.saturating_add(1));
+        self.stall_check = Some(self.timers.insert(at, Deadline::StallCheck));
     }
 
     /// Descriptors were freed: a paused accept tries again now.
@@ -913,6 +1091,12 @@ impl Core {
 
     /// End every connection now and kill the hook (a forced or timed-out stop).
     fn end_all(&mut self, now: u64) {
+        if let Some(shutdown) = &mut self.shutdown {
+            shutdown.serving = false;
+        }
+        self.timeout_hook_due = None;
+        let retry = self.retry.take();
+        self.cancel(retry);
         let all: Vec<ConnRef> = self
             .conns
             .iter()
@@ -934,6 +1118,7 @@ impl Core {
         }
         let c = self.conns.remove(conn.slot);
         self.cancel(c.queue_deadline);
+        let was_waiting = !matches!(c.state, ConnState::Proxying { .. });
         match c.state {
             ConnState::Queued { .. } => {
                 let conns = &self.conns;
@@ -958,6 +1143,12 @@ impl Core {
                 self.cancel(ttl);
             }
         }
+        if let Some(shutdown) = &mut self.shutdown
+            && outcome == Outcome::Shutdown
+            && was_waiting
+        {
+            shutdown.closed += 1;
+        }
         self.counters.outcomes.add(outcome);
         self.actions.push_back(Action::Close {
             conn,
@@ -966,6 +1157,7 @@ impl Core {
             age_ms: now.saturating_sub(c.accepted_at),
         });
         self.resume_accepting();
+        self.note_done();
     }
 
     /// Whether a queue entry still names a waiting connection.

@@ -912,3 +912,213 @@ fn news_of_a_connect_supersedes_its_share_running_out_at_the_same_moment() {
     assert!(!after.contains(&Action::ConnectNext(conn)), "{after:?}");
     assert!(after.iter().any(closed(Outcome::ConnectFailed)));
 }
+
+fn serving(grace_ms: u64) -> Settings {
+    Settings {
+        shutdown_grace_ms: grace_ms,
+        serve_queue_on_shutdown: true,
+        ..with_hook(1)
+    }
+}
+
+fn shutdown_done(events: &[Event]) -> Option<(u64, u64)> {
+    events.iter().find_map(|e| match e {
+        Event::ShutdownDone { served, closed } => Some((*served, *closed)),
+        _ => None,
+    })
+}
+
+/// Runs the on-activate hook the core asks for and connects its client.
+fn serve_next(core: &mut Core, now: u64, expected: ConnRef) {
+    let request = spawned(&actions(core)).expect("an on-activate hook");
+    assert_eq!(request.context.conn, expected.id, "served out of order");
+    core.handle_hook_exited(now, request.hook, HookExit::Success);
+    assert_eq!(actions(core), vec![Action::Connect(expected)]);
+    core.handle_upstream_connected(now, expected);
+    assert_eq!(actions(core), vec![Action::StartRelay(expected)]);
+}
+
+#[test]
+fn a_serving_shutdown_activates_the_waiting_in_order_with_their_hooks() {
+    let mut core = Core::new(serving(60_000), 0);
+    let first = core.handle_accepted(0, addr(1));
+    serve_next(&mut core, 0, first);
+    let waiting: Vec<ConnRef> = (2..=4).map(|p| core.handle_accepted(1, addr(p))).collect();
+    core.handle_shutdown(10);
+    let after = actions(&mut core);
+    assert_eq!(after, vec![Action::StopAccepting], "nobody is closed");
+    // A client the shell accepted in the same turn is turned away.
+    let late = core.handle_accepted(11, addr(9));
+    assert!(actions(&mut core).iter().any(|a| matches!(
+        a,
+        Action::Close { conn, outcome: Outcome::Shutdown, .. } if *conn == late
+    )));
+    let mut previous = first;
+    for (i, &conn) in waiting.iter().enumerate() {
+        let now = 20 + i as u64;
+        core.handle_relay_ended(
+            now,
+            previous,
+            relay_end(RelayCause::Finished, EndedBy::Client),
+        );
+        serve_next(&mut core, now, conn);
+        previous = conn;
+    }
+    core.handle_relay_ended(
+        30,
+        previous,
+        relay_end(RelayCause::Finished, EndedBy::Client),
+    );
+    assert_eq!(shutdown_done(&events(&mut core)), Some((3, 1)));
+    assert!(core.is_finished());
+}
+
+#[test]
+fn a_serving_shutdown_closes_the_rest_when_the_grace_runs_out() {
+    let mut core = Core::new(serving(5_000), 0);
+    let first = core.handle_accepted(0, addr(1));
+    serve_next(&mut core, 0, first);
+    core.handle_accepted(1, addr(2));
+    core.handle_accepted(1, addr(3));
+    core.handle_shutdown(10);
+    actions(&mut core);
+    core.handle_tick(5_009);
+    assert!(!core.is_finished());
+    core.handle_tick(5_010);
+    let all: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+    let closes = all.iter().filter(|a| closed(Outcome::Shutdown)(a)).count();
+    assert_eq!(closes, 3, "the holder and both waiting: {all:?}");
+    let events: Vec<Event> = all
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Log(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shutdown_done(&events), Some((0, 2)));
+    assert!(core.is_finished());
+}
+
+#[test]
+fn a_second_stop_ends_a_serving_shutdown_at_once() {
+    let mut core = Core::new(serving(60_000), 0);
+    let first = core.handle_accepted(0, addr(1));
+    serve_next(&mut core, 0, first);
+    core.handle_accepted(1, addr(2));
+    core.handle_shutdown(10);
+    actions(&mut core);
+    core.handle_shutdown(11);
+    let after = actions(&mut core);
+    assert_eq!(
+        after
+            .iter()
+            .filter(|a| closed(Outcome::Shutdown)(a))
+            .count(),
+        2
+    );
+    assert!(core.is_finished());
+    // The hook the first stop let run is not started again.
+    core.handle_tick(20_000);
+    assert!(spawned(&actions(&mut core)).is_none());
+}
+
+#[test]
+fn a_closing_shutdown_reports_the_waiting_it_closed() {
+    let mut core = Core::new(settings(), 0);
+    let active = proxying(&mut core, 0, 1);
+    core.handle_accepted(1, addr(2));
+    core.handle_accepted(1, addr(3));
+    core.handle_shutdown(10);
+    assert_eq!(shutdown_done(&events(&mut core)), None, "one still proxies");
+    core.handle_relay_ended(20, active, relay_end(RelayCause::Finished, EndedBy::Client));
+    assert_eq!(shutdown_done(&events(&mut core)), Some((0, 2)));
+}
+
+fn stalls(events: &[Event]) -> Vec<(u64, usize, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::QueueStalled {
+                waited_ms,
+                holders,
+                idle_ms,
+            } => Some((*waited_ms, *holders, *idle_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ticks to `now` and says whether the core asked how idle the holders are.
+fn asks_idle(core: &mut Core, now: u64) -> bool {
+    core.handle_tick(now);
+    let all: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+    all.contains(&Action::ReportIdle)
+}
+
+#[test]
+fn a_queue_stuck_behind_an_idle_holder_is_warned_once_per_stall() {
+    let mut core = Core::new(
+        Settings {
+            stall_warn_ms: Some(300),
+            ..settings()
+        },
+        0,
+    );
+    proxying(&mut core, 0, 1);
+    core.handle_accepted(100, addr(2));
+    assert!(
+        !asks_idle(&mut core, 399),
+        "the head has not waited long enough"
+    );
+    assert!(asks_idle(&mut core, 400));
+    core.handle_holders_idle(400, 400);
+    assert_eq!(stalls(&events(&mut core)), vec![(300, 1, 400)]);
+    // Still stuck: asked again, not warned again.
+    assert!(asks_idle(&mut core, 700));
+    core.handle_holders_idle(700, 700);
+    assert_eq!(stalls(&events(&mut core)), vec![]);
+    // The holder moved a byte: the stall cleared; it comes back and is warned.
+    assert!(asks_idle(&mut core, 1_000));
+    core.handle_holders_idle(1_000, 10);
+    assert_eq!(stalls(&events(&mut core)), vec![]);
+    assert!(!asks_idle(&mut core, 1_289));
+    assert!(asks_idle(&mut core, 1_290));
+    core.handle_holders_idle(1_290, 300);
+    assert_eq!(stalls(&events(&mut core)), vec![(1_190, 1, 300)]);
+}
+
+#[test]
+fn a_busy_holder_or_a_free_permit_is_no_stall() {
+    let mut core = Core::new(
+        Settings {
+            stall_warn_ms: Some(300),
+            ..settings()
+        },
+        0,
+    );
+    let holder = proxying(&mut core, 0, 1);
+    core.handle_accepted(0, addr(2));
+    let mut now = 300;
+    for _ in 0..10 {
+        assert!(asks_idle(&mut core, now), "asked at {now}");
+        core.handle_holders_idle(now, 5);
+        assert_eq!(stalls(&events(&mut core)), vec![]);
+        now += 295;
+    }
+    // Off: no more questions.
+    core.handle_reload(
+        now,
+        Settings {
+            stall_warn_ms: None,
+            ..settings()
+        },
+    );
+    actions(&mut core);
+    assert!(!asks_idle(&mut core, now + 10_000));
+    assert_eq!(core.poll_timeout(), None);
+    core.handle_relay_ended(
+        now + 10_000,
+        holder,
+        relay_end(RelayCause::Finished, EndedBy::Client),
+    );
+}

@@ -80,6 +80,13 @@ pub struct Settings {
     /// A waiting client whose end of stream arrived leaves the queue as
     /// abandoned (`--queued-eof drop`) instead of keeping its place.
     pub drop_queued_eof: bool,
+    /// A shutdown keeps activating waiting clients in order until the queue
+    /// is empty or the grace runs out (`--shutdown-queue serve`), instead of
+    /// closing them at once.
+    pub serve_queue_on_shutdown: bool,
+    /// Warn when the head of the queue waited this long while every permit
+    /// holder moved no byte for this long (`--stall-warn`); `None` is off.
+    pub stall_warn_ms: Option<u64>,
 }
 
 impl Default for Settings {
@@ -96,6 +103,8 @@ impl Default for Settings {
             shutdown_grace_ms: 30_000,
             upstream: String::new(),
             drop_queued_eof: false,
+            serve_queue_on_shutdown: false,
+            stall_warn_ms: Some(30_000),
         }
     }
 }
@@ -403,6 +412,9 @@ pub enum Action {
     ResumeAccepting,
     /// Write a log line.
     Log(Event),
+    /// Answer with `handle_holders_idle`: how long since the most recently
+    /// active relay moved a byte (the stalled-queue check).
+    ReportIdle,
 }
 
 /// A state a connection can be in, for `event=state` lines.
@@ -474,6 +486,16 @@ pub enum Event {
     },
     /// A second stop request: `active` connections are cut now.
     ShutdownForced { active: usize },
+    /// The shutdown is complete: `served` waiting clients were activated
+    /// after it began, `closed` were closed unserved.
+    ShutdownDone { served: u64, closed: u64 },
+    /// The head of the queue waited `waited_ms` while all `holders` of a
+    /// permit moved no byte for `idle_ms` (warn level, once per stall).
+    QueueStalled {
+        waited_ms: u64,
+        holders: usize,
+        idle_ms: u64,
+    },
     /// One connection, for a state dump.
     State {
         conn: ConnId,

@@ -141,6 +141,22 @@ impl Logger {
                 .field("active", active)
                 .field("grace_ms", grace_ms),
             Event::ShutdownForced { active } => line.field("active", active),
+            Event::ShutdownDone { served, closed } => {
+                line.field("served", served).field("closed", closed)
+            }
+            Event::QueueStalled {
+                waited_ms,
+                holders,
+                idle_ms,
+            } => line
+                .field("waited_ms", waited_ms)
+                .field("holders", holders)
+                .field("idle_ms", idle_ms)
+                .field(
+                    "hint",
+                    "a client may hold more connections than there are permits; \
+                     see --queue-timeout",
+                ),
             Event::State {
                 conn,
                 state,
@@ -260,6 +276,8 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),
         Event::ShutdownStarted { .. } => (LogLevel::Info, "shutdown"),
         Event::ShutdownForced { .. } => (LogLevel::Warn, "shutdown_forced"),
+        Event::ShutdownDone { .. } => (LogLevel::Info, "shutdown_done"),
+        Event::QueueStalled { .. } => (LogLevel::Warn, "queue_stalled"),
         Event::State { .. } => (LogLevel::Info, "state"),
         Event::StateSummary { .. } => (LogLevel::Info, "state_summary"),
     }

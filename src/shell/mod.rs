@@ -27,7 +27,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::api::error::Error;
 use crate::api::hook::Hook;
 use crate::api::lock::Handle;
-use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs};
+use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue};
 use crate::core::{Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, Settings, Stats};
 use crate::sys;
 use log::{CommaList, Logger};
@@ -104,6 +104,8 @@ fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
         shutdown_grace_ms: ms(config.shutdown_grace),
         upstream: config.upstream.to_string(),
         drop_queued_eof: config.queued_eof == QueuedEof::Drop,
+        serve_queue_on_shutdown: config.shutdown_queue == ShutdownQueue::Serve,
+        stall_warn_ms: config.stall_warn.map(ms),
     }
 }
 
@@ -437,6 +439,10 @@ impl Shell {
                     self.accept_more = true;
                 }
                 Action::Log(event) => self.logger.event(&event),
+                Action::ReportIdle => {
+                    let idle_ms = self.holders_idle_ms(now);
+                    self.core.handle_holders_idle(now, idle_ms);
+                }
             }
         }
     }

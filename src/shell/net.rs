@@ -220,7 +220,13 @@ impl Shell {
         let Stage::Relaying(relay) = &mut io.stage else {
             return;
         };
+        let before = relay.bytes();
         let pumped = relay.pump(&io.client, &mut io.client_ready, &mut self.pool);
+        // For the stalled-queue check: the counters are in the cache already,
+        // and a holder that moves nothing never gets here.
+        if relay.bytes() != before {
+            relay.last_active = now;
+        }
         if let Some(error) = self.pool.take_splice_refusal()
             && let Some(line) = self.logger.line(LogLevel::Warn, "splice_refused")
         {
@@ -321,7 +327,7 @@ impl Shell {
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let relay = Relay::new(upstream, upstream_ready);
+        let relay = Relay::new(upstream, upstream_ready, now);
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }
@@ -333,6 +339,21 @@ impl Shell {
         // Bytes the client sent while queued wait in the kernel, announced by
         // an edge already spent; its readiness remembers them, so pump now.
         self.pump(now, conn);
+    }
+
+    /// For the stalled-queue check: how long since the most recently active
+    /// relay moved a byte (0 with none relaying). Runs once per check, not
+    /// per byte: it walks the connection table, which is bounded.
+    pub(super) fn holders_idle_ms(&self, now: u64) -> u64 {
+        self.io
+            .iter()
+            .flatten()
+            .filter_map(|io| match &io.stage {
+                Stage::Relaying(relay) => Some(now.saturating_sub(relay.last_active)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0)
     }
 
     pub(super) fn close(

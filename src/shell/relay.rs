@@ -161,6 +161,9 @@ pub struct Relay {
     pub scheduled: bool,
     /// The side that sent end of stream or failed first, once one did.
     ended_by: Option<EndedBy>,
+    /// When a pump last moved a byte (or relaying began), for the
+    /// stalled-queue check; the shell stores it, the core asks for it.
+    pub last_active: u64,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -273,7 +276,7 @@ struct Round {
 impl Relay {
     /// Starts relaying over a connected upstream whose readiness was tracked
     /// since it was registered.
-    pub fn new(upstream: TcpStream, upstream_ready: Readiness) -> Self {
+    pub fn new(upstream: TcpStream, upstream_ready: Readiness, now: u64) -> Self {
         Relay {
             upstream,
             upstream_ready,
@@ -281,6 +284,7 @@ impl Relay {
             down: Direction::new(),
             scheduled: false,
             ended_by: None,
+            last_active: now,
         }
     }
 

@@ -231,11 +231,13 @@ impl Model {
         }
 
         // 6. Shutdown.
+        let stopped = self.activations_stopped();
         if let Some(sd) = &self.shutdown {
             if let Some(s) = self
                 .conns
                 .values()
                 .find(|s| !matches!(s.state, State::Proxying { .. }))
+                .filter(|_| stopped)
             {
                 return Err(format!(
                     "conn {} still {:?} after shutdown",
@@ -250,6 +252,7 @@ impl Model {
             }
             if let Some(run) = &self.hook
                 && !run.kill_sent
+                && stopped
             {
                 return Err(format!(
                     "hook {} still alive and unkilled after shutdown",
@@ -266,12 +269,17 @@ impl Model {
                 core.is_finished()
             ));
         }
+        if finished != self.shutdown.as_ref().is_some_and(|sd| sd.done_logged) {
+            return Err(format!(
+                "finished is {finished}, but ShutdownDone disagrees"
+            ));
+        }
 
         // Liveness: with no hook running and no shutdown, a due on-timeout
         // hook runs, and a free permit goes to the head of the line unless an
         // on-activate hook backs off.
-        if self.shutdown.is_none() && self.hook.is_none() {
-            if self.timeout_due {
+        if !stopped && self.hook.is_none() {
+            if self.timeout_due && self.shutdown.is_none() {
                 return Err("a TTL expired but the on-timeout hook did not run".into());
             }
             if queued > 0 && holders < self.settings.permits as usize {

@@ -244,6 +244,23 @@ impl Model {
                 fed.shutdown = true;
                 self.core.handle_shutdown(self.now);
             }
+            Op::HoldersIdle(idle_ms) => {
+                if !self.idle_pending {
+                    return self.skip(op);
+                }
+                self.fed = self.now;
+                trace!(self, "t={} holders_idle {idle_ms}ms", self.now);
+                self.idle_pending = false;
+                fed.idle = Some(*idle_ms);
+                if self
+                    .settings
+                    .stall_warn_ms
+                    .is_some_and(|warn| *idle_ms < warn)
+                {
+                    self.stall_warned = false;
+                }
+                self.core.handle_holders_idle(self.now, *idle_ms);
+            }
             Op::Stray(i, input) => return self.feed_stray(*i, *input, fed),
         }
         Ok(())
@@ -362,6 +379,10 @@ impl Model {
         }
         if let Some(s) = &fed.arriving {
             return Err(format!("conn {} accepted but never logged", s.conn.id));
+        }
+        let now = self.fed;
+        if let Some(sd) = &mut self.shutdown {
+            sd.grace_over |= sd.grace_deadline <= now;
         }
         if fed.quiet && !actions.is_empty() {
             return Err(format!(

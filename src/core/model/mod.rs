@@ -40,8 +40,11 @@
 //!    already waiting at a reload that lowered it (the allowance shrinks as they
 //!    leave) and for one client let straight into a free permit (max-queue 0)
 //!    while its hook runs or backs off; a `Rejected` only when the line is full;
-//!    after shutdown no `Connect`, `SpawnHook` or `StartRelay`, and the core
-//!    finishes once the hook is reaped and the grace ends;
+//!    after a shutdown that closes the queue (or once a serving one was forced
+//!    or its grace ended) no `Connect`, `SpawnHook` or `StartRelay`; one
+//!    serving the queue keeps activating in order; the core finishes once the
+//!    hook is reaped and the grace ends, and logs `ShutdownDone` with the
+//!    clients served and closed then, once;
 //! 7. `poll_timeout()` is after the latest `now`, and nothing is overdue: every
 //!    deadline the shadow knows of (queue, connect, TTL, hook, grace, retry)
 //!    that passed has been acted on, and the core is never stuck with a free
@@ -50,6 +53,11 @@
 //!    closes or a hook exits, or once its backoff (50 ms doubling to 1 s,
 //!    reset by an accept) runs out; never when not paused, never after
 //!    shutdown.
+//!
+//! A `QueueStalled` warning only when the head waited `stall_warn_ms`, every
+//! permit is held by a proxying connection and the shell's answer to the
+//! `ReportIdle` said idle that long; once per stall (until an activation or an
+//! answer below the limit clears it).
 //!
 //! Also: a due on-timeout hook runs before the next on-activate one, hooks run
 //! the command in force, the facts a hook is told (`HookContext`) and the
@@ -128,6 +136,9 @@ pub enum Op {
     DumpState,
     /// SIGTERM (a second one forces).
     Shutdown,
+    /// The shell answers a pending `ReportIdle`: its holders moved no byte
+    /// for this many ms (skipped if none is pending).
+    HoldersIdle(u64),
     /// An input that must be ignored: for an ended connection (possibly with a
     /// reused slot), for a live one in the wrong state, or an old hook id. Fed
     /// at the latest time already passed, so no deadline can fire either.
@@ -162,6 +173,7 @@ pub fn sanitize(mut s: Settings) -> Settings {
     s.connect_timeout_ms = limit(s.connect_timeout_ms);
     s.hook_timeout_ms = limit(s.hook_timeout_ms);
     s.shutdown_grace_ms = s.shutdown_grace_ms.min(MAX_MS);
+    s.stall_warn_ms = limit(s.stall_warn_ms);
     s
 }
 
@@ -269,6 +281,17 @@ struct HookRun {
 struct ShutdownState {
     grace_deadline: u64,
     forced: bool,
+    /// `--shutdown-queue serve`: waiting clients are still activated until
+    /// the grace ends or a second stop.
+    serving: bool,
+    /// The grace has certainly run out: a waiting or proxying client was
+    /// closed for it, a hook killed for it, or a step ended past it. (Within
+    /// the step that passes it, deadlines before it may still activate.)
+    grace_over: bool,
+    /// Activations (`StartRelay`) since it began, and waiting clients closed.
+    served: u64,
+    closed: u64,
+    done_logged: bool,
 }
 
 /// What the current step fed, to judge the actions it produced.
@@ -298,6 +321,8 @@ struct Fed {
     dumped: Vec<ConnId>,
     /// `Close` actions seen in this step.
     closes: usize,
+    /// The idle time the shell reported in this step.
+    idle: Option<u64>,
 }
 
 struct Model {
@@ -328,6 +353,10 @@ struct Model {
     shutdown: Option<ShutdownState>,
     /// Waiting clients allowed above max-queue since the last reload.
     allowance: usize,
+    /// A `ReportIdle` is waiting for its answer.
+    idle_pending: bool,
+    /// The current stall was warned about.
+    stall_warned: bool,
     /// While accepting is paused: when the core must resume it at the latest.
     accept_paused_until: Option<u64>,
     /// The backoff the next pause arms.
@@ -370,6 +399,8 @@ impl Model {
             last_ended_by: None,
             shutdown: None,
             allowance: 0,
+            idle_pending: false,
+            stall_warned: false,
             accept_paused_until: None,
             accept_backoff: ACCEPT_RETRY_BASE_MS,
             activations: 0,

@@ -38,7 +38,7 @@ impl Model {
             return;
         }
         self.hook_failures = self.hook_failures.saturating_add(1);
-        if self.shutdown.is_none() {
+        if !self.activations_stopped() {
             let shift = (self.hook_failures - 1).min(16);
             let backoff = (RETRY_BASE_MS << shift).min(RETRY_MAX_MS);
             self.retry_until = Some(self.now + backoff);
@@ -51,7 +51,7 @@ impl Model {
         let now = self.fed;
         match action {
             Action::Connect(conn) => {
-                if self.shutdown.is_some() {
+                if self.activations_stopped() {
                     return Err(format!("Connect for conn {} after shutdown", conn.id));
                 }
                 let state = self.live(*conn, "Connect")?.state;
@@ -109,7 +109,7 @@ impl Model {
                 };
             }
             Action::StartRelay(conn) => {
-                if self.shutdown.is_some() {
+                if self.activations_stopped() {
                     return Err(format!("StartRelay for conn {} after shutdown", conn.id));
                 }
                 let s = self.live(*conn, "StartRelay")?;
@@ -128,6 +128,9 @@ impl Model {
                 let deadline = self.settings.ttl_ms.map(|t| now + t);
                 self.shadow_mut(conn.id).state = State::Proxying { deadline };
                 self.relays += 1;
+                if let Some(sd) = &mut self.shutdown {
+                    sd.served += 1;
+                }
             }
             Action::Close {
                 conn,
@@ -163,13 +166,19 @@ impl Model {
                 let Some(run) = self.hook.as_mut().filter(|run| run.id == *hook) else {
                     return Err(format!("KillHook for hook {hook}, which is not running"));
                 };
-                if !shutting && run.deadline.is_none_or(|d| d > now) {
+                let early = run.deadline.is_none_or(|d| d > now);
+                if !shutting && early {
                     return Err(format!(
                         "KillHook for hook {hook} before its deadline {:?} (now {now})",
                         run.deadline
                     ));
                 }
                 run.kill_sent = true;
+                // Before its own deadline, only the grace or a second stop
+                // kills it.
+                if let Some(sd) = &mut self.shutdown {
+                    sd.grace_over |= early;
+                }
             }
             Action::StopAccepting => {
                 if !fed.shutdown || self.shutdown.is_some() {
@@ -178,11 +187,73 @@ impl Model {
                 fed.stop_accepting = true;
                 self.accept_paused_until = None;
                 let grace = self.settings.shutdown_grace_ms;
+                let serving = self.settings.serve_queue_on_shutdown;
                 self.shutdown = Some(ShutdownState {
                     grace_deadline: now + grace,
                     forced: false,
+                    grace_over: false,
+                    serving,
+                    served: 0,
+                    closed: 0,
+                    done_logged: false,
                 });
-                self.timeout_due = false;
+                self.idle_pending = false;
+                if !serving {
+                    self.timeout_due = false;
+                }
+            }
+            Action::ReportIdle => {
+                if self.idle_pending {
+                    return Err("ReportIdle while the last one is unanswered".to_string());
+                }
+                let Some(warn) = self.settings.stall_warn_ms else {
+                    return Err("ReportIdle with --stall-warn off".to_string());
+                };
+                if let Some(waited) = self.stall_candidate(now, warn) {
+                    if waited < warn {
+                        return Err(format!("ReportIdle after the head waited {waited} ms"));
+                    }
+                } else {
+                    return Err("ReportIdle while the queue cannot be stalled".to_string());
+                }
+                self.idle_pending = true;
+            }
+            Action::Log(Event::QueueStalled {
+                waited_ms,
+                holders,
+                idle_ms,
+            }) => {
+                let Some(warn) = self.settings.stall_warn_ms else {
+                    return Err("QueueStalled with --stall-warn off".to_string());
+                };
+                if fed.idle != Some(*idle_ms) || *idle_ms < warn {
+                    return Err(format!(
+                        "QueueStalled with idle {idle_ms}, the shell said {:?}",
+                        fed.idle
+                    ));
+                }
+                if self.stall_candidate(now, warn) != Some(*waited_ms) || *waited_ms < warn {
+                    return Err(format!("QueueStalled after the head waited {waited_ms} ms"));
+                }
+                if *holders != self.holders() {
+                    return Err(format!("QueueStalled names {holders} holders"));
+                }
+                if std::mem::replace(&mut self.stall_warned, true) {
+                    return Err("QueueStalled twice for one stall".to_string());
+                }
+            }
+            Action::Log(Event::ShutdownDone { served, closed }) => {
+                let Some(sd) = &mut self.shutdown else {
+                    return Err("ShutdownDone without a shutdown".to_string());
+                };
+                if (sd.served, sd.closed) != (*served, *closed) || sd.done_logged {
+                    return Err(format!(
+                        "ShutdownDone served={served} closed={closed}, the shadow counts \
+                         {} and {} (logged before: {})",
+                        sd.served, sd.closed, sd.done_logged
+                    ));
+                }
+                sd.done_logged = true;
             }
             Action::Log(Event::ShutdownForced { .. }) => {
                 if !fed.shutdown {
@@ -191,6 +262,7 @@ impl Model {
                 if let Some(shutdown) = &mut self.shutdown {
                     shutdown.forced = true;
                 }
+                self.timeout_due = false;
             }
             Action::Log(Event::Accepted { conn, .. }) => match fed.arriving.take() {
                 Some(s) if s.conn.id == *conn => {
@@ -260,6 +332,7 @@ impl Model {
             ));
         }
         self.activations += 1;
+        self.stall_warned = false;
         let permits = self.settings.permits;
         let seq = self.activations;
         let s = self.shadow_mut(id);
@@ -276,7 +349,7 @@ impl Model {
                 request.hook, run.id
             ));
         }
-        if self.shutdown.is_some() {
+        if self.activations_stopped() {
             return Err(format!("SpawnHook {} after shutdown", request.hook));
         }
         if self.old_hooks.contains(&request.hook) {
@@ -401,7 +474,10 @@ impl Model {
             }
             Outcome::Shutdown => match &self.shutdown {
                 None => false,
-                Some(sd) => !proxying || sd.forced || sd.grace_deadline <= now,
+                Some(sd) => {
+                    let over = sd.forced || sd.grace_deadline <= now;
+                    over || !proxying && (!sd.serving || fed.accepted == Some(id))
+                }
             },
         };
         let decided_by_core = match outcome {
@@ -427,7 +503,7 @@ impl Model {
             ));
         }
         if outcome == Outcome::Timeout && self.settings.on_timeout.is_some() {
-            self.timeout_due = self.shutdown.is_none();
+            self.timeout_due = !self.activations_stopped();
             self.last_expired = Some(id);
         }
         if self.conns.get(&id).is_some_and(|s| s.permit.is_some()) {
@@ -437,6 +513,13 @@ impl Model {
         if let State::Hooking { ok: true, .. } = state {
             // It left (or timed out) just before its hook's success was seen.
             self.prepared = true;
+        }
+        if outcome == Outcome::Shutdown
+            && let Some(sd) = &mut self.shutdown
+        {
+            sd.closed += u64::from(!proxying);
+            // Only the grace or a second stop closes those, while serving.
+            sd.grace_over |= proxying || fed.accepted != Some(id);
         }
         self.conns.remove(&id);
         self.closed += 1;
@@ -449,6 +532,31 @@ impl Model {
     }
 
     // ----- after each step -----
+
+    /// After a shutdown that closes the queue, or once a serving one was
+    /// forced or its grace ended: nothing is activated any more.
+    pub(super) fn activations_stopped(&self) -> bool {
+        self.shutdown
+            .as_ref()
+            .is_some_and(|sd| !sd.serving || sd.forced || sd.grace_over)
+    }
+
+    /// How long the head of the line has waited, if every permit is held by
+    /// a proxying connection (the core's condition for asking the shell).
+    pub(super) fn stall_candidate(&self, now: u64, _warn: u64) -> Option<u64> {
+        let head = self
+            .conns
+            .values()
+            .find(|s| matches!(s.state, State::Waiting))?;
+        let holders = self.holders();
+        let proxying = self
+            .conns
+            .values()
+            .filter(|s| matches!(s.state, State::Proxying { .. }))
+            .count();
+        (holders > 0 && holders >= self.settings.permits as usize && proxying == holders)
+            .then(|| now - head.accepted_at)
+    }
 
     pub(super) fn holders(&self) -> usize {
         self.conns.values().filter(|s| s.permit.is_some()).count()

@@ -68,6 +68,8 @@ fn settings(rng: &mut Rng) -> Settings {
         shutdown_grace_ms: if rng.chance(20) { 0 } else { rng.duration() },
         upstream: "127.0.0.1:9".to_string(),
         drop_queued_eof: rng.chance(50),
+        serve_queue_on_shutdown: rng.chance(50),
+        stall_warn_ms: rng.limit(),
     }
 }
 
@@ -113,7 +115,13 @@ fn op(rng: &mut Rng) -> Op {
         73..=75 => Op::Tick,
         76..=84 => Op::Wake,
         85..=87 => Op::Reload(settings(rng)),
-        88 => Op::DumpState,
+        88 => {
+            if rng.chance(50) {
+                Op::DumpState
+            } else {
+                Op::HoldersIdle(rng.duration())
+            }
+        }
         89 => {
             if rng.chance(50) {
                 Op::Shutdown
