@@ -296,9 +296,11 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Graceful stop: waiting clients are closed, a running hook is given up
-    /// on, proxying connections get the shutdown grace. A second call ends
-    /// them at once.
+    /// Graceful stop: the listener closes, waiting clients are closed and a
+    /// running hook is given up on (with [`ShutdownQueue::Serve`]: waiting
+    /// clients are still let through in order, hooks included, within the
+    /// grace), proxying connections get the shutdown grace. A second call
+    /// ends them at once.
     pub fn stop(&self) {
         self.send(Control::Stop);
     }
