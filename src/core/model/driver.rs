@@ -23,13 +23,20 @@ impl Model {
 
     /// Shuts down (if not yet), reaps the hook, lets the grace run out, and
     /// checks that the core finished with every connection closed once.
+    /// While a shutdown serves the queue, hooks succeed: a failing one would
+    /// be retried every 30 s until a grace of up to 100 years ran out.
     pub(super) fn wind_down(&mut self) -> Result<(), Failure> {
         if self.shutdown.is_none() {
             self.step(&Op::Shutdown)?;
         }
         for _ in 0..4_096 {
             if self.hook.is_some() {
-                self.step(&Op::HookExited(HookExit::Signaled(9)))?;
+                let exit = if self.activations_stopped() {
+                    HookExit::Signaled(9)
+                } else {
+                    HookExit::Success
+                };
+                self.step(&Op::HookExited(exit))?;
             } else if !self.conns.is_empty() {
                 if self.core.poll_timeout().is_none() {
                     return Err(self.fail("stuck after shutdown: connections open, no deadline"));

@@ -224,3 +224,26 @@ fn the_checker_rejects_actions_the_core_must_never_emit() {
     let failure = model.fail("synthetic");
     assert!(failure.to_string().contains("= conn 1"));
 }
+
+/// Found by the fuzzer: a shutdown serving the queue retries a failing
+/// on-activate hook until its (days long) grace runs out; winding down must
+/// not take a step per retry.
+#[test]
+fn winding_down_a_serving_shutdown_with_a_long_grace_finishes() {
+    let settings = Settings {
+        on_activate: Some(HookRef(2)),
+        shutdown_grace_ms: 417_600_000,
+        serve_queue_on_shutdown: true,
+        stall_warn_ms: None,
+        upstream: "127.0.0.1:9".to_string(),
+        ..Settings::default()
+    };
+    let mut ops = vec![Op::Accept, Op::Accept, Op::Shutdown];
+    for _ in 0..20 {
+        ops.push(Op::HookExited(HookExit::Signaled(9)));
+        ops.push(Op::Wake);
+    }
+    if let Err(failure) = run(settings, &ops) {
+        panic!("{failure}");
+    }
+}
