@@ -177,7 +177,7 @@ fn sigterm_closes_queued_clients_at_once_and_lets_the_proxying_one_finish() {
         .collect();
 
     proxy.signal("TERM");
-    let shutdown = proxy.expect_log(event("shutdown"), "shutdown");
+    let shutdown = proxy.expect_log(event("shutdown_started"), "shutdown");
     assert_eq!(num_field(&shutdown, "queued"), 2, "{shutdown}");
     assert_eq!(num_field(&shutdown, "active"), 1, "{shutdown}");
     assert_eq!(num_field(&shutdown, "grace_ms"), 10_000, "{shutdown}");
@@ -231,7 +231,7 @@ fn sigint_also_stops_gracefully_and_a_second_signal_stops_at_once() {
     roundtrip(&mut stubborn, b"never closing\n");
 
     proxy.signal("INT");
-    proxy.expect_log(event("shutdown"), "shutdown on SIGINT");
+    proxy.expect_log(event("shutdown_started"), "shutdown on SIGINT");
     assert_eq!(
         proxy.wait_exit(Duration::from_millis(200)),
         None,

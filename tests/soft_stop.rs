@@ -44,7 +44,7 @@ fn serve_activates_the_waiting_in_order_while_a_new_tcplock_binds_the_port() {
     let queued = queue_clients(&proxy, 5);
 
     proxy.signal("TERM");
-    let shutdown = proxy.expect_log(event("shutdown"), "shutdown");
+    let shutdown = proxy.expect_log(event("shutdown_started"), "shutdown");
     assert_eq!(num_field(&shutdown, "queued"), 5, "{shutdown}");
     assert_eq!(num_field(&shutdown, "active"), 1, "{shutdown}");
 
@@ -133,7 +133,7 @@ fn a_second_sigterm_stops_a_serving_shutdown_at_once() {
     let mut queued = queue_clients(&proxy, 2);
 
     proxy.signal("TERM");
-    proxy.expect_log(event("shutdown"), "shutdown");
+    proxy.expect_log(event("shutdown_started"), "shutdown");
     // Still serving: the waiting client is kept, not closed.
     let (c, _) = &mut queued[0];
     c.set_read_timeout(Some(Duration::from_millis(300)))

@@ -274,7 +274,7 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::HookFailed { .. } => (LogLevel::Warn, "hook_failed"),
         Event::HookTimedOut { .. } => (LogLevel::Warn, "hook_timeout"),
         Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),
-        Event::ShutdownStarted { .. } => (LogLevel::Info, "shutdown"),
+        Event::ShutdownStarted { .. } => (LogLevel::Info, "shutdown_started"),
         Event::ShutdownForced { .. } => (LogLevel::Warn, "shutdown_forced"),
         Event::ShutdownDone { .. } => (LogLevel::Info, "shutdown_done"),
         Event::QueueStalled { .. } => (LogLevel::Warn, "queue_stalled"),
