@@ -12,6 +12,7 @@
 mod api;
 mod config;
 mod core;
+mod proxy_protocol;
 mod shell;
 mod sys;
 
@@ -19,7 +20,7 @@ pub use api::error::Error;
 pub use api::hook::{Hook, Ticket, TimeoutInfo};
 pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
-pub use config::{Config, ConfigError, LogLevel, QueuedEof, Splice};
+pub use config::{Config, ConfigError, LogLevel, QueuedEof, SendProxy, Splice};
 pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach
@@ -27,6 +28,10 @@ pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, S
 #[doc(hidden)]
 pub mod internals {
     pub use crate::config::{cli, file, load, units};
+    /// The PROXY protocol parser, for its fuzz target.
+    pub mod proxy_protocol {
+        pub use crate::proxy_protocol::*;
+    }
     /// The pure state machine, for the model checker's fuzz target.
     #[cfg(feature = "model")]
     pub mod core {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
-use crate::config::{Config, LogLevel, QueuedEof, RawArgs, Splice};
+use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, Splice};
 use crate::core::Stats;
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 
@@ -223,6 +223,13 @@ impl Builder {
     /// default) or drop it from the queue as abandoned.
     pub fn queued_eof(mut self, policy: QueuedEof) -> Builder {
         self.config.queued_eof = policy;
+        self
+    }
+
+    /// Send the upstream a PROXY protocol header with the client's address
+    /// before the client's first byte; [`SendProxy::Off`] by default.
+    pub fn send_proxy(mut self, version: SendProxy) -> Builder {
+        self.config.send_proxy = version;
         self
     }
 

@@ -259,6 +259,15 @@ settings! {
         help "move bytes with splice(2) instead of copying;\n\
               auto switches a direction over once it streams\n\
               a full buffer (default: auto)";
+    /// Which PROXY protocol header goes to the upstream before a client's
+    /// bytes; [`SendProxy::Off`] by default.
+    send_proxy: SendProxy = SendProxy::Off,
+        key "send-proxy" value "off|v1|v2", Addresses, reload true,
+        parse |s| parse_choice(s, &SendProxy::ALL, SendProxy::as_str, "value"),
+        check |_| Ok(()),
+        help "send the upstream a PROXY protocol header (v1\n\
+              text or v2 binary) with the client's address\n\
+              before its first byte (default: off)";
 }
 
 /// The 2011 tool's way to name the upstream; the merge folds them into
@@ -462,6 +471,38 @@ impl QueuedEof {
 }
 
 impl fmt::Display for QueuedEof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether, and in which version, a PROXY protocol header (HAProxy's
+/// `proxy-protocol.txt`) tells the upstream who the client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendProxy {
+    /// No header: the upstream sees tcplock's address only. The default.
+    Off,
+    /// The text header, `PROXY TCP4 client local cport lport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl SendProxy {
+    const ALL: [SendProxy; 3] = [Self::Off, Self::V1, Self::V2];
+
+    /// The name, as logs show it and the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+impl fmt::Display for SendProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

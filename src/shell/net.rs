@@ -2,6 +2,8 @@
 //! upstream, relaying and closing.
 
 use super::*;
+use crate::config::SendProxy;
+use crate::proxy_protocol::{self, Addresses, Header, Version};
 
 /// Accept at most this many connections per loop turn, so a flood cannot starve
 /// the connections already in flight.
@@ -321,7 +323,16 @@ impl Shell {
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let relay = Relay::new(upstream, upstream_ready);
+        let send = self.config.send_proxy;
+        let header = self
+            .io_of(conn)
+            .and_then(|io| proxy_header(send, &io.client));
+        let relay = Relay::new(
+            upstream,
+            upstream_ready,
+            header.as_ref().map(Header::as_bytes),
+            &mut self.pool,
+        );
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }
@@ -374,6 +385,26 @@ impl Shell {
         }
         self.accept_more = false;
     }
+}
+
+/// The `--send-proxy` header for a client's connection: its address and the
+/// local address it reached. A client whose addresses cannot be read (it
+/// has just gone) gets the "unknown origin" header: the upstream still sees
+/// a valid header before the end of stream that follows.
+fn proxy_header(send: SendProxy, client: &TcpStream) -> Option<Header> {
+    let version = match send {
+        SendProxy::Off => return None,
+        SendProxy::V1 => Version::V1,
+        SendProxy::V2 => Version::V2,
+    };
+    let addresses = match (client.peer_addr(), client.local_addr()) {
+        (Ok(source), Ok(destination)) => Some(Addresses {
+            source,
+            destination,
+        }),
+        _ => None,
+    };
+    Some(proxy_protocol::encode(version, addresses))
 }
 
 pub(super) fn client_token(conn: ConnRef) -> Token {

@@ -161,6 +161,9 @@ pub struct Relay {
     pub scheduled: bool,
     /// The side that sent end of stream or failed first, once one did.
     ended_by: Option<EndedBy>,
+    /// Bytes of a PROXY protocol header put ahead of the client's: written
+    /// upstream but not the client's, so not counted as relayed.
+    header_len: u64,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -273,14 +276,35 @@ struct Round {
 impl Relay {
     /// Starts relaying over a connected upstream whose readiness was tracked
     /// since it was registered.
-    pub fn new(upstream: TcpStream, upstream_ready: Readiness) -> Self {
+    ///
+    /// A `header` (`--send-proxy`) is held as the first bytes for the
+    /// upstream: the client direction drains it before it reads anything, so
+    /// a short write never lets a client byte overtake it.
+    pub fn new(
+        upstream: TcpStream,
+        upstream_ready: Readiness,
+        header: Option<&[u8]>,
+        pool: &mut ChannelPool,
+    ) -> Self {
+        let mut up = Direction::new();
+        let mut header_len = 0;
+        if let Some(header) = header.filter(|h| !h.is_empty()) {
+            let mut buf = pool.buffers.take();
+            // A header is at most 107 bytes; a buffer at least 1 KiB.
+            let n = header.len().min(buf.space().len());
+            buf.space()[..n].copy_from_slice(&header[..n]);
+            buf.commit(n);
+            up.held = Held::Buffer(buf);
+            header_len = n as u64;
+        }
         Relay {
             upstream,
             upstream_ready,
-            up: Direction::new(),
+            up,
             down: Direction::new(),
             scheduled: false,
             ended_by: None,
+            header_len,
         }
     }
 
@@ -291,7 +315,10 @@ impl Relay {
 
     /// Bytes relayed client → upstream and upstream → client.
     pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
+        (
+            self.up.bytes.saturating_sub(self.header_len),
+            self.down.bytes,
+        )
     }
 
     /// Returns what the directions hold to the pool.
