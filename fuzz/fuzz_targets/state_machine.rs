@@ -159,6 +159,7 @@ impl Knobs {
             shutdown_grace_ms: self.shutdown_grace.ms(),
             upstream: "127.0.0.1:9".to_string(),
             drop_queued_eof: self.drop_queued_eof,
+            proxy_header_timeout_ms: None,
         }
     }
 }

@@ -233,6 +233,14 @@ impl Builder {
         self
     }
 
+    /// Expect every client to start with a PROXY protocol header (v1 or v2)
+    /// naming the real client, as a balancer in front sends it; off by
+    /// default. Fixed for the life of the lock (a reload keeps it).
+    pub fn accept_proxy(mut self, on: bool) -> Builder {
+        self.config.accept_proxy = on;
+        self
+    }
+
     /// Handle SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 (state dump)
     /// as the binary does. Off by default: a library should not take over its
     /// host's signals, and without this none is touched (command hooks are

@@ -14,6 +14,10 @@ use std::time::Duration;
 use crate::api::hook::Hook;
 use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
 
+/// The value name of a switch: on the command line the flag alone turns it
+/// on (`--flag=off` turns it off); in a file it takes `on` or `off`.
+pub(crate) const SWITCH: &str = "[=on|off]";
+
 /// Where a setting is listed in `--help`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Group {
@@ -268,7 +272,20 @@ settings! {
         help "send the upstream a PROXY protocol header (v1\n\
               text or v2 binary) with the client's address\n\
               before its first byte (default: off)";
+    /// Every client must start with a PROXY protocol header (v1 or v2), read
+    /// within [`PROXY_HEADER_TIMEOUT`] of accept; its address becomes the
+    /// client's.
+    accept_proxy: bool = false,
+        key "accept-proxy" value "[=on|off]", Addresses, reload false,
+        parse |s| parse_switch(s),
+        check |_| Ok(()),
+        help "every client starts with a PROXY protocol header\n\
+              (v1 or v2, within 5s) naming the real client, as a\n\
+              balancer in front sends it (default: off)";
 }
+
+/// How long an `--accept-proxy` client has to send its whole header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The 2011 tool's way to name the upstream; the merge folds them into
 /// [`Config::upstream`].
@@ -528,6 +545,15 @@ fn parse_choice<T: Copy>(
                 rest.join(", ")
             )
         })
+}
+
+/// `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("invalid value {} (use on or off)", Quoted(text))),
+    }
 }
 
 /// A plain decimal count; its range is the setting's check.

@@ -189,6 +189,11 @@ impl Readiness {
         self.writable |= event.writable;
         self.closing |= event.closing;
     }
+
+    /// An event said the peer closed or the socket failed.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
 }
 
 /// What one readiness event said about one socket. A closed or failed socket
