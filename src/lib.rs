@@ -36,6 +36,8 @@ pub mod internals {
     #[cfg(feature = "model")]
     pub mod core {
         pub use crate::core::model;
-        pub use crate::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
+        pub use crate::core::{
+            EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+        };
     }
 }

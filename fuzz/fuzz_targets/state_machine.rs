@@ -14,7 +14,9 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tcplock::internals::core::model::{self, Op, StrayInput};
-use tcplock::internals::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
+use tcplock::internals::core::{
+    EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+};
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
 const MAX_OPS: usize = 400;
@@ -43,6 +45,15 @@ enum Event {
     Shutdown,
     Stray(u8, Stray),
     ClientEof(u8),
+    ProxyHeader(u8, Header),
+}
+
+/// What an `--accept-proxy` client's header turned out to be.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Header {
+    Client,
+    Local,
+    Bad,
 }
 
 /// A duration in one of a few ranges, so small steps and hour-long jumps are
@@ -68,6 +79,9 @@ struct Knobs {
     hook_timeout: Option<Span>,
     shutdown_grace: Span,
     drop_queued_eof: bool,
+    /// `--accept-proxy`'s header timeout (fixed at start: a reload keeps the
+    /// initial one).
+    proxy_header: Option<Span>,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -110,6 +124,7 @@ enum Stray {
     RelayEnded(End),
     HookExited,
     ClientEof,
+    ProxyHeader,
 }
 
 impl Span {
@@ -159,7 +174,7 @@ impl Knobs {
             shutdown_grace_ms: self.shutdown_grace.ms(),
             upstream: "127.0.0.1:9".to_string(),
             drop_queued_eof: self.drop_queued_eof,
-            proxy_header_timeout_ms: None,
+            proxy_header_timeout_ms: self.proxy_header.map(Span::ms),
         }
     }
 }
@@ -170,6 +185,15 @@ impl Event {
             Event::Accept => Op::Accept,
             Event::ClientLeft(i) => Op::ClientLeft(*i),
             Event::ClientEof(i) => Op::ClientEof(*i),
+            Event::ProxyHeader(i, header) => Op::ProxyHeader(
+                *i,
+                match header {
+                    // The model names the client itself.
+                    Header::Client => ProxyHeader::Client(([192, 0, 2, 1], 1).into()),
+                    Header::Local => ProxyHeader::Local,
+                    Header::Bad => ProxyHeader::Bad,
+                },
+            ),
             Event::UpstreamConnected(i) => Op::UpstreamConnected(*i),
             Event::UpstreamFailed(i) => Op::UpstreamFailed(*i),
             Event::ConnectAttempt(i, left) => Op::ConnectAttempt(*i, *left),
@@ -199,6 +223,7 @@ impl Event {
                     Stray::RelayEnded(end) => StrayInput::RelayEnded(end.relay_end()),
                     Stray::HookExited => StrayInput::HookExited,
                     Stray::ClientEof => StrayInput::ClientEof,
+                    Stray::ProxyHeader => StrayInput::ProxyHeader,
                 },
             ),
         }

@@ -308,9 +308,14 @@ impl Core {
             return;
         }
         if let Some(timeout) = self.settings.queue_timeout_ms {
-            let key = self
-                .timers
-                .insert(accepted_at.saturating_add(timeout), Deadline::Queue(conn));
+            let deadline = accepted_at.saturating_add(timeout);
+            if deadline <= now {
+                // Its PROXY header took longer than the whole queue timeout.
+                self.log(Event::QueueTimeout { conn: id });
+                self.end(now, conn, Outcome::QueueTimeout, EndedBy::Tcplock);
+                return;
+            }
+            let key = self.timers.insert(deadline, Deadline::Queue(conn));
             self.conns[conn.slot].queue_deadline = Some(key);
         }
         self.pump(now);
