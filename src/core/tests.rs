@@ -991,3 +991,25 @@ fn a_shutdown_closes_connections_still_reading_their_header() {
     )));
     assert_eq!(core.conn_count(), 0, "its header timer went with it");
 }
+
+#[test]
+fn a_header_later_than_the_queue_timeout_ends_as_queue_timeout() {
+    let mut core = Core::new(
+        Settings {
+            proxy_header_timeout_ms: Some(5_000),
+            queue_timeout_ms: Some(1_000),
+            ..settings()
+        },
+        0,
+    );
+    let late = core.handle_accepted(0, addr(2));
+    core.handle_proxy_header(2_000, late, ProxyHeader::Local);
+    let after = actions(&mut core);
+    assert!(
+        after.iter().any(|a| matches!(
+            a,
+            Action::Close { conn, outcome: Outcome::QueueTimeout, .. } if *conn == late
+        )),
+        "{after:?}"
+    );
+}
