@@ -234,6 +234,12 @@ fn start_nginx(nginx: &str, dir: &Path, port: u16) -> Nginx {
 }
 
 fn nginx_sees_the_client(version: &str) {
+    nginx_sees(version, None);
+}
+
+/// `balancer_header`: sent first by the client, to a tcplock started with
+/// `--accept-proxy`; nginx must then see the client that header names.
+fn nginx_sees(version: &str, balancer_header: Option<(&[u8], &str)>) {
     let Some(nginx) = nginx_binary() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -259,9 +265,17 @@ fn nginx_sees_the_client(version: &str) {
     }
     // The readiness probe above came without a header; nginx logs it as a
     // broken header and closes it, which is not what is checked below.
-    let proxy = Proxy::start(&["-u", &up, "--send-proxy", version]);
+    let mut args = vec!["-u", &up, "--send-proxy", version];
+    if balancer_header.is_some() {
+        args.push("--accept-proxy");
+    }
+    let proxy = Proxy::start(&args);
     let mut client = proxy.connect();
-    let client_addr = client.local_addr().unwrap();
+    let mut expected = client.local_addr().unwrap().to_string();
+    if let Some((header, named)) = balancer_header {
+        client.write_all(header).unwrap();
+        expected = named.to_string();
+    }
     client
         .write_all(b"GET /through-tcplock HTTP/1.0\r\nHost: x\r\n\r\n")
         .unwrap();
@@ -284,8 +298,8 @@ fn nginx_sees_the_client(version: &str) {
     );
     eprintln!("nginx access log ({version}): {line}");
     assert!(
-        line.starts_with(&format!("{}:{} ", client_addr.ip(), client_addr.port())),
-        "nginx saw {line:?}, client was {client_addr}"
+        line.starts_with(&format!("{expected} ")),
+        "nginx saw {line:?}, client was {expected}"
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -299,4 +313,16 @@ fn nginx_reads_the_client_address_from_a_v1_header() {
 #[test]
 fn nginx_reads_the_client_address_from_a_v2_header() {
     nginx_sees_the_client("v2");
+}
+
+/// Behind a balancer: the client its header names reaches nginx.
+#[test]
+fn nginx_reads_the_client_a_balancers_header_named() {
+    nginx_sees(
+        "v2",
+        Some((
+            b"PROXY TCP4 203.0.113.7 192.0.2.1 4242 443\r\n",
+            "203.0.113.7:4242",
+        )),
+    );
 }
