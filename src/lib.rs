@@ -12,6 +12,7 @@
 mod api;
 mod config;
 mod core;
+mod proxy_protocol;
 mod shell;
 mod sys;
 
@@ -19,7 +20,7 @@ pub use api::error::Error;
 pub use api::hook::{Hook, Ticket, TimeoutInfo};
 pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
-pub use config::{Config, ConfigError, LogLevel, QueuedEof, ShutdownQueue, Splice};
+pub use config::{Config, ConfigError, LogLevel, QueuedEof, SendProxy, ShutdownQueue, Splice};
 pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach
@@ -27,10 +28,16 @@ pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, S
 #[doc(hidden)]
 pub mod internals {
     pub use crate::config::{cli, file, load, units};
+    /// The PROXY protocol parser, for its fuzz target.
+    pub mod proxy_protocol {
+        pub use crate::proxy_protocol::*;
+    }
     /// The pure state machine, for the model checker's fuzz target.
     #[cfg(feature = "model")]
     pub mod core {
         pub use crate::core::model;
-        pub use crate::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
+        pub use crate::core::{
+            EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+        };
     }
 }

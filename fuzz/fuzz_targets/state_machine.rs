@@ -14,7 +14,9 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tcplock::internals::core::model::{self, Op, StrayInput};
-use tcplock::internals::core::{EndedBy, HookExit, HookRef, RelayCause, RelayEnd, Settings};
+use tcplock::internals::core::{
+    EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+};
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
 const MAX_OPS: usize = 400;
@@ -44,6 +46,15 @@ enum Event {
     Stray(u8, Stray),
     ClientEof(u8),
     HoldersIdle(Span),
+    ProxyHeader(u8, Header),
+}
+
+/// What an `--accept-proxy` client's header turned out to be.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Header {
+    Client,
+    Local,
+    Bad,
 }
 
 /// A duration in one of a few ranges, so small steps and hour-long jumps are
@@ -71,6 +82,9 @@ struct Knobs {
     drop_queued_eof: bool,
     serve_queue_on_shutdown: bool,
     stall_warn: Option<Span>,
+    /// `--accept-proxy`'s header timeout (fixed at start: a reload keeps the
+    /// initial one).
+    proxy_header: Option<Span>,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -113,6 +127,7 @@ enum Stray {
     RelayEnded(End),
     HookExited,
     ClientEof,
+    ProxyHeader,
 }
 
 impl Span {
@@ -164,6 +179,7 @@ impl Knobs {
             drop_queued_eof: self.drop_queued_eof,
             serve_queue_on_shutdown: self.serve_queue_on_shutdown,
             stall_warn_ms: self.stall_warn.map(Span::ms),
+            proxy_header_timeout_ms: self.proxy_header.map(Span::ms),
         }
     }
 }
@@ -174,6 +190,15 @@ impl Event {
             Event::Accept => Op::Accept,
             Event::ClientLeft(i) => Op::ClientLeft(*i),
             Event::ClientEof(i) => Op::ClientEof(*i),
+            Event::ProxyHeader(i, header) => Op::ProxyHeader(
+                *i,
+                match header {
+                    // The model names the client itself.
+                    Header::Client => ProxyHeader::Client(([192, 0, 2, 1], 1).into()),
+                    Header::Local => ProxyHeader::Local,
+                    Header::Bad => ProxyHeader::Bad,
+                },
+            ),
             Event::UpstreamConnected(i) => Op::UpstreamConnected(*i),
             Event::UpstreamFailed(i) => Op::UpstreamFailed(*i),
             Event::ConnectAttempt(i, left) => Op::ConnectAttempt(*i, *left),
@@ -204,6 +229,7 @@ impl Event {
                     Stray::RelayEnded(end) => StrayInput::RelayEnded(end.relay_end()),
                     Stray::HookExited => StrayInput::HookExited,
                     Stray::ClientEof => StrayInput::ClientEof,
+                    Stray::ProxyHeader => StrayInput::ProxyHeader,
                 },
             ),
         }

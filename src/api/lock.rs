@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
-use crate::config::{Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue, Splice};
+use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, ShutdownQueue, Splice};
 use crate::core::Stats;
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 
@@ -239,6 +239,21 @@ impl Builder {
     /// default) or drop it from the queue as abandoned.
     pub fn queued_eof(mut self, policy: QueuedEof) -> Builder {
         self.config.queued_eof = policy;
+        self
+    }
+
+    /// Send the upstream a PROXY protocol header with the client's address
+    /// before the client's first byte; [`SendProxy::Off`] by default.
+    pub fn send_proxy(mut self, version: SendProxy) -> Builder {
+        self.config.send_proxy = version;
+        self
+    }
+
+    /// Expect every client to start with a PROXY protocol header (v1 or v2)
+    /// naming the real client, as a balancer in front sends it; off by
+    /// default. Fixed for the life of the lock (a reload keeps it).
+    pub fn accept_proxy(mut self, on: bool) -> Builder {
+        self.config.accept_proxy = on;
         self
     }
 

@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::fmt;
 
-use crate::config::settings::{Group, Spec, all_specs, spec_by_key, spec_by_short};
+use crate::config::settings::{Group, SWITCH, Spec, all_specs, spec_by_key, spec_by_short};
 use crate::config::units::Quoted;
 
 /// What the command line asks for.
@@ -62,11 +62,18 @@ where
                 ));
             }
         };
-        let value = parser
-            .value()
-            .map_err(|_| UsageError::MissingValue(flag.to_string()))?
-            .into_string()
-            .map_err(|_| UsageError::NotUnicode(flag.to_string()))?;
+        let value = match flag {
+            // A switch alone means "on"; `--switch=off` still turns it off.
+            Flag::Setting(spec) if spec.value_name == SWITCH => parser
+                .optional_value()
+                .map_or(Ok("on".to_string()), |v| v.into_string())
+                .map_err(|_| UsageError::NotUnicode(flag.to_string()))?,
+            _ => parser
+                .value()
+                .map_err(|_| UsageError::MissingValue(flag.to_string()))?
+                .into_string()
+                .map_err(|_| UsageError::NotUnicode(flag.to_string()))?,
+        };
         let given_before = match flag {
             Flag::Config => raw.config.is_some(),
             Flag::Setting(spec) => raw.values.iter().any(|(s, _)| *s == spec),
@@ -200,7 +207,8 @@ pub fn usage() -> String {
     for group in Group::ALL {
         out.push_str(&format!("\n{}:\n", group.title()));
         for spec in all_specs().filter(|spec| spec.group == group) {
-            let flag = format!("--{} {}", spec.key, spec.value_name);
+            let gap = if spec.value_name == SWITCH { "" } else { " " };
+            let flag = format!("--{}{gap}{}", spec.key, spec.value_name);
             help_entry(&mut out, spec.short, &flag, spec.help);
         }
         if group == Group::Other {
@@ -268,7 +276,13 @@ mod tests {
         for spec in all_specs() {
             let key = spec.key;
             let long = format!("--{key}");
-            assert_eq!(run(&[&long, "v1"]).get(key), Some("v1"), "{long}");
+            if spec.value_name == SWITCH {
+                // Alone it means on, and the next word is not its value.
+                assert_eq!(run(&[&long]).get(key), Some("on"), "{long}");
+                assert_eq!(run(&[&long, "-n", "2"]).get("permits"), Some("2"));
+            } else {
+                assert_eq!(run(&[&long, "v1"]).get(key), Some("v1"), "{long}");
+            }
             let with_eq = format!("--{key}=v2");
             assert_eq!(run(&[&with_eq]).get(key), Some("v2"), "{with_eq}");
             if let Some(c) = spec.short {
@@ -305,7 +319,8 @@ mod tests {
     fn usage_names_every_flag() {
         let usage = usage();
         for spec in all_specs() {
-            assert!(usage.contains(&format!("--{} ", spec.key)), "{spec}");
+            let gap = if spec.value_name == SWITCH { "[" } else { " " };
+            assert!(usage.contains(&format!("--{}{gap}", spec.key)), "{spec}");
             if let Some(c) = spec.short {
                 assert!(usage.contains(&format!("-{c}, --{} ", spec.key)), "{spec}");
             }

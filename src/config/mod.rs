@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 
 pub use cli::RawArgs;
 pub use file::{FileArgs, parse_file, read_config_file};
-pub use settings::{Config, LogLevel, QueuedEof, ShutdownQueue, Splice, changed_keys, keep_fixed};
+pub use settings::{
+    Config, LogLevel, PROXY_HEADER_TIMEOUT, QueuedEof, SendProxy, ShutdownQueue, Splice,
+    changed_keys, keep_fixed,
+};
 
 #[cfg(test)]
 use settings::{MAX_HOOK_COMMAND, MAX_QUEUE};

@@ -14,6 +14,10 @@ use std::time::Duration;
 use crate::api::hook::Hook;
 use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
 
+/// The value name of a switch: on the command line the flag alone turns it
+/// on (`--flag=off` turns it off); in a file it takes `on` or `off`.
+pub(crate) const SWITCH: &str = "[=on|off]";
+
 /// Where a setting is listed in `--help`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Group {
@@ -276,7 +280,29 @@ settings! {
         help "move bytes with splice(2) instead of copying;\n\
               auto switches a direction over once it streams\n\
               a full buffer (default: auto)";
+    /// Which PROXY protocol header goes to the upstream before a client's
+    /// bytes; [`SendProxy::Off`] by default.
+    send_proxy: SendProxy = SendProxy::Off,
+        key "send-proxy" value "off|v1|v2", Addresses, reload true,
+        parse |s| parse_choice(s, &SendProxy::ALL, SendProxy::as_str, "value"),
+        check |_| Ok(()),
+        help "send the upstream a PROXY protocol header (v1\n\
+              text or v2 binary) with the client's address\n\
+              before its first byte (default: off)";
+    /// Every client must start with a PROXY protocol header (v1 or v2), read
+    /// within [`PROXY_HEADER_TIMEOUT`] of accept; its address becomes the
+    /// client's.
+    accept_proxy: bool = false,
+        key "accept-proxy" value "[=on|off]", Addresses, reload false,
+        parse |s| parse_switch(s),
+        check |_| Ok(()),
+        help "every client starts with a PROXY protocol header\n\
+              (v1 or v2, within 5s) naming the real client, as a\n\
+              balancer in front sends it (default: off)";
 }
+
+/// How long an `--accept-proxy` client has to send its whole header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The 2011 tool's way to name the upstream; the merge folds them into
 /// [`Config::upstream`].
@@ -513,6 +539,38 @@ impl fmt::Display for ShutdownQueue {
     }
 }
 
+/// Whether, and in which version, a PROXY protocol header (HAProxy's
+/// `proxy-protocol.txt`) tells the upstream who the client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendProxy {
+    /// No header: the upstream sees tcplock's address only. The default.
+    Off,
+    /// The text header, `PROXY TCP4 client local cport lport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl SendProxy {
+    const ALL: [SendProxy; 3] = [Self::Off, Self::V1, Self::V2];
+
+    /// The name, as logs show it and the flag reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+impl fmt::Display for SendProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One of `choices` by name, in any case; the error lists them.
 fn parse_choice<T: Copy>(
     text: &str,
@@ -533,6 +591,15 @@ fn parse_choice<T: Copy>(
                 rest.join(", ")
             )
         })
+}
+
+/// `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("invalid value {} (use on or off)", Quoted(text))),
+    }
 }
 
 /// A plain decimal count; its range is the setting's check.

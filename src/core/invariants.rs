@@ -28,6 +28,21 @@ impl Core {
                 return Err(format!("conn {} holds a dead queue timer", c.id));
             }
             match &c.state {
+                ConnState::Header { deadline } => {
+                    armed += usize::from(deadline.is_some());
+                    if c.queue_deadline.is_some() || c.via.is_some() {
+                        return Err(format!(
+                            "conn {} waits for its header with a queue timer or a via",
+                            c.id
+                        ));
+                    }
+                    if deadline.is_none() {
+                        return Err(format!("conn {} waits for its header forever", c.id));
+                    }
+                    if self.shutdown.is_some() {
+                        return Err(format!("conn {} waits for its header after shutdown", c.id));
+                    }
+                }
                 ConnState::Queued { .. } => queued += 1,
                 ConnState::Activating(Activation::Hook { .. }) => {
                     holding += 1;

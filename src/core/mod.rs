@@ -31,7 +31,8 @@ mod tests;
 
 pub use types::{
     Action, ConnId, ConnRef, EndedBy, Event, HookContext, HookExit, HookId, HookKind, HookRef,
-    HookRequest, Outcome, OutcomeCounts, RelayCause, RelayEnd, Settings, StateName, Stats,
+    HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd, Settings,
+    StateName, Stats,
 };
 
 use std::collections::VecDeque;
@@ -112,6 +113,9 @@ struct Counters {
 struct Conn {
     id: ConnId,
     client: SocketAddr,
+    /// `--accept-proxy`: the balancer's address, when its header named
+    /// another client.
+    via: Option<SocketAddr>,
     accepted_at: u64,
     /// Spans Queued and Activating: the queue timeout counts until proxying.
     queue_deadline: Option<TimerKey>,
@@ -121,6 +125,11 @@ struct Conn {
 }
 
 enum ConnState {
+    /// `--accept-proxy`: waiting for its PROXY header, not yet in the queue;
+    /// `deadline` ends the wait.
+    Header {
+        deadline: Option<TimerKey>,
+    },
     /// `attempts` counts the on-activate hook runs that failed for it.
     Queued {
         attempts: u32,
@@ -193,6 +202,7 @@ struct Shutdown {
 /// to, so a timer that outlived its owner is recognised and ignored.
 #[derive(Clone, Copy, Debug)]
 enum Deadline {
+    Header(ConnRef),
     Queue(ConnRef),
     Connect(ConnRef),
     ConnectAttempt(ConnRef),
@@ -248,33 +258,108 @@ impl Core {
         let slot = self.conns.insert(Conn {
             id,
             client,
+            via: None,
             accepted_at: now,
             queue_deadline: None,
             client_eof: false,
             state: ConnState::Queued { attempts: 0 },
         });
         let conn = ConnRef { slot, id };
-        self.log(Event::Accepted { conn: id, client });
+        if let Some(timeout) = self.settings.proxy_header_timeout_ms
+            && self.shutdown.is_none()
+        {
+            let key = self
+                .timers
+                .insert(now.saturating_add(timeout), Deadline::Header(conn));
+            self.conns[slot].state = ConnState::Header {
+                deadline: Some(key),
+            };
+        } else {
+            self.join_queue(now, conn);
+        }
+        self.check();
+        conn
+    }
+
+    /// `--accept-proxy`: the shell read (or failed to read) the PROXY header
+    /// of a connection waiting for it. A good one joins the queue (its
+    /// queue timeout still counts from accept); a bad one is rejected.
+    /// Ignored for a stale handle or a connection past its header.
+    pub fn handle_proxy_header(&mut self, now: u64, conn: ConnRef, header: ProxyHeader) {
+        self.advance(now);
+        if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+            && let ConnState::Header { .. } = c.state
+        {
+            match header {
+                ProxyHeader::Bad => {
+                    let client = c.client;
+                    self.reject_header(now, conn, client);
+                }
+                good => {
+                    if let ProxyHeader::Client(client) = good {
+                        c.via = Some(c.client);
+                        c.client = client;
+                    }
+                    if let ConnState::Header { deadline } =
+                        std::mem::replace(&mut c.state, ConnState::Queued { attempts: 0 })
+                    {
+                        self.cancel(deadline);
+                    }
+                    self.join_queue(now, conn);
+                }
+            }
+        }
+        self.check();
+    }
+
+    /// A new connection (past its PROXY header, if one was expected) takes
+    /// its place at the back of the line, or is rejected when it is full.
+    fn join_queue(&mut self, now: u64, conn: ConnRef) {
+        let c = &self.conns[conn.slot];
+        let (id, client, via, accepted_at) = (c.id, c.client, c.via, c.accepted_at);
+        self.log(Event::Accepted {
+            conn: id,
+            client,
+            via,
+        });
         self.queue.push_back(conn);
         if self.shutdown.is_some() {
             self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
-            return conn;
+            return;
         }
         if let Some(timeout) = self.settings.queue_timeout_ms {
-            let key = self
-                .timers
-                .insert(now.saturating_add(timeout), Deadline::Queue(conn));
-            self.conns[slot].queue_deadline = Some(key);
+            let deadline = accepted_at.saturating_add(timeout);
+            if deadline <= now {
+                // Its PROXY header took longer than the whole queue timeout.
+                self.log(Event::QueueTimeout { conn: id });
+                self.end(now, conn, Outcome::QueueTimeout, EndedBy::Tcplock);
+                return;
+            }
+            let key = self.timers.insert(deadline, Deadline::Queue(conn));
+            self.conns[conn.slot].queue_deadline = Some(key);
         }
         self.pump(now);
         // Only the newcomer can push the line past its limit, and only if the
         // pump left it there, at the back.
         if self.waiting() > self.settings.max_queue && self.queue.back() == Some(conn) {
-            self.log(Event::Rejected { conn: id, client });
+            self.log(Event::Rejected {
+                conn: id,
+                client,
+                reason: RejectReason::QueueFull,
+            });
             self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
         }
-        self.check();
-        conn
+    }
+
+    /// No good PROXY header came: turned away at the door, like a client
+    /// that finds the queue full.
+    fn reject_header(&mut self, now: u64, conn: ConnRef, client: SocketAddr) {
+        self.log(Event::Rejected {
+            conn: conn.id,
+            client,
+            reason: RejectReason::BadProxyHeader,
+        });
+        self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
     }
 
     /// The shell stopped accepting (out of descriptors, or keeping its reserve).
@@ -352,7 +437,7 @@ impl Core {
                 .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
         });
         c.state = ConnState::Proxying { ttl };
-        let (client, accepted_at) = (c.client, c.accepted_at);
+        let (client, via, accepted_at) = (c.client, c.via, c.accepted_at);
         self.cancel(deadline);
         self.cancel(attempt);
         self.cancel(queue_deadline);
@@ -363,6 +448,7 @@ impl Core {
         self.log(Event::Activated {
             conn: conn.id,
             client,
+            via,
             waited_ms: now.saturating_sub(accepted_at),
         });
         self.actions.push_back(Action::StartRelay(conn));
@@ -532,16 +618,22 @@ impl Core {
             closed: 0,
             done: false,
         });
+        // Closing stops every waiting client; serving the queue serves only
+        // those already in it, not those still reading a header.
+        let closed: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.state {
+                ConnState::Proxying { .. } => false,
+                ConnState::Header { .. } => true,
+                _ => !serving,
+            })
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in closed {
+            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
+        }
         if !serving {
-            let waiting: Vec<ConnRef> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| !matches!(c.state, ConnState::Proxying { .. }))
-                .map(|(slot, c)| ConnRef { slot, id: c.id })
-                .collect();
-            for conn in waiting {
-                self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
-            }
             if let Some(run) = &self.hook {
                 self.actions.push_back(Action::KillHook(run.id));
             }
@@ -906,6 +998,16 @@ impl Core {
 
     fn fire(&mut self, now: u64, deadline: Deadline) {
         match deadline {
+            Deadline::Header(conn) => {
+                if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
+                    && let ConnState::Header { deadline } = &mut c.state
+                {
+                    // The key just fired; forget it so `end` does not cancel it.
+                    *deadline = None;
+                    let client = c.client;
+                    self.reject_header(now, conn, client);
+                }
+            }
             Deadline::Queue(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) {
                     // The key just fired; forget it so `end` does not cancel it.
@@ -1120,6 +1222,7 @@ impl Core {
         self.cancel(c.queue_deadline);
         let was_waiting = !matches!(c.state, ConnState::Proxying { .. });
         match c.state {
+            ConnState::Header { deadline } => self.cancel(deadline),
             ConnState::Queued { .. } => {
                 let conns = &self.conns;
                 self.queue.left(conn, |entry| is_queued(conns, entry));
@@ -1199,6 +1302,7 @@ fn is_queued(conns: &Slab<Conn>, entry: ConnRef) -> bool {
 impl ConnState {
     fn name(&self) -> StateName {
         match self {
+            ConnState::Header { .. } => StateName::Header,
             ConnState::Queued { .. } => StateName::Queued,
             ConnState::Activating(_) => StateName::Activating,
             ConnState::Proxying { .. } => StateName::Proxying,

@@ -1122,3 +1122,114 @@ fn a_busy_holder_or_a_free_permit_is_no_stall() {
         relay_end(RelayCause::Finished, EndedBy::Client),
     );
 }
+
+fn expecting_headers() -> Settings {
+    Settings {
+        proxy_header_timeout_ms: Some(5_000),
+        queue_timeout_ms: Some(8_000),
+        ..settings()
+    }
+}
+
+#[test]
+fn a_proxy_header_comes_before_the_queue_and_names_the_client() {
+    let mut core = Core::new(expecting_headers(), 0);
+    let first = core.handle_accepted(0, addr(1));
+    let second = core.handle_accepted(1, addr(2));
+    assert_eq!(core.state_of(first), Some(StateName::Header));
+    assert_eq!(actions(&mut core), vec![], "no connect before the header");
+    assert_eq!(core.queue_len(), 0, "not in the line yet");
+    // The second's header completes first: it is first in line.
+    let real = SocketAddr::from(([203, 0, 113, 7], 4242));
+    core.handle_proxy_header(2, second, ProxyHeader::Client(real));
+    let logged = events(&mut core);
+    assert!(logged.contains(&Event::Accepted {
+        conn: second.id,
+        client: real,
+        via: Some(addr(2)),
+    }));
+    core.handle_proxy_header(3, first, ProxyHeader::Local);
+    assert_eq!(core.state_of(first), Some(StateName::Queued));
+    core.handle_upstream_connected(4, second);
+    let logged = events(&mut core);
+    assert!(logged.iter().any(|e| matches!(
+        e,
+        Event::Activated { conn, client, via: Some(via), .. }
+            if *conn == second.id && *client == real && *via == addr(2)
+    )));
+}
+
+#[test]
+fn a_bad_or_late_proxy_header_is_rejected() {
+    let mut core = Core::new(expecting_headers(), 0);
+    let bad = core.handle_accepted(0, addr(1));
+    let late = core.handle_accepted(0, addr(2));
+    let slow = core.handle_accepted(0, addr(3));
+    core.handle_proxy_header(1, bad, ProxyHeader::Bad);
+    let logged = events(&mut core);
+    assert!(logged.contains(&Event::Rejected {
+        conn: bad.id,
+        client: addr(1),
+        reason: RejectReason::BadProxyHeader,
+    }));
+    core.handle_proxy_header(4_999, slow, ProxyHeader::Local);
+    let _ = actions(&mut core);
+    // `slow` holds the permit; `late` runs out of time for its header.
+    core.handle_tick(5_000);
+    let after = actions(&mut core);
+    assert!(
+        after.iter().any(
+            |a| matches!(a, Action::Close { conn, outcome: Outcome::Rejected, .. } if *conn == late)
+        ),
+        "{after:?}"
+    );
+    // A header read after its deadline changes nothing.
+    core.handle_proxy_header(5_001, late, ProxyHeader::Local);
+    assert_eq!(actions(&mut core), vec![]);
+    assert_eq!(core.stats().count(Outcome::Rejected), 2);
+}
+
+#[test]
+fn a_shutdown_closes_connections_still_reading_their_header() {
+    // Serving the queue at a stop serves those already in line only (found
+    // by the model checker when the two features met: seed 35).
+    for serve_queue_on_shutdown in [false, true] {
+        let mut core = Core::new(
+            Settings {
+                serve_queue_on_shutdown,
+                ..expecting_headers()
+            },
+            0,
+        );
+        let waiting = core.handle_accepted(0, addr(1));
+        core.handle_shutdown(1);
+        let after = actions(&mut core);
+        assert!(after.iter().any(|a| matches!(
+            a,
+            Action::Close { conn, outcome: Outcome::Shutdown, .. } if *conn == waiting
+        )));
+        assert_eq!(core.conn_count(), 0, "its header timer went with it");
+    }
+}
+
+#[test]
+fn a_header_later_than_the_queue_timeout_ends_as_queue_timeout() {
+    let mut core = Core::new(
+        Settings {
+            proxy_header_timeout_ms: Some(5_000),
+            queue_timeout_ms: Some(1_000),
+            ..settings()
+        },
+        0,
+    );
+    let late = core.handle_accepted(0, addr(2));
+    core.handle_proxy_header(2_000, late, ProxyHeader::Local);
+    let after = actions(&mut core);
+    assert!(
+        after.iter().any(|a| matches!(
+            a,
+            Action::Close { conn, outcome: Outcome::QueueTimeout, .. } if *conn == late
+        )),
+        "{after:?}"
+    );
+}

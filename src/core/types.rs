@@ -87,6 +87,10 @@ pub struct Settings {
     /// Warn when the head of the queue waited this long while every permit
     /// holder moved no byte for this long (`--stall-warn`); `None` is off.
     pub stall_warn_ms: Option<u64>,
+    /// `--accept-proxy`: every client must first send a PROXY protocol
+    /// header, within this long of accept, before it joins the queue.
+    /// `None`: no header is expected.
+    pub proxy_header_timeout_ms: Option<u64>,
 }
 
 impl Default for Settings {
@@ -105,6 +109,7 @@ impl Default for Settings {
             drop_queued_eof: false,
             serve_queue_on_shutdown: false,
             stall_warn_ms: Some(30_000),
+            proxy_header_timeout_ms: None,
         }
     }
 }
@@ -245,6 +250,39 @@ impl EndedBy {
 impl fmt::Display for EndedBy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What the shell read at the start of an `--accept-proxy` connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// A PROXY header naming the client: it becomes the connection's
+    /// client address, the accepted one is kept as `via`.
+    Client(SocketAddr),
+    /// A `LOCAL` (or `UNKNOWN`) header: the balancer's own connection, such
+    /// as a health check, served under the accepted address.
+    Local,
+    /// Missing, malformed, truncated or oversized: the connection is
+    /// rejected.
+    Bad,
+}
+
+/// Why a connection was turned away at the door.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The queue was full.
+    QueueFull,
+    /// `--accept-proxy`: no valid PROXY header within the time allowed.
+    BadProxyHeader,
+}
+
+impl RejectReason {
+    /// The name used in logs, `reason=...`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::BadProxyHeader => "bad_proxy_header",
+        }
     }
 }
 
@@ -420,6 +458,8 @@ pub enum Action {
 /// A state a connection can be in, for `event=state` lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateName {
+    /// `--accept-proxy`: waiting for its PROXY header, not yet in the queue.
+    Header,
     /// Waiting in the queue.
     Queued,
     /// Holding a permit: its hook runs or the upstream connect is under way.
@@ -429,9 +469,10 @@ pub enum StateName {
 }
 
 impl StateName {
-    /// `queued`, `activating` or `proxying`.
+    /// `header`, `queued`, `activating` or `proxying`.
     pub fn as_str(self) -> &'static str {
         match self {
+            StateName::Header => "header",
             StateName::Queued => "queued",
             StateName::Activating => "activating",
             StateName::Proxying => "proxying",
@@ -445,16 +486,26 @@ impl StateName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)] // The fields are named for what they hold; see above.
 pub enum Event {
-    /// A client connected (debug level).
-    Accepted { conn: ConnId, client: SocketAddr },
-    /// The queue was full.
-    Rejected { conn: ConnId, client: SocketAddr },
+    /// A client connected (debug level); with `--accept-proxy`, once its
+    /// header named it, `via` being the balancer it came through.
+    Accepted {
+        conn: ConnId,
+        client: SocketAddr,
+        via: Option<SocketAddr>,
+    },
+    /// Turned away: the queue was full, or its PROXY header was bad.
+    Rejected {
+        conn: ConnId,
+        client: SocketAddr,
+        reason: RejectReason,
+    },
     /// A waiting client left.
     Abandoned { conn: ConnId },
     /// A connection started proxying after `waited_ms` since accept.
     Activated {
         conn: ConnId,
         client: SocketAddr,
+        via: Option<SocketAddr>,
         waited_ms: u64,
     },
     /// A proxying connection's TTL expired.

@@ -93,22 +93,37 @@ impl Logger {
             return;
         };
         match event {
-            Event::Accepted { conn, client } => line.field("conn", conn).field("client", client),
-            Event::Rejected { conn, client } => line
+            Event::Accepted { conn, client, via } => {
+                let line = line.field("conn", conn).field("client", client);
+                match via {
+                    Some(via) => line.field("via", via),
+                    None => line,
+                }
+            }
+            Event::Rejected {
+                conn,
+                client,
+                reason,
+            } => line
                 .field("conn", conn)
                 .field("client", client)
-                .field("reason", "queue_full"),
+                .field("reason", reason.as_str()),
             Event::Abandoned { conn } | Event::Timeout { conn } | Event::QueueTimeout { conn } => {
                 line.field("conn", conn)
             }
             Event::Activated {
                 conn,
                 client,
+                via,
                 waited_ms,
-            } => line
-                .field("conn", conn)
-                .field("client", client)
-                .field("waited_ms", waited_ms),
+            } => {
+                let line = line.field("conn", conn).field("client", client);
+                let line = match via {
+                    Some(via) => line.field("via", via),
+                    None => line,
+                };
+                line.field("waited_ms", waited_ms)
+            }
             Event::ConnectFailed { conn, error } => line.field("conn", conn).field("error", error),
             Event::HookFailed {
                 hook,

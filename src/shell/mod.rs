@@ -28,7 +28,9 @@ use crate::api::error::Error;
 use crate::api::hook::Hook;
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue};
-use crate::core::{Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, Settings, Stats};
+use crate::core::{
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, ProxyHeader, Settings, Stats,
+};
 use crate::sys;
 use log::{CommaList, Logger};
 
@@ -106,6 +108,9 @@ fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
         drop_queued_eof: config.queued_eof == QueuedEof::Drop,
         serve_queue_on_shutdown: config.shutdown_queue == ShutdownQueue::Serve,
         stall_warn_ms: config.stall_warn.map(ms),
+        proxy_header_timeout_ms: config
+            .accept_proxy
+            .then(|| ms(config::PROXY_HEADER_TIMEOUT)),
     }
 }
 
@@ -182,10 +187,15 @@ struct ConnIo {
     conn: ConnRef,
     client: TcpStream,
     client_ready: Readiness,
+    /// `--accept-proxy`: the client its PROXY header named, for a
+    /// `--send-proxy` header of ours; `None` for the balancer's own.
+    proxied_client: Option<SocketAddr>,
     stage: Stage,
 }
 
 enum Stage {
+    /// `--accept-proxy`: reading the PROXY header, before the queue.
+    Header,
     /// Queued or running its hook: the client is only watched for leaving.
     Waiting,
     /// Boxed: every connection's entry is as large as its largest stage, and

@@ -2,6 +2,9 @@
 //! upstream, relaying and closing.
 
 use super::*;
+use crate::config::SendProxy;
+use crate::proxy_protocol::{self, Addresses, Header, ParseError, Version};
+use std::io::Read;
 
 /// Accept at most this many connections per loop turn, so a flood cannot starve
 /// the connections already in flight.
@@ -147,7 +150,12 @@ impl Shell {
             conn,
             client,
             client_ready: Readiness::default(),
-            stage: Stage::Waiting,
+            proxied_client: None,
+            stage: if self.config.accept_proxy {
+                Stage::Header
+            } else {
+                Stage::Waiting
+            },
         });
     }
 
@@ -166,6 +174,11 @@ impl Shell {
             io.client_ready.note(ready);
         }
         match &mut io.stage {
+            Stage::Header => {
+                if !upstream_side {
+                    self.read_proxy_header(now, conn);
+                }
+            }
             Stage::Relaying(relay) => {
                 if upstream_side {
                     relay.note_upstream_ready(ready);
@@ -327,7 +340,17 @@ impl Shell {
         // Best effort: small request/response traffic should not wait for
         // Nagle. (Clients inherit the option from the listener.)
         let _ = upstream.set_nodelay(true);
-        let relay = Relay::new(upstream, upstream_ready, now);
+        let send = self.config.send_proxy;
+        let header = self
+            .io_of(conn)
+            .and_then(|io| proxy_header(send, &io.client, io.proxied_client));
+        let relay = Relay::new(
+            upstream,
+            upstream_ready,
+            header.as_ref().map(Header::as_bytes),
+            &mut self.pool,
+            now,
+        );
         if let Some(io) = self.io_of(conn) {
             io.stage = Stage::Relaying(Box::new(relay));
         }
@@ -376,7 +399,7 @@ impl Shell {
                 relay.release(&mut self.pool);
                 bytes
             }
-            Stage::Waiting | Stage::Connecting(_) => (0, 0),
+            Stage::Header | Stage::Waiting | Stage::Connecting(_) => (0, 0),
         };
         if let Some(line) = self.logger.line(LogLevel::Info, "closed") {
             line.field("conn", conn.id())
@@ -389,12 +412,115 @@ impl Shell {
         // Dropping the streams closes them, which also removes them from epoll.
     }
 
+    /// `--accept-proxy`: peeks at what the client sent; once it holds a
+    /// whole PROXY header, consumes exactly that (what follows stays in the
+    /// kernel for the upstream) and tells the core. An incomplete header
+    /// waits for more bytes (the core's timer bounds the wait); a bad one,
+    /// or an end of stream or error before it is complete, is reported as
+    /// bad. Never blocks: the socket is non-blocking and only bytes already
+    /// peeked are read.
+    fn read_proxy_header(&mut self, now: u64, conn: ConnRef) {
+        let Some(io) = self.io_of(conn) else {
+            return;
+        };
+        let mut buf = [0u8; proxy_protocol::MAX_HEADER_LEN];
+        let peeked = loop {
+            match io.client.peek(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let header = match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) | Ok(0) => ProxyHeader::Bad,
+            Ok(n) => match proxy_protocol::parse(&buf[..n]) {
+                Err(ParseError::Incomplete) if !io.client_ready.closing() => return,
+                Err(_) => ProxyHeader::Bad,
+                Ok(parsed) => match consume(&io.client, &mut buf[..parsed.len]) {
+                    Ok(()) => {
+                        io.stage = Stage::Waiting;
+                        match parsed.addresses {
+                            Some(addresses) => {
+                                io.proxied_client = Some(addresses.source);
+                                ProxyHeader::Client(addresses.source)
+                            }
+                            None => ProxyHeader::Local,
+                        }
+                    }
+                    Err(_) => ProxyHeader::Bad,
+                },
+            },
+        };
+        let closing = io.client_ready.closing();
+        self.core.handle_proxy_header(now, conn, header);
+        // The event that brought the header may also have brought the
+        // client's end: look at it as a waiting client's would be.
+        if header != ProxyHeader::Bad
+            && closing
+            && let Some(io) = self.io_of(conn)
+        {
+            match waiting_client(&io.client) {
+                WaitingClient::Present => {}
+                WaitingClient::Gone => self.core.handle_client_left(now, conn),
+                WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
+            }
+        }
+        self.drain(now);
+    }
+
     pub(super) fn stop_accepting(&mut self) {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         self.accept_more = false;
     }
+}
+
+/// The `--send-proxy` header for a client's connection: its address and the
+/// local address it reached. A client whose addresses cannot be read (it
+/// has just gone) gets the "unknown origin" header: the upstream still sees
+/// a valid header before the end of stream that follows.
+/// With `--accept-proxy`, the client is the one the balancer's header named.
+fn proxy_header(
+    send: SendProxy,
+    client: &TcpStream,
+    proxied: Option<SocketAddr>,
+) -> Option<Header> {
+    let version = match send {
+        SendProxy::Off => return None,
+        SendProxy::V1 => Version::V1,
+        SendProxy::V2 => Version::V2,
+    };
+    let peer = proxied.map_or_else(|| client.peer_addr(), Ok);
+    let addresses = match (peer, client.local_addr()) {
+        (Ok(source), Ok(destination)) => Some(Addresses {
+            source,
+            destination,
+        }),
+        _ => None,
+    };
+    Some(proxy_protocol::encode(version, addresses))
+}
+
+/// Reads exactly `buf.len()` bytes that a peek has shown are there.
+fn consume(mut client: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    // Bounded: each read takes at least one of the peeked bytes.
+    for _ in 0..=buf.len() {
+        if done == buf.len() {
+            return Ok(());
+        }
+        match client.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peeked PROXY header could not be read",
+    ))
 }
 
 pub(super) fn client_token(conn: ConnRef) -> Token {

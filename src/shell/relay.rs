@@ -164,6 +164,9 @@ pub struct Relay {
     /// When a pump last moved a byte (or relaying began), for the
     /// stalled-queue check; the shell stores it, the core asks for it.
     pub last_active: u64,
+    /// Bytes of a PROXY protocol header put ahead of the client's: written
+    /// upstream but not the client's, so not counted as relayed.
+    header_len: u64,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -188,6 +191,11 @@ impl Readiness {
         self.readable |= event.readable;
         self.writable |= event.writable;
         self.closing |= event.closing;
+    }
+
+    /// An event said the peer closed or the socket failed.
+    pub fn closing(&self) -> bool {
+        self.closing
     }
 }
 
@@ -275,16 +283,38 @@ struct Round {
 
 impl Relay {
     /// Starts relaying over a connected upstream whose readiness was tracked
-    /// since it was registered.
-    pub fn new(upstream: TcpStream, upstream_ready: Readiness, now: u64) -> Self {
+    /// since it was registered, at `now`.
+    ///
+    /// A `header` (`--send-proxy`) is held as the first bytes for the
+    /// upstream: the client direction drains it before it reads anything, so
+    /// a short write never lets a client byte overtake it.
+    pub fn new(
+        upstream: TcpStream,
+        upstream_ready: Readiness,
+        header: Option<&[u8]>,
+        pool: &mut ChannelPool,
+        now: u64,
+    ) -> Self {
+        let mut up = Direction::new();
+        let mut header_len = 0;
+        if let Some(header) = header.filter(|h| !h.is_empty()) {
+            let mut buf = pool.buffers.take();
+            // A header is at most 107 bytes; a buffer at least 1 KiB.
+            let n = header.len().min(buf.space().len());
+            buf.space()[..n].copy_from_slice(&header[..n]);
+            buf.commit(n);
+            up.held = Held::Buffer(buf);
+            header_len = n as u64;
+        }
         Relay {
             upstream,
             upstream_ready,
-            up: Direction::new(),
+            up,
             down: Direction::new(),
             scheduled: false,
             ended_by: None,
             last_active: now,
+            header_len,
         }
     }
 
@@ -295,7 +325,10 @@ impl Relay {
 
     /// Bytes relayed client → upstream and upstream → client.
     pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
+        (
+            self.up.bytes.saturating_sub(self.header_len),
+            self.down.bytes,
+        )
     }
 
     /// Returns what the directions hold to the pool.

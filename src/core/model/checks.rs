@@ -93,6 +93,7 @@ impl Model {
         for s in self.conns.values() {
             let name = core.state_of(s.conn).map(|n| n.as_str());
             let expected = match s.state {
+                State::Header { .. } => "header",
                 State::Waiting => "queued",
                 State::Hooking { .. } | State::Connecting { .. } => "activating",
                 State::Proxying { .. } => "proxying",
@@ -169,6 +170,7 @@ impl Model {
                     attempt: Some(d), ..
                 }
                 | State::Proxying { deadline: Some(d) }
+                | State::Header { deadline: d }
                     if d <= now =>
                 {
                     return Err(format!("conn {id} is {:?} past its deadline {d}", s.state));
@@ -205,6 +207,14 @@ impl Model {
                 "a client left, a connect failed or a relay ended, but the connection lives on"
                     .into(),
             );
+        }
+        if let Some((id, header)) = fed.header
+            && let Some(s) = self.conns.get(&id)
+            && matches!(s.state, State::Header { .. })
+        {
+            return Err(format!(
+                "conn {id} still waits for a header after {header:?}"
+            ));
         }
         if let Some(id) = fed.connected
             && let Some(s) = self.conns.get(&id)

@@ -83,10 +83,34 @@ impl Model {
                 self.last_id = conn.id.0;
                 self.accepted += 1;
                 self.accept_backoff = ACCEPT_RETRY_BASE_MS;
+                if let Some(t) = self
+                    .settings
+                    .proxy_header_timeout_ms
+                    .filter(|_| self.shutdown.is_none())
+                {
+                    // Not in line, not logged, until its header is read.
+                    let shadow = Shadow {
+                        conn,
+                        accepted_at: self.now,
+                        joined: 0,
+                        queue_deadline: None,
+                        state: State::Header {
+                            deadline: self.now + t,
+                        },
+                        permit: None,
+                        cleared: false,
+                        admitted: false,
+                        hook_runs: 0,
+                        eof: false,
+                    };
+                    self.conns.insert(conn.id, shadow);
+                    return Ok(());
+                }
                 fed.accepted = Some(conn.id);
                 fed.arriving = Some(Shadow {
                     conn,
                     accepted_at: self.now,
+                    joined: 0,
                     queue_deadline: self.settings.queue_timeout_ms.map(|t| self.now + t),
                     state: State::Waiting,
                     permit: None,
@@ -95,6 +119,22 @@ impl Model {
                     hook_runs: 0,
                     eof: false,
                 });
+            }
+            Op::ProxyHeader(i, header) => {
+                let Some(conn) = self.pick(*i, |s| matches!(s, State::Header { .. })) else {
+                    return self.skip(op);
+                };
+                self.fed = self.now;
+                let header = match header {
+                    ProxyHeader::Client(_) => ProxyHeader::Client(client_addr(1 << 20 | conn.id.0)),
+                    other => *other,
+                };
+                trace!(
+                    self,
+                    "t={} proxy_header conn {} {header:?}", self.now, conn.id
+                );
+                fed.header = Some((conn.id, header));
+                self.core.handle_proxy_header(self.now, conn, header);
             }
             Op::ClientLeft(i) => {
                 let Some(conn) = self.pick(*i, |s| !matches!(s, State::Proxying { .. })) else {
@@ -215,6 +255,9 @@ impl Model {
                 self.tick_first(fed)?;
                 let settings = sanitize(settings.clone());
                 trace!(self, "t={} reload {settings:?}", self.now);
+                let mut settings = settings;
+                // Fixed at start-up: a reload keeps it (`keep_fixed`).
+                settings.proxy_header_timeout_ms = self.settings.proxy_header_timeout_ms;
                 if settings.drop_queued_eof && !self.settings.drop_queued_eof {
                     fed.dropped_at_eof = self
                         .conns
@@ -336,6 +379,7 @@ impl Model {
                 !matches!(s, State::Connecting { .. })
             }
             StrayInput::RelayEnded(_) => !matches!(s, State::Proxying { .. }),
+            StrayInput::ProxyHeader => !matches!(s, State::Header { .. }),
             StrayInput::HookExited => false,
         };
         let mut candidates: Vec<ConnRef> = self.ended.clone();
@@ -359,6 +403,10 @@ impl Model {
             StrayInput::UpstreamConnected => self.core.handle_upstream_connected(now, conn),
             StrayInput::UpstreamFailed => self.core.handle_upstream_failed(now, conn, "stray"),
             StrayInput::RelayEnded(end) => self.core.handle_relay_ended(now, conn, end),
+            StrayInput::ProxyHeader => {
+                self.core
+                    .handle_proxy_header(now, conn, ProxyHeader::Client(client_addr(7)));
+            }
             StrayInput::HookExited => {}
         }
         Ok(())

@@ -79,8 +79,8 @@ use std::net::SocketAddr;
 
 use super::{
     ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Action, ConnId, ConnRef, Core, EndedBy, Event,
-    HookExit, HookId, HookKind, HookRequest, Outcome, OutcomeCounts, RETRY_BASE_MS, RETRY_MAX_MS,
-    RelayCause, RelayEnd, Settings,
+    HookExit, HookId, HookKind, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RETRY_BASE_MS,
+    RETRY_MAX_MS, RelayCause, RelayEnd, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -105,6 +105,9 @@ mod tests;
 pub enum Op {
     /// A client connects.
     Accept,
+    /// `--accept-proxy`: the shell read the PROXY header of a connection
+    /// waiting for it (a `Client` address is replaced by the model's own).
+    ProxyHeader(u8, ProxyHeader),
     /// A waiting client (Queued or Activating) goes away.
     ClientLeft(u8),
     /// A waiting client's end of stream arrives (after bytes it sent).
@@ -160,6 +163,8 @@ pub enum StrayInput {
     RelayEnded(RelayEnd),
     /// `handle_hook_exited` with a hook id that is not the running hook's.
     HookExited,
+    /// `handle_proxy_header` for one that is not waiting for its header.
+    ProxyHeader,
 }
 
 /// Clamps settings to what `config` can produce: at least one permit, and
@@ -172,6 +177,7 @@ pub fn sanitize(mut s: Settings) -> Settings {
     s.queue_timeout_ms = limit(s.queue_timeout_ms);
     s.connect_timeout_ms = limit(s.connect_timeout_ms);
     s.hook_timeout_ms = limit(s.hook_timeout_ms);
+    s.proxy_header_timeout_ms = limit(s.proxy_header_timeout_ms);
     s.shutdown_grace_ms = s.shutdown_grace_ms.min(MAX_MS);
     s.stall_warn_ms = limit(s.stall_warn_ms);
     s
@@ -235,6 +241,11 @@ fn run_with(initial: Settings, ops: &[Op], tracing: bool) -> Result<(), Failure>
 
 #[derive(Clone, Copy, Debug)]
 enum State {
+    /// `--accept-proxy`: accepted, its PROXY header not read yet; not in
+    /// line. `deadline`: when it is rejected without one.
+    Header {
+        deadline: u64,
+    },
     /// In line: never activated, or back after a failed hook.
     Waiting,
     /// Its on-activate hook runs; `ok` once its success was fed (this step).
@@ -255,6 +266,9 @@ enum State {
 struct Shadow {
     conn: ConnRef,
     accepted_at: u64,
+    /// When it joined the line, as a sequence number: the line is in this
+    /// order (accept order, unless PROXY headers completed in another).
+    joined: u64,
     queue_deadline: Option<u64>,
     state: State,
     /// While holding a permit: (activation sequence number, permits then).
@@ -298,6 +312,9 @@ struct ShutdownState {
 #[derive(Default)]
 struct Fed {
     accepted: Option<ConnId>,
+    /// The PROXY header read for this connection, with the client address
+    /// the model gave a `Client` header.
+    header: Option<(ConnId, ProxyHeader)>,
     /// The newcomer, until the core logs its arrival: deadlines that fire and
     /// hooks that start before that (as the core catches up to the time of the
     /// accept) do not see it.
@@ -338,6 +355,8 @@ struct Model {
     accepted: u64,
     closed: u64,
     last_id: u64,
+    /// Connections that joined the line so far (see [`Shadow::joined`]).
+    joins: u64,
     hook: Option<HookRun>,
     just_reaped: Option<HookId>,
     old_hooks: Vec<HookId>,
@@ -387,6 +406,7 @@ impl Model {
             accepted: 0,
             closed: 0,
             last_id: 0,
+            joins: 0,
             hook: None,
             just_reaped: None,
             old_hooks: Vec::new(),

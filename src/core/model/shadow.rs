@@ -264,12 +264,50 @@ impl Model {
                 }
                 self.timeout_due = false;
             }
-            Action::Log(Event::Accepted { conn, .. }) => match fed.arriving.take() {
-                Some(s) if s.conn.id == *conn => {
-                    self.conns.insert(*conn, s);
+            Action::Log(Event::Accepted { conn, client, via }) => {
+                self.joins += 1;
+                let joined = self.joins;
+                match fed.arriving.take() {
+                    Some(mut s) if s.conn.id == *conn => {
+                        if via.is_some() {
+                            return Err(format!("conn {conn} accepted with a via and no header"));
+                        }
+                        s.joined = joined;
+                        self.conns.insert(*conn, s);
+                    }
+                    None if fed
+                        .header
+                        .is_some_and(|(id, h)| id == *conn && h != ProxyHeader::Bad) =>
+                    {
+                        let queue_timeout = self.settings.queue_timeout_ms;
+                        let Some(s) = self
+                            .conns
+                            .get_mut(conn)
+                            .filter(|s| matches!(s.state, State::Header { .. }))
+                        else {
+                            return Err(format!(
+                                "conn {conn} joined the line, not reading a header"
+                            ));
+                        };
+                        let named = match fed.header {
+                            Some((_, ProxyHeader::Client(named))) => Some(named),
+                            _ => None,
+                        };
+                        if named.is_some_and(|named| named != *client)
+                            || via.is_some() != named.is_some()
+                        {
+                            return Err(format!(
+                                "conn {conn} joined as {client} via {via:?}, its header said {:?}",
+                                fed.header
+                            ));
+                        }
+                        s.state = State::Waiting;
+                        s.joined = joined;
+                        s.queue_deadline = queue_timeout.map(|t| s.accepted_at + t);
+                    }
+                    _ => return Err(format!("Accepted logged for conn {conn}, not the newcomer")),
                 }
-                _ => return Err(format!("Accepted logged for conn {conn}, not the newcomer")),
-            },
+            }
             Action::Log(Event::State { conn, .. }) => fed.dumped.push(*conn),
             Action::Log(Event::HookFailed {
                 hook,
@@ -324,7 +362,8 @@ impl Model {
         let head = self
             .conns
             .values()
-            .find(|s| matches!(s.state, State::Waiting))
+            .filter(|s| matches!(s.state, State::Waiting))
+            .min_by_key(|s| s.joined)
             .map(|s| s.conn.id);
         if head != Some(id) {
             return Err(format!(
@@ -444,6 +483,8 @@ impl Model {
             ));
         }
         let proxying = matches!(state, State::Proxying { .. });
+        // Not yet in line: any stop closes it, serving or not.
+        let reading_header = matches!(state, State::Header { .. });
         let fits = match outcome {
             Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
                 let cause = match outcome {
@@ -468,15 +509,26 @@ impl Model {
             Outcome::Abandoned => {
                 !proxying && (fed.left == Some(id) || fed.dropped_at_eof.contains(&id))
             }
-            Outcome::Rejected => {
-                fed.rejected = true;
-                matches!(state, State::Waiting) && fed.accepted == Some(id)
-            }
+            Outcome::Rejected => match state {
+                // The line was full when it came to join it.
+                State::Waiting => {
+                    fed.rejected = true;
+                    fed.accepted == Some(id)
+                        || fed
+                            .header
+                            .is_some_and(|(h, header)| h == id && header != ProxyHeader::Bad)
+                }
+                // No good header, or none in time.
+                State::Header { deadline } => {
+                    deadline <= now || fed.header == Some((id, ProxyHeader::Bad))
+                }
+                _ => false,
+            },
             Outcome::Shutdown => match &self.shutdown {
                 None => false,
                 Some(sd) => {
                     let over = sd.forced || sd.grace_deadline <= now;
-                    over || !proxying && (!sd.serving || fed.accepted == Some(id))
+                    over || reading_header || !proxying && (!sd.serving || fed.accepted == Some(id))
                 }
             },
         };
@@ -519,7 +571,7 @@ impl Model {
         {
             sd.closed += u64::from(!proxying);
             // Only the grace or a second stop closes those, while serving.
-            sd.grace_over |= proxying || fed.accepted != Some(id);
+            sd.grace_over |= proxying || fed.accepted != Some(id) && !reading_header;
         }
         self.conns.remove(&id);
         self.closed += 1;

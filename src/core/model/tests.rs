@@ -70,6 +70,7 @@ fn settings(rng: &mut Rng) -> Settings {
         drop_queued_eof: rng.chance(50),
         serve_queue_on_shutdown: rng.chance(50),
         stall_warn_ms: rng.limit(),
+        proxy_header_timeout_ms: rng.chance(30).then(|| rng.duration().max(1)),
     }
 }
 
@@ -129,13 +130,22 @@ fn op(rng: &mut Rng) -> Op {
                 Op::Wake
             }
         }
+        90..=93 => Op::ProxyHeader(
+            rng.byte(),
+            match rng.below(4) {
+                0 => ProxyHeader::Local,
+                1 => ProxyHeader::Bad,
+                _ => ProxyHeader::Client(client_addr(0)),
+            },
+        ),
         _ => {
-            let input = match rng.below(6) {
+            let input = match rng.below(7) {
                 0 => StrayInput::ClientLeft,
                 1 => StrayInput::UpstreamConnected,
                 2 => StrayInput::UpstreamFailed,
                 3 => StrayInput::RelayEnded(relay_end(rng)),
                 4 => StrayInput::ClientEof,
+                5 => StrayInput::ProxyHeader,
                 _ => StrayInput::HookExited,
             };
             Op::Stray(rng.byte(), input)
