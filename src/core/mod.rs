@@ -114,8 +114,9 @@ struct Conn {
     id: ConnId,
     client: SocketAddr,
     /// `--accept-proxy`: the balancer's address, when its header named
-    /// another client.
-    via: Option<SocketAddr>,
+    /// another client. Boxed: most connections have none, and every byte
+    /// here is paid by every queued client.
+    via: Option<Box<SocketAddr>>,
     accepted_at: u64,
     /// Spans Queued and Activating: the queue timeout counts until proxying.
     queue_deadline: Option<TimerKey>,
@@ -297,7 +298,7 @@ impl Core {
                 }
                 good => {
                     if let ProxyHeader::Client(client) = good {
-                        c.via = Some(c.client);
+                        c.via = Some(Box::new(c.client));
                         c.client = client;
                     }
                     if let ConnState::Header { deadline } =
@@ -316,7 +317,8 @@ impl Core {
     /// its place at the back of the line, or is rejected when it is full.
     fn join_queue(&mut self, now: u64, conn: ConnRef) {
         let c = &self.conns[conn.slot];
-        let (id, client, via, accepted_at) = (c.id, c.client, c.via, c.accepted_at);
+        let (id, client, via, accepted_at) =
+            (c.id, c.client, c.via.as_deref().copied(), c.accepted_at);
         self.log(Event::Accepted {
             conn: id,
             client,
@@ -437,7 +439,7 @@ impl Core {
                 .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
         });
         c.state = ConnState::Proxying { ttl };
-        let (client, via, accepted_at) = (c.client, c.via, c.accepted_at);
+        let (client, via, accepted_at) = (c.client, c.via.as_deref().copied(), c.accepted_at);
         self.cancel(deadline);
         self.cancel(attempt);
         self.cancel(queue_deadline);

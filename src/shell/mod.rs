@@ -189,7 +189,9 @@ struct ConnIo {
     client_ready: Readiness,
     /// `--accept-proxy`: the client its PROXY header named, for a
     /// `--send-proxy` header of ours; `None` for the balancer's own.
-    proxied_client: Option<SocketAddr>,
+    /// Boxed: most connections have none, and every queued client pays for
+    /// each byte here.
+    proxied_client: Option<Box<SocketAddr>>,
     stage: Stage,
 }
 

@@ -343,7 +343,7 @@ impl Shell {
         let send = self.config.send_proxy;
         let header = self
             .io_of(conn)
-            .and_then(|io| proxy_header(send, &io.client, io.proxied_client));
+            .and_then(|io| proxy_header(send, &io.client, io.proxied_client.as_deref().copied()));
         let relay = Relay::new(
             upstream,
             upstream_ready,
@@ -441,7 +441,7 @@ impl Shell {
                         io.stage = Stage::Waiting;
                         match parsed.addresses {
                             Some(addresses) => {
-                                io.proxied_client = Some(addresses.source);
+                                io.proxied_client = Some(Box::new(addresses.source));
                                 ProxyHeader::Client(addresses.source)
                             }
                             None => ProxyHeader::Local,

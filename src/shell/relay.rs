@@ -166,7 +166,7 @@ pub struct Relay {
     pub last_active: u64,
     /// Bytes of a PROXY protocol header put ahead of the client's: written
     /// upstream but not the client's, so not counted as relayed.
-    header_len: u64,
+    header_len: u16,
 }
 
 /// What a socket may do without blocking, as far as we know, tracked from the
@@ -304,7 +304,7 @@ impl Relay {
             buf.space()[..n].copy_from_slice(&header[..n]);
             buf.commit(n);
             up.held = Held::Buffer(buf);
-            header_len = n as u64;
+            header_len = u16::try_from(n).unwrap_or(u16::MAX);
         }
         Relay {
             upstream,
@@ -326,7 +326,7 @@ impl Relay {
     /// Bytes relayed client → upstream and upstream → client.
     pub fn bytes(&self) -> (u64, u64) {
         (
-            self.up.bytes.saturating_sub(self.header_len),
+            self.up.bytes.saturating_sub(u64::from(self.header_len)),
             self.down.bytes,
         )
     }
