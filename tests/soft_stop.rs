@@ -24,21 +24,24 @@ fn queue_clients(proxy: &Proxy, n: u64) -> Vec<(TcpStream, Vec<u8>)> {
         .collect()
 }
 
-#[test]
-fn serve_activates_the_waiting_in_order_while_a_new_tcplock_binds_the_port() {
-    let upstream = Upstream::recording();
-    let mut proxy = Proxy::start(&[
+/// tcplock with one permit that serves its queue for up to `grace` on a stop.
+fn serving(upstream: &Upstream, grace: &str) -> Proxy {
+    Proxy::start(&[
         "-u",
         &upstream.arg(),
-        "-n",
-        "1",
         "--shutdown-queue",
         "serve",
         "--shutdown-grace",
-        "60s",
+        grace,
         "--log-level",
         "debug",
-    ]);
+    ])
+}
+
+#[test]
+fn serve_activates_the_waiting_in_order_while_a_new_tcplock_binds_the_port() {
+    let upstream = Upstream::recording();
+    let mut proxy = serving(&upstream, "60s");
     let mut holder = proxy.connect();
     roundtrip(&mut holder, b"client 1\n");
     let queued = queue_clients(&proxy, 5);
@@ -79,16 +82,7 @@ fn serve_activates_the_waiting_in_order_while_a_new_tcplock_binds_the_port() {
 #[test]
 fn serve_closes_the_rest_when_the_grace_runs_out() {
     let upstream = Upstream::echo();
-    let mut proxy = Proxy::start(&[
-        "-u",
-        &upstream.arg(),
-        "--shutdown-queue",
-        "serve",
-        "--shutdown-grace",
-        "1s",
-        "--log-level",
-        "debug",
-    ]);
+    let mut proxy = serving(&upstream, "1s");
     let mut stubborn = proxy.connect();
     roundtrip(&mut stubborn, b"never closing\n");
     let queued = queue_clients(&proxy, 3);
@@ -118,16 +112,7 @@ fn serve_closes_the_rest_when_the_grace_runs_out() {
 #[test]
 fn a_second_sigterm_stops_a_serving_shutdown_at_once() {
     let upstream = Upstream::echo();
-    let mut proxy = Proxy::start(&[
-        "-u",
-        &upstream.arg(),
-        "--shutdown-queue",
-        "serve",
-        "--shutdown-grace",
-        "60s",
-        "--log-level",
-        "debug",
-    ]);
+    let mut proxy = serving(&upstream, "60s");
     let mut stubborn = proxy.connect();
     roundtrip(&mut stubborn, b"never closing\n");
     let mut queued = queue_clients(&proxy, 2);
