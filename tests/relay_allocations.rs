@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{KIB, MIB, Upstream, WAIT, connect, echo_handler, quiet_lock, wait_until};
-use tcplock::Splice;
+use tcplock::{Outcome, Splice};
 
 /// Counts allocations made on threads that opted in.
 struct CountingAllocator;
@@ -145,6 +145,12 @@ fn relay_without_allocating(mode: Splice) {
         "allocations on the loop thread while echoing 32 MiB with --splice {mode}"
     );
     drop(client);
+    // Its close (returning its buffers to the pool) is no part of the
+    // flood's steady state: let it finish before counting.
+    assert!(
+        wait_until(WAIT, || handle.stats().count(Outcome::Ok) == 1),
+        "the echo connection never closed"
+    );
 
     let mut flooded = connect(addr);
     flooded.write_all(&[FLOOD]).expect("ask for the flood");

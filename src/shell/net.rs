@@ -395,6 +395,11 @@ impl Shell {
         };
         let (up, down) = match io.stage {
             Stage::Relaying(relay) => {
+                if relay.scheduled {
+                    // Only live relays stay listed, so the room reserved for
+                    // the permit holders always suffices.
+                    self.busy_relays.retain(|listed| *listed != conn);
+                }
                 let bytes = relay.bytes();
                 relay.release(&mut self.pool);
                 bytes
