@@ -290,7 +290,7 @@ settings! {
               text or v2 binary) with the client's address\n\
               before its first byte (default: off)";
     /// Every client must start with a PROXY protocol header (v1 or v2), read
-    /// within [`PROXY_HEADER_TIMEOUT`] of accept; its address becomes the
+    /// within 5 s of accept; its address becomes the
     /// client's.
     accept_proxy: bool = false,
         key "accept-proxy" value "[=on|off]", Addresses, reload false,
