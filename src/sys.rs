@@ -88,21 +88,7 @@ pub fn set_listen_backlog(listener: BorrowedFd<'_>, backlog: i32) -> io::Result<
 /// by every socket it accepts.
 pub fn set_tcp_nodelay(socket: BorrowedFd<'_>) -> io::Result<()> {
     let on: libc::c_int = 1;
-    // SAFETY: `on` is a live c_int and the length passed is its size; the
-    // descriptor is borrowed, so it stays open for the call.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_option(socket, libc::IPPROTO_TCP, libc::TCP_NODELAY, &on)
 }
 
 /// Makes closing a socket reset the connection (`SO_LINGER` on with a zero
@@ -114,15 +100,27 @@ pub fn set_reset_on_close(socket: BorrowedFd<'_>) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `linger` is a live libc::linger and the length passed is its
-    // size; the descriptor is borrowed, so it stays open for the call.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+/// `setsockopt` with `value` as the option's value.
+fn set_option<T>(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option value too large"))?;
+    // SAFETY: `value` is live and `len` is its size; the descriptor is
+    // borrowed, so it stays open for the call.
     let result = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            len,
         )
     };
     if result != 0 {
