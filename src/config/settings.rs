@@ -243,7 +243,7 @@ settings! {
     /// default.
     shutdown_queue: ShutdownQueue = ShutdownQueue::Close,
         key "shutdown-queue" value "close|serve", Other, reload true,
-        parse |s| parse_choice(s, &ShutdownQueue::ALL, ShutdownQueue::as_str, "value"),
+        parse |s| parse_choice(s, ShutdownQueue::ALL, ShutdownQueue::as_str, "value"),
         check |_| Ok(()),
         help "on SIGTERM, close waiting clients at once, or\n\
               serve them in order until the queue is empty\n\
@@ -259,14 +259,14 @@ settings! {
     /// What the logfmt lines on stderr include; [`LogLevel::Info`] by default.
     log_level: LogLevel = LogLevel::Info,
         key "log-level" value "LEVEL", Other, reload true,
-        parse |s| parse_choice(s, &LogLevel::ALL, LogLevel::as_str, "log level"),
+        parse |s| parse_choice(s, LogLevel::ALL, LogLevel::as_str, "log level"),
         check |_| Ok(()),
         help "error, warn, info or debug (default: info)";
     /// What a waiting client's end of stream does; [`QueuedEof::Keep`] by
     /// default.
     queued_eof: QueuedEof = QueuedEof::Keep,
         key "queued-eof" value "keep|drop", Limits, reload true,
-        parse |s| parse_choice(s, &QueuedEof::ALL, QueuedEof::as_str, "value"),
+        parse |s| parse_choice(s, QueuedEof::ALL, QueuedEof::as_str, "value"),
         check |_| Ok(()),
         help "a waiting client's end of stream: keep its place\n\
               and deliver its bytes on activation, or drop it\n\
@@ -275,7 +275,7 @@ settings! {
     /// default.
     splice: Splice = Splice::Auto,
         key "splice" value "auto|on|off", Other, reload true,
-        parse |s| parse_choice(s, &Splice::ALL, Splice::as_str, "value"),
+        parse |s| parse_choice(s, Splice::ALL, Splice::as_str, "value"),
         check |_| Ok(()),
         help "move bytes with splice(2) instead of copying;\n\
               auto switches a direction over once it streams\n\
@@ -284,7 +284,7 @@ settings! {
     /// bytes; [`SendProxy::Off`] by default.
     send_proxy: SendProxy = SendProxy::Off,
         key "send-proxy" value "off|v1|v2", Addresses, reload true,
-        parse |s| parse_choice(s, &SendProxy::ALL, SendProxy::as_str, "value"),
+        parse |s| parse_choice(s, SendProxy::ALL, SendProxy::as_str, "value"),
         check |_| Ok(()),
         help "send the upstream a PROXY protocol header (v1\n\
               text or v2 binary) with the client's address\n\
@@ -411,164 +411,104 @@ pub const MAX_QUEUE: usize = 1_000_000;
 /// (`MAX_ARG_STRLEN`, 32 pages), and `/bin/sh -c` passes the command as one.
 pub const MAX_HOOK_COMMAND: usize = 128 * 1024 - 1;
 
-/// How much the log says; each level includes those before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[non_exhaustive]
-pub enum LogLevel {
-    /// Errors only, such as a failed reload.
-    Error,
-    /// Also warnings, such as a failed or timed-out hook.
-    Warn,
-    /// Also each connection's activation, end and rejection; the default.
-    Info,
-    /// Also every accept.
-    Debug,
-}
-
-impl LogLevel {
-    const ALL: [LogLevel; 4] = [Self::Error, Self::Warn, Self::Info, Self::Debug];
-
-    /// The lower-case name, as logs show it and the flag reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Error => "error",
-            Self::Warn => "warn",
-            Self::Info => "info",
-            Self::Debug => "debug",
+/// Declares a setting's value that is one of a few names: the enum, the
+/// names in order (`ALL`), `as_str` and `Display`.
+macro_rules! choices {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[derive($($derive:ident),*)]
+        pub enum $name:ident {
+            $( $(#[doc = $vdoc:literal])* $variant:ident = $text:literal, )*
         }
-    }
-}
-
-impl fmt::Display for LogLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// When the relay moves bytes with `splice(2)` through a pipe instead of
-/// copying them through user space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Splice {
-    /// Always copy.
-    Off,
-    /// Copy until a direction fills a whole buffer in one read, then splice
-    /// that direction: small exchanges stay on the cheaper copying path and
-    /// bulk streams skip two copies per buffer. The default.
-    Auto,
-    /// Splice every direction from its first byte.
-    On,
-}
-
-impl Splice {
-    const ALL: [Splice; 3] = [Self::Off, Self::Auto, Self::On];
-
-    /// The name, as logs show it and the flag reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::Auto => "auto",
-            Self::On => "on",
+    )*) => {$(
+        $(#[doc = $doc])*
+        #[derive($($derive),*)]
+        #[non_exhaustive]
+        pub enum $name {
+            $( $(#[doc = $vdoc])* $variant, )*
         }
-    }
-}
 
-impl fmt::Display for Splice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+        impl $name {
+            const ALL: &'static [$name] = &[$(Self::$variant),*];
 
-/// What a waiting client's end of stream (a FIN, with or without bytes before
-/// it) does to its place in the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum QueuedEof {
-    /// It keeps its place; what it sent is delivered on activation (for
-    /// protocols where a client half-closes after its request). The default.
-    Keep,
-    /// It leaves the queue as abandoned (for request/response protocols whose
-    /// clients never half-close, so an end of stream means the client is gone).
-    Drop,
-}
-
-impl QueuedEof {
-    const ALL: [QueuedEof; 2] = [Self::Keep, Self::Drop];
-
-    /// The name, as logs show it and the flag reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Keep => "keep",
-            Self::Drop => "drop",
+            /// The name, as logs show it and the flag reads it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)*
+                }
+            }
         }
-    }
-}
 
-impl fmt::Display for QueuedEof {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a stop (SIGTERM, `Handle::stop`) does to clients still waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ShutdownQueue {
-    /// They are closed at once. The default.
-    Close,
-    /// They are still activated in order, hooks included, until the queue is
-    /// empty or the shutdown grace runs out; the listener closes at once.
-    Serve,
-}
-
-impl ShutdownQueue {
-    const ALL: [ShutdownQueue; 2] = [Self::Close, Self::Serve];
-
-    /// The name, as the flag reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Close => "close",
-            Self::Serve => "serve",
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
         }
-    }
+    )*};
 }
 
-impl fmt::Display for ShutdownQueue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+choices! {
+    /// How much the log says; each level includes those before it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum LogLevel {
+        /// Errors only, such as a failed reload.
+        Error = "error",
+        /// Also warnings, such as a failed or timed-out hook.
+        Warn = "warn",
+        /// Also each connection's activation, end and rejection; the default.
+        Info = "info",
+        /// Also every accept.
+        Debug = "debug",
     }
-}
 
-/// Whether, and in which version, a PROXY protocol header (HAProxy's
-/// `proxy-protocol.txt`) tells the upstream who the client is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SendProxy {
-    /// No header: the upstream sees tcplock's address only. The default.
-    Off,
-    /// The text header, `PROXY TCP4 client local cport lport\r\n`.
-    V1,
-    /// The binary header.
-    V2,
-}
-
-impl SendProxy {
-    const ALL: [SendProxy; 3] = [Self::Off, Self::V1, Self::V2];
-
-    /// The name, as logs show it and the flag reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::V1 => "v1",
-            Self::V2 => "v2",
-        }
+    /// When the relay moves bytes with `splice(2)` through a pipe instead of
+    /// copying them through user space.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Splice {
+        /// Always copy.
+        Off = "off",
+        /// Copy until a direction fills a whole buffer in one read, then splice
+        /// that direction: small exchanges stay on the cheaper copying path and
+        /// bulk streams skip two copies per buffer. The default.
+        Auto = "auto",
+        /// Splice every direction from its first byte.
+        On = "on",
     }
-}
 
-impl fmt::Display for SendProxy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+    /// What a waiting client's end of stream (a FIN, with or without bytes before
+    /// it) does to its place in the queue.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum QueuedEof {
+        /// It keeps its place; what it sent is delivered on activation (for
+        /// protocols where a client half-closes after its request). The default.
+        Keep = "keep",
+        /// It leaves the queue as abandoned (for request/response protocols whose
+        /// clients never half-close, so an end of stream means the client is gone).
+        Drop = "drop",
     }
+
+    /// What a stop (SIGTERM, `Handle::stop`) does to clients still waiting.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ShutdownQueue {
+        /// They are closed at once. The default.
+        Close = "close",
+        /// They are still activated in order, hooks included, until the queue is
+        /// empty or the shutdown grace runs out; the listener closes at once.
+        Serve = "serve",
+    }
+
+    /// Whether, and in which version, a PROXY protocol header (HAProxy's
+    /// `proxy-protocol.txt`) tells the upstream who the client is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SendProxy {
+        /// No header: the upstream sees tcplock's address only. The default.
+        Off = "off",
+        /// The text header, `PROXY TCP4 client local cport lport\r\n`.
+        V1 = "v1",
+        /// The binary header.
+        V2 = "v2",
+    }
+
 }
 
 /// One of `choices` by name, in any case; the error lists them.
