@@ -5,14 +5,14 @@ use super::*;
 
 /// Descriptors one permit needs beyond its client: the upstream socket and a
 /// splice pipe (two descriptors) per direction.
-pub(super) const FDS_PER_PERMIT: usize = 5;
+const FDS_PER_PERMIT: usize = 5;
 
 /// Descriptors spawning one hook process needs: the stdout duplicate,
 /// /dev/null, the exec-status pipe std uses while spawning, and a pidfd.
-pub(super) const FDS_PER_HOOK: usize = 5;
+const FDS_PER_HOOK: usize = 5;
 
 /// Kept free for the listening and control sockets later features add.
-pub(super) const FDS_SPARE: usize = 4;
+const FDS_SPARE: usize = 4;
 
 /// The descriptors tcplock may use, and how many of them activating needs
 /// kept free. Open descriptors are counted without a system call: those
@@ -21,16 +21,42 @@ pub(super) const FDS_SPARE: usize = 4;
 pub(super) struct FdBudget {
     /// The soft limit at start; `None` if it could not be read (then only
     /// EMFILE pauses accepting).
-    pub(super) limit: Option<usize>,
+    limit: Option<usize>,
     /// Descriptors open once the loop was set up.
-    pub(super) baseline: usize,
+    baseline: usize,
 }
 
+/// Assumed open at start where /proc cannot tell: the standard streams, the
+/// listener, the poll, the signal pipe and the waker, generously rounded.
+const FDS_AT_START_UNKNOWN: usize = 16;
+
 impl FdBudget {
+    /// The budget under the soft limit `limit`, counting what is open now.
+    pub(super) fn new(limit: Option<u64>) -> FdBudget {
+        FdBudget {
+            limit: limit.and_then(|limit| usize::try_from(limit).ok()),
+            baseline: sys::count_open_fds().unwrap_or(FDS_AT_START_UNKNOWN),
+        }
+    }
+
+    /// Descriptors opened for good after the count at start (a signal pipe).
+    pub(super) fn opened_for_good(&mut self, count: usize) {
+        self.baseline += count;
+    }
+
+    /// Whether one more client would eat into what activation needs, with
+    /// `open` descriptors held beyond those counted at start.
+    pub(super) fn at_reserve(&self, open: usize, config: &Config) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        self.baseline + open + 1 + self.reserve(config) > limit
+    }
+
     /// Descriptors activating needs kept free under `config`: the permits
     /// that fit next to their clients, one hook if a command hook is
     /// configured, and a few spare.
-    pub(super) fn reserve(&self, config: &Config) -> usize {
+    fn reserve(&self, config: &Config) -> usize {
         let is_command = |hook: &Option<Hook>| hook.as_ref().and_then(Hook::as_command).is_some();
         let hook = if is_command(&config.on_activate) || is_command(&config.on_timeout) {
             FDS_PER_HOOK
@@ -48,7 +74,7 @@ impl FdBudget {
     }
 
     /// The most clients the limit holds beside the reserve, if it is known.
-    pub(super) fn client_capacity(&self, config: &Config) -> Option<usize> {
+    fn client_capacity(&self, config: &Config) -> Option<usize> {
         let limit = self.limit?;
         Some(limit.saturating_sub(self.baseline + self.reserve(config)))
     }

@@ -455,7 +455,7 @@ impl Shell {
             None => {
                 self.signals = Some(watch_signals(&self.poll, &[SIGCHLD])?);
                 // Its self-pipe was not open when the budget counted.
-                self.fds.baseline += 2;
+                self.fds.opened_for_good(2);
                 Ok(())
             }
         }

@@ -64,10 +64,6 @@ const FIRST_CONN_TOKEN: usize = 16;
 /// what a queueing proxy exists for.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Assumed open at start where /proc cannot tell: the standard streams, the
-/// listener, the poll, the signal pipe and the waker, generously rounded.
-const FDS_AT_START_UNKNOWN: usize = 16;
-
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
     Stop,
@@ -273,10 +269,7 @@ impl Shell {
             Waker::new(poll.registry(), CONTROL).map_err(io_error("cannot create the waker"))?,
         );
         let (control_tx, control_rx) = mpsc::channel();
-        let fds = FdBudget {
-            limit: fd_limit.and_then(|limit| usize::try_from(limit).ok()),
-            baseline: sys::count_open_fds().unwrap_or(FDS_AT_START_UNKNOWN),
-        };
+        let fds = FdBudget::new(fd_limit);
         let mut hooks = HookTable::default();
         let mut settings = core_settings(&config, &mut hooks);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);

@@ -104,11 +104,8 @@ impl Shell {
 
     /// Whether one more client would eat into the descriptors activation needs.
     pub(super) fn at_fd_reserve(&self) -> bool {
-        let Some(limit) = self.fds.limit else {
-            return false;
-        };
-        let open = self.fds.baseline + self.core.conn_count() + self.pool.idle_pipe_fds();
-        open + 1 + self.fds.reserve(&self.config) > limit
+        let open = self.core.conn_count() + self.pool.idle_pipe_fds();
+        self.fds.at_reserve(open, &self.config)
     }
 
     pub(super) fn pause_accepting(&mut self, now: u64, reason: &str, error: Option<io::Error>) {
