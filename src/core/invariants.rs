@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use super::queue::SWEEP_MIN_STALE;
 use super::{
     ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, ConnRef, ConnState, Core, EndedBy,
-    Outcome,
+    Outcome, is_queued,
 };
 
 impl Core {
@@ -83,7 +83,7 @@ impl Core {
         }
         let mut seen = HashSet::new();
         for conn in self.queue.entries() {
-            if !self.is_live_entry(conn) {
+            if !is_queued(&self.conns, conn) {
                 if self.get(conn).is_some() {
                     return Err(format!("stale queue entry for live conn {}", conn.id));
                 }
@@ -101,7 +101,7 @@ impl Core {
             ));
         }
         if let Some(head) = self.queue.front()
-            && !self.is_live_entry(head)
+            && !is_queued(&self.conns, head)
         {
             return Err(format!("the queue head (conn {}) is stale", head.id));
         }

@@ -1265,12 +1265,6 @@ impl Core {
         self.note_done();
     }
 
-    /// Whether a queue entry still names a waiting connection.
-    #[cfg(any(debug_assertions, test, feature = "model"))]
-    fn is_live_entry(&self, entry: ConnRef) -> bool {
-        is_queued(&self.conns, entry)
-    }
-
     /// News of a connect (it succeeded, failed, or moved to the next address)
     /// is newer than its address's share running out at the same moment: the
     /// share's timer goes before deadlines fire, or it would send the shell to
