@@ -48,12 +48,6 @@ fn expect_delivered(proxy: &Proxy, holder: TcpStream, mut client: TcpStream, con
     );
 }
 
-fn holding(proxy: &Proxy) -> TcpStream {
-    let mut holder = proxy.connect();
-    roundtrip(&mut holder, b"holding\n");
-    holder
-}
-
 #[test]
 fn keep_delivers_what_a_waiting_client_sent_before_its_end_of_stream() {
     let upstream = Upstream::echo();

@@ -20,8 +20,7 @@ fn a_queued_client_that_sent_a_byte_and_reset_is_abandoned_without_a_hook_run() 
         "debug",
     ]);
     // Conn 1 holds the only permit.
-    let mut holder = proxy.connect();
-    roundtrip(&mut holder, b"holding\n");
+    let holder = holding(&proxy);
 
     let mut leaver = proxy.connect();
     proxy.expect_log(conn_event("accepted", 2), "conn 2 accepted");

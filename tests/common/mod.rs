@@ -714,6 +714,14 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// A client that takes a permit and proves it is through with one round trip;
+/// keep it to hold the permit.
+pub fn holding(proxy: &Proxy) -> TcpStream {
+    let mut holder = proxy.connect();
+    roundtrip(&mut holder, b"holding\n");
+    holder
+}
+
 /// `conn=` of every `hook_started` line, in order.
 pub fn hook_conns(proxy: &Proxy) -> Vec<u64> {
     proxy
