@@ -765,7 +765,6 @@ impl Core {
     }
 
     /// Whether the shell's accepting is paused, waiting for a resume.
-    #[cfg(any(test, feature = "model"))]
     pub fn accept_paused(&self) -> bool {
         self.accept_retry.is_some()
     }

@@ -146,10 +146,6 @@ pub(crate) struct Shell {
     hooks: HookTable,
     config: Config,
     started: Instant,
-    /// Out of file descriptors (or at the reserve): wait for the core's
-    /// `ResumeAccepting` (after a close or a retry backoff) before accepting
-    /// again.
-    accept_paused: bool,
     /// What activation needs kept free, and how much there is.
     fds: FdBudget,
     /// A pause at the reserve was logged and the backlog has not been
@@ -306,7 +302,6 @@ impl Shell {
             hooks,
             config,
             started: Instant::now(),
-            accept_paused: false,
             fds,
             reserve_pause_logged: false,
             reload_running: false,
@@ -439,10 +434,7 @@ impl Shell {
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
-                Action::ResumeAccepting => {
-                    self.accept_paused = false;
-                    self.accept_more = true;
-                }
+                Action::ResumeAccepting => self.accept_more = true,
                 Action::Log(event) => self.logger.event(&event),
                 Action::ReportIdle => {
                     let idle_ms = self.holders_idle_ms(now);

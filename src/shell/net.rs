@@ -45,7 +45,9 @@ pub(super) fn resolve(
 impl Shell {
     pub(super) fn accept(&mut self, now: u64) {
         self.accept_more = false;
-        if self.accept_paused {
+        // Out of descriptors (or at the reserve): the core says when to
+        // try again (`ResumeAccepting`, after a close or a retry backoff).
+        if self.core.accept_paused() {
             return;
         }
         for _ in 0..ACCEPT_BATCH {
@@ -109,7 +111,6 @@ impl Shell {
     }
 
     pub(super) fn pause_accepting(&mut self, now: u64, reason: &str, error: Option<io::Error>) {
-        self.accept_paused = true;
         let level = if error.is_none() && self.reserve_pause_logged {
             LogLevel::Debug
         } else {
