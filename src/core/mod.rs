@@ -30,9 +30,10 @@ mod types;
 mod tests;
 
 pub use types::{
-    Action, ConnId, ConnRef, EndedBy, Event, HookContext, HookExit, HookId, HookKind, HookRef,
-    HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd, Settings,
-    StateName, Stats,
+    Action, ConnId, ConnRef, EndedBy, Event, Generation, HookContext, HookExit, HookId, HookKind,
+    HookRef, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd,
+    RestartOn, RestartReason, ServiceExit, ServiceRef, ServiceSample, ServiceSettings,
+    ServiceStateName, ServiceStats, Settings, StateName, Stats, StopSignal,
 };
 
 use std::collections::VecDeque;
@@ -783,6 +784,7 @@ impl Core {
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             outcomes: self.counters.outcomes,
+            service: ServiceStats::default(),
         }
     }
 
@@ -938,6 +940,7 @@ impl Core {
             queue_length: self.queue.len(),
             active: self.active,
             attempt,
+            service: None,
         };
         self.hook = Some(RunningHook {
             id,

@@ -91,6 +91,9 @@ pub struct Settings {
     /// header, within this long of accept, before it joins the queue.
     /// `None`: no header is expected.
     pub proxy_header_timeout_ms: Option<u64>,
+    /// `--spawn`: tcplock runs the upstream itself and restarts it by these
+    /// rules; `None`: the upstream is managed elsewhere.
+    pub service: Option<ServiceSettings>,
 }
 
 impl Default for Settings {
@@ -110,7 +113,264 @@ impl Default for Settings {
             serve_queue_on_shutdown: false,
             stall_warn_ms: Some(30_000),
             proxy_header_timeout_ms: None,
+            service: None,
         }
+    }
+}
+
+/// How a supervised upstream is run. Durations are milliseconds; `None`
+/// means never.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// What to run, and where it listens; the core does not look inside. A
+    /// reload that changes either hands the core a new one, which makes the
+    /// running generation due.
+    pub run: ServiceRef,
+    /// A start must answer a connect on the upstream address within this.
+    pub ready_timeout_ms: u64,
+    /// Restart after this many connections proxied by one generation.
+    pub restart_after: Option<u64>,
+    /// Restart when the service's processes together hold more than this.
+    pub restart_rss_kib: Option<u64>,
+    /// Restart a generation older than this (counted from ready).
+    pub max_lifetime_ms: Option<u64>,
+    /// Which connection outcomes make the generation due.
+    pub restart_on: RestartOn,
+    /// Stop the service after this long with no client at all.
+    pub idle_stop_ms: Option<u64>,
+    /// After asking the service to stop, wait this long, then kill it.
+    pub stop_timeout_ms: u64,
+    /// Consecutive failed starts before the service is declared failed.
+    pub start_retries: u32,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            run: ServiceRef(0),
+            ready_timeout_ms: 30_000,
+            restart_after: None,
+            restart_rss_kib: None,
+            max_lifetime_ms: None,
+            restart_on: RestartOn {
+                timeout: true,
+                connect_failed: true,
+                upstream_error: false,
+            },
+            idle_stop_ms: None,
+            stop_timeout_ms: 10_000,
+            start_retries: 5,
+        }
+    }
+}
+
+/// `--restart-on`: which connection outcomes make the service suspect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestartOn {
+    /// A TTL expiry.
+    pub timeout: bool,
+    /// The upstream refused or did not answer a connect.
+    pub connect_failed: bool,
+    /// The upstream reset a proxied connection.
+    pub upstream_error: bool,
+}
+
+/// Names the service's command and address in the shell's table; the core
+/// compares it and hands it back in [`Action::SpawnService`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef(pub u32);
+
+/// One run of the supervised service: 1, 2, ... Every spawn is a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why a generation is started (`TCPLOCK_RESTART_REASON`), or why the one
+/// before it became due or was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RestartReason {
+    /// The first start.
+    First,
+    /// `--restart-after` connections were proxied.
+    AfterN,
+    /// `--restart-rss` was exceeded.
+    Rss,
+    /// `--max-lifetime` passed.
+    Lifetime,
+    /// A connection's TTL expired (`--restart-on timeout`).
+    Timeout,
+    /// A connect to it failed (`--restart-on connect_failed`).
+    ConnectFailed,
+    /// It reset a proxied connection (`--restart-on upstream_error`).
+    UpstreamError,
+    /// It exited without being asked.
+    Crash,
+    /// The start before this one failed.
+    FailedStart,
+    /// A reload changed its command or address.
+    Reload,
+    /// It was stopped for `--idle-stop` and a client came.
+    Idle,
+    /// An operator asked for it.
+    Control,
+    /// tcplock is stopping (a stop reason only).
+    Shutdown,
+}
+
+impl RestartReason {
+    /// Every reason, in the order counters list them.
+    pub const ALL: [RestartReason; 13] = [
+        RestartReason::First,
+        RestartReason::AfterN,
+        RestartReason::Rss,
+        RestartReason::Lifetime,
+        RestartReason::Timeout,
+        RestartReason::ConnectFailed,
+        RestartReason::UpstreamError,
+        RestartReason::Crash,
+        RestartReason::FailedStart,
+        RestartReason::Reload,
+        RestartReason::Idle,
+        RestartReason::Control,
+        RestartReason::Shutdown,
+    ];
+
+    /// The name in logs and in `TCPLOCK_RESTART_REASON`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::First => "first",
+            RestartReason::AfterN => "after_n",
+            RestartReason::Rss => "rss",
+            RestartReason::Lifetime => "lifetime",
+            RestartReason::Timeout => "timeout",
+            RestartReason::ConnectFailed => "connect_failed",
+            RestartReason::UpstreamError => "upstream_error",
+            RestartReason::Crash => "crash",
+            RestartReason::FailedStart => "failed_start",
+            RestartReason::Reload => "reload",
+            RestartReason::Idle => "idle",
+            RestartReason::Control => "control",
+            RestartReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for RestartReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The supervised service's state, as logs, dumps and metrics name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceStateName {
+    /// Not running: not started yet, stopped while idle, or between a failed
+    /// start and the next.
+    Stopped,
+    /// Spawned (or about to be), not yet answering connects.
+    Starting,
+    /// Answering connects and taking clients.
+    Ready,
+    /// Running, due for a restart: takes no new client, restarts once drained.
+    Due,
+    /// Asked to stop; waiting until every process of it is gone.
+    Stopping,
+    /// `--start-retries` starts in a row failed; starts go on at the longest
+    /// backoff and clients are turned away.
+    Failed,
+}
+
+impl ServiceStateName {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [ServiceStateName; 6] = [
+        ServiceStateName::Stopped,
+        ServiceStateName::Starting,
+        ServiceStateName::Ready,
+        ServiceStateName::Due,
+        ServiceStateName::Stopping,
+        ServiceStateName::Failed,
+    ];
+
+    /// `stopped`, `starting`, `ready`, `due`, `stopping` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceStateName::Stopped => "stopped",
+            ServiceStateName::Starting => "starting",
+            ServiceStateName::Ready => "ready",
+            ServiceStateName::Due => "due",
+            ServiceStateName::Stopping => "stopping",
+            ServiceStateName::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for ServiceStateName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the service's spawned process ended: its exit code or its signal,
+/// as `waitid` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceExit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// What the shell measured of the service's process session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSample {
+    /// Live processes in the session (zombies not counted).
+    pub processes: usize,
+    /// Their resident memory, summed.
+    pub rss_kib: u64,
+}
+
+/// How hard [`Action::SignalService`] asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGTERM: please stop.
+    Term,
+    /// SIGKILL: the stop timeout ran out, or the service crashed and its
+    /// leftovers are of no use.
+    Kill,
+}
+
+/// The supervised service, for [`Stats`] and the state dump.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServiceStats {
+    /// Its state now; `None` when tcplock does not supervise the upstream.
+    pub state: Option<ServiceStateName>,
+    /// The current (or last) generation; 0 before the first spawn.
+    pub generation: u64,
+    /// Its spawned process, while it runs.
+    pub pid: Option<u32>,
+    /// The last memory sample of its processes, in KiB.
+    pub rss_kib: u64,
+    /// Connections proxied by the current generation.
+    pub conns: u64,
+    /// When the current generation became ready (core ms), if it is.
+    pub ready_at: Option<u64>,
+    /// Restarts so far, per reason, in [`RestartReason::ALL`] order.
+    pub restarts: [u64; RestartReason::ALL.len()],
+}
+
+impl ServiceStats {
+    /// Restarts so far for `reason`.
+    pub fn restarts(&self, reason: RestartReason) -> u64 {
+        RestartReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.restarts[i])
     }
 }
 
@@ -139,6 +399,9 @@ pub enum Outcome {
     Rejected,
     /// tcplock was stopping.
     Shutdown,
+    /// The supervised upstream failed to start `--start-retries` times in a
+    /// row while it waited.
+    UpstreamFailed,
 }
 
 impl Outcome {
@@ -160,11 +423,12 @@ impl Outcome {
             Outcome::Abandoned => "abandoned",
             Outcome::Rejected => "rejected",
             Outcome::Shutdown => "shutdown",
+            Outcome::UpstreamFailed => "upstream_failed",
         }
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -175,6 +439,7 @@ impl Outcome {
         Outcome::Abandoned,
         Outcome::Rejected,
         Outcome::Shutdown,
+        Outcome::UpstreamFailed,
     ];
 }
 
@@ -192,6 +457,8 @@ pub struct Stats {
     pub timeouts: u64,
     /// Connections ended, per outcome.
     pub outcomes: OutcomeCounts,
+    /// The supervised upstream (`--spawn`).
+    pub service: ServiceStats,
 }
 
 impl Stats {
@@ -274,6 +541,8 @@ pub enum RejectReason {
     QueueFull,
     /// `--accept-proxy`: no valid PROXY header within the time allowed.
     BadProxyHeader,
+    /// The supervised upstream failed to start `--start-retries` times in a row.
+    UpstreamFailed,
 }
 
 impl RejectReason {
@@ -282,6 +551,7 @@ impl RejectReason {
         match self {
             RejectReason::QueueFull => "queue_full",
             RejectReason::BadProxyHeader => "bad_proxy_header",
+            RejectReason::UpstreamFailed => "upstream_failed",
         }
     }
 }
@@ -399,6 +669,8 @@ pub struct HookContext {
     pub active: usize,
     /// 1, then 2, 3, ... while an on-activate hook is retried for one client.
     pub attempt: u32,
+    /// `--spawn`: the generation of the service running now, and its pid.
+    pub service: Option<(Generation, u32)>,
 }
 
 /// Everything the shell needs to run one hook.
@@ -453,6 +725,30 @@ pub enum Action {
     /// Answer with `handle_holders_idle`: how long since the most recently
     /// active relay moved a byte (the stalled-queue check).
     ReportIdle,
+    /// `--spawn`: try a TCP connect to the upstream address (and close it);
+    /// answer with `handle_service_probed`: whether something accepted it.
+    ProbeUpstream(Generation),
+    /// `--spawn`: start this generation of the service (nothing of an earlier
+    /// one is alive and the port was refusing); answer at once with
+    /// `handle_service_spawned`, later with `handle_service_exited`.
+    SpawnService {
+        /// The generation to start.
+        generation: Generation,
+        /// `TCPLOCK_RESTART_REASON`.
+        reason: RestartReason,
+        /// What to run.
+        run: ServiceRef,
+    },
+    /// `--spawn`: measure the generation's process session; answer with
+    /// `handle_service_sampled`.
+    SampleService(Generation),
+    /// `--spawn`: signal every process of the generation's process session.
+    SignalService {
+        /// Whose session.
+        generation: Generation,
+        /// Which signal.
+        signal: StopSignal,
+    },
 }
 
 /// A state a connection can be in, for `event=state` lines.
@@ -553,6 +849,55 @@ pub enum Event {
         state: StateName,
         client: SocketAddr,
         age_ms: u64,
+    },
+    /// `--spawn`: a generation was spawned.
+    UpstreamStarting {
+        generation: Generation,
+        pid: u32,
+        reason: RestartReason,
+    },
+    /// It answered a connect `start_ms` after it was spawned.
+    UpstreamReady {
+        generation: Generation,
+        start_ms: u64,
+    },
+    /// The generation takes no new client and restarts once drained; for
+    /// `Rss`, `rss_kib` is the sample over the limit `limit_kib`.
+    RestartDue {
+        generation: Generation,
+        reason: RestartReason,
+        rss_kib: Option<(u64, u64)>,
+    },
+    /// It is being stopped.
+    UpstreamStopping {
+        generation: Generation,
+        reason: RestartReason,
+    },
+    /// Its spawned process exited; `expected` if tcplock asked it to stop.
+    UpstreamExited {
+        generation: Generation,
+        pid: u32,
+        exit: ServiceExit,
+        expected: bool,
+    },
+    /// A start failed; `why` says how.
+    UpstreamStartFailed { generation: Generation, why: String },
+    /// `starts` starts failed in a row: the service is failed (error level).
+    UpstreamFailed { starts: u32, retry_in_ms: u64 },
+    /// Something already answers on the upstream port: no second copy is
+    /// started beside it (error level).
+    UpstreamPortBusy {
+        generation: Generation,
+        addr: String,
+    },
+    /// The service, for a state dump.
+    ServiceState {
+        state: ServiceStateName,
+        generation: Generation,
+        pid: Option<u32>,
+        rss_kib: u64,
+        conns: u64,
+        age_ms: Option<u64>,
     },
     /// The totals closing a state dump.
     StateSummary {

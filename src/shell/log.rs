@@ -10,7 +10,7 @@ use std::io;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::LogLevel;
-use crate::core::Event;
+use crate::core::{Event, ServiceExit};
 use crate::sys::LogSink;
 
 /// Most bytes of log held while stderr takes none; lines beyond it are
@@ -196,6 +196,69 @@ impl Logger {
                 .field("hook_running", hook_running)
                 .field("activations", activations)
                 .field("timeouts", timeouts),
+            Event::UpstreamStarting {
+                generation,
+                pid,
+                reason,
+            } => line
+                .field("gen", generation)
+                .field("pid", pid)
+                .field("reason", reason),
+            Event::UpstreamReady {
+                generation,
+                start_ms,
+            } => line.field("gen", generation).field("start_ms", start_ms),
+            Event::RestartDue {
+                generation,
+                reason,
+                rss_kib,
+            } => {
+                let line = line.field("gen", generation).field("reason", reason);
+                match rss_kib {
+                    Some((rss, limit)) => line.field("rss_kib", rss).field("limit_kib", limit),
+                    None => line,
+                }
+            }
+            Event::UpstreamStopping { generation, reason } => {
+                line.field("gen", generation).field("reason", reason)
+            }
+            Event::UpstreamExited {
+                generation,
+                pid,
+                exit,
+                expected,
+            } => line
+                .field("gen", generation)
+                .field("pid", pid)
+                .field("status", ServiceStatus(*exit))
+                .field("expected", expected),
+            Event::UpstreamStartFailed { generation, why } => {
+                line.field("gen", generation).field("why", why)
+            }
+            Event::UpstreamFailed {
+                starts,
+                retry_in_ms,
+            } => line
+                .field("starts", starts)
+                .field("retry_in_ms", retry_in_ms),
+            Event::UpstreamPortBusy { generation, addr } => {
+                line.field("gen", generation).field("addr", addr)
+            }
+            Event::ServiceState {
+                state,
+                generation,
+                pid,
+                rss_kib,
+                conns,
+                age_ms,
+            } => line
+                .field("service", "upstream")
+                .field("state", state)
+                .field("gen", generation)
+                .field_opt("pid", pid.as_ref())
+                .field("rss_kib", rss_kib)
+                .field("conns", conns)
+                .field_opt("age_ms", age_ms.as_ref()),
         };
     }
 
@@ -277,6 +340,42 @@ impl Drop for Logger {
     }
 }
 
+/// `exit:N` or `signal:NAME`, as `upstream_exited` reports a status.
+struct ServiceStatus(ServiceExit);
+
+impl Display for ServiceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            ServiceExit::Code(code) => write!(f, "exit:{code}"),
+            ServiceExit::Signal(signal) => match signal_name(signal) {
+                Some(name) => write!(f, "signal:{name}"),
+                None => write!(f, "signal:{signal}"),
+            },
+        }
+    }
+}
+
+/// The usual name of a signal that ends a service, without the `SIG`.
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        libc::SIGHUP => "HUP",
+        libc::SIGINT => "INT",
+        libc::SIGQUIT => "QUIT",
+        libc::SIGILL => "ILL",
+        libc::SIGABRT => "ABRT",
+        libc::SIGBUS => "BUS",
+        libc::SIGFPE => "FPE",
+        libc::SIGKILL => "KILL",
+        libc::SIGSEGV => "SEGV",
+        libc::SIGPIPE => "PIPE",
+        libc::SIGALRM => "ALRM",
+        libc::SIGTERM => "TERM",
+        libc::SIGUSR1 => "USR1",
+        libc::SIGUSR2 => "USR2",
+        _ => return None,
+    })
+}
+
 fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
     match event {
         Event::Accepted { .. } => (LogLevel::Debug, "accepted"),
@@ -295,6 +394,18 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::QueueStalled { .. } => (LogLevel::Warn, "queue_stalled"),
         Event::State { .. } => (LogLevel::Info, "state"),
         Event::StateSummary { .. } => (LogLevel::Info, "state_summary"),
+        Event::UpstreamStarting { .. } => (LogLevel::Info, "upstream_starting"),
+        Event::UpstreamReady { .. } => (LogLevel::Info, "upstream_ready"),
+        Event::RestartDue { .. } => (LogLevel::Info, "restart_due"),
+        Event::UpstreamStopping { .. } => (LogLevel::Info, "upstream_stopping"),
+        Event::UpstreamExited {
+            expected: false, ..
+        } => (LogLevel::Warn, "upstream_exited"),
+        Event::UpstreamExited { .. } => (LogLevel::Info, "upstream_exited"),
+        Event::UpstreamStartFailed { .. } => (LogLevel::Warn, "upstream_start_failed"),
+        Event::UpstreamFailed { .. } => (LogLevel::Error, "upstream_failed"),
+        Event::UpstreamPortBusy { .. } => (LogLevel::Error, "upstream_port_busy"),
+        Event::ServiceState { .. } => (LogLevel::Info, "state"),
     }
 }
 

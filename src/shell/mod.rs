@@ -107,6 +107,7 @@ fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
         proxy_header_timeout_ms: config
             .accept_proxy
             .then(|| ms(config::PROXY_HEADER_TIMEOUT)),
+        service: None,
     }
 }
 
@@ -440,6 +441,11 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
+                // Wired by the supervisor's shell side (issue 11).
+                Action::ProbeUpstream(_)
+                | Action::SpawnService { .. }
+                | Action::SampleService(_)
+                | Action::SignalService { .. } => {}
             }
         }
     }
