@@ -8,7 +8,7 @@ use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
 use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, ShutdownQueue, Splice};
-use crate::core::Stats;
+use crate::core::{RestartOn, Stats};
 use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
 
 /// A bound, ready-to-run tcplock: the listening socket is open and the upstream
@@ -254,6 +254,74 @@ impl Builder {
     /// default. Fixed for the life of the lock (a reload keeps it).
     pub fn accept_proxy(mut self, on: bool) -> Builder {
         self.config.accept_proxy = on;
+        self
+    }
+
+    /// Run the upstream: `/bin/sh -c command` in a process session of its
+    /// own, started before clients are let through, restarted by the
+    /// settings below (each needs this one) and stopped with the lock. It
+    /// must stay in the foreground and listen on the upstream address, which
+    /// must be on this host. Default: none (the upstream is managed
+    /// elsewhere).
+    pub fn spawn(mut self, command: impl Into<String>) -> Builder {
+        self.config.spawn = Some(command.into());
+        self
+    }
+
+    /// How long a start of the spawned service may take to answer a connect
+    /// on the upstream address (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Builder {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// Restart the spawned service after this many connections proxied by
+    /// one run of it (default 0: never).
+    pub fn restart_after(mut self, connections: u64) -> Builder {
+        self.config.restart_after = connections;
+        self
+    }
+
+    /// Restart the spawned service, once no client uses it, when its
+    /// processes together hold more than this many bytes of memory
+    /// (default 0: never).
+    pub fn restart_rss(mut self, bytes: u64) -> Builder {
+        self.config.restart_rss = bytes;
+        self
+    }
+
+    /// Restart a run of the spawned service older than this (default: zero,
+    /// never).
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Builder {
+        self.config.max_lifetime = non_zero(lifetime);
+        self
+    }
+
+    /// Which connection outcomes make the spawned service due for a restart
+    /// (default: a timeout or a failed connect).
+    pub fn restart_on(mut self, outcomes: RestartOn) -> Builder {
+        self.config.restart_on = outcomes;
+        self
+    }
+
+    /// Stop the spawned service after this long with no client; the next
+    /// client starts it again (default: zero, never).
+    pub fn idle_stop(mut self, after: Duration) -> Builder {
+        self.config.idle_stop = non_zero(after);
+        self
+    }
+
+    /// How long the spawned service has to stop after SIGTERM before it is
+    /// killed (default 10 s).
+    pub fn stop_timeout(mut self, timeout: Duration) -> Builder {
+        self.config.stop_timeout = timeout;
+        self
+    }
+
+    /// Failed starts in a row before the spawned service is declared failed
+    /// and waiting clients are turned away (default 5).
+    pub fn start_retries(mut self, retries: u32) -> Builder {
+        self.config.start_retries = retries;
         self
     }
 

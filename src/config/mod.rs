@@ -78,6 +78,7 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
         "proxy-port" | "proxy-host" => !cli_has("upstream"),
         _ => true,
     };
+    let mut origins: Vec<(&'static str, Origin)> = Vec::new();
     let mut proxy_host_origin = None;
     let mut upstream_given = false;
     let file_values = file
@@ -98,6 +99,7 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
                 message: format!("{}: {reason}", spec.key),
             },
         })?;
+        origins.push((spec.key, origin));
         match spec.key {
             "proxy-host" => proxy_host_origin = Some(origin),
             "upstream" => upstream_given = true,
@@ -136,6 +138,18 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
     }
     if draft.config.listen.is_empty() {
         return Err(ConfigError::Usage("no listen address: give -l PORT".into()));
+    }
+    // The rules between settings blame where the culprit was written.
+    if let Err((spec, reason)) = draft.config.check_supervision() {
+        let origin = origins.iter().rev().find(|(key, _)| *key == spec.key);
+        return Err(match origin {
+            Some((_, Origin::Line(line))) => ConfigError::File {
+                path: file_path.to_owned(),
+                line: *line,
+                message: format!("{}: {reason}", spec.key),
+            },
+            _ => usage(spec, reason),
+        });
     }
     // Each value was checked where it was read; this pins that nothing the
     // merge did can get past the checks every other way in gets.
@@ -639,6 +653,148 @@ mod tests {
         let mut c = base;
         c.on_timeout = Some(Hook::command("a\0b"));
         assert!(c.validate().unwrap_err().starts_with("on-timeout: "));
+    }
+
+    #[test]
+    fn service_settings_are_read() {
+        let c = config(&["-l", "1", "-p", "2"]);
+        assert_eq!(c.spawn, None);
+        assert_eq!(c.ready_timeout, Duration::from_secs(30));
+        assert_eq!((c.restart_after, c.restart_rss), (0, 0));
+        assert_eq!((c.max_lifetime, c.idle_stop), (None, None));
+        assert_eq!(c.stop_timeout, Duration::from_secs(10));
+        assert_eq!(c.start_retries, 5);
+        let c = config(&[
+            "-l",
+            "1",
+            "-u",
+            "127.0.0.1:2002",
+            "--spawn",
+            "soffice --accept='socket,port=2002;urp;'",
+            "--ready-timeout",
+            "5s",
+            "--restart-after",
+            "100",
+            "--restart-rss",
+            "1g",
+            "--max-lifetime",
+            "1h",
+            "--restart-on",
+            "none",
+            "--idle-stop",
+            "10m",
+            "--stop-timeout",
+            "0",
+            "--start-retries",
+            "2",
+        ]);
+        assert_eq!(
+            c.spawn.as_deref(),
+            Some("soffice --accept='socket,port=2002;urp;'")
+        );
+        assert_eq!(c.ready_timeout, Duration::from_secs(5));
+        assert_eq!((c.restart_after, c.restart_rss), (100, 1 << 30));
+        assert_eq!(c.max_lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(c.restart_on, crate::core::RestartOn::default());
+        assert_eq!(c.idle_stop, Some(Duration::from_secs(600)));
+        assert_eq!(c.stop_timeout, Duration::ZERO);
+        assert_eq!(c.start_retries, 2);
+        // Zero means never, as for every other limit.
+        let c = config(&["-l", "1", "-p", "2", "--spawn", "x", "--max-lifetime", "0"]);
+        assert_eq!(c.max_lifetime, None);
+    }
+
+    #[test]
+    fn service_settings_refuse_bad_values() {
+        let spawn = ["-l", "1", "-p", "2", "--spawn", "x"];
+        let with = |extra: &[&str]| usage(&[&spawn[..], extra].concat());
+        assert_eq!(
+            usage(&["-l", "1", "-p", "2", "--spawn", " "]),
+            "--spawn: the command is empty"
+        );
+        assert_eq!(
+            usage(&["-l", "1", "-p", "2", "--spawn", "a\0b"]),
+            "--spawn: a command cannot contain a NUL byte"
+        );
+        assert!(with(&["--ready-timeout", "0"]).starts_with("--ready-timeout: must be longer"));
+        assert!(with(&["--restart-rss", "1t"]).contains("k, m or g"));
+        assert!(with(&["--restart-rss", "1000"]).contains("at least 1m"));
+        assert!(with(&["--restart-rss", "99999999999g"]).contains("too large"));
+        assert!(with(&["--start-retries", "0"]).starts_with("--start-retries: '0' is too small"));
+        assert!(with(&["--restart-after", "-1"]).starts_with("--restart-after: invalid number"));
+        assert!(with(&["--restart-on", ""]).starts_with("--restart-on: invalid list"));
+        assert!(with(&["--idle-stop", "soon"]).starts_with("--idle-stop: invalid duration"));
+    }
+
+    #[test]
+    fn a_service_setting_without_spawn_names_itself() {
+        for (flag, value) in [
+            ("--ready-timeout", "5s"),
+            ("--restart-after", "3"),
+            ("--restart-rss", "1g"),
+            ("--max-lifetime", "1h"),
+            ("--restart-on", "timeout"),
+            ("--idle-stop", "1m"),
+            ("--stop-timeout", "1s"),
+            ("--start-retries", "9"),
+        ] {
+            assert_eq!(
+                usage(&["-l", "1", "-p", "2", flag, value]),
+                format!("{flag}: {}", settings::NEEDS_SPAWN)
+            );
+        }
+        // A default value written out changes nothing, so it passes.
+        config(&["-l", "1", "-p", "2", "--restart-after", "0"]);
+        let path = temp_file(
+            "nospawn.conf",
+            "listen = 1\nupstream = 127.0.0.1:2\n# the office\nrestart-rss = 1g\n",
+        );
+        let e = load(&raw(&["-c", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:4: restart-rss: {}",
+                path.display(),
+                settings::NEEDS_SPAWN
+            )
+        );
+        // The same check, the builder's and a reload's way in.
+        let mut c = config(&["-l", "1", "-p", "2"]);
+        c.idle_stop = Some(Duration::from_secs(1));
+        assert_eq!(
+            c.validate().unwrap_err(),
+            format!("idle-stop: {}", settings::NEEDS_SPAWN)
+        );
+    }
+
+    #[test]
+    fn a_spawned_upstream_must_be_on_this_host() {
+        for upstream in [
+            "127.0.0.1:2",
+            "[::1]:2",
+            "0.0.0.0:2",
+            "localhost:2",
+            "office:2",
+        ] {
+            config(&["-l", "1", "-u", upstream, "--spawn", "x"]);
+        }
+        let e = usage(&["-l", "1", "-u", "203.0.113.9:2002", "--spawn", "x"]);
+        assert_eq!(
+            e,
+            "--spawn: the upstream '203.0.113.9:2002' is not an address of this host; \
+             a service tcplock runs must listen here"
+        );
+        let path = temp_file(
+            "remote.conf",
+            "listen = 1\nspawn = soffice\nupstream = 203.0.113.9:2002\n",
+        );
+        let e = load(&raw(&["-c", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(
+            e.to_string().contains("remote.conf:2: spawn: the upstream"),
+            "{e}"
+        );
     }
 
     #[test]

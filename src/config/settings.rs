@@ -8,11 +8,13 @@
 //! the place that uses it.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::hook::Hook;
 use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
+use crate::core::RestartOn;
 
 /// The value name of a switch: on the command line the flag alone turns it
 /// on (`--flag=off` turns it off); in a file it takes `on` or `off`.
@@ -24,18 +26,25 @@ pub(crate) enum Group {
     Addresses,
     Limits,
     Hooks,
+    Service,
     Other,
 }
 
 impl Group {
-    pub(crate) const ALL: [Group; 4] =
-        [Group::Addresses, Group::Limits, Group::Hooks, Group::Other];
+    pub(crate) const ALL: [Group; 5] = [
+        Group::Addresses,
+        Group::Limits,
+        Group::Hooks,
+        Group::Service,
+        Group::Other,
+    ];
 
     pub(crate) fn title(self) -> &'static str {
         match self {
             Group::Addresses => "Addresses",
             Group::Limits => "Limits",
             Group::Hooks => "Hooks (run with /bin/sh -c, one at a time)",
+            Group::Service => "Supervised upstream (--spawn; the others need it)",
             Group::Other => "Other",
         }
     }
@@ -299,6 +308,81 @@ settings! {
         help "every client starts with a PROXY protocol header\n\
               (v1 or v2, within 5s) naming the real client, as a\n\
               balancer in front sends it (default: off)";
+    /// `--spawn`: the command tcplock runs as the upstream (`/bin/sh -c`,
+    /// in a session of its own) and restarts by the settings below. `None`:
+    /// the upstream is managed elsewhere.
+    spawn: Option<String> = None,
+        key "spawn" value "CMD", Service, reload true,
+        parse |s| parse_spawn(s),
+        check |cmd| check_spawn(cmd.as_deref()),
+        help "run the upstream: /bin/sh -c CMD in its own\n\
+              session, stopped with tcplock; it must stay in\n\
+              the foreground and listen on the upstream\n\
+              address, on this host (default: none)";
+    /// A start must answer a connect on the upstream address within this.
+    ready_timeout: Duration = Duration::from_secs(30),
+        key "ready-timeout" value "DUR", Service, reload true,
+        parse |s| units::parse_duration(s).map_err(|e| e.to_string()),
+        check |d| check_positive(*d),
+        help "a start must answer a connect within this\n(default: 30s)";
+    /// Restart after this many connections proxied by one generation; 0 is
+    /// never.
+    restart_after: u64 = 0,
+        key "restart-after" value "N", Service, reload true,
+        parse |s| parse_count(s),
+        check |_| Ok(()),
+        help "restart after N connections; 0 = never\n(default: 0)";
+    /// Restart when the summed RSS of the service's process session
+    /// exceeds this many bytes; 0 is never.
+    restart_rss: u64 = 0,
+        key "restart-rss" value "SIZE", Service, reload true,
+        parse |s| parse_rss(s),
+        check |n| check_restart_rss(*n),
+        help "restart, once no client uses it, when its\n\
+              processes together hold more (k, m, g); 0 = never\n\
+              (default: 0)";
+    /// Restart a generation older than this. `None` is never.
+    max_lifetime: Option<Duration> = None,
+        key "max-lifetime" value "DUR", Service, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "restart a generation older than this; 0 = never\n\
+              (default: 0)";
+    /// Which connection outcomes make the service due for a restart.
+    restart_on: RestartOn = RestartOn {
+        timeout: true,
+        connect_failed: true,
+        upstream_error: false,
+    },
+        key "restart-on" value "LIST", Service, reload true,
+        parse |s| parse_restart_on(s),
+        check |_| Ok(()),
+        help "outcomes that make it due for a restart: any of\n\
+              timeout, connect_failed, upstream_error, or none\n\
+              (default: timeout,connect_failed)";
+    /// Stop the service after this long with no client; the next client
+    /// starts it again. `None` is never.
+    idle_stop: Option<Duration> = None,
+        key "idle-stop" value "DUR", Service, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "stop it after this long with no client; the next\n\
+              one starts it; 0 = never (default: 0)";
+    /// After SIGTERM to the service's processes, wait this long, then
+    /// SIGKILL.
+    stop_timeout: Duration = Duration::from_secs(10),
+        key "stop-timeout" value "DUR", Service, reload true,
+        parse |s| units::parse_duration(s).map_err(|e| e.to_string()),
+        check |d| check_limit(Some(*d)),
+        help "after SIGTERM, wait this long, then SIGKILL\n\
+              (default: 10s)";
+    /// Consecutive failed starts before the service is declared failed.
+    start_retries: u32 = 5,
+        key "start-retries" value "N", Service, reload true,
+        parse |s| parse_count(s),
+        check |n| in_range(*n, 1, MAX_START_RETRIES),
+        help "failed starts in a row before clients are turned\n\
+              away (default: 5)";
 }
 
 /// How long an `--accept-proxy` client has to send its whole header.
@@ -368,8 +452,61 @@ impl Config {
         for spec in SETTINGS {
             (spec.check)(self).map_err(|reason| format!("{}: {reason}", spec.key))?;
         }
-        Ok(())
+        self.check_supervision()
+            .map_err(|(spec, reason)| format!("{}: {reason}", spec.key))
     }
+
+    /// The rules between settings of the service group: every one of them
+    /// but `spawn` needs `spawn` (a value other than its default without it
+    /// is refused, naming it), and a spawned service must listen on this
+    /// host. Returns the setting to blame and why.
+    ///
+    /// Which addresses are this host's is decided without a lookup, so this
+    /// never waits for DNS: a literal address must be a loopback or
+    /// unspecified one or one of this host's interfaces (a bind test);
+    /// `localhost` and names under `.localhost` pass; any other name is
+    /// checked once it is resolved ([`upstream_is_local`] on every address,
+    /// where the upstream is resolved).
+    pub(crate) fn check_supervision(&self) -> Result<(), (&'static Spec, String)> {
+        let service_specs = || SETTINGS.iter().filter(|spec| spec.group == Group::Service);
+        if self.spawn.is_none() {
+            let defaults = Config::new(String::new(), HostPort::default());
+            return match service_specs().find(|spec| (spec.differs)(&defaults, self)) {
+                Some(spec) => Err((spec, NEEDS_SPAWN.to_string())),
+                None => Ok(()),
+            };
+        }
+        // A name is judged once resolved: looking it up here could block.
+        let local = match self.upstream.host.parse::<IpAddr>() {
+            Ok(ip) => upstream_is_local(ip),
+            Err(_) => true,
+        };
+        match service_specs().find(|spec| spec.key == "spawn") {
+            Some(spec) if !local => Err((spec, not_on_this_host(&self.upstream.to_string()))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a service setting is refused without `spawn`.
+pub(crate) const NEEDS_SPAWN: &str =
+    "only with spawn (tcplock restarts and stops only a service it runs)";
+
+/// Why `spawn` is refused with an upstream elsewhere.
+pub(crate) fn not_on_this_host(upstream: &str) -> String {
+    format!(
+        "the upstream {} is not an address of this host; a service tcplock \
+         runs must listen here",
+        Quoted(upstream)
+    )
+}
+
+/// Whether a service listening on `ip` would be on this host: a loopback or
+/// unspecified address (a connect to `0.0.0.0` reaches this host), or one
+/// that a socket can be bound to here. The bind is a UDP socket on port 0,
+/// closed at once: no packet is sent and nothing waits.
+pub(crate) fn upstream_is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// The keys whose values differ between two configs, in table order, for the
@@ -410,6 +547,12 @@ pub const MAX_QUEUE: usize = 1_000_000;
 /// The kernel refuses a single `execve` argument this long or longer
 /// (`MAX_ARG_STRLEN`, 32 pages), and `/bin/sh -c` passes the command as one.
 pub const MAX_HOOK_COMMAND: usize = 128 * 1024 - 1;
+/// Cap on `--start-retries`: more would only postpone telling waiting
+/// clients that the service does not start.
+pub const MAX_START_RETRIES: u32 = 1000;
+/// Smallest non-zero `--restart-rss`: below it every service is over the
+/// limit from its first sample.
+pub const MIN_RESTART_RSS: u64 = 1024 * 1024;
 
 /// Declares a setting's value that is one of a few names: the enum, the
 /// names in order (`ALL`), `as_str` and `Display`.
@@ -608,4 +751,150 @@ fn check_hook(hook: Option<&Hook>) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `--spawn`: a command, never empty (a supervised upstream needs something
+/// to run; leave the setting out to supervise nothing).
+fn parse_spawn(text: &str) -> Result<Option<String>, String> {
+    Ok(Some(text.to_string()))
+}
+
+/// The command `/bin/sh -c` is given must be one it can be given, and not
+/// blank.
+fn check_spawn(command: Option<&str>) -> Result<(), String> {
+    let Some(command) = command else {
+        return Ok(());
+    };
+    if command.trim().is_empty() {
+        return Err("the command is empty".into());
+    }
+    check_hook(Some(&Hook::command(command)))
+}
+
+fn check_positive(duration: Duration) -> Result<(), String> {
+    if duration.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    check_limit(Some(duration))
+}
+
+fn parse_rss(text: &str) -> Result<u64, String> {
+    units::parse_memory(text).map_err(|e| match e {
+        units::UnitError::InvalidSize(v) => format!(
+            "invalid size {} (use bytes, or a k, m or g suffix as in 1g)",
+            Quoted(&v)
+        ),
+        e => e.to_string(),
+    })
+}
+
+fn check_restart_rss(bytes: u64) -> Result<(), String> {
+    if bytes != 0 && bytes < MIN_RESTART_RSS {
+        return Err(format!(
+            "{bytes} bytes is too small (0 = never, or at least 1m)"
+        ));
+    }
+    Ok(())
+}
+
+/// The names `--restart-on` takes, in the order `RestartOn` lists them.
+const RESTART_ON_NAMES: [&str; 3] = ["timeout", "connect_failed", "upstream_error"];
+
+/// `--restart-on`: a comma-separated list of `timeout`, `connect_failed`
+/// and `upstream_error` (any case, spaces around commas allowed, repeats
+/// harmless), or `none` alone.
+pub(crate) fn parse_restart_on(text: &str) -> Result<RestartOn, String> {
+    let mut on = RestartOn::default();
+    let invalid = |why: &str| {
+        format!(
+            "invalid list {} ({why}; use {} or none)",
+            Quoted(text),
+            RESTART_ON_NAMES.join(", ")
+        )
+    };
+    if text.trim().eq_ignore_ascii_case("none") {
+        return Ok(on);
+    }
+    for word in text.split(',').map(str::trim) {
+        match word.to_ascii_lowercase().as_str() {
+            "timeout" => on.timeout = true,
+            "connect_failed" => on.connect_failed = true,
+            "upstream_error" => on.upstream_error = true,
+            "" => return Err(invalid("an empty item")),
+            "none" => return Err(invalid("none stands alone")),
+            _ => return Err(invalid(&format!("unknown outcome {}", Quoted(word)))),
+        }
+    }
+    Ok(on)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(timeout: bool, connect_failed: bool, upstream_error: bool) -> RestartOn {
+        RestartOn {
+            timeout,
+            connect_failed,
+            upstream_error,
+        }
+    }
+
+    #[test]
+    fn restart_on_reads_a_list_or_none() {
+        assert_eq!(parse_restart_on("timeout"), Ok(on(true, false, false)));
+        assert_eq!(
+            parse_restart_on("timeout,connect_failed"),
+            Ok(on(true, true, false))
+        );
+        assert_eq!(
+            parse_restart_on(" Upstream_Error , TIMEOUT,timeout"),
+            Ok(on(true, false, true))
+        );
+        assert_eq!(
+            parse_restart_on("connect_failed,upstream_error,timeout"),
+            Ok(on(true, true, true))
+        );
+        assert_eq!(parse_restart_on("none"), Ok(on(false, false, false)));
+        assert_eq!(parse_restart_on(" NONE "), Ok(on(false, false, false)));
+    }
+
+    #[test]
+    fn restart_on_refuses_what_it_does_not_know() {
+        assert_eq!(
+            parse_restart_on("timeout,crash").unwrap_err(),
+            "invalid list 'timeout,crash' (unknown outcome 'crash'; use timeout, \
+             connect_failed, upstream_error or none)"
+        );
+        for bad in ["", ",", "timeout,", ",timeout", "timeout,,connect_failed"] {
+            let e = parse_restart_on(bad).unwrap_err();
+            assert!(e.contains("an empty item"), "{bad:?}: {e}");
+        }
+        let e = parse_restart_on("none,timeout").unwrap_err();
+        assert!(e.contains("none stands alone"), "{e}");
+        assert!(parse_restart_on("time out").is_err());
+        assert!(parse_restart_on("connect-failed").is_err());
+    }
+
+    #[test]
+    fn the_default_restart_on_is_what_help_says() {
+        let config = Config::new(String::new(), HostPort::default());
+        assert_eq!(
+            Ok(config.restart_on),
+            parse_restart_on("timeout,connect_failed")
+        );
+        let spec = spec_by_key("restart-on").unwrap();
+        assert!(spec.help.contains("(default: timeout,connect_failed)"));
+    }
+
+    #[test]
+    fn which_upstreams_are_on_this_host() {
+        for ip in ["127.0.0.1", "127.1.2.3", "::1", "0.0.0.0", "::"] {
+            assert!(upstream_is_local(ip.parse().unwrap()), "{ip}");
+        }
+        // TEST-NET-3 and documentation v6 addresses are no host's.
+        for ip in ["203.0.113.7", "2001:db8::1"] {
+            assert!(!upstream_is_local(ip.parse().unwrap()), "{ip}");
+        }
+    }
 }

@@ -70,6 +70,34 @@ pub fn parse_size(s: &str) -> Result<usize, UnitError> {
     n.checked_mul(multiplier).ok_or_else(too_large)
 }
 
+/// Parses an amount of memory in bytes: bare bytes, or a `k`, `m` or `g`
+/// suffix (any case, powers of 1024), as `--restart-rss` takes it.
+///
+/// ```
+/// use tcplock::internals::units::parse_memory;
+///
+/// assert_eq!(parse_memory("1g"), Ok(1 << 30));
+/// assert_eq!(parse_memory("512M"), Ok(512 << 20));
+/// assert!(parse_memory("1.5g").is_err());
+/// ```
+pub fn parse_memory(s: &str) -> Result<u64, UnitError> {
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(UnitError::InvalidSize(s.to_owned()));
+    }
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        _ => return Err(UnitError::InvalidSize(s.to_owned())),
+    };
+    let too_large = || UnitError::SizeTooLarge(s.to_owned());
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    n.checked_mul(multiplier).ok_or_else(too_large)
+}
+
 /// Parses a listen address: `PORT`, `HOST:PORT` or `[V6]:PORT`.
 ///
 /// `PORT` alone means `127.0.0.1:PORT`: the 2011 tool bound every interface,

@@ -58,7 +58,7 @@ const LOG_SINK: Token = Token(4);
 const LOG_RETRY: Duration = Duration::from_millis(100);
 
 /// Connection tokens start here: two per slab slot, client then upstream.
-const FIRST_CONN_TOKEN: usize = 16;
+const FIRST_CONN_TOKEN: usize = 64;
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::SendProxy;
+use crate::config::settings::{not_on_this_host, upstream_is_local};
 use crate::proxy_protocol::{self, Addresses, Header, ParseError, Version};
 use std::io::Read;
 
@@ -13,11 +14,23 @@ pub(super) const ACCEPT_BATCH: usize = 256;
 /// Resolves the upstream once (never inside the loop's hot path).
 pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
     let upstream = &config.upstream;
-    resolve(
+    let addrs = resolve(
         "upstream",
         &upstream.to_string(),
         (upstream.host.as_str(), upstream.port).to_socket_addrs(),
-    )
+    )?;
+    // A service tcplock runs listens here: a name is judged by what it
+    // resolves to (the config check judged literal addresses).
+    if config.spawn.is_some()
+        && let Some(remote) = addrs.iter().find(|a| !upstream_is_local(a.ip()))
+    {
+        return Err(Error::Invalid(format!(
+            "spawn: {} (it resolves to {})",
+            not_on_this_host(&upstream.to_string()),
+            remote.ip()
+        )));
+    }
+    Ok(addrs)
 }
 
 /// Every address a lookup gave, or an error naming `what` and `name`; an empty
