@@ -236,6 +236,15 @@ impl Proxy {
         Proxy::start_command(command, args)
     }
 
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with `env` added to the
+    /// environment it inherits.
+    pub fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> Proxy {
+        let full = on_any_loopback_port(args);
+        let mut command = Command::new(BIN);
+        command.args(&full).envs(env.iter().copied());
+        Proxy::start_command(command, &full)
+    }
+
     /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with at most `limit` open files
     /// (soft and hard, so tcplock cannot raise it).
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Proxy {

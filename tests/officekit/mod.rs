@@ -140,6 +140,25 @@ impl Office {
     }
 }
 
+/// A test that failed half-way may leave a stand-in behind (tcplock killed
+/// by the test harness takes only its direct child along): end every
+/// process this office recorded that still runs it.
+impl Drop for Office {
+    fn drop(&mut self) {
+        for line in self.events() {
+            let Some(pid) = field(&line, "pid").and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if alive(pid) && String::from_utf8_lossy(&cmdline).contains("office_standin") {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 /// Asks the office behind `client` who it is: `(generation, server pid)`.
 pub fn who(client: &mut TcpStream) -> (u64, u32) {
     client.write_all(b"WHO\n").expect("write WHO");
