@@ -619,6 +619,7 @@ impl Core {
                 active: self.active,
             });
             self.end_all(now);
+            self.settle_service(now);
             self.service_forced();
             self.check();
             return;
@@ -673,6 +674,8 @@ impl Core {
         if grace == 0 {
             self.advance(now);
         }
+        // With nobody left, the service stops now.
+        self.settle_service(now);
         self.note_done();
         self.check();
     }

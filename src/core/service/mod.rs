@@ -112,6 +112,17 @@ enum AfterStop {
     Rest(RestartReason),
 }
 
+/// What a failed start left behind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leftover {
+    /// Nothing was spawned.
+    Nothing,
+    /// Its process runs (it did not answer in time).
+    Running,
+    /// Its process exited; others of its session may be left.
+    Exited,
+}
+
 /// The service's timers, each named by the state that arms it.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum ServiceTimer {
@@ -259,7 +270,12 @@ impl Core {
                 if answered {
                     let addr = self.settings.upstream.clone();
                     self.log(Event::UpstreamPortBusy { generation, addr });
-                    self.start_failed(now, generation, "upstream port busy".to_string(), false);
+                    self.start_failed(
+                        now,
+                        generation,
+                        "upstream port busy".to_string(),
+                        Leftover::Nothing,
+                    );
                 } else if self.stop_for_good() {
                     self.rest(RestartReason::First);
                 } else if let Some(run) = self.settings.service.as_ref().map(|s| s.run)
@@ -351,7 +367,7 @@ impl Core {
                     };
                 }
             }
-            Err(why) => self.start_failed(now, generation, why, false),
+            Err(why) => self.start_failed(now, generation, why, Leftover::Nothing),
         }
         self.pump(now);
         self.check();
@@ -379,7 +395,7 @@ impl Core {
                     expected: false,
                 });
                 let why = format!("exited before it was ready ({})", exit_text(exit));
-                self.start_failed(now, generation, why, true);
+                self.start_failed(now, generation, why, Leftover::Exited);
             }
             ServiceState::Ready {
                 generation: running,
@@ -570,7 +586,8 @@ impl Core {
                 if retiring {
                     self.cancel(retry);
                     self.service = None;
-                } else if self.shutdown.is_some() {
+                    return;
+                } else if self.stop_for_good() {
                     if let Some(key) = retry {
                         self.timers.cancel(key);
                         self.rest(reason);
@@ -580,6 +597,11 @@ impl Core {
                 }
             }
             _ => {}
+        }
+        // A client put back in line by a hook that ended after the service
+        // failed would wait for nothing.
+        if self.service_failed() && self.queue.len() > 0 {
+            self.fail_waiting(now);
         }
     }
 
@@ -692,7 +714,7 @@ impl Core {
                     .as_ref()
                     .map_or(0, |s| s.ready_timeout_ms);
                 let why = format!("not answering on the upstream address after {timeout}ms");
-                self.start_failed(now, generation, why, true);
+                self.start_failed(now, generation, why, Leftover::Running);
             }
             (
                 ServiceTimer::Probe,
@@ -900,9 +922,8 @@ impl Core {
     }
 
     /// A start failed: count it, give up after `--start-retries` in a row,
-    /// and retry after the backoff, once whatever it left is gone when
-    /// `alive` (its process was spawned).
-    fn start_failed(&mut self, now: u64, generation: Generation, why: String, alive: bool) {
+    /// and retry after the backoff, once whatever it left is gone.
+    fn start_failed(&mut self, now: u64, generation: Generation, why: String, left: Leftover) {
         let retries = self
             .settings
             .service
@@ -930,20 +951,14 @@ impl Core {
             });
             self.fail_waiting(now);
         }
-        if alive {
-            self.begin_stop(
+        match left {
+            Leftover::Nothing => self.retry_after(now, backoff),
+            Leftover::Running | Leftover::Exited => self.begin_stop(
                 now,
                 RestartReason::FailedStart,
                 AfterStop::Retry(backoff),
-                false,
-            );
-            if let Some(ServiceState::Stopping { planned, .. }) =
-                self.service.as_mut().map(|s| &mut s.state)
-            {
-                *planned = false;
-            }
-        } else {
-            self.retry_after(now, backoff);
+                left == Leftover::Exited,
+            ),
         }
     }
 
@@ -985,10 +1000,11 @@ impl Core {
         self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
     }
 
-    /// Asks the running generation to stop. A crash goes straight to SIGKILL
-    /// for whatever it left; otherwise SIGTERM, and SIGKILL after
-    /// `--stop-timeout`.
-    fn begin_stop(&mut self, now: u64, reason: RestartReason, then: AfterStop, crashed: bool) {
+    /// Asks the running generation to stop. Once its process `exited` on its
+    /// own, whatever it left goes straight to SIGKILL; otherwise SIGTERM, and
+    /// SIGKILL after `--stop-timeout`. A stop is planned when it ends a
+    /// ready generation that did not exit.
+    fn begin_stop(&mut self, now: u64, reason: RestartReason, then: AfterStop, exited: bool) {
         let stop_timeout = self.settings.service.as_ref().map_or(
             super::types::ServiceSettings::default().stop_timeout_ms,
             |s| s.stop_timeout_ms,
@@ -1005,13 +1021,13 @@ impl Core {
             } => (generation, pid),
             _ => return,
         };
-        let planned = !crashed && matches!(service.state, ServiceState::Ready { .. });
+        let planned = !exited && matches!(service.state, ServiceState::Ready { .. });
         // A fired timer's key is stale, and cancelling it changes nothing.
         for key in service.timers().into_iter().flatten() {
             self.timers.cancel(key);
         }
         self.log(Event::UpstreamStopping { generation, reason });
-        let (signal, kill) = if crashed {
+        let (signal, kill) = if exited {
             (StopSignal::Kill, None)
         } else {
             let key = self.service_timer(now.saturating_add(stop_timeout), ServiceTimer::StopKill);
@@ -1024,7 +1040,7 @@ impl Core {
             service.state = ServiceState::Stopping {
                 generation,
                 pid,
-                exited: crashed,
+                exited,
                 kill,
                 check: Some(check),
                 planned,

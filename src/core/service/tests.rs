@@ -498,3 +498,61 @@ fn hooks_learn_the_generation_and_pid() {
     };
     assert_eq!(request.context.service, Some((Generation(1), 77)));
 }
+
+#[test]
+fn a_start_that_exits_before_it_is_ready_kills_its_leftovers_and_retries() {
+    let mut core = Core::new(supervised(service()), 0);
+    actions(&mut core);
+    core.handle_service_probed(0, Generation(1), false);
+    actions(&mut core);
+    core.handle_service_spawned(0, Generation(1), Ok(5));
+    core.handle_service_exited(50, Generation(1), ServiceExit::Code(1));
+    let (acts, events) = drain(&mut core);
+    assert!(acts.contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Kill
+    }));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamStartFailed { .. }))
+    );
+    core.handle_tick(150);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SampleService(Generation(1))]
+    );
+    core.handle_service_sampled(150, Generation(1), ServiceSample::default());
+    assert_eq!(actions(&mut core), vec![], "the retry waits its backoff");
+    core.handle_tick(150 + START_RETRY_BASE_MS);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(2))]
+    );
+}
+
+#[test]
+fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
+    let mut core = Core::new(supervised(service()), 0);
+    let now = bring_up(&mut core, 0, 1, 10);
+    actions(&mut core);
+    core.handle_shutdown(now);
+    let acts = actions(&mut core);
+    assert!(
+        acts.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "{acts:?}"
+    );
+    core.handle_shutdown(now + 1);
+    assert!(
+        actions(&mut core).contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Kill
+        }),
+        "a second stop kills what is left"
+    );
+    stop_done(&mut core, now + 2, 1);
+    assert!(core.is_finished());
+}
