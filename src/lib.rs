@@ -21,7 +21,10 @@ pub use api::hook::{Hook, Ticket, TimeoutInfo};
 pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
 pub use config::{Config, ConfigError, LogLevel, QueuedEof, SendProxy, ShutdownQueue, Splice};
-pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, Stats};
+pub use core::{
+    ConnId, EndedBy, Generation, HookContext, HookKind, Outcome, OutcomeCounts, RestartOn,
+    RestartReason, ServiceStateName, ServiceStats, Stats,
+};
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach
 /// beyond the library's API. Not part of the API: it may change at any time.
