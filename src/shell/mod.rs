@@ -3,7 +3,6 @@
 //! next, when, and what ends is decided by [`crate::core::Core`].
 
 mod buffer;
-mod core_stubs;
 mod fds;
 mod hooks;
 mod log;
