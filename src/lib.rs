@@ -22,8 +22,8 @@ pub use api::lock::{Builder, Handle, Lock};
 pub use config::units::HostPort;
 pub use config::{Config, ConfigError, LogLevel, QueuedEof, SendProxy, ShutdownQueue, Splice};
 pub use core::{
-    ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, RestartOn, RestartReason,
-    ServiceStateName, ServiceStats, Stats,
+    ConnId, EndedBy, Generation, HookContext, HookKind, Outcome, OutcomeCounts, RestartOn,
+    RestartReason, ServiceStateName, ServiceStats, Stats,
 };
 
 /// What the `tcplock` binary, the fuzz targets and the benchmarks reach

@@ -180,6 +180,7 @@ impl Knobs {
             serve_queue_on_shutdown: self.serve_queue_on_shutdown,
             stall_warn_ms: self.stall_warn.map(Span::ms),
             proxy_header_timeout_ms: self.proxy_header.map(Span::ms),
+            service: None,
         }
     }
 }

@@ -135,6 +135,7 @@ impl Core {
             armed += usize::from(run.deadline.is_some());
         }
         armed += usize::from(self.retry.is_some());
+        armed += self.check_service()?;
         armed += usize::from(self.accept_retry.is_some());
         armed += usize::from(self.stall_check.is_some());
         if self.stall_check.is_some() && self.idle_asked {
@@ -204,7 +205,8 @@ impl Core {
                     | Outcome::QueueTimeout
                     | Outcome::ConnectFailed
                     | Outcome::Rejected
-                    | Outcome::Shutdown,
+                    | Outcome::Shutdown
+                    | Outcome::UpstreamFailed,
                 ),
                 Some(EndedBy::Tcplock),
             ) => {}
@@ -229,5 +231,48 @@ impl Core {
             ));
         }
         Ok(())
+    }
+
+    /// Invariants 8 and 9 for the supervised upstream; returns the timers
+    /// it holds.
+    fn check_service(&self) -> Result<usize, String> {
+        let Some(service) = &self.service else {
+            return Ok(0);
+        };
+        let armed = service.armed_timers();
+        if let Some(key) = armed
+            .iter()
+            .flatten()
+            .find(|key| !self.timers.contains(**key))
+        {
+            return Err(format!("the service holds a dead timer {key:?}"));
+        }
+        let using = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c.state,
+                    ConnState::Proxying { .. }
+                        | ConnState::Activating(Activation::Connecting { .. })
+                )
+            })
+            .count();
+        if using > 0 && !service.is_ready() {
+            return Err(format!(
+                "{using} connections use a service that is {}",
+                service.state_name()
+            ));
+        }
+        if service.is_planned_stop() && self.active > 0 {
+            return Err(format!("a planned stop with {} permits held", self.active));
+        }
+        if self.service_failed() && self.queue.len() > 0 {
+            return Err(format!(
+                "{} clients wait for a failed service",
+                self.queue.len()
+            ));
+        }
+        Ok(armed.iter().flatten().count())
     }
 }

@@ -23,6 +23,7 @@ mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 mod queue;
+mod service;
 pub(crate) mod timer;
 mod types;
 
@@ -42,7 +43,10 @@ use std::net::SocketAddr;
 use slab::Slab;
 
 use queue::WaitQueue;
+use service::{Service, ServiceTimer};
 use timer::{TimerKey, TimerWheel};
+
+pub use service::{PROBE_INTERVAL_MS, SAMPLE_INTERVAL_MS, START_RETRY_BASE_MS, START_RETRY_MAX_MS};
 
 /// The first retry of a failed on-activate hook waits this long; each further
 /// consecutive failure doubles it, up to [`RETRY_MAX_MS`].
@@ -100,6 +104,9 @@ pub struct Core {
     /// The current stall was logged; cleared when the queue moves or a
     /// holder is found moving bytes again.
     stall_warned: bool,
+    /// `--spawn`: the supervised upstream. It outlives a reload that turns
+    /// supervision off until it has stopped.
+    service: Option<Service>,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -214,6 +221,7 @@ enum Deadline {
     AcceptRetry,
     ShutdownGrace,
     StallCheck,
+    Service(ServiceTimer),
 }
 
 impl Core {
@@ -244,7 +252,16 @@ impl Core {
             stall_check: None,
             idle_asked: false,
             stall_warned: false,
+            service: None,
         }
+        .started(now)
+    }
+
+    /// A supervised upstream starts with the core.
+    fn started(mut self, now: u64) -> Self {
+        self.settle_service(now);
+        self.check();
+        self
     }
 
     // ----- inputs -----
@@ -328,6 +345,10 @@ impl Core {
         self.queue.push_back(conn);
         if self.shutdown.is_some() {
             self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
+            return;
+        }
+        if self.service_failed() {
+            self.reject_failed(now, conn);
             return;
         }
         if let Some(timeout) = self.settings.queue_timeout_ms {
@@ -445,6 +466,7 @@ impl Core {
         self.cancel(attempt);
         self.cancel(queue_deadline);
         self.counters.activations += 1;
+        self.service_took();
         if let Some(shutdown) = &mut self.shutdown {
             shutdown.served += 1;
         }
@@ -573,7 +595,10 @@ impl Core {
             self.timeout_hook_due = None;
         }
         let now_dropping = settings.drop_queued_eof && !self.settings.drop_queued_eof;
+        let run = |s: &Settings| s.service.as_ref().map(|service| service.run);
+        let run_changed = run(&settings).is_some() && run(&settings) != run(&self.settings);
         self.settings = settings;
+        self.service_reloaded(now, run_changed);
         if now_dropping {
             self.drop_waiting_at_eof(now);
         }
@@ -594,6 +619,8 @@ impl Core {
                 active: self.active,
             });
             self.end_all(now);
+            self.settle_service(now);
+            self.service_forced();
             self.check();
             return;
         }
@@ -647,6 +674,8 @@ impl Core {
         if grace == 0 {
             self.advance(now);
         }
+        // With nobody left, the service stops now.
+        self.settle_service(now);
         self.note_done();
         self.check();
     }
@@ -712,6 +741,9 @@ impl Core {
         for line in lines {
             self.log(line);
         }
+        if let Some(service) = self.service_state_event() {
+            self.log(service);
+        }
         self.log(Event::StateSummary {
             queued: self.queue.len(),
             active: self.active,
@@ -737,7 +769,10 @@ impl Core {
 
     /// After a shutdown: no connection and no hook left.
     pub fn is_finished(&self) -> bool {
-        self.shutdown.is_some() && self.conns.is_empty() && self.hook.is_none()
+        self.shutdown.is_some()
+            && self.conns.is_empty()
+            && self.hook.is_none()
+            && self.service.as_ref().is_none_or(Service::is_at_rest)
     }
 
     // ----- observers -----
@@ -784,7 +819,7 @@ impl Core {
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             outcomes: self.counters.outcomes,
-            service: ServiceStats::default(),
+            service: self.service_stats(),
         }
     }
 
@@ -847,6 +882,7 @@ impl Core {
     /// Let waiting connections through while permits, hooks and backoff
     /// allow, then see that the stalled-queue check is armed.
     fn pump(&mut self, now: u64) {
+        self.settle_service(now);
         self.let_through(now);
         self.arm_stall_check(now);
     }
@@ -857,7 +893,7 @@ impl Core {
             return;
         }
         loop {
-            if self.hook.is_some() {
+            if self.hook.is_some() || !self.service_takes_clients() {
                 return;
             }
             if let Some((conn_id, client)) = self.timeout_hook_due.take()
@@ -903,6 +939,10 @@ impl Core {
     }
 
     fn start_connect(&mut self, now: u64, conn: ConnRef) {
+        debug_assert!(
+            self.service_takes_clients(),
+            "activated on a service not ready"
+        );
         let deadline = self.settings.connect_timeout_ms.map(|timeout| {
             self.timers
                 .insert(now.saturating_add(timeout), Deadline::Connect(conn))
@@ -940,7 +980,7 @@ impl Core {
             queue_length: self.queue.len(),
             active: self.active,
             attempt,
-            service: None,
+            service: self.service.as_ref().and_then(Service::running),
         };
         self.hook = Some(RunningHook {
             id,
@@ -961,6 +1001,13 @@ impl Core {
         if exit.is_success() {
             self.hook_failures = 0;
             match waiting {
+                Some(conn) if !self.service_takes_clients() => {
+                    // The service went away meanwhile: the client keeps its
+                    // place, and the next generation is prepared afresh.
+                    self.conns[conn.slot].state = ConnState::Queued { attempts: 0 };
+                    self.active -= 1;
+                    self.queue.push_front(conn);
+                }
                 Some(conn) => self.start_connect(now, conn),
                 None => {
                     self.prepared = true;
@@ -1079,6 +1126,7 @@ impl Core {
                 self.stall_check = None;
                 self.stall_fired(now);
             }
+            Deadline::Service(timer) => self.service_fired(now, timer),
         }
     }
 
@@ -1235,6 +1283,7 @@ impl Core {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
+                self.service_released(outcome);
                 if let Activation::Connecting {
                     deadline, attempt, ..
                 } = activation
@@ -1247,6 +1296,7 @@ impl Core {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
+                self.service_released(outcome);
                 self.cancel(ttl);
             }
         }

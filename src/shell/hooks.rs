@@ -2,12 +2,13 @@
 //! thread, or `/bin/sh -c CMD` in a process group of its own), watching their
 //! exit and killing them. Each process is watched through its own pidfd,
 //! registered with the poll (readable = exited); where the kernel has no
-//! pidfds, through SIGCHLD.
+//! pidfds, through SIGCHLD. A hook process's stdout and stderr are pipes the
+//! loop reads and logs line by line (`event=output from=on-activate`).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -20,6 +21,7 @@ use mio::unix::SourceFd;
 
 use signal_hook::consts::signal::SIGCHLD;
 
+use super::service::{HOOK_OUTPUT, OutputSource};
 use super::{HOOK_EXIT, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
@@ -32,6 +34,8 @@ const SHELL: &str = "/bin/sh";
 pub struct HookProcess {
     pub pid: u32,
     watch: Watch,
+    /// The read ends of its stdout and stderr, until the loop takes them.
+    output: Option<[OwnedFd; 2]>,
 }
 
 enum Watch {
@@ -42,8 +46,8 @@ enum Watch {
 
 impl HookProcess {
     /// Starts the hook watched by a pidfd: stdin from /dev/null, stdout and
-    /// stderr to our stderr, client facts only in the environment (never in
-    /// the command string). An error for which [`sys::is_pidfd_unsupported`]
+    /// stderr to pipes (read ends in [`HookProcess::take_output`]), client
+    /// facts only in the environment (never in the command string). An error for which [`sys::is_pidfd_unsupported`]
     /// holds means: use [`HookProcess::spawn_without_pidfd`].
     pub fn spawn(command: &str, context: &HookContext) -> io::Result<HookProcess> {
         let nul_error = || io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the hook");
@@ -73,39 +77,56 @@ impl HookProcess {
         let argv: Vec<&CStr> = args.iter().map(CString::as_c_str).collect();
         let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
+        let (out_read, out_write) = sys::output_pipe()?;
+        let (err_read, err_write) = sys::output_pipe()?;
         let child = sys::spawn_watched(&ExecSpec {
             program: &program,
             argv: &argv,
             envp: &envp,
             stdin: stdin.as_fd(),
+            stdout: Some(out_write.as_fd()),
+            stderr: Some(err_write.as_fd()),
+            new_session: false,
+            parent_death_signal: None,
         })?;
         Ok(HookProcess {
             pid: child.pid,
             watch: Watch::Pidfd(child),
+            output: Some([out_read, err_read]),
         })
     }
 
     /// Starts the hook as [`HookProcess::spawn`] does, for a kernel without
     /// pidfds: its exit is noticed through SIGCHLD.
     pub fn spawn_without_pidfd(command: &str, context: &HookContext) -> io::Result<HookProcess> {
-        let stdout = io::stderr().as_fd().try_clone_to_owned()?;
+        let (out_read, out_write) = sys::output_pipe()?;
+        let (err_read, err_write) = sys::output_pipe()?;
         let mut process = Command::new(SHELL);
         process
             .arg("-c")
             .arg(command)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::from(out_write))
+            .stderr(Stdio::from(err_write))
             // Its own group, so a hook timeout kills what the hook started too.
             .process_group(0);
         for (key, value) in hook_env(context) {
             process.env(key, value);
         }
         let child = process.spawn()?;
+        // `process` holds the write ends until it is dropped: then only the
+        // child has them, and its exit ends the pipes.
+        drop(process);
         Ok(HookProcess {
             pid: child.id(),
             watch: Watch::Sigchld(child),
+            output: Some([out_read, err_read]),
         })
+    }
+
+    /// The read ends of the hook's stdout and stderr, once.
+    pub fn take_output(&mut self) -> Option<[OwnedFd; 2]> {
+        self.output.take()
     }
 
     /// The descriptor that turns readable when the hook exits, if it has one.
@@ -183,9 +204,10 @@ fn exit_of(status: ExitStatus) -> HookExit {
     }
 }
 
-/// The `TCPLOCK_*` variables of a command hook, in a fixed order.
-fn hook_env(context: &HookContext) -> [(&'static str, String); 11] {
-    [
+/// The `TCPLOCK_*` variables of a command hook, in a fixed order; with
+/// `--spawn`, the service's generation and pid last.
+fn hook_env(context: &HookContext) -> Vec<(&'static str, String)> {
+    let mut env = vec![
         ("TCPLOCK_EVENT", context.kind.as_str().to_string()),
         ("TCPLOCK_CONN_ID", context.conn.to_string()),
         ("TCPLOCK_CLIENT_ADDR", context.client.to_string()),
@@ -209,7 +231,12 @@ fn hook_env(context: &HookContext) -> [(&'static str, String); 11] {
         ("TCPLOCK_QUEUE_LENGTH", context.queue_length.to_string()),
         ("TCPLOCK_ACTIVE", context.active.to_string()),
         ("TCPLOCK_ATTEMPT", context.attempt.to_string()),
-    ]
+    ];
+    if let Some((generation, pid)) = context.service {
+        env.push(("TCPLOCK_GENERATION", generation.to_string()));
+        env.push(("TCPLOCK_UPSTREAM_PID", pid.to_string()));
+    }
+    env
 }
 
 /// The hooks in force, under the names the core knows them by. A reload that
@@ -294,6 +321,11 @@ impl Shell {
         let Some(run) = self.hook.take_if(|run| run.id == hook) else {
             return;
         };
+        // What it wrote comes before its exit in the log. A process it left
+        // behind holding the pipes writes into closed ones from now on.
+        for slot in HOOK_OUTPUT {
+            self.close_output(slot, true);
+        }
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
             line.field("hook", hook)
                 .field_opt("pid", run.process.as_ref().map(|p| p.pid))
@@ -313,7 +345,18 @@ impl Shell {
         };
         let process = match run.body() {
             HookBody::Command(command) => match self.spawn_process(command, context) {
-                Ok(process) => Some(process),
+                Ok(mut process) => {
+                    if let Some([stdout, stderr]) = process.take_output() {
+                        let source = OutputSource::Hook {
+                            hook: request.hook,
+                            kind: context.kind,
+                            generation: context.service.map(|(generation, _)| generation),
+                        };
+                        self.open_output(HOOK_OUTPUT[0], stdout, source);
+                        self.open_output(HOOK_OUTPUT[1], stderr, source);
+                    }
+                    Some(process)
+                }
                 Err(e) => {
                     // Nothing ran: the core logs the failure and retries.
                     let exit = HookExit::SpawnFailed(e.to_string());
@@ -402,7 +445,7 @@ impl Shell {
     }
 
     /// From now on hooks are watched through SIGCHLD; said once.
-    fn pidfds_unavailable(&mut self, error: io::Error) {
+    pub(super) fn pidfds_unavailable(&mut self, error: io::Error) {
         self.pidfds_available = false;
         if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
             line.field("error", error).field("fallback", "SIGCHLD");
@@ -436,6 +479,10 @@ impl Shell {
             return;
         }
         while let Some((pid, status)) = sys::reap_any_child() {
+            if self.service_sigchld_leader() == Some(pid) {
+                self.service_leader_status(now, status);
+                continue;
+            }
             let hook = match &self.hook {
                 Some(RunningHook {
                     id,
@@ -446,6 +493,14 @@ impl Shell {
             };
             self.hook_ended(now, hook, exit_of_raw(status));
         }
+    }
+
+    /// The running hook's process, if it is one.
+    pub(super) fn hook_pid(&self) -> Option<u32> {
+        self.hook
+            .as_ref()
+            .and_then(|run| run.process.as_ref())
+            .map(|process| process.pid)
     }
 
     /// Adds SIGCHLD to the watched signals, installing the handler if none is.

@@ -236,12 +236,19 @@ impl Proxy {
         Proxy::start_command(command, args)
     }
 
-    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with `env` added to the
-    /// environment it inherits.
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with `env` added to (or, with
+    /// an empty value, removed from) its environment.
     pub fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> Proxy {
         let full = on_any_loopback_port(args);
         let mut command = Command::new(BIN);
-        command.args(&full).envs(env.iter().copied());
+        command.args(&full);
+        for (key, value) in env {
+            if value.is_empty() {
+                command.env_remove(key);
+            } else {
+                command.env(key, value);
+            }
+        }
         Proxy::start_command(command, &full)
     }
 

@@ -50,6 +50,12 @@ impl Model {
     pub(super) fn apply(&mut self, action: &Action, fed: &mut Fed) -> Result<(), String> {
         let now = self.fed;
         match action {
+            Action::ProbeUpstream(_)
+            | Action::SpawnService { .. }
+            | Action::SampleService(_)
+            | Action::SignalService { .. } => {
+                return Err(format!("{action:?} without a supervised upstream"));
+            }
             Action::Connect(conn) => {
                 if self.activations_stopped() {
                     return Err(format!("Connect for conn {} after shutdown", conn.id));
@@ -524,6 +530,8 @@ impl Model {
                 }
                 _ => false,
             },
+            // The shadow models an upstream tcplock does not supervise.
+            Outcome::UpstreamFailed => false,
             Outcome::Shutdown => match &self.shutdown {
                 None => false,
                 Some(sd) => {
@@ -541,7 +549,8 @@ impl Model {
             | Outcome::QueueTimeout
             | Outcome::ConnectFailed
             | Outcome::Rejected
-            | Outcome::Shutdown => Some(EndedBy::Tcplock),
+            | Outcome::Shutdown
+            | Outcome::UpstreamFailed => Some(EndedBy::Tcplock),
         };
         if decided_by_core.is_some_and(|expected| expected != ended_by) {
             return Err(format!(

@@ -71,6 +71,7 @@ fn settings(rng: &mut Rng) -> Settings {
         serve_queue_on_shutdown: rng.chance(50),
         stall_warn_ms: rng.limit(),
         proxy_header_timeout_ms: rng.chance(30).then(|| rng.duration().max(1)),
+        service: None,
     }
 }
 

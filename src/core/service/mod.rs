@@ -1,0 +1,1126 @@
+//! The supervised upstream (`--spawn`): a second state machine beside the
+//! connections', in the same core, driven by the same inputs and clock.
+//!
+//! ```text
+//!            port refuses      spawned        answers a connect
+//! Stopped ──▶ Checking ──▶ Spawning ──▶ Starting ──────────────▶ Ready ──▶ (due) ──drained──▶ Stopping ──gone──▶ Stopped / next start
+//!    ▲           │ port busy    │ failed      │ exited, ready timeout        │ crash: holders cut, leftovers killed
+//!    └───────────┴──────────────┴─────────────┴──────▶ (Stopping ▶) Stopped with a retry (backoff; failed after --start-retries)
+//! ```
+//!
+//! The shell spawns, probes, measures and signals; every decision (when a
+//! generation is due, when it may stop, when the next one starts, when to give
+//! up) is made here. Only one generation is ever alive: a new one is spawned
+//! only from `Stopped`, which is reached only once the shell reports that no
+//! process of the previous one is left.
+
+use super::Activation;
+use super::{
+    Action, ConnRef, ConnState, Core, Deadline, EndedBy, Event, Generation, Outcome, RejectReason,
+    RestartReason, ServiceExit, ServiceSample, ServiceStateName, ServiceStats, StopSignal,
+    TimerKey,
+};
+
+/// How often a starting service is probed, and a stopping one looked at.
+pub const PROBE_INTERVAL_MS: u64 = 100;
+/// How often a running service's memory is sampled (and its age checked).
+pub const SAMPLE_INTERVAL_MS: u64 = 5_000;
+/// The first retry after a failed start waits this long; each further
+/// consecutive failure doubles it, up to [`START_RETRY_MAX_MS`].
+pub const START_RETRY_BASE_MS: u64 = 1_000;
+/// The longest wait between two starts, and the pace of starts once failed.
+pub const START_RETRY_MAX_MS: u64 = 60_000;
+
+/// One supervised service and its history.
+pub(super) struct Service {
+    state: ServiceState,
+    /// The generation the next spawn gets.
+    next_generation: u64,
+    /// Starts that failed in a row.
+    failed_starts: u32,
+    /// `--start-retries` starts failed in a row; cleared by the first ready one.
+    failed: bool,
+    /// The last memory sample of the running generation's processes.
+    rss_kib: u64,
+    restarts: [u64; RestartReason::ALL.len()],
+}
+
+enum ServiceState {
+    /// Nothing of it runs. With `retry`, a start is scheduled (the backoff
+    /// after a failed start); without, it starts when a client comes (after
+    /// an idle stop), or never (stopping tcplock). `reason` is the next
+    /// start's.
+    Stopped {
+        retry: Option<TimerKey>,
+        reason: RestartReason,
+    },
+    /// Making sure nothing answers on the upstream port before spawning.
+    Checking {
+        generation: Generation,
+        reason: RestartReason,
+    },
+    /// The spawn was asked for; its answer is due.
+    Spawning {
+        generation: Generation,
+        reason: RestartReason,
+    },
+    /// Spawned, probed until it answers a connect.
+    Starting {
+        generation: Generation,
+        pid: u32,
+        spawned_at: u64,
+        ready_deadline: TimerKey,
+        /// The next probe; `None` while one is out.
+        probe: Option<TimerKey>,
+    },
+    /// Answering and taking clients unless `due`.
+    Ready {
+        generation: Generation,
+        pid: u32,
+        ready_at: u64,
+        /// Connections proxied by this generation.
+        conns: u64,
+        due: Option<RestartReason>,
+        sample: Option<TimerKey>,
+        lifetime: Option<TimerKey>,
+        idle: Option<TimerKey>,
+    },
+    /// Asked to stop; over once its process exited and its session is empty.
+    Stopping {
+        generation: Generation,
+        pid: u32,
+        exited: bool,
+        /// Ends the polite wait with SIGKILL.
+        kill: Option<TimerKey>,
+        /// The next look at what is left; `None` while a sample is out.
+        check: Option<TimerKey>,
+        /// A stop with no client's permit held (not a crash, not a failed start).
+        planned: bool,
+        then: AfterStop,
+    },
+}
+
+/// What follows a stop.
+#[derive(Clone, Copy)]
+enum AfterStop {
+    /// Start the next generation at once, for this reason.
+    Restart(RestartReason),
+    /// A failed start: try again after this long.
+    Retry(u64),
+    /// Stay stopped until a client comes (idle) or for good (tcplock stops,
+    /// or no longer supervises).
+    Rest(RestartReason),
+}
+
+/// What a failed start left behind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leftover {
+    /// Nothing was spawned.
+    Nothing,
+    /// Its process runs (it did not answer in time).
+    Running,
+    /// Its process exited; others of its session may be left.
+    Exited,
+}
+
+/// The service's timers, each named by the state that arms it.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum ServiceTimer {
+    Retry,
+    ReadyTimeout,
+    Probe,
+    Sample,
+    Lifetime,
+    IdleStop,
+    StopKill,
+    StopCheck,
+}
+
+impl Service {
+    pub(super) fn new() -> Self {
+        Service {
+            state: ServiceState::Stopped {
+                retry: None,
+                reason: RestartReason::First,
+            },
+            next_generation: 1,
+            failed_starts: 0,
+            failed: false,
+            rss_kib: 0,
+            restarts: [0; RestartReason::ALL.len()],
+        }
+    }
+
+    /// Whether a client may be activated on it now.
+    pub(super) fn takes_clients(&self) -> bool {
+        matches!(self.state, ServiceState::Ready { due: None, .. })
+    }
+
+    /// Whether it may serve proxied connections: ready, due or not.
+    pub(super) fn is_ready(&self) -> bool {
+        matches!(self.state, ServiceState::Ready { .. })
+    }
+
+    /// Nothing of it runs and nothing is scheduled.
+    pub(super) fn is_at_rest(&self) -> bool {
+        matches!(self.state, ServiceState::Stopped { retry: None, .. })
+    }
+
+    /// A stop that must find no permit held.
+    pub(super) fn is_planned_stop(&self) -> bool {
+        matches!(self.state, ServiceState::Stopping { planned: true, .. })
+    }
+
+    /// The running generation and its pid, for hooks.
+    pub(super) fn running(&self) -> Option<(Generation, u32)> {
+        match self.state {
+            ServiceState::Ready {
+                generation, pid, ..
+            } => Some((generation, pid)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn state_name(&self) -> ServiceStateName {
+        match self.state {
+            ServiceState::Ready { due: None, .. } => ServiceStateName::Ready,
+            ServiceState::Ready { due: Some(_), .. } => ServiceStateName::Due,
+            _ if self.failed => ServiceStateName::Failed,
+            ServiceState::Stopped { .. } => ServiceStateName::Stopped,
+            ServiceState::Checking { .. }
+            | ServiceState::Spawning { .. }
+            | ServiceState::Starting { .. } => ServiceStateName::Starting,
+            ServiceState::Stopping { .. } => ServiceStateName::Stopping,
+        }
+    }
+
+    pub(super) fn stats(&self, now: u64) -> ServiceStats {
+        let (pid, conns, ready_at) = match self.state {
+            ServiceState::Starting { pid, .. } | ServiceState::Stopping { pid, .. } => {
+                (Some(pid), 0, None)
+            }
+            ServiceState::Ready {
+                pid,
+                conns,
+                ready_at,
+                ..
+            } => (Some(pid), conns, Some(ready_at)),
+            _ => (None, 0, None),
+        };
+        let _ = now;
+        ServiceStats {
+            state: Some(self.state_name()),
+            generation: self.next_generation - 1,
+            pid,
+            rss_kib: self.rss_kib,
+            conns,
+            ready_at,
+            restarts: self.restarts,
+        }
+    }
+
+    /// The timers it holds, for the invariant check.
+    #[cfg(any(debug_assertions, test, feature = "model"))]
+    pub(super) fn armed_timers(&self) -> [Option<TimerKey>; 4] {
+        self.timers()
+    }
+
+    /// Every timer the current state holds, to cancel when it is left.
+    fn timers(&self) -> [Option<TimerKey>; 4] {
+        match self.state {
+            ServiceState::Stopped { retry, .. } => [retry, None, None, None],
+            ServiceState::Checking { .. } | ServiceState::Spawning { .. } => [None; 4],
+            ServiceState::Starting {
+                ready_deadline,
+                probe,
+                ..
+            } => [Some(ready_deadline), probe, None, None],
+            ServiceState::Ready {
+                sample,
+                lifetime,
+                idle,
+                ..
+            } => [sample, lifetime, idle, None],
+            ServiceState::Stopping { kill, check, .. } => [kill, check, None, None],
+        }
+    }
+
+    fn count_restart(&mut self, reason: RestartReason) {
+        if let Some(i) = RestartReason::ALL.iter().position(|r| *r == reason) {
+            self.restarts[i] += 1;
+        }
+    }
+}
+
+impl Core {
+    // ----- inputs -----
+
+    /// The answer to [`Action::ProbeUpstream`]: whether a connect to the
+    /// upstream address was accepted. Ignored for a generation not probed.
+    pub fn handle_service_probed(&mut self, now: u64, generation: Generation, answered: bool) {
+        self.advance(now);
+        let Some(service) = &self.service else {
+            return;
+        };
+        match service.state {
+            ServiceState::Checking {
+                generation: checked,
+                reason,
+            } if checked == generation => {
+                if answered {
+                    let addr = self.settings.upstream.clone();
+                    self.log(Event::UpstreamPortBusy { generation, addr });
+                    self.start_failed(
+                        now,
+                        generation,
+                        "upstream port busy".to_string(),
+                        Leftover::Nothing,
+                    );
+                } else if self.stop_for_good() {
+                    self.rest(RestartReason::First);
+                } else if let Some(run) = self.settings.service.as_ref().map(|s| s.run)
+                    && let Some(service) = &mut self.service
+                {
+                    service.state = ServiceState::Spawning { generation, reason };
+                    service.next_generation = generation.0 + 1;
+                    self.actions.push_back(Action::SpawnService {
+                        generation,
+                        reason,
+                        run,
+                    });
+                }
+            }
+            ServiceState::Starting {
+                generation: probed,
+                pid,
+                spawned_at,
+                ready_deadline,
+                probe: None,
+            } if probed == generation => {
+                if answered {
+                    self.timers.cancel(ready_deadline);
+                    self.became_ready(now, generation, pid, spawned_at);
+                } else {
+                    let key = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
+                    if let Some(ServiceState::Starting { probe, .. }) =
+                        self.service.as_mut().map(|s| &mut s.state)
+                    {
+                        *probe = Some(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.pump(now);
+        self.check();
+    }
+
+    /// The answer to [`Action::SpawnService`]: the new process's pid, or why
+    /// it could not be started.
+    pub fn handle_service_spawned(
+        &mut self,
+        now: u64,
+        generation: Generation,
+        spawned: Result<u32, String>,
+    ) {
+        self.advance(now);
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        let ServiceState::Spawning {
+            generation: asked,
+            reason,
+        } = service.state
+        else {
+            return;
+        };
+        if asked != generation {
+            return;
+        }
+        match spawned {
+            Ok(pid) => {
+                if reason != RestartReason::First {
+                    service.count_restart(reason);
+                }
+                self.log(Event::UpstreamStarting {
+                    generation,
+                    pid,
+                    reason,
+                });
+                let ready_timeout = self
+                    .settings
+                    .service
+                    .as_ref()
+                    .map_or(0, |s| s.ready_timeout_ms);
+                let ready_deadline = self.service_timer(
+                    now.saturating_add(ready_timeout),
+                    ServiceTimer::ReadyTimeout,
+                );
+                let probe = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
+                if let Some(service) = &mut self.service {
+                    service.state = ServiceState::Starting {
+                        generation,
+                        pid,
+                        spawned_at: now,
+                        ready_deadline,
+                        probe: Some(probe),
+                    };
+                }
+            }
+            Err(why) => self.start_failed(now, generation, why, Leftover::Nothing),
+        }
+        self.pump(now);
+        self.check();
+    }
+
+    /// The service's spawned process exited. Unasked, it crashed: its
+    /// connections are cut, what is left of it is killed, and the next
+    /// generation starts at once.
+    pub fn handle_service_exited(&mut self, now: u64, generation: Generation, exit: ServiceExit) {
+        self.advance(now);
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        match &mut service.state {
+            ServiceState::Starting {
+                generation: running,
+                pid,
+                ..
+            } if *running == generation => {
+                let pid = *pid;
+                self.log(Event::UpstreamExited {
+                    generation,
+                    pid,
+                    exit,
+                    expected: false,
+                });
+                let why = format!("exited before it was ready ({})", exit_text(exit));
+                self.start_failed(now, generation, why, Leftover::Exited);
+            }
+            ServiceState::Ready {
+                generation: running,
+                pid,
+                ..
+            } if *running == generation => {
+                let pid = *pid;
+                self.log(Event::UpstreamExited {
+                    generation,
+                    pid,
+                    exit,
+                    expected: false,
+                });
+                self.begin_stop(
+                    now,
+                    RestartReason::Crash,
+                    AfterStop::Restart(RestartReason::Crash),
+                    true,
+                );
+                self.cut_holders(now);
+            }
+            ServiceState::Stopping {
+                generation: stopping,
+                pid,
+                exited,
+                check,
+                ..
+            } if *stopping == generation && !*exited => {
+                *exited = true;
+                let pid = *pid;
+                // Look at what is left now rather than at the next tick.
+                let check = check.take();
+                self.cancel(check);
+                self.log(Event::UpstreamExited {
+                    generation,
+                    pid,
+                    exit,
+                    expected: true,
+                });
+                self.actions.push_back(Action::SampleService(generation));
+            }
+            _ => {}
+        }
+        self.pump(now);
+        self.check();
+    }
+
+    /// The answer to [`Action::SampleService`]: what is left of the
+    /// generation's processes, and their memory.
+    pub fn handle_service_sampled(
+        &mut self,
+        now: u64,
+        generation: Generation,
+        sample: ServiceSample,
+    ) {
+        self.advance(now);
+        let limit = self
+            .settings
+            .service
+            .as_ref()
+            .and_then(|s| s.restart_rss_kib);
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        match &mut service.state {
+            ServiceState::Ready {
+                generation: running,
+                due,
+                ..
+            } if *running == generation => {
+                service.rss_kib = sample.rss_kib;
+                if let Some(limit) = limit
+                    && sample.rss_kib > limit
+                    && due.is_none()
+                {
+                    *due = Some(RestartReason::Rss);
+                    self.log(Event::RestartDue {
+                        generation,
+                        reason: RestartReason::Rss,
+                        rss_kib: Some((sample.rss_kib, limit)),
+                    });
+                }
+            }
+            ServiceState::Stopping {
+                generation: stopping,
+                exited,
+                check: None,
+                then,
+                ..
+            } if *stopping == generation => {
+                if *exited && sample.processes == 0 {
+                    let then = *then;
+                    self.service_gone(now, then);
+                } else {
+                    let key = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
+                    if let Some(ServiceState::Stopping { check, .. }) =
+                        self.service.as_mut().map(|s| &mut s.state)
+                    {
+                        *check = Some(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.pump(now);
+        self.check();
+    }
+
+    /// An operator asked for a restart: the running generation becomes due
+    /// (and restarts once drained); a service waiting to retry a start
+    /// starts now.
+    pub fn handle_service_restart(&mut self, now: u64) {
+        self.advance(now);
+        self.restart_requested(now, RestartReason::Control);
+        self.pump(now);
+        self.check();
+    }
+
+    // ----- decisions -----
+
+    /// Whether a client may be activated now: always when tcplock does not
+    /// supervise the upstream.
+    pub(super) fn service_takes_clients(&self) -> bool {
+        match &self.service {
+            None => true,
+            Some(service) => self.settings.service.is_some() && service.takes_clients(),
+        }
+    }
+
+    /// What the service state needs after any change: a due generation that
+    /// drained stops, an idle one arms its stop, a stopped one starts when a
+    /// client comes, and a stopping tcplock stops it once nobody is left.
+    pub(super) fn settle_service(&mut self, now: u64) {
+        let Some(service) = &self.service else {
+            if self.settings.service.is_some() && self.shutdown.is_none() {
+                self.service = Some(super::service::Service::new());
+                self.start(now, RestartReason::First);
+            }
+            return;
+        };
+        let retiring = self.settings.service.is_none();
+        let nobody = self.conns.is_empty() && self.hook.is_none();
+        let stopping_tcplock = self.shutdown.is_some() && nobody;
+        match &service.state {
+            ServiceState::Ready { due, idle, .. } => {
+                let idle = *idle;
+                if stopping_tcplock {
+                    self.begin_stop(
+                        now,
+                        RestartReason::Shutdown,
+                        AfterStop::Rest(RestartReason::First),
+                        false,
+                    );
+                } else if self.active == 0 && (due.is_some() || retiring) {
+                    let reason = due.unwrap_or(RestartReason::Reload);
+                    let then = if retiring {
+                        AfterStop::Rest(RestartReason::First)
+                    } else {
+                        AfterStop::Restart(reason)
+                    };
+                    self.begin_stop(now, reason, then, false);
+                } else {
+                    let idle_stop = self.settings.service.as_ref().and_then(|s| s.idle_stop_ms);
+                    match (idle_stop, idle) {
+                        (Some(after), None) if self.conns.is_empty() && self.shutdown.is_none() => {
+                            let key = self
+                                .service_timer(now.saturating_add(after), ServiceTimer::IdleStop);
+                            self.set_ready_idle(Some(key));
+                        }
+                        (_, Some(key)) if !self.conns.is_empty() || idle_stop.is_none() => {
+                            self.timers.cancel(key);
+                            self.set_ready_idle(None);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            ServiceState::Starting { .. } if stopping_tcplock || retiring => {
+                let reason = if retiring {
+                    RestartReason::Reload
+                } else {
+                    RestartReason::Shutdown
+                };
+                self.begin_stop(now, reason, AfterStop::Rest(RestartReason::First), false);
+            }
+            ServiceState::Stopped { retry, reason } => {
+                let (retry, reason) = (*retry, *reason);
+                if retiring {
+                    self.cancel(retry);
+                    self.service = None;
+                    return;
+                } else if self.stop_for_good() {
+                    if let Some(key) = retry {
+                        self.timers.cancel(key);
+                        self.rest(reason);
+                    }
+                } else if retry.is_none() && !self.conns.is_empty() {
+                    self.start(now, reason);
+                }
+            }
+            _ => {}
+        }
+        // A client put back in line by a hook that ended after the service
+        // failed would wait for nothing.
+        if self.service_failed() && self.queue.len() > 0 {
+            self.fail_waiting(now);
+        }
+    }
+
+    /// A connection of this generation was let through to it.
+    pub(super) fn service_took(&mut self) {
+        let restart_after = self.settings.service.as_ref().and_then(|s| s.restart_after);
+        if let Some(service) = &mut self.service
+            && let ServiceState::Ready {
+                generation,
+                conns,
+                due,
+                ..
+            } = &mut service.state
+        {
+            *conns += 1;
+            if let Some(after) = restart_after
+                && *conns >= after
+                && due.is_none()
+            {
+                *due = Some(RestartReason::AfterN);
+                let generation = *generation;
+                self.log(Event::RestartDue {
+                    generation,
+                    reason: RestartReason::AfterN,
+                    rss_kib: None,
+                });
+            }
+        }
+    }
+
+    /// A connection that held a permit ended with `outcome`: with
+    /// `--restart-on` it may make the generation suspect; with
+    /// `--restart-rss` its memory is looked at now, between connections.
+    pub(super) fn service_released(&mut self, outcome: Outcome) {
+        let Some(settings) = &self.settings.service else {
+            return;
+        };
+        let on = settings.restart_on;
+        let reason = match outcome {
+            Outcome::Timeout if on.timeout => Some(RestartReason::Timeout),
+            Outcome::ConnectFailed if on.connect_failed => Some(RestartReason::ConnectFailed),
+            Outcome::UpstreamError if on.upstream_error => Some(RestartReason::UpstreamError),
+            _ => None,
+        };
+        let sample = settings.restart_rss_kib.is_some();
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        let ServiceState::Ready {
+            generation, due, ..
+        } = &mut service.state
+        else {
+            return;
+        };
+        let generation = *generation;
+        if let Some(reason) = reason
+            && due.is_none()
+        {
+            *due = Some(reason);
+            self.log(Event::RestartDue {
+                generation,
+                reason,
+                rss_kib: None,
+            });
+        } else if sample && due.is_none() {
+            self.actions.push_back(Action::SampleService(generation));
+        }
+    }
+
+    /// A reload: a changed command or address makes the running generation
+    /// due; a service waiting to retry a start tries again now.
+    pub(super) fn service_reloaded(&mut self, now: u64, run_changed: bool) {
+        let Some(service) = &self.service else {
+            return;
+        };
+        if run_changed || matches!(service.state, ServiceState::Stopped { retry: Some(_), .. }) {
+            self.restart_requested(now, RestartReason::Reload);
+        }
+    }
+
+    /// A new client arrived while the service is failed: turned away at once
+    /// rather than left waiting for nothing.
+    pub(super) fn service_failed(&self) -> bool {
+        self.service.as_ref().is_some_and(|s| s.failed)
+    }
+
+    pub(super) fn service_fired(&mut self, now: u64, timer: ServiceTimer) {
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        match (timer, &mut service.state) {
+            (ServiceTimer::Retry, ServiceState::Stopped { retry, reason }) => {
+                *retry = None;
+                let reason = *reason;
+                if !self.stop_for_good() {
+                    self.start(now, reason);
+                }
+            }
+            (
+                ServiceTimer::ReadyTimeout,
+                ServiceState::Starting {
+                    generation, probe, ..
+                },
+            ) => {
+                let (generation, probe) = (*generation, probe.take());
+                self.cancel(probe);
+                let timeout = self
+                    .settings
+                    .service
+                    .as_ref()
+                    .map_or(0, |s| s.ready_timeout_ms);
+                let why = format!("not answering on the upstream address after {timeout}ms");
+                self.start_failed(now, generation, why, Leftover::Running);
+            }
+            (
+                ServiceTimer::Probe,
+                ServiceState::Starting {
+                    generation, probe, ..
+                },
+            ) => {
+                *probe = None;
+                let generation = *generation;
+                self.actions.push_back(Action::ProbeUpstream(generation));
+            }
+            (
+                ServiceTimer::Sample,
+                ServiceState::Ready {
+                    generation, sample, ..
+                },
+            ) => {
+                let generation = *generation;
+                *sample = None;
+                let key = self.service_timer(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
+                if let Some(ServiceState::Ready { sample, .. }) =
+                    self.service.as_mut().map(|s| &mut s.state)
+                {
+                    *sample = Some(key);
+                }
+                self.actions.push_back(Action::SampleService(generation));
+            }
+            (
+                ServiceTimer::Lifetime,
+                ServiceState::Ready {
+                    generation,
+                    lifetime,
+                    due,
+                    ..
+                },
+            ) => {
+                *lifetime = None;
+                if due.is_none() {
+                    *due = Some(RestartReason::Lifetime);
+                    let generation = *generation;
+                    self.log(Event::RestartDue {
+                        generation,
+                        reason: RestartReason::Lifetime,
+                        rss_kib: None,
+                    });
+                }
+            }
+            (ServiceTimer::IdleStop, ServiceState::Ready { idle, .. }) => {
+                *idle = None;
+                if self.conns.is_empty() && self.shutdown.is_none() {
+                    self.begin_stop(
+                        now,
+                        RestartReason::Idle,
+                        AfterStop::Rest(RestartReason::Idle),
+                        false,
+                    );
+                }
+            }
+            (
+                ServiceTimer::StopKill,
+                ServiceState::Stopping {
+                    generation, kill, ..
+                },
+            ) => {
+                *kill = None;
+                let generation = *generation;
+                self.actions.push_back(Action::SignalService {
+                    generation,
+                    signal: StopSignal::Kill,
+                });
+            }
+            (
+                ServiceTimer::StopCheck,
+                ServiceState::Stopping {
+                    generation, check, ..
+                },
+            ) => {
+                *check = None;
+                let generation = *generation;
+                self.actions.push_back(Action::SampleService(generation));
+            }
+            // A timer of a state since left was cancelled with it; one that
+            // fired in the same tick as the change is stale.
+            _ => {}
+        }
+    }
+
+    /// A second stop request: what is left of the service is killed now.
+    pub(super) fn service_forced(&mut self) {
+        if let Some(service) = &mut self.service
+            && let ServiceState::Stopping {
+                generation, kill, ..
+            } = &mut service.state
+        {
+            let (generation, kill) = (*generation, kill.take());
+            self.cancel(kill);
+            self.actions.push_back(Action::SignalService {
+                generation,
+                signal: StopSignal::Kill,
+            });
+        }
+    }
+
+    pub(super) fn service_stats(&self) -> ServiceStats {
+        self.service
+            .as_ref()
+            .map(|s| s.stats(self.now))
+            .unwrap_or_default()
+    }
+
+    pub(super) fn service_state_event(&self) -> Option<Event> {
+        let service = self.service.as_ref()?;
+        let stats = service.stats(self.now);
+        Some(Event::ServiceState {
+            state: service.state_name(),
+            generation: Generation(stats.generation),
+            pid: stats.pid,
+            rss_kib: stats.rss_kib,
+            conns: stats.conns,
+            age_ms: stats.ready_at.map(|at| self.now.saturating_sub(at)),
+        })
+    }
+
+    // ----- transitions -----
+
+    fn restart_requested(&mut self, now: u64, reason: RestartReason) {
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        match &mut service.state {
+            ServiceState::Ready {
+                generation, due, ..
+            } => {
+                if due.is_none() {
+                    *due = Some(reason);
+                    let generation = *generation;
+                    self.log(Event::RestartDue {
+                        generation,
+                        reason,
+                        rss_kib: None,
+                    });
+                }
+            }
+            ServiceState::Starting { .. } => {
+                // The old command or address is starting: no client uses it yet.
+                self.begin_stop(now, reason, AfterStop::Restart(reason), false);
+            }
+            ServiceState::Stopped {
+                retry: Some(key), ..
+            } => {
+                let key = *key;
+                self.timers.cancel(key);
+                if !self.stop_for_good() {
+                    self.start(now, reason);
+                }
+            }
+            ServiceState::Stopping { then, .. } => {
+                if matches!(then, AfterStop::Retry(_)) {
+                    *then = AfterStop::Restart(reason);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a new generation: first make sure the port refuses connections.
+    fn start(&mut self, _now: u64, reason: RestartReason) {
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        let generation = Generation(service.next_generation);
+        service.state = ServiceState::Checking { generation, reason };
+        self.actions.push_back(Action::ProbeUpstream(generation));
+    }
+
+    fn became_ready(&mut self, now: u64, generation: Generation, pid: u32, spawned_at: u64) {
+        let lifetime_ms = self
+            .settings
+            .service
+            .as_ref()
+            .and_then(|s| s.max_lifetime_ms);
+        let sample = self.service_timer(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
+        let lifetime = lifetime_ms
+            .map(|ms| self.service_timer(now.saturating_add(ms.max(1)), ServiceTimer::Lifetime));
+        if let Some(service) = &mut self.service {
+            service.failed_starts = 0;
+            service.failed = false;
+            service.rss_kib = 0;
+            service.state = ServiceState::Ready {
+                generation,
+                pid,
+                ready_at: now,
+                conns: 0,
+                due: None,
+                sample: Some(sample),
+                lifetime,
+                idle: None,
+            };
+        }
+        self.log(Event::UpstreamReady {
+            generation,
+            start_ms: now.saturating_sub(spawned_at),
+        });
+        self.actions.push_back(Action::SampleService(generation));
+    }
+
+    /// A start failed: count it, give up after `--start-retries` in a row,
+    /// and retry after the backoff, once whatever it left is gone.
+    fn start_failed(&mut self, now: u64, generation: Generation, why: String, left: Leftover) {
+        let retries = self
+            .settings
+            .service
+            .as_ref()
+            .map_or(1, |s| s.start_retries);
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        service.failed_starts = service.failed_starts.saturating_add(1);
+        let failures = service.failed_starts;
+        let shift = (failures - 1).min(16);
+        let mut backoff = START_RETRY_BASE_MS
+            .saturating_mul(1 << shift)
+            .min(START_RETRY_MAX_MS);
+        let gives_up = failures >= retries.max(1) && !service.failed;
+        if failures >= retries.max(1) {
+            service.failed = true;
+            backoff = START_RETRY_MAX_MS;
+        }
+        self.log(Event::UpstreamStartFailed { generation, why });
+        if gives_up {
+            self.log(Event::UpstreamFailed {
+                starts: failures,
+                retry_in_ms: backoff,
+            });
+            self.fail_waiting(now);
+        }
+        match left {
+            Leftover::Nothing => self.retry_after(now, backoff),
+            Leftover::Running | Leftover::Exited => self.begin_stop(
+                now,
+                RestartReason::FailedStart,
+                AfterStop::Retry(backoff),
+                left == Leftover::Exited,
+            ),
+        }
+    }
+
+    fn retry_after(&mut self, now: u64, backoff: u64) {
+        if self.stop_for_good() {
+            self.rest(RestartReason::FailedStart);
+            return;
+        }
+        let key = self.service_timer(now.saturating_add(backoff), ServiceTimer::Retry);
+        if let Some(service) = &mut self.service {
+            service.state = ServiceState::Stopped {
+                retry: Some(key),
+                reason: RestartReason::FailedStart,
+            };
+        }
+    }
+
+    /// Every waiting client is closed: the service will not come soon.
+    fn fail_waiting(&mut self, now: u64) {
+        let waiting: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Queued { .. } | ConnState::Header { .. }))
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in waiting {
+            self.end(now, conn, Outcome::UpstreamFailed, EndedBy::Tcplock);
+        }
+    }
+
+    /// Turns a newcomer away while the service is failed.
+    pub(super) fn reject_failed(&mut self, now: u64, conn: ConnRef) {
+        let client = self.conns[conn.slot].client;
+        self.log(Event::Rejected {
+            conn: conn.id,
+            client,
+            reason: RejectReason::UpstreamFailed,
+        });
+        self.end(now, conn, Outcome::Rejected, EndedBy::Tcplock);
+    }
+
+    /// Asks the running generation to stop. Once its process `exited` on its
+    /// own, whatever it left goes straight to SIGKILL; otherwise SIGTERM, and
+    /// SIGKILL after `--stop-timeout`. A stop is planned when it ends a
+    /// ready generation that did not exit.
+    fn begin_stop(&mut self, now: u64, reason: RestartReason, then: AfterStop, exited: bool) {
+        let stop_timeout = self.settings.service.as_ref().map_or(
+            super::types::ServiceSettings::default().stop_timeout_ms,
+            |s| s.stop_timeout_ms,
+        );
+        let Some(service) = &mut self.service else {
+            return;
+        };
+        let (generation, pid) = match service.state {
+            ServiceState::Starting {
+                generation, pid, ..
+            }
+            | ServiceState::Ready {
+                generation, pid, ..
+            } => (generation, pid),
+            _ => return,
+        };
+        let planned = !exited && matches!(service.state, ServiceState::Ready { .. });
+        // A fired timer's key is stale, and cancelling it changes nothing.
+        for key in service.timers().into_iter().flatten() {
+            self.timers.cancel(key);
+        }
+        self.log(Event::UpstreamStopping { generation, reason });
+        let (signal, kill) = if exited {
+            (StopSignal::Kill, None)
+        } else {
+            let key = self.service_timer(now.saturating_add(stop_timeout), ServiceTimer::StopKill);
+            (StopSignal::Term, Some(key))
+        };
+        self.actions
+            .push_back(Action::SignalService { generation, signal });
+        let check = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
+        if let Some(service) = &mut self.service {
+            service.state = ServiceState::Stopping {
+                generation,
+                pid,
+                exited,
+                kill,
+                check: Some(check),
+                planned,
+                then,
+            };
+        }
+    }
+
+    /// Every process of the stopped generation is gone.
+    fn service_gone(&mut self, now: u64, then: AfterStop) {
+        if let Some(service) = &mut self.service
+            && let ServiceState::Stopping { kill, .. } = service.state
+        {
+            service.rss_kib = 0;
+            if let Some(key) = kill {
+                self.timers.cancel(key);
+            }
+        }
+        match then {
+            _ if self.stop_for_good() => self.rest(RestartReason::First),
+            AfterStop::Restart(reason) => self.start(now, reason),
+            AfterStop::Retry(backoff) => self.retry_after(now, backoff),
+            AfterStop::Rest(reason) => self.rest(reason),
+        }
+    }
+
+    fn rest(&mut self, reason: RestartReason) {
+        if let Some(service) = &mut self.service {
+            service.state = ServiceState::Stopped {
+                retry: None,
+                reason,
+            };
+        }
+    }
+
+    /// No new generation is to start: tcplock stops and nobody is left, or
+    /// it no longer supervises the upstream.
+    fn stop_for_good(&self) -> bool {
+        self.settings.service.is_none()
+            || self.shutdown.is_some() && self.conns.is_empty() && self.hook.is_none()
+    }
+
+    /// The generation crashed: every connection on it is cut as the
+    /// upstream's doing, so no client keeps a permit on a dead service.
+    fn cut_holders(&mut self, now: u64) {
+        let holders: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c.state,
+                    ConnState::Proxying { .. }
+                        | ConnState::Activating(Activation::Connecting { .. })
+                )
+            })
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect();
+        for conn in holders {
+            self.end(now, conn, Outcome::UpstreamError, EndedBy::Upstream);
+        }
+    }
+
+    fn set_ready_idle(&mut self, key: Option<TimerKey>) {
+        if let Some(ServiceState::Ready { idle, .. }) = self.service.as_mut().map(|s| &mut s.state)
+        {
+            *idle = key;
+        }
+    }
+
+    fn service_timer(&mut self, at: u64, timer: ServiceTimer) -> TimerKey {
+        self.timers.insert(at, Deadline::Service(timer))
+    }
+}
+
+fn exit_text(exit: ServiceExit) -> String {
+    match exit {
+        ServiceExit::Code(code) => format!("exit {code}"),
+        ServiceExit::Signal(signal) => format!("signal {signal}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,558 @@
+//! The supervisor's rules, driven with a fake clock and a fake shell.
+
+use std::net::SocketAddr;
+
+use crate::core::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn supervised(service: ServiceSettings) -> Settings {
+    Settings {
+        upstream: "127.0.0.1:8100".to_string(),
+        service: Some(service),
+        ..Settings::default()
+    }
+}
+
+fn service() -> ServiceSettings {
+    ServiceSettings {
+        run: ServiceRef(1),
+        ..ServiceSettings::default()
+    }
+}
+
+fn drain(core: &mut Core) -> (Vec<Action>, Vec<Event>) {
+    let mut actions = Vec::new();
+    let mut events = Vec::new();
+    while let Some(action) = core.poll_action() {
+        match action {
+            Action::Log(event) => events.push(event),
+            other => actions.push(other),
+        }
+    }
+    (actions, events)
+}
+
+fn actions(core: &mut Core) -> Vec<Action> {
+    drain(core).0
+}
+
+/// Answers the port check and the spawn, then the first probe: the
+/// generation is ready at `now + PROBE_INTERVAL_MS`. Returns that time.
+fn bring_up(core: &mut Core, now: u64, generation: u64, pid: u32) -> u64 {
+    let generation = Generation(generation);
+    assert!(actions(core).contains(&Action::ProbeUpstream(generation)));
+    core.handle_service_probed(now, generation, false);
+    let spawn = actions(core);
+    assert!(
+        matches!(spawn.as_slice(), [Action::SpawnService { generation: g, .. }] if *g == generation),
+        "{spawn:?}"
+    );
+    core.handle_service_spawned(now, generation, Ok(pid));
+    let at = now + PROBE_INTERVAL_MS;
+    core.handle_tick(at);
+    assert!(actions(core).contains(&Action::ProbeUpstream(generation)));
+    core.handle_service_probed(at, generation, true);
+    at
+}
+
+/// Accepts a client and lets it proxy.
+fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
+    let conn = core.handle_accepted(now, addr(port));
+    let connect = actions(core);
+    assert!(connect.contains(&Action::Connect(conn)), "{connect:?}");
+    core.handle_upstream_connected(now, conn);
+    assert!(actions(core).contains(&Action::StartRelay(conn)));
+    conn
+}
+
+fn finished() -> RelayEnd {
+    RelayEnd {
+        cause: RelayCause::Finished,
+        ended_by: EndedBy::Client,
+    }
+}
+
+/// Answers a stop: the process exits and its session empties.
+fn stop_done(core: &mut Core, now: u64, generation: u64) {
+    let generation = Generation(generation);
+    core.handle_service_exited(now, generation, ServiceExit::Code(0));
+    assert!(actions(core).contains(&Action::SampleService(generation)));
+    core.handle_service_sampled(now, generation, ServiceSample::default());
+}
+
+fn state(core: &Core) -> Option<ServiceStateName> {
+    core.stats().service.state
+}
+
+#[test]
+fn no_client_is_let_in_before_the_service_answers() {
+    let mut core = Core::new(supervised(service()), 0);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(1))]
+    );
+    core.handle_service_probed(0, Generation(1), false);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SpawnService {
+            generation: Generation(1),
+            reason: RestartReason::First,
+            run: ServiceRef(1),
+        }]
+    );
+    core.handle_service_spawned(0, Generation(1), Ok(42));
+    let client = core.handle_accepted(10, addr(1));
+    assert_eq!(actions(&mut core), vec![], "the service is only starting");
+    assert_eq!(state(&core), Some(ServiceStateName::Starting));
+    core.handle_tick(100);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(1))]
+    );
+    core.handle_service_probed(100, Generation(1), false);
+    assert_eq!(actions(&mut core), vec![], "refused: not ready yet");
+    core.handle_tick(200);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(1))]
+    );
+    core.handle_service_probed(200, Generation(1), true);
+    let (acts, events) = drain(&mut core);
+    assert!(acts.contains(&Action::Connect(client)), "{acts:?}");
+    assert!(events.contains(&Event::UpstreamReady {
+        generation: Generation(1),
+        start_ms: 200
+    }));
+    assert_eq!(state(&core), Some(ServiceStateName::Ready));
+}
+
+#[test]
+fn a_busy_port_is_a_failed_start_retried_with_backoff() {
+    let mut core = Core::new(supervised(service()), 0);
+    actions(&mut core);
+    core.handle_service_probed(0, Generation(1), true);
+    let (acts, events) = drain(&mut core);
+    assert!(acts.is_empty(), "nothing is spawned beside it: {acts:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamPortBusy { .. }))
+    );
+    core.handle_tick(START_RETRY_BASE_MS - 1);
+    assert_eq!(actions(&mut core), vec![]);
+    core.handle_tick(START_RETRY_BASE_MS);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(1))],
+        "the same generation number: nothing was spawned"
+    );
+    core.handle_service_probed(START_RETRY_BASE_MS, Generation(1), true);
+    core.handle_tick(3 * START_RETRY_BASE_MS - 1);
+    assert_eq!(actions(&mut core), vec![], "the second wait doubles");
+    core.handle_tick(3 * START_RETRY_BASE_MS);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(1))]
+    );
+}
+
+#[test]
+fn restart_after_n_waits_for_the_last_permit_and_keeps_the_queue() {
+    let mut core = Core::new(
+        supervised(ServiceSettings {
+            restart_after: Some(2),
+            ..service()
+        }),
+        0,
+    );
+    let mut now = bring_up(&mut core, 0, 1, 10);
+    let first = proxying(&mut core, now, 1);
+    core.handle_relay_ended(now, first, finished());
+    actions(&mut core);
+    let second = proxying(&mut core, now, 2);
+    assert_eq!(state(&core), Some(ServiceStateName::Due));
+    let waiting = core.handle_accepted(now, addr(3));
+    assert_eq!(actions(&mut core), vec![], "a due generation takes no one");
+    now += 5;
+    core.handle_relay_ended(now, second, finished());
+    let acts = actions(&mut core);
+    assert!(
+        acts.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "{acts:?}"
+    );
+    stop_done(&mut core, now, 1);
+    let acts = actions(&mut core);
+    assert!(
+        acts.contains(&Action::ProbeUpstream(Generation(2))),
+        "{acts:?}"
+    );
+    core.handle_service_probed(now, Generation(2), false);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SpawnService {
+            generation: Generation(2),
+            reason: RestartReason::AfterN,
+            run: ServiceRef(1),
+        }]
+    );
+    core.handle_service_spawned(now, Generation(2), Ok(11));
+    core.handle_tick(now + PROBE_INTERVAL_MS);
+    actions(&mut core);
+    core.handle_service_probed(now + PROBE_INTERVAL_MS, Generation(2), true);
+    assert!(actions(&mut core).contains(&Action::Connect(waiting)));
+    assert_eq!(core.stats().service.restarts(RestartReason::AfterN), 1);
+}
+
+#[test]
+fn a_crash_cuts_its_connections_kills_the_leftovers_and_starts_again_at_once() {
+    let mut core = Core::new(supervised(service()), 0);
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    let waiting = core.handle_accepted(now, addr(2));
+    actions(&mut core);
+    core.handle_service_exited(now + 1, Generation(1), ServiceExit::Signal(9));
+    let (acts, events) = drain(&mut core);
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Close { conn: c, outcome: Outcome::UpstreamError, ended_by: EndedBy::Upstream, .. } if *c == conn
+    )));
+    assert!(acts.contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Kill
+    }));
+    assert!(events.contains(&Event::UpstreamExited {
+        generation: Generation(1),
+        pid: 10,
+        exit: ServiceExit::Signal(9),
+        expected: false
+    }));
+    core.handle_tick(now + 1 + PROBE_INTERVAL_MS);
+    assert!(actions(&mut core).contains(&Action::SampleService(Generation(1))));
+    core.handle_service_sampled(
+        now + 1 + PROBE_INTERVAL_MS,
+        Generation(1),
+        ServiceSample::default(),
+    );
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
+    assert_eq!(core.state_of(waiting), Some(StateName::Queued));
+}
+
+#[test]
+fn failed_starts_give_up_close_the_waiting_and_turn_newcomers_away_until_one_is_ready() {
+    let mut core = Core::new(
+        supervised(ServiceSettings {
+            start_retries: 2,
+            ..service()
+        }),
+        0,
+    );
+    actions(&mut core);
+    let waiting = core.handle_accepted(0, addr(1));
+    core.handle_service_probed(0, Generation(1), false);
+    actions(&mut core);
+    core.handle_service_spawned(0, Generation(1), Err("no such file".to_string()));
+    actions(&mut core);
+    core.handle_tick(START_RETRY_BASE_MS);
+    actions(&mut core);
+    core.handle_service_probed(START_RETRY_BASE_MS, Generation(2), false);
+    actions(&mut core);
+    core.handle_service_spawned(START_RETRY_BASE_MS, Generation(2), Err("again".to_string()));
+    let (acts, events) = drain(&mut core);
+    assert!(events.contains(&Event::UpstreamFailed {
+        starts: 2,
+        retry_in_ms: START_RETRY_MAX_MS
+    }));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Close { conn, outcome: Outcome::UpstreamFailed, .. } if *conn == waiting
+    )));
+    assert_eq!(state(&core), Some(ServiceStateName::Failed));
+    let newcomer = core.handle_accepted(START_RETRY_BASE_MS + 1, addr(2));
+    assert!(actions(&mut core).iter().any(|a| matches!(
+        a,
+        Action::Close { conn, outcome: Outcome::Rejected, .. } if *conn == newcomer
+    )));
+    let retry_at = START_RETRY_BASE_MS + START_RETRY_MAX_MS;
+    core.handle_tick(retry_at - 1);
+    assert_eq!(actions(&mut core), vec![]);
+    let ready_at = bring_up_after_tick(&mut core, retry_at, 3);
+    assert_eq!(state(&core), Some(ServiceStateName::Ready));
+    proxying(&mut core, ready_at, 3);
+}
+
+fn bring_up_after_tick(core: &mut Core, at: u64, generation: u64) -> u64 {
+    core.handle_tick(at);
+    bring_up(core, at, generation, 99)
+}
+
+#[test]
+fn memory_over_the_limit_makes_it_due_and_it_restarts_between_connections() {
+    let mut core = Core::new(
+        supervised(ServiceSettings {
+            restart_rss_kib: Some(1000),
+            ..service()
+        }),
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    core.handle_service_sampled(
+        now,
+        Generation(1),
+        ServiceSample {
+            processes: 2,
+            rss_kib: 1001,
+        },
+    );
+    let (acts, events) = drain(&mut core);
+    assert!(acts.is_empty(), "nothing stops under a client: {acts:?}");
+    assert!(events.contains(&Event::RestartDue {
+        generation: Generation(1),
+        reason: RestartReason::Rss,
+        rss_kib: Some((1001, 1000))
+    }));
+    core.handle_relay_ended(now + 1, conn, finished());
+    assert!(actions(&mut core).contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Term
+    }));
+}
+
+#[test]
+fn a_ttl_expiry_cuts_the_client_then_restarts_the_service() {
+    let mut core = Core::new(
+        Settings {
+            ttl_ms: Some(1000),
+            ..supervised(service())
+        },
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 10);
+    proxying(&mut core, now, 1);
+    let waiting = core.handle_accepted(now, addr(2));
+    actions(&mut core);
+    core.handle_tick(now + 1000);
+    let acts = actions(&mut core);
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Close {
+            outcome: Outcome::Timeout,
+            ..
+        }
+    )));
+    assert!(acts.contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Term
+    }));
+    assert_eq!(core.state_of(waiting), Some(StateName::Queued));
+}
+
+#[test]
+fn a_service_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+    let mut core = Core::new(
+        supervised(ServiceSettings {
+            restart_after: Some(1),
+            stop_timeout_ms: 500,
+            ..service()
+        }),
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    core.handle_relay_ended(now, conn, finished());
+    actions(&mut core);
+    let mut t = now;
+    while t < now + 500 {
+        t += PROBE_INTERVAL_MS;
+        core.handle_tick(t);
+        for action in actions(&mut core) {
+            if let Action::SampleService(generation) = action {
+                core.handle_service_sampled(
+                    t,
+                    generation,
+                    ServiceSample {
+                        processes: 1,
+                        rss_kib: 5,
+                    },
+                );
+            } else if t < now + 500 {
+                panic!("only looks before the stop timeout: {action:?}");
+            } else {
+                assert_eq!(
+                    action,
+                    Action::SignalService {
+                        generation: Generation(1),
+                        signal: StopSignal::Kill
+                    }
+                );
+            }
+        }
+    }
+    assert_eq!(state(&core), Some(ServiceStateName::Stopping));
+}
+
+#[test]
+fn an_idle_service_is_stopped_and_the_next_client_starts_it() {
+    let mut core = Core::new(
+        supervised(ServiceSettings {
+            idle_stop_ms: Some(1000),
+            ..service()
+        }),
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    core.handle_relay_ended(now + 10, conn, finished());
+    actions(&mut core);
+    core.handle_tick(now + 1009);
+    assert_eq!(actions(&mut core), vec![]);
+    core.handle_tick(now + 1010);
+    assert!(actions(&mut core).contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Term
+    }));
+    stop_done(&mut core, now + 1020, 1);
+    assert_eq!(actions(&mut core), vec![], "nobody needs it");
+    assert_eq!(state(&core), Some(ServiceStateName::Stopped));
+    let client = core.handle_accepted(now + 5000, addr(2));
+    let ready_at = bring_up(&mut core, now + 5000, 2, 11);
+    let _ = ready_at;
+    assert_eq!(core.state_of(client), Some(StateName::Activating));
+}
+
+#[test]
+fn shutdown_stops_the_service_after_the_connections_and_only_then_finishes() {
+    let mut core = Core::new(supervised(service()), 0);
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    core.handle_shutdown(now);
+    let acts = actions(&mut core);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::SignalService { .. })),
+        "a client still uses it: {acts:?}"
+    );
+    core.handle_relay_ended(now + 1, conn, finished());
+    assert!(actions(&mut core).contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Term
+    }));
+    assert!(!core.is_finished());
+    stop_done(&mut core, now + 2, 1);
+    assert_eq!(actions(&mut core), vec![], "no new generation");
+    assert!(core.is_finished());
+}
+
+#[test]
+fn a_reload_that_changes_the_command_restarts_when_drained() {
+    let mut core = Core::new(supervised(service()), 0);
+    let now = bring_up(&mut core, 0, 1, 10);
+    let conn = proxying(&mut core, now, 1);
+    core.handle_reload(
+        now,
+        supervised(ServiceSettings {
+            run: ServiceRef(2),
+            ..service()
+        }),
+    );
+    assert_eq!(state(&core), Some(ServiceStateName::Due));
+    core.handle_relay_ended(now + 1, conn, finished());
+    actions(&mut core);
+    stop_done(&mut core, now + 2, 1);
+    actions(&mut core);
+    core.handle_service_probed(now + 2, Generation(2), false);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SpawnService {
+            generation: Generation(2),
+            reason: RestartReason::Reload,
+            run: ServiceRef(2),
+        }]
+    );
+}
+
+#[test]
+fn hooks_learn_the_generation_and_pid() {
+    let mut core = Core::new(
+        Settings {
+            on_activate: Some(HookRef(1)),
+            ..supervised(service())
+        },
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 77);
+    core.handle_accepted(now, addr(1));
+    let spawn = actions(&mut core);
+    let Some(request) = spawn.iter().find_map(|a| match a {
+        Action::SpawnHook(request) => Some(request),
+        _ => None,
+    }) else {
+        panic!("{spawn:?}");
+    };
+    assert_eq!(request.context.service, Some((Generation(1), 77)));
+}
+
+#[test]
+fn a_start_that_exits_before_it_is_ready_kills_its_leftovers_and_retries() {
+    let mut core = Core::new(supervised(service()), 0);
+    actions(&mut core);
+    core.handle_service_probed(0, Generation(1), false);
+    actions(&mut core);
+    core.handle_service_spawned(0, Generation(1), Ok(5));
+    core.handle_service_exited(50, Generation(1), ServiceExit::Code(1));
+    let (acts, events) = drain(&mut core);
+    assert!(acts.contains(&Action::SignalService {
+        generation: Generation(1),
+        signal: StopSignal::Kill
+    }));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamStartFailed { .. }))
+    );
+    core.handle_tick(150);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SampleService(Generation(1))]
+    );
+    core.handle_service_sampled(150, Generation(1), ServiceSample::default());
+    assert_eq!(actions(&mut core), vec![], "the retry waits its backoff");
+    core.handle_tick(150 + START_RETRY_BASE_MS);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::ProbeUpstream(Generation(2))]
+    );
+}
+
+#[test]
+fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
+    let mut core = Core::new(supervised(service()), 0);
+    let now = bring_up(&mut core, 0, 1, 10);
+    actions(&mut core);
+    core.handle_shutdown(now);
+    let acts = actions(&mut core);
+    assert!(
+        acts.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "{acts:?}"
+    );
+    core.handle_shutdown(now + 1);
+    assert!(
+        actions(&mut core).contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Kill
+        }),
+        "a second stop kills what is left"
+    );
+    stop_done(&mut core, now + 2, 1);
+    assert!(core.is_finished());
+}
