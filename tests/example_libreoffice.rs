@@ -298,6 +298,10 @@ fn a_real_libreoffice_converts_through_tcplock() {
          (restart-after {restart_after}, restart-rss {restart_rss_mib}m); \
          restarts by reason {by_reason:?}; peak office RSS per generation (KiB) {rss_by_gen:?}"
     );
+    assert!(
+        proxy.wait_for_count(outcome("ok"), conversions as usize, WAIT),
+        "not every conversion was logged as ok"
+    );
     assert_eq!(proxy.count_logs(outcome("ok")) as u64, conversions);
     assert_eq!(proxy.count_logs(event("upstream_start_failed")), 0);
     let expected_after_n = (conversions.saturating_sub(1) / restart_after) as usize;

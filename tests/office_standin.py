@@ -146,6 +146,9 @@ class Server:
         if OPTS.startup_delay > 0:
             time.sleep(OPTS.startup_delay)
         listener = socket.socket(socket.AF_INET6 if ":" in OPTS.host else socket.AF_INET)
+        # As soffice's acceptor does: a connection of a killed predecessor in
+        # TIME_WAIT must not block the port; a live listener still does.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind((OPTS.host, OPTS.port))
         except OSError as e:
@@ -185,6 +188,15 @@ def main():
         # soffice: "an office is already running; passing the request on".
         record("handoff")
         sys.exit(0)
+    def on_term(_sig, _frame):
+        record("term", who="wrapper")
+        if OPTS.wrapper_dies_on_term:
+            record("wrapper_exit", status="term")
+            os._exit(0)
+
+    # Before the fork, so no SIGTERM finds the wrapper without it; the
+    # server sets its own.
+    signal.signal(signal.SIGTERM, on_term)
     server = os.fork()
     if server == 0:
         try:
@@ -192,14 +204,6 @@ def main():
         finally:
             os._exit(1)
     os.close(lock_fd)
-
-    def on_term(_sig, _frame):
-        record("term", who="wrapper")
-        if OPTS.wrapper_dies_on_term:
-            record("wrapper_exit", status="term")
-            os._exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
     while True:
         try:
             _, status = os.waitpid(server, 0)

@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -162,9 +162,22 @@ impl Drop for Office {
 /// Asks the office behind `client` who it is: `(generation, server pid)`.
 pub fn who(client: &mut TcpStream) -> (u64, u32) {
     client.write_all(b"WHO\n").expect("write WHO");
-    let mut reader = BufReader::new(client.try_clone().expect("clone"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("read the WHO answer");
+    answer(client)
+}
+
+/// Reads the answer to a `WHO` sent earlier (byte by byte: nothing after
+/// the line is consumed).
+pub fn answer(client: &mut TcpStream) -> (u64, u32) {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match client.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            Ok(_) => panic!("end of stream before the WHO answer: {line:?}"),
+            Err(e) => panic!("reading the WHO answer: {e} (got {line:?})"),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
     let generation = field(&line, "gen")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no gen= in the answer {line:?}"));
