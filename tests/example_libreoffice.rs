@@ -277,7 +277,7 @@ fn a_real_libreoffice_converts_through_tcplock() {
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut err);
         }
-        assert!(status.success(), "conversion {n} failed: {err}");
+        assert!(status.success(), "conversion {n} failed ({status}): {err}");
         let pdf = std::fs::read(&out).expect("the PDF");
         assert!(pdf.starts_with(b"%PDF"), "conversion {n}: not a PDF");
         // The office that converted it, measured right after.
@@ -304,7 +304,10 @@ fn a_real_libreoffice_converts_through_tcplock() {
     );
     assert_eq!(proxy.count_logs(outcome("ok")) as u64, conversions);
     assert_eq!(proxy.count_logs(event("upstream_start_failed")), 0);
-    let expected_after_n = (conversions.saturating_sub(1) / restart_after) as usize;
+    let expected_after_n = conversions
+        .saturating_sub(1)
+        .checked_div(restart_after)
+        .unwrap_or(0) as usize;
     if restart_rss_mib >= 1024 {
         assert_eq!(
             by_reason.get("after_n").copied().unwrap_or(0),
