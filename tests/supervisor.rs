@@ -623,3 +623,53 @@ fn hooks_are_told_the_generation_and_pid() {
     assert_eq!(text.trim(), format!("1 {}", office.wrapper_pid(1)));
     stop_clean(proxy, &office);
 }
+
+/// The library: `Builder::spawn` and its setters, and the service in
+/// `Handle::stats`.
+#[test]
+fn the_library_supervises_with_the_builder() {
+    use tcplock::{RestartReason, ServiceStateName};
+    let office = Office::new("library");
+    let port = unused_port();
+    let lock = tcplock::Lock::builder()
+        .listen("127.0.0.1:0")
+        .upstream(format!("127.0.0.1:{port}"))
+        .log_level(tcplock::LogLevel::Error)
+        .spawn(office.command(""))
+        .ready_timeout(Duration::from_secs(20))
+        .restart_after(2)
+        .restart_on(tcplock::RestartOn::default())
+        .stop_timeout(Duration::from_secs(5))
+        .start_retries(3)
+        .build()
+        .expect("build");
+    let addr = lock.local_addr();
+    let handle = lock.handle();
+    let runner = std::thread::spawn(move || lock.run());
+    let ready = |generation: u64| {
+        wait_until(START_WAIT, || {
+            let s = handle.stats().service;
+            s.state == Some(ServiceStateName::Ready) && s.generation == generation
+        })
+    };
+    assert!(ready(1), "never ready: {:?}", handle.stats().service);
+    let first = handle.stats().service;
+    assert_eq!(first.pid, Some(office.wrapper_pid(1)));
+    for want in [1, 1, 2] {
+        let mut client = connect(addr);
+        assert_eq!(who(&mut client).0, want);
+        finish(client);
+    }
+    assert!(
+        ready(2),
+        "no second generation: {:?}",
+        handle.stats().service
+    );
+    assert_eq!(handle.stats().service.restarts(RestartReason::AfterN), 1);
+    handle.stop();
+    let result = runner.join().expect("the loop thread");
+    assert!(result.is_ok(), "{result:?}");
+    let leader = office.wrapper_pid(2);
+    assert!(session_members(leader).is_empty(), "gen 2 left running");
+    office.assert_never_two();
+}
