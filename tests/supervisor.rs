@@ -121,6 +121,22 @@ fn no_client_reaches_a_starting_service() {
         "the service is not in a session of its own: {start}"
     );
 
+    // SIGUSR1's dump has one line for the service.
+    proxy.signal("USR1");
+    let state = proxy.expect_log(
+        |l: &str| is_event(l, "state") && field(l, "service").as_deref() == Some("upstream"),
+        "the service's state line",
+    );
+    assert_eq!(field(&state, "state").as_deref(), Some("ready"), "{state}");
+    assert_eq!(num_field(&state, "gen"), 1, "{state}");
+    assert_eq!(
+        num_field(&state, "pid"),
+        u64::from(office.wrapper_pid(1)),
+        "{state}"
+    );
+    assert_eq!(num_field(&state, "conns"), 3, "{state}");
+    assert!(num_field(&state, "rss_kib") > 1024, "{state}");
+
     // Its stdout and stderr are log lines.
     let said = |l: &str| {
         is_event(l, "output")
