@@ -28,6 +28,8 @@ pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, S
 #[doc(hidden)]
 pub mod internals {
     pub use crate::config::{cli, file, load, units};
+    /// Whether a service manager passed this process its listening socket.
+    pub use crate::shell::socket_activated;
     /// The PROXY protocol parser, for its fuzz target.
     pub mod proxy_protocol {
         pub use crate::proxy_protocol::*;

@@ -129,6 +129,9 @@ pub struct RawArgs {
     pub(crate) values: Vec<(&'static Spec, String)>,
     /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
+    /// No listen address is no error: the listening socket comes from
+    /// socket activation.
+    pub(crate) listen_optional: bool,
 }
 
 impl RawArgs {
@@ -138,6 +141,12 @@ impl RawArgs {
             .iter()
             .find(|(spec, _)| spec.key == key)
             .map(|(_, value)| value.as_str())
+    }
+
+    /// Lets the listen address be left out, as socket activation passes the
+    /// listening socket.
+    pub fn allow_missing_listen(&mut self) {
+        self.listen_optional = true;
     }
 }
 
