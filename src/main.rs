@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use tcplock::Builder;
-use tcplock::internals::{cli, load, socket_activated};
+use tcplock::internals::{check, cli, load, socket_activated};
 
 fn main() -> ExitCode {
     let args = match cli::parse_env() {
@@ -15,6 +15,18 @@ fn main() -> ExitCode {
                 args.allow_missing_listen();
             }
             args
+        }
+        Ok(cli::Command::Check(args)) => {
+            return match check(&args) {
+                Ok(settings) => {
+                    print!("{settings}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tcplock: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
         }
         Ok(cli::Command::Help) => {
             print!("{}", cli::usage());

@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod file;
 pub mod settings;
+pub(crate) mod show;
 pub mod units;
 
 use std::fmt;
