@@ -5,11 +5,29 @@
 use std::process::ExitCode;
 
 use tcplock::Builder;
-use tcplock::internals::{cli, load};
+use tcplock::internals::{check, cli, load, socket_activated};
 
 fn main() -> ExitCode {
     let args = match cli::parse_env() {
-        Ok(cli::Command::Run(args)) => args,
+        Ok(cli::Command::Run(mut args)) => {
+            // The passed socket stands in for `-l`.
+            if socket_activated() {
+                args.allow_missing_listen();
+            }
+            args
+        }
+        Ok(cli::Command::Check(args)) => {
+            return match check(&args) {
+                Ok(settings) => {
+                    print!("{settings}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tcplock: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
         Ok(cli::Command::Help) => {
             print!("{}", cli::usage());
             return ExitCode::SUCCESS;
@@ -28,6 +46,7 @@ fn main() -> ExitCode {
         .and_then(|config| {
             Builder::from_config(config)
                 .handle_signals(true)
+                .service_manager(true)
                 .reload_from(args)
                 .build()
         })

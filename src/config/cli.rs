@@ -18,6 +18,9 @@ use crate::config::units::Quoted;
 pub enum Command {
     /// Run the proxy with these flags; their values are not yet validated.
     Run(RawArgs),
+    /// `--check`: validate these flags (and their file), resolve the
+    /// upstream, print the effective settings and exit; bind nothing.
+    Check(RawArgs),
     /// `--help`: print [`usage`] and exit 0.
     Help,
     /// `-V`/`--version`: print [`VERSION`] and exit 0.
@@ -37,6 +40,7 @@ where
 {
     let mut parser = lexopt::Parser::from_args(args);
     let mut raw = RawArgs::default();
+    let mut check = false;
     loop {
         let arg = match parser.next() {
             Ok(Some(arg)) => arg,
@@ -48,6 +52,15 @@ where
             lexopt::Arg::Short('V') => return no_value(&mut parser, "-V", Command::Version),
             lexopt::Arg::Long("version") => {
                 return no_value(&mut parser, "--version", Command::Version);
+            }
+            lexopt::Arg::Long("check") => {
+                if std::mem::replace(&mut check, true) {
+                    return Err(UsageError::Duplicate("--check".into()));
+                }
+                if parser.optional_value().is_some() {
+                    return Err(UsageError::UnexpectedValue("--check".into()));
+                }
+                continue;
             }
             lexopt::Arg::Short('c') | lexopt::Arg::Long("config") => Flag::Config,
             lexopt::Arg::Short(c) => spec_by_short(c)
@@ -85,6 +98,12 @@ where
             Flag::Config => raw.config = Some(value),
             Flag::Setting(spec) => raw.values.push((spec, value)),
         }
+    }
+    if check {
+        // Under systemd's `ExecReload=` no socket is passed, and a config
+        // made for socket activation has no listen address.
+        raw.listen_optional = true;
+        return Ok(Command::Check(raw));
     }
     Ok(Command::Run(raw))
 }
@@ -129,6 +148,9 @@ pub struct RawArgs {
     pub(crate) values: Vec<(&'static Spec, String)>,
     /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
+    /// No listen address is no error: the listening socket comes from
+    /// socket activation (or nothing is bound, with `--check`).
+    pub(crate) listen_optional: bool,
 }
 
 impl RawArgs {
@@ -138,6 +160,12 @@ impl RawArgs {
             .iter()
             .find(|(spec, _)| spec.key == key)
             .map(|(_, value)| value.as_str())
+    }
+
+    /// Lets the listen address be left out, as socket activation passes the
+    /// listening socket.
+    pub fn allow_missing_listen(&mut self) {
+        self.listen_optional = true;
     }
 }
 
@@ -202,7 +230,8 @@ pub fn usage() -> String {
         "tcplock: lets at most N connections at a time through to one TCP service;\n\
          the others wait their turn in a first-come, first-served queue.\n\n\
          Usage: tcplock -l LISTEN (-p PORT [-h HOST] | -u HOST:PORT) [OPTIONS]\n       \
-         tcplock -c FILE [OPTIONS]\n",
+         tcplock -c FILE [OPTIONS]\n       \
+         tcplock --check [-c FILE] [OPTIONS]\n",
     );
     for group in Group::ALL {
         out.push_str(&format!("\n{}:\n", group.title()));
@@ -219,6 +248,13 @@ pub fn usage() -> String {
                 "read `key = value` lines from FILE (keys are the\n\
                  long flag names); flags win over the file;\n\
                  SIGHUP re-reads it (default: none)",
+            );
+            help_entry(
+                &mut out,
+                None,
+                "--check",
+                "check the settings, resolve the upstream, print\n\
+                 the effective settings and exit; binds nothing",
             );
             help_entry(
                 &mut out,
@@ -313,6 +349,22 @@ mod tests {
         assert_eq!(parse_from(["-V"]), Ok(Command::Version));
         assert_eq!(parse_from(["--version"]), Ok(Command::Version));
         assert_eq!(err(&["--help=yes"]), "--help does not take a value");
+    }
+
+    #[test]
+    fn check_takes_the_same_flags_and_no_listen_is_needed() {
+        let Ok(Command::Check(raw)) = parse_from(["-n", "2", "--check", "-p", "5"]) else {
+            panic!("not a check");
+        };
+        assert_eq!(
+            (raw.get("permits"), raw.get("proxy-port")),
+            (Some("2"), Some("5"))
+        );
+        assert!(raw.listen_optional);
+        assert!(!run(&["-p", "5"]).listen_optional);
+        assert_eq!(err(&["--check", "--check"]), "--check given twice");
+        assert_eq!(err(&["--check=yes"]), "--check does not take a value");
+        assert_eq!(parse_from(["--check", "--help"]), Ok(Command::Help));
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub(crate) struct Spec {
     /// Copies the value from the config in force (for a reload that may not
     /// change it).
     pub(crate) keep: fn(&mut Config, &Config),
+    /// The value in force as the config file writes it (`--check`).
+    pub(crate) show: fn(&Config) -> String,
 }
 
 /// Shows the flag as the user may have typed it: `-n/--permits` or `--max-queue`.
@@ -149,6 +151,7 @@ macro_rules! settings {
                     },
                     differs: |old, new| old.$field != new.$field,
                     keep: |new, old| new.$field = old.$field.clone(),
+                    show: |config| crate::config::show::Show::show(&config.$field),
                 },
             )*
         ];
@@ -321,6 +324,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
     Spec {
         key: "proxy-host",
@@ -336,6 +340,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
 ];
 
@@ -442,6 +447,12 @@ macro_rules! choices {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+
+        impl crate::config::show::Show for $name {
+            fn show(&self) -> String {
+                self.as_str().to_string()
             }
         }
     )*};

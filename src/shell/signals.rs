@@ -73,13 +73,17 @@ impl Shell {
                 }
             });
         match spawned {
-            Ok(_) => self.reload_running = true,
+            Ok(_) => {
+                self.reload_running = true;
+                self.notify.reloading(&mut self.logger);
+            }
             Err(e) => {
                 let source = path.display().to_string();
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", source)
                         .field("error", format_args!("cannot start the reload thread: {e}"));
                 }
+                self.notify.reloaded(&mut self.logger);
             }
         }
     }
@@ -106,6 +110,8 @@ impl Shell {
         }
         if std::mem::take(&mut self.reload_again) {
             self.reload();
+        } else {
+            self.notify.reloaded(&mut self.logger);
         }
     }
 
