@@ -60,7 +60,7 @@ impl Core {
                         ));
                     }
                 }
-                ConnState::Proxying { ttl } => {
+                ConnState::Proxying { ttl, .. } => {
                     holding += 1;
                     armed += usize::from(ttl.is_some());
                     if c.queue_deadline.is_some() {
@@ -204,7 +204,8 @@ impl Core {
                     | Outcome::QueueTimeout
                     | Outcome::ConnectFailed
                     | Outcome::Rejected
-                    | Outcome::Shutdown,
+                    | Outcome::Shutdown
+                    | Outcome::Killed,
                 ),
                 Some(EndedBy::Tcplock),
             ) => {}

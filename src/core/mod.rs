@@ -22,6 +22,7 @@
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+mod operator;
 mod queue;
 pub(crate) mod timer;
 mod types;
@@ -29,6 +30,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use operator::{CoreStatus, PositionError, Target};
 pub use types::{
     Action, ConnId, ConnRef, EndedBy, Event, HookContext, HookExit, HookId, HookKind, HookRef,
     HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd, Settings,
@@ -99,6 +101,12 @@ pub struct Core {
     /// The current stall was logged; cleared when the queue moves or a
     /// holder is found moving bytes again.
     stall_warned: bool,
+    /// An operator paused activations (`pause`, `drain`): clients are still
+    /// accepted, queued and timed out, but none is let through.
+    paused: bool,
+    /// Moving average of recent proxying durations, in ms, for `position`'s
+    /// ETA; `None` until one connection finished proxying.
+    proxy_ms_avg: Option<u64>,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -138,6 +146,9 @@ enum ConnState {
     Activating(Activation),
     Proxying {
         ttl: Option<TimerKey>,
+        /// When it started proxying, for `conns` and the duration average.
+        /// No larger than `Activating`, so a queued client pays nothing.
+        since: u64,
     },
 }
 
@@ -243,6 +254,8 @@ impl Core {
             stall_check: None,
             idle_asked: false,
             stall_warned: false,
+            paused: false,
+            proxy_ms_avg: None,
         }
     }
 
@@ -438,7 +451,7 @@ impl Core {
             self.timers
                 .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
         });
-        c.state = ConnState::Proxying { ttl };
+        c.state = ConnState::Proxying { ttl, since: now };
         let (client, via, accepted_at) = (c.client, c.via.as_deref().copied(), c.accepted_at);
         self.cancel(deadline);
         self.cancel(attempt);
@@ -864,7 +877,7 @@ impl Core {
                 self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
                 return;
             }
-            if self.active >= self.settings.permits as usize {
+            if self.paused || self.active >= self.settings.permits as usize {
                 return;
             }
             let Some(head) = self.queue.front() else {
@@ -1037,7 +1050,7 @@ impl Core {
             }
             Deadline::Ttl(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
-                    && let ConnState::Proxying { ttl } = &mut c.state
+                    && let ConnState::Proxying { ttl, .. } = &mut c.state
                 {
                     *ttl = None;
                     let client = c.client;
@@ -1240,11 +1253,12 @@ impl Core {
                     self.cancel(attempt);
                 }
             }
-            ConnState::Proxying { ttl } => {
+            ConnState::Proxying { ttl, since } => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
                 self.cancel(ttl);
+                self.note_proxy_duration(now.saturating_sub(since));
             }
         }
         if let Some(shutdown) = &mut self.shutdown

@@ -139,6 +139,8 @@ pub enum Outcome {
     Rejected,
     /// tcplock was stopping.
     Shutdown,
+    /// An operator ended it (`kill CONN` on the control socket).
+    Killed,
 }
 
 impl Outcome {
@@ -160,11 +162,12 @@ impl Outcome {
             Outcome::Abandoned => "abandoned",
             Outcome::Rejected => "rejected",
             Outcome::Shutdown => "shutdown",
+            Outcome::Killed => "killed",
         }
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -175,6 +178,7 @@ impl Outcome {
         Outcome::Abandoned,
         Outcome::Rejected,
         Outcome::Shutdown,
+        Outcome::Killed,
     ];
 }
 
@@ -232,7 +236,8 @@ pub enum EndedBy {
     /// The upstream closed or reset first while proxying.
     Upstream,
     /// tcplock: a TTL, a queue timeout, a shutdown, a failed connect, a full
-    /// queue, or a relay that failed before either peer closed.
+    /// queue, an operator's `kill`, or a relay that failed before either
+    /// peer closed.
     Tcplock,
 }
 
@@ -501,6 +506,12 @@ pub enum Event {
     },
     /// A waiting client left.
     Abandoned { conn: ConnId },
+    /// An operator ended it (`kill CONN`), in state `state`.
+    Killed { conn: ConnId, state: StateName },
+    /// Activations were paused (`pause` or `drain`) with `queued` waiting.
+    Paused { queued: usize },
+    /// Activations resumed with `queued` waiting.
+    Resumed { queued: usize },
     /// A connection started proxying after `waited_ms` since accept.
     Activated {
         conn: ConnId,

@@ -352,6 +352,9 @@ impl Model {
 
     /// Checks and records an activation of a waiting connection.
     pub(super) fn activate(&mut self, id: ConnId) -> Result<(), String> {
+        if self.paused {
+            return Err(format!("conn {id} activated while paused"));
+        }
         let holders = self.holders();
         if holders >= self.settings.permits as usize {
             return Err(format!(
@@ -524,6 +527,7 @@ impl Model {
                 }
                 _ => false,
             },
+            Outcome::Killed => fed.killed == Some(id),
             Outcome::Shutdown => match &self.shutdown {
                 None => false,
                 Some(sd) => {
@@ -541,7 +545,8 @@ impl Model {
             | Outcome::QueueTimeout
             | Outcome::ConnectFailed
             | Outcome::Rejected
-            | Outcome::Shutdown => Some(EndedBy::Tcplock),
+            | Outcome::Shutdown
+            | Outcome::Killed => Some(EndedBy::Tcplock),
         };
         if decided_by_core.is_some_and(|expected| expected != ended_by) {
             return Err(format!(
