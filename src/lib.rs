@@ -27,6 +27,7 @@ pub use core::{ConnId, EndedBy, HookContext, HookKind, Outcome, OutcomeCounts, S
 /// beyond the library's API. Not part of the API: it may change at any time.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::api::ctl;
     pub use crate::config::{cli, file, load, units};
     /// The PROXY protocol parser, for its fuzz target.
     pub mod proxy_protocol {

@@ -3,6 +3,7 @@
 //! next, when, and what ends is decided by [`crate::core::Core`].
 
 mod buffer;
+mod control;
 mod fds;
 mod hooks;
 mod log;
@@ -58,7 +59,9 @@ const LOG_SINK: Token = Token(4);
 const LOG_RETRY: Duration = Duration::from_millis(100);
 
 /// Connection tokens start here: two per slab slot, client then upstream.
-const FIRST_CONN_TOKEN: usize = 16;
+/// Below it: the fixed tokens, control connections (16..=31) and metrics
+/// connections (32..=47).
+const FIRST_CONN_TOKEN: usize = 64;
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
@@ -162,6 +165,11 @@ pub(crate) struct Shell {
     /// Relays that used up their turn and must be pumped again, each once
     /// (see [`Relay::scheduled`]); each turn takes those queued before it.
     busy_relays: VecDeque<ConnRef>,
+    /// `--control`: the control socket and its connections.
+    control: Option<control::ControlServer>,
+    /// Reload threads started so far: a `reload` command waits for the
+    /// one that started after it.
+    reloads_started: u64,
 }
 
 struct Connecting {
@@ -245,6 +253,10 @@ impl Shell {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
+        let control = match &config.control {
+            Some(path) => Some(control::ControlServer::bind(path, &poll)?),
+            None => None,
+        };
         let reaps_orphans = sys::is_pid_one();
         let mut watched = Vec::new();
         if options.handle_signals {
@@ -308,6 +320,8 @@ impl Shell {
             reload_again: false,
             accept_more: false,
             busy_relays: VecDeque::new(),
+            control,
+            reloads_started: 0,
         })
     }
 
@@ -354,6 +368,10 @@ impl Shell {
                         Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
                     })
             };
+            if let Some(deadline) = self.control_deadline() {
+                let wait = Duration::from_millis(deadline.saturating_sub(self.now()));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
             if self.logger.has_pending() && !self.log_watched {
                 timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
             }
@@ -375,6 +393,14 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
+                    control::CONTROL_LISTENER => self.control_accept(now),
+                    Token(token)
+                        if (control::FIRST_CONTROL_TOKEN
+                            ..control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS)
+                            .contains(&token) =>
+                    {
+                        self.control_ready(now, token - control::FIRST_CONTROL_TOKEN);
+                    }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -404,6 +430,7 @@ impl Shell {
             }
             self.core.handle_tick(now);
             self.drain(now);
+            self.control_tick(now);
             self.logger.flush();
             self.publish_stats();
             if self.core.is_finished() {
