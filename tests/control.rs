@@ -371,6 +371,32 @@ fn drain_answers_once_no_permit_is_held() {
 }
 
 #[test]
+fn a_drain_whose_client_hangs_up_stops_waiting_but_stays_paused() {
+    let dir = TempDir::new("ctl-drain-gone");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &[]);
+    let _holder = holding(&proxy);
+    // One that half-closes after its line still gets its answer later;
+    // one that hangs up entirely is forgotten.
+    let mut half = session(&sock);
+    half.write_all(b"drain 400ms\n").unwrap();
+    half.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut gone = session(&sock);
+    gone.write_all(b"drain\n").unwrap();
+    assert!(wait_until(WAIT, || {
+        field(&status(&sock), "state").as_deref() == Some("draining")
+    }));
+    drop(gone);
+    assert_eq!(read_all(&mut half), "error msg=timeout\n");
+    assert!(
+        wait_until(WAIT, || field(&status(&sock), "state").as_deref()
+            == Some("paused")),
+        "the hung-up drain still counts: {}",
+        status(&sock)
+    );
+}
+
+#[test]
 fn kill_ends_a_waiting_or_an_active_connection() {
     let dir = TempDir::new("ctl-kill");
     let upstream = Upstream::echo();

@@ -344,13 +344,14 @@ impl Shell {
                 idle_deadline: now.saturating_add(IDLE_MS),
             });
             // The line may be there already.
-            self.control_ready(now, slot);
+            self.control_ready(now, slot, false);
         }
     }
 
     /// A control connection is readable or writable: read its line, or
     /// write more of its reply.
-    pub(super) fn control_ready(&mut self, now: u64, slot: usize) {
+    /// `peer_gone`: the poll saw the client hang up entirely.
+    pub(super) fn control_ready(&mut self, now: u64, slot: usize, peer_gone: bool) {
         let Some(server) = &mut self.control else {
             return;
         };
@@ -359,7 +360,29 @@ impl Shell {
         };
         match conn.phase {
             Phase::Reading => {}
-            Phase::Waiting(_) => return,
+            Phase::Waiting(_) => {
+                // A client that went away stops waiting (a drain stays
+                // paused); one that only ended its sending still gets the
+                // answer. What it sent after its line is discarded.
+                let mut sink = [0u8; 256];
+                let mut failed = peer_gone;
+                loop {
+                    match conn.stream.read(&mut sink) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    server.close(&self.poll, slot);
+                }
+                return;
+            }
             Phase::Writing { .. } => {
                 self.control_write(now, slot);
                 return;

@@ -399,7 +399,8 @@ impl Shell {
                             ..control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS)
                             .contains(&token) =>
                     {
-                        self.control_ready(now, token - control::FIRST_CONTROL_TOKEN);
+                        let slot = token - control::FIRST_CONTROL_TOKEN;
+                        self.control_ready(now, slot, event.is_write_closed());
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
