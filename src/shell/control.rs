@@ -516,21 +516,14 @@ impl Shell {
                 if self.config.config_file.is_none() || self.options.reload_args.is_none() {
                     error_reply("no config file given with -c")
                 } else {
-                    let run = if self.reload_running {
-                        self.reloads_started + 1
-                    } else {
-                        self.reloads_started
-                    };
+                    // A reload under way may have read the file before the
+                    // operator's edit: the answer is the next one's.
                     let was_running = self.reload_running;
                     self.reload();
-                    if !was_running && !self.reload_running {
+                    if !self.reload_running {
                         error_reply("cannot start the reload thread")
                     } else {
-                        let run = if was_running {
-                            run
-                        } else {
-                            self.reloads_started
-                        };
+                        let run = self.reloads_started + u64::from(was_running);
                         self.control_wait(slot, Pending::Reload { run });
                         return None;
                     }
