@@ -540,3 +540,27 @@ fn a_live_socket_or_another_file_is_an_error_naming_it() {
         "left alone"
     );
 }
+
+#[test]
+fn a_reply_larger_than_the_socket_buffer_is_written_as_the_client_reads() {
+    let dir = TempDir::new("ctl-big");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &["--max-queue", "4000"]);
+    // ~115 bytes a line: 3000 lines are well past the 208 KiB a Unix
+    // socket buffers by default.
+    let clients: Vec<std::net::TcpStream> = (0..3000).map(|_| proxy.connect()).collect();
+    wait_queued(&sock, 2999);
+    let mut slow = session(&sock);
+    slow.write_all(b"conns\n").unwrap();
+    // While that reply waits for its reader, the loop serves everyone else.
+    for _ in 0..3 {
+        assert_eq!(num_field(&status(&sock), "queued"), 2999);
+    }
+    let reply = read_all(&mut slow);
+    let lines: Vec<&str> = reply.lines().collect();
+    assert!(reply.len() > 300 * 1024, "{} bytes", reply.len());
+    assert_eq!(lines.len(), 3001);
+    assert_eq!(lines.last(), Some(&"ok"));
+    assert_eq!(num_field(lines[2999], "conn"), 3000);
+    drop(clients);
+}
