@@ -31,6 +31,7 @@ pub use core::{
 #[doc(hidden)]
 pub mod internals {
     pub use crate::api::check::check;
+    pub use crate::api::ctl;
     pub use crate::config::{cli, file, load, units};
     /// Whether a service manager passed this process its listening socket.
     pub use crate::shell::socket_activated;

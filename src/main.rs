@@ -1,11 +1,13 @@
 //! The `tcplock` binary, a thin user of the library: parse the command line,
 //! load the config, run the lock. Exit codes: 0 after a shutdown, 1 when
-//! tcplock cannot start, 2 for a usage error.
+//! tcplock cannot start, 2 for a usage error. `tcplock ctl` talks to a
+//! running one's control socket (0 ok, 1 error reply, 2 usage, 3 no
+//! connection).
 
 use std::process::ExitCode;
 
 use tcplock::Builder;
-use tcplock::internals::{check, cli, load, socket_activated};
+use tcplock::internals::{check, cli, ctl, load, socket_activated};
 
 fn main() -> ExitCode {
     let args = match cli::parse_env() {
@@ -30,6 +32,13 @@ fn main() -> ExitCode {
         }
         Ok(cli::Command::Help) => {
             print!("{}", cli::usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(cli::Command::Ctl(args)) => {
+            return ExitCode::from(ctl::run(&args, &mut std::io::stdout().lock()));
+        }
+        Ok(cli::Command::CtlHelp) => {
+            print!("{}", cli::CTL_USAGE);
             return ExitCode::SUCCESS;
         }
         Ok(cli::Command::Version) => {

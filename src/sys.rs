@@ -800,6 +800,67 @@ fn poll_writable(fd: libc::c_int, timeout_ms: i32) -> bool {
     ready > 0 && watched.revents & libc::POLLOUT != 0
 }
 
+/// A listening Unix stream socket bound at `path` (which must not exist),
+/// non-blocking and close-on-exec, whose file is created with mode 0600
+/// whatever the umask: the socket is `fchmod`ed before `bind`, and Linux
+/// creates the file with the socket's mode, so it is never wider.
+pub fn bind_private_unix_listener(
+    path: &std::path::Path,
+    backlog: i32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a valid Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `socket` is an open descriptor for the duration of the call.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` lies within it.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is an open, bound socket.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } != 0 {
+        let error = io::Error::last_os_error();
+        // The file is ours, made by the bind just now.
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    Ok(std::os::unix::net::UnixListener::from(socket))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -257,6 +257,14 @@ impl Builder {
         self
     }
 
+    /// Serve control commands (`tcplock ctl`) on a Unix socket at `path`,
+    /// created mode 0600; a stale socket there is replaced, any other file is
+    /// an error. Removed when the lock stops. Fixed for the life of the lock.
+    pub fn control(mut self, path: impl Into<std::path::PathBuf>) -> Builder {
+        self.config.control = Some(path.into());
+        self
+    }
+
     /// Handle SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 (state dump)
     /// as the binary does. Off by default: a library should not take over its
     /// host's signals, and without this none is touched (command hooks are

@@ -2,6 +2,7 @@
 //! their tickets, and the error type.
 
 pub mod check;
+pub mod ctl;
 pub mod error;
 pub mod hook;
 pub mod lock;

@@ -302,7 +302,35 @@ settings! {
         help "every client starts with a PROXY protocol header\n\
               (v1 or v2, within 5s) naming the real client, as a\n\
               balancer in front sends it (default: off)";
+    /// A Unix socket for `tcplock ctl`, created mode 0600 and removed on
+    /// exit. `None`: no control socket.
+    control: Option<PathBuf> = None,
+        key "control" value "PATH", Other, reload false,
+        parse |s| parse_control_path(s),
+        check |_| Ok(()),
+        help "serve `tcplock ctl` commands on this Unix socket\n\
+              (mode 0600); fixed at start-up (default: none)";
 }
+
+/// A control socket path, short enough for a `sockaddr_un`; empty is none,
+/// as for the other optional settings (and as `--check` writes it).
+fn parse_control_path(s: &str) -> Result<Option<PathBuf>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_CONTROL_PATH {
+        return Err(format!(
+            "longer than {MAX_CONTROL_PATH} bytes, the most a Unix socket path holds"
+        ));
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL byte".to_string());
+    }
+    Ok(Some(PathBuf::from(s)))
+}
+
+/// The longest path a `sockaddr_un` holds, its NUL aside.
+pub const MAX_CONTROL_PATH: usize = 107;
 
 /// How long an `--accept-proxy` client has to send its whole header.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);

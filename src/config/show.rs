@@ -178,6 +178,7 @@ mod tests {
         config.splice = Splice::Off;
         config.send_proxy = SendProxy::V2;
         config.accept_proxy = true;
+        config.control = Some("/run/tcplock/control".into());
         config
     }
 

@@ -3,6 +3,7 @@
 //! next, when, and what ends is decided by [`crate::core::Core`].
 
 mod buffer;
+mod control;
 mod fds;
 mod hooks;
 mod log;
@@ -62,7 +63,9 @@ const LOG_SINK: Token = Token(4);
 const LOG_RETRY: Duration = Duration::from_millis(100);
 
 /// Connection tokens start here: two per slab slot, client then upstream.
-const FIRST_CONN_TOKEN: usize = 16;
+/// Below it: the fixed tokens, control connections (16..=31) and metrics
+/// connections (32..=47).
+const FIRST_CONN_TOKEN: usize = 64;
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
@@ -171,6 +174,11 @@ pub(crate) struct Shell {
     busy_relays: VecDeque<ConnRef>,
     /// systemd's notification socket, if it gave one.
     notify: Notifier,
+    /// `--control`: the control socket and its connections.
+    control: Option<control::ControlServer>,
+    /// Reload threads started so far: a `reload` command waits for the
+    /// one that started after it.
+    reloads_started: u64,
 }
 
 struct Connecting {
@@ -284,6 +292,10 @@ impl Shell {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
+        let control = match &config.control {
+            Some(path) => Some(control::ControlServer::bind(path, &poll)?),
+            None => None,
+        };
         let reaps_orphans = sys::is_pid_one();
         let mut watched = Vec::new();
         if options.handle_signals {
@@ -349,6 +361,8 @@ impl Shell {
             accept_more: false,
             busy_relays: VecDeque::new(),
             notify,
+            control,
+            reloads_started: 0,
         })
     }
 
@@ -397,6 +411,10 @@ impl Shell {
                         Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
                     })
             };
+            if let Some(deadline) = self.control_deadline() {
+                let wait = Duration::from_millis(deadline.saturating_sub(self.now()));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
             if self.logger.has_pending() && !self.log_watched {
                 timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
             }
@@ -419,6 +437,15 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
+                    control::CONTROL_LISTENER => self.control_accept(now),
+                    Token(token)
+                        if (control::FIRST_CONTROL_TOKEN
+                            ..control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS)
+                            .contains(&token) =>
+                    {
+                        let slot = token - control::FIRST_CONTROL_TOKEN;
+                        self.control_ready(now, slot, event.is_write_closed());
+                    }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -448,6 +475,7 @@ impl Shell {
             }
             self.core.handle_tick(now);
             self.drain(now);
+            self.control_tick(now);
             self.logger.flush();
             self.publish_stats();
             let counts = self.notify_counts();

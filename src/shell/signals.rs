@@ -76,6 +76,7 @@ impl Shell {
             Ok(_) => {
                 self.reload_running = true;
                 self.notify.reloading(&mut self.logger);
+                self.reloads_started += 1;
             }
             Err(e) => {
                 let source = path.display().to_string();
@@ -100,14 +101,17 @@ impl Shell {
             .as_ref()
             .map(|path| path.display().to_string())
             .unwrap_or_default();
-        match loaded {
-            Ok((new, addrs)) => self.apply_config(now, *new, addrs, ("file", &source)),
+        let answer = match loaded {
+            Ok((new, addrs)) => Ok(self.apply_config(now, *new, addrs, ("file", &source))),
             Err(e) => {
+                let message = e.to_string();
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", &source).field("error", e);
                 }
+                Err(message)
             }
-        }
+        };
+        self.control_reloaded(now, self.reloads_started, answer);
         if std::mem::take(&mut self.reload_again) {
             self.reload();
         } else {
@@ -123,7 +127,7 @@ impl Shell {
         mut new: Config,
         upstream_addrs: Vec<SocketAddr>,
         (origin_key, origin): (&str, &str),
-    ) {
+    ) -> Vec<&'static str> {
         // Deadlines that passed fire under the settings (and hooks) they were
         // set under, before the hook table names the new hooks.
         self.core.handle_tick(now);
@@ -150,6 +154,7 @@ impl Shell {
                 .field("addresses", self.upstream_addrs.len());
         }
         self.config = new;
+        changed
     }
 }
 
