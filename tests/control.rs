@@ -60,10 +60,14 @@ fn read_all(s: &mut UnixStream) -> String {
     out
 }
 
-/// The `status` line's fields.
+/// The `status` line's fields (tcplock's line; the instance line follows).
 fn status(path: &Path) -> String {
     let lines = ctl_ok(path, &["status"]);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("instance=1 ") && lines[1].contains(" state=unsupervised "),
+        "{lines:?}"
+    );
     lines[0].clone()
 }
 

@@ -17,7 +17,7 @@ use mio::net::{UnixListener, UnixStream};
 use slab::Slab;
 
 use super::*;
-use crate::core::{ConnId, CoreStatus, PositionError, Target};
+use crate::core::{ConnId, CoreStatus, PositionError, ServiceStateName, ServiceStats, Target};
 use log::push_value;
 
 /// The control listener's poll token (reserved for it by the lead).
@@ -166,11 +166,13 @@ fn error_reply(msg: impl fmt::Display) -> Vec<u8> {
     Reply::default().error(msg)
 }
 
-/// What `status` reports, taken at one instant: one line for tcplock. The
-/// supervisor adds its service and instance lines here.
+/// What `status` reports, taken at one instant: one line for tcplock and
+/// one for its upstream instance.
 pub(super) struct StatusSnapshot {
     pub(super) core: CoreStatus,
     pub(super) draining: bool,
+    pub(super) upstream: String,
+    pub(super) service: ServiceStats,
 }
 
 impl StatusSnapshot {
@@ -200,6 +202,22 @@ impl StatusSnapshot {
         for outcome in Outcome::ALL {
             reply.field(outcome.as_str(), c.outcomes.count(outcome));
         }
+        // One upstream today; a pool adds a line per instance.
+        let s = &self.service;
+        let state = s.state.map_or("unsupervised", ServiceStateName::as_str);
+        reply
+            .line("instance", 1)
+            .field("addr", &self.upstream)
+            .field("state", state)
+            .field("gen", s.generation);
+        if let Some(pid) = s.pid {
+            reply.field("pid", pid);
+        }
+        reply
+            .field("rss_kib", s.rss_kib)
+            .field("active", c.active)
+            .field("conns", s.conns)
+            .field("restarts", s.restarts.iter().sum::<u64>());
     }
 }
 
@@ -237,6 +255,9 @@ enum Pending {
     Drain { until: Option<u64> },
     /// `reload`: answered when the reload thread numbered `run` reports.
     Reload { run: u64 },
+    /// `restart`: answered once a generation after `after` is ready, or the
+    /// service failed.
+    Restart { after: u64 },
 }
 
 impl ControlServer {
@@ -282,7 +303,7 @@ impl ControlServer {
             .filter_map(|(_, c)| match c.phase {
                 Phase::Reading | Phase::Writing { .. } => Some(c.idle_deadline),
                 Phase::Waiting(Pending::Drain { until }) => until,
-                Phase::Waiting(Pending::Reload { .. }) => None,
+                Phase::Waiting(Pending::Reload { .. } | Pending::Restart { .. }) => None,
             })
             .min()
     }
@@ -503,7 +524,26 @@ impl Shell {
                     return None;
                 }
             }
-            Command::Restart(_) => error_reply("restart needs --spawn"),
+            Command::Restart(Some(instance)) if instance != 1 => error_reply(format_args!(
+                "no instance {instance}: there is one upstream"
+            )),
+            Command::Restart(_) => {
+                let service = self.core.stats().service;
+                if service.state.is_none() {
+                    error_reply("restart needs --spawn")
+                } else {
+                    self.core.handle_service_restart(now);
+                    self.drain(now);
+                    self.control_wait(
+                        slot,
+                        Pending::Restart {
+                            after: service.generation,
+                        },
+                    );
+                    self.control_answer_restarts(now);
+                    return None;
+                }
+            }
             Command::Kill(id) => {
                 if self.core.handle_kill(now, id) {
                     self.drain(now);
@@ -549,6 +589,8 @@ impl Shell {
         StatusSnapshot {
             core: self.core.status(now),
             draining,
+            upstream: self.config.upstream.to_string(),
+            service: self.core.stats().service,
         }
     }
 
@@ -702,6 +744,40 @@ impl Shell {
             server.close(&self.poll, slot);
         }
         self.control_answer_drains(now, None);
+        self.control_answer_restarts(now);
+    }
+
+    /// Answers `restart` commands whose new generation is ready (or whose
+    /// service failed).
+    fn control_answer_restarts(&mut self, now: u64) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let service = self.core.stats().service;
+        let answers: Vec<(usize, Vec<u8>)> = server
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| {
+                let Phase::Waiting(Pending::Restart { after }) = c.phase else {
+                    return None;
+                };
+                match service.state? {
+                    ServiceStateName::Failed => Some((slot, error_reply("upstream failed"))),
+                    ServiceStateName::Ready if service.generation > after => {
+                        let mut reply = Reply::default();
+                        reply
+                            .line("instance", 1)
+                            .field("gen", service.generation)
+                            .field("pid", service.pid.unwrap_or(0));
+                        Some((slot, reply.ok()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for (slot, reply) in answers {
+            self.control_reply(now, slot, reply);
+        }
     }
 
     /// The next control deadline, if any.
