@@ -5,7 +5,9 @@
 mod buffer;
 mod fds;
 mod hooks;
+mod http;
 mod log;
+mod metrics;
 mod net;
 mod relay;
 mod signals;
@@ -57,8 +59,14 @@ const LOG_SINK: Token = Token(4);
 /// How often lines waiting for a stderr the poll cannot watch are retried.
 const LOG_RETRY: Duration = Duration::from_millis(100);
 
+/// `--metrics`: the HTTP listener, and its connections' tokens.
+const METRICS_LISTENER: Token = Token(13);
+const FIRST_METRICS_CONN: usize = 32;
+const METRICS_CONNS: std::ops::Range<usize> =
+    FIRST_METRICS_CONN..FIRST_METRICS_CONN + http::MAX_CONNS;
+
 /// Connection tokens start here: two per slab slot, client then upstream.
-const FIRST_CONN_TOKEN: usize = 16;
+const FIRST_CONN_TOKEN: usize = 64;
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
@@ -162,6 +170,9 @@ pub(crate) struct Shell {
     /// Relays that used up their turn and must be pumped again, each once
     /// (see [`Relay::scheduled`]); each turn takes those queued before it.
     busy_relays: VecDeque<ConnRef>,
+    /// `--metrics`: the HTTP server and what only the shell counts; `None`
+    /// (and nothing recorded) without it.
+    metrics: Option<Box<metrics::Metrics>>,
 }
 
 struct Connecting {
@@ -236,6 +247,8 @@ impl Shell {
             line.field("error", e);
         }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
+        // Before the descriptor count at start, which then includes it.
+        let metrics = metrics::Metrics::start(&config, &poll, &mut logger)?;
         // Edge-triggered: one wake-up each time a stalled stderr gains room.
         let log_watched = logger.watch_fd().is_some_and(|fd| {
             poll.registry()
@@ -308,6 +321,7 @@ impl Shell {
             reload_again: false,
             accept_more: false,
             busy_relays: VecDeque::new(),
+            metrics,
         })
     }
 
@@ -344,7 +358,8 @@ impl Shell {
         };
         let mut events = Events::with_capacity(1024);
         loop {
-            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() {
+            let metrics_busy = self.metrics.as_ref().is_some_and(|m| m.wants_turn());
+            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() || metrics_busy {
                 Some(Duration::ZERO)
             } else {
                 self.core
@@ -354,6 +369,11 @@ impl Shell {
                         Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
                     })
             };
+            if let Some(deadline) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
+                let wait =
+                    Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
             if self.logger.has_pending() && !self.log_watched {
                 timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
             }
@@ -375,6 +395,10 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
+                    METRICS_LISTENER => self.metrics_listener_ready(),
+                    Token(token) if METRICS_CONNS.contains(&token) => {
+                        self.metrics_conn_ready(now, Token(token));
+                    }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -404,6 +428,7 @@ impl Shell {
             }
             self.core.handle_tick(now);
             self.drain(now);
+            self.metrics_turn(now);
             self.logger.flush();
             self.publish_stats();
             if self.core.is_finished() {
@@ -430,12 +455,17 @@ impl Shell {
                     outcome,
                     ended_by,
                     age_ms,
-                } => self.close(conn, outcome, ended_by, age_ms),
+                } => self.close(now, conn, outcome, ended_by, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => self.stop_accepting(),
                 Action::ResumeAccepting => self.accept_more = true,
-                Action::Log(event) => self.logger.event(&event),
+                Action::Log(event) => {
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.recorder.event(&event);
+                    }
+                    self.logger.event(&event);
+                }
                 Action::ReportIdle => {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
