@@ -271,6 +271,15 @@ pub(super) struct RunningHook {
     process: Option<HookProcess>,
 }
 
+impl RunningHook {
+    /// Descriptors it holds: its pidfd, if it is watched by one.
+    pub(super) fn open_fds(&self) -> usize {
+        self.process
+            .as_ref()
+            .map_or(0, |p| usize::from(p.pidfd().is_some()))
+    }
+}
+
 impl Shell {
     pub(super) fn reap(&mut self, now: u64) {
         let Some(RunningHook {

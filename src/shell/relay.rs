@@ -335,6 +335,15 @@ impl Relay {
         )
     }
 
+    /// Descriptors of the pipes its directions splice through.
+    pub fn pipe_fds(&self) -> usize {
+        [&self.up, &self.down]
+            .iter()
+            .filter(|d| matches!(d.held, Held::Pipe { .. }))
+            .count()
+            * 2
+    }
+
     /// Returns what the directions hold to the pool.
     pub fn release(self, pool: &mut ChannelPool) {
         pool.give_back(self.up.held);
