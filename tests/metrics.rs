@@ -215,12 +215,16 @@ fn the_exposition_parses_and_counts_a_known_scenario() {
     ]);
     let holder = holding(&proxy);
     let mut queued = Vec::new();
+    let head_connecting = Instant::now();
+    let mut head_accepted = None;
     for (i, conn) in [(b"b\n", 2), (b"c\n", 3)] {
         let mut client = proxy.connect();
         client.write_all(i).expect("write");
         proxy.expect_log(conn_event("accepted", conn), "accepted");
+        head_accepted.get_or_insert_with(Instant::now);
         queued.push(client);
     }
+    let head_accepted = head_accepted.expect("the head was accepted");
     let mut rejected = proxy.connect();
     expect_closed(&mut rejected, WAIT).expect("the fourth client is rejected");
     proxy.expect_log(closed_with(4, "rejected"), "closed conn=4 outcome=rejected");
@@ -228,7 +232,14 @@ fn the_exposition_parses_and_counts_a_known_scenario() {
     // Kept open, so the descriptors counted at the scrape are still open
     // when the test counts them.
     let mut scraper = connect(metrics);
-    let samples = parse(python, &scrape_on(&mut scraper));
+    // Let the head's wait grow well past the clock's millisecond steps.
+    wait_until(WAIT, || {
+        head_accepted.elapsed() >= Duration::from_millis(300)
+    });
+    let waited_at_least = head_accepted.elapsed().as_secs_f64();
+    let text = scrape_on(&mut scraper);
+    let waited_at_most = head_connecting.elapsed().as_secs_f64();
+    let samples = parse(python, &text);
     let open_fds = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
         .expect("/proc/PID/fd")
         .count();
@@ -237,7 +248,11 @@ fn the_exposition_parses_and_counts_a_known_scenario() {
     assert_eq!(sample(&samples, "tcplock_active_connections"), 1.0);
     assert_eq!(sample(&samples, "tcplock_permits"), 1.0);
     assert_eq!(sample(&samples, "tcplock_paused"), 0.0);
-    assert!(sample(&samples, "tcplock_oldest_wait_seconds") >= 0.0);
+    let oldest = sample(&samples, "tcplock_oldest_wait_seconds");
+    assert!(
+        oldest >= waited_at_least - 0.002 && oldest <= waited_at_most + 0.002,
+        "oldest wait {oldest} s, the head waited between {waited_at_least} and {waited_at_most} s"
+    );
     assert_eq!(
         sample(
             &samples,

@@ -53,8 +53,9 @@ pub(super) struct HttpServer {
     scratch: Vec<u8>,
     /// The listener may hold more connections than the last batch took.
     accept_more: bool,
-    /// Connections that stopped at [`REQUESTS_PER_TURN`] with requests left.
-    again: u32,
+    /// Connections to serve at the next [`HttpServer::turn`]: readiness
+    /// came, or they stopped at [`REQUESTS_PER_TURN`] with requests left.
+    ready: u32,
 }
 
 struct HttpConn {
@@ -134,7 +135,7 @@ impl HttpServer {
             conns: (0..MAX_CONNS).map(|_| None).collect(),
             scratch: Vec::new(),
             accept_more: false,
-            again: 0,
+            ready: 0,
         })
     }
 
@@ -149,7 +150,7 @@ impl HttpServer {
 
     /// Whether work is left for the next turn at once.
     pub(super) fn wants_turn(&self) -> bool {
-        self.accept_more || self.again != 0
+        self.accept_more || self.ready != 0
     }
 
     /// The earliest connection deadline.
@@ -170,8 +171,14 @@ impl HttpServer {
         self.accept_more = true;
     }
 
-    /// Accepts, closes connections past their deadline, and serves
-    /// connections with requests left from the last turn.
+    /// Connection `index` is readable or writable: it is served at the
+    /// next turn, after the core has seen the time of this one.
+    pub(super) fn conn_event(&mut self, index: usize) {
+        self.ready |= 1 << index;
+    }
+
+    /// Accepts, closes connections past their deadline, and serves the
+    /// connections that had events or requests left.
     pub(super) fn turn(&mut self, now: u64, registry: &Registry, render: &mut Render<'_>) {
         if self.accept_more {
             self.accept(now, registry);
@@ -182,9 +189,9 @@ impl HttpServer {
                 *conn = None;
             }
         }
-        let again = std::mem::take(&mut self.again);
+        let ready = std::mem::take(&mut self.ready);
         for index in 0..MAX_CONNS {
-            if again & (1 << index) != 0 {
+            if ready & (1 << index) != 0 {
                 self.conn_ready(now, index, render);
             }
         }
@@ -242,9 +249,9 @@ impl HttpServer {
         self.accept_more = true;
     }
 
-    /// Connection `index` is readable or writable: writes what is pending,
-    /// reads, and answers each complete request.
-    pub(super) fn conn_ready(&mut self, now: u64, index: usize, render: &mut Render<'_>) {
+    /// Serves connection `index`: writes what is pending, reads, and
+    /// answers each complete request.
+    fn conn_ready(&mut self, now: u64, index: usize, render: &mut Render<'_>) {
         let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
@@ -269,7 +276,7 @@ impl HttpServer {
             }
             if let Some(end) = head_end(&conn.head) {
                 if answered == REQUESTS_PER_TURN {
-                    self.again |= 1 << index;
+                    self.ready |= 1 << index;
                     break true;
                 }
                 answered += 1;

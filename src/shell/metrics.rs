@@ -75,28 +75,18 @@ impl Shell {
         }
     }
 
-    /// A metrics connection is readable or writable.
-    pub(super) fn metrics_conn_ready(&mut self, now: u64, token: Token) {
-        let fixed_fds = self.fixed_fds();
-        let Some(metrics) = self.metrics.as_deref_mut() else {
-            return;
-        };
-        let Some(index) = metrics.server.conn_index(token) else {
-            return;
-        };
-        let Metrics {
-            server,
-            recorder,
-            proc,
-        } = metrics;
-        let (core, io, logger) = (&self.core, &self.io, &self.logger);
-        let mut render = |out: &mut Vec<u8>| {
-            scrape(out, recorder, proc, core, io, logger, fixed_fds);
-        };
-        server.conn_ready(now, index, &mut render);
+    /// A metrics connection is readable or writable: served in
+    /// [`Shell::metrics_turn`], once the core is up to date.
+    pub(super) fn metrics_conn_ready(&mut self, token: Token) {
+        if let Some(metrics) = &mut self.metrics
+            && let Some(index) = metrics.server.conn_index(token)
+        {
+            metrics.server.conn_event(index);
+        }
     }
 
-    /// Accepts, expires and serves what is left from earlier turns.
+    /// Accepts, expires, and serves the connections that had events, after
+    /// the core took this turn's inputs and time.
     pub(super) fn metrics_turn(&mut self, now: u64) {
         let fixed_fds = self.fixed_fds();
         let Some(metrics) = self.metrics.as_deref_mut() else {

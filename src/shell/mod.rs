@@ -397,7 +397,7 @@ impl Shell {
                     HOOK_EXIT => self.reap(now),
                     METRICS_LISTENER => self.metrics_listener_ready(),
                     Token(token) if METRICS_CONNS.contains(&token) => {
-                        self.metrics_conn_ready(now, Token(token));
+                        self.metrics_conn_ready(Token(token));
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
