@@ -521,3 +521,30 @@ fn the_config_file_key_serves_metrics_and_a_taken_address_is_a_clear_error() {
     assert!(stderr.contains(&taken), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn the_library_builder_serves_metrics_and_refuses_a_bad_address() {
+    let up = Upstream::echo();
+    let port = unused_port();
+    // A port alone means loopback, as for the listen address.
+    let lock = quiet_lock(&up)
+        .metrics(&port.to_string())
+        .build()
+        .expect("build");
+    let handle = lock.handle();
+    let runner = std::thread::spawn(move || lock.run().expect("runs until stopped"));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(
+        request(metrics, "GET /metrics HTTP/1.1\r\n\r\n").status,
+        200
+    );
+    handle.stop();
+    assert!(wait_until(WAIT, || runner.is_finished()), "run() returned");
+
+    let error = quiet_lock(&up)
+        .metrics("not an address")
+        .build()
+        .err()
+        .expect("a bad metrics address is refused");
+    assert!(error.to_string().contains("metrics"), "{error}");
+}

@@ -170,7 +170,10 @@ settings! {
     metrics: Option<String> = None,
         key "metrics" value "ADDR", Addresses, reload false,
         parse |s| units::parse_listen(s).map(Some).map_err(|e| e.to_string()),
-        check |_| Ok(()),
+        check |addr| match addr {
+            Some(addr) => units::parse_listen(addr).map(drop).map_err(|e| e.to_string()),
+            None => Ok(()),
+        },
         help "serve Prometheus metrics over HTTP at\n\
               http://ADDR/metrics: PORT or HOST:PORT as for\n\
               -l (default: none)";

@@ -38,11 +38,10 @@ impl Metrics {
         let Some(addr) = &config.metrics else {
             return Ok(None);
         };
-        let addr = super::resolve(
-            "metrics address",
-            addr,
-            std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()),
-        )?[0];
+        // The builder's address comes as given: `PORT` alone means loopback.
+        let addr = crate::config::units::parse_listen(addr).unwrap_or_else(|_| addr.clone());
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str());
+        let addr = super::resolve("metrics address", &addr, resolved)?[0];
         let server = HttpServer::bind(addr, poll.registry(), METRICS_LISTENER, FIRST_METRICS_CONN)
             .map_err(|source| Error::Bind { addr, source })?;
         if let Some(line) = logger.line(LogLevel::Info, "metrics_listening") {
