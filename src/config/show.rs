@@ -179,6 +179,7 @@ mod tests {
         config.send_proxy = SendProxy::V2;
         config.accept_proxy = true;
         config.control = Some("/run/tcplock/control".into());
+        config.metrics = Some("127.0.0.1:9464".into());
         config
     }
 
