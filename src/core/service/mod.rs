@@ -847,16 +847,14 @@ impl Core {
         match &mut service.state {
             ServiceState::Ready {
                 generation, due, ..
-            } => {
-                if due.is_none() {
-                    *due = Some(reason);
-                    let generation = *generation;
-                    self.log(Event::RestartDue {
-                        generation,
-                        reason,
-                        rss_kib: None,
-                    });
-                }
+            } if due.is_none() => {
+                *due = Some(reason);
+                let generation = *generation;
+                self.log(Event::RestartDue {
+                    generation,
+                    reason,
+                    rss_kib: None,
+                });
             }
             ServiceState::Starting { .. } => {
                 // The old command or address is starting: no client uses it yet.
