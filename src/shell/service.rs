@@ -465,28 +465,31 @@ impl Shell {
         let Some(running) = &mut self.service.running else {
             return;
         };
+        // `Err`: reaped behind our back (a host ignoring SIGCHLD); the pidfd
+        // may still know how it ended, else the exit reads as code -1.
         let status = match &running.leader {
             Leader::Pidfd(child) => match sys::wait_exited(child, false) {
-                Ok(status) => status,
-                // Reaped behind our back (a host ignoring SIGCHLD): the
-                // pidfd may still know how it ended.
-                Err(_) => Some(sys::pidfd_exit_status(child.pidfd.as_fd()).unwrap_or(-1 << 8)),
+                Ok(status) => status.map(service_exit),
+                Err(_) => Some(
+                    sys::pidfd_exit_status(child.pidfd.as_fd())
+                        .map_or(ServiceExit::Code(-1), service_exit),
+                ),
             },
             Leader::Sigchld => match sys::reap_pid(running.pid) {
-                Ok(status) => status,
-                Err(_) => Some(-1 << 8),
+                Ok(status) => status.map(service_exit),
+                Err(_) => Some(ServiceExit::Code(-1)),
             },
             Leader::Reaped => None,
         };
-        let Some(status) = status else {
+        let Some(exit) = status else {
             return;
         };
-        self.leader_reaped(now, status);
+        self.leader_reaped(now, exit);
     }
 
-    /// The leader is reaped with `status`: forgotten as a child, its exit
-    /// reported. Its session's other processes remain the core's business.
-    fn leader_reaped(&mut self, now: u64, status: i32) {
+    /// The leader is reaped: forgotten as a child, its exit reported. Its
+    /// session's other processes remain the core's business.
+    fn leader_reaped(&mut self, now: u64, exit: ServiceExit) {
         let Some(running) = &mut self.service.running else {
             return;
         };
@@ -496,8 +499,7 @@ impl Shell {
         }
         running.leader = Leader::Reaped;
         let generation = running.generation;
-        self.core
-            .handle_service_exited(now, generation, service_exit(status));
+        self.core.handle_service_exited(now, generation, exit);
     }
 
     /// The service leader's pid, if it is a SIGCHLD child not yet reaped
@@ -512,7 +514,7 @@ impl Shell {
 
     /// PID 1 reaped the SIGCHLD-watched leader: its status is the service's.
     pub(super) fn service_leader_status(&mut self, now: u64, status: i32) {
-        self.leader_reaped(now, status);
+        self.leader_reaped(now, service_exit(status));
     }
 
     /// `Action::SampleService`: the live processes of the generation's
