@@ -339,3 +339,33 @@ fn a_crashed_service_is_replaced_by_a_new_generation() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(script);
 }
+
+#[test]
+fn a_process_a_hook_left_behind_keeps_a_working_stdout() {
+    let upstream = Upstream::echo();
+    let hook = "sh -c 'sleep 0.3; echo late-line; exec sleep 600' & echo daemon $!";
+    let proxy = Proxy::start(&["-u", &upstream.arg(), "--on-activate", hook]);
+    let mut client = proxy.connect();
+    roundtrip(&mut client, b"ping");
+    let said = proxy.expect_log(
+        |l| is_event(l, "output") && field(l, "line").is_some_and(|v| v.starts_with("daemon ")),
+        "the hook's line",
+    );
+    let daemon: u32 = field(&said, "line").expect("line=")["daemon ".len()..]
+        .parse()
+        .expect("a pid");
+    proxy.expect_log(event("hook_exited"), "the hook's exit");
+    // Written after the hook exited: still read and credited to the hook,
+    // and the writer did not die of SIGPIPE.
+    let late = proxy.expect_log(output("late-line"), "the daemon's line");
+    assert_eq!(
+        field(&late, "from").as_deref(),
+        Some("on-activate"),
+        "{late}"
+    );
+    let alive = proc_state(daemon).is_some_and(|(state, _)| state != 'Z');
+    let _ = Command::new("kill")
+        .args(["-KILL", &daemon.to_string()])
+        .status();
+    assert!(alive, "the daemon {daemon} died: {:?}", proc_state(daemon));
+}

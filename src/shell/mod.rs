@@ -7,6 +7,7 @@ mod fds;
 mod hooks;
 mod log;
 mod net;
+mod output;
 mod relay;
 mod service;
 mod signals;
@@ -40,8 +41,9 @@ use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 use net::resolve;
 pub(crate) use net::resolve_upstream;
+use output::Outputs;
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
-use service::{Outputs, ServiceIo, ServiceTable};
+use service::{ServiceIo, ServiceTable};
 use signals::watch_signals;
 
 const LISTENER: Token = Token(0);
@@ -420,12 +422,8 @@ impl Shell {
                     HOOK_EXIT => self.reap(now),
                     SERVICE_EXIT => self.service_exited(now),
                     SERVICE_PROBE => self.probe_ready(now, SocketEvent::of(event)),
-                    token if Outputs::slot_of(token).is_some() => {
-                        if let Some(slot) = Outputs::slot_of(token)
-                            && self.read_output(slot)
-                        {
-                            self.outputs.more = true;
-                        }
+                    SERVICE_STDOUT | SERVICE_STDERR | HOOK_STDOUT | HOOK_STDERR => {
+                        self.output_ready(event.token());
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;

@@ -1,46 +1,34 @@
 //! The supervised upstream (`--spawn`), the shell's side: the table naming
 //! the command for the core, the running generation's process (watched by
 //! its pidfd), the readiness probe, the four service actions (probe, spawn,
-//! sample, signal), reaping the session's orphans, and the output of the
-//! service and of hook processes, read through non-blocking pipes and logged
-//! line by line. Every decision (when to start, probe, stop, give up) is the
-//! core's.
+//! sample, signal) and reaping the session's orphans. Its output goes
+//! through the pipes of [`super::output`]. Every decision (when to start,
+//! probe, stop, give up) is the core's.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
+use mio::Interest;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
 
 use super::net::{ConnectResult, connect_result};
+use super::output::{Source, Writer};
 use super::relay::SocketEvent;
-use super::{
-    HOOK_STDERR, HOOK_STDOUT, SERVICE_EXIT, SERVICE_PROBE, SERVICE_STDERR, SERVICE_STDOUT, Shell,
-};
+use super::{SERVICE_EXIT, SERVICE_PROBE, Shell};
 use crate::config::units::HostPort;
 use crate::config::{Config, LogLevel};
-use crate::core::{
-    Generation, HookId, HookKind, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal,
-};
+use crate::core::{Generation, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal};
 use crate::sys::{self, ExecSpec, WatchedChild};
-
-/// Longest line of a child's output logged as it is; the rest of a longer
-/// line is dropped and the line marked `truncated=true`.
-pub(super) const MAX_LINE: usize = 4096;
 
 /// How long a readiness probe may wait for an answer: a black hole (SYNs
 /// dropped) answers "not yet" after this, not after the kernel's minutes.
 const PROBE_TIMEOUT_MS: u64 = 1_000;
-
-/// Reads of one output pipe per loop turn before the others get their turn;
-/// a service that writes without pause is read again next turn.
-const READS_PER_TURN: usize = 8;
 
 /// Environment variables never passed to the service: systemd's
 /// notification socket, socket activation and watchdog are tcplock's, not
@@ -133,97 +121,11 @@ impl RunningService {
 struct Probe {
     generation: Generation,
     socket: TcpStream,
+    /// The loop turn the socket was made in: that turn's events belong to
+    /// an earlier probe's socket.
+    since_turn: u64,
     /// Core ms after which the probe answers "not answered".
     deadline: u64,
-}
-
-/// Whose output a pipe carries, for the `from=` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum OutputSource {
-    Upstream(Generation),
-    Hook {
-        hook: HookId,
-        kind: HookKind,
-        generation: Option<Generation>,
-    },
-}
-
-/// One output pipe of a child, read without blocking, split into lines.
-pub(super) struct OutputPipe {
-    file: File,
-    source: OutputSource,
-    lines: LineSplitter,
-}
-
-/// The four output pipes the loop reads, by slot: the service's stdout and
-/// stderr, the running hook's stdout and stderr.
-#[derive(Default)]
-pub(super) struct Outputs {
-    pipes: [Option<OutputPipe>; 4],
-    /// Some pipe used up its reads for the turn and may hold more.
-    pub(super) more: bool,
-}
-
-const OUTPUT_TOKENS: [Token; 4] = [SERVICE_STDOUT, SERVICE_STDERR, HOOK_STDOUT, HOOK_STDERR];
-
-/// Slots of [`Outputs`].
-pub(super) const SERVICE_OUTPUT: [usize; 2] = [0, 1];
-pub(super) const HOOK_OUTPUT: [usize; 2] = [2, 3];
-
-impl Outputs {
-    /// The slot a poll token names, if it names an output pipe.
-    pub(super) fn slot_of(token: Token) -> Option<usize> {
-        OUTPUT_TOKENS.iter().position(|t| *t == token)
-    }
-}
-
-/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes (without
-/// the newline); a longer line is cut there and the rest of it dropped.
-#[derive(Default)]
-pub(super) struct LineSplitter {
-    partial: Vec<u8>,
-    /// Dropping the rest of a line that was cut.
-    cutting: bool,
-}
-
-impl LineSplitter {
-    /// Feeds bytes; `emit(line, cut)` gets each line completed by them.
-    pub(super) fn feed(&mut self, bytes: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
-        let mut rest = bytes;
-        loop {
-            let newline = rest.iter().position(|b| *b == b'\n');
-            let segment = &rest[..newline.unwrap_or(rest.len())];
-            if !self.cutting {
-                let room = MAX_LINE - self.partial.len();
-                if segment.len() > room {
-                    self.partial.extend_from_slice(&segment[..room]);
-                    emit(&self.partial, true);
-                    self.partial.clear();
-                    self.cutting = true;
-                } else {
-                    self.partial.extend_from_slice(segment);
-                }
-            }
-            let Some(at) = newline else {
-                return;
-            };
-            if !self.cutting {
-                emit(&self.partial, false);
-            }
-            self.partial.clear();
-            self.cutting = false;
-            rest = &rest[at + 1..];
-        }
-    }
-
-    /// End of stream: a last line without a newline is a line too.
-    pub(super) fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
-        if !self.cutting && !self.partial.is_empty() {
-            emit(&self.partial, false);
-        }
-        self.partial = Vec::new();
-        self.cutting = false;
-    }
 }
 
 /// The service's environment: ours without [`SCRUBBED`] and without any
@@ -309,6 +211,7 @@ impl Shell {
                 self.service.probe = Some(Probe {
                     generation,
                     socket,
+                    since_turn: self.turn,
                     deadline: now.saturating_add(PROBE_TIMEOUT_MS),
                 });
             }
@@ -326,7 +229,12 @@ impl Shell {
 
     /// The probe socket's readiness.
     pub(super) fn probe_ready(&mut self, now: u64, event: SocketEvent) {
-        let Some(probe) = &self.service.probe else {
+        let Some(probe) = self
+            .service
+            .probe
+            .as_ref()
+            .filter(|probe| probe.since_turn != self.turn)
+        else {
             return;
         };
         let answered = match connect_result(&probe.socket, event) {
@@ -384,11 +292,8 @@ impl Shell {
             .get(run)
             .cloned()
             .ok_or_else(|| io::Error::other("no such service command (changed by a reload)"))?;
-        // What is left of an earlier generation's output is read now; its
-        // pipes make room for this one's.
-        for slot in SERVICE_OUTPUT {
-            self.close_output(slot, true);
-        }
+        // What an earlier generation left in the pipes is credited to it.
+        self.output_from(Source::Service, Writer::Upstream(generation));
         let ours = [
             ("TCPLOCK_UPSTREAM_HOST", command.upstream.host.clone()),
             ("TCPLOCK_UPSTREAM_PORT", command.upstream.port.to_string()),
@@ -402,8 +307,7 @@ impl Shell {
         let argv = [program, c"-c", script.as_c_str()];
         let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
-        let (out_read, out_write) = sys::output_pipe()?;
-        let (err_read, err_write) = sys::output_pipe()?;
+        let [out_write, err_write] = self.output_writers(Source::Service)?;
         let spec = ExecSpec {
             program,
             argv: &argv,
@@ -421,9 +325,6 @@ impl Shell {
             pid,
             leader,
         });
-        let source = OutputSource::Upstream(generation);
-        self.open_output(SERVICE_OUTPUT[0], out_read, source);
-        self.open_output(SERVICE_OUTPUT[1], err_read, source);
         Ok(pid)
     }
 
@@ -634,96 +535,6 @@ impl Shell {
         }
     }
 
-    /// Starts reading a child's output pipe in `slot`. A pipe the poll
-    /// refuses is dropped: the child's writes then fail, it is not stalled.
-    pub(super) fn open_output(&mut self, slot: usize, read: OwnedFd, source: OutputSource) {
-        self.close_output(slot, true);
-        let raw = read.as_raw_fd();
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&raw),
-            OUTPUT_TOKENS[slot],
-            Interest::READABLE,
-        ) {
-            if let Some(line) = self.logger.line(LogLevel::Warn, "output_unwatched") {
-                line.field("error", e);
-            }
-            return;
-        }
-        self.outputs.pipes[slot] = Some(OutputPipe {
-            file: File::from(read),
-            source,
-            lines: LineSplitter::default(),
-        });
-        // Whatever is already in it would raise no new edge.
-        self.outputs.more = true;
-    }
-
-    /// Reads what is there, then stops watching the pipe (`drain_first`:
-    /// a last read of what the child left in it, bounded).
-    pub(super) fn close_output(&mut self, slot: usize, drain_first: bool) {
-        if drain_first && self.outputs.pipes[slot].is_some() {
-            for _ in 0..8 {
-                if !self.read_output(slot) {
-                    break;
-                }
-            }
-        }
-        if let Some(mut pipe) = self.outputs.pipes[slot].take() {
-            let raw = pipe.file.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-            let source = pipe.source;
-            let logger = &mut self.logger;
-            pipe.lines
-                .finish(&mut |line, cut| log_output(logger, source, line, cut));
-        }
-    }
-
-    /// Reads every output pipe that may hold bytes (all of them after a
-    /// turn that left some unread).
-    pub(super) fn read_outputs(&mut self) {
-        self.outputs.more = false;
-        for slot in 0..self.outputs.pipes.len() {
-            if self.read_output(slot) {
-                self.outputs.more = true;
-            }
-        }
-    }
-
-    /// The pipe in `slot` is readable: reads up to [`READS_PER_TURN`]
-    /// times, logging each line. Returns whether more may be waiting. At
-    /// end of stream (every writer gone) the pipe is closed.
-    pub(super) fn read_output(&mut self, slot: usize) -> bool {
-        let mut buf = [0u8; 8192];
-        for _ in 0..READS_PER_TURN {
-            let Some(pipe) = &mut self.outputs.pipes[slot] else {
-                return false;
-            };
-            match pipe.file.read(&mut buf) {
-                Ok(0) => {
-                    self.close_output(slot, false);
-                    return false;
-                }
-                Ok(n) => {
-                    let source = pipe.source;
-                    let logger = &mut self.logger;
-                    pipe.lines.feed(&buf[..n], &mut |line, cut| {
-                        log_output(logger, source, line, cut)
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if let Some(line) = self.logger.line(LogLevel::Warn, "output_failed") {
-                        line.field("error", e);
-                    }
-                    self.close_output(slot, false);
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
     /// How long the poll may sleep before the shell's own service deadline
     /// (the probe's), given `timeout` from the core.
     pub(super) fn service_timeout(&self, now: u64, timeout: Option<Duration>) -> Option<Duration> {
@@ -740,38 +551,6 @@ impl Shell {
     }
 }
 
-/// `level=info event=output from=upstream|on-activate|on-timeout gen=N
-/// line="..."`, and `truncated=true` for a line cut at [`MAX_LINE`].
-fn log_output(logger: &mut super::Logger, source: OutputSource, bytes: &[u8], cut: bool) {
-    let Some(line) = logger.line(LogLevel::Info, "output") else {
-        return;
-    };
-    let text = String::from_utf8_lossy(bytes);
-    let line = match source {
-        OutputSource::Upstream(generation) => {
-            line.field("from", "upstream").field("gen", generation)
-        }
-        OutputSource::Hook {
-            hook,
-            kind,
-            generation,
-        } => line
-            .field(
-                "from",
-                match kind {
-                    HookKind::Activate => "on-activate",
-                    HookKind::Timeout => "on-timeout",
-                },
-            )
-            .field_opt("gen", generation)
-            .field("hook", hook),
-    };
-    let line = line.field("line", text);
-    if cut {
-        line.field("truncated", true);
-    }
-}
-
 /// An error as one line, for `upstream_start_failed why=`.
 fn one_line(error: &io::Error) -> String {
     error.to_string().replace(['\n', '\r'], " ")
@@ -780,61 +559,6 @@ fn one_line(error: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split(chunks: &[&[u8]]) -> Vec<(String, bool)> {
-        let mut lines = Vec::new();
-        let mut splitter = LineSplitter::default();
-        let mut emit = |line: &[u8], cut: bool| {
-            lines.push((String::from_utf8_lossy(line).into_owned(), cut));
-        };
-        for chunk in chunks {
-            splitter.feed(chunk, &mut emit);
-        }
-        splitter.finish(&mut emit);
-        lines
-    }
-
-    #[test]
-    fn lines_are_split_across_reads_and_a_last_partial_line_counts() {
-        let lines = split(&[b"one\ntw", b"o\n\nthr", b"ee"]);
-        let want: Vec<(String, bool)> = ["one", "two", "", "three"]
-            .iter()
-            .map(|s| (s.to_string(), false))
-            .collect();
-        assert_eq!(lines, want);
-    }
-
-    #[test]
-    fn a_line_longer_than_the_cap_is_cut_once_and_the_rest_dropped() {
-        let long = vec![b'x'; MAX_LINE * 3 + 17];
-        let exact = vec![b'y'; MAX_LINE];
-        // The long line arrives in odd pieces, the exact one whole.
-        let mut chunks: Vec<&[u8]> = long.chunks(1000).collect();
-        chunks.push(b"\n");
-        chunks.push(&exact);
-        chunks.push(b"\nafter\n");
-        let lines = split(&chunks);
-        assert_eq!(
-            lines.len(),
-            3,
-            "{:?}",
-            lines.iter().map(|l| l.0.len()).collect::<Vec<_>>()
-        );
-        assert_eq!(lines[0], ("x".repeat(MAX_LINE), true));
-        assert_eq!(lines[1], ("y".repeat(MAX_LINE), false));
-        assert_eq!(lines[2], ("after".to_string(), false));
-    }
-
-    #[test]
-    fn a_cut_line_ending_exactly_at_a_read_boundary_does_not_leak_into_the_next() {
-        let mut over = vec![b'z'; MAX_LINE + 1];
-        over.push(b'\n');
-        let lines = split(&[&over, b"next"]);
-        assert_eq!(
-            lines,
-            vec![("z".repeat(MAX_LINE), true), ("next".to_string(), false)]
-        );
-    }
 
     #[test]
     fn the_service_env_drops_systemd_variables_and_sets_ours() {
