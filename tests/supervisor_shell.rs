@@ -369,3 +369,24 @@ fn a_process_a_hook_left_behind_keeps_a_working_stdout() {
         .status();
     assert!(alive, "the daemon {daemon} died: {:?}", proc_state(daemon));
 }
+
+#[test]
+fn a_service_flooding_its_output_is_read_to_the_end_while_clients_are_served() {
+    let script = server_script("flood");
+    // 50 MB without a newline (one line, cut), then a line saying so.
+    let prelude = "(head -c 50000000 /dev/zero | tr '\\0' x; echo; echo flood-done) & ";
+    let args = spawn_args(unused_port(), prelude, &script, "");
+    let proxy = Proxy::start(&strs(&args));
+    proxy.expect_log(event("upstream_ready"), "the service ready");
+    for _ in 0..20 {
+        greeted(&proxy);
+    }
+    // Every byte was read (the writer was never left blocked on a full
+    // pipe), and dropped past the cap rather than logged.
+    proxy.expect_log(output("flood-done"), "the end of the flood");
+    let cut = proxy
+        .matching(|l| is_event(l, "output") && field(l, "truncated").as_deref() == Some("true"));
+    assert_eq!(cut.len(), 1, "{cut:#?}");
+    assert_eq!(field(&cut[0], "line"), Some("x".repeat(4096)));
+    let _ = std::fs::remove_file(script);
+}

@@ -29,12 +29,17 @@ pub(super) const MAX_LINE: usize = 4096;
 
 /// Reads of one pipe per loop turn before the others get their turn; a
 /// child that writes without pause is read again next turn.
-const READS_PER_TURN: usize = 8;
+const READS_PER_TURN: usize = 16;
+
+/// Lines of one pipe per loop turn: logging a line costs far more than
+/// reading it, so a flood of short lines is paced by this, not by
+/// [`READS_PER_TURN`].
+const LINES_PER_TURN: usize = 1024;
 
 /// Reads of one pipe when its writer has exited: enough for a full pipe.
-const READS_AT_EXIT: usize = 16;
+const READS_AT_EXIT: usize = 32;
 
-const READ_CHUNK: usize = 8192;
+const READ_CHUNK: usize = 4096;
 
 /// Whose output a pipe carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +170,11 @@ impl Shell {
     fn read_output(&mut self, slot: usize) -> bool {
         let mut buf = [0u8; READ_CHUNK];
         let writer = self.outputs.writers[slot / 2];
+        let mut lines = 0;
         for _ in 0..READS_PER_TURN {
+            if lines >= LINES_PER_TURN {
+                break;
+            }
             let Some(pipe) = &mut self.outputs.pipes[slot] else {
                 return false;
             };
@@ -173,7 +182,8 @@ impl Shell {
                 Ok(n) if n > 0 => {
                     let logger = &mut self.logger;
                     pipe.lines.feed(&buf[..n], &mut |line, cut| {
-                        log_output(logger, writer, line, cut)
+                        lines += 1;
+                        log_output(logger, writer, line, cut);
                     });
                     continue;
                 }
