@@ -791,6 +791,60 @@ pub fn scan_processes(mut keep: impl FnMut(&ProcStat) -> bool) -> io::Result<Vec
     Ok(found)
 }
 
+/// Every descendant of `root` (children, their children, ...), found
+/// through `/proc/PID/task/TID/children` rather than a scan of every
+/// process: the cost follows the size of the tree, not of the host. An
+/// error when the kernel does not list children (`CONFIG_PROC_CHILDREN`);
+/// a process that goes away while being read is skipped. At most `limit`.
+pub fn descendants(root: u32, limit: usize) -> io::Result<Vec<ProcStat>> {
+    let mut found: Vec<ProcStat> = Vec::new();
+    let (mut children, mut stat) = (String::new(), String::new());
+    let mut queue = std::collections::VecDeque::from([root]);
+    let mut listed_any = false;
+    while let Some(pid) = queue.pop_front() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let mut path = task.path();
+            path.push("children");
+            match read_into(&path, &mut children) {
+                Ok(()) => listed_any = true,
+                // The root's first list tells whether the kernel has them.
+                Err(e) if !listed_any => return Err(e),
+                Err(_) => continue,
+            }
+            for child in children.split_ascii_whitespace() {
+                let Ok(child) = child.parse() else { continue };
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+                let path = std::path::PathBuf::from(format!("/proc/{child}/stat"));
+                if read_into(&path, &mut stat).is_ok()
+                    && let Some(parsed) = parse_proc_stat(&stat)
+                {
+                    found.push(parsed);
+                    queue.push_back(child);
+                }
+            }
+        }
+    }
+    if !listed_any {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("/proc/{root}/task/*/children not readable"),
+        ));
+    }
+    Ok(found)
+}
+
+fn read_into(path: &std::path::Path, text: &mut String) -> io::Result<()> {
+    use std::io::Read;
+    text.clear();
+    std::fs::File::open(path)?.read_to_string(text)?;
+    Ok(())
+}
+
 /// The size of a memory page in KiB, for [`ProcStat::rss_pages`].
 pub fn page_size_kib() -> u64 {
     // SAFETY: sysconf takes a plain integer and touches no memory of ours.
@@ -1077,6 +1131,38 @@ mod tests {
         assert_eq!(found[0].pgrp, pgrp);
         assert!(found[0].rss_pages > 0);
         assert!(page_size_kib() >= 4);
+    }
+
+    #[test]
+    fn descendants_are_found_through_the_children_lists() {
+        let (pid, _) = own_ids();
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("spawn");
+        let shell = child.id();
+        let mut found = Vec::new();
+        for _ in 0..1000 {
+            found = descendants(pid, 1000).expect("children lists");
+            if found.iter().any(|p| p.ppid == shell) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for grandchild in found.iter().filter(|p| p.ppid == shell) {
+            let _ = signal_pid(grandchild.pid, libc::SIGKILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found.iter().any(|p| p.pid == shell && p.ppid == pid),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.ppid == shell),
+            "the grandchild: {found:?}"
+        );
+        assert!(descendants(4_000_000, 10).is_err());
     }
 
     #[test]

@@ -30,6 +30,9 @@ use crate::sys::{self, ExecSpec, WatchedChild};
 /// dropped) answers "not yet" after this, not after the kernel's minutes.
 const PROBE_TIMEOUT_MS: u64 = 1_000;
 
+/// Most of our descendants looked at when measuring the service.
+const MAX_TREE: usize = 65_536;
+
 /// Environment variables never passed to the service: systemd's
 /// notification socket, socket activation and watchdog are tcplock's, not
 /// its child's (`LISTEN_*` and `WATCHDOG_*` are prefixes).
@@ -89,7 +92,9 @@ pub(super) struct ServiceIo {
     pub(super) table: ServiceTable,
     running: Option<RunningService>,
     probe: Option<Probe>,
-    /// `PR_SET_CHILD_SUBREAPER` is set (it stays set).
+    /// Set up for supervising: SIGCHLD watched, subreaper asked for.
+    supervised: bool,
+    /// `PR_SET_CHILD_SUBREAPER` is in force (it stays so).
     subreaper: bool,
 }
 
@@ -179,14 +184,17 @@ impl Shell {
     /// `--spawn` is configured: orphans of the service come to us (child
     /// subreaper) and their exits are noticed (SIGCHLD). Once.
     pub(super) fn supervise(&mut self) {
-        if self.service.subreaper || self.config.spawn.is_none() {
+        if self.service.supervised || self.config.spawn.is_none() {
             return;
         }
-        self.service.subreaper = true;
-        if let Err(e) = sys::set_child_subreaper()
-            && let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed")
-        {
-            line.field("error", e);
+        self.service.supervised = true;
+        match sys::set_child_subreaper() {
+            Ok(()) => self.service.subreaper = true,
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed") {
+                    line.field("error", e);
+                }
+            }
         }
         if let Err(e) = self.watch_sigchld()
             && let Some(line) = self.logger.line(LogLevel::Warn, "sigchld_unwatched")
@@ -480,7 +488,17 @@ impl Shell {
             .map(|running| running.pid)
     }
 
+    /// The processes of `session`. As a subreaper, every one of them is a
+    /// descendant of ours (an orphan comes to us), so walking our own tree
+    /// finds them at a cost that follows its size; otherwise, or where the
+    /// kernel lists no children, every process is looked at.
     fn session_members(&mut self, session: u32) -> Vec<sys::ProcStat> {
+        if self.service.subreaper
+            && let Ok(mut tree) = sys::descendants(sys::own_ids().0, MAX_TREE)
+        {
+            tree.retain(|p| p.session == session);
+            return tree;
+        }
         match sys::scan_processes(|p| p.session == session) {
             Ok(members) => members,
             Err(e) => {
@@ -497,7 +515,7 @@ impl Shell {
     /// outside our own process group that nobody else waits for; a host's
     /// own children (in our group) are left to the host.
     pub(super) fn reap_service_orphans(&mut self) {
-        if !self.service.subreaper {
+        if !self.service.supervised {
             return;
         }
         let (own_pid, own_group) = sys::own_ids();
