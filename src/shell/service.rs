@@ -488,19 +488,25 @@ impl Shell {
             .map(|running| running.pid)
     }
 
-    /// The processes of `session`. As a subreaper, every one of them is a
-    /// descendant of ours (an orphan comes to us), so walking our own tree
-    /// finds them at a cost that follows its size; otherwise, or where the
-    /// kernel lists no children, every process is looked at.
+    /// The processes of `session`: as a subreaper, every one of them is a
+    /// descendant of ours (an orphan comes to us).
     fn session_members(&mut self, session: u32) -> Vec<sys::ProcStat> {
+        self.processes(|p| p.session == session)
+    }
+
+    /// The processes `keep` accepts among those that may concern us: our
+    /// descendants as a subreaper (a walk of our own tree, whose cost
+    /// follows its size), else every process (where the kernel lists no
+    /// children, or orphans go to init).
+    fn processes(&mut self, keep: impl Fn(&sys::ProcStat) -> bool) -> Vec<sys::ProcStat> {
         if self.service.subreaper
             && let Ok(mut tree) = sys::descendants(sys::own_ids().0, MAX_TREE)
         {
-            tree.retain(|p| p.session == session);
+            tree.retain(keep);
             return tree;
         }
-        match sys::scan_processes(|p| p.session == session) {
-            Ok(members) => members,
+        match sys::scan_processes(keep) {
+            Ok(found) => found,
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Warn, "proc_scan_failed") {
                     line.field("error", e);
@@ -519,11 +525,8 @@ impl Shell {
             return;
         }
         let (own_pid, own_group) = sys::own_ids();
-        let zombies =
-            sys::scan_processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
-        if let Ok(zombies) = zombies {
-            self.reap_zombies(&zombies);
-        }
+        let zombies = self.processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
+        self.reap_zombies(&zombies);
     }
 
     /// Reaps those of `processes` that are exited children of ours and not
