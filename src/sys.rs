@@ -135,6 +135,110 @@ fn set_option<T>(
     Ok(())
 }
 
+/// The first descriptor a service manager passes (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: i32 = 3;
+
+/// Whether [`take_listen_fd`] has handed out the passed descriptor.
+static LISTEN_FD_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of descriptor 3, which a service manager's socket
+/// activation (`LISTEN_PID` naming this process, `LISTEN_FDS=1`) passes to
+/// the process, and marks it close-on-exec so no hook or child inherits the
+/// listening socket. The caller checks the environment first: only then is
+/// descriptor 3 the process's to take. At most once per process; a second
+/// call, or a descriptor 3 that is not open, is an error.
+pub fn take_listen_fd() -> io::Result<OwnedFd> {
+    use std::sync::atomic::Ordering;
+    let fd = LISTEN_FDS_START;
+    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number
+    // fails with EBADF and touches nothing.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if LISTEN_FD_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the passed socket was taken already",
+        ));
+    }
+    // SAFETY: as above, on a descriptor just seen open; only its flags change.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: descriptor 3 is open, the socket-activation protocol the caller
+    // checked hands it to this process, and the flag above lets only one
+    // owner ever be made from it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a socket is, as the kernel reports it: for a descriptor passed in
+/// from outside, before it is used as a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketKind {
+    /// `SO_TYPE` is `SOCK_STREAM`.
+    pub stream: bool,
+    /// `SO_ACCEPTCONN`: `listen` was called on it.
+    pub listening: bool,
+    /// `SO_DOMAIN` is `AF_INET` or `AF_INET6`.
+    pub inet: bool,
+}
+
+/// [`SocketKind`] of `socket`; a descriptor that is no socket fails with
+/// `ENOTSOCK`.
+pub fn socket_kind(socket: BorrowedFd<'_>) -> io::Result<SocketKind> {
+    let kind = get_option_int(socket, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let listening = get_option_int(socket, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)?;
+    let domain = get_option_int(socket, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    Ok(SocketKind {
+        stream: kind == libc::SOCK_STREAM,
+        listening: listening != 0,
+        inet: domain == libc::AF_INET || domain == libc::AF_INET6,
+    })
+}
+
+/// `getsockopt` of an `int` option.
+fn get_option_int(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live and writable and `len` is the size
+    // of `value`; the descriptor is borrowed, so it stays open for the call.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC=`
+/// is read on (std's `Instant` uses it too but does not show its value).
+pub fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the
+    // call; CLOCK_MONOTONIC always exists on Linux.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
+    secs.saturating_mul(1_000_000).saturating_add(micros)
+}
+
 /// Whether an accept error means "out of file descriptors": the loop then
 /// stops accepting until a connection closes instead of spinning.
 pub fn is_fd_exhaustion(error: &io::Error) -> bool {
@@ -982,6 +1086,67 @@ fn poll_writable(fd: libc::c_int, timeout_ms: i32) -> bool {
     // SAFETY: one live, writable pollfd, and the count passed is 1.
     let ready = unsafe { libc::poll(&mut watched, 1, timeout_ms) };
     ready > 0 && watched.revents & libc::POLLOUT != 0
+}
+
+/// A listening Unix stream socket bound at `path` (which must not exist),
+/// non-blocking and close-on-exec, whose file is created with mode 0600
+/// whatever the umask: the socket is `fchmod`ed before `bind`, and Linux
+/// creates the file with the socket's mode, so it is never wider.
+pub fn bind_private_unix_listener(
+    path: &std::path::Path,
+    backlog: i32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a valid Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `socket` is an open descriptor for the duration of the call.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` lies within it.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is an open, bound socket.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } != 0 {
+        let error = io::Error::last_os_error();
+        // The file is ours, made by the bind just now.
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    Ok(std::os::unix::net::UnixListener::from(socket))
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ enum Event {
     ClientEof(u8),
     HoldersIdle(Span),
     ProxyHeader(u8, Header),
+    Pause,
+    Resume,
+    Kill(u8),
 }
 
 /// What an `--accept-proxy` client's header turned out to be.
@@ -221,6 +224,9 @@ impl Event {
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,
             Event::HoldersIdle(span) => Op::HoldersIdle(span.ms()),
+            Event::Pause => Op::Pause,
+            Event::Resume => Op::Resume,
+            Event::Kill(i) => Op::Kill(*i),
             Event::Stray(i, stray) => Op::Stray(
                 *i,
                 match stray {

@@ -64,6 +64,8 @@ pub(crate) struct Spec {
     /// Copies the value from the config in force (for a reload that may not
     /// change it).
     pub(crate) keep: fn(&mut Config, &Config),
+    /// The value in force as the config file writes it (`--check`).
+    pub(crate) show: fn(&Config) -> String,
 }
 
 /// Shows the flag as the user may have typed it: `-n/--permits` or `--max-queue`.
@@ -150,6 +152,7 @@ macro_rules! settings {
                     },
                     differs: |old, new| old.$field != new.$field,
                     keep: |new, old| new.$field = old.$field.clone(),
+                    show: |config| crate::config::show::Show::show(&config.$field),
                 },
             )*
         ];
@@ -354,6 +357,14 @@ settings! {
         parse |s| parse_count(s),
         check |_| Ok(()),
         help "failed starts before giving up (default: 5)";
+    /// A Unix socket for `tcplock ctl`, created mode 0600 and removed on
+    /// exit. `None`: no control socket.
+    control: Option<PathBuf> = None,
+        key "control" value "PATH", Other, reload false,
+        parse |s| parse_control_path(s),
+        check |_| Ok(()),
+        help "serve `tcplock ctl` commands on this Unix socket\n\
+              (mode 0600); fixed at start-up (default: none)";
 }
 
 /// `--restart-on`: a comma list of `timeout`, `connect_failed`,
@@ -371,6 +382,47 @@ fn parse_restart_on(text: &str) -> Result<RestartOn, String> {
     }
     Ok(on)
 }
+
+/// `--restart-on` as the file reads it, for `--check`.
+impl crate::config::show::Show for RestartOn {
+    fn show(&self) -> String {
+        let names = [
+            (self.timeout, "timeout"),
+            (self.connect_failed, "connect_failed"),
+            (self.upstream_error, "upstream_error"),
+        ];
+        let on: Vec<&str> = names
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if on.is_empty() {
+            "none".to_string()
+        } else {
+            on.join(",")
+        }
+    }
+}
+
+/// A control socket path, short enough for a `sockaddr_un`; empty is none,
+/// as for the other optional settings (and as `--check` writes it).
+fn parse_control_path(s: &str) -> Result<Option<PathBuf>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_CONTROL_PATH {
+        return Err(format!(
+            "longer than {MAX_CONTROL_PATH} bytes, the most a Unix socket path holds"
+        ));
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL byte".to_string());
+    }
+    Ok(Some(PathBuf::from(s)))
+}
+
+/// The longest path a `sockaddr_un` holds, its NUL aside.
+pub const MAX_CONTROL_PATH: usize = 107;
 
 /// How long an `--accept-proxy` client has to send its whole header.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -392,6 +444,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
     Spec {
         key: "proxy-host",
@@ -407,6 +460,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
 ];
 
@@ -513,6 +567,12 @@ macro_rules! choices {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+
+        impl crate::config::show::Show for $name {
+            fn show(&self) -> String {
+                self.as_str().to_string()
             }
         }
     )*};

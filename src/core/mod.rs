@@ -22,6 +22,7 @@
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+mod operator;
 mod queue;
 mod service;
 pub(crate) mod timer;
@@ -30,6 +31,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use operator::{CoreStatus, PositionError, Target};
 pub use types::{
     Action, ConnId, ConnRef, EndedBy, Event, Generation, HookContext, HookExit, HookId, HookKind,
     HookRef, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd,
@@ -107,6 +109,12 @@ pub struct Core {
     /// `--spawn`: the supervised upstream. It outlives a reload that turns
     /// supervision off until it has stopped.
     service: Option<Service>,
+    /// An operator paused activations (`pause`, `drain`): clients are still
+    /// accepted, queued and timed out, but none is let through.
+    paused: bool,
+    /// Moving average of recent proxying durations, in ms, for `position`'s
+    /// ETA; `None` until one connection finished proxying.
+    proxy_ms_avg: Option<u64>,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -146,6 +154,9 @@ enum ConnState {
     Activating(Activation),
     Proxying {
         ttl: Option<TimerKey>,
+        /// When it started proxying, for `conns` and the duration average.
+        /// No larger than `Activating`, so a queued client pays nothing.
+        since: u64,
     },
 }
 
@@ -253,6 +264,8 @@ impl Core {
             idle_asked: false,
             stall_warned: false,
             service: None,
+            paused: false,
+            proxy_ms_avg: None,
         }
         .started(now)
     }
@@ -460,7 +473,7 @@ impl Core {
             self.timers
                 .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
         });
-        c.state = ConnState::Proxying { ttl };
+        c.state = ConnState::Proxying { ttl, since: now };
         let (client, via, accepted_at) = (c.client, c.via.as_deref().copied(), c.accepted_at);
         self.cancel(deadline);
         self.cancel(attempt);
@@ -902,7 +915,7 @@ impl Core {
                 self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
                 return;
             }
-            if self.active >= self.settings.permits as usize {
+            if self.paused || self.active >= self.settings.permits as usize {
                 return;
             }
             let Some(head) = self.queue.front() else {
@@ -1087,7 +1100,7 @@ impl Core {
             }
             Deadline::Ttl(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
-                    && let ConnState::Proxying { ttl } = &mut c.state
+                    && let ConnState::Proxying { ttl, .. } = &mut c.state
                 {
                     *ttl = None;
                     let client = c.client;
@@ -1292,12 +1305,13 @@ impl Core {
                     self.cancel(attempt);
                 }
             }
-            ConnState::Proxying { ttl } => {
+            ConnState::Proxying { ttl, since } => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
                 self.service_released(outcome);
                 self.cancel(ttl);
+                self.note_proxy_duration(now.saturating_sub(since));
             }
         }
         if let Some(shutdown) = &mut self.shutdown

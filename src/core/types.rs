@@ -402,6 +402,8 @@ pub enum Outcome {
     /// The supervised upstream failed to start `--start-retries` times in a
     /// row while it waited.
     UpstreamFailed,
+    /// An operator ended it (`kill CONN` on the control socket).
+    Killed,
 }
 
 impl Outcome {
@@ -424,11 +426,12 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::Shutdown => "shutdown",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Killed => "killed",
         }
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -440,6 +443,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::Shutdown,
         Outcome::UpstreamFailed,
+        Outcome::Killed,
     ];
 }
 
@@ -499,7 +503,8 @@ pub enum EndedBy {
     /// The upstream closed or reset first while proxying.
     Upstream,
     /// tcplock: a TTL, a queue timeout, a shutdown, a failed connect, a full
-    /// queue, or a relay that failed before either peer closed.
+    /// queue, an operator's `kill`, or a relay that failed before either
+    /// peer closed.
     Tcplock,
 }
 
@@ -797,6 +802,12 @@ pub enum Event {
     },
     /// A waiting client left.
     Abandoned { conn: ConnId },
+    /// An operator ended it (`kill CONN`), in state `state`.
+    Killed { conn: ConnId, state: StateName },
+    /// Activations were paused (`pause` or `drain`) with `queued` waiting.
+    Paused { queued: usize },
+    /// Activations resumed with `queued` waiting.
+    Resumed { queued: usize },
     /// A connection started proxying after `waited_ms` since accept.
     Activated {
         conn: ConnId,

@@ -22,7 +22,7 @@ use mio::unix::SourceFd;
 use signal_hook::consts::signal::SIGCHLD;
 
 use super::output::{Source, Writer};
-use super::{HOOK_EXIT, Shell, watch_signals};
+use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
 use crate::core::{EndedBy, HookContext, HookExit, HookId, HookRef, HookRequest, Outcome};
@@ -63,7 +63,11 @@ impl HookProcess {
         let overrides = hook_env(context);
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
-            if overrides.iter().any(|(name, _)| OsStr::new(name) == key) {
+            if overrides.iter().any(|(name, _)| OsStr::new(name) == key)
+                || SERVICE_MANAGER_ENV
+                    .iter()
+                    .any(|name| OsStr::new(name) == key)
+            {
                 continue;
             }
             let mut entry = key.as_bytes().to_vec();
@@ -112,6 +116,9 @@ impl HookProcess {
             .stderr(Stdio::from(err_write))
             // Its own group, so a hook timeout kills what the hook started too.
             .process_group(0);
+        for name in SERVICE_MANAGER_ENV {
+            process.env_remove(name);
+        }
         for (key, value) in hook_env(context) {
             process.env(key, value);
         }

@@ -130,6 +130,10 @@ impl Logger {
                 };
                 line.field("waited_ms", waited_ms)
             }
+            Event::Killed { conn, state } => {
+                line.field("conn", conn).field("state", state.as_str())
+            }
+            Event::Paused { queued } | Event::Resumed { queued } => line.field("queued", queued),
             Event::ConnectFailed { conn, error } => line.field("conn", conn).field("error", error),
             Event::HookFailed {
                 hook,
@@ -386,6 +390,9 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
     match event {
         Event::Accepted { .. } => (LogLevel::Debug, "accepted"),
         Event::Rejected { .. } => (LogLevel::Info, "rejected"),
+        Event::Killed { .. } => (LogLevel::Info, "killed"),
+        Event::Paused { .. } => (LogLevel::Info, "paused"),
+        Event::Resumed { .. } => (LogLevel::Info, "resumed"),
         Event::Abandoned { .. } => (LogLevel::Info, "abandoned"),
         Event::Activated { .. } => (LogLevel::Info, "activated"),
         Event::Timeout { .. } => (LogLevel::Info, "timeout"),
@@ -430,30 +437,7 @@ impl Line<'_> {
         self.buf.push(' ');
         self.buf.push_str(key);
         self.buf.push('=');
-        let start = self.buf.len();
-        let _ = write!(self.buf, "{value}");
-        let needs_quotes = start == self.buf.len()
-            || self.buf[start..]
-                .bytes()
-                .any(|b| b <= b' ' || b == b'"' || b == b'=' || b == b'\\' || b == 0x7f);
-        if needs_quotes {
-            let raw = self.buf.split_off(start);
-            self.buf.push('"');
-            for ch in raw.chars() {
-                match ch {
-                    '"' => self.buf.push_str("\\\""),
-                    '\\' => self.buf.push_str("\\\\"),
-                    '\n' => self.buf.push_str("\\n"),
-                    '\r' => self.buf.push_str("\\r"),
-                    '\t' => self.buf.push_str("\\t"),
-                    c if c.is_control() => {
-                        let _ = write!(self.buf, "\\u{{{:x}}}", c as u32);
-                    }
-                    c => self.buf.push(c),
-                }
-            }
-            self.buf.push('"');
-        }
+        push_value(self.buf, value);
         self
     }
 
@@ -473,6 +457,35 @@ impl Drop for Line<'_> {
             self.buf.truncate(self.start);
             *self.dropped += 1;
         }
+    }
+}
+
+/// Appends a logfmt value, quoted when logfmt needs it; log lines and
+/// control replies share it.
+pub(super) fn push_value(buf: &mut String, value: impl Display) {
+    let start = buf.len();
+    let _ = write!(buf, "{value}");
+    let needs_quotes = start == buf.len()
+        || buf[start..]
+            .bytes()
+            .any(|b| b <= b' ' || b == b'"' || b == b'=' || b == b'\\' || b == 0x7f);
+    if needs_quotes {
+        let raw = buf.split_off(start);
+        buf.push('"');
+        for ch in raw.chars() {
+            match ch {
+                '"' => buf.push_str("\\\""),
+                '\\' => buf.push_str("\\\\"),
+                '\n' => buf.push_str("\\n"),
+                '\r' => buf.push_str("\\r"),
+                '\t' => buf.push_str("\\t"),
+                c if c.is_control() => {
+                    let _ = write!(buf, "\\u{{{:x}}}", c as u32);
+                }
+                c => buf.push(c),
+            }
+        }
+        buf.push('"');
     }
 }
 

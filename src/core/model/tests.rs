@@ -131,6 +131,11 @@ fn op(rng: &mut Rng) -> Op {
                 Op::Wake
             }
         }
+        94 => match rng.below(3) {
+            0 => Op::Pause,
+            1 => Op::Resume,
+            _ => Op::Kill(rng.byte()),
+        },
         90..=93 => Op::ProxyHeader(
             rng.byte(),
             match rng.below(4) {

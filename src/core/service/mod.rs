@@ -862,11 +862,11 @@ impl Core {
                 // The old command or address is starting: no client uses it yet.
                 self.begin_stop(now, reason, AfterStop::Restart(reason), false);
             }
-            ServiceState::Stopped {
-                retry: Some(key), ..
-            } => {
-                let key = *key;
-                self.timers.cancel(key);
+            ServiceState::Stopped { retry, .. } => {
+                // Waiting to retry a failed start, or stopped while idle:
+                // asked for, it starts now.
+                let retry = retry.take();
+                self.cancel(retry);
                 if !self.stop_for_good() {
                     self.start(now, reason);
                 }
