@@ -371,22 +371,6 @@ pub struct ExecSpec<'a> {
 /// A failed `execve` in the child is an error with no raw code (it names the
 /// program), so it is never taken for that.
 pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
-    let (pid, pidfd) = spawn(spec, true)?;
-    match pidfd {
-        Some(pidfd) => Ok(WatchedChild { pid, pidfd }),
-        // clone(CLONE_PIDFD) always hands one back on success.
-        None => Err(io::Error::other("clone returned no pidfd")),
-    }
-}
-
-/// Starts `spec.program` as [`spawn_watched`] does, for a kernel without
-/// pidfds: the child exits with SIGCHLD, and is reaped by pid with
-/// [`reap_pid`]. Returns its pid.
-pub fn spawn_unwatched(spec: &ExecSpec<'_>) -> io::Result<u32> {
-    spawn(spec, false).map(|(pid, _)| pid)
-}
-
-fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<OwnedFd>)> {
     // Built before the clone: the child may not allocate.
     let argv = null_terminated(spec.argv);
     let envp = null_terminated(spec.envp);
@@ -416,17 +400,11 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
         )
     };
     let mut pidfd: libc::c_int = -1;
-    // With a pidfd, an exit signal of 0; without, SIGCHLD as for a fork.
-    let flags = if with_pidfd {
-        libc::CLONE_PIDFD as libc::c_ulong
-    } else {
-        libc::SIGCHLD as libc::c_ulong
-    };
+    let flags = libc::CLONE_PIDFD as libc::c_ulong;
     // SAFETY: without CLONE_VM and with a null stack this is a fork: the child
     // runs on a copy of our memory. The third argument (parent_tid on every
     // architecture) is where CLONE_PIDFD stores the pidfd; `pidfd` outlives
-    // the call (and is left alone without the flag). The child never returns
-    // from `exec_child`.
+    // the call. The child never returns from `exec_child`.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -447,7 +425,7 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
     }
     // SAFETY: clone succeeded with CLONE_PIDFD, so `pidfd` is an open
     // descriptor (close-on-exec) that only we own.
-    let pidfd = with_pidfd.then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(error_write);
     let pid = pid as u32;
     // The child writes errno here if execve fails; a successful exec closes
@@ -479,7 +457,35 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
             format!("exec {}: {error}", spec.program.to_string_lossy()),
         ));
     }
-    Ok((pid, pidfd))
+    Ok(WatchedChild { pid, pidfd })
+}
+
+/// Makes `command` start its child as the leader of a new session, with
+/// `parent_death_signal` as [`ExecSpec::parent_death_signal`] does: for
+/// std's spawn (clone3 or vfork, then SIGCHLD at exit), where a kernel or a
+/// seccomp filter refuses clone(CLONE_PIDFD).
+pub fn in_new_session(command: &mut std::process::Command, parent_death_signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid takes nothing and cannot fail.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it makes
+    // only async-signal-safe calls (setsid, prctl, getppid, kill) on values
+    // copied into it, and allocates nothing (an OS error is a plain code).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: take the signal now.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), parent_death_signal);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The cloned child: reset what the host may have changed, then exec.
@@ -583,8 +589,8 @@ pub fn wait_exited(child: &WatchedChild, block: bool) -> io::Result<Option<i32>>
 }
 
 /// Reaps our child `pid` if it has exited, without blocking: its raw wait
-/// status, `None` while it runs. For a child started by [`spawn_unwatched`],
-/// or an exited child (zombie) found by [`scan_processes`].
+/// status, `None` while it runs. For a child started by std's spawn, or an
+/// exited child (zombie) found by [`scan_processes`].
 pub fn reap_pid(pid: u32) -> io::Result<Option<i32>> {
     wait_pid(pid, false)
 }
@@ -1339,7 +1345,7 @@ mod tests {
         let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
         let (out_read, out_write) = output_pipe().expect("pipe");
         let (err_read, err_write) = output_pipe().expect("pipe");
-        let pid = spawn_unwatched(&ExecSpec {
+        let child = spawn_watched(&ExecSpec {
             program: shell,
             argv: &argv,
             envp: &envp,
@@ -1351,6 +1357,7 @@ mod tests {
         })
         .expect("spawn");
         drop((out_write, err_write));
+        let pid = child.pid;
         let status = wait_pid(pid, true).expect("wait").expect("exited");
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 4);
         let mut text = String::new();

@@ -47,13 +47,25 @@ fn server_script(test: &str) -> PathBuf {
     path
 }
 
+/// The python3 interpreter itself (not a wrapper script that forks first).
+fn python() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
 /// `--spawn` arguments running `prelude` then the stand-in with `args`.
 fn spawn_args(port: u16, prelude: &str, script: &Path, args: &str) -> Vec<String> {
     vec![
         "-u".into(),
         format!("127.0.0.1:{port}"),
         "--spawn".into(),
-        format!("{prelude}exec python3 {} {args}", script.display()),
+        format!("{prelude}exec {} {} {args}", python(), script.display()),
     ]
 }
 
@@ -388,5 +400,49 @@ fn a_service_flooding_its_output_is_read_to_the_end_while_clients_are_served() {
         .matching(|l| is_event(l, "output") && field(l, "truncated").as_deref() == Some("true"));
     assert_eq!(cut.len(), 1, "{cut:#?}");
     assert_eq!(field(&cut[0], "line"), Some("x".repeat(4096)));
+    let _ = std::fs::remove_file(script);
+}
+
+#[test]
+fn without_pidfds_the_service_is_watched_through_sigchld() {
+    let script = server_script("nopidfd");
+    let args = spawn_args(unused_port(), "", &script, "");
+    // The first `clone` (the service's, with CLONE_PIDFD) fails as under a
+    // seccomp filter or an old kernel; a plain fork works.
+    let mut proxy = Proxy::start_injecting("clone:error=ENOSYS:when=1", &strs(&args));
+    let starting = proxy.expect_log(event("upstream_starting"), "the service spawned");
+    proxy.expect_log(event("upstream_ready"), "the service ready");
+    assert_eq!(proxy.count_logs(event("pidfd_unavailable")), 1);
+    greeted(&proxy);
+    let pid = field(&starting, "pid").expect("pid=");
+    assert_eq!(
+        proc_state(pid.parse().expect("a pid")).map(|(_, ppid)| ppid),
+        Some(proxy.pid()),
+        "the service runs as tcplock's child"
+    );
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exited = proxy.expect_log(event("upstream_exited"), "the crash noticed");
+    assert_eq!(
+        field(&exited, "status").as_deref(),
+        Some("signal:KILL"),
+        "{exited}"
+    );
+    assert_eq!(
+        field(&exited, "expected").as_deref(),
+        Some("false"),
+        "{exited}"
+    );
+    proxy.expect_log(
+        |l| is_event(l, "upstream_ready") && field(l, "gen").as_deref() == Some("2"),
+        "the second generation ready",
+    );
+    greeted(&proxy);
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(WAIT).expect("tcplock exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(script);
 }

@@ -9,8 +9,9 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mio::Interest;
@@ -167,6 +168,38 @@ pub(super) fn service_env(
         }
     }
     env
+}
+
+/// Starts what `spec` describes with std's spawn (which does not use
+/// clone(CLONE_PIDFD)): the child exits with SIGCHLD and is reaped by pid.
+fn spawn_with_std(spec: &ExecSpec<'_>) -> io::Result<u32> {
+    let text = |s: &CStr| OsStr::from_bytes(s.to_bytes()).to_os_string();
+    let mut command = Command::new(text(spec.program));
+    command.args(spec.argv.iter().skip(1).map(|arg| text(arg)));
+    command.env_clear();
+    for entry in spec.envp {
+        let entry = entry.to_bytes();
+        if let Some(at) = entry.iter().position(|b| *b == b'=') {
+            command.env(
+                OsStr::from_bytes(&entry[..at]),
+                OsStr::from_bytes(&entry[at + 1..]),
+            );
+        }
+    }
+    let owned = |fd: Option<BorrowedFd<'_>>| -> io::Result<Stdio> {
+        Ok(match fd {
+            Some(fd) => Stdio::from(fd.try_clone_to_owned()?),
+            None => Stdio::from(io::stderr().as_fd().try_clone_to_owned()?),
+        })
+    };
+    command
+        .stdin(owned(Some(spec.stdin))?)
+        .stdout(owned(spec.stdout)?)
+        .stderr(owned(spec.stderr)?);
+    if spec.new_session {
+        sys::in_new_session(&mut command, spec.parent_death_signal.unwrap_or(0));
+    }
+    Ok(command.spawn()?.id())
 }
 
 /// A raw wait status as the service's exit.
@@ -328,6 +361,16 @@ impl Shell {
         };
         let (pid, leader) = self.spawn_leader(&spec)?;
         drop((out_write, err_write));
+        // The core starts a generation only once the last one is gone; a
+        // leader it forgot would be reaped as an orphan, unwatched.
+        if let Some(RunningService {
+            leader: Leader::Pidfd(child),
+            ..
+        }) = &self.service.running
+        {
+            let raw = child.pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
         self.service.running = Some(RunningService {
             generation,
             pid,
@@ -365,7 +408,7 @@ impl Shell {
             }
         }
         self.watch_sigchld()?;
-        Ok((sys::spawn_unwatched(spec)?, Leader::Sigchld))
+        Ok((spawn_with_std(spec)?, Leader::Sigchld))
     }
 
     /// The leader's pidfd turned readable, or SIGCHLD came: if the leader
