@@ -526,10 +526,14 @@ unsafe fn exec_child(spec: &ExecArgs<'_>, error_fd: libc::c_int) -> ! {
         // close-on-exec on the targets.
         let sources = [spec.stdin, spec.stdout, spec.stderr];
         let mut copies = [-1 as libc::c_int; 3];
+        // Each step only after the last succeeded: errno then names the
+        // first failure.
         let mut placed = grouped;
         for (copy, source) in copies.iter_mut().zip(sources) {
-            *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 3);
-            placed &= *copy >= 0;
+            if placed {
+                *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 3);
+                placed = *copy >= 0;
+            }
         }
         for (target, copy) in copies.into_iter().enumerate() {
             placed = placed && libc::dup2(copy, target as libc::c_int) == target as libc::c_int;
