@@ -38,6 +38,23 @@ pub fn count_open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
+/// The kernel's clock ticks per second (the unit of CPU times in
+/// `/proc/self/stat`) and the page size (of its memory counts); 0 for one
+/// that cannot be read.
+pub fn clock_ticks_and_page_size() -> (u64, u64) {
+    // SAFETY: sysconf takes a plain integer and touches no memory of ours.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (
+        u64::try_from(ticks).unwrap_or(0),
+        u64::try_from(page).unwrap_or(0),
+    )
+}
+
 /// Sends SIGKILL to every process in the group `pgid` (a hook started as the
 /// leader of its own group). A group that is already gone is not an error.
 pub fn kill_process_group(pgid: u32) -> io::Result<()> {

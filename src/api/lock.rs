@@ -169,6 +169,14 @@ impl Builder {
         self
     }
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`HOST:PORT`, or
+    /// a port alone for 127.0.0.1); none by default. Fixed for the life of
+    /// the lock (a reload keeps it).
+    pub fn metrics(mut self, addr: &str) -> Builder {
+        self.config.metrics = Some(addr.to_owned());
+        self
+    }
+
     /// Log level of the logfmt lines on stderr (default info).
     pub fn log_level(mut self, level: LogLevel) -> Builder {
         self.config.log_level = level;

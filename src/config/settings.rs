@@ -169,6 +169,22 @@ settings! {
         check |_| Ok(()),
         help "where clients connect: PORT, HOST:PORT or\n\
               [V6]:PORT; required. PORT alone binds 127.0.0.1";
+    /// `--metrics`: where Prometheus scrapes `GET /metrics`; `None` serves
+    /// no metrics.
+    metrics: Option<String> = None,
+        key "metrics" value "ADDR", Addresses, reload false,
+        // Empty is none, as for the other optional settings.
+        parse |s| match s {
+            "" => Ok(None),
+            s => units::parse_listen(s).map(Some).map_err(|e| e.to_string()),
+        },
+        check |addr| match addr {
+            Some(addr) => units::parse_listen(addr).map(drop).map_err(|e| e.to_string()),
+            None => Ok(()),
+        },
+        help "serve Prometheus metrics over HTTP at\n\
+              http://ADDR/metrics: PORT or HOST:PORT as for\n\
+              -l (default: none)";
     /// The service behind the lock; resolved at start-up and on every reload.
     upstream: HostPort = HostPort::default(),
         key "upstream" short 'u' value "HOST:PORT", Addresses, reload true,

@@ -192,6 +192,7 @@ mod tests {
         config.idle_stop = Some(Duration::from_secs(600));
         config.stop_timeout = Duration::from_secs(5);
         config.start_retries = 3;
+        config.metrics = Some("127.0.0.1:9464".into());
         config
     }
 

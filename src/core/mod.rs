@@ -829,11 +829,24 @@ impl Core {
         Stats {
             queue_length: self.queue.len(),
             active: self.active,
+            permits: self.settings.permits,
+            oldest_wait_ms: self.oldest_wait_ms(),
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             outcomes: self.counters.outcomes,
             service: self.service_stats(),
         }
+    }
+
+    /// How long the head of the queue has waited as of the latest input;
+    /// 0 with none waiting. The head is the longest waiting (a failed hook
+    /// puts its client back at the front), but for `--accept-proxy`, whose
+    /// line is in order of complete headers.
+    fn oldest_wait_ms(&self) -> u64 {
+        self.queue
+            .front()
+            .and_then(|head| self.get(head))
+            .map_or(0, |head| self.now.saturating_sub(head.accepted_at))
     }
 
     #[cfg(any(test, feature = "model"))]

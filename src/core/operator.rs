@@ -140,7 +140,6 @@ impl Core {
     }
 
     /// Whether an operator paused activations.
-    #[cfg(any(test, feature = "model"))]
     pub fn paused(&self) -> bool {
         self.paused
     }

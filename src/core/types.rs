@@ -455,6 +455,14 @@ pub struct Stats {
     pub queue_length: usize,
     /// Connections holding a permit.
     pub active: usize,
+    /// Connections that may hold a permit at once (`--permits`).
+    pub permits: u32,
+    /// How long the client at the head of the queue has waited since
+    /// accept, in milliseconds, as of the core's latest input; 0 with none
+    /// waiting. (With `--accept-proxy` the line is in order of complete
+    /// headers, so a client behind the head may have waited up to the
+    /// header timeout longer.)
+    pub oldest_wait_ms: u64,
     /// Connections let through so far.
     pub activations: u64,
     /// TTL expiries so far.

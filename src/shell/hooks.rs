@@ -25,7 +25,9 @@ use super::output::{Source, Writer};
 use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
-use crate::core::{EndedBy, HookContext, HookExit, HookId, HookRef, HookRequest, Outcome};
+use crate::core::{
+    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, Outcome,
+};
 use crate::sys::{self, ExecSpec, WatchedChild};
 
 const SHELL: &str = "/bin/sh";
@@ -290,9 +292,19 @@ impl HookTable {
 /// The hook the core waits for.
 pub(super) struct RunningHook {
     id: HookId,
+    kind: HookKind,
     started: Instant,
     /// `None` for a closure hook (its ticket is still out).
     process: Option<HookProcess>,
+}
+
+impl RunningHook {
+    /// Descriptors it holds: its pidfd, if it is watched by one.
+    pub(super) fn open_fds(&self) -> usize {
+        self.process
+            .as_ref()
+            .map_or(0, |p| usize::from(p.pidfd().is_some()))
+    }
 }
 
 impl Shell {
@@ -331,6 +343,10 @@ impl Shell {
                 .field("status", &exit)
                 .field("duration_ms", run.started.elapsed().as_millis());
         }
+        if let Some(metrics) = &mut self.metrics {
+            let ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            metrics.recorder.hook_ended(run.kind, &exit, Some(ms));
+        }
         self.core.handle_hook_exited(now, hook, exit);
     }
 
@@ -339,6 +355,7 @@ impl Shell {
         // The core asks only for hooks the table named for it.
         let Some(run) = self.hooks.get(request.run).cloned() else {
             let exit = HookExit::SpawnFailed("unknown hook".into());
+            self.hook_not_started(context.kind, &exit);
             self.core.handle_hook_exited(now, request.hook, exit);
             return;
         };
@@ -358,6 +375,7 @@ impl Shell {
                 Err(e) => {
                     // Nothing ran: the core logs the failure and retries.
                     let exit = HookExit::SpawnFailed(e.to_string());
+                    self.hook_not_started(context.kind, &exit);
                     self.core.handle_hook_exited(now, request.hook, exit);
                     return;
                 }
@@ -372,6 +390,7 @@ impl Shell {
         }
         self.hook = Some(RunningHook {
             id: request.hook,
+            kind: context.kind,
             started: Instant::now(),
             process,
         });
@@ -399,6 +418,13 @@ impl Shell {
                 };
                 self.hook_ended(now, request.hook, exit);
             }
+        }
+    }
+
+    /// A hook run that could not start counts as a run, with no duration.
+    fn hook_not_started(&mut self, kind: HookKind, exit: &HookExit) {
+        if let Some(metrics) = &mut self.metrics {
+            metrics.recorder.hook_ended(kind, exit, None);
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Logger {
     /// Lines dropped since the buffer was last full; reported by the first
     /// line that fits afterwards.
     dropped: u64,
+    /// Lines dropped and already reported, for the metrics.
+    dropped_reported: u64,
     sink: LogSink,
 }
 
@@ -37,6 +39,7 @@ impl Logger {
             level,
             buf: String::with_capacity(4096),
             dropped: 0,
+            dropped_reported: 0,
             sink: LogSink::stderr(),
         }
     }
@@ -50,6 +53,11 @@ impl Logger {
     /// Whether lines are waiting for stderr to take them.
     pub fn has_pending(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Lines dropped so far, reported or not.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_reported + self.dropped
     }
 
     /// Changes the level for lines started from now on.
@@ -279,6 +287,7 @@ impl Logger {
             return;
         }
         let dropped = std::mem::take(&mut self.dropped);
+        self.dropped_reported += dropped;
         if !self.enabled(LogLevel::Warn) {
             return;
         }

@@ -6,7 +6,9 @@ mod buffer;
 mod control;
 mod fds;
 mod hooks;
+mod http;
 mod log;
+mod metrics;
 mod net;
 mod notify;
 mod output;
@@ -80,6 +82,12 @@ const HOOK_STDERR: Token = Token(10);
 
 /// How often lines waiting for a stderr the poll cannot watch are retried.
 const LOG_RETRY: Duration = Duration::from_millis(100);
+
+/// `--metrics`: the HTTP listener, and its connections' tokens.
+const METRICS_LISTENER: Token = Token(13);
+const FIRST_METRICS_CONN: usize = 32;
+const METRICS_CONNS: std::ops::Range<usize> =
+    FIRST_METRICS_CONN..FIRST_METRICS_CONN + http::MAX_CONNS;
 
 /// Connection tokens start here: two per slab slot, client then upstream.
 /// Below it: the fixed tokens, control connections (16..=31) and metrics
@@ -213,6 +221,9 @@ pub(crate) struct Shell {
     /// Reload threads started so far: a `reload` command waits for the
     /// one that started after it.
     reloads_started: u64,
+    /// `--metrics`: the HTTP server and what only the shell counts; `None`
+    /// (and nothing recorded) without it.
+    metrics: Option<Box<metrics::Metrics>>,
 }
 
 struct Connecting {
@@ -317,6 +328,8 @@ impl Shell {
             line.field("error", e);
         }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
+        // Before the descriptor count at start, which then includes it.
+        let metrics = metrics::Metrics::start(&config, &poll, &mut logger)?;
         // Edge-triggered: one wake-up each time a stalled stderr gains room.
         let log_watched = logger.watch_fd().is_some_and(|fd| {
             poll.registry()
@@ -400,6 +413,7 @@ impl Shell {
             notify,
             control,
             reloads_started: 0,
+            metrics,
         })
     }
 
@@ -443,7 +457,8 @@ impl Shell {
         let counts = self.notify_counts();
         self.notify.ready(self.now(), counts, &mut self.logger);
         loop {
-            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() {
+            let metrics_busy = self.metrics.as_ref().is_some_and(|m| m.wants_turn());
+            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() || metrics_busy {
                 Some(Duration::ZERO)
             } else {
                 self.core
@@ -455,6 +470,11 @@ impl Shell {
             };
             if let Some(deadline) = self.control_deadline() {
                 let wait = Duration::from_millis(deadline.saturating_sub(self.now()));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
+            if let Some(deadline) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
+                let wait =
+                    Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1));
                 timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
             }
             if self.logger.has_pending() && !self.log_watched {
@@ -494,6 +514,10 @@ impl Shell {
                         let slot = token - control::FIRST_CONTROL_TOKEN;
                         self.control_ready(now, slot, event.is_write_closed());
                     }
+                    METRICS_LISTENER => self.metrics_listener_ready(),
+                    Token(token) if METRICS_CONNS.contains(&token) => {
+                        self.metrics_conn_ready(Token(token));
+                    }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
                         let upstream_side = (token - FIRST_CONN_TOKEN) % 2 == 1;
@@ -528,6 +552,7 @@ impl Shell {
             self.core.handle_tick(now);
             self.drain(now);
             self.control_tick(now);
+            self.metrics_turn(now);
             self.logger.flush();
             self.publish_stats();
             let counts = self.notify_counts();
@@ -556,7 +581,7 @@ impl Shell {
                     outcome,
                     ended_by,
                     age_ms,
-                } => self.close(conn, outcome, ended_by, age_ms),
+                } => self.close(now, conn, outcome, ended_by, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => {
@@ -564,7 +589,12 @@ impl Shell {
                     self.stop_accepting();
                 }
                 Action::ResumeAccepting => self.accept_more = true,
-                Action::Log(event) => self.logger.event(&event),
+                Action::Log(event) => {
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.recorder.event(&event);
+                    }
+                    self.logger.event(&event);
+                }
                 Action::ReportIdle => {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);

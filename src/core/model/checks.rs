@@ -65,6 +65,25 @@ impl Model {
                 self.relays, self.outcomes
             ));
         }
+        // The head's wait: with `--accept-proxy` the line is in order of
+        // complete headers, so the head need not be the longest waiting.
+        let mut waits = self
+            .conns
+            .values()
+            .filter(|s| matches!(s.state, State::Waiting))
+            .map(|s| now - s.accepted_at)
+            .peekable();
+        let head_wait_fits = match waits.peek() {
+            None => stats.oldest_wait_ms == 0,
+            Some(_) => waits.any(|wait| wait == stats.oldest_wait_ms),
+        };
+        if !head_wait_fits || stats.permits != self.settings.permits {
+            return Err(format!(
+                "stats say the head waited {} ms with {} permits; no waiting client did, \
+                 or the permits are {}",
+                stats.oldest_wait_ms, stats.permits, self.settings.permits
+            ));
+        }
         let observed = (
             core.conn_count(),
             core.active(),
