@@ -245,7 +245,7 @@ fn stopping_signals_the_whole_session_and_an_orphan_is_reaped() {
     // subreaper, becomes its parent), an orphan that exits by itself, and
     // one that left the session first (only SIGCHLD finds it, not a sample
     // of the session).
-    let prelude = "(sleep 600 & echo lingering $!; sleep 1 & echo orphan $!; \
+    let prelude = "(sleep 120 & echo lingering $!; sleep 1 & echo orphan $!; \
                    setsid sleep 1 & echo escaped $!); ";
     let args = spawn_args(unused_port(), prelude, &script, "");
     let mut proxy = Proxy::start(&strs(&args));
@@ -355,7 +355,7 @@ fn a_crashed_service_is_replaced_by_a_new_generation() {
 #[test]
 fn a_process_a_hook_left_behind_keeps_a_working_stdout() {
     let upstream = Upstream::echo();
-    let hook = "sh -c 'sleep 0.3; echo late-line; exec sleep 600' & echo daemon $!";
+    let hook = "sh -c 'sleep 0.3; echo late-line; exec sleep 120' & echo daemon $!";
     let proxy = Proxy::start(&["-u", &upstream.arg(), "--on-activate", hook]);
     let mut client = proxy.connect();
     roundtrip(&mut client, b"ping");
