@@ -58,6 +58,12 @@ pub fn clock_ticks_and_page_size() -> (u64, u64) {
 /// Sends SIGKILL to every process in the group `pgid` (a hook started as the
 /// leader of its own group). A group that is already gone is not an error.
 pub fn kill_process_group(pgid: u32) -> io::Result<()> {
+    signal_process_group(pgid, libc::SIGKILL)
+}
+
+/// Sends `signal` to every process in the group `pgid`. A group that is
+/// already gone is not an error.
+pub fn signal_process_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
     let pgid = libc::pid_t::try_from(pgid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     if pgid <= 1 {
@@ -68,7 +74,7 @@ pub fn kill_process_group(pgid: u32) -> io::Result<()> {
         ));
     }
     // SAFETY: killpg takes plain integers and touches no memory of ours.
-    if unsafe { libc::killpg(pgid, libc::SIGKILL) } != 0 {
+    if unsafe { libc::killpg(pgid, signal) } != 0 {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
             return Err(error);
@@ -357,11 +363,20 @@ pub struct ExecSpec<'a> {
     pub envp: &'a [&'a CStr],
     /// Becomes the child's stdin.
     pub stdin: BorrowedFd<'a>,
+    /// Becomes the child's stdout; `None`: our stderr.
+    pub stdout: Option<BorrowedFd<'a>>,
+    /// Becomes the child's stderr; `None`: our stderr.
+    pub stderr: Option<BorrowedFd<'a>>,
+    /// Lead a new session (`setsid`), not only a new process group.
+    pub new_session: bool,
+    /// `PR_SET_PDEATHSIG`: the signal the child gets when the thread that
+    /// spawned it ends (with tcplock's loop, or the whole process, killed).
+    pub parent_death_signal: Option<libc::c_int>,
 }
 
-/// Starts `spec.program` as the leader of a new process group, its stdout on
-/// our stderr, with an empty signal mask and SIGCHLD and SIGPIPE at their
-/// defaults whatever the host set.
+/// Starts `spec.program` as the leader of a new process group (or session),
+/// its stdout and stderr where `spec` says, with an empty signal mask and
+/// SIGCHLD and SIGPIPE at their defaults whatever the host set.
 ///
 /// `clone(CLONE_PIDFD)` hands back a pidfd atomically (no window in which the
 /// pid could exit and be reused before we hold it), and an exit signal of 0
@@ -376,11 +391,18 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
     // Built before the clone: the child may not allocate.
     let argv = null_terminated(spec.argv);
     let envp = null_terminated(spec.envp);
+    // SAFETY: getpid takes nothing and cannot fail.
+    let parent = unsafe { libc::getpid() };
     let exec = ExecArgs {
         program: spec.program,
         argv: &argv,
         envp: &envp,
-        stdin: spec.stdin,
+        stdin: spec.stdin.as_raw_fd(),
+        stdout: spec.stdout.map_or(STDERR, |fd| fd.as_raw_fd()),
+        stderr: spec.stderr.map_or(STDERR, |fd| fd.as_raw_fd()),
+        new_session: spec.new_session,
+        parent_death_signal: spec.parent_death_signal.unwrap_or(0),
+        parent,
     };
     let mut exec_errors = [0 as libc::c_int; 2];
     // SAFETY: `exec_errors` is a writable array of two ints, as pipe2 requires.
@@ -422,10 +444,7 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
     // descriptor (close-on-exec) that only we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(error_write);
-    let child = WatchedChild {
-        pid: pid as u32,
-        pidfd,
-    };
+    let pid = pid as u32;
     // The child writes errno here if execve fails; a successful exec closes
     // the pipe (close-on-exec), so this read ends at once either way.
     let mut errno = [0u8; 4];
@@ -448,14 +467,42 @@ pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
     }
     if got == errno.len() {
         // The child is gone or going: reap it so it leaves no zombie.
-        let _ = wait_exited(&child, true);
+        let _ = wait_pid(pid, true);
         let error = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
         return Err(io::Error::new(
             error.kind(),
             format!("exec {}: {error}", spec.program.to_string_lossy()),
         ));
     }
-    Ok(child)
+    Ok(WatchedChild { pid, pidfd })
+}
+
+/// Makes `command` start its child as the leader of a new session, with
+/// `parent_death_signal` as [`ExecSpec::parent_death_signal`] does: for
+/// std's spawn (clone3 or vfork, then SIGCHLD at exit), where a kernel or a
+/// seccomp filter refuses clone(CLONE_PIDFD).
+pub fn in_new_session(command: &mut std::process::Command, parent_death_signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid takes nothing and cannot fail.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it makes
+    // only async-signal-safe calls (setsid, prctl, getppid, kill) on values
+    // copied into it, and allocates nothing (an OS error is a plain code).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: take the signal now.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), parent_death_signal);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The cloned child: reset what the host may have changed, then exec.
@@ -474,10 +521,41 @@ unsafe fn exec_child(spec: &ExecArgs<'_>, error_fd: libc::c_int) -> ! {
         // children's exits and a normal SIGPIPE.
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        if libc::setpgid(0, 0) == 0
-            && libc::dup2(spec.stdin.as_raw_fd(), 0) == 0
-            && libc::dup2(2, 1) == 1
-        {
+        let grouped = if spec.new_session {
+            libc::setsid() >= 0
+        } else {
+            libc::setpgid(0, 0) == 0
+        };
+        if spec.parent_death_signal != 0 {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                spec.parent_death_signal as libc::c_ulong,
+            );
+            // The parent may have died before the line above: then no
+            // signal will ever come, so take it now.
+            if libc::getppid() != spec.parent {
+                libc::kill(libc::getpid(), spec.parent_death_signal);
+                libc::_exit(127);
+            }
+        }
+        // Copies above 2 first, so that placing one source cannot overwrite
+        // another that happens to sit at 0, 1 or 2; dup2 clears the copies'
+        // close-on-exec on the targets.
+        let sources = [spec.stdin, spec.stdout, spec.stderr];
+        let mut copies = [-1 as libc::c_int; 3];
+        // Each step only after the last succeeded: errno then names the
+        // first failure.
+        let mut placed = grouped;
+        for (copy, source) in copies.iter_mut().zip(sources) {
+            if placed {
+                *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 3);
+                placed = *copy >= 0;
+            }
+        }
+        for (target, copy) in copies.into_iter().enumerate() {
+            placed = placed && libc::dup2(copy, target as libc::c_int) == target as libc::c_int;
+        }
+        if placed {
             libc::execve(
                 spec.program.as_ptr(),
                 spec.argv.as_ptr(),
@@ -497,7 +575,16 @@ struct ExecArgs<'a> {
     argv: &'a [*const libc::c_char],
     /// Null-terminated.
     envp: &'a [*const libc::c_char],
-    stdin: BorrowedFd<'a>,
+    /// Descriptors that become 0, 1 and 2; open for as long as the spec's
+    /// borrows last, which covers the clone.
+    stdin: libc::c_int,
+    stdout: libc::c_int,
+    stderr: libc::c_int,
+    new_session: bool,
+    /// 0: none.
+    parent_death_signal: libc::c_int,
+    /// Our pid, for the child to check it still has its parent.
+    parent: libc::pid_t,
 }
 
 fn null_terminated(strings: &[&CStr]) -> Vec<*const libc::c_char> {
@@ -519,8 +606,21 @@ pub fn is_pidfd_unsupported(error: &io::Error) -> bool {
 /// Reaps `child` if it has exited (or waits for it when `block`), returning
 /// its raw wait status. `__WALL` because its exit signal is not SIGCHLD.
 pub fn wait_exited(child: &WatchedChild, block: bool) -> io::Result<Option<i32>> {
-    let pid = libc::pid_t::try_from(child.pid)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    wait_pid(child.pid, block)
+}
+
+/// Reaps our child `pid` if it has exited, without blocking: its raw wait
+/// status, `None` while it runs. For a child started by std's spawn, or an
+/// exited child (zombie) found by [`scan_processes`].
+pub fn reap_pid(pid: u32) -> io::Result<Option<i32>> {
+    wait_pid(pid, false)
+}
+
+fn wait_pid(pid: u32, block: bool) -> io::Result<Option<i32>> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     let flags = libc::__WALL | if block { 0 } else { libc::WNOHANG };
     loop {
         let mut status: libc::c_int = 0;
@@ -683,6 +783,204 @@ pub fn reap_any_child() -> Option<(u32, i32)> {
         }
         return None;
     }
+}
+
+/// Sends `signal` to the process `pid`. A process that is already gone is
+/// not an error; pids 0 and 1 (and -1) are refused.
+pub fn signal_pid(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 1)
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 1")
+        })?;
+    // SAFETY: kill takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ESRCH) {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans
+/// of its descendants are re-parented to it instead of to init, so a
+/// supervised service's daemonised children stay ours to count and reap.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with these options takes plain integers only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pipe for a child's output: the read end (ours) non-blocking, the write
+/// end (the child's) blocking as programs expect; both close-on-exec (the
+/// spawn places the write end on the child's 1 or 2).
+pub fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_GETFL/F_SETFL take and return plain integers; the
+    // descriptor is open (owned above).
+    let flags = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((read, write))
+}
+
+/// This process's pid and process group.
+pub fn own_ids() -> (u32, u32) {
+    // SAFETY: getpid and getpgrp take nothing and cannot fail.
+    let (pid, pgrp) = unsafe { (libc::getpid(), libc::getpgrp()) };
+    (pid as u32, pgrp as u32)
+}
+
+/// The fields of `/proc/PID/stat` the supervisor reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    /// `R`, `S`, `D`, `Z` (zombie), ...
+    pub state: u8,
+    pub ppid: u32,
+    pub pgrp: u32,
+    pub session: u32,
+    /// Resident set size in pages.
+    pub rss_pages: u64,
+}
+
+impl ProcStat {
+    /// Exited and not yet reaped (or being reaped): no longer running and
+    /// holding no memory.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parses one `/proc/PID/stat` line. The command name sits in parentheses
+/// and may itself hold spaces and parentheses, so the fields after it are
+/// counted from its last `)`.
+pub fn parse_proc_stat(line: &str) -> Option<ProcStat> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    if close < open {
+        return None;
+    }
+    let pid = line[..open].trim().parse().ok()?;
+    // Fields 3 (state) onwards; `rest[k]` is field k + 3 of proc(5).
+    let rest: Vec<&str> = line[close + 1..].split_ascii_whitespace().collect();
+    let field = |number: usize| rest.get(number - 3).copied();
+    let state = *field(3)?.as_bytes().first()?;
+    Some(ProcStat {
+        pid,
+        state,
+        ppid: field(4)?.parse().ok()?,
+        pgrp: field(5)?.parse().ok()?,
+        session: field(6)?.parse().ok()?,
+        // A negative rss is not a thing, but the field is signed: read 0.
+        rss_pages: field(24)?.parse::<i64>().ok()?.max(0) as u64,
+    })
+}
+
+/// Every process in `/proc` that `keep` accepts. A process that goes away
+/// while being read is skipped.
+pub fn scan_processes(mut keep: impl FnMut(&ProcStat) -> bool) -> io::Result<Vec<ProcStat>> {
+    use std::io::Read;
+    let mut found = Vec::new();
+    let mut text = String::with_capacity(512);
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        text.clear();
+        let mut path = entry.path();
+        path.push("stat");
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if file.read_to_string(&mut text).is_err() {
+            continue;
+        }
+        if let Some(stat) = parse_proc_stat(&text)
+            && keep(&stat)
+        {
+            found.push(stat);
+        }
+    }
+    Ok(found)
+}
+
+/// Every descendant of `root` (children, their children, ...), found
+/// through `/proc/PID/task/TID/children` rather than a scan of every
+/// process: the cost follows the size of the tree, not of the host. An
+/// error when the kernel does not list children (`CONFIG_PROC_CHILDREN`);
+/// a process that goes away while being read is skipped. At most `limit`.
+pub fn descendants(root: u32, limit: usize) -> io::Result<Vec<ProcStat>> {
+    let mut found: Vec<ProcStat> = Vec::new();
+    let (mut children, mut stat) = (String::new(), String::new());
+    let mut queue = std::collections::VecDeque::from([root]);
+    let mut listed_any = false;
+    while let Some(pid) = queue.pop_front() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let mut path = task.path();
+            path.push("children");
+            match read_into(&path, &mut children) {
+                Ok(()) => listed_any = true,
+                // The root's first list tells whether the kernel has them.
+                Err(e) if !listed_any => return Err(e),
+                Err(_) => continue,
+            }
+            for child in children.split_ascii_whitespace() {
+                let Ok(child) = child.parse() else { continue };
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+                let path = std::path::PathBuf::from(format!("/proc/{child}/stat"));
+                if read_into(&path, &mut stat).is_ok()
+                    && let Some(parsed) = parse_proc_stat(&stat)
+                {
+                    found.push(parsed);
+                    queue.push_back(child);
+                }
+            }
+        }
+    }
+    if !listed_any {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("/proc/{root}/task/*/children not readable"),
+        ));
+    }
+    Ok(found)
+}
+
+fn read_into(path: &std::path::Path, text: &mut String) -> io::Result<()> {
+    use std::io::Read;
+    text.clear();
+    std::fs::File::open(path)?.read_to_string(text)?;
+    Ok(())
+}
+
+/// The size of a memory page in KiB, for [`ProcStat::rss_pages`].
+pub fn page_size_kib() -> u64 {
+    // SAFETY: sysconf takes a plain integer and touches no memory of ours.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 / 1024 } else { 4 }
 }
 
 /// Where log lines go: stderr, written without ever blocking the caller.
@@ -949,6 +1247,10 @@ mod tests {
             argv: &argv,
             envp: &envp,
             stdin: stdin.as_fd(),
+            stdout: None,
+            stderr: None,
+            new_session: false,
+            parent_death_signal: None,
         };
         let child = spawn_watched(&spec).expect("spawn");
         let status = wait_exited(&child, true).expect("wait").expect("exited");
@@ -969,6 +1271,128 @@ mod tests {
             error.to_string().contains("/nonexistent/tcplock-test"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn proc_stat_lines_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let plain = "16647 (cat) R 16643 16643 9908 0 -1 4194304 99 0 0 0 0 0 0 0 20 0 1 0 \
+                     925294 3133440 413 18446744073709551615 94891352535040 0 0 0 0 0 0 0 0 0 \
+                     17 1 0 0 0 0 0";
+        assert_eq!(
+            parse_proc_stat(plain),
+            Some(ProcStat {
+                pid: 16647,
+                state: b'R',
+                ppid: 16643,
+                pgrp: 16643,
+                session: 9908,
+                rss_pages: 413,
+            })
+        );
+        // A command may name itself anything, up to 15 bytes: here
+        // `a) Z 1 (b`, which a parser splitting on spaces or on the first
+        // `)` would read as a zombie whose parent is init.
+        let tricky = "321 (a) Z 1 (b) S 7 321 321 0 -1 4194560 10 0 0 0 0 0 0 0 20 0 3 0 \
+                      1000 2000 55 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let stat = parse_proc_stat(tricky).expect("parsed");
+        assert_eq!(
+            (
+                stat.pid,
+                stat.state,
+                stat.ppid,
+                stat.pgrp,
+                stat.session,
+                stat.rss_pages
+            ),
+            (321, b'S', 7, 321, 321, 55)
+        );
+        assert!(!stat.is_dead());
+        let zombie = "99 (sleep) Z 1 99 99 0 -1 4227084 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 \
+                      18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        assert!(parse_proc_stat(zombie).expect("parsed").is_dead());
+        assert_eq!(parse_proc_stat("12 (short) S 1 2"), None);
+        assert_eq!(parse_proc_stat("garbage"), None);
+        assert_eq!(parse_proc_stat(""), None);
+    }
+
+    #[test]
+    fn the_scan_finds_this_process_in_its_own_session() {
+        let (pid, pgrp) = own_ids();
+        let found = scan_processes(|p| p.pid == pid).expect("scan /proc");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].pgrp, pgrp);
+        assert!(found[0].rss_pages > 0);
+        assert!(page_size_kib() >= 4);
+    }
+
+    #[test]
+    fn descendants_are_found_through_the_children_lists() {
+        let (pid, _) = own_ids();
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("spawn");
+        let shell = child.id();
+        let mut found = Vec::new();
+        for _ in 0..1000 {
+            found = descendants(pid, 1000).expect("children lists");
+            if found.iter().any(|p| p.ppid == shell) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for grandchild in found.iter().filter(|p| p.ppid == shell) {
+            let _ = signal_pid(grandchild.pid, libc::SIGKILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found.iter().any(|p| p.pid == shell && p.ppid == pid),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.ppid == shell),
+            "the grandchild: {found:?}"
+        );
+        assert!(descendants(4_000_000, 10).is_err());
+    }
+
+    #[test]
+    fn a_child_in_a_new_session_writes_to_its_pipes_and_is_reaped_by_pid() {
+        use std::io::Read;
+        let shell = c"/bin/sh";
+        let argv = [shell, c"-c", c"echo out; echo err >&2; exit 4"];
+        let envp: [&CStr; 0] = [];
+        let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
+        let (out_read, out_write) = output_pipe().expect("pipe");
+        let (err_read, err_write) = output_pipe().expect("pipe");
+        let child = spawn_watched(&ExecSpec {
+            program: shell,
+            argv: &argv,
+            envp: &envp,
+            stdin: stdin.as_fd(),
+            stdout: Some(out_write.as_fd()),
+            stderr: Some(err_write.as_fd()),
+            new_session: true,
+            parent_death_signal: Some(libc::SIGKILL),
+        })
+        .expect("spawn");
+        drop((out_write, err_write));
+        let pid = child.pid;
+        let status = wait_pid(pid, true).expect("wait").expect("exited");
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 4);
+        let mut text = String::new();
+        let mut out = std::fs::File::from(out_read);
+        out.read_to_string(&mut text).expect("read");
+        assert_eq!(text, "out\n");
+        text.clear();
+        let mut err = std::fs::File::from(err_read);
+        err.read_to_string(&mut text).expect("read");
+        assert_eq!(text, "err\n");
+        // Reaped already: no child of that pid any more.
+        assert!(reap_pid(pid).is_err());
+        assert!(signal_pid(1, libc::SIGTERM).is_err());
+        assert!(signal_pid(4_000_000, 0).is_ok());
     }
 
     #[test]

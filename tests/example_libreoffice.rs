@@ -200,6 +200,8 @@ fn restart_office_starts_restarts_every_20_and_after_a_timeout() {
     let reasons: Vec<String> = proxy
         .logs()
         .into_iter()
+        // Hook output is logged as `event=output line="..."`.
+        .filter_map(|l| field(&l, "line"))
         .filter(|l| l.starts_with("restart-office: starting office"))
         .collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::api::hook::Hook;
 use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
+use crate::core::RestartOn;
 
 /// The value name of a switch: on the command line the flag alone turns it
 /// on (`--flag=off` turns it off); in a file it takes `on` or `off`.
@@ -318,6 +319,60 @@ settings! {
         help "every client starts with a PROXY protocol header\n\
               (v1 or v2, within 5s) naming the real client, as a\n\
               balancer in front sends it (default: off)";
+    /// `--spawn`: the upstream command tcplock runs and restarts itself.
+    spawn: Option<String> = None,
+        key "spawn" value "CMD", Other, reload true,
+        parse |s| Ok((!s.is_empty()).then(|| s.to_string())),
+        check |_| Ok(()),
+        help "run the upstream: /bin/sh -c CMD (default: none)";
+    /// A start must answer a connect within this.
+    ready_timeout: Duration = Duration::from_secs(30),
+        key "ready-timeout" value "DUR", Other, reload true,
+        parse |s| units::parse_duration(s).map_err(|e| e.to_string()),
+        check |d| check_limit(Some(*d)),
+        help "a start must answer a connect within this\n(default: 30s)";
+    /// Restart after this many connections proxied; 0 = never.
+    restart_after: u64 = 0,
+        key "restart-after" value "N", Other, reload true,
+        parse |s| parse_count(s),
+        check |_| Ok(()),
+        help "restart after N connections; 0 = never (default: 0)";
+    /// Restart when the service's summed RSS exceeds this many bytes; 0 = never.
+    restart_rss: u64 = 0,
+        key "restart-rss" value "SIZE", Other, reload true,
+        parse |s| units::parse_size(s).map(|n| n as u64).map_err(|e| e.to_string()),
+        check |_| Ok(()),
+        help "restart above this RSS; 0 = never (default: 0)";
+    /// Restart a generation older than this.
+    max_lifetime: Option<Duration> = None,
+        key "max-lifetime" value "DUR", Other, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "restart a generation older than this; 0 = never";
+    /// Which outcomes make the service due for a restart.
+    restart_on: RestartOn = RestartOn { timeout: true, connect_failed: true, upstream_error: false },
+        key "restart-on" value "LIST", Other, reload true,
+        parse |s| parse_restart_on(s),
+        check |_| Ok(()),
+        help "timeout,connect_failed,upstream_error or none";
+    /// Stop the service after this long with no client.
+    idle_stop: Option<Duration> = None,
+        key "idle-stop" value "DUR", Other, reload true,
+        parse |s| parse_limit(s),
+        check |d| check_limit(*d),
+        help "stop the service when idle this long; 0 = never";
+    /// After SIGTERM, wait this long, then SIGKILL.
+    stop_timeout: Duration = Duration::from_secs(10),
+        key "stop-timeout" value "DUR", Other, reload true,
+        parse |s| units::parse_duration(s).map_err(|e| e.to_string()),
+        check |d| check_limit(Some(*d)),
+        help "SIGKILL after this long (default: 10s)";
+    /// Consecutive failed starts before the service is failed.
+    start_retries: u32 = 5,
+        key "start-retries" value "N", Other, reload true,
+        parse |s| parse_count(s),
+        check |_| Ok(()),
+        help "failed starts before giving up (default: 5)";
     /// A Unix socket for `tcplock ctl`, created mode 0600 and removed on
     /// exit. `None`: no control socket.
     control: Option<PathBuf> = None,
@@ -326,6 +381,43 @@ settings! {
         check |_| Ok(()),
         help "serve `tcplock ctl` commands on this Unix socket\n\
               (mode 0600); fixed at start-up (default: none)";
+}
+
+/// `--restart-on`: a comma list of `timeout`, `connect_failed`,
+/// `upstream_error`, or `none`.
+fn parse_restart_on(text: &str) -> Result<RestartOn, String> {
+    let mut on = RestartOn::default();
+    for item in text.split(',').map(str::trim) {
+        match item {
+            "none" => {}
+            "timeout" => on.timeout = true,
+            "connect_failed" => on.connect_failed = true,
+            "upstream_error" => on.upstream_error = true,
+            _ => return Err(format!("invalid value {}", Quoted(item))),
+        }
+    }
+    Ok(on)
+}
+
+/// `--restart-on` as the file reads it, for `--check`.
+impl crate::config::show::Show for RestartOn {
+    fn show(&self) -> String {
+        let names = [
+            (self.timeout, "timeout"),
+            (self.connect_failed, "connect_failed"),
+            (self.upstream_error, "upstream_error"),
+        ];
+        let on: Vec<&str> = names
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if on.is_empty() {
+            "none".to_string()
+        } else {
+            on.join(",")
+        }
+    }
 }
 
 /// A control socket path, short enough for a `sockaddr_un`; empty is none,

@@ -179,6 +179,19 @@ mod tests {
         config.send_proxy = SendProxy::V2;
         config.accept_proxy = true;
         config.control = Some("/run/tcplock/control".into());
+        config.spawn = Some("exec office --port=2002".into());
+        config.ready_timeout = Duration::from_secs(60);
+        config.restart_after = 20;
+        config.restart_rss = 1 << 30;
+        config.max_lifetime = Some(Duration::from_secs(3600));
+        config.restart_on = crate::core::RestartOn {
+            timeout: false,
+            connect_failed: false,
+            upstream_error: true,
+        };
+        config.idle_stop = Some(Duration::from_secs(600));
+        config.stop_timeout = Duration::from_secs(5);
+        config.start_retries = 3;
         config.metrics = Some("127.0.0.1:9464".into());
         config
     }

@@ -2,12 +2,13 @@
 //! thread, or `/bin/sh -c CMD` in a process group of its own), watching their
 //! exit and killing them. Each process is watched through its own pidfd,
 //! registered with the poll (readable = exited); where the kernel has no
-//! pidfds, through SIGCHLD.
+//! pidfds, through SIGCHLD. A hook process's stdout and stderr are pipes the
+//! loop reads and logs line by line (`event=output from=on-activate`).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -20,6 +21,7 @@ use mio::unix::SourceFd;
 
 use signal_hook::consts::signal::SIGCHLD;
 
+use super::output::{Source, Writer};
 use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
@@ -44,10 +46,15 @@ enum Watch {
 
 impl HookProcess {
     /// Starts the hook watched by a pidfd: stdin from /dev/null, stdout and
-    /// stderr to our stderr, client facts only in the environment (never in
-    /// the command string). An error for which [`sys::is_pidfd_unsupported`]
-    /// holds means: use [`HookProcess::spawn_without_pidfd`].
-    pub fn spawn(command: &str, context: &HookContext) -> io::Result<HookProcess> {
+    /// stderr to `output` (the loop's pipes), client facts only in the
+    /// environment (never in the command string). An error for which
+    /// [`sys::is_pidfd_unsupported`] holds means: use
+    /// [`HookProcess::spawn_without_pidfd`].
+    pub fn spawn(
+        command: &str,
+        context: &HookContext,
+        output: &[OwnedFd; 2],
+    ) -> io::Result<HookProcess> {
         let nul_error = || io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the hook");
         let program = CString::new(SHELL).map_err(|_| nul_error())?;
         let args = [
@@ -84,6 +91,10 @@ impl HookProcess {
             argv: &argv,
             envp: &envp,
             stdin: stdin.as_fd(),
+            stdout: Some(output[0].as_fd()),
+            stderr: Some(output[1].as_fd()),
+            new_session: false,
+            parent_death_signal: None,
         })?;
         Ok(HookProcess {
             pid: child.pid,
@@ -93,15 +104,18 @@ impl HookProcess {
 
     /// Starts the hook as [`HookProcess::spawn`] does, for a kernel without
     /// pidfds: its exit is noticed through SIGCHLD.
-    pub fn spawn_without_pidfd(command: &str, context: &HookContext) -> io::Result<HookProcess> {
-        let stdout = io::stderr().as_fd().try_clone_to_owned()?;
+    pub fn spawn_without_pidfd(
+        command: &str,
+        context: &HookContext,
+        [out_write, err_write]: [OwnedFd; 2],
+    ) -> io::Result<HookProcess> {
         let mut process = Command::new(SHELL);
         process
             .arg("-c")
             .arg(command)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::from(out_write))
+            .stderr(Stdio::from(err_write))
             // Its own group, so a hook timeout kills what the hook started too.
             .process_group(0);
         for name in SERVICE_MANAGER_ENV {
@@ -192,9 +206,10 @@ fn exit_of(status: ExitStatus) -> HookExit {
     }
 }
 
-/// The `TCPLOCK_*` variables of a command hook, in a fixed order.
-fn hook_env(context: &HookContext) -> [(&'static str, String); 11] {
-    [
+/// The `TCPLOCK_*` variables of a command hook, in a fixed order; with
+/// `--spawn`, the service's generation and pid last.
+fn hook_env(context: &HookContext) -> Vec<(&'static str, String)> {
+    let mut env = vec![
         ("TCPLOCK_EVENT", context.kind.as_str().to_string()),
         ("TCPLOCK_CONN_ID", context.conn.to_string()),
         ("TCPLOCK_CLIENT_ADDR", context.client.to_string()),
@@ -218,7 +233,12 @@ fn hook_env(context: &HookContext) -> [(&'static str, String); 11] {
         ("TCPLOCK_QUEUE_LENGTH", context.queue_length.to_string()),
         ("TCPLOCK_ACTIVE", context.active.to_string()),
         ("TCPLOCK_ATTEMPT", context.attempt.to_string()),
-    ]
+    ];
+    if let Some((generation, pid)) = context.service {
+        env.push(("TCPLOCK_GENERATION", generation.to_string()));
+        env.push(("TCPLOCK_UPSTREAM_PID", pid.to_string()));
+    }
+    env
 }
 
 /// The hooks in force, under the names the core knows them by. A reload that
@@ -313,6 +333,10 @@ impl Shell {
         let Some(run) = self.hook.take_if(|run| run.id == hook) else {
             return;
         };
+        // What it wrote comes before its exit in the log.
+        if run.process.is_some() {
+            self.output_done(Source::Hook);
+        }
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
             line.field("hook", hook)
                 .field_opt("pid", run.process.as_ref().map(|p| p.pid))
@@ -335,6 +359,16 @@ impl Shell {
             self.core.handle_hook_exited(now, request.hook, exit);
             return;
         };
+        if let HookBody::Command(_) = run.body() {
+            self.output_from(
+                Source::Hook,
+                Writer::Hook {
+                    hook: request.hook,
+                    kind: context.kind,
+                    generation: context.service.map(|(generation, _)| generation),
+                },
+            );
+        }
         let process = match run.body() {
             HookBody::Command(command) => match self.spawn_process(command, context) {
                 Ok(process) => Some(process),
@@ -401,8 +435,9 @@ impl Shell {
         command: &str,
         context: &HookContext,
     ) -> io::Result<HookProcess> {
+        let output = self.output_writers(Source::Hook)?;
         if self.pidfds_available {
-            match HookProcess::spawn(command, context) {
+            match HookProcess::spawn(command, context, &output) {
                 Ok(process) => {
                     let Some(pidfd) = process.pidfd() else {
                         return Ok(process);
@@ -431,11 +466,11 @@ impl Shell {
             }
         }
         self.watch_sigchld()?;
-        HookProcess::spawn_without_pidfd(command, context)
+        HookProcess::spawn_without_pidfd(command, context, output)
     }
 
     /// From now on hooks are watched through SIGCHLD; said once.
-    fn pidfds_unavailable(&mut self, error: io::Error) {
+    pub(super) fn pidfds_unavailable(&mut self, error: io::Error) {
         self.pidfds_available = false;
         if let Some(line) = self.logger.line(LogLevel::Warn, "pidfd_unavailable") {
             line.field("error", error).field("fallback", "SIGCHLD");
@@ -469,6 +504,10 @@ impl Shell {
             return;
         }
         while let Some((pid, status)) = sys::reap_any_child() {
+            if self.service_sigchld_leader() == Some(pid) {
+                self.service_leader_status(now, status);
+                continue;
+            }
             let hook = match &self.hook {
                 Some(RunningHook {
                     id,
@@ -479,6 +518,14 @@ impl Shell {
             };
             self.hook_ended(now, hook, exit_of_raw(status));
         }
+    }
+
+    /// The running hook's process, if it is one.
+    pub(super) fn hook_pid(&self) -> Option<u32> {
+        self.hook
+            .as_ref()
+            .and_then(|run| run.process.as_ref())
+            .map(|process| process.pid)
     }
 
     /// Adds SIGCHLD to the watched signals, installing the handler if none is.

@@ -80,6 +80,12 @@ impl Logger {
         if self.dropped > 0 {
             self.report_dropped();
         }
+        // No line fits a full buffer: counted without being formatted, which
+        // keeps a flood of lines (a chatty service) cheap while stderr stalls.
+        if self.buf.len() >= LOG_BUFFER_BYTES {
+            self.dropped += 1;
+            return None;
+        }
         let line = Line {
             start: self.buf.len(),
             buf: &mut self.buf,

@@ -11,7 +11,9 @@ mod log;
 mod metrics;
 mod net;
 mod notify;
+mod output;
 mod relay;
+mod service;
 mod signals;
 
 use std::collections::VecDeque;
@@ -33,7 +35,8 @@ use crate::api::hook::Hook;
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue};
 use crate::core::{
-    Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, ProxyHeader, Settings, Stats,
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, ProxyHeader, ServiceSettings,
+    Settings, Stats,
 };
 use crate::sys;
 use log::{CommaList, Logger};
@@ -45,7 +48,9 @@ pub(crate) use net::resolve_upstream;
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;
 pub use notify::socket_activated;
+use output::Outputs;
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
+use service::{ServiceIo, ServiceTable};
 use signals::watch_signals;
 
 const LISTENER: Token = Token(0);
@@ -60,6 +65,20 @@ const HOOK_EXIT: Token = Token(3);
 
 /// stderr has room again for log lines that waited.
 const LOG_SINK: Token = Token(4);
+
+/// `--spawn`: the service's pidfd, readable once its leader exited.
+const SERVICE_EXIT: Token = Token(5);
+
+/// `--spawn`: the service's stdout and stderr pipes.
+const SERVICE_STDOUT: Token = Token(6);
+const SERVICE_STDERR: Token = Token(7);
+
+/// `--spawn`: the readiness probe's socket.
+const SERVICE_PROBE: Token = Token(8);
+
+/// The running hook process's stdout and stderr pipes.
+const HOOK_STDOUT: Token = Token(9);
+const HOOK_STDERR: Token = Token(10);
 
 /// How often lines waiting for a stderr the poll cannot watch are retried.
 const LOG_RETRY: Duration = Duration::from_millis(100);
@@ -103,10 +122,21 @@ pub(crate) struct ShellOptions {
 }
 
 /// The core's policy knobs, from a validated config; its hooks are named in
-/// `hooks`.
-fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
+/// `hooks`, its service command in `services`.
+fn core_settings(config: &Config, hooks: &mut HookTable, services: &mut ServiceTable) -> Settings {
     let (on_activate, on_timeout) = hooks.update(config);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let service = services.update(config).map(|run| ServiceSettings {
+        run,
+        ready_timeout_ms: ms(config.ready_timeout),
+        restart_after: (config.restart_after > 0).then_some(config.restart_after),
+        restart_rss_kib: (config.restart_rss > 0).then(|| (config.restart_rss / 1024).max(1)),
+        max_lifetime_ms: config.max_lifetime.map(ms),
+        restart_on: config.restart_on,
+        idle_stop_ms: config.idle_stop.map(ms),
+        stop_timeout_ms: ms(config.stop_timeout),
+        start_retries: config.start_retries,
+    });
     Settings {
         permits: config.permits,
         max_queue: config.max_queue,
@@ -124,7 +154,7 @@ fn core_settings(config: &Config, hooks: &mut HookTable) -> Settings {
         proxy_header_timeout_ms: config
             .accept_proxy
             .then(|| ms(config::PROXY_HEADER_TIMEOUT)),
-        service: None,
+        service,
     }
 }
 
@@ -162,6 +192,10 @@ pub(crate) struct Shell {
     turn: u64,
     hook: Option<RunningHook>,
     hooks: HookTable,
+    /// `--spawn`: the service's command, process and probe.
+    service: ServiceIo,
+    /// The service's and the running hook's output pipes.
+    outputs: Outputs,
     config: Config,
     started: Instant,
     /// What activation needs kept free, and how much there is.
@@ -331,7 +365,8 @@ impl Shell {
         let (control_tx, control_rx) = mpsc::channel();
         let fds = FdBudget::new(fd_limit);
         let mut hooks = HookTable::default();
-        let mut settings = core_settings(&config, &mut hooks);
+        let mut service = ServiceIo::default();
+        let mut settings = core_settings(&config, &mut hooks, &mut service.table);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
@@ -365,6 +400,8 @@ impl Shell {
             turn: 0,
             hook: None,
             hooks,
+            service,
+            outputs: Outputs::default(),
             config,
             started: Instant::now(),
             fds,
@@ -412,6 +449,11 @@ impl Shell {
             }
         };
         let mut events = Events::with_capacity(1024);
+        // With `--spawn` the core asked for its first start when it was made.
+        self.supervise();
+        let now = self.now();
+        self.drain(now);
+        self.logger.flush();
         let counts = self.notify_counts();
         self.notify.ready(self.now(), counts, &mut self.logger);
         loop {
@@ -438,6 +480,7 @@ impl Shell {
             if self.logger.has_pending() && !self.log_watched {
                 timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
             }
+            timeout = self.service_timeout(self.now(), timeout);
             timeout = self.notify_timeout(timeout);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -457,6 +500,11 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
+                    SERVICE_EXIT => self.service_exited(now),
+                    SERVICE_PROBE => self.probe_ready(now, SocketEvent::of(event)),
+                    SERVICE_STDOUT | SERVICE_STDERR | HOOK_STDOUT | HOOK_STDERR => {
+                        self.output_ready(event.token());
+                    }
                     control::CONTROL_LISTENER => self.control_accept(now),
                     Token(token)
                         if (control::FIRST_CONTROL_TOKEN
@@ -497,6 +545,10 @@ impl Shell {
             if self.accept_more {
                 self.accept(now);
             }
+            if self.outputs.more {
+                self.read_outputs();
+            }
+            self.expire_probe(now);
             self.core.handle_tick(now);
             self.drain(now);
             self.control_tick(now);
@@ -547,11 +599,16 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
-                // Wired by the supervisor's shell side (issue 11).
-                Action::ProbeUpstream(_)
-                | Action::SpawnService { .. }
-                | Action::SampleService(_)
-                | Action::SignalService { .. } => {}
+                Action::ProbeUpstream(generation) => self.probe_upstream(now, generation),
+                Action::SpawnService {
+                    generation,
+                    reason,
+                    run,
+                } => self.spawn_service(now, generation, reason, run),
+                Action::SampleService(generation) => self.sample_service(now, generation),
+                Action::SignalService { generation, signal } => {
+                    self.signal_service(generation, signal)
+                }
             }
         }
     }

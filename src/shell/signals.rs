@@ -14,7 +14,9 @@ impl Shell {
             match signal {
                 SIGCHLD => {
                     self.reap(now);
+                    self.service_exited(now);
                     self.reap_orphans(now);
+                    self.reap_service_orphans();
                 }
                 SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
@@ -145,7 +147,7 @@ impl Shell {
         let changed = config::changed_keys(&self.config, &new);
         self.logger.set_level(new.log_level);
         self.pool.reconfigure(new.buffer_size, new.splice);
-        let mut settings = core_settings(&new, &mut self.hooks);
+        let mut settings = core_settings(&new, &mut self.hooks, &mut self.service.table);
         settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
         self.core.handle_reload(now, settings);
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
@@ -154,6 +156,7 @@ impl Shell {
                 .field("addresses", self.upstream_addrs.len());
         }
         self.config = new;
+        self.supervise();
         changed
     }
 }

@@ -236,6 +236,22 @@ impl Proxy {
         Proxy::start_command(command, args)
     }
 
+    /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with `env` added to (or, with
+    /// an empty value, removed from) its environment.
+    pub fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> Proxy {
+        let full = on_any_loopback_port(args);
+        let mut command = Command::new(BIN);
+        command.args(&full);
+        for (key, value) in env {
+            if value.is_empty() {
+                command.env_remove(key);
+            } else {
+                command.env(key, value);
+            }
+        }
+        Proxy::start_command(command, &full)
+    }
+
     /// Starts `tcplock -l 127.0.0.1:0 ARGS...` with at most `limit` open files
     /// (soft and hard, so tcplock cannot raise it).
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Proxy {

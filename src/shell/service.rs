@@ -1,0 +1,670 @@
+//! The supervised upstream (`--spawn`), the shell's side: the table naming
+//! the command for the core, the running generation's process (watched by
+//! its pidfd), the readiness probe, the four service actions (probe, spawn,
+//! sample, signal) and reaping the session's orphans. Its output goes
+//! through the pipes of [`super::output`]. Every decision (when to start,
+//! probe, stop, give up) is the core's.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mio::Interest;
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+
+use super::net::{ConnectResult, connect_result};
+use super::output::{Source, Writer};
+use super::relay::SocketEvent;
+use super::{SERVICE_EXIT, SERVICE_PROBE, Shell};
+use crate::config::units::HostPort;
+use crate::config::{Config, LogLevel};
+use crate::core::{Generation, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal};
+use crate::sys::{self, ExecSpec, WatchedChild};
+
+/// How long a readiness probe may wait for an answer: a black hole (SYNs
+/// dropped) answers "not yet" after this, not after the kernel's minutes.
+const PROBE_TIMEOUT_MS: u64 = 1_000;
+
+/// Most of our descendants looked at when measuring the service.
+const MAX_TREE: usize = 65_536;
+
+/// Environment variables never passed to the service: systemd's
+/// notification socket, socket activation and watchdog are tcplock's, not
+/// its child's (`LISTEN_*` and `WATCHDOG_*` are prefixes).
+const SCRUBBED: [&str; 3] = ["NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"];
+
+/// The service command in force, under the name the core knows it by. A
+/// reload that changes the command or the upstream address names it anew,
+/// so the core can tell a change (restart when drained) from a keep.
+#[derive(Default)]
+pub(crate) struct ServiceTable {
+    current: Option<(ServiceRef, ServiceCommand)>,
+    next: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ServiceCommand {
+    command: String,
+    upstream: HostPort,
+}
+
+impl ServiceTable {
+    /// Takes the config's service and returns its name, the same as before
+    /// when neither the command nor the address changed; `None` without
+    /// `--spawn`.
+    pub(crate) fn update(&mut self, config: &Config) -> Option<ServiceRef> {
+        let Some(command) = &config.spawn else {
+            self.current = None;
+            return None;
+        };
+        let wanted = ServiceCommand {
+            command: command.clone(),
+            upstream: config.upstream.clone(),
+        };
+        if let Some((name, current)) = &self.current
+            && *current == wanted
+        {
+            return Some(*name);
+        }
+        self.next += 1;
+        let name = ServiceRef(self.next);
+        self.current = Some((name, wanted));
+        Some(name)
+    }
+
+    fn get(&self, name: ServiceRef) -> Option<&ServiceCommand> {
+        self.current
+            .as_ref()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, command)| command)
+    }
+}
+
+/// The service's shell-side state: the last generation spawned, the probe
+/// in flight, whether orphans come to us.
+#[derive(Default)]
+pub(super) struct ServiceIo {
+    pub(super) table: ServiceTable,
+    running: Option<RunningService>,
+    probe: Option<Probe>,
+    /// Set up for supervising: SIGCHLD watched, subreaper asked for.
+    supervised: bool,
+    /// `PR_SET_CHILD_SUBREAPER` is in force (it stays so).
+    subreaper: bool,
+}
+
+/// The last generation spawned. Kept after its leader exits: its pid is
+/// the session id its leftovers are found by.
+struct RunningService {
+    generation: Generation,
+    /// The spawned process, leader of the session whose id is this pid.
+    pid: u32,
+    leader: Leader,
+}
+
+enum Leader {
+    /// Watched by its pidfd (readable once it exited).
+    Pidfd(WatchedChild),
+    /// Started without a pidfd: reaped by pid when SIGCHLD comes.
+    Sigchld,
+    /// Reaped; its exit went to the core.
+    Reaped,
+}
+
+impl RunningService {
+    /// The leader's pid while it is not reaped: nobody else may reap it.
+    fn unreaped(&self) -> Option<u32> {
+        (!matches!(self.leader, Leader::Reaped)).then_some(self.pid)
+    }
+}
+
+struct Probe {
+    generation: Generation,
+    socket: TcpStream,
+    /// The loop turn the socket was made in: that turn's events belong to
+    /// an earlier probe's socket.
+    since_turn: u64,
+    /// Core ms after which the probe answers "not answered".
+    deadline: u64,
+}
+
+/// The service's environment: ours without [`SCRUBBED`] and without any
+/// variable `ours` sets, then `ours`. An entry holding a NUL (impossible in
+/// a real environment) is skipped.
+pub(super) fn service_env(
+    parent: impl IntoIterator<Item = (OsString, OsString)>,
+    ours: &[(&str, String)],
+) -> Vec<CString> {
+    let mut env = Vec::new();
+    for (key, value) in parent {
+        let name = key.as_bytes();
+        if SCRUBBED.iter().any(|s| {
+            let s = s.as_bytes();
+            if s.ends_with(b"_") {
+                name.starts_with(s)
+            } else {
+                name == s
+            }
+        }) || ours.iter().any(|(k, _)| OsStr::new(k) == key)
+        {
+            continue;
+        }
+        let mut entry = name.to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        if let Ok(entry) = CString::new(entry) {
+            env.push(entry);
+        }
+    }
+    for (key, value) in ours {
+        if let Ok(entry) = CString::new(format!("{key}={value}")) {
+            env.push(entry);
+        }
+    }
+    env
+}
+
+/// Starts what `spec` describes with std's spawn (which does not use
+/// clone(CLONE_PIDFD)): the child exits with SIGCHLD and is reaped by pid.
+fn spawn_with_std(spec: &ExecSpec<'_>) -> io::Result<u32> {
+    let text = |s: &CStr| OsStr::from_bytes(s.to_bytes()).to_os_string();
+    let mut command = Command::new(text(spec.program));
+    command.args(spec.argv.iter().skip(1).map(|arg| text(arg)));
+    command.env_clear();
+    for entry in spec.envp {
+        let entry = entry.to_bytes();
+        if let Some(at) = entry.iter().position(|b| *b == b'=') {
+            command.env(
+                OsStr::from_bytes(&entry[..at]),
+                OsStr::from_bytes(&entry[at + 1..]),
+            );
+        }
+    }
+    let owned = |fd: Option<BorrowedFd<'_>>| -> io::Result<Stdio> {
+        Ok(match fd {
+            Some(fd) => Stdio::from(fd.try_clone_to_owned()?),
+            None => Stdio::from(io::stderr().as_fd().try_clone_to_owned()?),
+        })
+    };
+    command
+        .stdin(owned(Some(spec.stdin))?)
+        .stdout(owned(spec.stdout)?)
+        .stderr(owned(spec.stderr)?);
+    if spec.new_session {
+        sys::in_new_session(&mut command, spec.parent_death_signal.unwrap_or(0));
+    }
+    Ok(command.spawn()?.id())
+}
+
+/// A raw wait status as the service's exit.
+fn service_exit(status: i32) -> ServiceExit {
+    if libc::WIFEXITED(status) {
+        ServiceExit::Code(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ServiceExit::Signal(libc::WTERMSIG(status))
+    } else {
+        ServiceExit::Code(-1)
+    }
+}
+
+impl Shell {
+    /// `--spawn` is configured: orphans of the service come to us (child
+    /// subreaper) and their exits are noticed (SIGCHLD). Once.
+    pub(super) fn supervise(&mut self) {
+        if self.service.supervised || self.config.spawn.is_none() {
+            return;
+        }
+        self.service.supervised = true;
+        match sys::set_child_subreaper() {
+            Ok(()) => self.service.subreaper = true,
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed") {
+                    line.field("error", e);
+                }
+            }
+        }
+        if let Err(e) = self.watch_sigchld()
+            && let Some(line) = self.logger.line(LogLevel::Warn, "sigchld_unwatched")
+        {
+            line.field("error", e);
+        }
+    }
+
+    /// `Action::ProbeUpstream`: a non-blocking connect to the upstream,
+    /// answered once: connected, refused, failed or timed out.
+    pub(super) fn probe_upstream(&mut self, now: u64, generation: Generation) {
+        // One probe at a time: an earlier one still out answers "no" now.
+        if let Some(probe) = self.service.probe.take() {
+            self.end_probe(now, probe, false);
+        }
+        let Some(addr) = self.upstream_addrs.first().copied() else {
+            self.core.handle_service_probed(now, generation, false);
+            return;
+        };
+        match self.start_probe(addr) {
+            Ok(socket) => {
+                self.service.probe = Some(Probe {
+                    generation,
+                    socket,
+                    since_turn: self.turn,
+                    deadline: now.saturating_add(PROBE_TIMEOUT_MS),
+                });
+            }
+            Err(_) => self.core.handle_service_probed(now, generation, false),
+        }
+    }
+
+    fn start_probe(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let mut socket = TcpStream::connect(addr)?;
+        self.poll
+            .registry()
+            .register(&mut socket, SERVICE_PROBE, Interest::WRITABLE)?;
+        Ok(socket)
+    }
+
+    /// The probe socket's readiness.
+    pub(super) fn probe_ready(&mut self, now: u64, event: SocketEvent) {
+        let Some(probe) = self
+            .service
+            .probe
+            .as_ref()
+            .filter(|probe| probe.since_turn != self.turn)
+        else {
+            return;
+        };
+        let answered = match connect_result(&probe.socket, event) {
+            ConnectResult::Pending => return,
+            ConnectResult::Connected => true,
+            ConnectResult::Failed(_) => false,
+        };
+        if let Some(probe) = self.service.probe.take() {
+            self.end_probe(now, probe, answered);
+        }
+    }
+
+    /// A probe past its deadline answers "not answered".
+    pub(super) fn expire_probe(&mut self, now: u64) {
+        if let Some(probe) = self.service.probe.take_if(|probe| probe.deadline <= now) {
+            self.end_probe(now, probe, false);
+        }
+    }
+
+    /// When the probe in flight gives up, for the poll timeout.
+    pub(super) fn probe_deadline(&self) -> Option<u64> {
+        self.service.probe.as_ref().map(|probe| probe.deadline)
+    }
+
+    fn end_probe(&mut self, now: u64, mut probe: Probe, answered: bool) {
+        let _ = self.poll.registry().deregister(&mut probe.socket);
+        drop(probe.socket);
+        self.core
+            .handle_service_probed(now, probe.generation, answered);
+    }
+
+    /// `Action::SpawnService`: `/bin/sh -c CMD` in a new session, its output
+    /// on pipes, answered at once with its pid or why it could not start.
+    pub(super) fn spawn_service(
+        &mut self,
+        now: u64,
+        generation: Generation,
+        reason: RestartReason,
+        run: ServiceRef,
+    ) {
+        let spawned = self.start_service(generation, reason, run);
+        self.core
+            .handle_service_spawned(now, generation, spawned.map_err(|e| one_line(&e)));
+    }
+
+    fn start_service(
+        &mut self,
+        generation: Generation,
+        reason: RestartReason,
+        run: ServiceRef,
+    ) -> io::Result<u32> {
+        let command = self
+            .service
+            .table
+            .get(run)
+            .cloned()
+            .ok_or_else(|| io::Error::other("no such service command (changed by a reload)"))?;
+        // What an earlier generation left in the pipes is credited to it.
+        self.output_from(Source::Service, Writer::Upstream(generation));
+        let ours = [
+            ("TCPLOCK_UPSTREAM_HOST", command.upstream.host.clone()),
+            ("TCPLOCK_UPSTREAM_PORT", command.upstream.port.to_string()),
+            ("TCPLOCK_GENERATION", generation.to_string()),
+            ("TCPLOCK_RESTART_REASON", reason.as_str().to_string()),
+        ];
+        let env = service_env(std::env::vars_os(), &ours);
+        let nul = || io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the command");
+        let program = c"/bin/sh";
+        let script = CString::new(command.command.as_str()).map_err(|_| nul())?;
+        let argv = [program, c"-c", script.as_c_str()];
+        let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
+        let stdin = File::open("/dev/null")?;
+        let [out_write, err_write] = self.output_writers(Source::Service)?;
+        let spec = ExecSpec {
+            program,
+            argv: &argv,
+            envp: &envp,
+            stdin: stdin.as_fd(),
+            stdout: Some(out_write.as_fd()),
+            stderr: Some(err_write.as_fd()),
+            new_session: true,
+            parent_death_signal: Some(libc::SIGKILL),
+        };
+        let (pid, leader) = self.spawn_leader(&spec)?;
+        drop((out_write, err_write));
+        // The core starts a generation only once the last one is gone; a
+        // leader it forgot would be reaped as an orphan, unwatched.
+        if let Some(RunningService {
+            leader: Leader::Pidfd(child),
+            ..
+        }) = &self.service.running
+        {
+            let raw = child.pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        self.service.running = Some(RunningService {
+            generation,
+            pid,
+            leader,
+        });
+        Ok(pid)
+    }
+
+    /// Spawns the leader watched by a pidfd or, on a kernel without pidfds,
+    /// by SIGCHLD (said once, as for hooks).
+    fn spawn_leader(&mut self, spec: &ExecSpec<'_>) -> io::Result<(u32, Leader)> {
+        if self.pidfds_available {
+            match sys::spawn_watched(spec) {
+                Ok(child) => {
+                    let raw = child.pidfd.as_raw_fd();
+                    let watched = self.poll.registry().register(
+                        &mut SourceFd(&raw),
+                        SERVICE_EXIT,
+                        Interest::READABLE,
+                    );
+                    let Err(e) = watched else {
+                        return Ok((child.pid, Leader::Pidfd(child)));
+                    };
+                    // Unwatched, its exit would go unnoticed.
+                    let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL);
+                    let _ = sys::wait_exited(&child, true);
+                    // Linux 5.2 hands out pidfds that cannot be polled yet.
+                    if e.raw_os_error() != Some(libc::EPERM) {
+                        return Err(e);
+                    }
+                    self.pidfds_unavailable(e);
+                }
+                Err(e) if sys::is_pidfd_unsupported(&e) => self.pidfds_unavailable(e),
+                Err(e) => return Err(e),
+            }
+        }
+        self.watch_sigchld()?;
+        Ok((spawn_with_std(spec)?, Leader::Sigchld))
+    }
+
+    /// The leader's pidfd turned readable, or SIGCHLD came: if the leader
+    /// exited, it is reaped and the core told.
+    pub(super) fn service_exited(&mut self, now: u64) {
+        let Some(running) = &mut self.service.running else {
+            return;
+        };
+        // `Err`: reaped behind our back (a host ignoring SIGCHLD); the pidfd
+        // may still know how it ended, else the exit reads as code -1.
+        let status = match &running.leader {
+            Leader::Pidfd(child) => match sys::wait_exited(child, false) {
+                Ok(status) => status.map(service_exit),
+                Err(_) => Some(
+                    sys::pidfd_exit_status(child.pidfd.as_fd())
+                        .map_or(ServiceExit::Code(-1), service_exit),
+                ),
+            },
+            Leader::Sigchld => match sys::reap_pid(running.pid) {
+                Ok(status) => status.map(service_exit),
+                Err(_) => Some(ServiceExit::Code(-1)),
+            },
+            Leader::Reaped => None,
+        };
+        let Some(exit) = status else {
+            return;
+        };
+        self.leader_reaped(now, exit);
+    }
+
+    /// The leader is reaped: forgotten as a child, its exit reported. Its
+    /// session's other processes remain the core's business.
+    fn leader_reaped(&mut self, now: u64, exit: ServiceExit) {
+        let Some(running) = &mut self.service.running else {
+            return;
+        };
+        if let Leader::Pidfd(child) = &running.leader {
+            let raw = child.pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        running.leader = Leader::Reaped;
+        let generation = running.generation;
+        self.core.handle_service_exited(now, generation, exit);
+    }
+
+    /// The service leader's pid, if it is a SIGCHLD child not yet reaped
+    /// (for PID 1's reaping of every child).
+    pub(super) fn service_sigchld_leader(&self) -> Option<u32> {
+        self.service
+            .running
+            .as_ref()
+            .filter(|running| matches!(running.leader, Leader::Sigchld))
+            .map(|running| running.pid)
+    }
+
+    /// PID 1 reaped the SIGCHLD-watched leader: its status is the service's.
+    pub(super) fn service_leader_status(&mut self, now: u64, status: i32) {
+        self.leader_reaped(now, service_exit(status));
+    }
+
+    /// `Action::SampleService`: the live processes of the generation's
+    /// session and their summed RSS; exited children of it are reaped.
+    pub(super) fn sample_service(&mut self, now: u64, generation: Generation) {
+        let sample = match self.session_of(generation) {
+            Some(session) => {
+                let members = self.session_members(session);
+                self.reap_zombies(&members);
+                let live = members.iter().filter(|p| !p.is_dead());
+                let page_kib = sys::page_size_kib();
+                ServiceSample {
+                    processes: live.clone().count(),
+                    rss_kib: live.map(|p| p.rss_pages.saturating_mul(page_kib)).sum(),
+                }
+            }
+            None => ServiceSample::default(),
+        };
+        self.core.handle_service_sampled(now, generation, sample);
+    }
+
+    /// `Action::SignalService`: the signal to every live process of the
+    /// generation's session, and to its first process group.
+    pub(super) fn signal_service(&mut self, generation: Generation, signal: StopSignal) {
+        let Some(session) = self.session_of(generation) else {
+            return;
+        };
+        let signal = match signal {
+            StopSignal::Term => libc::SIGTERM,
+            StopSignal::Kill => libc::SIGKILL,
+        };
+        let members = self.session_members(session);
+        let live: Vec<u32> = members
+            .iter()
+            .filter(|p| !p.is_dead())
+            .map(|p| p.pid)
+            .collect();
+        if live.is_empty() {
+            // Nothing left pins the session id: it may name a stranger now.
+            return;
+        }
+        // The group the session started with catches a process forked after
+        // the scan; then each member, whatever group it moved to.
+        let _ = sys::signal_process_group(session, signal);
+        for pid in live {
+            if let Err(e) = sys::signal_pid(pid, signal)
+                && let Some(line) = self.logger.line(LogLevel::Warn, "signal_failed")
+            {
+                line.field("gen", generation)
+                    .field("pid", pid)
+                    .field("error", e);
+            }
+        }
+    }
+
+    /// The session id of `generation`, if it is the last one spawned.
+    fn session_of(&self, generation: Generation) -> Option<u32> {
+        self.service
+            .running
+            .as_ref()
+            .filter(|running| running.generation == generation)
+            .map(|running| running.pid)
+    }
+
+    /// The processes of `session`: as a subreaper, every one of them is a
+    /// descendant of ours (an orphan comes to us).
+    fn session_members(&mut self, session: u32) -> Vec<sys::ProcStat> {
+        self.processes(|p| p.session == session)
+    }
+
+    /// The processes `keep` accepts among those that may concern us: our
+    /// descendants as a subreaper (a walk of our own tree, whose cost
+    /// follows its size), else every process (where the kernel lists no
+    /// children, or orphans go to init).
+    fn processes(&mut self, keep: impl Fn(&sys::ProcStat) -> bool) -> Vec<sys::ProcStat> {
+        if self.service.subreaper
+            && let Ok(mut tree) = sys::descendants(sys::own_ids().0, MAX_TREE)
+        {
+            tree.retain(keep);
+            return tree;
+        }
+        match sys::scan_processes(keep) {
+            Ok(found) => found,
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "proc_scan_failed") {
+                    line.field("error", e);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// SIGCHLD: an orphan handed to us as subreaper (or a child of ours
+    /// that is not pidfd-watched) exited. Reaps every exited child of ours
+    /// outside our own process group that nobody else waits for; a host's
+    /// own children (in our group) are left to the host.
+    pub(super) fn reap_service_orphans(&mut self) {
+        if !self.service.supervised {
+            return;
+        }
+        let (own_pid, own_group) = sys::own_ids();
+        let zombies = self.processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
+        self.reap_zombies(&zombies);
+    }
+
+    /// Reaps those of `processes` that are exited children of ours and not
+    /// waited for elsewhere (the service leader, the running hook).
+    fn reap_zombies(&mut self, processes: &[sys::ProcStat]) {
+        let (own_pid, _) = sys::own_ids();
+        let leader = self
+            .service
+            .running
+            .as_ref()
+            .and_then(RunningService::unreaped);
+        let hook = self.hook_pid();
+        for process in processes {
+            if !process.is_dead()
+                || process.ppid != own_pid
+                || Some(process.pid) == leader
+                || Some(process.pid) == hook
+            {
+                continue;
+            }
+            if let Ok(Some(_)) = sys::reap_pid(process.pid)
+                && let Some(line) = self.logger.line(LogLevel::Debug, "reaped")
+            {
+                line.field("pid", process.pid)
+                    .field("session", process.session);
+            }
+        }
+    }
+
+    /// How long the poll may sleep before the shell's own service deadline
+    /// (the probe's), given `timeout` from the core.
+    pub(super) fn service_timeout(&self, now: u64, timeout: Option<Duration>) -> Option<Duration> {
+        if self.outputs.more {
+            return Some(Duration::ZERO);
+        }
+        match self.probe_deadline() {
+            Some(deadline) => {
+                let probe = Duration::from_millis(deadline.saturating_sub(now).saturating_add(1));
+                Some(timeout.map_or(probe, |t| t.min(probe)))
+            }
+            None => timeout,
+        }
+    }
+}
+
+/// An error as one line, for `upstream_start_failed why=`.
+fn one_line(error: &io::Error) -> String {
+    error.to_string().replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_env_drops_systemd_variables_and_sets_ours() {
+        let parent = [
+            ("PATH", "/usr/bin"),
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_PID", "42"),
+            ("LISTEN_FDNAMES", "x"),
+            ("WATCHDOG_USEC", "100"),
+            ("WATCHDOG_PID", "42"),
+            ("NOTIFY_SOCKETS", "kept: not the same name"),
+            ("MY_LISTEN_FDS", "kept: not a prefix match"),
+            ("TCPLOCK_GENERATION", "stale"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let ours = [
+            ("TCPLOCK_GENERATION", "3".to_string()),
+            ("TCPLOCK_RESTART_REASON", "crash".to_string()),
+        ];
+        let env: Vec<String> = service_env(parent, &ours)
+            .into_iter()
+            .map(|c| c.into_string().expect("utf-8"))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                "PATH=/usr/bin",
+                "NOTIFY_SOCKETS=kept: not the same name",
+                "MY_LISTEN_FDS=kept: not a prefix match",
+                "TCPLOCK_GENERATION=3",
+                "TCPLOCK_RESTART_REASON=crash",
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_statuses_read_as_codes_or_signals() {
+        assert_eq!(service_exit(3 << 8), ServiceExit::Code(3));
+        assert_eq!(
+            service_exit(libc::SIGKILL),
+            ServiceExit::Signal(libc::SIGKILL)
+        );
+    }
+}
