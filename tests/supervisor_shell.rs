@@ -446,3 +446,25 @@ fn without_pidfds_the_service_is_watched_through_sigchld() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(script);
 }
+
+#[test]
+fn a_service_on_the_second_address_of_its_name_is_found_ready() {
+    // getaddrinfo puts ::1 before 127.0.0.1; the service listens on the
+    // second only. Needs root and unshare for a private /etc/hosts.
+    let hosts =
+        std::env::temp_dir().join(format!("tcplock-supervisor-hosts-{}", std::process::id()));
+    std::fs::write(&hosts, "::1 localhost\n127.0.0.1 localhost\n").expect("write the hosts file");
+    let script = server_script("second-address");
+    let port = unused_port();
+    let spawn = format!(
+        "TCPLOCK_UPSTREAM_HOST=127.0.0.1 exec {} {}",
+        python(),
+        script.display()
+    );
+    let upstream = format!("localhost:{port}");
+    let proxy = Proxy::start_with_hosts(&hosts, &["-u", &upstream, "--spawn", &spawn]);
+    let _ = std::fs::remove_file(&hosts);
+    proxy.expect_log(event("upstream_ready"), "the service found on 127.0.0.1");
+    greeted(&proxy);
+    let _ = std::fs::remove_file(script);
+}

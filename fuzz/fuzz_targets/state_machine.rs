@@ -219,7 +219,7 @@ impl Event {
             Event::Advance(span) => Op::Advance(span.ms()),
             Event::Tick => Op::Tick,
             Event::Wake => Op::Wake,
-            Event::Reload(knobs) => Op::Reload(knobs.settings()),
+            Event::Reload(knobs) => Op::Reload(Box::new(knobs.settings())),
             Event::AcceptPaused => Op::AcceptPaused,
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,

@@ -48,8 +48,6 @@ use queue::WaitQueue;
 use service::{Service, ServiceTimer};
 use timer::{TimerKey, TimerWheel};
 
-pub use service::{PROBE_INTERVAL_MS, SAMPLE_INTERVAL_MS, START_RETRY_BASE_MS, START_RETRY_MAX_MS};
-
 /// The first retry of a failed on-activate hook waits this long; each further
 /// consecutive failure doubles it, up to [`RETRY_MAX_MS`].
 pub const RETRY_BASE_MS: u64 = 500;
@@ -1162,10 +1160,13 @@ impl Core {
         self.shutdown.as_ref().is_some_and(|s| !s.serving)
     }
 
-    /// After a shutdown, once no connection and no hook is left: log the
-    /// totals, once.
+    /// After a shutdown, once no connection, no hook and nothing of the
+    /// service is left: log the totals, once.
     fn note_done(&mut self) {
-        if !self.conns.is_empty() || self.hook.is_some() {
+        if !self.conns.is_empty()
+            || self.hook.is_some()
+            || !self.service.as_ref().is_none_or(Service::is_at_rest)
+        {
             return;
         }
         if let Some(shutdown) = self.shutdown.as_mut().filter(|s| !s.done) {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::Interest;
@@ -127,6 +128,11 @@ impl RunningService {
 struct Probe {
     generation: Generation,
     socket: TcpStream,
+    /// The upstream's addresses as they were when the probe began, and the
+    /// one tried after this (`localhost` may name ::1 before 127.0.0.1, and
+    /// the service may listen on either).
+    addrs: Arc<[SocketAddr]>,
+    next_addr: usize,
     /// The loop turn the socket was made in: that turn's events belong to
     /// an earlier probe's socket.
     since_turn: u64,
@@ -243,21 +249,40 @@ impl Shell {
         if let Some(probe) = self.service.probe.take() {
             self.end_probe(now, probe, false);
         }
-        let Some(addr) = self.upstream_addrs.first().copied() else {
-            self.core.handle_service_probed(now, generation, false);
-            return;
-        };
-        match self.start_probe(addr) {
-            Ok(socket) => {
+        let addrs = Arc::clone(&self.upstream_addrs);
+        self.probe_from(
+            now,
+            generation,
+            addrs,
+            0,
+            now.saturating_add(PROBE_TIMEOUT_MS),
+        );
+    }
+
+    /// Tries the addresses from `first` on until a connect is under way;
+    /// with none left, the answer is "not answered".
+    fn probe_from(
+        &mut self,
+        now: u64,
+        generation: Generation,
+        addrs: Arc<[SocketAddr]>,
+        first: usize,
+        deadline: u64,
+    ) {
+        for (i, addr) in addrs.iter().enumerate().skip(first) {
+            if let Ok(socket) = self.start_probe(*addr) {
                 self.service.probe = Some(Probe {
                     generation,
                     socket,
+                    next_addr: i + 1,
+                    addrs,
                     since_turn: self.turn,
-                    deadline: now.saturating_add(PROBE_TIMEOUT_MS),
+                    deadline,
                 });
+                return;
             }
-            Err(_) => self.core.handle_service_probed(now, generation, false),
         }
+        self.core.handle_service_probed(now, generation, false);
     }
 
     fn start_probe(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -283,9 +308,22 @@ impl Shell {
             ConnectResult::Connected => true,
             ConnectResult::Failed(_) => false,
         };
-        if let Some(probe) = self.service.probe.take() {
-            self.end_probe(now, probe, answered);
+        let Some(mut probe) = self.service.probe.take() else {
+            return;
+        };
+        if !answered && probe.next_addr < probe.addrs.len() {
+            let _ = self.poll.registry().deregister(&mut probe.socket);
+            let (generation, addrs, next, deadline) = (
+                probe.generation,
+                Arc::clone(&probe.addrs),
+                probe.next_addr,
+                probe.deadline,
+            );
+            drop(probe);
+            self.probe_from(now, generation, addrs, next, deadline);
+            return;
         }
+        self.end_probe(now, probe, answered);
     }
 
     /// A probe past its deadline answers "not answered".

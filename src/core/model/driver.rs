@@ -253,7 +253,7 @@ impl Model {
                 // which nothing in the action stream would mark; ticking first
                 // keeps the shadow's settings in step with the core's.
                 self.tick_first(fed)?;
-                let settings = sanitize(settings.clone());
+                let settings = sanitize(Settings::clone(settings));
                 trace!(self, "t={} reload {settings:?}", self.now);
                 let mut settings = settings;
                 // Fixed at start-up: a reload keeps it (`keep_fixed`).

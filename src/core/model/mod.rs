@@ -131,7 +131,7 @@ pub enum Op {
     /// Jump to the core's next deadline (if any) and tick, as the loop does.
     Wake,
     /// New settings (sanitized to what the config can produce).
-    Reload(Settings),
+    Reload(Box<Settings>),
     /// The shell paused accepting (out of descriptors). Ticks to its time
     /// first, like a reload, so the shadow knows which pause it arms.
     AcceptPaused,

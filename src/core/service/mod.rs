@@ -1072,6 +1072,7 @@ impl Core {
                 reason,
             };
         }
+        self.note_done();
     }
 
     /// No new generation is to start: tcplock stops and nobody is left, or
