@@ -30,7 +30,11 @@ pub use core::{
 /// beyond the library's API. Not part of the API: it may change at any time.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::api::check::check;
+    pub use crate::api::ctl;
     pub use crate::config::{cli, file, load, units};
+    /// Whether a service manager passed this process its listening socket.
+    pub use crate::shell::socket_activated;
     /// The PROXY protocol parser, for its fuzz target.
     pub mod proxy_protocol {
         pub use crate::proxy_protocol::*;

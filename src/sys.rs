@@ -38,6 +38,23 @@ pub fn count_open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
+/// The kernel's clock ticks per second (the unit of CPU times in
+/// `/proc/self/stat`) and the page size (of its memory counts); 0 for one
+/// that cannot be read.
+pub fn clock_ticks_and_page_size() -> (u64, u64) {
+    // SAFETY: sysconf takes a plain integer and touches no memory of ours.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (
+        u64::try_from(ticks).unwrap_or(0),
+        u64::try_from(page).unwrap_or(0),
+    )
+}
+
 /// Sends SIGKILL to every process in the group `pgid` (a hook started as the
 /// leader of its own group). A group that is already gone is not an error.
 pub fn kill_process_group(pgid: u32) -> io::Result<()> {
@@ -133,6 +150,110 @@ fn set_option<T>(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The first descriptor a service manager passes (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: i32 = 3;
+
+/// Whether [`take_listen_fd`] has handed out the passed descriptor.
+static LISTEN_FD_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of descriptor 3, which a service manager's socket
+/// activation (`LISTEN_PID` naming this process, `LISTEN_FDS=1`) passes to
+/// the process, and marks it close-on-exec so no hook or child inherits the
+/// listening socket. The caller checks the environment first: only then is
+/// descriptor 3 the process's to take. At most once per process; a second
+/// call, or a descriptor 3 that is not open, is an error.
+pub fn take_listen_fd() -> io::Result<OwnedFd> {
+    use std::sync::atomic::Ordering;
+    let fd = LISTEN_FDS_START;
+    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number
+    // fails with EBADF and touches nothing.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if LISTEN_FD_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the passed socket was taken already",
+        ));
+    }
+    // SAFETY: as above, on a descriptor just seen open; only its flags change.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: descriptor 3 is open, the socket-activation protocol the caller
+    // checked hands it to this process, and the flag above lets only one
+    // owner ever be made from it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a socket is, as the kernel reports it: for a descriptor passed in
+/// from outside, before it is used as a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketKind {
+    /// `SO_TYPE` is `SOCK_STREAM`.
+    pub stream: bool,
+    /// `SO_ACCEPTCONN`: `listen` was called on it.
+    pub listening: bool,
+    /// `SO_DOMAIN` is `AF_INET` or `AF_INET6`.
+    pub inet: bool,
+}
+
+/// [`SocketKind`] of `socket`; a descriptor that is no socket fails with
+/// `ENOTSOCK`.
+pub fn socket_kind(socket: BorrowedFd<'_>) -> io::Result<SocketKind> {
+    let kind = get_option_int(socket, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let listening = get_option_int(socket, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)?;
+    let domain = get_option_int(socket, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    Ok(SocketKind {
+        stream: kind == libc::SOCK_STREAM,
+        listening: listening != 0,
+        inet: domain == libc::AF_INET || domain == libc::AF_INET6,
+    })
+}
+
+/// `getsockopt` of an `int` option.
+fn get_option_int(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live and writable and `len` is the size
+    // of `value`; the descriptor is borrowed, so it stays open for the call.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC=`
+/// is read on (std's `Instant` uses it too but does not show its value).
+pub fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the
+    // call; CLOCK_MONOTONIC always exists on Linux.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
+    secs.saturating_mul(1_000_000).saturating_add(micros)
 }
 
 /// Whether an accept error means "out of file descriptors": the loop then
@@ -267,22 +388,6 @@ pub struct ExecSpec<'a> {
 /// A failed `execve` in the child is an error with no raw code (it names the
 /// program), so it is never taken for that.
 pub fn spawn_watched(spec: &ExecSpec<'_>) -> io::Result<WatchedChild> {
-    let (pid, pidfd) = spawn(spec, true)?;
-    match pidfd {
-        Some(pidfd) => Ok(WatchedChild { pid, pidfd }),
-        // clone(CLONE_PIDFD) always hands one back on success.
-        None => Err(io::Error::other("clone returned no pidfd")),
-    }
-}
-
-/// Starts `spec.program` as [`spawn_watched`] does, for a kernel without
-/// pidfds: the child exits with SIGCHLD, and is reaped by pid with
-/// [`reap_pid`]. Returns its pid.
-pub fn spawn_unwatched(spec: &ExecSpec<'_>) -> io::Result<u32> {
-    spawn(spec, false).map(|(pid, _)| pid)
-}
-
-fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<OwnedFd>)> {
     // Built before the clone: the child may not allocate.
     let argv = null_terminated(spec.argv);
     let envp = null_terminated(spec.envp);
@@ -312,17 +417,11 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
         )
     };
     let mut pidfd: libc::c_int = -1;
-    // With a pidfd, an exit signal of 0; without, SIGCHLD as for a fork.
-    let flags = if with_pidfd {
-        libc::CLONE_PIDFD as libc::c_ulong
-    } else {
-        libc::SIGCHLD as libc::c_ulong
-    };
+    let flags = libc::CLONE_PIDFD as libc::c_ulong;
     // SAFETY: without CLONE_VM and with a null stack this is a fork: the child
     // runs on a copy of our memory. The third argument (parent_tid on every
     // architecture) is where CLONE_PIDFD stores the pidfd; `pidfd` outlives
-    // the call (and is left alone without the flag). The child never returns
-    // from `exec_child`.
+    // the call. The child never returns from `exec_child`.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -343,7 +442,7 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
     }
     // SAFETY: clone succeeded with CLONE_PIDFD, so `pidfd` is an open
     // descriptor (close-on-exec) that only we own.
-    let pidfd = with_pidfd.then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(error_write);
     let pid = pid as u32;
     // The child writes errno here if execve fails; a successful exec closes
@@ -375,7 +474,35 @@ fn spawn(spec: &ExecSpec<'_>, with_pidfd: bool) -> io::Result<(u32, Option<Owned
             format!("exec {}: {error}", spec.program.to_string_lossy()),
         ));
     }
-    Ok((pid, pidfd))
+    Ok(WatchedChild { pid, pidfd })
+}
+
+/// Makes `command` start its child as the leader of a new session, with
+/// `parent_death_signal` as [`ExecSpec::parent_death_signal`] does: for
+/// std's spawn (clone3 or vfork, then SIGCHLD at exit), where a kernel or a
+/// seccomp filter refuses clone(CLONE_PIDFD).
+pub fn in_new_session(command: &mut std::process::Command, parent_death_signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid takes nothing and cannot fail.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it makes
+    // only async-signal-safe calls (setsid, prctl, getppid, kill) on values
+    // copied into it, and allocates nothing (an OS error is a plain code).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: take the signal now.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), parent_death_signal);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The cloned child: reset what the host may have changed, then exec.
@@ -416,10 +543,14 @@ unsafe fn exec_child(spec: &ExecArgs<'_>, error_fd: libc::c_int) -> ! {
         // close-on-exec on the targets.
         let sources = [spec.stdin, spec.stdout, spec.stderr];
         let mut copies = [-1 as libc::c_int; 3];
+        // Each step only after the last succeeded: errno then names the
+        // first failure.
         let mut placed = grouped;
         for (copy, source) in copies.iter_mut().zip(sources) {
-            *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 3);
-            placed &= *copy >= 0;
+            if placed {
+                *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 3);
+                placed = *copy >= 0;
+            }
         }
         for (target, copy) in copies.into_iter().enumerate() {
             placed = placed && libc::dup2(copy, target as libc::c_int) == target as libc::c_int;
@@ -479,8 +610,8 @@ pub fn wait_exited(child: &WatchedChild, block: bool) -> io::Result<Option<i32>>
 }
 
 /// Reaps our child `pid` if it has exited, without blocking: its raw wait
-/// status, `None` while it runs. For a child started by [`spawn_unwatched`],
-/// or an exited child (zombie) found by [`scan_processes`].
+/// status, `None` while it runs. For a child started by std's spawn, or an
+/// exited child (zombie) found by [`scan_processes`].
 pub fn reap_pid(pid: u32) -> io::Result<Option<i32>> {
     wait_pid(pid, false)
 }
@@ -791,6 +922,60 @@ pub fn scan_processes(mut keep: impl FnMut(&ProcStat) -> bool) -> io::Result<Vec
     Ok(found)
 }
 
+/// Every descendant of `root` (children, their children, ...), found
+/// through `/proc/PID/task/TID/children` rather than a scan of every
+/// process: the cost follows the size of the tree, not of the host. An
+/// error when the kernel does not list children (`CONFIG_PROC_CHILDREN`);
+/// a process that goes away while being read is skipped. At most `limit`.
+pub fn descendants(root: u32, limit: usize) -> io::Result<Vec<ProcStat>> {
+    let mut found: Vec<ProcStat> = Vec::new();
+    let (mut children, mut stat) = (String::new(), String::new());
+    let mut queue = std::collections::VecDeque::from([root]);
+    let mut listed_any = false;
+    while let Some(pid) = queue.pop_front() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let mut path = task.path();
+            path.push("children");
+            match read_into(&path, &mut children) {
+                Ok(()) => listed_any = true,
+                // The root's first list tells whether the kernel has them.
+                Err(e) if !listed_any => return Err(e),
+                Err(_) => continue,
+            }
+            for child in children.split_ascii_whitespace() {
+                let Ok(child) = child.parse() else { continue };
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+                let path = std::path::PathBuf::from(format!("/proc/{child}/stat"));
+                if read_into(&path, &mut stat).is_ok()
+                    && let Some(parsed) = parse_proc_stat(&stat)
+                {
+                    found.push(parsed);
+                    queue.push_back(child);
+                }
+            }
+        }
+    }
+    if !listed_any {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("/proc/{root}/task/*/children not readable"),
+        ));
+    }
+    Ok(found)
+}
+
+fn read_into(path: &std::path::Path, text: &mut String) -> io::Result<()> {
+    use std::io::Read;
+    text.clear();
+    std::fs::File::open(path)?.read_to_string(text)?;
+    Ok(())
+}
+
 /// The size of a memory page in KiB, for [`ProcStat::rss_pages`].
 pub fn page_size_kib() -> u64 {
     // SAFETY: sysconf takes a plain integer and touches no memory of ours.
@@ -928,6 +1113,67 @@ fn poll_writable(fd: libc::c_int, timeout_ms: i32) -> bool {
     // SAFETY: one live, writable pollfd, and the count passed is 1.
     let ready = unsafe { libc::poll(&mut watched, 1, timeout_ms) };
     ready > 0 && watched.revents & libc::POLLOUT != 0
+}
+
+/// A listening Unix stream socket bound at `path` (which must not exist),
+/// non-blocking and close-on-exec, whose file is created with mode 0600
+/// whatever the umask: the socket is `fchmod`ed before `bind`, and Linux
+/// creates the file with the socket's mode, so it is never wider.
+pub fn bind_private_unix_listener(
+    path: &std::path::Path,
+    backlog: i32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a valid Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `socket` is an open descriptor for the duration of the call.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` lies within it.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is an open, bound socket.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } != 0 {
+        let error = io::Error::last_os_error();
+        // The file is ours, made by the bind just now.
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    Ok(std::os::unix::net::UnixListener::from(socket))
 }
 
 #[cfg(test)]
@@ -1080,6 +1326,38 @@ mod tests {
     }
 
     #[test]
+    fn descendants_are_found_through_the_children_lists() {
+        let (pid, _) = own_ids();
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("spawn");
+        let shell = child.id();
+        let mut found = Vec::new();
+        for _ in 0..1000 {
+            found = descendants(pid, 1000).expect("children lists");
+            if found.iter().any(|p| p.ppid == shell) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for grandchild in found.iter().filter(|p| p.ppid == shell) {
+            let _ = signal_pid(grandchild.pid, libc::SIGKILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found.iter().any(|p| p.pid == shell && p.ppid == pid),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.ppid == shell),
+            "the grandchild: {found:?}"
+        );
+        assert!(descendants(4_000_000, 10).is_err());
+    }
+
+    #[test]
     fn a_child_in_a_new_session_writes_to_its_pipes_and_is_reaped_by_pid() {
         use std::io::Read;
         let shell = c"/bin/sh";
@@ -1088,7 +1366,7 @@ mod tests {
         let stdin = std::fs::File::open("/dev/null").expect("/dev/null");
         let (out_read, out_write) = output_pipe().expect("pipe");
         let (err_read, err_write) = output_pipe().expect("pipe");
-        let pid = spawn_unwatched(&ExecSpec {
+        let child = spawn_watched(&ExecSpec {
             program: shell,
             argv: &argv,
             envp: &envp,
@@ -1100,6 +1378,7 @@ mod tests {
         })
         .expect("spawn");
         drop((out_write, err_write));
+        let pid = child.pid;
         let status = wait_pid(pid, true).expect("wait").expect("exited");
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 4);
         let mut text = String::new();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -47,13 +47,25 @@ fn server_script(test: &str) -> PathBuf {
     path
 }
 
+/// The python3 interpreter itself (not a wrapper script that forks first).
+fn python() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
 /// `--spawn` arguments running `prelude` then the stand-in with `args`.
-fn spawn_args(port: u16, prelude: &str, script: &PathBuf, args: &str) -> Vec<String> {
+fn spawn_args(port: u16, prelude: &str, script: &Path, args: &str) -> Vec<String> {
     vec![
         "-u".into(),
         format!("127.0.0.1:{port}"),
         "--spawn".into(),
-        format!("{prelude}exec python3 {} {args}", script.display()),
+        format!("{prelude}exec {} {} {args}", python(), script.display()),
     ]
 }
 
@@ -233,7 +245,7 @@ fn stopping_signals_the_whole_session_and_an_orphan_is_reaped() {
     // subreaper, becomes its parent), an orphan that exits by itself, and
     // one that left the session first (only SIGCHLD finds it, not a sample
     // of the session).
-    let prelude = "(sleep 600 & echo lingering $!; sleep 1 & echo orphan $!; \
+    let prelude = "(sleep 120 & echo lingering $!; sleep 1 & echo orphan $!; \
                    setsid sleep 1 & echo escaped $!); ";
     let args = spawn_args(unused_port(), prelude, &script, "");
     let mut proxy = Proxy::start(&strs(&args));
@@ -337,5 +349,122 @@ fn a_crashed_service_is_replaced_by_a_new_generation() {
     proxy.signal("TERM");
     let status = proxy.wait_exit(WAIT).expect("tcplock exits after SIGTERM");
     assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(script);
+}
+
+#[test]
+fn a_process_a_hook_left_behind_keeps_a_working_stdout() {
+    let upstream = Upstream::echo();
+    let hook = "sh -c 'sleep 0.3; echo late-line; exec sleep 120' & echo daemon $!";
+    let proxy = Proxy::start(&["-u", &upstream.arg(), "--on-activate", hook]);
+    let mut client = proxy.connect();
+    roundtrip(&mut client, b"ping");
+    let said = proxy.expect_log(
+        |l| is_event(l, "output") && field(l, "line").is_some_and(|v| v.starts_with("daemon ")),
+        "the hook's line",
+    );
+    let daemon: u32 = field(&said, "line").expect("line=")["daemon ".len()..]
+        .parse()
+        .expect("a pid");
+    proxy.expect_log(event("hook_exited"), "the hook's exit");
+    // Written after the hook exited: still read and credited to the hook,
+    // and the writer did not die of SIGPIPE.
+    let late = proxy.expect_log(output("late-line"), "the daemon's line");
+    assert_eq!(
+        field(&late, "from").as_deref(),
+        Some("on-activate"),
+        "{late}"
+    );
+    let alive = proc_state(daemon).is_some_and(|(state, _)| state != 'Z');
+    let _ = Command::new("kill")
+        .args(["-KILL", &daemon.to_string()])
+        .status();
+    assert!(alive, "the daemon {daemon} died: {:?}", proc_state(daemon));
+}
+
+#[test]
+fn a_service_flooding_its_output_is_read_to_the_end_while_clients_are_served() {
+    let script = server_script("flood");
+    // 50 MB without a newline (one line, cut), then a line saying so.
+    let prelude = "(head -c 50000000 /dev/zero | tr '\\0' x; echo; echo flood-done) & ";
+    let args = spawn_args(unused_port(), prelude, &script, "");
+    let proxy = Proxy::start(&strs(&args));
+    proxy.expect_log(event("upstream_ready"), "the service ready");
+    for _ in 0..20 {
+        greeted(&proxy);
+    }
+    // Every byte was read (the writer was never left blocked on a full
+    // pipe), and dropped past the cap rather than logged.
+    proxy.expect_log(output("flood-done"), "the end of the flood");
+    let cut = proxy
+        .matching(|l| is_event(l, "output") && field(l, "truncated").as_deref() == Some("true"));
+    assert_eq!(cut.len(), 1, "{cut:#?}");
+    assert_eq!(field(&cut[0], "line"), Some("x".repeat(4096)));
+    let _ = std::fs::remove_file(script);
+}
+
+#[test]
+fn without_pidfds_the_service_is_watched_through_sigchld() {
+    let script = server_script("nopidfd");
+    let args = spawn_args(unused_port(), "", &script, "");
+    // The first `clone` (the service's, with CLONE_PIDFD) fails as under a
+    // seccomp filter or an old kernel; a plain fork works.
+    let mut proxy = Proxy::start_injecting("clone:error=ENOSYS:when=1", &strs(&args));
+    let starting = proxy.expect_log(event("upstream_starting"), "the service spawned");
+    proxy.expect_log(event("upstream_ready"), "the service ready");
+    assert_eq!(proxy.count_logs(event("pidfd_unavailable")), 1);
+    greeted(&proxy);
+    let pid = field(&starting, "pid").expect("pid=");
+    assert_eq!(
+        proc_state(pid.parse().expect("a pid")).map(|(_, ppid)| ppid),
+        Some(proxy.pid()),
+        "the service runs as tcplock's child"
+    );
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exited = proxy.expect_log(event("upstream_exited"), "the crash noticed");
+    assert_eq!(
+        field(&exited, "status").as_deref(),
+        Some("signal:KILL"),
+        "{exited}"
+    );
+    assert_eq!(
+        field(&exited, "expected").as_deref(),
+        Some("false"),
+        "{exited}"
+    );
+    proxy.expect_log(
+        |l| is_event(l, "upstream_ready") && field(l, "gen").as_deref() == Some("2"),
+        "the second generation ready",
+    );
+    greeted(&proxy);
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(WAIT).expect("tcplock exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(script);
+}
+
+#[test]
+fn a_service_on_the_second_address_of_its_name_is_found_ready() {
+    // getaddrinfo puts ::1 before 127.0.0.1; the service listens on the
+    // second only. Needs root and unshare for a private /etc/hosts.
+    let hosts =
+        std::env::temp_dir().join(format!("tcplock-supervisor-hosts-{}", std::process::id()));
+    std::fs::write(&hosts, "::1 localhost\n127.0.0.1 localhost\n").expect("write the hosts file");
+    let script = server_script("second-address");
+    let port = unused_port();
+    let spawn = format!(
+        "TCPLOCK_UPSTREAM_HOST=127.0.0.1 exec {} {}",
+        python(),
+        script.display()
+    );
+    let upstream = format!("localhost:{port}");
+    let proxy = Proxy::start_with_hosts(&hosts, &["-u", &upstream, "--spawn", &spawn]);
+    let _ = std::fs::remove_file(&hosts);
+    proxy.expect_log(event("upstream_ready"), "the service found on 127.0.0.1");
+    greeted(&proxy);
     let _ = std::fs::remove_file(script);
 }

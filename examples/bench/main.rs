@@ -6,7 +6,7 @@
 //! cargo build --release && cargo run --release --example bench -- [OPTIONS]
 //! ```
 //! Options: `--quick` (small sizes, one run), `--runs R` (default 5),
-//! `--only bulk,churn,queue,proxying,fifo,queue-leave`, `--targets direct,tcplock,haproxy`,
+//! `--only bulk,churn,queue,proxying,fifo,queue-leave,scrape`, `--targets direct,tcplock,haproxy`,
 //! `--tcplock PATH` (or `TCPLOCK_BIN`; default `target/release/tcplock` under
 //! the crate root), `--tcplock-args "--splice on"` (extra arguments),
 //! `--haproxy PATH`, `--tcplock-log-level LEVEL` (default warn: HAProxy is run
@@ -115,7 +115,7 @@ impl Opts {
                 }
                 Long("help") | Short('h') => {
                     return Err(
-                        "options: --quick --runs R --only bulk,churn,queue,proxying,fifo,queue-leave \
+                        "options: --quick --runs R --only bulk,churn,queue,proxying,fifo,queue-leave,scrape \
                          --targets direct,tcplock,haproxy --tcplock PATH --tcplock-args ARGS \
                          --haproxy PATH --tcplock-log-level LEVEL --bulk-mib M --churn-secs S --clients C \
                          --churn-permits N --queued K --proxying N --fifo N --leaving K"
@@ -172,7 +172,7 @@ impl Opts {
                 {
                     return Err(format!(
                         "--only: unknown scenario '{bad}' (bulk, churn, queue, proxying, fifo, \
-                         queue-leave)"
+                         queue-leave, scrape)"
                     ));
                 }
                 Scenario::ALL
@@ -330,6 +330,7 @@ fn descriptors_needed(opts: &Opts) -> usize {
     let clients = opts.scenarios.iter().map(|s| match s {
         Scenario::Queue => opts.sizes.queued,
         Scenario::QueueLeave => opts.sizes.leaving,
+        Scenario::Scrape => opts.sizes.queued,
         _ => 0,
     });
     clients.max().unwrap_or(0) + 512

@@ -45,6 +45,7 @@ pub enum Scenario {
     Proxying,
     Fifo,
     QueueLeave,
+    Scrape,
 }
 
 pub struct Metric {
@@ -88,6 +89,15 @@ const PROXYING: &[Metric] = &[
     down("B/conn, buffers filled"),
 ];
 const FIFO: &[Metric] = &[down("inversions"), up("served in time")];
+const SCRAPE: &[Metric] = &[
+    down("scrape p50 µs"),
+    down("scrape p99 µs"),
+    down("proxy CPU µs/scrape"),
+    down("scrape KiB"),
+    down("RSS idle KiB"),
+    down("RSS idle KiB --metrics"),
+    down("B per queued conn --metrics"),
+];
 const QUEUE_LEAVE: &[Metric] = &[
     down("worst echo round trip ms"),
     down("echo round trip p50 ms"),
@@ -97,7 +107,7 @@ const QUEUE_LEAVE: &[Metric] = &[
 ];
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::BulkEcho,
         Scenario::BulkUp,
         Scenario::BulkDown,
@@ -106,6 +116,7 @@ impl Scenario {
         Scenario::Proxying,
         Scenario::Fifo,
         Scenario::QueueLeave,
+        Scenario::Scrape,
     ];
 
     /// The name `--only` selects it by (the three bulk runs share one).
@@ -117,6 +128,7 @@ impl Scenario {
             Scenario::Proxying => "proxying",
             Scenario::Fifo => "fifo",
             Scenario::QueueLeave => "queue-leave",
+            Scenario::Scrape => "scrape",
         }
     }
 
@@ -134,6 +146,7 @@ impl Scenario {
             Scenario::Proxying => format!("proxying {0} N={0}", sizes.proxying),
             Scenario::Fifo => format!("fifo {} N=1", sizes.fifo),
             Scenario::QueueLeave => format!("queue-leave K={} N=1", sizes.leaving),
+            Scenario::Scrape => format!("scrape K={} N=1", sizes.queued),
         }
     }
 
@@ -145,6 +158,7 @@ impl Scenario {
             Scenario::Proxying => PROXYING,
             Scenario::Fifo => FIFO,
             Scenario::QueueLeave => QUEUE_LEAVE,
+            Scenario::Scrape => SCRAPE,
         }
     }
 
@@ -172,6 +186,7 @@ impl Scenario {
             Scenario::Proxying => proxying_memory(proxy, up.echo, sizes),
             Scenario::Fifo => fifo(proxy, up, sizes.fifo),
             Scenario::QueueLeave => queue_leave(proxy, up.echo, sizes.leaving),
+            Scenario::Scrape => scrape(proxy, up.echo, sizes.queued),
         }
     }
 }
@@ -479,6 +494,112 @@ fn queue_leave(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<V
         drain_cpu * 1e3,
         drain_user_cpu * 1e3,
     ])
+}
+
+// ----- 7. metrics scrape -----
+
+/// Scrapes over one keep-alive connection, for the latency percentiles and
+/// the proxy's CPU per scrape (clock ticks are coarse: many scrapes).
+const SCRAPES: usize = 1_000;
+
+/// Idle RSS without and with `--metrics`; then one connection holds the
+/// single permit, `k` more wait behind it, and `/metrics` is scraped
+/// [`SCRAPES`] times: each scrape's round trip (request out, whole response
+/// in) and the proxy's CPU time per scrape.
+fn scrape(proxy: Option<&Kind>, upstream: SocketAddr, k: usize) -> Result<Vec<f64>, String> {
+    let Some(Kind::Tcplock {
+        exe,
+        log_level,
+        extra,
+    }) = proxy
+    else {
+        return Err("the scrape scenario runs tcplock only".to_owned());
+    };
+    let plain = Proxy::start(proxy.ok_or("no proxy")?, upstream, 1)?;
+    settle();
+    let idle_plain = plain.rss_bytes();
+    drop(plain);
+    let metrics_port = crate::proxy::free_port().map_err(err("no free port"))?;
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let mut extra = extra.clone();
+    extra.extend(["--metrics".to_owned(), metrics_addr.to_string()]);
+    let kind = Kind::Tcplock {
+        exe: exe.clone(),
+        log_level: log_level.clone(),
+        extra,
+    };
+    let proxy = Proxy::start(&kind, upstream, 1)?;
+    let addr = proxy.addr;
+    settle();
+    let idle = proxy.rss_bytes();
+    let idle_fds = proxy.fd_count();
+    let _holder = proxied_echo(addr, 1)?;
+    let mut scraper = connect(metrics_addr)?;
+    // One scrape before the queue, so its buffers are grown and counted.
+    let first = scrape_once(&mut scraper)?;
+    let holding_one = proxy.rss_bytes();
+    let mut queued = Vec::with_capacity(k);
+    for i in 0..k {
+        queued.push(connect(addr).map_err(|e| format!("queued client {i}: {e}"))?);
+    }
+    proxy.wait_for_fds(idle_fds + 3 + k, ACCEPT_WAIT)?;
+    let holding = proxy.rss_bytes();
+    let body = scrape_once(&mut scraper)?;
+    let queued_line = format!("tcplock_queued_connections {k}\n");
+    if !String::from_utf8_lossy(&body).contains(&queued_line) {
+        return Err(format!("the scrape does not say `{}`", queued_line.trim()));
+    }
+    let mut times = Vec::with_capacity(SCRAPES);
+    let cpu = CpuMeter::start(Some(&proxy));
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        scrape_once(&mut scraper)?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    let cpu_per_scrape = cpu.seconds() * 1e6 / SCRAPES as f64;
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    drop(first);
+    Ok(vec![
+        at(0.5),
+        at(0.99),
+        cpu_per_scrape,
+        kib(body.len() as u64),
+        kib(idle_plain),
+        kib(idle),
+        holding.saturating_sub(holding_one) as f64 / k as f64,
+    ])
+}
+
+/// One `GET /metrics` on a keep-alive connection; the body.
+fn scrape_once(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .map_err(err("scrape write"))?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).map_err(err("scrape read"))?;
+        head.push(byte[0]);
+        if head.len() > 4096 {
+            return Err("scrape: response head too long".to_owned());
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    if !head.starts_with("HTTP/1.1 200 ") {
+        return Err(format!(
+            "scrape: {}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .ok_or("scrape: no Content-Length")?;
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).map_err(err("scrape body"))?;
+    Ok(body)
 }
 
 /// Echoes one byte at a time until `stop`; each round trip in milliseconds.

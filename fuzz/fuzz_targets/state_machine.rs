@@ -47,6 +47,9 @@ enum Event {
     ClientEof(u8),
     HoldersIdle(Span),
     ProxyHeader(u8, Header),
+    Pause,
+    Resume,
+    Kill(u8),
 }
 
 /// What an `--accept-proxy` client's header turned out to be.
@@ -216,11 +219,14 @@ impl Event {
             Event::Advance(span) => Op::Advance(span.ms()),
             Event::Tick => Op::Tick,
             Event::Wake => Op::Wake,
-            Event::Reload(knobs) => Op::Reload(knobs.settings()),
+            Event::Reload(knobs) => Op::Reload(Box::new(knobs.settings())),
             Event::AcceptPaused => Op::AcceptPaused,
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,
             Event::HoldersIdle(span) => Op::HoldersIdle(span.ms()),
+            Event::Pause => Op::Pause,
+            Event::Resume => Op::Resume,
+            Event::Kill(i) => Op::Kill(*i),
             Event::Stray(i, stray) => Op::Stray(
                 *i,
                 match stray {

@@ -9,7 +9,7 @@ use crate::api::hook::{Hook, Ticket, TimeoutInfo};
 use crate::config::units::{self, HostPort};
 use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, ShutdownQueue, Splice};
 use crate::core::{RestartOn, Stats};
-use crate::shell::{Control, Shell, ShellOptions, resolve_upstream};
+use crate::shell::{Control, Shell, ShellOptions, resolve_upstream, socket_activated};
 
 /// A bound, ready-to-run tcplock: the listening socket is open and the upstream
 /// resolved, so clients may connect (and wait in the kernel's backlog) before
@@ -169,6 +169,14 @@ impl Builder {
         self
     }
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`HOST:PORT`, or
+    /// a port alone for 127.0.0.1); none by default. Fixed for the life of
+    /// the lock (a reload keeps it).
+    pub fn metrics(mut self, addr: &str) -> Builder {
+        self.config.metrics = Some(addr.to_owned());
+        self
+    }
+
     /// Log level of the logfmt lines on stderr (default info).
     pub fn log_level(mut self, level: LogLevel) -> Builder {
         self.config.log_level = level;
@@ -325,12 +333,31 @@ impl Builder {
         self
     }
 
+    /// Serve control commands (`tcplock ctl`) on a Unix socket at `path`,
+    /// created mode 0600; a stale socket there is replaced, any other file is
+    /// an error. Removed when the lock stops. Fixed for the life of the lock.
+    pub fn control(mut self, path: impl Into<std::path::PathBuf>) -> Builder {
+        self.config.control = Some(path.into());
+        self
+    }
+
     /// Handle SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR1 (state dump)
     /// as the binary does. Off by default: a library should not take over its
     /// host's signals, and without this none is touched (command hooks are
     /// watched through pidfds; SIGCHLD only on kernels without them).
     pub fn handle_signals(mut self, on: bool) -> Builder {
         self.options.handle_signals = on;
+        self
+    }
+
+    /// Talk to a service manager as the binary does: with `NOTIFY_SOCKET`
+    /// set, send systemd `READY=1`, `STATUS=`, `RELOADING=1`, `STOPPING=1`
+    /// and (with `WATCHDOG_USEC`) watchdog pings; with `LISTEN_PID` naming
+    /// this process and `LISTEN_FDS=1`, take descriptor 3 as the listener
+    /// instead of binding (the listen address may then be left out). Off by
+    /// default: these variables belong to the host process.
+    pub fn service_manager(mut self, on: bool) -> Builder {
+        self.options.service_manager = on;
         self
     }
 
@@ -343,11 +370,17 @@ impl Builder {
 
     /// Validates, binds the listening socket and resolves the upstream.
     pub fn build(mut self) -> Result<Lock, Error> {
-        let listen = self
-            .listen
-            .ok_or_else(|| Error::Invalid("no listen address: call listen()".into()))?;
-        self.config.listen =
-            units::parse_listen(&listen).map_err(|e| Error::Invalid(format!("listen: {e}")))?;
+        // A socket-activated service may have none: the shell takes the
+        // passed socket, or says that there is no listen address.
+        let activated = self.options.service_manager && socket_activated();
+        self.config.listen = match self.listen {
+            Some(listen) if !(activated && listen.is_empty()) => {
+                units::parse_listen(&listen).map_err(|e| Error::Invalid(format!("listen: {e}")))?
+            }
+            Some(_) => String::new(),
+            None if activated => String::new(),
+            None => return Err(Error::Invalid("no listen address: call listen()".into())),
+        };
         let upstream = self
             .upstream
             .ok_or_else(|| Error::Invalid("no upstream: call upstream()".into()))?;

@@ -18,10 +18,107 @@ use crate::config::units::Quoted;
 pub enum Command {
     /// Run the proxy with these flags; their values are not yet validated.
     Run(RawArgs),
+    /// `--check`: validate these flags (and their file), resolve the
+    /// upstream, print the effective settings and exit; bind nothing.
+    Check(RawArgs),
     /// `--help`: print [`usage`] and exit 0.
     Help,
     /// `-V`/`--version`: print [`VERSION`] and exit 0.
     Version,
+    /// `tcplock ctl ...`: send one command to a running tcplock's control
+    /// socket.
+    Ctl(CtlArgs),
+    /// `tcplock ctl --help`: print [`CTL_USAGE`] and exit 0.
+    CtlHelp,
+}
+
+/// `tcplock ctl [--control PATH | -c FILE] COMMAND [ARGS]`, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlArgs {
+    /// Where the control socket is.
+    pub socket: CtlSocket,
+    /// The command and its arguments, as one line.
+    pub command: String,
+}
+
+/// How `ctl` finds the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CtlSocket {
+    /// `--control PATH`.
+    Path(String),
+    /// `-c FILE`: the file's `control` key.
+    ConfigFile(String),
+}
+
+/// What `tcplock ctl --help` prints.
+pub const CTL_USAGE: &str = "\
+Usage: tcplock ctl (--control PATH | -c FILE) COMMAND [ARGS]
+
+Sends one command to a running tcplock's control socket and prints the reply.
+Commands: status, conns, position ADDR:PORT|CONN, pause, resume, drain [DUR],
+          kill CONN, reload, stop, restart [INSTANCE|all]
+Exit status: 0 ok, 1 error reply, 2 usage, 3 cannot connect.
+";
+
+/// Reads the arguments after `ctl`.
+fn parse_ctl(args: Vec<OsString>) -> Result<Command, UsageError> {
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut socket = None;
+    let mut words: Vec<String> = Vec::new();
+    loop {
+        let arg = match parser.next() {
+            Ok(Some(arg)) => arg,
+            Ok(None) => break,
+            Err(e) => return Err(UsageError::from_lexopt(e)),
+        };
+        let (flag, make): (&str, fn(String) -> CtlSocket) = match arg {
+            lexopt::Arg::Long("help") => return no_value(&mut parser, "--help", Command::CtlHelp),
+            lexopt::Arg::Long("control") => ("--control", CtlSocket::Path),
+            lexopt::Arg::Short('c') | lexopt::Arg::Long("config") => {
+                ("-c/--config", CtlSocket::ConfigFile)
+            }
+            lexopt::Arg::Value(v) => {
+                words.push(
+                    v.into_string()
+                        .map_err(|_| UsageError::NotUnicode("ctl command".to_string()))?,
+                );
+                // The rest is the command's, flags or not.
+                for v in parser
+                    .raw_args()
+                    .map_err(|e| UsageError::Other(e.to_string()))?
+                {
+                    words.push(
+                        v.into_string()
+                            .map_err(|_| UsageError::NotUnicode("ctl command".to_string()))?,
+                    );
+                }
+                break;
+            }
+            lexopt::Arg::Short(c) => return Err(UsageError::UnknownFlag(format!("-{c}"))),
+            lexopt::Arg::Long(name) => return Err(UsageError::UnknownFlag(format!("--{name}"))),
+        };
+        let value = parser
+            .value()
+            .map_err(|_| UsageError::MissingValue(flag.to_string()))?
+            .into_string()
+            .map_err(|_| UsageError::NotUnicode(flag.to_string()))?;
+        if socket.is_some() {
+            return Err(UsageError::Ctl(
+                "give --control or -c once, not both".to_string(),
+            ));
+        }
+        socket = Some(make(value));
+    }
+    let socket = socket
+        .ok_or_else(|| UsageError::Ctl("--control PATH or -c FILE is required".to_string()))?;
+    if words.is_empty() {
+        return Err(UsageError::Ctl("no command given".to_string()));
+    }
+    let command = words.join(" ");
+    if command.contains('\n') {
+        return Err(UsageError::Ctl("the command holds a newline".to_string()));
+    }
+    Ok(Command::Ctl(CtlArgs { socket, command }))
 }
 
 /// Parses arguments, not including the program name.
@@ -35,8 +132,13 @@ where
     I: IntoIterator,
     I::Item: Into<OsString>,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    if args.first().is_some_and(|first| first == "ctl") {
+        return parse_ctl(args.into_iter().skip(1).collect());
+    }
     let mut parser = lexopt::Parser::from_args(args);
     let mut raw = RawArgs::default();
+    let mut check = false;
     loop {
         let arg = match parser.next() {
             Ok(Some(arg)) => arg,
@@ -48,6 +150,15 @@ where
             lexopt::Arg::Short('V') => return no_value(&mut parser, "-V", Command::Version),
             lexopt::Arg::Long("version") => {
                 return no_value(&mut parser, "--version", Command::Version);
+            }
+            lexopt::Arg::Long("check") => {
+                if std::mem::replace(&mut check, true) {
+                    return Err(UsageError::Duplicate("--check".into()));
+                }
+                if parser.optional_value().is_some() {
+                    return Err(UsageError::UnexpectedValue("--check".into()));
+                }
+                continue;
             }
             lexopt::Arg::Short('c') | lexopt::Arg::Long("config") => Flag::Config,
             lexopt::Arg::Short(c) => spec_by_short(c)
@@ -85,6 +196,12 @@ where
             Flag::Config => raw.config = Some(value),
             Flag::Setting(spec) => raw.values.push((spec, value)),
         }
+    }
+    if check {
+        // Under systemd's `ExecReload=` no socket is passed, and a config
+        // made for socket activation has no listen address.
+        raw.listen_optional = true;
+        return Ok(Command::Check(raw));
     }
     Ok(Command::Run(raw))
 }
@@ -129,6 +246,9 @@ pub struct RawArgs {
     pub(crate) values: Vec<(&'static Spec, String)>,
     /// `-c`/`--config`: path of a `key = value` file.
     pub config: Option<String>,
+    /// No listen address is no error: the listening socket comes from
+    /// socket activation (or nothing is bound, with `--check`).
+    pub(crate) listen_optional: bool,
 }
 
 impl RawArgs {
@@ -138,6 +258,12 @@ impl RawArgs {
             .iter()
             .find(|(spec, _)| spec.key == key)
             .map(|(_, value)| value.as_str())
+    }
+
+    /// Lets the listen address be left out, as socket activation passes the
+    /// listening socket.
+    pub fn allow_missing_listen(&mut self) {
+        self.listen_optional = true;
     }
 }
 
@@ -159,6 +285,8 @@ pub enum UsageError {
     NotUnicode(String),
     /// Any other failure of the argument lexer, as its message.
     Other(String),
+    /// `tcplock ctl` was called wrongly; the message says how.
+    Ctl(String),
 }
 
 impl UsageError {
@@ -184,6 +312,7 @@ impl fmt::Display for UsageError {
             Self::Duplicate(flag) => write!(f, "{flag} given twice"),
             Self::NotUnicode(flag) => write!(f, "{flag}: value is not valid UTF-8"),
             Self::Other(msg) => write!(f, "{}", Quoted(msg)),
+            Self::Ctl(msg) => write!(f, "ctl: {msg}"),
         }
     }
 }
@@ -202,7 +331,9 @@ pub fn usage() -> String {
         "tcplock: lets at most N connections at a time through to one TCP service;\n\
          the others wait their turn in a first-come, first-served queue.\n\n\
          Usage: tcplock -l LISTEN (-p PORT [-h HOST] | -u HOST:PORT) [OPTIONS]\n       \
-         tcplock -c FILE [OPTIONS]\n",
+         tcplock -c FILE [OPTIONS]\n       \
+         tcplock --check [-c FILE] [OPTIONS]\n       \
+         tcplock ctl (--control PATH | -c FILE) COMMAND [ARGS]\n",
     );
     for group in Group::ALL {
         out.push_str(&format!("\n{}:\n", group.title()));
@@ -219,6 +350,13 @@ pub fn usage() -> String {
                 "read `key = value` lines from FILE (keys are the\n\
                  long flag names); flags win over the file;\n\
                  SIGHUP re-reads it (default: none)",
+            );
+            help_entry(
+                &mut out,
+                None,
+                "--check",
+                "check the settings, resolve the upstream, print\n\
+                 the effective settings and exit; binds nothing",
             );
             help_entry(
                 &mut out,
@@ -316,6 +454,22 @@ mod tests {
     }
 
     #[test]
+    fn check_takes_the_same_flags_and_no_listen_is_needed() {
+        let Ok(Command::Check(raw)) = parse_from(["-n", "2", "--check", "-p", "5"]) else {
+            panic!("not a check");
+        };
+        assert_eq!(
+            (raw.get("permits"), raw.get("proxy-port")),
+            (Some("2"), Some("5"))
+        );
+        assert!(raw.listen_optional);
+        assert!(!run(&["-p", "5"]).listen_optional);
+        assert_eq!(err(&["--check", "--check"]), "--check given twice");
+        assert_eq!(err(&["--check=yes"]), "--check does not take a value");
+        assert_eq!(parse_from(["--check", "--help"]), Ok(Command::Help));
+    }
+
+    #[test]
     fn usage_names_every_flag() {
         let usage = usage();
         for spec in all_specs() {
@@ -367,5 +521,37 @@ mod tests {
         let bad = OsString::from_vec(vec![0xff]);
         let e = parse_from([OsString::from("-c"), bad]).unwrap_err();
         assert_eq!(e.to_string(), "-c/--config: value is not valid UTF-8");
+    }
+
+    #[test]
+    fn ctl_takes_the_socket_then_the_command_words() {
+        let ctl = |args: &[&str]| parse_from(args.iter().copied());
+        assert_eq!(
+            ctl(&["ctl", "--control", "/run/t.sock", "drain", "5s"]),
+            Ok(Command::Ctl(CtlArgs {
+                socket: CtlSocket::Path("/run/t.sock".to_string()),
+                command: "drain 5s".to_string(),
+            }))
+        );
+        assert_eq!(
+            ctl(&["ctl", "-c", "t.conf", "kill", "-1"]),
+            Ok(Command::Ctl(CtlArgs {
+                socket: CtlSocket::ConfigFile("t.conf".to_string()),
+                command: "kill -1".to_string(),
+            })),
+            "words after the command are its own, dashes or not"
+        );
+        assert_eq!(ctl(&["ctl", "--help"]), Ok(Command::CtlHelp));
+        assert_eq!(
+            err(&["ctl", "status"]),
+            "ctl: --control PATH or -c FILE is required"
+        );
+        assert_eq!(err(&["ctl", "--control", "x"]), "ctl: no command given");
+        assert_eq!(
+            err(&["ctl", "--control", "x", "-c", "y", "status"]),
+            "ctl: give --control or -c once, not both"
+        );
+        // `ctl` is a subcommand only in first place; the 2011 flags are untouched.
+        assert_eq!(err(&["-l", "1", "ctl"]), "unexpected argument 'ctl'");
     }
 }

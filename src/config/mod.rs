@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod file;
 pub mod settings;
+pub(crate) mod show;
 pub mod units;
 
 use std::fmt;
@@ -136,7 +137,7 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
             }
         }
     }
-    if draft.config.listen.is_empty() {
+    if draft.config.listen.is_empty() && !raw.listen_optional {
         return Err(ConfigError::Usage("no listen address: give -l PORT".into()));
     }
     // The rules between settings blame where the culprit was written.

@@ -72,6 +72,8 @@ pub(crate) struct Spec {
     /// Copies the value from the config in force (for a reload that may not
     /// change it).
     pub(crate) keep: fn(&mut Config, &Config),
+    /// The value in force as the config file writes it (`--check`).
+    pub(crate) show: fn(&Config) -> String,
 }
 
 /// Shows the flag as the user may have typed it: `-n/--permits` or `--max-queue`.
@@ -158,6 +160,7 @@ macro_rules! settings {
                     },
                     differs: |old, new| old.$field != new.$field,
                     keep: |new, old| new.$field = old.$field.clone(),
+                    show: |config| crate::config::show::Show::show(&config.$field),
                 },
             )*
         ];
@@ -174,6 +177,22 @@ settings! {
         check |_| Ok(()),
         help "where clients connect: PORT, HOST:PORT or\n\
               [V6]:PORT; required. PORT alone binds 127.0.0.1";
+    /// `--metrics`: where Prometheus scrapes `GET /metrics`; `None` serves
+    /// no metrics.
+    metrics: Option<String> = None,
+        key "metrics" value "ADDR", Addresses, reload false,
+        // Empty is none, as for the other optional settings.
+        parse |s| match s {
+            "" => Ok(None),
+            s => units::parse_listen(s).map(Some).map_err(|e| e.to_string()),
+        },
+        check |addr| match addr {
+            Some(addr) => units::parse_listen(addr).map(drop).map_err(|e| e.to_string()),
+            None => Ok(()),
+        },
+        help "serve Prometheus metrics over HTTP at\n\
+              http://ADDR/metrics: PORT or HOST:PORT as for\n\
+              -l (default: none)";
     /// The service behind the lock; resolved at start-up and on every reload.
     upstream: HostPort = HostPort::default(),
         key "upstream" short 'u' value "HOST:PORT", Addresses, reload true,
@@ -383,7 +402,56 @@ settings! {
         check |n| in_range(*n, 1, MAX_START_RETRIES),
         help "failed starts in a row before clients are turned\n\
               away (default: 5)";
+    /// A Unix socket for `tcplock ctl`, created mode 0600 and removed on
+    /// exit. `None`: no control socket.
+    control: Option<PathBuf> = None,
+        key "control" value "PATH", Other, reload false,
+        parse |s| parse_control_path(s),
+        check |_| Ok(()),
+        help "serve `tcplock ctl` commands on this Unix socket\n\
+              (mode 0600); fixed at start-up (default: none)";
 }
+
+/// `--restart-on` as the file reads it, for `--check`.
+impl crate::config::show::Show for RestartOn {
+    fn show(&self) -> String {
+        let names = [
+            (self.timeout, "timeout"),
+            (self.connect_failed, "connect_failed"),
+            (self.upstream_error, "upstream_error"),
+        ];
+        let on: Vec<&str> = names
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if on.is_empty() {
+            "none".to_string()
+        } else {
+            on.join(",")
+        }
+    }
+}
+
+/// A control socket path, short enough for a `sockaddr_un`; empty is none,
+/// as for the other optional settings (and as `--check` writes it).
+fn parse_control_path(s: &str) -> Result<Option<PathBuf>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_CONTROL_PATH {
+        return Err(format!(
+            "longer than {MAX_CONTROL_PATH} bytes, the most a Unix socket path holds"
+        ));
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL byte".to_string());
+    }
+    Ok(Some(PathBuf::from(s)))
+}
+
+/// The longest path a `sockaddr_un` holds, its NUL aside.
+pub const MAX_CONTROL_PATH: usize = 107;
 
 /// How long an `--accept-proxy` client has to send its whole header.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -405,6 +473,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
     Spec {
         key: "proxy-host",
@@ -420,6 +489,7 @@ pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
         check: |_| Ok(()),
         differs: |_, _| false,
         keep: |_, _| {},
+        show: |_| String::new(),
     },
 ];
 
@@ -585,6 +655,12 @@ macro_rules! choices {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+
+        impl crate::config::show::Show for $name {
+            fn show(&self) -> String {
+                self.as_str().to_string()
             }
         }
     )*};

@@ -60,7 +60,7 @@ impl Core {
                         ));
                     }
                 }
-                ConnState::Proxying { ttl } => {
+                ConnState::Proxying { ttl, .. } => {
                     holding += 1;
                     armed += usize::from(ttl.is_some());
                     if c.queue_deadline.is_some() {
@@ -206,7 +206,8 @@ impl Core {
                     | Outcome::ConnectFailed
                     | Outcome::Rejected
                     | Outcome::Shutdown
-                    | Outcome::UpstreamFailed,
+                    | Outcome::UpstreamFailed
+                    | Outcome::Killed,
                 ),
                 Some(EndedBy::Tcplock),
             ) => {}

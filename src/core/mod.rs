@@ -22,6 +22,7 @@
 mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+mod operator;
 mod queue;
 mod service;
 pub(crate) mod timer;
@@ -30,6 +31,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use operator::{CoreStatus, PositionError, Target};
 pub use types::{
     Action, ConnId, ConnRef, EndedBy, Event, Generation, HookContext, HookExit, HookId, HookKind,
     HookRef, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd,
@@ -45,8 +47,6 @@ use slab::Slab;
 use queue::WaitQueue;
 use service::{Service, ServiceTimer};
 use timer::{TimerKey, TimerWheel};
-
-pub use service::{PROBE_INTERVAL_MS, SAMPLE_INTERVAL_MS, START_RETRY_BASE_MS, START_RETRY_MAX_MS};
 
 /// The first retry of a failed on-activate hook waits this long; each further
 /// consecutive failure doubles it, up to [`RETRY_MAX_MS`].
@@ -107,6 +107,12 @@ pub struct Core {
     /// `--spawn`: the supervised upstream. It outlives a reload that turns
     /// supervision off until it has stopped.
     service: Option<Service>,
+    /// An operator paused activations (`pause`, `drain`): clients are still
+    /// accepted, queued and timed out, but none is let through.
+    paused: bool,
+    /// Moving average of recent proxying durations, in ms, for `position`'s
+    /// ETA; `None` until one connection finished proxying.
+    proxy_ms_avg: Option<u64>,
 }
 
 /// What only history can tell; everything else in [`Stats`] is read off the
@@ -146,6 +152,9 @@ enum ConnState {
     Activating(Activation),
     Proxying {
         ttl: Option<TimerKey>,
+        /// When it started proxying, for `conns` and the duration average.
+        /// No larger than `Activating`, so a queued client pays nothing.
+        since: u64,
     },
 }
 
@@ -253,6 +262,8 @@ impl Core {
             idle_asked: false,
             stall_warned: false,
             service: None,
+            paused: false,
+            proxy_ms_avg: None,
         }
         .started(now)
     }
@@ -460,7 +471,7 @@ impl Core {
             self.timers
                 .insert(now.saturating_add(ttl), Deadline::Ttl(conn))
         });
-        c.state = ConnState::Proxying { ttl };
+        c.state = ConnState::Proxying { ttl, since: now };
         let (client, via, accepted_at) = (c.client, c.via.as_deref().copied(), c.accepted_at);
         self.cancel(deadline);
         self.cancel(attempt);
@@ -816,11 +827,24 @@ impl Core {
         Stats {
             queue_length: self.queue.len(),
             active: self.active,
+            permits: self.settings.permits,
+            oldest_wait_ms: self.oldest_wait_ms(),
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             outcomes: self.counters.outcomes,
             service: self.service_stats(),
         }
+    }
+
+    /// How long the head of the queue has waited as of the latest input;
+    /// 0 with none waiting. The head is the longest waiting (a failed hook
+    /// puts its client back at the front), but for `--accept-proxy`, whose
+    /// line is in order of complete headers.
+    fn oldest_wait_ms(&self) -> u64 {
+        self.queue
+            .front()
+            .and_then(|head| self.get(head))
+            .map_or(0, |head| self.now.saturating_sub(head.accepted_at))
     }
 
     #[cfg(any(test, feature = "model"))]
@@ -902,7 +926,7 @@ impl Core {
                 self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
                 return;
             }
-            if self.active >= self.settings.permits as usize {
+            if self.paused || self.active >= self.settings.permits as usize {
                 return;
             }
             let Some(head) = self.queue.front() else {
@@ -1087,7 +1111,7 @@ impl Core {
             }
             Deadline::Ttl(conn) => {
                 if let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id)
-                    && let ConnState::Proxying { ttl } = &mut c.state
+                    && let ConnState::Proxying { ttl, .. } = &mut c.state
                 {
                     *ttl = None;
                     let client = c.client;
@@ -1136,10 +1160,13 @@ impl Core {
         self.shutdown.as_ref().is_some_and(|s| !s.serving)
     }
 
-    /// After a shutdown, once no connection and no hook is left: log the
-    /// totals, once.
+    /// After a shutdown, once no connection, no hook and nothing of the
+    /// service is left: log the totals, once.
     fn note_done(&mut self) {
-        if !self.conns.is_empty() || self.hook.is_some() {
+        if !self.conns.is_empty()
+            || self.hook.is_some()
+            || !self.service.as_ref().is_none_or(Service::is_at_rest)
+        {
             return;
         }
         if let Some(shutdown) = self.shutdown.as_mut().filter(|s| !s.done) {
@@ -1292,12 +1319,13 @@ impl Core {
                     self.cancel(attempt);
                 }
             }
-            ConnState::Proxying { ttl } => {
+            ConnState::Proxying { ttl, since } => {
                 self.active -= 1;
                 self.last_outcome = Some(outcome);
                 self.last_ended_by = Some(ended_by);
                 self.service_released(outcome);
                 self.cancel(ttl);
+                self.note_proxy_duration(now.saturating_sub(since));
             }
         }
         if let Some(shutdown) = &mut self.shutdown

@@ -91,6 +91,12 @@ impl WaitQueue {
         self.sweep_if_mostly_stale(&is_live);
     }
 
+    /// The entries in line order, stale ones included: `position` filters
+    /// them with the same test as the other methods.
+    pub(super) fn iter(&self) -> impl Iterator<Item = ConnRef> + '_ {
+        self.entries.iter().copied()
+    }
+
     /// Every entry, stale ones included, for the invariant checks.
     #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn entries(&self) -> impl Iterator<Item = ConnRef> + '_ {

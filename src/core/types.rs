@@ -402,6 +402,8 @@ pub enum Outcome {
     /// The supervised upstream failed to start `--start-retries` times in a
     /// row while it waited.
     UpstreamFailed,
+    /// An operator ended it (`kill CONN` on the control socket).
+    Killed,
 }
 
 impl Outcome {
@@ -424,11 +426,12 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::Shutdown => "shutdown",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Killed => "killed",
         }
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::ClientError,
         Outcome::UpstreamError,
@@ -440,6 +443,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::Shutdown,
         Outcome::UpstreamFailed,
+        Outcome::Killed,
     ];
 }
 
@@ -451,6 +455,14 @@ pub struct Stats {
     pub queue_length: usize,
     /// Connections holding a permit.
     pub active: usize,
+    /// Connections that may hold a permit at once (`--permits`).
+    pub permits: u32,
+    /// How long the client at the head of the queue has waited since
+    /// accept, in milliseconds, as of the core's latest input; 0 with none
+    /// waiting. (With `--accept-proxy` the line is in order of complete
+    /// headers, so a client behind the head may have waited up to the
+    /// header timeout longer.)
+    pub oldest_wait_ms: u64,
     /// Connections let through so far.
     pub activations: u64,
     /// TTL expiries so far.
@@ -499,7 +511,8 @@ pub enum EndedBy {
     /// The upstream closed or reset first while proxying.
     Upstream,
     /// tcplock: a TTL, a queue timeout, a shutdown, a failed connect, a full
-    /// queue, or a relay that failed before either peer closed.
+    /// queue, an operator's `kill`, or a relay that failed before either
+    /// peer closed.
     Tcplock,
 }
 
@@ -797,6 +810,12 @@ pub enum Event {
     },
     /// A waiting client left.
     Abandoned { conn: ConnId },
+    /// An operator ended it (`kill CONN`), in state `state`.
+    Killed { conn: ConnId, state: StateName },
+    /// Activations were paused (`pause` or `drain`) with `queued` waiting.
+    Paused { queued: usize },
+    /// Activations resumed with `queued` waiting.
+    Resumed { queued: usize },
     /// A connection started proxying after `waited_ms` since accept.
     Activated {
         conn: ConnId,

@@ -39,6 +39,12 @@ impl FdBudget {
         }
     }
 
+    /// Descriptors open once the loop was set up, plus those opened for
+    /// good since.
+    pub(super) fn baseline(&self) -> usize {
+        self.baseline
+    }
+
     /// Descriptors opened for good after the count at start (a signal pipe).
     pub(super) fn opened_for_good(&mut self, count: usize) {
         self.baseline += count;

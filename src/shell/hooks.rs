@@ -21,11 +21,13 @@ use mio::unix::SourceFd;
 
 use signal_hook::consts::signal::SIGCHLD;
 
-use super::service::{HOOK_OUTPUT, OutputSource};
-use super::{HOOK_EXIT, Shell, watch_signals};
+use super::output::{Source, Writer};
+use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
-use crate::core::{EndedBy, HookContext, HookExit, HookId, HookRef, HookRequest, Outcome};
+use crate::core::{
+    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, Outcome,
+};
 use crate::sys::{self, ExecSpec, WatchedChild};
 
 const SHELL: &str = "/bin/sh";
@@ -34,8 +36,6 @@ const SHELL: &str = "/bin/sh";
 pub struct HookProcess {
     pub pid: u32,
     watch: Watch,
-    /// The read ends of its stdout and stderr, until the loop takes them.
-    output: Option<[OwnedFd; 2]>,
 }
 
 enum Watch {
@@ -46,10 +46,15 @@ enum Watch {
 
 impl HookProcess {
     /// Starts the hook watched by a pidfd: stdin from /dev/null, stdout and
-    /// stderr to pipes (read ends in [`HookProcess::take_output`]), client
-    /// facts only in the environment (never in the command string). An error for which [`sys::is_pidfd_unsupported`]
-    /// holds means: use [`HookProcess::spawn_without_pidfd`].
-    pub fn spawn(command: &str, context: &HookContext) -> io::Result<HookProcess> {
+    /// stderr to `output` (the loop's pipes), client facts only in the
+    /// environment (never in the command string). An error for which
+    /// [`sys::is_pidfd_unsupported`] holds means: use
+    /// [`HookProcess::spawn_without_pidfd`].
+    pub fn spawn(
+        command: &str,
+        context: &HookContext,
+        output: &[OwnedFd; 2],
+    ) -> io::Result<HookProcess> {
         let nul_error = || io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the hook");
         let program = CString::new(SHELL).map_err(|_| nul_error())?;
         let args = [
@@ -60,7 +65,11 @@ impl HookProcess {
         let overrides = hook_env(context);
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
-            if overrides.iter().any(|(name, _)| OsStr::new(name) == key) {
+            if overrides.iter().any(|(name, _)| OsStr::new(name) == key)
+                || SERVICE_MANAGER_ENV
+                    .iter()
+                    .any(|name| OsStr::new(name) == key)
+            {
                 continue;
             }
             let mut entry = key.as_bytes().to_vec();
@@ -77,30 +86,29 @@ impl HookProcess {
         let argv: Vec<&CStr> = args.iter().map(CString::as_c_str).collect();
         let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
-        let (out_read, out_write) = sys::output_pipe()?;
-        let (err_read, err_write) = sys::output_pipe()?;
         let child = sys::spawn_watched(&ExecSpec {
             program: &program,
             argv: &argv,
             envp: &envp,
             stdin: stdin.as_fd(),
-            stdout: Some(out_write.as_fd()),
-            stderr: Some(err_write.as_fd()),
+            stdout: Some(output[0].as_fd()),
+            stderr: Some(output[1].as_fd()),
             new_session: false,
             parent_death_signal: None,
         })?;
         Ok(HookProcess {
             pid: child.pid,
             watch: Watch::Pidfd(child),
-            output: Some([out_read, err_read]),
         })
     }
 
     /// Starts the hook as [`HookProcess::spawn`] does, for a kernel without
     /// pidfds: its exit is noticed through SIGCHLD.
-    pub fn spawn_without_pidfd(command: &str, context: &HookContext) -> io::Result<HookProcess> {
-        let (out_read, out_write) = sys::output_pipe()?;
-        let (err_read, err_write) = sys::output_pipe()?;
+    pub fn spawn_without_pidfd(
+        command: &str,
+        context: &HookContext,
+        [out_write, err_write]: [OwnedFd; 2],
+    ) -> io::Result<HookProcess> {
         let mut process = Command::new(SHELL);
         process
             .arg("-c")
@@ -110,23 +118,17 @@ impl HookProcess {
             .stderr(Stdio::from(err_write))
             // Its own group, so a hook timeout kills what the hook started too.
             .process_group(0);
+        for name in SERVICE_MANAGER_ENV {
+            process.env_remove(name);
+        }
         for (key, value) in hook_env(context) {
             process.env(key, value);
         }
         let child = process.spawn()?;
-        // `process` holds the write ends until it is dropped: then only the
-        // child has them, and its exit ends the pipes.
-        drop(process);
         Ok(HookProcess {
             pid: child.id(),
             watch: Watch::Sigchld(child),
-            output: Some([out_read, err_read]),
         })
-    }
-
-    /// The read ends of the hook's stdout and stderr, once.
-    pub fn take_output(&mut self) -> Option<[OwnedFd; 2]> {
-        self.output.take()
     }
 
     /// The descriptor that turns readable when the hook exits, if it has one.
@@ -290,9 +292,19 @@ impl HookTable {
 /// The hook the core waits for.
 pub(super) struct RunningHook {
     id: HookId,
+    kind: HookKind,
     started: Instant,
     /// `None` for a closure hook (its ticket is still out).
     process: Option<HookProcess>,
+}
+
+impl RunningHook {
+    /// Descriptors it holds: its pidfd, if it is watched by one.
+    pub(super) fn open_fds(&self) -> usize {
+        self.process
+            .as_ref()
+            .map_or(0, |p| usize::from(p.pidfd().is_some()))
+    }
 }
 
 impl Shell {
@@ -321,16 +333,19 @@ impl Shell {
         let Some(run) = self.hook.take_if(|run| run.id == hook) else {
             return;
         };
-        // What it wrote comes before its exit in the log. A process it left
-        // behind holding the pipes writes into closed ones from now on.
-        for slot in HOOK_OUTPUT {
-            self.close_output(slot, true);
+        // What it wrote comes before its exit in the log.
+        if run.process.is_some() {
+            self.output_done(Source::Hook);
         }
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
             line.field("hook", hook)
                 .field_opt("pid", run.process.as_ref().map(|p| p.pid))
                 .field("status", &exit)
                 .field("duration_ms", run.started.elapsed().as_millis());
+        }
+        if let Some(metrics) = &mut self.metrics {
+            let ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            metrics.recorder.hook_ended(run.kind, &exit, Some(ms));
         }
         self.core.handle_hook_exited(now, hook, exit);
     }
@@ -340,26 +355,27 @@ impl Shell {
         // The core asks only for hooks the table named for it.
         let Some(run) = self.hooks.get(request.run).cloned() else {
             let exit = HookExit::SpawnFailed("unknown hook".into());
+            self.hook_not_started(context.kind, &exit);
             self.core.handle_hook_exited(now, request.hook, exit);
             return;
         };
+        if let HookBody::Command(_) = run.body() {
+            self.output_from(
+                Source::Hook,
+                Writer::Hook {
+                    hook: request.hook,
+                    kind: context.kind,
+                    generation: context.service.map(|(generation, _)| generation),
+                },
+            );
+        }
         let process = match run.body() {
             HookBody::Command(command) => match self.spawn_process(command, context) {
-                Ok(mut process) => {
-                    if let Some([stdout, stderr]) = process.take_output() {
-                        let source = OutputSource::Hook {
-                            hook: request.hook,
-                            kind: context.kind,
-                            generation: context.service.map(|(generation, _)| generation),
-                        };
-                        self.open_output(HOOK_OUTPUT[0], stdout, source);
-                        self.open_output(HOOK_OUTPUT[1], stderr, source);
-                    }
-                    Some(process)
-                }
+                Ok(process) => Some(process),
                 Err(e) => {
                     // Nothing ran: the core logs the failure and retries.
                     let exit = HookExit::SpawnFailed(e.to_string());
+                    self.hook_not_started(context.kind, &exit);
                     self.core.handle_hook_exited(now, request.hook, exit);
                     return;
                 }
@@ -374,6 +390,7 @@ impl Shell {
         }
         self.hook = Some(RunningHook {
             id: request.hook,
+            kind: context.kind,
             started: Instant::now(),
             process,
         });
@@ -404,6 +421,13 @@ impl Shell {
         }
     }
 
+    /// A hook run that could not start counts as a run, with no duration.
+    fn hook_not_started(&mut self, kind: HookKind, exit: &HookExit) {
+        if let Some(metrics) = &mut self.metrics {
+            metrics.recorder.hook_ended(kind, exit, None);
+        }
+    }
+
     /// Starts a hook process watched by its pidfd, or, on a kernel without
     /// pidfds, by SIGCHLD (said once in the log).
     pub(super) fn spawn_process(
@@ -411,8 +435,9 @@ impl Shell {
         command: &str,
         context: &HookContext,
     ) -> io::Result<HookProcess> {
+        let output = self.output_writers(Source::Hook)?;
         if self.pidfds_available {
-            match HookProcess::spawn(command, context) {
+            match HookProcess::spawn(command, context, &output) {
                 Ok(process) => {
                     let Some(pidfd) = process.pidfd() else {
                         return Ok(process);
@@ -441,7 +466,7 @@ impl Shell {
             }
         }
         self.watch_sigchld()?;
-        HookProcess::spawn_without_pidfd(command, context)
+        HookProcess::spawn_without_pidfd(command, context, output)
     }
 
     /// From now on hooks are watched through SIGCHLD; said once.

@@ -27,6 +27,8 @@ pub struct Logger {
     /// Lines dropped since the buffer was last full; reported by the first
     /// line that fits afterwards.
     dropped: u64,
+    /// Lines dropped and already reported, for the metrics.
+    dropped_reported: u64,
     sink: LogSink,
 }
 
@@ -37,6 +39,7 @@ impl Logger {
             level,
             buf: String::with_capacity(4096),
             dropped: 0,
+            dropped_reported: 0,
             sink: LogSink::stderr(),
         }
     }
@@ -50,6 +53,11 @@ impl Logger {
     /// Whether lines are waiting for stderr to take them.
     pub fn has_pending(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Lines dropped so far, reported or not.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_reported + self.dropped
     }
 
     /// Changes the level for lines started from now on.
@@ -71,6 +79,12 @@ impl Logger {
         }
         if self.dropped > 0 {
             self.report_dropped();
+        }
+        // No line fits a full buffer: counted without being formatted, which
+        // keeps a flood of lines (a chatty service) cheap while stderr stalls.
+        if self.buf.len() >= LOG_BUFFER_BYTES {
+            self.dropped += 1;
+            return None;
         }
         let line = Line {
             start: self.buf.len(),
@@ -124,6 +138,10 @@ impl Logger {
                 };
                 line.field("waited_ms", waited_ms)
             }
+            Event::Killed { conn, state } => {
+                line.field("conn", conn).field("state", state.as_str())
+            }
+            Event::Paused { queued } | Event::Resumed { queued } => line.field("queued", queued),
             Event::ConnectFailed { conn, error } => line.field("conn", conn).field("error", error),
             Event::HookFailed {
                 hook,
@@ -269,6 +287,7 @@ impl Logger {
             return;
         }
         let dropped = std::mem::take(&mut self.dropped);
+        self.dropped_reported += dropped;
         if !self.enabled(LogLevel::Warn) {
             return;
         }
@@ -380,6 +399,9 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
     match event {
         Event::Accepted { .. } => (LogLevel::Debug, "accepted"),
         Event::Rejected { .. } => (LogLevel::Info, "rejected"),
+        Event::Killed { .. } => (LogLevel::Info, "killed"),
+        Event::Paused { .. } => (LogLevel::Info, "paused"),
+        Event::Resumed { .. } => (LogLevel::Info, "resumed"),
         Event::Abandoned { .. } => (LogLevel::Info, "abandoned"),
         Event::Activated { .. } => (LogLevel::Info, "activated"),
         Event::Timeout { .. } => (LogLevel::Info, "timeout"),
@@ -424,30 +446,7 @@ impl Line<'_> {
         self.buf.push(' ');
         self.buf.push_str(key);
         self.buf.push('=');
-        let start = self.buf.len();
-        let _ = write!(self.buf, "{value}");
-        let needs_quotes = start == self.buf.len()
-            || self.buf[start..]
-                .bytes()
-                .any(|b| b <= b' ' || b == b'"' || b == b'=' || b == b'\\' || b == 0x7f);
-        if needs_quotes {
-            let raw = self.buf.split_off(start);
-            self.buf.push('"');
-            for ch in raw.chars() {
-                match ch {
-                    '"' => self.buf.push_str("\\\""),
-                    '\\' => self.buf.push_str("\\\\"),
-                    '\n' => self.buf.push_str("\\n"),
-                    '\r' => self.buf.push_str("\\r"),
-                    '\t' => self.buf.push_str("\\t"),
-                    c if c.is_control() => {
-                        let _ = write!(self.buf, "\\u{{{:x}}}", c as u32);
-                    }
-                    c => self.buf.push(c),
-                }
-            }
-            self.buf.push('"');
-        }
+        push_value(self.buf, value);
         self
     }
 
@@ -467,6 +466,35 @@ impl Drop for Line<'_> {
             self.buf.truncate(self.start);
             *self.dropped += 1;
         }
+    }
+}
+
+/// Appends a logfmt value, quoted when logfmt needs it; log lines and
+/// control replies share it.
+pub(super) fn push_value(buf: &mut String, value: impl Display) {
+    let start = buf.len();
+    let _ = write!(buf, "{value}");
+    let needs_quotes = start == buf.len()
+        || buf[start..]
+            .bytes()
+            .any(|b| b <= b' ' || b == b'"' || b == b'=' || b == b'\\' || b == 0x7f);
+    if needs_quotes {
+        let raw = buf.split_off(start);
+        buf.push('"');
+        for ch in raw.chars() {
+            match ch {
+                '"' => buf.push_str("\\\""),
+                '\\' => buf.push_str("\\\\"),
+                '\n' => buf.push_str("\\n"),
+                '\r' => buf.push_str("\\r"),
+                '\t' => buf.push_str("\\t"),
+                c if c.is_control() => {
+                    let _ = write!(buf, "\\u{{{:x}}}", c as u32);
+                }
+                c => buf.push(c),
+            }
+        }
+        buf.push('"');
     }
 }
 

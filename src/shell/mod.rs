@@ -3,10 +3,15 @@
 //! next, when, and what ends is decided by [`crate::core::Core`].
 
 mod buffer;
+mod control;
 mod fds;
 mod hooks;
+mod http;
 mod log;
+mod metrics;
 mod net;
+mod notify;
+mod output;
 mod relay;
 mod service;
 mod signals;
@@ -40,8 +45,12 @@ use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 use net::resolve;
 pub(crate) use net::resolve_upstream;
+use notify::Notifier;
+pub(crate) use notify::SERVICE_MANAGER_ENV;
+pub use notify::socket_activated;
+use output::Outputs;
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
-use service::{Outputs, ServiceIo, ServiceTable};
+use service::{ServiceIo, ServiceTable};
 use signals::watch_signals;
 
 const LISTENER: Token = Token(0);
@@ -74,8 +83,15 @@ const HOOK_STDERR: Token = Token(10);
 /// How often lines waiting for a stderr the poll cannot watch are retried.
 const LOG_RETRY: Duration = Duration::from_millis(100);
 
+/// `--metrics`: the HTTP listener, and its connections' tokens.
+const METRICS_LISTENER: Token = Token(13);
+const FIRST_METRICS_CONN: usize = 32;
+const METRICS_CONNS: std::ops::Range<usize> =
+    FIRST_METRICS_CONN..FIRST_METRICS_CONN + http::MAX_CONNS;
+
 /// Connection tokens start here: two per slab slot, client then upstream.
-/// Below it: the fixed tokens above and those reserved for other sources.
+/// Below it: the fixed tokens, control connections (16..=31) and metrics
+/// connections (32..=47).
 const FIRST_CONN_TOKEN: usize = 64;
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
@@ -101,6 +117,8 @@ pub(crate) struct ShellOptions {
     pub handle_signals: bool,
     /// The command line the config came from, for SIGHUP reloads.
     pub reload_args: Option<RawArgs>,
+    /// Talk to systemd: notifications, the watchdog, socket activation.
+    pub service_manager: bool,
 }
 
 /// The core's policy knobs, from a validated config; its hooks are named in
@@ -196,6 +214,16 @@ pub(crate) struct Shell {
     /// Relays that used up their turn and must be pumped again, each once
     /// (see [`Relay::scheduled`]); each turn takes those queued before it.
     busy_relays: VecDeque<ConnRef>,
+    /// systemd's notification socket, if it gave one.
+    notify: Notifier,
+    /// `--control`: the control socket and its connections.
+    control: Option<control::ControlServer>,
+    /// Reload threads started so far: a `reload` command waits for the
+    /// one that started after it.
+    reloads_started: u64,
+    /// `--metrics`: the HTTP server and what only the shell counts; `None`
+    /// (and nothing recorded) without it.
+    metrics: Option<Box<metrics::Metrics>>,
 }
 
 struct Connecting {
@@ -235,6 +263,11 @@ enum Stage {
 impl Shell {
     /// Binds the listener, resolves the upstream and sets up the poll.
     pub(crate) fn start(config: Config, options: ShellOptions) -> Result<Shell, Error> {
+        // First, before any descriptor of ours could take the number 3.
+        let activated = match options.service_manager {
+            true => notify::activated_listener()?,
+            false => None,
+        };
         let mut logger = Logger::new(config.log_level);
         let fd_limit = match sys::raise_open_files_limit() {
             Ok(limit) => Some(limit),
@@ -245,24 +278,49 @@ impl Shell {
                 None
             }
         };
-        // `resolve` never returns an empty list, so the first address exists.
-        let listen_addr = resolve(
-            "listen address",
-            &config.listen,
-            config.listen.to_socket_addrs(),
-        )?[0];
-        let upstream_addrs = resolve_upstream(&config)?;
         let io_error = |context| move |source| Error::Io { context, source };
-        let mut listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
-            addr: listen_addr,
-            source,
-        })?;
-        let local_addr = listener.local_addr().unwrap_or(listen_addr);
-        if let Err(e) = sys::set_listen_backlog(listener.as_fd(), LISTEN_BACKLOG)
-            && let Some(line) = logger.line(LogLevel::Warn, "backlog_failed")
-        {
-            line.field("error", e);
-        }
+        let notify = match options.service_manager {
+            true => Notifier::from_env(&mut logger)?,
+            false => Notifier::disabled(),
+        };
+        let activated_socket = activated.is_some();
+        let upstream_addrs;
+        let (mut listener, local_addr) = match activated {
+            // The unit's `Backlog=` stands.
+            Some(listener) => {
+                upstream_addrs = resolve_upstream(&config)?;
+                let local_addr = listener
+                    .local_addr()
+                    .map_err(io_error("socket activation: fd 3 has no address"))?;
+                (listener, local_addr)
+            }
+            None => {
+                if config.listen.is_empty() {
+                    return Err(Error::Invalid(
+                        "no listen address: give -l PORT (or start tcplock by socket activation)"
+                            .into(),
+                    ));
+                }
+                // `resolve` never returns an empty list, so the first address exists.
+                let listen_addr = resolve(
+                    "listen address",
+                    &config.listen,
+                    config.listen.to_socket_addrs(),
+                )?[0];
+                upstream_addrs = resolve_upstream(&config)?;
+                let listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
+                    addr: listen_addr,
+                    source,
+                })?;
+                let local_addr = listener.local_addr().unwrap_or(listen_addr);
+                if let Err(e) = sys::set_listen_backlog(listener.as_fd(), LISTEN_BACKLOG)
+                    && let Some(line) = logger.line(LogLevel::Warn, "backlog_failed")
+                {
+                    line.field("error", e);
+                }
+                (listener, local_addr)
+            }
+        };
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -270,6 +328,8 @@ impl Shell {
             line.field("error", e);
         }
         let poll = Poll::new().map_err(io_error("cannot create the poll"))?;
+        // Before the descriptor count at start, which then includes it.
+        let metrics = metrics::Metrics::start(&config, &poll, &mut logger)?;
         // Edge-triggered: one wake-up each time a stalled stderr gains room.
         let log_watched = logger.watch_fd().is_some_and(|fd| {
             poll.registry()
@@ -279,6 +339,10 @@ impl Shell {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(io_error("cannot register the listener"))?;
+        let control = match &config.control {
+            Some(path) => Some(control::ControlServer::bind(path, &poll)?),
+            None => None,
+        };
         let reaps_orphans = sys::is_pid_one();
         let mut watched = Vec::new();
         if options.handle_signals {
@@ -307,7 +371,8 @@ impl Shell {
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
                 .field("upstream", &config.upstream)
-                .field("permits", config.permits);
+                .field("permits", config.permits)
+                .field_opt("socket", activated_socket.then_some("systemd"));
         }
         {
             // Not yet in the loop, which blocks SIGPIPE: see `Logger` at exit.
@@ -345,6 +410,10 @@ impl Shell {
             reload_again: false,
             accept_more: false,
             busy_relays: VecDeque::new(),
+            notify,
+            control,
+            reloads_started: 0,
+            metrics,
         })
     }
 
@@ -385,8 +454,11 @@ impl Shell {
         let now = self.now();
         self.drain(now);
         self.logger.flush();
+        let counts = self.notify_counts();
+        self.notify.ready(self.now(), counts, &mut self.logger);
         loop {
-            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() {
+            let metrics_busy = self.metrics.as_ref().is_some_and(|m| m.wants_turn());
+            let mut timeout = if self.accept_more || !self.busy_relays.is_empty() || metrics_busy {
                 Some(Duration::ZERO)
             } else {
                 self.core
@@ -396,10 +468,20 @@ impl Shell {
                         Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
                     })
             };
+            if let Some(deadline) = self.control_deadline() {
+                let wait = Duration::from_millis(deadline.saturating_sub(self.now()));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
+            if let Some(deadline) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
+                let wait =
+                    Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1));
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
             if self.logger.has_pending() && !self.log_watched {
                 timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
             }
             timeout = self.service_timeout(self.now(), timeout);
+            timeout = self.notify_timeout(timeout);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -420,12 +502,21 @@ impl Shell {
                     HOOK_EXIT => self.reap(now),
                     SERVICE_EXIT => self.service_exited(now),
                     SERVICE_PROBE => self.probe_ready(now, SocketEvent::of(event)),
-                    token if Outputs::slot_of(token).is_some() => {
-                        if let Some(slot) = Outputs::slot_of(token)
-                            && self.read_output(slot)
-                        {
-                            self.outputs.more = true;
-                        }
+                    SERVICE_STDOUT | SERVICE_STDERR | HOOK_STDOUT | HOOK_STDERR => {
+                        self.output_ready(event.token());
+                    }
+                    control::CONTROL_LISTENER => self.control_accept(now),
+                    Token(token)
+                        if (control::FIRST_CONTROL_TOKEN
+                            ..control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS)
+                            .contains(&token) =>
+                    {
+                        let slot = token - control::FIRST_CONTROL_TOKEN;
+                        self.control_ready(now, slot, event.is_write_closed());
+                    }
+                    METRICS_LISTENER => self.metrics_listener_ready(),
+                    Token(token) if METRICS_CONNS.contains(&token) => {
+                        self.metrics_conn_ready(Token(token));
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
@@ -460,8 +551,12 @@ impl Shell {
             self.expire_probe(now);
             self.core.handle_tick(now);
             self.drain(now);
+            self.control_tick(now);
+            self.metrics_turn(now);
             self.logger.flush();
             self.publish_stats();
+            let counts = self.notify_counts();
+            self.notify.turn_end(now, counts, &mut self.logger);
             if self.core.is_finished() {
                 return Ok(());
             }
@@ -486,12 +581,20 @@ impl Shell {
                     outcome,
                     ended_by,
                     age_ms,
-                } => self.close(conn, outcome, ended_by, age_ms),
+                } => self.close(now, conn, outcome, ended_by, age_ms),
                 Action::SpawnHook(request) => self.spawn_hook(now, &request),
                 Action::KillHook(hook) => self.kill_hook(now, hook),
-                Action::StopAccepting => self.stop_accepting(),
+                Action::StopAccepting => {
+                    self.notify.stopping(&mut self.logger);
+                    self.stop_accepting();
+                }
                 Action::ResumeAccepting => self.accept_more = true,
-                Action::Log(event) => self.logger.event(&event),
+                Action::Log(event) => {
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.recorder.event(&event);
+                    }
+                    self.logger.event(&event);
+                }
                 Action::ReportIdle => {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);

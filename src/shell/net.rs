@@ -119,7 +119,9 @@ impl Shell {
 
     /// Whether one more client would eat into the descriptors activation needs.
     pub(super) fn at_fd_reserve(&self) -> bool {
-        let open = self.core.conn_count() + self.pool.idle_pipe_fds();
+        let open = self.core.conn_count()
+            + self.pool.idle_pipe_fds()
+            + self.metrics.as_ref().map_or(0, |m| m.open_conns());
         self.fds.at_reserve(open, &self.config)
     }
 
@@ -392,6 +394,7 @@ impl Shell {
 
     pub(super) fn close(
         &mut self,
+        now: u64,
         conn: ConnRef,
         outcome: Outcome,
         ended_by: EndedBy,
@@ -412,6 +415,10 @@ impl Shell {
                     self.busy_relays.retain(|listed| *listed != conn);
                 }
                 let bytes = relay.bytes();
+                if let Some(metrics) = &mut self.metrics {
+                    let duration = now.saturating_sub(relay.started);
+                    metrics.recorder.relay_closed(bytes.0, bytes.1, duration);
+                }
                 relay.release(&mut self.pool);
                 bytes
             }

@@ -164,6 +164,9 @@ pub struct Relay {
     /// When a pump last moved a byte (or relaying began), for the
     /// stalled-queue check; the shell stores it, the core asks for it.
     pub last_active: u64,
+    /// When relaying began (the activation), for the connection duration
+    /// metric.
+    pub started: u64,
     /// Bytes of a PROXY protocol header put ahead of the client's: written
     /// upstream but not the client's, so not counted as relayed.
     header_len: u16,
@@ -314,6 +317,7 @@ impl Relay {
             scheduled: false,
             ended_by: None,
             last_active: now,
+            started: now,
             header_len,
         }
     }
@@ -329,6 +333,15 @@ impl Relay {
             self.up.bytes.saturating_sub(u64::from(self.header_len)),
             self.down.bytes,
         )
+    }
+
+    /// Descriptors of the pipes its directions splice through.
+    pub fn pipe_fds(&self) -> usize {
+        [&self.up, &self.down]
+            .iter()
+            .filter(|d| matches!(d.held, Held::Pipe { .. }))
+            .count()
+            * 2
     }
 
     /// Returns what the directions hold to the pool.

@@ -1,46 +1,39 @@
 //! The supervised upstream (`--spawn`), the shell's side: the table naming
 //! the command for the core, the running generation's process (watched by
 //! its pidfd), the readiness probe, the four service actions (probe, spawn,
-//! sample, signal), reaping the session's orphans, and the output of the
-//! service and of hook processes, read through non-blocking pipes and logged
-//! line by line. Every decision (when to start, probe, stop, give up) is the
-//! core's.
+//! sample, signal) and reaping the session's orphans. Its output goes
+//! through the pipes of [`super::output`]. Every decision (when to start,
+//! probe, stop, give up) is the core's.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use mio::Interest;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
 
 use super::net::{ConnectResult, connect_result};
+use super::output::{Source, Writer};
 use super::relay::SocketEvent;
-use super::{
-    HOOK_STDERR, HOOK_STDOUT, SERVICE_EXIT, SERVICE_PROBE, SERVICE_STDERR, SERVICE_STDOUT, Shell,
-};
+use super::{SERVICE_EXIT, SERVICE_PROBE, Shell};
 use crate::config::units::HostPort;
 use crate::config::{Config, LogLevel};
-use crate::core::{
-    Generation, HookId, HookKind, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal,
-};
+use crate::core::{Generation, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal};
 use crate::sys::{self, ExecSpec, WatchedChild};
-
-/// Longest line of a child's output logged as it is; the rest of a longer
-/// line is dropped and the line marked `truncated=true`.
-pub(super) const MAX_LINE: usize = 4096;
 
 /// How long a readiness probe may wait for an answer: a black hole (SYNs
 /// dropped) answers "not yet" after this, not after the kernel's minutes.
 const PROBE_TIMEOUT_MS: u64 = 1_000;
 
-/// Reads of one output pipe per loop turn before the others get their turn;
-/// a service that writes without pause is read again next turn.
-const READS_PER_TURN: usize = 8;
+/// Most of our descendants looked at when measuring the service.
+const MAX_TREE: usize = 65_536;
 
 /// Environment variables never passed to the service: systemd's
 /// notification socket, socket activation and watchdog are tcplock's, not
@@ -101,7 +94,9 @@ pub(super) struct ServiceIo {
     pub(super) table: ServiceTable,
     running: Option<RunningService>,
     probe: Option<Probe>,
-    /// `PR_SET_CHILD_SUBREAPER` is set (it stays set).
+    /// Set up for supervising: SIGCHLD watched, subreaper asked for.
+    supervised: bool,
+    /// `PR_SET_CHILD_SUBREAPER` is in force (it stays so).
     subreaper: bool,
 }
 
@@ -133,97 +128,16 @@ impl RunningService {
 struct Probe {
     generation: Generation,
     socket: TcpStream,
+    /// The upstream's addresses as they were when the probe began, and the
+    /// one tried after this (`localhost` may name ::1 before 127.0.0.1, and
+    /// the service may listen on either).
+    addrs: Arc<[SocketAddr]>,
+    next_addr: usize,
+    /// The loop turn the socket was made in: that turn's events belong to
+    /// an earlier probe's socket.
+    since_turn: u64,
     /// Core ms after which the probe answers "not answered".
     deadline: u64,
-}
-
-/// Whose output a pipe carries, for the `from=` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum OutputSource {
-    Upstream(Generation),
-    Hook {
-        hook: HookId,
-        kind: HookKind,
-        generation: Option<Generation>,
-    },
-}
-
-/// One output pipe of a child, read without blocking, split into lines.
-pub(super) struct OutputPipe {
-    file: File,
-    source: OutputSource,
-    lines: LineSplitter,
-}
-
-/// The four output pipes the loop reads, by slot: the service's stdout and
-/// stderr, the running hook's stdout and stderr.
-#[derive(Default)]
-pub(super) struct Outputs {
-    pipes: [Option<OutputPipe>; 4],
-    /// Some pipe used up its reads for the turn and may hold more.
-    pub(super) more: bool,
-}
-
-const OUTPUT_TOKENS: [Token; 4] = [SERVICE_STDOUT, SERVICE_STDERR, HOOK_STDOUT, HOOK_STDERR];
-
-/// Slots of [`Outputs`].
-pub(super) const SERVICE_OUTPUT: [usize; 2] = [0, 1];
-pub(super) const HOOK_OUTPUT: [usize; 2] = [2, 3];
-
-impl Outputs {
-    /// The slot a poll token names, if it names an output pipe.
-    pub(super) fn slot_of(token: Token) -> Option<usize> {
-        OUTPUT_TOKENS.iter().position(|t| *t == token)
-    }
-}
-
-/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes (without
-/// the newline); a longer line is cut there and the rest of it dropped.
-#[derive(Default)]
-pub(super) struct LineSplitter {
-    partial: Vec<u8>,
-    /// Dropping the rest of a line that was cut.
-    cutting: bool,
-}
-
-impl LineSplitter {
-    /// Feeds bytes; `emit(line, cut)` gets each line completed by them.
-    pub(super) fn feed(&mut self, bytes: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
-        let mut rest = bytes;
-        loop {
-            let newline = rest.iter().position(|b| *b == b'\n');
-            let segment = &rest[..newline.unwrap_or(rest.len())];
-            if !self.cutting {
-                let room = MAX_LINE - self.partial.len();
-                if segment.len() > room {
-                    self.partial.extend_from_slice(&segment[..room]);
-                    emit(&self.partial, true);
-                    self.partial.clear();
-                    self.cutting = true;
-                } else {
-                    self.partial.extend_from_slice(segment);
-                }
-            }
-            let Some(at) = newline else {
-                return;
-            };
-            if !self.cutting {
-                emit(&self.partial, false);
-            }
-            self.partial.clear();
-            self.cutting = false;
-            rest = &rest[at + 1..];
-        }
-    }
-
-    /// End of stream: a last line without a newline is a line too.
-    pub(super) fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
-        if !self.cutting && !self.partial.is_empty() {
-            emit(&self.partial, false);
-        }
-        self.partial = Vec::new();
-        self.cutting = false;
-    }
 }
 
 /// The service's environment: ours without [`SCRUBBED`] and without any
@@ -262,6 +176,38 @@ pub(super) fn service_env(
     env
 }
 
+/// Starts what `spec` describes with std's spawn (which does not use
+/// clone(CLONE_PIDFD)): the child exits with SIGCHLD and is reaped by pid.
+fn spawn_with_std(spec: &ExecSpec<'_>) -> io::Result<u32> {
+    let text = |s: &CStr| OsStr::from_bytes(s.to_bytes()).to_os_string();
+    let mut command = Command::new(text(spec.program));
+    command.args(spec.argv.iter().skip(1).map(|arg| text(arg)));
+    command.env_clear();
+    for entry in spec.envp {
+        let entry = entry.to_bytes();
+        if let Some(at) = entry.iter().position(|b| *b == b'=') {
+            command.env(
+                OsStr::from_bytes(&entry[..at]),
+                OsStr::from_bytes(&entry[at + 1..]),
+            );
+        }
+    }
+    let owned = |fd: Option<BorrowedFd<'_>>| -> io::Result<Stdio> {
+        Ok(match fd {
+            Some(fd) => Stdio::from(fd.try_clone_to_owned()?),
+            None => Stdio::from(io::stderr().as_fd().try_clone_to_owned()?),
+        })
+    };
+    command
+        .stdin(owned(Some(spec.stdin))?)
+        .stdout(owned(spec.stdout)?)
+        .stderr(owned(spec.stderr)?);
+    if spec.new_session {
+        sys::in_new_session(&mut command, spec.parent_death_signal.unwrap_or(0));
+    }
+    Ok(command.spawn()?.id())
+}
+
 /// A raw wait status as the service's exit.
 fn service_exit(status: i32) -> ServiceExit {
     if libc::WIFEXITED(status) {
@@ -277,14 +223,17 @@ impl Shell {
     /// `--spawn` is configured: orphans of the service come to us (child
     /// subreaper) and their exits are noticed (SIGCHLD). Once.
     pub(super) fn supervise(&mut self) {
-        if self.service.subreaper || self.config.spawn.is_none() {
+        if self.service.supervised || self.config.spawn.is_none() {
             return;
         }
-        self.service.subreaper = true;
-        if let Err(e) = sys::set_child_subreaper()
-            && let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed")
-        {
-            line.field("error", e);
+        self.service.supervised = true;
+        match sys::set_child_subreaper() {
+            Ok(()) => self.service.subreaper = true,
+            Err(e) => {
+                if let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed") {
+                    line.field("error", e);
+                }
+            }
         }
         if let Err(e) = self.watch_sigchld()
             && let Some(line) = self.logger.line(LogLevel::Warn, "sigchld_unwatched")
@@ -300,20 +249,40 @@ impl Shell {
         if let Some(probe) = self.service.probe.take() {
             self.end_probe(now, probe, false);
         }
-        let Some(addr) = self.upstream_addrs.first().copied() else {
-            self.core.handle_service_probed(now, generation, false);
-            return;
-        };
-        match self.start_probe(addr) {
-            Ok(socket) => {
+        let addrs = Arc::clone(&self.upstream_addrs);
+        self.probe_from(
+            now,
+            generation,
+            addrs,
+            0,
+            now.saturating_add(PROBE_TIMEOUT_MS),
+        );
+    }
+
+    /// Tries the addresses from `first` on until a connect is under way;
+    /// with none left, the answer is "not answered".
+    fn probe_from(
+        &mut self,
+        now: u64,
+        generation: Generation,
+        addrs: Arc<[SocketAddr]>,
+        first: usize,
+        deadline: u64,
+    ) {
+        for (i, addr) in addrs.iter().enumerate().skip(first) {
+            if let Ok(socket) = self.start_probe(*addr) {
                 self.service.probe = Some(Probe {
                     generation,
                     socket,
-                    deadline: now.saturating_add(PROBE_TIMEOUT_MS),
+                    next_addr: i + 1,
+                    addrs,
+                    since_turn: self.turn,
+                    deadline,
                 });
+                return;
             }
-            Err(_) => self.core.handle_service_probed(now, generation, false),
         }
+        self.core.handle_service_probed(now, generation, false);
     }
 
     fn start_probe(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -326,7 +295,12 @@ impl Shell {
 
     /// The probe socket's readiness.
     pub(super) fn probe_ready(&mut self, now: u64, event: SocketEvent) {
-        let Some(probe) = &self.service.probe else {
+        let Some(probe) = self
+            .service
+            .probe
+            .as_ref()
+            .filter(|probe| probe.since_turn != self.turn)
+        else {
             return;
         };
         let answered = match connect_result(&probe.socket, event) {
@@ -334,9 +308,22 @@ impl Shell {
             ConnectResult::Connected => true,
             ConnectResult::Failed(_) => false,
         };
-        if let Some(probe) = self.service.probe.take() {
-            self.end_probe(now, probe, answered);
+        let Some(mut probe) = self.service.probe.take() else {
+            return;
+        };
+        if !answered && probe.next_addr < probe.addrs.len() {
+            let _ = self.poll.registry().deregister(&mut probe.socket);
+            let (generation, addrs, next, deadline) = (
+                probe.generation,
+                Arc::clone(&probe.addrs),
+                probe.next_addr,
+                probe.deadline,
+            );
+            drop(probe);
+            self.probe_from(now, generation, addrs, next, deadline);
+            return;
         }
+        self.end_probe(now, probe, answered);
     }
 
     /// A probe past its deadline answers "not answered".
@@ -384,11 +371,8 @@ impl Shell {
             .get(run)
             .cloned()
             .ok_or_else(|| io::Error::other("no such service command (changed by a reload)"))?;
-        // What is left of an earlier generation's output is read now; its
-        // pipes make room for this one's.
-        for slot in SERVICE_OUTPUT {
-            self.close_output(slot, true);
-        }
+        // What an earlier generation left in the pipes is credited to it.
+        self.output_from(Source::Service, Writer::Upstream(generation));
         let ours = [
             ("TCPLOCK_UPSTREAM_HOST", command.upstream.host.clone()),
             ("TCPLOCK_UPSTREAM_PORT", command.upstream.port.to_string()),
@@ -402,8 +386,7 @@ impl Shell {
         let argv = [program, c"-c", script.as_c_str()];
         let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
-        let (out_read, out_write) = sys::output_pipe()?;
-        let (err_read, err_write) = sys::output_pipe()?;
+        let [out_write, err_write] = self.output_writers(Source::Service)?;
         let spec = ExecSpec {
             program,
             argv: &argv,
@@ -416,14 +399,21 @@ impl Shell {
         };
         let (pid, leader) = self.spawn_leader(&spec)?;
         drop((out_write, err_write));
+        // The core starts a generation only once the last one is gone; a
+        // leader it forgot would be reaped as an orphan, unwatched.
+        if let Some(RunningService {
+            leader: Leader::Pidfd(child),
+            ..
+        }) = &self.service.running
+        {
+            let raw = child.pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
         self.service.running = Some(RunningService {
             generation,
             pid,
             leader,
         });
-        let source = OutputSource::Upstream(generation);
-        self.open_output(SERVICE_OUTPUT[0], out_read, source);
-        self.open_output(SERVICE_OUTPUT[1], err_read, source);
         Ok(pid)
     }
 
@@ -456,7 +446,7 @@ impl Shell {
             }
         }
         self.watch_sigchld()?;
-        Ok((sys::spawn_unwatched(spec)?, Leader::Sigchld))
+        Ok((spawn_with_std(spec)?, Leader::Sigchld))
     }
 
     /// The leader's pidfd turned readable, or SIGCHLD came: if the leader
@@ -579,9 +569,25 @@ impl Shell {
             .map(|running| running.pid)
     }
 
+    /// The processes of `session`: as a subreaper, every one of them is a
+    /// descendant of ours (an orphan comes to us).
     fn session_members(&mut self, session: u32) -> Vec<sys::ProcStat> {
-        match sys::scan_processes(|p| p.session == session) {
-            Ok(members) => members,
+        self.processes(|p| p.session == session)
+    }
+
+    /// The processes `keep` accepts among those that may concern us: our
+    /// descendants as a subreaper (a walk of our own tree, whose cost
+    /// follows its size), else every process (where the kernel lists no
+    /// children, or orphans go to init).
+    fn processes(&mut self, keep: impl Fn(&sys::ProcStat) -> bool) -> Vec<sys::ProcStat> {
+        if self.service.subreaper
+            && let Ok(mut tree) = sys::descendants(sys::own_ids().0, MAX_TREE)
+        {
+            tree.retain(keep);
+            return tree;
+        }
+        match sys::scan_processes(keep) {
+            Ok(found) => found,
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Warn, "proc_scan_failed") {
                     line.field("error", e);
@@ -596,15 +602,12 @@ impl Shell {
     /// outside our own process group that nobody else waits for; a host's
     /// own children (in our group) are left to the host.
     pub(super) fn reap_service_orphans(&mut self) {
-        if !self.service.subreaper {
+        if !self.service.supervised {
             return;
         }
         let (own_pid, own_group) = sys::own_ids();
-        let zombies =
-            sys::scan_processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
-        if let Ok(zombies) = zombies {
-            self.reap_zombies(&zombies);
-        }
+        let zombies = self.processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
+        self.reap_zombies(&zombies);
     }
 
     /// Reaps those of `processes` that are exited children of ours and not
@@ -634,96 +637,6 @@ impl Shell {
         }
     }
 
-    /// Starts reading a child's output pipe in `slot`. A pipe the poll
-    /// refuses is dropped: the child's writes then fail, it is not stalled.
-    pub(super) fn open_output(&mut self, slot: usize, read: OwnedFd, source: OutputSource) {
-        self.close_output(slot, true);
-        let raw = read.as_raw_fd();
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&raw),
-            OUTPUT_TOKENS[slot],
-            Interest::READABLE,
-        ) {
-            if let Some(line) = self.logger.line(LogLevel::Warn, "output_unwatched") {
-                line.field("error", e);
-            }
-            return;
-        }
-        self.outputs.pipes[slot] = Some(OutputPipe {
-            file: File::from(read),
-            source,
-            lines: LineSplitter::default(),
-        });
-        // Whatever is already in it would raise no new edge.
-        self.outputs.more = true;
-    }
-
-    /// Reads what is there, then stops watching the pipe (`drain_first`:
-    /// a last read of what the child left in it, bounded).
-    pub(super) fn close_output(&mut self, slot: usize, drain_first: bool) {
-        if drain_first && self.outputs.pipes[slot].is_some() {
-            for _ in 0..8 {
-                if !self.read_output(slot) {
-                    break;
-                }
-            }
-        }
-        if let Some(mut pipe) = self.outputs.pipes[slot].take() {
-            let raw = pipe.file.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-            let source = pipe.source;
-            let logger = &mut self.logger;
-            pipe.lines
-                .finish(&mut |line, cut| log_output(logger, source, line, cut));
-        }
-    }
-
-    /// Reads every output pipe that may hold bytes (all of them after a
-    /// turn that left some unread).
-    pub(super) fn read_outputs(&mut self) {
-        self.outputs.more = false;
-        for slot in 0..self.outputs.pipes.len() {
-            if self.read_output(slot) {
-                self.outputs.more = true;
-            }
-        }
-    }
-
-    /// The pipe in `slot` is readable: reads up to [`READS_PER_TURN`]
-    /// times, logging each line. Returns whether more may be waiting. At
-    /// end of stream (every writer gone) the pipe is closed.
-    pub(super) fn read_output(&mut self, slot: usize) -> bool {
-        let mut buf = [0u8; 8192];
-        for _ in 0..READS_PER_TURN {
-            let Some(pipe) = &mut self.outputs.pipes[slot] else {
-                return false;
-            };
-            match pipe.file.read(&mut buf) {
-                Ok(0) => {
-                    self.close_output(slot, false);
-                    return false;
-                }
-                Ok(n) => {
-                    let source = pipe.source;
-                    let logger = &mut self.logger;
-                    pipe.lines.feed(&buf[..n], &mut |line, cut| {
-                        log_output(logger, source, line, cut)
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if let Some(line) = self.logger.line(LogLevel::Warn, "output_failed") {
-                        line.field("error", e);
-                    }
-                    self.close_output(slot, false);
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
     /// How long the poll may sleep before the shell's own service deadline
     /// (the probe's), given `timeout` from the core.
     pub(super) fn service_timeout(&self, now: u64, timeout: Option<Duration>) -> Option<Duration> {
@@ -740,38 +653,6 @@ impl Shell {
     }
 }
 
-/// `level=info event=output from=upstream|on-activate|on-timeout gen=N
-/// line="..."`, and `truncated=true` for a line cut at [`MAX_LINE`].
-fn log_output(logger: &mut super::Logger, source: OutputSource, bytes: &[u8], cut: bool) {
-    let Some(line) = logger.line(LogLevel::Info, "output") else {
-        return;
-    };
-    let text = String::from_utf8_lossy(bytes);
-    let line = match source {
-        OutputSource::Upstream(generation) => {
-            line.field("from", "upstream").field("gen", generation)
-        }
-        OutputSource::Hook {
-            hook,
-            kind,
-            generation,
-        } => line
-            .field(
-                "from",
-                match kind {
-                    HookKind::Activate => "on-activate",
-                    HookKind::Timeout => "on-timeout",
-                },
-            )
-            .field_opt("gen", generation)
-            .field("hook", hook),
-    };
-    let line = line.field("line", text);
-    if cut {
-        line.field("truncated", true);
-    }
-}
-
 /// An error as one line, for `upstream_start_failed why=`.
 fn one_line(error: &io::Error) -> String {
     error.to_string().replace(['\n', '\r'], " ")
@@ -780,61 +661,6 @@ fn one_line(error: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split(chunks: &[&[u8]]) -> Vec<(String, bool)> {
-        let mut lines = Vec::new();
-        let mut splitter = LineSplitter::default();
-        let mut emit = |line: &[u8], cut: bool| {
-            lines.push((String::from_utf8_lossy(line).into_owned(), cut));
-        };
-        for chunk in chunks {
-            splitter.feed(chunk, &mut emit);
-        }
-        splitter.finish(&mut emit);
-        lines
-    }
-
-    #[test]
-    fn lines_are_split_across_reads_and_a_last_partial_line_counts() {
-        let lines = split(&[b"one\ntw", b"o\n\nthr", b"ee"]);
-        let want: Vec<(String, bool)> = ["one", "two", "", "three"]
-            .iter()
-            .map(|s| (s.to_string(), false))
-            .collect();
-        assert_eq!(lines, want);
-    }
-
-    #[test]
-    fn a_line_longer_than_the_cap_is_cut_once_and_the_rest_dropped() {
-        let long = vec![b'x'; MAX_LINE * 3 + 17];
-        let exact = vec![b'y'; MAX_LINE];
-        // The long line arrives in odd pieces, the exact one whole.
-        let mut chunks: Vec<&[u8]> = long.chunks(1000).collect();
-        chunks.push(b"\n");
-        chunks.push(&exact);
-        chunks.push(b"\nafter\n");
-        let lines = split(&chunks);
-        assert_eq!(
-            lines.len(),
-            3,
-            "{:?}",
-            lines.iter().map(|l| l.0.len()).collect::<Vec<_>>()
-        );
-        assert_eq!(lines[0], ("x".repeat(MAX_LINE), true));
-        assert_eq!(lines[1], ("y".repeat(MAX_LINE), false));
-        assert_eq!(lines[2], ("after".to_string(), false));
-    }
-
-    #[test]
-    fn a_cut_line_ending_exactly_at_a_read_boundary_does_not_leak_into_the_next() {
-        let mut over = vec![b'z'; MAX_LINE + 1];
-        over.push(b'\n');
-        let lines = split(&[&over, b"next"]);
-        assert_eq!(
-            lines,
-            vec![("z".repeat(MAX_LINE), true), ("next".to_string(), false)]
-        );
-    }
 
     #[test]
     fn the_service_env_drops_systemd_variables_and_sets_ours() {

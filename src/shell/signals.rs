@@ -75,13 +75,18 @@ impl Shell {
                 }
             });
         match spawned {
-            Ok(_) => self.reload_running = true,
+            Ok(_) => {
+                self.reload_running = true;
+                self.notify.reloading(&mut self.logger);
+                self.reloads_started += 1;
+            }
             Err(e) => {
                 let source = path.display().to_string();
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", source)
                         .field("error", format_args!("cannot start the reload thread: {e}"));
                 }
+                self.notify.reloaded(&mut self.logger);
             }
         }
     }
@@ -98,16 +103,21 @@ impl Shell {
             .as_ref()
             .map(|path| path.display().to_string())
             .unwrap_or_default();
-        match loaded {
-            Ok((new, addrs)) => self.apply_config(now, *new, addrs, ("file", &source)),
+        let answer = match loaded {
+            Ok((new, addrs)) => Ok(self.apply_config(now, *new, addrs, ("file", &source))),
             Err(e) => {
+                let message = e.to_string();
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
                     line.field("file", &source).field("error", e);
                 }
+                Err(message)
             }
-        }
+        };
+        self.control_reloaded(now, self.reloads_started, answer);
         if std::mem::take(&mut self.reload_again) {
             self.reload();
+        } else {
+            self.notify.reloaded(&mut self.logger);
         }
     }
 
@@ -119,7 +129,7 @@ impl Shell {
         mut new: Config,
         upstream_addrs: Vec<SocketAddr>,
         (origin_key, origin): (&str, &str),
-    ) {
+    ) -> Vec<&'static str> {
         // Deadlines that passed fire under the settings (and hooks) they were
         // set under, before the hook table names the new hooks.
         self.core.handle_tick(now);
@@ -147,6 +157,7 @@ impl Shell {
         }
         self.config = new;
         self.supervise();
+        changed
     }
 }
 

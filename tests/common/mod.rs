@@ -268,10 +268,16 @@ impl Proxy {
     /// injection such as `splice:error=EPERM`: every such call fails, as
     /// under a seccomp filter. `pid()` and signals reach tcplock itself.
     pub fn start_injecting(fault: &str, args: &[&str]) -> Proxy {
+        Proxy::start_injecting_with_env(fault, &[], args)
+    }
+
+    /// [`Proxy::start_injecting`] with `env` added to tcplock's environment.
+    pub fn start_injecting_with_env(fault: &str, env: &[(&str, &str)], args: &[&str]) -> Proxy {
         let full = on_any_loopback_port(args);
         let syscall = fault.split(':').next().unwrap_or(fault);
         let mut command = Command::new("strace");
         command
+            .envs(env.iter().copied())
             .args(["-f", "-o", "/dev/null", "-e"])
             .arg(format!("trace={syscall}"))
             .arg("-e")
@@ -345,7 +351,9 @@ impl Proxy {
         Proxy::start_command(command, &full)
     }
 
-    fn start_command(mut command: Command, args: &[&str]) -> Proxy {
+    /// Starts `command` (tcplock, or a wrapper that execs it) and waits for
+    /// `event=listening`; `args` names the run in failure output.
+    pub fn start_command(mut command: Command, args: &[&str]) -> Proxy {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -65,6 +65,25 @@ impl Model {
                 self.relays, self.outcomes
             ));
         }
+        // The head's wait: with `--accept-proxy` the line is in order of
+        // complete headers, so the head need not be the longest waiting.
+        let mut waits = self
+            .conns
+            .values()
+            .filter(|s| matches!(s.state, State::Waiting))
+            .map(|s| now - s.accepted_at)
+            .peekable();
+        let head_wait_fits = match waits.peek() {
+            None => stats.oldest_wait_ms == 0,
+            Some(_) => waits.any(|wait| wait == stats.oldest_wait_ms),
+        };
+        if !head_wait_fits || stats.permits != self.settings.permits {
+            return Err(format!(
+                "stats say the head waited {} ms with {} permits; no waiting client did, \
+                 or the permits are {}",
+                stats.oldest_wait_ms, stats.permits, self.settings.permits
+            ));
+        }
         let observed = (
             core.conn_count(),
             core.active(),
@@ -85,6 +104,14 @@ impl Model {
                  shadow {shadow:?}"
             ));
         }
+        if core.paused() != self.paused {
+            return Err(format!(
+                "core paused: {}, shadow {}",
+                core.paused(),
+                self.paused
+            ));
+        }
+        self.check_positions(now)?;
         let mut slots: Vec<usize> = self.conns.values().map(|s| s.conn.slot).collect();
         slots.sort_unstable();
         if slots.windows(2).any(|w| w[0] == w[1]) {
@@ -292,7 +319,7 @@ impl Model {
             if self.timeout_due && self.shutdown.is_none() {
                 return Err("a TTL expired but the on-timeout hook did not run".into());
             }
-            if queued > 0 && holders < self.settings.permits as usize {
+            if queued > 0 && holders < self.settings.permits as usize && !self.paused {
                 let backing_off = self.settings.on_activate.is_some()
                     && !self.prepared
                     && self.retry_until.is_some_and(|until| now < until);
@@ -302,6 +329,40 @@ impl Model {
                         self.settings.permits
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `position` of the head and the last of the line agrees with the
+    /// shadow's line (by join order); two scans per step, not one per client.
+    fn check_positions(&self, now: u64) -> Result<(), String> {
+        let mut line: Vec<&Shadow> = self
+            .conns
+            .values()
+            .filter(|s| matches!(s.state, State::Waiting))
+            .collect();
+        line.sort_by_key(|s| s.joined);
+        let ends = [line.first(), line.last()];
+        for (place, s) in line
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| ends.iter().flatten().any(|end| end.conn == s.conn))
+        {
+            let got = self
+                .core
+                .position(now, crate::core::Target::Conn(s.conn.id))
+                .map_err(|e| format!("position of waiting conn {}: {e:?}", s.conn.id))?;
+            let free = self.settings.permits.saturating_sub(self.holders() as u32);
+            if (got.position, got.ahead, got.waited_ms, got.free_permits)
+                != (place + 1, place, now - s.accepted_at, free)
+            {
+                return Err(format!(
+                    "position of conn {} is {got:?}, the shadow has it at {} of {}",
+                    s.conn.id,
+                    place + 1,
+                    line.len()
+                ));
             }
         }
         Ok(())

@@ -253,7 +253,7 @@ impl Model {
                 // which nothing in the action stream would mark; ticking first
                 // keeps the shadow's settings in step with the core's.
                 self.tick_first(fed)?;
-                let settings = sanitize(settings.clone());
+                let settings = sanitize(Settings::clone(settings));
                 trace!(self, "t={} reload {settings:?}", self.now);
                 let mut settings = settings;
                 // Fixed at start-up: a reload keeps it (`keep_fixed`).
@@ -310,6 +310,38 @@ impl Model {
                     self.stall_warned = false;
                 }
                 self.core.handle_holders_idle(self.now, *idle_ms);
+            }
+            Op::Pause | Op::Resume => {
+                self.tick_first(fed)?;
+                let pause = *op == Op::Pause;
+                trace!(
+                    self,
+                    "t={} {}",
+                    self.now,
+                    if pause { "pause" } else { "resume" }
+                );
+                let changed = self.paused != pause;
+                self.paused = pause;
+                let answer = if pause {
+                    self.core.handle_pause(self.now)
+                } else {
+                    self.core.handle_resume(self.now)
+                };
+                if answer != changed {
+                    return Err(format!(
+                        "pause/resume answered {answer}, expected {changed}"
+                    ));
+                }
+            }
+            Op::Kill(i) => {
+                let Some(conn) = self.pick(*i, |_| true) else {
+                    return self.skip(op);
+                };
+                self.fed = self.now;
+                trace!(self, "t={} kill conn {}", self.now, conn.id);
+                fed.killed = Some(conn.id);
+                // A deadline firing first may end it: then the kill finds nothing.
+                self.core.handle_kill(self.now, conn.id);
             }
             Op::Stray(i, input) => return self.feed_stray(*i, *input, fed),
         }

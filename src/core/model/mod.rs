@@ -131,7 +131,7 @@ pub enum Op {
     /// Jump to the core's next deadline (if any) and tick, as the loop does.
     Wake,
     /// New settings (sanitized to what the config can produce).
-    Reload(Settings),
+    Reload(Box<Settings>),
     /// The shell paused accepting (out of descriptors). Ticks to its time
     /// first, like a reload, so the shadow knows which pause it arms.
     AcceptPaused,
@@ -142,6 +142,13 @@ pub enum Op {
     /// The shell answers a pending `ReportIdle`: its holders moved no byte
     /// for this many ms (skipped if none is pending).
     HoldersIdle(u64),
+    /// An operator paused activations (`pause`, `drain`). Ticks to its time
+    /// first, so the shadow knows which activations came before it.
+    Pause,
+    /// An operator resumed activations.
+    Resume,
+    /// An operator killed a live connection, in any state.
+    Kill(u8),
     /// An input that must be ignored: for an ended connection (possibly with a
     /// reused slot), for a live one in the wrong state, or an old hook id. Fed
     /// at the latest time already passed, so no deadline can fire either.
@@ -328,6 +335,8 @@ struct Fed {
     failed: Option<ConnId>,
     relay_end: Option<(ConnId, RelayEnd)>,
     hook_success_for: Option<ConnId>,
+    /// An operator's `kill` named it.
+    killed: Option<ConnId>,
     /// The step must produce no action at all.
     quiet: bool,
     shutdown: bool,
@@ -380,6 +389,8 @@ struct Model {
     accept_paused_until: Option<u64>,
     /// The backoff the next pause arms.
     accept_backoff: u64,
+    /// An operator paused activations.
+    paused: bool,
     activations: u64,
     tracing: bool,
     /// StartRelay actions seen, and Close actions by outcome (as `Stats`).
@@ -424,6 +435,7 @@ impl Model {
             accept_paused_until: None,
             accept_backoff: ACCEPT_RETRY_BASE_MS,
             activations: 0,
+            paused: false,
             tracing,
             relays: 0,
             outcomes: OutcomeCounts::default(),

@@ -358,6 +358,9 @@ impl Model {
 
     /// Checks and records an activation of a waiting connection.
     pub(super) fn activate(&mut self, id: ConnId) -> Result<(), String> {
+        if self.paused {
+            return Err(format!("conn {id} activated while paused"));
+        }
         let holders = self.holders();
         if holders >= self.settings.permits as usize {
             return Err(format!(
@@ -532,6 +535,7 @@ impl Model {
             },
             // The shadow models an upstream tcplock does not supervise.
             Outcome::UpstreamFailed => false,
+            Outcome::Killed => fed.killed == Some(id),
             Outcome::Shutdown => match &self.shutdown {
                 None => false,
                 Some(sd) => {
@@ -550,7 +554,8 @@ impl Model {
             | Outcome::ConnectFailed
             | Outcome::Rejected
             | Outcome::Shutdown
-            | Outcome::UpstreamFailed => Some(EndedBy::Tcplock),
+            | Outcome::UpstreamFailed
+            | Outcome::Killed => Some(EndedBy::Tcplock),
         };
         if decided_by_core.is_some_and(|expected| expected != ended_by) {
             return Err(format!(

@@ -116,7 +116,7 @@ fn op(rng: &mut Rng) -> Op {
         71..=72 => Op::AcceptPaused,
         73..=75 => Op::Tick,
         76..=84 => Op::Wake,
-        85..=87 => Op::Reload(settings(rng)),
+        85..=87 => Op::Reload(Box::new(settings(rng))),
         88 => {
             if rng.chance(50) {
                 Op::DumpState
@@ -131,6 +131,11 @@ fn op(rng: &mut Rng) -> Op {
                 Op::Wake
             }
         }
+        94 => match rng.below(3) {
+            0 => Op::Pause,
+            1 => Op::Resume,
+            _ => Op::Kill(rng.byte()),
+        },
         90..=93 => Op::ProxyHeader(
             rng.byte(),
             match rng.below(4) {

@@ -847,26 +847,24 @@ impl Core {
         match &mut service.state {
             ServiceState::Ready {
                 generation, due, ..
-            } => {
-                if due.is_none() {
-                    *due = Some(reason);
-                    let generation = *generation;
-                    self.log(Event::RestartDue {
-                        generation,
-                        reason,
-                        rss_kib: None,
-                    });
-                }
+            } if due.is_none() => {
+                *due = Some(reason);
+                let generation = *generation;
+                self.log(Event::RestartDue {
+                    generation,
+                    reason,
+                    rss_kib: None,
+                });
             }
             ServiceState::Starting { .. } => {
                 // The old command or address is starting: no client uses it yet.
                 self.begin_stop(now, reason, AfterStop::Restart(reason), false);
             }
-            ServiceState::Stopped {
-                retry: Some(key), ..
-            } => {
-                let key = *key;
-                self.timers.cancel(key);
+            ServiceState::Stopped { retry, .. } => {
+                // Waiting to retry a failed start, or stopped while idle:
+                // asked for, it starts now.
+                let retry = retry.take();
+                self.cancel(retry);
                 if !self.stop_for_good() {
                     self.start(now, reason);
                 }
@@ -1074,6 +1072,7 @@ impl Core {
                 reason,
             };
         }
+        self.note_done();
     }
 
     /// No new generation is to start: tcplock stops and nobody is left, or

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use super::{PROBE_INTERVAL_MS, START_RETRY_BASE_MS, START_RETRY_MAX_MS};
 use crate::core::*;
 
 fn addr(port: u16) -> SocketAddr {
@@ -440,13 +441,20 @@ fn shutdown_stops_the_service_after_the_connections_and_only_then_finishes() {
         "a client still uses it: {acts:?}"
     );
     core.handle_relay_ended(now + 1, conn, finished());
-    assert!(actions(&mut core).contains(&Action::SignalService {
+    let (acts, events) = drain(&mut core);
+    assert!(acts.contains(&Action::SignalService {
         generation: Generation(1),
         signal: StopSignal::Term
     }));
+    let done = |e: &Event| matches!(e, Event::ShutdownDone { .. });
+    assert!(!events.iter().any(done), "the service still runs");
     assert!(!core.is_finished());
-    stop_done(&mut core, now + 2, 1);
-    assert_eq!(actions(&mut core), vec![], "no new generation");
+    core.handle_service_exited(now + 2, Generation(1), ServiceExit::Code(0));
+    actions(&mut core);
+    core.handle_service_sampled(now + 2, Generation(1), ServiceSample::default());
+    let (acts, events) = drain(&mut core);
+    assert_eq!(acts, vec![], "no new generation");
+    assert!(events.iter().any(done), "{events:?}");
     assert!(core.is_finished());
 }
 

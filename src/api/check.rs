@@ -1,0 +1,36 @@
+//! `tcplock --check`: everything a start does short of binding, then the
+//! settings in force printed as a config file.
+
+use std::net::ToSocketAddrs;
+
+use crate::api::error::Error;
+use crate::config::{self, RawArgs, show};
+use crate::shell::resolve_upstream;
+
+/// Loads and validates the settings `raw` names (the command line over its
+/// `-c` file), looks the listen address and the upstream up (blocking: no
+/// loop runs), and returns the effective settings in config-file syntax.
+/// Nothing is bound. The error is the one a start would fail with.
+pub fn check(raw: &RawArgs) -> Result<String, Error> {
+    let config = config::load(raw)?;
+    if !config.listen.is_empty() {
+        let resolve_error = |source| Error::Resolve {
+            what: "listen address",
+            name: config.listen.clone(),
+            source,
+        };
+        let found = config
+            .listen
+            .to_socket_addrs()
+            .map_err(resolve_error)?
+            .next();
+        if found.is_none() {
+            return Err(resolve_error(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no addresses",
+            )));
+        }
+    }
+    let upstream = resolve_upstream(&config)?;
+    Ok(show::render(&config, &upstream))
+}

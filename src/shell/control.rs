@@ -1,0 +1,860 @@
+//! The control socket (`--control PATH`): one command line per connection,
+//! answered in logfmt lines ending with `ok` or `error msg="..."`, then closed.
+//!
+//! Served by the loop itself and never blocking it: at most
+//! [`MAX_CONTROL_CONNS`] connections, each with a command line of at most
+//! [`MAX_LINE`] bytes, closed after [`IDLE_MS`] without progress; a reply
+//! larger than the socket buffer is written as the client reads it. A `drain`
+//! or `reload` keeps its connection until the answer is known; a drain's
+//! `DUR` is a shell deadline fed into the poll timeout, like the idle ones.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use mio::net::{UnixListener, UnixStream};
+use slab::Slab;
+
+use super::*;
+use crate::core::{ConnId, CoreStatus, PositionError, ServiceStateName, ServiceStats, Target};
+use log::push_value;
+
+/// The control listener's poll token (reserved for it by the lead).
+pub(super) const CONTROL_LISTENER: Token = Token(12);
+/// Control connections take tokens from here, one per slot.
+pub(super) const FIRST_CONTROL_TOKEN: usize = 16;
+/// Control connections served at once; one more is told so and closed.
+pub(super) const MAX_CONTROL_CONNS: usize = 16;
+/// The longest command line, newline aside.
+pub(super) const MAX_LINE: usize = 1024;
+/// A control connection that neither sends nor reads for this long is closed.
+pub(super) const IDLE_MS: u64 = 5_000;
+
+// ----- commands -----
+
+/// A command line, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Command {
+    Status,
+    Conns,
+    Position(Target),
+    Pause,
+    Resume,
+    /// Pause, then answer once no permit is held; give up after this many ms.
+    Drain(Option<u64>),
+    /// `restart`, `restart all` or `restart INSTANCE`: `None` means all.
+    Restart(Option<u32>),
+    Kill(ConnId),
+    Reload,
+    Stop,
+}
+
+/// Parses one command line (without its newline). Pure; the error is the
+/// reply's `msg`.
+pub(crate) fn parse_command(line: &str) -> Result<Command, String> {
+    let mut words = line.split_ascii_whitespace();
+    let Some(name) = words.next() else {
+        return Err("empty command".to_string());
+    };
+    let arg = words.next();
+    if let Some(extra) = words.next() {
+        return Err(format!("{name}: unexpected argument '{extra}'"));
+    }
+    let no_arg = |command| match arg {
+        None => Ok(command),
+        Some(a) => Err(format!("{name} takes no argument, got '{a}'")),
+    };
+    match name {
+        "status" => no_arg(Command::Status),
+        "conns" => no_arg(Command::Conns),
+        "pause" => no_arg(Command::Pause),
+        "resume" => no_arg(Command::Resume),
+        "reload" => no_arg(Command::Reload),
+        "stop" => no_arg(Command::Stop),
+        "position" => {
+            let arg = arg.ok_or("position needs ADDR:PORT or CONN")?;
+            if let Ok(addr) = arg.parse::<SocketAddr>() {
+                Ok(Command::Position(Target::Client(addr)))
+            } else if let Some(id) = parse_conn(arg) {
+                Ok(Command::Position(Target::Conn(id)))
+            } else {
+                Err(format!("position: '{arg}' is neither ADDR:PORT nor CONN"))
+            }
+        }
+        "kill" => {
+            let arg = arg.ok_or("kill needs CONN")?;
+            parse_conn(arg)
+                .map(Command::Kill)
+                .ok_or_else(|| format!("kill: '{arg}' is not a connection id"))
+        }
+        "drain" => match arg {
+            None => Ok(Command::Drain(None)),
+            Some(dur) => {
+                let d = crate::config::units::parse_duration(dur)
+                    .map_err(|e| format!("drain: '{dur}': {e}"))?;
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                Ok(Command::Drain(Some(ms)))
+            }
+        },
+        "restart" => match arg {
+            None | Some("all") => Ok(Command::Restart(None)),
+            Some(n) => n
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(|n| Command::Restart(Some(n)))
+                .ok_or_else(|| format!("restart: '{n}' is neither an instance nor 'all'")),
+        },
+        other => Err(format!("unknown command '{other}'")),
+    }
+}
+
+fn parse_conn(text: &str) -> Option<ConnId> {
+    text.parse::<u64>().ok().filter(|id| *id > 0).map(ConnId)
+}
+
+// ----- replies -----
+
+/// A reply under construction: logfmt lines, the last one `ok` or `error`.
+#[derive(Default)]
+pub(super) struct Reply(String);
+
+impl Reply {
+    /// Starts a line with its first field.
+    fn line(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
+        if !self.0.is_empty() && !self.0.ends_with('\n') {
+            self.0.push('\n');
+        }
+        self.0.push_str(key);
+        self.0.push('=');
+        push_value(&mut self.0, value);
+        self
+    }
+
+    /// Adds a field to the current line.
+    fn field(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
+        self.0.push(' ');
+        self.0.push_str(key);
+        self.0.push('=');
+        push_value(&mut self.0, value);
+        self
+    }
+
+    fn end_line(&mut self) {
+        if !self.0.is_empty() && !self.0.ends_with('\n') {
+            self.0.push('\n');
+        }
+    }
+
+    fn ok(mut self) -> Vec<u8> {
+        self.end_line();
+        self.0.push_str("ok\n");
+        self.0.into_bytes()
+    }
+
+    fn error(mut self, msg: impl fmt::Display) -> Vec<u8> {
+        self.end_line();
+        self.0.push_str("error msg=");
+        push_value(&mut self.0, msg);
+        self.0.push('\n');
+        self.0.into_bytes()
+    }
+}
+
+fn error_reply(msg: impl fmt::Display) -> Vec<u8> {
+    Reply::default().error(msg)
+}
+
+/// What `status` reports, taken at one instant: one line for tcplock and
+/// one for its upstream instance.
+pub(super) struct StatusSnapshot {
+    pub(super) core: CoreStatus,
+    pub(super) draining: bool,
+    pub(super) upstream: String,
+    pub(super) service: ServiceStats,
+}
+
+impl StatusSnapshot {
+    fn state(&self) -> &'static str {
+        if self.core.stopping {
+            "stopping"
+        } else if self.draining {
+            "draining"
+        } else if self.core.paused {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn write(&self, reply: &mut Reply) {
+        let c = &self.core;
+        reply
+            .line("state", self.state())
+            .field("queued", c.queued)
+            .field("active", c.active)
+            .field("permits", c.permits)
+            .field("oldest_wait_ms", c.oldest_wait_ms)
+            .field("accepted", c.accepted)
+            .field("activations", c.activations)
+            .field("timeouts", c.timeouts);
+        for outcome in Outcome::ALL {
+            reply.field(outcome.as_str(), c.outcomes.count(outcome));
+        }
+        // One upstream today; a pool adds a line per instance.
+        let s = &self.service;
+        let state = s.state.map_or("unsupervised", ServiceStateName::as_str);
+        reply
+            .line("instance", 1)
+            .field("addr", &self.upstream)
+            .field("state", state)
+            .field("gen", s.generation);
+        if let Some(pid) = s.pid {
+            reply.field("pid", pid);
+        }
+        reply
+            .field("rss_kib", s.rss_kib)
+            .field("active", c.active)
+            .field("conns", s.conns)
+            .field("restarts", s.restarts.iter().sum::<u64>());
+    }
+}
+
+// ----- the server -----
+
+/// The listener and its connections.
+pub(super) struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    conns: Slab<CtlConn>,
+}
+
+struct CtlConn {
+    stream: UnixStream,
+    /// The command line read so far.
+    line: Vec<u8>,
+    phase: Phase,
+    /// Idle close, while reading or writing.
+    idle_deadline: u64,
+}
+
+enum Phase {
+    Reading,
+    /// The answer comes later.
+    Waiting(Pending),
+    Writing {
+        out: Vec<u8>,
+        written: usize,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Pending {
+    /// `drain`: answered once no permit is held, or with a timeout then.
+    Drain { until: Option<u64> },
+    /// `reload`: answered when the reload thread numbered `run` reports.
+    Reload { run: u64 },
+    /// `restart`: answered once a generation after `after` is ready, or the
+    /// service failed.
+    Restart { after: u64 },
+}
+
+impl ControlServer {
+    /// Creates the socket at `path` (mode 0600): a stale socket file nobody
+    /// listens on is replaced, any other file is an error naming it.
+    pub(super) fn bind(path: &Path, poll: &Poll) -> Result<ControlServer, Error> {
+        let fail = |message: String| {
+            Error::Invalid(format!("control socket {}: {message}", path.display()))
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        std::fs::remove_file(path)
+                            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+                    }
+                    Ok(_) => return Err(fail("another process listens on it".to_string())),
+                    Err(e) => return Err(fail(format!("exists and cannot be probed: {e}"))),
+                }
+            }
+            Ok(_) => return Err(fail("exists and is not a socket".to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let listener =
+            sys::bind_private_unix_listener(path, 64).map_err(|e| fail(e.to_string()))?;
+        // From here on, dropping the server removes the file.
+        let mut server = ControlServer {
+            listener: UnixListener::from_std(listener),
+            path: path.to_owned(),
+            conns: Slab::with_capacity(MAX_CONTROL_CONNS),
+        };
+        poll.registry()
+            .register(&mut server.listener, CONTROL_LISTENER, Interest::READABLE)
+            .map_err(|e| fail(format!("cannot register: {e}")))?;
+        Ok(server)
+    }
+
+    /// The earliest idle or drain deadline.
+    fn next_deadline(&self) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter_map(|(_, c)| match c.phase {
+                Phase::Reading | Phase::Writing { .. } => Some(c.idle_deadline),
+                Phase::Waiting(Pending::Drain { until }) => until,
+                Phase::Waiting(Pending::Reload { .. } | Pending::Restart { .. }) => None,
+            })
+            .min()
+    }
+
+    fn close(&mut self, poll: &Poll, slot: usize) {
+        if let Some(mut conn) = self.conns.try_remove(slot) {
+            let _ = poll.registry().deregister(&mut conn.stream);
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Shell {
+    /// Accepts every waiting control client; beyond [`MAX_CONTROL_CONNS`]
+    /// one is told so and closed.
+    pub(super) fn control_accept(&mut self, now: u64) {
+        loop {
+            let Some(server) = &mut self.control else {
+                return;
+            };
+            let mut stream = match server.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "control_accept_failed") {
+                        line.field("error", e);
+                    }
+                    return;
+                }
+            };
+            if server.conns.len() >= MAX_CONTROL_CONNS {
+                // One small write into an empty socket buffer: it fits.
+                let _ = stream.write(&error_reply(format_args!(
+                    "too many control connections (at most {MAX_CONTROL_CONNS})"
+                )));
+                continue;
+            }
+            let entry = server.conns.vacant_entry();
+            let token = Token(FIRST_CONTROL_TOKEN + entry.key());
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let slot = entry.key();
+            entry.insert(CtlConn {
+                stream,
+                line: Vec::new(),
+                phase: Phase::Reading,
+                idle_deadline: now.saturating_add(IDLE_MS),
+            });
+            // The line may be there already.
+            self.control_ready(now, slot, false);
+        }
+    }
+
+    /// A control connection is readable or writable: read its line, or
+    /// write more of its reply.
+    /// `peer_gone`: the poll saw the client hang up entirely.
+    pub(super) fn control_ready(&mut self, now: u64, slot: usize, peer_gone: bool) {
+        let Some(server) = &mut self.control else {
+            return;
+        };
+        let Some(conn) = server.conns.get_mut(slot) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Reading => {}
+            Phase::Waiting(_) => {
+                // A client that went away stops waiting (a drain stays
+                // paused); one that only ended its sending still gets the
+                // answer. What it sent after its line is discarded.
+                let mut sink = [0u8; 256];
+                let mut failed = peer_gone;
+                loop {
+                    match conn.stream.read(&mut sink) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    server.close(&self.poll, slot);
+                }
+                return;
+            }
+            Phase::Writing { .. } => {
+                self.control_write(now, slot);
+                return;
+            }
+        }
+        let mut buf = [0u8; MAX_LINE + 2];
+        let line = loop {
+            let room = (MAX_LINE + 2)
+                .saturating_sub(conn.line.len())
+                .min(buf.len());
+            match conn.stream.read(&mut buf[..room]) {
+                Ok(0) => {
+                    if conn.line.is_empty() {
+                        server.close(&self.poll, slot);
+                        return;
+                    }
+                    break Ok(std::mem::take(&mut conn.line));
+                }
+                Ok(n) => {
+                    conn.idle_deadline = now.saturating_add(IDLE_MS);
+                    conn.line.extend_from_slice(&buf[..n]);
+                    if let Some(end) = conn.line.iter().position(|b| *b == b'\n') {
+                        conn.line.truncate(end);
+                        break Ok(std::mem::take(&mut conn.line));
+                    }
+                    if conn.line.len() > MAX_LINE {
+                        break Err(format!("command line longer than {MAX_LINE} bytes"));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    server.close(&self.poll, slot);
+                    return;
+                }
+            }
+        };
+        let reply = match line {
+            Err(msg) => Some(error_reply(msg)),
+            Ok(mut bytes) => {
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+                if bytes.len() > MAX_LINE {
+                    Some(error_reply(format_args!(
+                        "command line longer than {MAX_LINE} bytes"
+                    )))
+                } else {
+                    match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()) {
+                        Err(msg) => Some(error_reply(msg)),
+                        Ok(text) => match parse_command(text) {
+                            Err(msg) => Some(error_reply(msg)),
+                            Ok(command) => self.run_command(now, slot, command),
+                        },
+                    }
+                }
+            }
+        };
+        if let Some(reply) = reply {
+            self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// Carries out one command; `None` when the answer comes later.
+    fn run_command(&mut self, now: u64, slot: usize, command: Command) -> Option<Vec<u8>> {
+        let reply = match command {
+            Command::Status => {
+                let mut reply = Reply::default();
+                self.status_snapshot(now).write(&mut reply);
+                reply.ok()
+            }
+            Command::Conns => self.conns_reply(now),
+            Command::Position(target) => match self.core.position(now, target) {
+                Ok(p) => {
+                    let mut reply = Reply::default();
+                    reply
+                        .line("conn", p.conn)
+                        .field("position", p.position)
+                        .field("ahead", p.ahead)
+                        .field("waited_ms", p.waited_ms)
+                        .field(
+                            "eta_ms",
+                            p.eta_ms.map_or("unknown".to_string(), |ms| ms.to_string()),
+                        )
+                        .field("free_permits", p.free_permits);
+                    reply.ok()
+                }
+                Err(PositionError::Unknown) => error_reply(format_args!(
+                    "no connection {}",
+                    match target {
+                        Target::Conn(id) => id.to_string(),
+                        Target::Client(addr) => addr.to_string(),
+                    }
+                )),
+                Err(PositionError::NotWaiting(state)) => {
+                    error_reply(format_args!("not waiting in line: {}", state.as_str()))
+                }
+            },
+            Command::Pause => {
+                self.core.handle_pause(now);
+                self.drain(now);
+                Reply::default().ok()
+            }
+            Command::Resume => {
+                self.core.handle_resume(now);
+                self.drain(now);
+                self.control_answer_drains(now, Some("resumed before the drain completed"));
+                Reply::default().ok()
+            }
+            Command::Drain(dur) => {
+                self.core.handle_pause(now);
+                self.drain(now);
+                if self.core.active() == 0 {
+                    Reply::default().ok()
+                } else {
+                    let until = dur.map(|ms| now.saturating_add(ms));
+                    self.control_wait(slot, Pending::Drain { until });
+                    return None;
+                }
+            }
+            Command::Restart(Some(instance)) if instance != 1 => error_reply(format_args!(
+                "no instance {instance}: there is one upstream"
+            )),
+            Command::Restart(_) => {
+                let service = self.core.stats().service;
+                if service.state.is_none() {
+                    error_reply("restart needs --spawn")
+                } else {
+                    self.core.handle_service_restart(now);
+                    self.drain(now);
+                    self.control_wait(
+                        slot,
+                        Pending::Restart {
+                            after: service.generation,
+                        },
+                    );
+                    self.control_answer_restarts(now);
+                    return None;
+                }
+            }
+            Command::Kill(id) => {
+                if self.core.handle_kill(now, id) {
+                    self.drain(now);
+                    Reply::default().ok()
+                } else {
+                    error_reply(format_args!("no connection {id}"))
+                }
+            }
+            Command::Reload => {
+                if self.config.config_file.is_none() || self.options.reload_args.is_none() {
+                    error_reply("no config file given with -c")
+                } else {
+                    // A reload under way may have read the file before the
+                    // operator's edit: the answer is the next one's.
+                    let was_running = self.reload_running;
+                    self.reload();
+                    if !self.reload_running {
+                        error_reply("cannot start the reload thread")
+                    } else {
+                        let run = self.reloads_started + u64::from(was_running);
+                        self.control_wait(slot, Pending::Reload { run });
+                        return None;
+                    }
+                }
+            }
+            Command::Stop => {
+                self.core.handle_shutdown(now);
+                self.drain(now);
+                Reply::default().ok()
+            }
+        };
+        Some(reply)
+    }
+
+    /// The `status` numbers at this instant.
+    pub(super) fn status_snapshot(&self, now: u64) -> StatusSnapshot {
+        let draining = self.control.as_ref().is_some_and(|server| {
+            server
+                .conns
+                .iter()
+                .any(|(_, c)| matches!(c.phase, Phase::Waiting(Pending::Drain { .. })))
+        });
+        StatusSnapshot {
+            core: self.core.status(now),
+            draining,
+            upstream: self.config.upstream.to_string(),
+            service: self.core.stats().service,
+        }
+    }
+
+    fn conns_reply(&mut self, now: u64) -> Vec<u8> {
+        let mut reply = Reply::default();
+        for info in self.core.conns_info(now) {
+            let (up, down) = match self.io_of(info.conn).map(|io| &io.stage) {
+                Some(Stage::Relaying(relay)) => relay.bytes(),
+                _ => (0, 0),
+            };
+            reply
+                .line("conn", info.conn.id())
+                .field("state", info.state.as_str())
+                .field("client", info.client)
+                .field("instance", 1)
+                .field("age_ms", info.age_ms)
+                .field("waited_ms", info.waited_ms)
+                .field("bytes_up", up)
+                .field("bytes_down", down);
+        }
+        reply.ok()
+    }
+
+    fn control_wait(&mut self, slot: usize, pending: Pending) {
+        if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
+            conn.phase = Phase::Waiting(pending);
+        }
+    }
+
+    /// Starts writing `reply`, as much as the socket takes now.
+    fn control_reply(&mut self, now: u64, slot: usize, reply: Vec<u8>) {
+        if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
+            conn.phase = Phase::Writing {
+                out: reply,
+                written: 0,
+            };
+            conn.idle_deadline = now.saturating_add(IDLE_MS);
+            self.control_write(now, slot);
+        }
+    }
+
+    fn control_write(&mut self, now: u64, slot: usize) {
+        let Some(server) = &mut self.control else {
+            return;
+        };
+        let Some(conn) = server.conns.get_mut(slot) else {
+            return;
+        };
+        let Phase::Writing { out, written } = &mut conn.phase else {
+            return;
+        };
+        while *written < out.len() {
+            match conn.stream.write(&out[*written..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    *written += n;
+                    conn.idle_deadline = now.saturating_add(IDLE_MS);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        // Unread input would turn the client's end of stream into a reset
+        // (an overlong line, say): discard a bounded amount of it first.
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match conn.stream.read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        server.close(&self.poll, slot);
+    }
+
+    /// Answers waiting drains: with `error`, or each whose permits are all
+    /// back (`ok`) or whose time ran out (`error msg=timeout`).
+    fn control_answer_drains(&mut self, now: u64, error: Option<&str>) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let idle = self.core.active() == 0;
+        let answers: Vec<(usize, Vec<u8>)> = server
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| match (&c.phase, error) {
+                (Phase::Waiting(Pending::Drain { .. }), Some(msg)) => {
+                    Some((slot, error_reply(msg)))
+                }
+                (Phase::Waiting(Pending::Drain { .. }), None) if idle => {
+                    Some((slot, Reply::default().ok()))
+                }
+                (Phase::Waiting(Pending::Drain { until: Some(t) }), None) if *t <= now => {
+                    Some((slot, error_reply("timeout")))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, reply) in answers {
+            self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// A reload thread (the `run`th started) reported: answer the `reload`
+    /// commands that waited for it.
+    pub(super) fn control_reloaded(
+        &mut self,
+        now: u64,
+        run: u64,
+        result: Result<Vec<&str>, String>,
+    ) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let waiting: Vec<usize> = server
+            .conns
+            .iter()
+            .filter(
+                |(_, c)| matches!(c.phase, Phase::Waiting(Pending::Reload { run: r }) if r <= run),
+            )
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in waiting {
+            let reply = match &result {
+                Ok(changed) => {
+                    let mut reply = Reply::default();
+                    reply.line("changed", CommaList(changed));
+                    reply.ok()
+                }
+                Err(msg) => error_reply(msg),
+            };
+            self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// Once per loop turn: close idle control connections, answer drains.
+    pub(super) fn control_tick(&mut self, now: u64) {
+        let Some(server) = &mut self.control else {
+            return;
+        };
+        let idle: Vec<usize> = server
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.phase, Phase::Reading | Phase::Writing { .. }) && c.idle_deadline <= now
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in idle {
+            server.close(&self.poll, slot);
+        }
+        self.control_answer_drains(now, None);
+        self.control_answer_restarts(now);
+    }
+
+    /// Answers `restart` commands whose new generation is ready (or whose
+    /// service failed).
+    fn control_answer_restarts(&mut self, now: u64) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let service = self.core.stats().service;
+        let answers: Vec<(usize, Vec<u8>)> = server
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| {
+                let Phase::Waiting(Pending::Restart { after }) = c.phase else {
+                    return None;
+                };
+                match service.state? {
+                    ServiceStateName::Failed => Some((slot, error_reply("upstream failed"))),
+                    ServiceStateName::Ready if service.generation > after => {
+                        let mut reply = Reply::default();
+                        reply
+                            .line("instance", 1)
+                            .field("gen", service.generation)
+                            .field("pid", service.pid.unwrap_or(0));
+                        Some((slot, reply.ok()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for (slot, reply) in answers {
+            self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// The next control deadline, if any.
+    pub(super) fn control_deadline(&self) -> Option<u64> {
+        self.control.as_ref().and_then(ControlServer::next_deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(parse_command("status"), Ok(Command::Status));
+        assert_eq!(parse_command("  conns  "), Ok(Command::Conns));
+        assert_eq!(parse_command("pause"), Ok(Command::Pause));
+        assert_eq!(parse_command("resume"), Ok(Command::Resume));
+        assert_eq!(parse_command("reload"), Ok(Command::Reload));
+        assert_eq!(parse_command("stop"), Ok(Command::Stop));
+        assert_eq!(parse_command("drain"), Ok(Command::Drain(None)));
+        assert_eq!(parse_command("drain 2s"), Ok(Command::Drain(Some(2000))));
+        assert_eq!(parse_command("drain 250"), Ok(Command::Drain(Some(250))));
+        assert_eq!(parse_command("kill 7"), Ok(Command::Kill(ConnId(7))));
+        assert_eq!(parse_command("restart"), Ok(Command::Restart(None)));
+        assert_eq!(parse_command("restart all"), Ok(Command::Restart(None)));
+        assert_eq!(parse_command("restart 2"), Ok(Command::Restart(Some(2))));
+        assert_eq!(
+            parse_command("position 3"),
+            Ok(Command::Position(Target::Conn(ConnId(3))))
+        );
+        assert_eq!(
+            parse_command("position 127.0.0.1:4000"),
+            Ok(Command::Position(Target::Client(
+                "127.0.0.1:4000".parse().unwrap()
+            )))
+        );
+        assert_eq!(
+            parse_command("position [::1]:4000"),
+            Ok(Command::Position(Target::Client(
+                "[::1]:4000".parse().unwrap()
+            )))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_commands_with_a_reason() {
+        for (line, msg) in [
+            ("", "empty command"),
+            ("frobnicate", "unknown command 'frobnicate'"),
+            ("status now", "status takes no argument, got 'now'"),
+            ("kill", "kill needs CONN"),
+            ("kill x", "kill: 'x' is not a connection id"),
+            ("kill 0", "kill: '0' is not a connection id"),
+            ("kill 1 2", "kill: unexpected argument '2'"),
+            ("position", "position needs ADDR:PORT or CONN"),
+            (
+                "position host:80",
+                "position: 'host:80' is neither ADDR:PORT nor CONN",
+            ),
+            ("restart 0", "restart: '0' is neither an instance nor 'all'"),
+        ] {
+            assert_eq!(parse_command(line), Err(msg.to_string()), "{line:?}");
+        }
+        assert!(
+            parse_command("drain soon")
+                .unwrap_err()
+                .starts_with("drain: 'soon'")
+        );
+    }
+
+    #[test]
+    fn replies_end_with_ok_or_a_quoted_error() {
+        let mut reply = Reply::default();
+        reply.line("a", 1).field("b", "x y");
+        reply.line("c", "");
+        assert_eq!(reply.ok(), b"a=1 b=\"x y\"\nc=\"\"\nok\n");
+        assert_eq!(error_reply("bad \"x\""), b"error msg=\"bad \\\"x\\\"\"\n");
+    }
+}

@@ -1,0 +1,345 @@
+//! Children's output: the service's and the hook processes' stdout and
+//! stderr come through pipes the loop reads without blocking, split into
+//! lines of at most [`MAX_LINE`] bytes and logged as `event=output`.
+//!
+//! Each source (the service, the hooks) has one pair of pipes for the life
+//! of the loop: every spawn gets the same write ends, and the loop keeps
+//! them open too. A process that a hook or a generation left behind (a
+//! daemon a legacy restart script started, an escaped helper) so keeps a
+//! working stdout instead of dying of SIGPIPE at its next line; its lines
+//! are credited to the last hook or generation. A source that writes faster
+//! than stderr takes its lines costs dropped (and counted) log lines, never
+//! a blocked loop or a blocked child.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+
+use super::{HOOK_STDERR, HOOK_STDOUT, SERVICE_STDERR, SERVICE_STDOUT, Shell};
+use crate::config::LogLevel;
+use crate::core::{Generation, HookId, HookKind};
+use crate::sys;
+
+/// Longest line of a child's output logged as it is; the rest of a longer
+/// line is dropped and the line marked `truncated=true`.
+pub(super) const MAX_LINE: usize = 4096;
+
+/// Reads of one pipe per loop turn before the others get their turn; a
+/// child that writes without pause is read again next turn.
+const READS_PER_TURN: usize = 16;
+
+/// Lines of one pipe per loop turn: logging a line costs far more than
+/// reading it, so a flood of short lines is paced by this, not by
+/// [`READS_PER_TURN`].
+const LINES_PER_TURN: usize = 1024;
+
+/// Reads of one pipe when its writer has exited: enough for a full pipe.
+const READS_AT_EXIT: usize = 32;
+
+const READ_CHUNK: usize = 4096;
+
+/// Whose output a pipe carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The supervised service.
+    Service,
+    /// Hook processes, one at a time.
+    Hook,
+}
+
+impl Source {
+    /// The slots of its stdout and stderr in [`Outputs`].
+    fn slots(self) -> [usize; 2] {
+        match self {
+            Source::Service => [0, 1],
+            Source::Hook => [2, 3],
+        }
+    }
+}
+
+/// Who the lines read now are credited to, for `from=`, `gen=`, `hook=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Writer {
+    Upstream(Generation),
+    Hook {
+        hook: HookId,
+        kind: HookKind,
+        generation: Option<Generation>,
+    },
+}
+
+/// The four pipes the loop reads, by slot: the service's stdout and
+/// stderr, the hooks' stdout and stderr. Made on first use.
+#[derive(Default)]
+pub(super) struct Outputs {
+    pipes: [Option<OutputPipe>; 4],
+    /// By [`Source`]: the service's, the hooks'.
+    writers: [Option<Writer>; 2],
+    /// Some pipe used up its reads for the turn and may hold more.
+    pub(super) more: bool,
+}
+
+const TOKENS: [Token; 4] = [SERVICE_STDOUT, SERVICE_STDERR, HOOK_STDOUT, HOOK_STDERR];
+
+struct OutputPipe {
+    read: File,
+    /// Kept open so the pipe never ends while a child might still be given
+    /// it; each spawn gets a copy.
+    write: OwnedFd,
+    lines: LineSplitter,
+}
+
+impl Shell {
+    /// Copies of the write ends of `source`'s stdout and stderr, for a
+    /// child about to be spawned; the pipes are made on first use.
+    pub(super) fn output_writers(&mut self, source: Source) -> io::Result<[OwnedFd; 2]> {
+        let [out, err] = source.slots();
+        Ok([self.output_writer(out)?, self.output_writer(err)?])
+    }
+
+    fn output_writer(&mut self, slot: usize) -> io::Result<OwnedFd> {
+        if self.outputs.pipes[slot].is_none() {
+            let (read, write) = sys::output_pipe()?;
+            let raw = read.as_raw_fd();
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&raw), TOKENS[slot], Interest::READABLE)?;
+            // Held for good: the descriptor budget counts them.
+            self.fds.opened_for_good(2);
+            self.outputs.pipes[slot] = Some(OutputPipe {
+                read: File::from(read),
+                write,
+                lines: LineSplitter::default(),
+            });
+        }
+        match &self.outputs.pipes[slot] {
+            Some(pipe) => pipe.write.try_clone(),
+            None => Err(io::Error::other("output pipe missing")),
+        }
+    }
+
+    /// From now on `source`'s lines are `writer`'s. What the one before
+    /// left in the pipes is read and credited to it first.
+    pub(super) fn output_from(&mut self, source: Source, writer: Writer) {
+        self.output_done(source);
+        self.outputs.writers[source as usize] = Some(writer);
+    }
+
+    /// `source`'s writer exited: what it wrote is read now (so it is
+    /// logged before its exit is), a last line without a newline included.
+    pub(super) fn output_done(&mut self, source: Source) {
+        for slot in source.slots() {
+            for _ in 0..READS_AT_EXIT {
+                if !self.read_output(slot) {
+                    break;
+                }
+            }
+            let writer = self.outputs.writers[slot / 2];
+            if let Some(pipe) = &mut self.outputs.pipes[slot] {
+                let logger = &mut self.logger;
+                pipe.lines
+                    .finish(&mut |line, cut| log_output(logger, writer, line, cut));
+            }
+        }
+    }
+
+    /// An output pipe's token turned readable.
+    pub(super) fn output_ready(&mut self, token: Token) {
+        if let Some(slot) = TOKENS.iter().position(|t| *t == token)
+            && self.read_output(slot)
+        {
+            self.outputs.more = true;
+        }
+    }
+
+    /// Reads every pipe (after a turn that left some unread).
+    pub(super) fn read_outputs(&mut self) {
+        self.outputs.more = false;
+        for slot in 0..self.outputs.pipes.len() {
+            if self.read_output(slot) {
+                self.outputs.more = true;
+            }
+        }
+    }
+
+    /// Reads the pipe in `slot` up to [`READS_PER_TURN`] times, logging each
+    /// line. Returns whether more may be waiting.
+    fn read_output(&mut self, slot: usize) -> bool {
+        let mut buf = [0u8; READ_CHUNK];
+        let writer = self.outputs.writers[slot / 2];
+        let mut lines = 0;
+        for _ in 0..READS_PER_TURN {
+            if lines >= LINES_PER_TURN {
+                break;
+            }
+            let Some(pipe) = &mut self.outputs.pipes[slot] else {
+                return false;
+            };
+            let error = match pipe.read.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    let logger = &mut self.logger;
+                    pipe.lines.feed(&buf[..n], &mut |line, cut| {
+                        lines += 1;
+                        log_output(logger, writer, line, cut);
+                    });
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // We hold a write end, so the pipe cannot end; if it somehow
+                // does, or fails, it is dropped and made anew on next use.
+                Ok(_) => io::Error::new(io::ErrorKind::UnexpectedEof, "pipe ended"),
+                Err(e) => e,
+            };
+            if let Some(line) = self.logger.line(LogLevel::Warn, "output_failed") {
+                line.field("error", error);
+            }
+            if let Some(pipe) = self.outputs.pipes[slot].take() {
+                let raw = pipe.read.as_raw_fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+            }
+            return false;
+        }
+        true
+    }
+}
+
+/// `level=info event=output from=upstream|on-activate|on-timeout gen=N
+/// line="..."`, with `truncated=true` for a line cut at [`MAX_LINE`].
+fn log_output(logger: &mut super::Logger, writer: Option<Writer>, bytes: &[u8], cut: bool) {
+    let Some(line) = logger.line(LogLevel::Info, "output") else {
+        return;
+    };
+    let line = match writer {
+        Some(Writer::Upstream(generation)) => {
+            line.field("from", "upstream").field("gen", generation)
+        }
+        Some(Writer::Hook {
+            hook,
+            kind,
+            generation,
+        }) => line
+            .field(
+                "from",
+                match kind {
+                    HookKind::Activate => "on-activate",
+                    HookKind::Timeout => "on-timeout",
+                },
+            )
+            .field_opt("gen", generation)
+            .field("hook", hook),
+        None => line,
+    };
+    let line = line.field("line", String::from_utf8_lossy(bytes));
+    if cut {
+        line.field("truncated", true);
+    }
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes (without
+/// the newline); a longer line is cut there and the rest of it dropped.
+#[derive(Default)]
+pub(super) struct LineSplitter {
+    partial: Vec<u8>,
+    /// Dropping the rest of a line that was cut.
+    cutting: bool,
+}
+
+impl LineSplitter {
+    /// Feeds bytes; `emit(line, cut)` gets each line completed by them.
+    pub(super) fn feed(&mut self, bytes: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+        let mut rest = bytes;
+        loop {
+            let newline = rest.iter().position(|b| *b == b'\n');
+            let segment = &rest[..newline.unwrap_or(rest.len())];
+            if !self.cutting {
+                let room = MAX_LINE - self.partial.len();
+                if segment.len() > room {
+                    self.partial.extend_from_slice(&segment[..room]);
+                    emit(&self.partial, true);
+                    self.partial.clear();
+                    self.cutting = true;
+                } else {
+                    self.partial.extend_from_slice(segment);
+                }
+            }
+            let Some(at) = newline else {
+                return;
+            };
+            if !self.cutting {
+                emit(&self.partial, false);
+            }
+            self.partial.clear();
+            self.cutting = false;
+            rest = &rest[at + 1..];
+        }
+    }
+
+    /// The writer is done: a last line without a newline is a line too.
+    pub(super) fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
+        if !self.cutting && !self.partial.is_empty() {
+            emit(&self.partial, false);
+        }
+        self.partial = Vec::new();
+        self.cutting = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<(String, bool)> {
+        let mut lines = Vec::new();
+        let mut splitter = LineSplitter::default();
+        let mut emit = |line: &[u8], cut: bool| {
+            lines.push((String::from_utf8_lossy(line).into_owned(), cut));
+        };
+        for chunk in chunks {
+            splitter.feed(chunk, &mut emit);
+        }
+        splitter.finish(&mut emit);
+        lines
+    }
+
+    #[test]
+    fn lines_are_split_across_reads_and_a_last_partial_line_counts() {
+        let lines = split(&[b"one\ntw", b"o\n\nthr", b"ee"]);
+        let want: Vec<(String, bool)> = ["one", "two", "", "three"]
+            .iter()
+            .map(|s| (s.to_string(), false))
+            .collect();
+        assert_eq!(lines, want);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_cap_is_cut_once_and_the_rest_dropped() {
+        let long = vec![b'x'; MAX_LINE * 3 + 17];
+        let exact = vec![b'y'; MAX_LINE];
+        // The long line arrives in odd pieces, the exact one whole.
+        let mut chunks: Vec<&[u8]> = long.chunks(1000).collect();
+        chunks.push(b"\n");
+        chunks.push(&exact);
+        chunks.push(b"\nafter\n");
+        let lines = split(&chunks);
+        let lengths: Vec<usize> = lines.iter().map(|l| l.0.len()).collect();
+        assert_eq!(lines.len(), 3, "{lengths:?}");
+        assert_eq!(lines[0], ("x".repeat(MAX_LINE), true));
+        assert_eq!(lines[1], ("y".repeat(MAX_LINE), false));
+        assert_eq!(lines[2], ("after".to_string(), false));
+    }
+
+    #[test]
+    fn a_cut_line_ending_exactly_at_a_read_boundary_does_not_leak_into_the_next() {
+        let mut over = vec![b'z'; MAX_LINE + 1];
+        over.push(b'\n');
+        let lines = split(&[&over, b"next"]);
+        assert_eq!(
+            lines,
+            vec![("z".repeat(MAX_LINE), true), ("next".to_string(), false)]
+        );
+    }
+}
