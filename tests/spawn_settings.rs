@@ -35,7 +35,8 @@ fn refused(args: &[&str], code: i32) -> String {
 
 #[test]
 fn an_empty_command_or_a_nul_byte_is_refused() {
-    for command in ["", "   "] {
+    // (Nothing at all, `--spawn ''`, means no spawn, as for hooks.)
+    for command in ["   ", "\t"] {
         let line = refused(&["-l", L, "-p", "9", "--spawn", command], 2);
         assert_eq!(line, "tcplock: --spawn: the command is empty");
     }

@@ -710,9 +710,11 @@ mod tests {
         let spawn = ["-l", "1", "-p", "2", "--spawn", "x"];
         let with = |extra: &[&str]| usage(&[&spawn[..], extra].concat());
         assert_eq!(
-            usage(&["-l", "1", "-p", "2", "--spawn", " "]),
+            usage(&["-l", "1", "-p", "2", "--spawn", " \t "]),
             "--spawn: the command is empty"
         );
+        // Nothing at all is no spawn, as for hooks: it overrides a file's.
+        assert_eq!(config(&["-l", "1", "-p", "2", "--spawn", ""]).spawn, None);
         assert_eq!(
             usage(&["-l", "1", "-p", "2", "--spawn", "a\0b"]),
             "--spawn: a command cannot contain a NUL byte"

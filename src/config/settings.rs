@@ -829,10 +829,12 @@ fn check_hook(hook: Option<&Hook>) -> Result<(), String> {
     Ok(())
 }
 
-/// `--spawn`: a command, never empty (a supervised upstream needs something
-/// to run; leave the setting out to supervise nothing).
+/// `--spawn`: a command. Nothing at all means no supervised upstream, as an
+/// empty hook means no hook: `spawn =` is how `--check` writes "none", and
+/// `--spawn ''` on the command line overrides a file's. A command of blanks
+/// only is refused (by the check).
 fn parse_spawn(text: &str) -> Result<Option<String>, String> {
-    Ok(Some(text.to_string()))
+    Ok((!text.is_empty()).then(|| text.to_string()))
 }
 
 /// The command `/bin/sh -c` is given must be one it can be given, and not
