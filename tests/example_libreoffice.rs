@@ -183,6 +183,27 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A failed test kills tcplock with SIGKILL, which takes only its direct
+/// child along (the README says so): this kills every process still running
+/// with the test's own office profile on its command line.
+struct OfficeReaper(String);
+
+impl Drop for OfficeReaper {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&self.0) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 /// Summed VmRSS (KiB) of the live processes of session `sid`.
 fn session_rss_kib(sid: u32) -> u64 {
     session_members(sid)
@@ -221,6 +242,7 @@ fn a_real_libreoffice_converts_through_tcplock() {
 
     let work = scratch_dir("real-office");
     let profile = work.join("profile");
+    let _reaper = OfficeReaper(profile.display().to_string());
     let port = unused_port();
     let spawn = format!(
         "soffice --headless --invisible --nologo --norestore \
