@@ -176,10 +176,14 @@ impl Model {
         if !self.view.ever {
             return true;
         }
+        let gone = self.core.stats().service.state.is_none();
         match &self.settings.service {
+            // Turned on by a reload during a shutdown, supervision waits
+            // for the next start of tcplock (the core makes no service then).
+            Some(_) if gone && self.shutdown.is_some() => true,
             Some(_) => self.view.ready.is_some() && !self.view.due,
             // No longer supervised: once the old service is gone.
-            None => self.core.stats().service.state.is_none(),
+            None => gone,
         }
     }
 
@@ -188,7 +192,9 @@ impl Model {
         if !self.view.ever {
             return Ok(());
         }
+        let gone = self.core.stats().service.state.is_none();
         let ok = match &self.settings.service {
+            Some(_) if gone && self.shutdown.is_some() => true,
             Some(_) => self.view.ready.is_some() && !self.view.due,
             None => self.view.ready.is_none() && self.view.starting.is_none(),
         };
@@ -716,7 +722,7 @@ impl Model {
                 s.conn.id
             ));
         }
-        let gone = self.settings.service.is_none() && self.core.stats().service.state.is_none();
+        let gone = self.core.stats().service.state.is_none();
         if self.view.ready.is_none()
             && !gone
             && let Some(s) = self

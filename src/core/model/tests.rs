@@ -318,3 +318,27 @@ fn winding_down_a_serving_shutdown_with_a_long_grace_finishes() {
         panic!("{failure}");
     }
 }
+
+/// Found by the fuzzer: a ready service is sampled every 5 s, so winding
+/// down a serving shutdown with a grace of days, a client still connecting,
+/// must not take a step per sample.
+#[test]
+fn winding_down_a_supervised_shutdown_with_a_long_grace_finishes() {
+    let settings = Settings {
+        on_activate: Some(HookRef(1)),
+        connect_timeout_ms: None,
+        shutdown_grace_ms: 417_600_000,
+        serve_queue_on_shutdown: true,
+        stall_warn_ms: None,
+        upstream: "127.0.0.1:9".to_string(),
+        service: Some(ServiceSettings {
+            run: ServiceRef(1),
+            ..ServiceSettings::default()
+        }),
+        ..Settings::default()
+    };
+    let ops = vec![Op::Accept, Op::Shutdown];
+    if let Err(failure) = run(settings, &ops) {
+        panic!("{failure}");
+    }
+}

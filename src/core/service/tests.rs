@@ -687,3 +687,49 @@ fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
     core.handle_hook_exited(at + 2, hook, HookExit::Success);
     let _ = actions(&mut core);
 }
+
+/// Model seed 8770: a client whose on-activate hook runs holds a permit but
+/// is neither cut by a crash nor closed by the give-up (`fail_waiting` takes
+/// Queued and Header only); when its hook then fails (or succeeds: seed
+/// 10913, the client is put back for the next generation), it goes back in
+/// line while the service is failed: "1 clients wait for a failed service".
+#[test]
+#[ignore = "lead: a hooked client survives the give-up and then waits for a failed service"]
+fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_service() {
+    let mut settings = supervised(ServiceSettings {
+        start_retries: 1,
+        ..service()
+    });
+    settings.on_activate = Some(HookRef(1));
+    let mut core = Core::new(settings, 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    let _conn = core.handle_accepted(at, addr(1));
+    let hook = actions(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.hook),
+            _ => None,
+        })
+        .expect("the on-activate hook runs");
+    // The generation crashes; nothing of it is left; the next start finds
+    // the port busy, which with --start-retries 1 gives up.
+    core.handle_service_exited(at + 1, Generation(1), ServiceExit::Signal(11));
+    actions(&mut core);
+    let t = at + 1 + PROBE_INTERVAL_MS;
+    core.handle_tick(t);
+    assert!(actions(&mut core).contains(&Action::SampleService(Generation(1))));
+    core.handle_service_sampled(t, Generation(1), ServiceSample::default());
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
+    core.handle_service_probed(t, Generation(2), true);
+    let (_, events) = drain(&mut core);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamFailed { .. })),
+        "{events:?}"
+    );
+    assert_eq!(state(&core), Some(ServiceStateName::Failed));
+    core.handle_hook_exited(t + 1, hook, HookExit::Failed(1));
+    let _ = actions(&mut core);
+}
