@@ -64,6 +64,12 @@
 //! [`Stats`](super::Stats) agree with the actions, and a state dump lists
 //! exactly the live connections.
 //!
+//! Supervised runs (`Settings::service`): a fake shell answers the service
+//! actions from a process table, and the service's invariants are checked
+//! against the core's news; see `service.rs` for what is checked, what the
+//! connection shadow leaves to the core there, and which paths are masked
+//! for the lead's open findings (`MASKED` in the driver).
+//!
 //! # Ordering within one input
 //!
 //! An input first fires the deadlines that passed (and may let clients through)
