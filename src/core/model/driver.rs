@@ -101,6 +101,12 @@ impl Model {
                         self.fail("stuck after shutdown: the service is not at rest, no deadline")
                     );
                 }
+                if round >= 1_000 {
+                    // A stopping service is looked at every 100 ms: a stop
+                    // timeout (or a SIGTERM obeyed) hours away would take a
+                    // step per look.
+                    self.step(&Op::Advance(MAX_ADVANCE_MS))?;
+                }
                 self.step(&Op::Wake)?;
             } else {
                 break;

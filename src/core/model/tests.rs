@@ -342,3 +342,27 @@ fn winding_down_a_supervised_shutdown_with_a_long_grace_finishes() {
         panic!("{failure}");
     }
 }
+
+/// Found by the fuzzer: a stopping service is looked at every 100 ms, so
+/// winding down a service that ignores SIGTERM, with a stop timeout of hours,
+/// must not take a step per look.
+#[test]
+fn winding_down_a_service_that_ignores_sigterm_with_a_long_stop_timeout_finishes() {
+    let settings = Settings {
+        upstream: "127.0.0.1:9".to_string(),
+        service: Some(ServiceSettings {
+            run: ServiceRef(1),
+            stop_timeout_ms: 24_415_000,
+            ..ServiceSettings::default()
+        }),
+        ..Settings::default()
+    };
+    let ignores_term = Mood {
+        term_exit_after: None,
+        ..Mood::default()
+    };
+    let ops = vec![Op::Mood(ignores_term), Op::Shutdown];
+    if let Err(failure) = run(settings, &ops) {
+        panic!("{failure}");
+    }
+}
