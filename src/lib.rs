@@ -44,7 +44,8 @@ pub mod internals {
     pub mod core {
         pub use crate::core::model;
         pub use crate::core::{
-            EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+            EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, RestartOn, ServiceExit,
+            ServiceRef, ServiceSettings, Settings,
         };
     }
 }

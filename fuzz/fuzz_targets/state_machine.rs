@@ -13,9 +13,10 @@ use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tcplock::internals::core::model::{self, Op, StrayInput};
+use tcplock::internals::core::model::{self, Mood, Op, StrayInput, StrayService};
 use tcplock::internals::core::{
-    EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, Settings,
+    EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, RestartOn, ServiceExit,
+    ServiceRef, ServiceSettings, Settings,
 };
 
 /// Longer inputs add little the fuzzer cannot reach by shorter ones, and cost time.
@@ -50,6 +51,53 @@ enum Event {
     Pause,
     Resume,
     Kill(u8),
+    // The supervised upstream: the fake shell's answers and moods.
+    AnswerProbe,
+    AnswerSpawn,
+    AnswerSample,
+    ReportExit,
+    /// The live generation's leader crashes: exit code, or killed by SIGSEGV.
+    ServiceCrash(bool),
+    Mood(MoodKnobs),
+    PortTaken(Span),
+    ServiceRestart,
+    StrayService(u8, StraySvc),
+}
+
+/// How the fake shell and the generations it spawns behave.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct MoodKnobs {
+    spawn_fails: bool,
+    listens_after: Option<Span>,
+    term_exit_after: Option<Span>,
+    children: u8,
+    rss_kib: u16,
+    late_probes: bool,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum StraySvc {
+    Probed(bool),
+    Spawned,
+    Exited,
+    Sampled,
+}
+
+/// `--spawn` and its policies (small values, so things happen).
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct ServiceKnobs {
+    /// Which command and address: a reload to another one restarts it.
+    run: bool,
+    ready_timeout: Span,
+    restart_after: Option<u8>,
+    restart_rss_kib: Option<u16>,
+    max_lifetime: Option<Span>,
+    restart_on_timeout: bool,
+    restart_on_connect_failed: bool,
+    restart_on_upstream_error: bool,
+    idle_stop: Option<Span>,
+    stop_timeout: Span,
+    start_retries: u8,
 }
 
 /// What an `--accept-proxy` client's header turned out to be.
@@ -88,6 +136,8 @@ struct Knobs {
     /// `--accept-proxy`'s header timeout (fixed at start: a reload keeps the
     /// initial one).
     proxy_header: Option<Span>,
+    /// `--spawn`: tcplock supervises the upstream.
+    service: Option<ServiceKnobs>,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -183,7 +233,21 @@ impl Knobs {
             serve_queue_on_shutdown: self.serve_queue_on_shutdown,
             stall_warn_ms: self.stall_warn.map(Span::ms),
             proxy_header_timeout_ms: self.proxy_header.map(Span::ms),
-            service: None,
+            service: self.service.map(|s| ServiceSettings {
+                run: ServiceRef(u32::from(s.run)),
+                ready_timeout_ms: s.ready_timeout.ms(),
+                restart_after: s.restart_after.map(u64::from),
+                restart_rss_kib: s.restart_rss_kib.map(u64::from),
+                max_lifetime_ms: s.max_lifetime.map(Span::ms),
+                restart_on: RestartOn {
+                    timeout: s.restart_on_timeout,
+                    connect_failed: s.restart_on_connect_failed,
+                    upstream_error: s.restart_on_upstream_error,
+                },
+                idle_stop_ms: s.idle_stop.map(Span::ms),
+                stop_timeout_ms: s.stop_timeout.ms(),
+                start_retries: u32::from(s.start_retries % 8),
+            }),
         }
     }
 }
@@ -237,6 +301,34 @@ impl Event {
                     Stray::HookExited => StrayInput::HookExited,
                     Stray::ClientEof => StrayInput::ClientEof,
                     Stray::ProxyHeader => StrayInput::ProxyHeader,
+                },
+            ),
+            Event::AnswerProbe => Op::AnswerProbe,
+            Event::AnswerSpawn => Op::AnswerSpawn,
+            Event::AnswerSample => Op::AnswerSample,
+            Event::ReportExit => Op::ReportExit,
+            Event::ServiceCrash(code) => Op::ServiceCrash(if *code {
+                ServiceExit::Code(1)
+            } else {
+                ServiceExit::Signal(11)
+            }),
+            Event::Mood(m) => Op::Mood(Mood {
+                spawn_fails: m.spawn_fails,
+                listens_after: m.listens_after.map(Span::ms),
+                term_exit_after: m.term_exit_after.map(Span::ms),
+                children: m.children % 3,
+                rss_kib: u64::from(m.rss_kib),
+                late_probes: m.late_probes,
+            }),
+            Event::PortTaken(span) => Op::PortTaken(span.ms()),
+            Event::ServiceRestart => Op::ServiceRestart,
+            Event::StrayService(i, stray) => Op::StrayService(
+                *i,
+                match stray {
+                    StraySvc::Probed(answered) => StrayService::Probed(*answered),
+                    StraySvc::Spawned => StrayService::Spawned,
+                    StraySvc::Exited => StrayService::Exited,
+                    StraySvc::Sampled => StrayService::Sampled,
                 },
             ),
         }

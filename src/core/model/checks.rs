@@ -21,6 +21,7 @@ impl Model {
             c.queue_length,
             c.active,
             c.attempt,
+            c.service,
         );
         let shadow = (
             self.relays,
@@ -30,11 +31,12 @@ impl Model {
             queued,
             self.holders(),
             attempt,
+            self.service_running(),
         );
         if expected != shadow {
             return Err(format!(
                 "hook {} is told (activations, timeouts, last outcome, last ended by, queued, \
-                 active, attempt) = {expected:?}, the shadow says {shadow:?}",
+                 active, attempt, service) = {expected:?}, the shadow says {shadow:?}",
                 request.hook
             ));
         }
@@ -43,9 +45,11 @@ impl Model {
 
     pub(super) fn check_after(&mut self, fed: &Fed) -> Result<(), String> {
         let now = self.fed;
-        let core = &self.core;
-        core.check_invariants()
+        self.core
+            .check_invariants()
             .map_err(|e| format!("check_invariants: {e}"))?;
+        self.check_service_after()?;
+        let core = &self.core;
 
         // The core's observers agree with the shadow.
         let queued = self
@@ -252,6 +256,8 @@ impl Model {
         if let Some(id) = fed.hook_success_for
             && let Some(s) = self.conns.get(&id)
             && !matches!(s.state, State::Connecting { .. })
+            // Back in line: the service stopped taking clients meanwhile.
+            && (!matches!(s.state, State::Waiting) || self.service_takes_clients())
         {
             return Err(format!(
                 "conn {id}'s hook succeeded but it is {:?}",
@@ -300,7 +306,11 @@ impl Model {
             return Err("a shutdown did not stop accepting".to_string());
         }
         let finished = self.shutdown.is_some() && self.conns.is_empty() && self.hook.is_none();
-        if core.is_finished() != finished {
+        // Supervised, the core also waits for the service to rest, which the
+        // action stream does not show: checked one way here, and by the
+        // wind-down.
+        let service_rests = !self.view.ever || core.is_finished();
+        if core.is_finished() != (finished && service_rests) {
             return Err(format!(
                 "is_finished() is {}, the shadow says {finished}",
                 core.is_finished()
@@ -316,10 +326,16 @@ impl Model {
         // hook runs, and a free permit goes to the head of the line unless an
         // on-activate hook backs off.
         if !stopped && self.hook.is_none() {
-            if self.timeout_due && self.shutdown.is_none() {
+            // Supervised, a due on-timeout hook waits (like the line) for a
+            // generation that takes clients.
+            if self.timeout_due && self.shutdown.is_none() && self.service_takes_clients() {
                 return Err("a TTL expired but the on-timeout hook did not run".into());
             }
-            if queued > 0 && holders < self.settings.permits as usize && !self.paused {
+            if queued > 0
+                && holders < self.settings.permits as usize
+                && !self.paused
+                && self.service_takes_clients()
+            {
                 let backing_off = self.settings.on_activate.is_some()
                     && !self.prepared
                     && self.retry_until.is_some_and(|until| now < until);

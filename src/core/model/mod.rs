@@ -64,6 +64,12 @@
 //! [`Stats`](super::Stats) agree with the actions, and a state dump lists
 //! exactly the live connections.
 //!
+//! Supervised runs (`Settings::service`): a fake shell answers the service
+//! actions from a process table, and the service's invariants are checked
+//! against the core's news; see `service.rs` for what is checked, what the
+//! connection shadow leaves to the core there, and which paths are masked
+//! for the lead's open findings (`MASKED` in the driver).
+//!
 //! # Ordering within one input
 //!
 //! An input first fires the deadlines that passed (and may let clients through)
@@ -77,10 +83,13 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
+use service::{FakeShell, ServiceFed, View};
+pub use service::{Mood, StrayService};
+
 use super::{
     ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Action, ConnId, ConnRef, Core, EndedBy, Event,
     HookExit, HookId, HookKind, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RETRY_BASE_MS,
-    RETRY_MAX_MS, RelayCause, RelayEnd, Settings,
+    RETRY_MAX_MS, RejectReason, RelayCause, RelayEnd, ServiceExit, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -94,6 +103,7 @@ macro_rules! trace {
 
 mod checks;
 mod driver;
+mod service;
 mod shadow;
 #[cfg(test)]
 mod tests;
@@ -102,6 +112,8 @@ mod tests;
 /// those it applies to (modulo their number); an op with nothing to apply to
 /// is skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// Test input, built once per step: a box for `Reload` buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Op {
     /// A client connects.
     Accept,
@@ -153,6 +165,27 @@ pub enum Op {
     /// reused slot), for a live one in the wrong state, or an old hook id. Fed
     /// at the latest time already passed, so no deadline can fire either.
     Stray(u8, StrayInput),
+    // ----- the supervised upstream (see `service.rs`) -----
+    /// The fake shell answers the oldest unanswered `ProbeUpstream` (late,
+    /// with [`Mood::late_probes`]; otherwise the shell answers at once).
+    AnswerProbe,
+    /// The fake shell answers the `SpawnService` (it does so at once on its own).
+    AnswerSpawn,
+    /// The fake shell answers the oldest `SampleService` (at once on its own).
+    AnswerSample,
+    /// The fake shell reports the death of the generation's leader (at once
+    /// on its own).
+    ReportExit,
+    /// The live generation's leader dies unasked; its other processes live on.
+    ServiceCrash(ServiceExit),
+    /// The fake shell and the generations it spawns behave so from now on.
+    Mood(Mood),
+    /// Another program holds the upstream port for this many ms.
+    PortTaken(u64),
+    /// `handle_service_restart`: an operator asks for a restart.
+    ServiceRestart,
+    /// A service answer for a generation never asked about: ignored.
+    StrayService(u8, StrayService),
 }
 
 /// The kind of input an [`Op::Stray`] feeds.
@@ -187,6 +220,14 @@ pub fn sanitize(mut s: Settings) -> Settings {
     s.proxy_header_timeout_ms = limit(s.proxy_header_timeout_ms);
     s.shutdown_grace_ms = s.shutdown_grace_ms.min(MAX_MS);
     s.stall_warn_ms = limit(s.stall_warn_ms);
+    if let Some(service) = &mut s.service {
+        service.ready_timeout_ms = service.ready_timeout_ms.clamp(1, MAX_MS);
+        service.stop_timeout_ms = service.stop_timeout_ms.clamp(1, MAX_MS);
+        service.restart_after = service.restart_after.filter(|n| *n > 0);
+        service.restart_rss_kib = service.restart_rss_kib.filter(|n| *n > 0);
+        service.max_lifetime_ms = limit(service.max_lifetime_ms);
+        service.idle_stop_ms = limit(service.idle_stop_ms);
+    }
     s
 }
 
@@ -238,6 +279,7 @@ pub fn run_traced(initial: Settings, ops: &[Op]) -> Result<(), Failure> {
 
 fn run_with(initial: Settings, ops: &[Op], tracing: bool) -> Result<(), Failure> {
     let mut model = Model::new(sanitize(initial), tracing);
+    model.begin()?;
     for op in ops {
         model.step(op)?;
     }
@@ -349,6 +391,8 @@ struct Fed {
     closes: usize,
     /// The idle time the shell reported in this step.
     idle: Option<u64>,
+    /// The supervised upstream's part.
+    svc: ServiceFed,
 }
 
 struct Model {
@@ -398,6 +442,10 @@ struct Model {
     outcomes: OutcomeCounts,
     trace: String,
     steps: usize,
+    /// The fake shell's process table (supervised runs).
+    shell: FakeShell,
+    /// The service as the core's news tells it.
+    view: View,
 }
 
 impl Model {
@@ -407,6 +455,7 @@ impl Model {
         } else {
             String::new()
         };
+        let ever = settings.service.is_some();
         Model {
             core: Core::new(settings.clone(), 0),
             settings,
@@ -439,6 +488,11 @@ impl Model {
             tracing,
             relays: 0,
             outcomes: OutcomeCounts::default(),
+            view: View {
+                ever,
+                ..View::default()
+            },
+            shell: FakeShell::default(),
             trace,
             steps: 0,
         }

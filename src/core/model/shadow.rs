@@ -53,13 +53,12 @@ impl Model {
             Action::ProbeUpstream(_)
             | Action::SpawnService { .. }
             | Action::SampleService(_)
-            | Action::SignalService { .. } => {
-                return Err(format!("{action:?} without a supervised upstream"));
-            }
+            | Action::SignalService { .. } => return self.apply_service(action, fed),
             Action::Connect(conn) => {
                 if self.activations_stopped() {
                     return Err(format!("Connect for conn {} after shutdown", conn.id));
                 }
+                self.service_gate(&format!("Connect for conn {}", conn.id))?;
                 let state = self.live(*conn, "Connect")?.state;
                 match state {
                     State::Waiting => {
@@ -315,6 +314,20 @@ impl Model {
                 }
             }
             Action::Log(Event::State { conn, .. }) => fed.dumped.push(*conn),
+            Action::Log(
+                event @ (Event::UpstreamStarting { .. }
+                | Event::UpstreamReady { .. }
+                | Event::UpstreamStartFailed { .. }
+                | Event::UpstreamFailed { .. }
+                | Event::UpstreamPortBusy { .. }
+                | Event::RestartDue { .. }
+                | Event::UpstreamStopping { .. }
+                | Event::UpstreamExited { .. }
+                | Event::Rejected {
+                    reason: RejectReason::UpstreamFailed,
+                    ..
+                }),
+            ) => return self.service_news(event, fed),
             Action::Log(Event::HookFailed {
                 hook,
                 kind: HookKind::Activate,
@@ -407,6 +420,7 @@ impl Model {
         let kind = request.context.kind;
         let conn = match kind {
             HookKind::Activate => {
+                self.service_gate(&format!("on-activate hook for conn {conn_id}"))?;
                 if self.settings.on_activate.as_ref() != Some(&request.run) {
                     return Err(format!(
                         "on-activate hook runs {:?}, configured {:?}",
@@ -504,6 +518,11 @@ impl Model {
                 };
                 // Who ended a relay is the shell's word, passed on as is.
                 proxying && fed.relay_end == Some((id, RelayEnd { cause, ended_by }))
+                    // The supervised generation crashed: its users are cut.
+                    || outcome == Outcome::UpstreamError
+                        && fed.svc.crashed
+                        && ended_by == EndedBy::Upstream
+                        && matches!(state, State::Proxying { .. } | State::Connecting { .. })
             }
             Outcome::Timeout => {
                 matches!(state, State::Proxying { deadline: Some(d) } if d <= now)
@@ -520,6 +539,12 @@ impl Model {
             }
             Outcome::Rejected => match state {
                 // The line was full when it came to join it.
+                State::Waiting if fed.svc.rejected_failed.contains(&id) => {
+                    fed.accepted == Some(id)
+                        || fed
+                            .header
+                            .is_some_and(|(h, header)| h == id && header != ProxyHeader::Bad)
+                }
                 State::Waiting => {
                     fed.rejected = true;
                     fed.accepted == Some(id)
@@ -533,8 +558,10 @@ impl Model {
                 }
                 _ => false,
             },
-            // The shadow models an upstream tcplock does not supervise.
-            Outcome::UpstreamFailed => false,
+            // The supervised upstream failed to start too often.
+            Outcome::UpstreamFailed => {
+                fed.svc.gave_up && matches!(state, State::Waiting | State::Header { .. })
+            }
             Outcome::Killed => fed.killed == Some(id),
             Outcome::Shutdown => match &self.shutdown {
                 None => false,

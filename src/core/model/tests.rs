@@ -4,7 +4,7 @@
 use std::panic::AssertUnwindSafe;
 
 use super::*;
-use crate::core::HookRef;
+use crate::core::{HookRef, RestartOn, ServiceRef, ServiceSettings};
 
 /// xorshift64*: tiny, deterministic, good enough to pick events.
 struct Rng(u64);
@@ -71,7 +71,62 @@ fn settings(rng: &mut Rng) -> Settings {
         serve_queue_on_shutdown: rng.chance(50),
         stall_warn_ms: rng.limit(),
         proxy_header_timeout_ms: rng.chance(30).then(|| rng.duration().max(1)),
-        service: None,
+        service: rng.chance(40).then(|| service(rng)),
+    }
+}
+
+/// Small values, so restarts, timeouts and give-ups happen within a run.
+fn service(rng: &mut Rng) -> ServiceSettings {
+    let small = |rng: &mut Rng, max: u64| rng.chance(50).then(|| 1 + rng.below(max));
+    ServiceSettings {
+        run: ServiceRef(rng.below(2) as u32),
+        ready_timeout_ms: 1 + rng.below(1_000),
+        restart_after: small(rng, 4),
+        restart_rss_kib: small(rng, 5_000),
+        max_lifetime_ms: small(rng, 20_000),
+        restart_on: RestartOn {
+            timeout: rng.chance(50),
+            connect_failed: rng.chance(50),
+            upstream_error: rng.chance(50),
+        },
+        idle_stop_ms: small(rng, 5_000),
+        stop_timeout_ms: 1 + rng.below(3_000),
+        start_retries: rng.below(4) as u32,
+    }
+}
+
+fn mood(rng: &mut Rng) -> Mood {
+    Mood {
+        spawn_fails: rng.chance(15),
+        listens_after: (!rng.chance(15)).then(|| rng.below(600)),
+        term_exit_after: (!rng.chance(20)).then(|| rng.below(1_500)),
+        children: rng.below(3) as u8,
+        rss_kib: rng.below(3_000),
+        late_probes: rng.chance(40),
+    }
+}
+
+fn service_op(rng: &mut Rng) -> Op {
+    match rng.below(10) {
+        0..=2 => Op::AnswerProbe,
+        3 => Op::ServiceCrash(if rng.chance(50) {
+            ServiceExit::Code(1)
+        } else {
+            ServiceExit::Signal(11)
+        }),
+        4..=5 => Op::Mood(mood(rng)),
+        6 => Op::PortTaken(rng.below(3_000)),
+        7 => Op::ServiceRestart,
+        8 => Op::StrayService(
+            rng.byte(),
+            match rng.below(4) {
+                0 => StrayService::Probed(rng.chance(50)),
+                1 => StrayService::Spawned,
+                2 => StrayService::Exited,
+                _ => StrayService::Sampled,
+            },
+        ),
+        _ => Op::Advance(rng.below(300)),
     }
 }
 
@@ -102,7 +157,10 @@ fn relay_end(rng: &mut Rng) -> RelayEnd {
     RelayEnd { cause, ended_by }
 }
 
-fn op(rng: &mut Rng) -> Op {
+fn op(rng: &mut Rng, supervised: bool) -> Op {
+    if supervised && rng.chance(25) {
+        return service_op(rng);
+    }
     match rng.below(100) {
         0..=19 => Op::Accept,
         20..=23 => Op::ClientLeft(rng.byte()),
@@ -163,7 +221,9 @@ fn scenario(seed: u64) -> (Settings, Vec<Op>) {
     let mut rng = Rng::new(seed);
     let initial = settings(&mut rng);
     let len = 10 + rng.below(250) as usize;
-    let ops = (0..len).map(|_| op(&mut rng)).collect();
+    // Some service ops in unsupervised runs too: they must change nothing.
+    let supervised = initial.service.is_some() || rng.chance(10);
+    let ops = (0..len).map(|_| op(&mut rng, supervised)).collect();
     (initial, ops)
 }
 
@@ -259,6 +319,54 @@ fn winding_down_a_serving_shutdown_with_a_long_grace_finishes() {
         ops.push(Op::HookExited(HookExit::Signaled(9)));
         ops.push(Op::Wake);
     }
+    if let Err(failure) = run(settings, &ops) {
+        panic!("{failure}");
+    }
+}
+
+/// Found by the fuzzer: a ready service is sampled every 5 s, so winding
+/// down a serving shutdown with a grace of days, a client still connecting,
+/// must not take a step per sample.
+#[test]
+fn winding_down_a_supervised_shutdown_with_a_long_grace_finishes() {
+    let settings = Settings {
+        on_activate: Some(HookRef(1)),
+        connect_timeout_ms: None,
+        shutdown_grace_ms: 417_600_000,
+        serve_queue_on_shutdown: true,
+        stall_warn_ms: None,
+        upstream: "127.0.0.1:9".to_string(),
+        service: Some(ServiceSettings {
+            run: ServiceRef(1),
+            ..ServiceSettings::default()
+        }),
+        ..Settings::default()
+    };
+    let ops = vec![Op::Accept, Op::Shutdown];
+    if let Err(failure) = run(settings, &ops) {
+        panic!("{failure}");
+    }
+}
+
+/// Found by the fuzzer: a stopping service is looked at every 100 ms, so
+/// winding down a service that ignores SIGTERM, with a stop timeout of hours,
+/// must not take a step per look.
+#[test]
+fn winding_down_a_service_that_ignores_sigterm_with_a_long_stop_timeout_finishes() {
+    let settings = Settings {
+        upstream: "127.0.0.1:9".to_string(),
+        service: Some(ServiceSettings {
+            run: ServiceRef(1),
+            stop_timeout_ms: 24_415_000,
+            ..ServiceSettings::default()
+        }),
+        ..Settings::default()
+    };
+    let ignores_term = Mood {
+        term_exit_after: None,
+        ..Mood::default()
+    };
+    let ops = vec![Op::Mood(ignores_term), Op::Shutdown];
     if let Err(failure) = run(settings, &ops) {
         panic!("{failure}");
     }

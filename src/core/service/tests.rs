@@ -564,3 +564,273 @@ fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
     stop_done(&mut core, now + 2, 1);
     assert!(core.is_finished());
 }
+
+// ----- found by the model test (src/core/model/service.rs) -----
+
+/// Answers every sample with "nothing left" and ticks on, up to `until`;
+/// returns the actions seen (samples answered).
+fn tick_answering_samples(core: &mut Core, from: u64, until: u64) -> Vec<Action> {
+    let mut seen = Vec::new();
+    let mut now = from;
+    for _ in 0..10_000 {
+        let Some(next) = core.poll_timeout().filter(|t| *t <= until) else {
+            break;
+        };
+        now = now.max(next);
+        core.handle_tick(now);
+        for action in actions(core) {
+            if let Action::SampleService(generation) = action {
+                core.handle_service_sampled(now, generation, ServiceSample::default());
+                seen.extend(actions(core));
+            }
+            seen.push(action);
+        }
+    }
+    seen
+}
+
+/// Model seed 0: the leader exits while the generation is starting. The
+/// shell reports that exit once (its pidfd), but the stop begun by the
+/// failed start waits for an exit (`exited: false`), so it never ends: the
+/// service samples an empty session every 100 ms forever, no retry starts,
+/// and a stopping tcplock never finishes.
+#[test]
+#[ignore = "lead: an exit before ready leaves the service Stopping forever"]
+fn an_exit_before_ready_is_a_failed_start_and_the_next_one_follows() {
+    let mut core = Core::new(supervised(service()), 0);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
+    core.handle_service_probed(0, Generation(1), false);
+    actions(&mut core);
+    core.handle_service_spawned(0, Generation(1), Ok(42));
+    actions(&mut core);
+    core.handle_service_exited(10, Generation(1), ServiceExit::Code(1));
+    let _ = actions(&mut core);
+    let seen = tick_answering_samples(&mut core, 10, 10 + 2 * START_RETRY_BASE_MS);
+    assert!(
+        seen.contains(&Action::ProbeUpstream(Generation(2))),
+        "no retry after the failed start; still {:?}: {:?}",
+        state(&core),
+        &seen[seen.len().saturating_sub(4)..]
+    );
+}
+
+/// Model seed 4: a reload turns supervision off, the service stops, a later
+/// reload turns it on again: the new service numbers its generations from 1
+/// again, so `TCPLOCK_GENERATION` and the log's `gen=` name two different
+/// runs alike, and a late answer for the old generation (a probe out when
+/// supervision was turned off) is taken for the new one's.
+#[test]
+#[ignore = "lead: generations restart at 1 after supervision is turned off and on"]
+fn generations_never_repeat_across_supervision_turned_off_and_on() {
+    let mut core = Core::new(supervised(service()), 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    core.handle_reload(
+        at,
+        Settings {
+            service: None,
+            ..supervised(service())
+        },
+    );
+    let stop = actions(&mut core);
+    assert!(
+        stop.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "{stop:?}"
+    );
+    stop_done(&mut core, at + 10, 1);
+    actions(&mut core);
+    core.handle_reload(at + 20, supervised(service()));
+    let start = actions(&mut core);
+    assert!(
+        start.contains(&Action::ProbeUpstream(Generation(2))),
+        "the next start must be generation 2: {start:?}"
+    );
+}
+
+/// Model seed 6: a shutdown with no client left does not look at the
+/// service: it keeps running (and `is_finished()` stays false) until some
+/// later input happens to settle it (the next sample, up to 5 s later; a
+/// stray input, which must produce nothing, does it in the model).
+#[test]
+#[ignore = "lead: handle_shutdown does not stop an idle service at once"]
+fn a_shutdown_with_nobody_left_stops_the_service_at_once() {
+    let mut core = Core::new(supervised(service()), 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    core.handle_shutdown(at + 1);
+    let stop = actions(&mut core);
+    assert!(
+        stop.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "{stop:?}"
+    );
+}
+
+/// Model seed 42: a reload turns supervision on while a client proxies to the
+/// upstream run elsewhere: the new service starts (port check) under a
+/// connection that uses the upstream, which the core's own invariant forbids
+/// ("1 connections use a service that is starting": a debug panic).
+#[test]
+#[ignore = "lead: turning supervision on under a proxying client breaks check_service"]
+fn supervision_turned_on_under_a_proxying_client_keeps_the_invariants() {
+    let unsupervised = Settings {
+        service: None,
+        ..supervised(service())
+    };
+    let mut core = Core::new(unsupervised.clone(), 0);
+    let conn = proxying(&mut core, 0, 1);
+    core.handle_reload(10, supervised(service()));
+    let _ = actions(&mut core);
+    core.handle_relay_ended(20, conn, finished());
+    let _ = actions(&mut core);
+}
+
+/// Model seed 104: after an idle stop, a client still reading its PROXY
+/// header counts as someone for `settle_service` (the service should start),
+/// but `handle_accepted` does not settle it: nothing starts until some other
+/// input, and an input that must be ignored (a stray sample) starts it.
+#[test]
+#[ignore = "lead: a header-reading newcomer leaves the idle-stopped service unsettled"]
+fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
+    let mut settings = supervised(ServiceSettings {
+        idle_stop_ms: Some(1_000),
+        ..service()
+    });
+    settings.proxy_header_timeout_ms = Some(60_000);
+    let mut core = Core::new(settings, 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    core.handle_tick(at + 1_000);
+    let stop = actions(&mut core);
+    assert!(
+        stop.contains(&Action::SignalService {
+            generation: Generation(1),
+            signal: StopSignal::Term
+        }),
+        "idle stop: {stop:?}"
+    );
+    stop_done(&mut core, at + 1_010, 1);
+    actions(&mut core);
+    let _conn = core.handle_accepted(at + 2_000, addr(1));
+    let _ = actions(&mut core);
+    core.handle_service_sampled(at + 2_000, Generation(0), ServiceSample::default());
+    assert_eq!(
+        actions(&mut core),
+        vec![],
+        "a stray sample must change nothing"
+    );
+}
+
+/// Model seed 427: with max-queue 0, a client let straight into the free
+/// permit runs its on-activate hook; a restart is asked meanwhile (the
+/// generation is due); the hook succeeds, the client goes back in line with
+/// `attempts: 0`, so the invariant no longer sees it as the one admitted
+/// straight: "1 clients wait, more than max-queue 0" (a debug panic).
+#[test]
+#[ignore = "lead: a client requeued after its hook (service due) breaks the max-queue invariant"]
+fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
+    let mut settings = supervised(service());
+    settings.max_queue = 0;
+    settings.on_activate = Some(HookRef(1));
+    let mut core = Core::new(settings, 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    let _conn = core.handle_accepted(at, addr(1));
+    let hook = actions(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.hook),
+            _ => None,
+        })
+        .expect("the on-activate hook runs");
+    core.handle_service_restart(at + 1);
+    let _ = actions(&mut core);
+    core.handle_hook_exited(at + 2, hook, HookExit::Success);
+    let _ = actions(&mut core);
+}
+
+/// Model seed 8770: a client whose on-activate hook runs holds a permit but
+/// is neither cut by a crash nor closed by the give-up (`fail_waiting` takes
+/// Queued and Header only); when its hook then fails (or succeeds: seed
+/// 10913, the client is put back for the next generation), it goes back in
+/// line while the service is failed: "1 clients wait for a failed service".
+#[test]
+#[ignore = "lead: a hooked client survives the give-up and then waits for a failed service"]
+fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_service() {
+    let mut settings = supervised(ServiceSettings {
+        start_retries: 1,
+        ..service()
+    });
+    settings.on_activate = Some(HookRef(1));
+    let mut core = Core::new(settings, 0);
+    let at = bring_up(&mut core, 0, 1, 42);
+    actions(&mut core);
+    let _conn = core.handle_accepted(at, addr(1));
+    let hook = actions(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.hook),
+            _ => None,
+        })
+        .expect("the on-activate hook runs");
+    // The generation crashes; nothing of it is left; the next start finds
+    // the port busy, which with --start-retries 1 gives up.
+    core.handle_service_exited(at + 1, Generation(1), ServiceExit::Signal(11));
+    actions(&mut core);
+    let t = at + 1 + PROBE_INTERVAL_MS;
+    core.handle_tick(t);
+    assert!(actions(&mut core).contains(&Action::SampleService(Generation(1))));
+    core.handle_service_sampled(t, Generation(1), ServiceSample::default());
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
+    core.handle_service_probed(t, Generation(2), true);
+    let (_, events) = drain(&mut core);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamFailed { .. })),
+        "{events:?}"
+    );
+    assert_eq!(state(&core), Some(ServiceStateName::Failed));
+    core.handle_hook_exited(t + 1, hook, HookExit::Failed(1));
+    let _ = actions(&mut core);
+}
+
+/// The model's "every start ends ready or failed" (before the next start):
+/// a reload that changes the command while a generation is starting stops
+/// it with `UpstreamStopping{reason: reload}` and starts the next one, and
+/// the abandoned start never logs `UpstreamReady` nor `UpstreamStartFailed`
+/// (a shutdown while starting does the same). The model accepts
+/// `UpstreamStopping` as the end of a start; this pins the rule as written.
+#[test]
+#[ignore = "lead: a start abandoned for a reload ends neither ready nor failed"]
+fn a_start_abandoned_for_a_reload_is_logged_as_failed() {
+    let mut core = Core::new(supervised(service()), 0);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
+    core.handle_service_probed(0, Generation(1), false);
+    actions(&mut core);
+    core.handle_service_spawned(0, Generation(1), Ok(42));
+    actions(&mut core);
+    core.handle_reload(
+        10,
+        supervised(ServiceSettings {
+            run: ServiceRef(2),
+            ..service()
+        }),
+    );
+    let (_, events) = drain(&mut core);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::UpstreamStartFailed {
+                generation: Generation(1),
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}
