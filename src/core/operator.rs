@@ -205,6 +205,11 @@ impl Core {
         all
     }
 
+    /// A shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
     /// The numbers of a `status` line.
     pub fn status(&self, now: u64) -> CoreStatus {
         let oldest_wait_ms = self.queue.front().map_or(0, |head| {

@@ -553,7 +553,9 @@ impl Shell {
                 }
             }
             Command::Reload => {
-                if self.config.config_file.is_none() || self.options.reload_args.is_none() {
+                if self.core.is_stopping() {
+                    error_reply("stopping")
+                } else if self.config.config_file.is_none() || self.options.reload_args.is_none() {
                     error_reply("no config file given with -c")
                 } else {
                     // A reload under way may have read the file before the

@@ -181,7 +181,8 @@ impl Notifier {
         let Some(target) = &mut self.target else {
             return;
         };
-        if std::mem::replace(&mut target.reloading, true) {
+        // Nothing but STOPPING=1's followers once stopping.
+        if target.stopping || std::mem::replace(&mut target.reloading, true) {
             return;
         }
         let message = format!("RELOADING=1\nMONOTONIC_USEC={}", sys::monotonic_usec());
@@ -193,7 +194,7 @@ impl Notifier {
         let Some(target) = &mut self.target else {
             return;
         };
-        if std::mem::take(&mut target.reloading) {
+        if std::mem::take(&mut target.reloading) && !target.stopping {
             target.send("READY=1", logger);
         }
     }
@@ -204,6 +205,8 @@ impl Notifier {
             return;
         };
         if !std::mem::replace(&mut target.stopping, true) {
+            // A reload under way owes READY=1 no more.
+            target.reloading = false;
             target.send("STOPPING=1", logger);
         }
     }
@@ -401,6 +404,20 @@ mod tests {
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(got[0].starts_with("RELOADING=1\nMONOTONIC_USEC="));
         assert_eq!(got[1..], ["READY=1", "STOPPING=1"]);
+    }
+
+    #[test]
+    fn nothing_of_a_reload_follows_stopping() {
+        let (mut n, peer) = notifier(None);
+        let mut log = Logger::new(LogLevel::Error);
+        n.reloading(&mut log);
+        n.stopping(&mut log);
+        n.reloaded(&mut log);
+        n.reloading(&mut log);
+        n.reloaded(&mut log);
+        let got = received(&peer);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[1], "STOPPING=1");
     }
 
     #[test]

@@ -16,6 +16,13 @@ impl Shell {
                     self.reap(now);
                     self.reap_orphans(now);
                 }
+                // A reload during shutdown would tell systemd READY=1 after
+                // STOPPING=1: said and ignored.
+                SIGHUP if self.core.is_stopping() => {
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
+                        line.field("reason", "stopping");
+                    }
+                }
                 SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
