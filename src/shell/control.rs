@@ -296,6 +296,11 @@ impl ControlServer {
         Ok(server)
     }
 
+    /// Control connections open.
+    pub(super) fn open_conns(&self) -> usize {
+        self.conns.len()
+    }
+
     /// The earliest idle or drain deadline.
     fn next_deadline(&self) -> Option<u64> {
         self.conns
