@@ -734,9 +734,7 @@ impl ProcReader {
             start_time_seconds: None,
             buf: Box::new([0; 4096]),
         };
-        let boot = reader
-            .read("/proc/stat")
-            .and_then(|text| field_after(text, "btime"));
+        let boot = boot_time("/proc/stat");
         let started = reader
             .read("/proc/self/stat")
             .and_then(|text| stat_field(text, 22));
@@ -788,6 +786,14 @@ impl ProcReader {
             .or(u64::try_from(open_fds).ok());
         metrics
     }
+}
+
+/// The boot time (`btime`) in `proc_stat`, a `/proc/stat`, read whole:
+/// `btime` comes after a line per CPU and the long `intr` line, well past
+/// 4 KiB on a big host. Read once, at start-up.
+fn boot_time(proc_stat: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_stat).ok()?;
+    field_after(&text, "btime")
 }
 
 /// Field `n` (1-based, as proc(5) numbers them) of `/proc/self/stat`. The
@@ -945,6 +951,25 @@ mod tests {
         assert_eq!(stat_field(stat, 24), Some(25));
         let limits = "Limit  Soft Limit  Hard Limit  Units\nMax open files            1024                 4096                 files\n";
         assert_eq!(field_after(limits, "Max open files"), Some(1024));
+    }
+
+    #[test]
+    fn the_boot_time_is_found_past_4_kib_of_cpu_and_intr_lines() {
+        let mut text = String::from("cpu  1 2 3 4 5 6 7 8 9 10\n");
+        for cpu in 0..256 {
+            text.push_str(&format!("cpu{cpu} 11 22 33 44 55 66 77 88 0 0\n"));
+        }
+        text.push_str("intr 123");
+        for _ in 0..2000 {
+            text.push_str(" 0");
+        }
+        text.push_str("\nctxt 99\nbtime 1795894966\nprocesses 12\n");
+        assert!(text.len() > 8 * 1024);
+        let path = std::env::temp_dir().join(format!("tcplock-stat-{}", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let boot = boot_time(path.to_str().unwrap());
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(boot, Some(1_795_894_966));
     }
 
     #[test]
