@@ -568,3 +568,24 @@ fn a_reply_larger_than_the_socket_buffer_is_written_as_the_client_reads() {
     assert_eq!(num_field(lines[2999], "conn"), 3000);
     drop(clients);
 }
+
+#[test]
+fn ctl_as_the_17th_client_prints_the_error_line_and_nothing_else() {
+    let dir = TempDir::new("ctl-17-ctl");
+    let upstream = Upstream::echo();
+    let (_proxy, sock) = start(&dir, &upstream, &[]);
+    let held: Vec<UnixStream> = (0..16).map(|_| session(&sock)).collect();
+    // The command may arrive before or after the refusal: both ways.
+    for _ in 0..20 {
+        let (code, out, err) = ctl(&sock, &["status"]);
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (
+                1,
+                "error msg=\"too many control connections (at most 16)\"\n",
+                ""
+            )
+        );
+    }
+    drop(held);
+}

@@ -38,10 +38,9 @@ pub fn run(args: &CtlArgs, out: &mut impl Write) -> u8 {
             return EXIT_CONNECT;
         }
     };
-    if let Err(e) = stream.write_all(format!("{}\n", args.command).as_bytes()) {
-        eprintln!("tcplock ctl: cannot send to {}: {e}", path.display());
-        return EXIT_ERROR;
-    }
+    // A server that refused the connection (too many) may have closed it
+    // before the command went out: its error line is still there to read.
+    let sent = stream.write_all(format!("{}\n", args.command).as_bytes());
     let mut last = String::new();
     for line in BufReader::new(stream).lines() {
         match line {
@@ -52,11 +51,22 @@ pub fn run(args: &CtlArgs, out: &mut impl Write) -> u8 {
                 last = line;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The error line came: what the close did after it is no news.
+            Err(_) if last.starts_with("error") => break,
             Err(e) => {
-                eprintln!("tcplock ctl: reading the reply failed: {e}");
+                match &sent {
+                    Err(e) => eprintln!("tcplock ctl: cannot send to {}: {e}", path.display()),
+                    Ok(()) => eprintln!("tcplock ctl: reading the reply failed: {e}"),
+                }
                 return EXIT_ERROR;
             }
         }
+    }
+    if let Err(e) = &sent
+        && last.is_empty()
+    {
+        eprintln!("tcplock ctl: cannot send to {}: {e}", path.display());
+        return EXIT_ERROR;
     }
     if last == "ok" {
         EXIT_OK

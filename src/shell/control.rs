@@ -223,6 +223,19 @@ impl StatusSnapshot {
 
 // ----- the server -----
 
+/// Reads and drops what the client sent and nobody will read (at most
+/// 64 KiB, without waiting), so closing does not reset the connection.
+fn discard_input(stream: &mut UnixStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+}
+
 /// The listener and its connections.
 pub(super) struct ControlServer {
     listener: UnixListener,
@@ -350,6 +363,9 @@ impl Shell {
                 let _ = stream.write(&error_reply(format_args!(
                     "too many control connections (at most {MAX_CONTROL_CONNS})"
                 )));
+                // Its command, if already sent, would turn the close into a
+                // reset the client sees before the error line.
+                discard_input(&mut stream);
                 continue;
             }
             let entry = server.conns.vacant_entry();
@@ -663,14 +679,7 @@ impl Shell {
         }
         // Unread input would turn the client's end of stream into a reset
         // (an overlong line, say): discard a bounded amount of it first.
-        let mut sink = [0u8; 4096];
-        for _ in 0..16 {
-            match conn.stream.read(&mut sink) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                _ => break,
-            }
-        }
+        discard_input(&mut conn.stream);
         server.close(&self.poll, slot);
     }
 
