@@ -589,3 +589,27 @@ fn ctl_as_the_17th_client_prints_the_error_line_and_nothing_else() {
     }
     drop(held);
 }
+
+#[test]
+fn ctl_gives_up_on_a_stopped_tcplock_after_10s() {
+    let dir = TempDir::new("ctl-stopped");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &[]);
+    proxy.signal("STOP");
+    let started = Instant::now();
+    let out = run(
+        &["ctl", "--control", sock.to_str().unwrap(), "status"],
+        Duration::from_secs(40),
+    );
+    let took = started.elapsed();
+    proxy.signal("CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no reply from") && err.contains("within 10 s"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_secs(10), "gave up after {took:?}");
+    // Running again, it answers.
+    assert_eq!(ctl(&sock, &["status"]).0, 0);
+}
