@@ -613,3 +613,26 @@ fn ctl_gives_up_on_a_stopped_tcplock_after_10s() {
     // Running again, it answers.
     assert_eq!(ctl(&sock, &["status"]).0, 0);
 }
+
+#[test]
+fn waiting_commands_are_answered_when_shutdown_begins() {
+    let dir = TempDir::new("ctl-drain-stop");
+    let upstream = Upstream::echo();
+    let (mut proxy, sock) = start(&dir, &upstream, &[]);
+    // The held permit keeps both the drain and the shutdown waiting.
+    let mut holder = holding(&proxy);
+    let mut drain = session(&sock);
+    drain.write_all(b"drain\n").unwrap();
+    assert!(wait_until(WAIT, || {
+        field(&status(&sock), "state").as_deref() == Some("draining")
+    }));
+    proxy.signal("TERM");
+    assert_eq!(read_all(&mut drain), "error msg=stopping\n");
+    // Once stopping, nothing more waits for an answer after the exit.
+    assert_eq!(ctl_err(&sock, &["drain"]), "stopping");
+    assert_eq!(ctl_err(&sock, &["reload"]), "stopping");
+    roundtrip(&mut holder, b"still served\n");
+    drop(holder);
+    let status = proxy.wait_exit(WAIT).expect("tcplock exits");
+    assert!(status.success(), "{status:?}");
+}

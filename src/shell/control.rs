@@ -534,6 +534,11 @@ impl Shell {
                 self.control_answer_drains(now, Some("resumed before the drain completed"));
                 Reply::default().ok()
             }
+            // Its answer would come after the exit: nothing waits once
+            // stopping.
+            Command::Drain(_) | Command::Restart(_) if self.core.is_stopping() => {
+                error_reply("stopping")
+            }
             Command::Drain(dur) => {
                 self.core.handle_pause(now);
                 self.drain(now);
@@ -793,6 +798,28 @@ impl Shell {
             .collect();
         for (slot, reply) in answers {
             self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// Answers every waiting `drain`, `reload` and `restart` with an error:
+    /// when shutdown begins (their answer would never come), or when the
+    /// reload thread they wait for could not start.
+    pub(super) fn control_fail_waiters(&mut self, now: u64, reload_only: bool, msg: &str) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let waiting: Vec<usize> = server
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.phase {
+                Phase::Waiting(Pending::Reload { .. }) => true,
+                Phase::Waiting(_) => !reload_only,
+                _ => false,
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in waiting {
+            self.control_reply(now, slot, error_reply(msg));
         }
     }
 

@@ -534,6 +534,7 @@ impl Shell {
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => {
                     self.notify.stopping(&mut self.logger);
+                    self.control_fail_waiters(now, false, "stopping");
                     self.stop_accepting();
                 }
                 Action::ResumeAccepting => self.accept_more = true,

@@ -87,11 +87,13 @@ impl Shell {
             }
             Err(e) => {
                 let source = path.display().to_string();
+                let message = format!("cannot start the reload thread: {e}");
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
-                    line.field("file", source)
-                        .field("error", format_args!("cannot start the reload thread: {e}"));
+                    line.field("file", source).field("error", &message);
                 }
                 self.notify.reloaded(&mut self.logger);
+                // No reload runs: those waiting for the next one hear so.
+                self.control_fail_waiters(self.now(), true, &message);
             }
         }
     }
