@@ -276,9 +276,37 @@ const REJECT_REASONS: [RejectReason; 3] = [
     RejectReason::UpstreamFailed,
 ];
 
-fn hook_kind_index(kind: HookKind) -> usize {
-    HOOK_KINDS.iter().position(|&k| k == kind).unwrap_or(0)
+/// A hook kind's place in [`HOOK_KINDS`]: exhaustive, so a new kind fails
+/// to compile instead of being counted as another.
+const fn hook_kind_index(kind: HookKind) -> usize {
+    match kind {
+        HookKind::Activate => 0,
+        HookKind::Timeout => 1,
+    }
 }
+
+/// A reject reason's place in [`REJECT_REASONS`], exhaustive likewise.
+const fn reject_reason_index(reason: RejectReason) -> usize {
+    match reason {
+        RejectReason::QueueFull => 0,
+        RejectReason::BadProxyHeader => 1,
+        RejectReason::UpstreamFailed => 2,
+    }
+}
+
+// Each table's entries sit at their own index.
+const _: () = {
+    let mut i = 0;
+    while i < HOOK_KINDS.len() {
+        assert!(hook_kind_index(HOOK_KINDS[i]) == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < REJECT_REASONS.len() {
+        assert!(reject_reason_index(REJECT_REASONS[i]) == i);
+        i += 1;
+    }
+};
 
 /// What the shell counts as it performs the core's actions. Fixed-size: one
 /// per loop, whatever the number of connections.
@@ -301,7 +329,7 @@ impl Recorder {
         match event {
             Event::Activated { waited_ms, .. } => self.queue_wait.observe(*waited_ms),
             Event::Rejected { reason, .. } => {
-                let index = REJECT_REASONS.iter().position(|r| r == reason).unwrap_or(0);
+                let index = reject_reason_index(*reason);
                 self.rejected[index] += 1;
             }
             _ => {}

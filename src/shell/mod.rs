@@ -75,6 +75,22 @@ const METRICS_CONNS: std::ops::Range<usize> =
 /// connections (32..=47).
 const FIRST_CONN_TOKEN: usize = 64;
 
+// The token ranges never overlap: fixed tokens, control connections,
+// metrics connections, then the connections' pairs.
+const _: () = {
+    let fixed = [LISTENER, SIGNALS, CONTROL, HOOK_EXIT, LOG_SINK];
+    let mut i = 0;
+    while i < fixed.len() {
+        assert!(fixed[i].0 < control::FIRST_CONTROL_TOKEN);
+        i += 1;
+    }
+    assert!(control::CONTROL_LISTENER.0 < control::FIRST_CONTROL_TOKEN);
+    assert!(METRICS_LISTENER.0 < control::FIRST_CONTROL_TOKEN);
+    assert!(control::CONTROL_LISTENER.0 != METRICS_LISTENER.0);
+    assert!(control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS <= FIRST_METRICS_CONN);
+    assert!(METRICS_CONNS.end <= FIRST_CONN_TOKEN);
+};
+
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
 const LISTEN_BACKLOG: i32 = 4096;
