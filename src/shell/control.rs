@@ -223,6 +223,36 @@ impl StatusSnapshot {
 
 // ----- the server -----
 
+/// The checks before binding the control socket at `path`, binding
+/// nothing (`--check` runs them too): its directory exists, and whatever is
+/// at the path is a socket nobody listens on. `true` if such a stale
+/// socket is there, to be replaced.
+pub(crate) fn check_control_path(path: &Path) -> Result<bool, Error> {
+    let fail =
+        |message: String| Error::Invalid(format!("control socket {}: {message}", path.display()));
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(fail(format!("{} is not a directory", dir.display()))),
+        Err(e) => return Err(fail(format!("directory {}: {e}", dir.display()))),
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+                Ok(_) => Err(fail("another process listens on it".to_string())),
+                Err(e) => Err(fail(format!("exists and cannot be probed: {e}"))),
+            }
+        }
+        Ok(_) => Err(fail("exists and is not a socket".to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
 /// Reads and drops what the client sent and nobody will read (at most
 /// 64 KiB, without waiting), so closing does not reset the connection.
 fn discard_input(stream: &mut UnixStream) {
@@ -280,20 +310,9 @@ impl ControlServer {
         let fail = |message: String| {
             Error::Invalid(format!("control socket {}: {message}", path.display()))
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                match std::os::unix::net::UnixStream::connect(path) {
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        std::fs::remove_file(path)
-                            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
-                    }
-                    Ok(_) => return Err(fail("another process listens on it".to_string())),
-                    Err(e) => return Err(fail(format!("exists and cannot be probed: {e}"))),
-                }
-            }
-            Ok(_) => return Err(fail("exists and is not a socket".to_string())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail(e.to_string())),
+        if check_control_path(path)? {
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
         }
         let listener =
             sys::bind_private_unix_listener(path, 64).map_err(|e| fail(e.to_string()))?;

@@ -30,6 +30,16 @@ pub(super) struct Metrics {
     proc: ProcReader,
 }
 
+/// The address `--metrics ADDR` binds, looked up as a start does it
+/// (`--check` too). The builder's address comes as given: `PORT` alone
+/// means loopback.
+pub(crate) fn resolve_metrics_addr(addr: &str) -> Result<std::net::SocketAddr, Error> {
+    let addr = crate::config::units::parse_listen(addr).unwrap_or_else(|_| addr.to_string());
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str());
+    // `resolve` never returns an empty list.
+    Ok(super::resolve("metrics address", &addr, resolved)?[0])
+}
+
 impl Metrics {
     /// Binds the metrics listener if `--metrics` is set.
     pub(super) fn start(
@@ -40,10 +50,7 @@ impl Metrics {
         let Some(addr) = &config.metrics else {
             return Ok(None);
         };
-        // The builder's address comes as given: `PORT` alone means loopback.
-        let addr = crate::config::units::parse_listen(addr).unwrap_or_else(|_| addr.clone());
-        let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str());
-        let addr = super::resolve("metrics address", &addr, resolved)?[0];
+        let addr = resolve_metrics_addr(addr)?;
         let server = HttpServer::bind(addr, poll.registry(), METRICS_LISTENER, FIRST_METRICS_CONN)
             .map_err(|source| Error::Bind { addr, source })?;
         if let Some(line) = logger.line(LogLevel::Info, "metrics_listening") {

@@ -38,8 +38,10 @@ use crate::core::{
 use crate::sys;
 use log::{CommaList, Logger};
 
+pub(crate) use control::check_control_path;
 use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
+pub(crate) use metrics::resolve_metrics_addr;
 use net::resolve;
 pub(crate) use net::resolve_upstream;
 use notify::Notifier;
