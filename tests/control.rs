@@ -65,7 +65,7 @@ fn status(path: &Path) -> String {
     let lines = ctl_ok(path, &["status"]);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
-        lines[1].starts_with("instance=1 ") && lines[1].contains(" state=unsupervised "),
+        lines[1].starts_with("instance=1 ") && lines[1].contains(" state=ready supervised=no "),
         "{lines:?}"
     );
     lines[0].clone()
@@ -129,6 +129,17 @@ fn status_counts_connections_and_outcomes() {
     assert_eq!(num_field(&line, "activations"), 1, "{line}");
     finish(holder);
     assert!(wait_until(WAIT, || num_field(&status(&sock), "ok") == 1));
+    // The unsupervised upstream's line: ready, its connections the
+    // activations.
+    assert!(
+        wait_until(WAIT, || num_field(&ctl_ok(&sock, &["status"])[1], "conns")
+            == 2),
+        "{:?}",
+        ctl_ok(&sock, &["status"])
+    );
+    let lines = ctl_ok(&sock, &["status"]);
+    assert_eq!(field(&lines[1], "state").as_deref(), Some("ready"));
+    assert_eq!(field(&lines[1], "supervised").as_deref(), Some("no"));
 }
 
 #[test]

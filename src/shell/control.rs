@@ -202,13 +202,21 @@ impl StatusSnapshot {
         for outcome in Outcome::ALL {
             reply.field(outcome.as_str(), c.outcomes.count(outcome));
         }
-        // One upstream today; a pool adds a line per instance.
+        // One upstream today; a pool adds a line per instance. An upstream
+        // tcplock does not run is taken as ready, as the metrics show it,
+        // and its connections are the activations.
         let s = &self.service;
-        let state = s.state.map_or("unsupervised", ServiceStateName::as_str);
+        let state = s.state.map_or("ready", ServiceStateName::as_str);
+        let conns = if s.state.is_some() {
+            s.conns
+        } else {
+            c.activations
+        };
         reply
             .line("instance", 1)
             .field("addr", &self.upstream)
             .field("state", state)
+            .field("supervised", if s.state.is_some() { "yes" } else { "no" })
             .field("gen", s.generation);
         if let Some(pid) = s.pid {
             reply.field("pid", pid);
@@ -216,7 +224,7 @@ impl StatusSnapshot {
         reply
             .field("rss_kib", s.rss_kib)
             .field("active", c.active)
-            .field("conns", s.conns)
+            .field("conns", conns)
             .field("restarts", s.restarts.iter().sum::<u64>());
     }
 }
