@@ -647,3 +647,53 @@ fn waiting_commands_are_answered_when_shutdown_begins() {
     let status = proxy.wait_exit(WAIT).expect("tcplock exits");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn sixteen_stalled_conns_readers_cost_a_part_each_not_the_whole_listing() {
+    const CLIENTS: usize = 8000;
+    let dir = TempDir::new("ctl-conns-stream");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &["--max-queue", "10000"]);
+    let clients: Vec<std::net::TcpStream> = (0..CLIENTS).map(|_| proxy.connect()).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || num_field(
+            &status(&sock),
+            "queued"
+        ) == CLIENTS as u64 - 1),
+        "{}",
+        status(&sock)
+    );
+    // ~115 bytes a line: each listing is about 900 KiB.
+    let before = proxy.rss_kib();
+    let mut readers: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let mut s = session(&sock);
+            s.write_all(b"conns\n").unwrap();
+            // The reply has begun: the server built what it builds.
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first).unwrap();
+            s
+        })
+        .collect();
+    let grown = proxy.rss_kib().saturating_sub(before);
+    // Each stalled reader holds at most one 64 KiB part (~1 MiB in all),
+    // not its whole listing (~14 MiB in all).
+    assert!(grown < 5 * 1024, "RSS grew by {grown} KiB");
+    // Each listing is complete: every connection once, then ok.
+    for reader in &mut readers {
+        let mut reply = b"c".to_vec();
+        reader.read_to_end(&mut reply).unwrap();
+        let reply = String::from_utf8(reply).unwrap();
+        let lines: Vec<&str> = reply.lines().collect();
+        assert_eq!(lines.len(), CLIENTS + 1);
+        assert_eq!(lines.last(), Some(&"ok"));
+        let mut ids: Vec<u64> = lines[..CLIENTS]
+            .iter()
+            .map(|l| num_field(l, "conn"))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), CLIENTS);
+    }
+    drop(clients);
+}

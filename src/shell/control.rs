@@ -261,6 +261,48 @@ pub(crate) fn check_control_path(path: &Path) -> Result<bool, Error> {
     }
 }
 
+/// Appends `conns` lines from slab slot `from` on (slab order, not id
+/// order: no sort, no list of them all) until about [`CONNS_PART`] bytes;
+/// the slot to go on from, or `None` once the listing and its `ok` are in.
+fn conns_part(
+    out: &mut Vec<u8>,
+    mut from: usize,
+    now: u64,
+    core: &Core,
+    io: &[Option<ConnIo>],
+) -> Option<usize> {
+    // `out` is empty: its room is reused, one buffer per connection.
+    let mut reply = Reply(String::from_utf8(std::mem::take(out)).unwrap_or_default());
+    while reply.0.len() < CONNS_PART {
+        let Some(info) = core.conn_info_from(now, from) else {
+            *out = reply.ok();
+            return None;
+        };
+        from = info.conn.slot() + 1;
+        let stage = io
+            .get(info.conn.slot())
+            .and_then(Option::as_ref)
+            .filter(|io| io.conn == info.conn)
+            .map(|io| &io.stage);
+        let (up, down) = match stage {
+            Some(Stage::Relaying(relay)) => relay.bytes(),
+            _ => (0, 0),
+        };
+        reply
+            .line("conn", info.conn.id())
+            .field("state", info.state.as_str())
+            .field("client", info.client)
+            .field("instance", 1)
+            .field("age_ms", info.age_ms)
+            .field("waited_ms", info.waited_ms)
+            .field("bytes_up", up)
+            .field("bytes_down", down);
+    }
+    reply.end_line();
+    *out = reply.0.into_bytes();
+    Some(from)
+}
+
 /// Reads and drops what the client sent and nobody will read (at most
 /// 64 KiB, without waiting), so closing does not reset the connection.
 fn discard_input(stream: &mut UnixStream) {
@@ -297,8 +339,15 @@ enum Phase {
     Writing {
         out: Vec<u8>,
         written: usize,
+        /// `conns`: the slab slot its listing goes on from once `out` is
+        /// written; `None` when `out` is the end of the reply.
+        more: Option<usize>,
     },
 }
+
+/// A `conns` listing is written in parts of about this size, each built
+/// once the one before is in the socket.
+const CONNS_PART: usize = 64 * 1024;
 
 #[derive(Clone, Copy)]
 enum Pending {
@@ -523,7 +572,10 @@ impl Shell {
                 self.status_snapshot(now).write(&mut reply);
                 reply.ok()
             }
-            Command::Conns => self.conns_reply(now),
+            Command::Conns => {
+                self.control_write_from(now, slot, Vec::new(), Some(0));
+                return None;
+            }
             Command::Position(target) => match self.core.position(now, target) {
                 Ok(p) => {
                     let mut reply = Reply::default();
@@ -649,26 +701,6 @@ impl Shell {
         }
     }
 
-    fn conns_reply(&mut self, now: u64) -> Vec<u8> {
-        let mut reply = Reply::default();
-        for info in self.core.conns_info(now) {
-            let (up, down) = match self.io_of(info.conn).map(|io| &io.stage) {
-                Some(Stage::Relaying(relay)) => relay.bytes(),
-                _ => (0, 0),
-            };
-            reply
-                .line("conn", info.conn.id())
-                .field("state", info.state.as_str())
-                .field("client", info.client)
-                .field("instance", 1)
-                .field("age_ms", info.age_ms)
-                .field("waited_ms", info.waited_ms)
-                .field("bytes_up", up)
-                .field("bytes_down", down);
-        }
-        reply.ok()
-    }
-
     fn control_wait(&mut self, slot: usize, pending: Pending) {
         if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
             conn.phase = Phase::Waiting(pending);
@@ -677,10 +709,16 @@ impl Shell {
 
     /// Starts writing `reply`, as much as the socket takes now.
     fn control_reply(&mut self, now: u64, slot: usize, reply: Vec<u8>) {
+        self.control_write_from(now, slot, reply, None);
+    }
+
+    /// Starts writing `out`, then the `conns` listing from slot `more`.
+    fn control_write_from(&mut self, now: u64, slot: usize, out: Vec<u8>, more: Option<usize>) {
         if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
             conn.phase = Phase::Writing {
-                out: reply,
+                out,
                 written: 0,
+                more,
             };
             conn.idle_deadline = now.saturating_add(IDLE_MS);
             self.control_write(now, slot);
@@ -694,20 +732,31 @@ impl Shell {
         let Some(conn) = server.conns.get_mut(slot) else {
             return;
         };
-        let Phase::Writing { out, written } = &mut conn.phase else {
+        let Phase::Writing { out, written, more } = &mut conn.phase else {
             return;
         };
-        while *written < out.len() {
-            match conn.stream.write(&out[*written..]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    *written += n;
-                    conn.idle_deadline = now.saturating_add(IDLE_MS);
+        // A `conns` listing is built a part at a time, the next once the
+        // socket took the last: the work per writable edge is bounded by
+        // the socket's buffer, and a stalled reader costs one part.
+        'parts: loop {
+            while *written < out.len() {
+                match conn.stream.write(&out[*written..]) {
+                    Ok(0) => break 'parts,
+                    Ok(n) => {
+                        *written += n;
+                        conn.idle_deadline = now.saturating_add(IDLE_MS);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break 'parts,
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
             }
+            let Some(from) = *more else {
+                break;
+            };
+            out.clear();
+            *written = 0;
+            *more = conns_part(out, from, now, &self.core, &self.io);
         }
         // Unread input would turn the client's end of stream into a reset
         // (an overlong line, say): discard a bounded amount of it first.
