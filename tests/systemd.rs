@@ -518,3 +518,31 @@ fn a_reload_during_shutdown_is_refused_and_nothing_follows_stopping() {
         "nothing after STOPPING=1"
     );
 }
+
+#[test]
+fn no_watchdog_gap_reaches_watchdog_usec() {
+    let upstream = Upstream::echo();
+    let notify = NotifySocket::at_path("watchdog-gaps.sock");
+    // 4 s: a ping every 2 s, each gap allowed 2 s of lateness under load.
+    let watchdog = Duration::from_secs(4);
+    let _proxy = start_with_env(
+        &[
+            ("NOTIFY_SOCKET", &notify.name),
+            ("WATCHDOG_USEC", &watchdog.as_micros().to_string()),
+        ],
+        &["-u", &upstream.arg()],
+    );
+    assert!(notify.next("READY=1").ends_with("\nWATCHDOG=1"));
+    let mut last = Instant::now();
+    for n in 0..3 {
+        let ping = notify.recv_within(watchdog);
+        let gap = last.elapsed();
+        assert_eq!(
+            ping.as_deref(),
+            Some("WATCHDOG=1"),
+            "ping {n} after {gap:?}"
+        );
+        assert!(gap < watchdog, "ping {n} came {gap:?} after the one before");
+        last = Instant::now();
+    }
+}
