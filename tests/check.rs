@@ -230,3 +230,77 @@ fn check_without_a_listen_address_leaves_it_to_socket_activation() {
     );
     assert!(!settings(&out).iter().any(|(k, _)| k == "listen"));
 }
+
+/// What a start says for `args`: its exit code and its one stderr line.
+fn start_err(args: &[&str]) -> (i32, String) {
+    let out = run(args, EXIT_WAIT);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("tcplock: "))
+        .unwrap_or_else(|| panic!("{args:?}: no error line in {stderr}"))
+        .to_string();
+    (out.status.code().unwrap_or(-1), line)
+}
+
+#[test]
+fn check_refuses_the_control_and_metrics_settings_a_start_refuses() {
+    let upstream = Upstream::echo();
+    let up = upstream.arg();
+    let plain = scratch("plainfile", "not a socket\n");
+    let plain = plain.to_str().unwrap();
+    for extra in [
+        ["--metrics", "no-such-host.invalid:9464"],
+        ["--control", plain],
+        ["--control", "/nonexistent-dir/x.sock"],
+    ] {
+        let mut args = vec!["-l", "127.0.0.1:0", "-u", up.as_str()];
+        args.extend_from_slice(&extra);
+        let started = start_err(&args);
+        assert_eq!(started.0, 1, "{args:?}: {started:?}");
+        let mut checked = vec!["--check"];
+        checked.extend_from_slice(&args);
+        let out = run(&checked, EXIT_WAIT);
+        let stderr = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        assert!(out.stdout.is_empty(), "{checked:?} printed settings");
+        assert_eq!(
+            (out.status.code().unwrap_or(-1), stderr),
+            started,
+            "{checked:?}"
+        );
+    }
+}
+
+#[test]
+fn check_output_with_control_and_metrics_reads_back() {
+    let upstream = Upstream::echo();
+    let dir = std::env::temp_dir().join(format!("tcplock-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("readback.sock");
+    let first = check_ok(&[
+        "-l",
+        "127.0.0.1:0",
+        "-u",
+        &upstream.arg(),
+        "--control",
+        sock.to_str().unwrap(),
+        "--metrics",
+        "9464",
+    ]);
+    let again = scratch("control-metrics.conf", &first);
+    let second = check_ok(&["-c", again.to_str().unwrap()]);
+    assert_eq!(second, first);
+    let lines = settings(&first);
+    for expected in [
+        ("control", sock.to_str().unwrap()),
+        ("metrics", "127.0.0.1:9464"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|(k, v)| k == expected.0 && v == expected.1),
+            "{expected:?} in\n{first}"
+        );
+    }
+    assert!(!sock.exists(), "--check created the control socket");
+}

@@ -65,7 +65,7 @@ fn status(path: &Path) -> String {
     let lines = ctl_ok(path, &["status"]);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
-        lines[1].starts_with("instance=1 ") && lines[1].contains(" state=unsupervised "),
+        lines[1].starts_with("instance=1 ") && lines[1].contains(" state=ready supervised=no "),
         "{lines:?}"
     );
     lines[0].clone()
@@ -129,6 +129,17 @@ fn status_counts_connections_and_outcomes() {
     assert_eq!(num_field(&line, "activations"), 1, "{line}");
     finish(holder);
     assert!(wait_until(WAIT, || num_field(&status(&sock), "ok") == 1));
+    // The unsupervised upstream's line: ready, its connections the
+    // activations.
+    assert!(
+        wait_until(WAIT, || num_field(&ctl_ok(&sock, &["status"])[1], "conns")
+            == 2),
+        "{:?}",
+        ctl_ok(&sock, &["status"])
+    );
+    let lines = ctl_ok(&sock, &["status"]);
+    assert_eq!(field(&lines[1], "state").as_deref(), Some("ready"));
+    assert_eq!(field(&lines[1], "supervised").as_deref(), Some("no"));
 }
 
 #[test]
@@ -298,16 +309,22 @@ fn position_gives_an_eta_once_a_connection_finished() {
     let upstream = Upstream::echo();
     let (proxy, sock) = start(&dir, &upstream, &[]);
     let holder = holding(&proxy);
+    // Long enough that the ms it took to connect upstream is rounding.
+    std::thread::sleep(Duration::from_millis(300));
     finish(holder);
-    proxy.expect_log(outcome("ok"), "first connection closed");
+    let closed = proxy.expect_log(outcome("ok"), "first connection closed");
+    let duration = num_field(&closed, "duration_ms");
     let _holder = holding(&proxy);
     let _waiting = proxy.connect();
     wait_queued(&sock, 1);
     let line = &ctl_ok(&sock, &["position", "3"])[0];
     assert_eq!(num_field(line, "position"), 1, "{line}");
+    // Permits 1, one ahead holding it: the ETA is one connection's time,
+    // the one that finished.
+    let eta = num_field(line, "eta_ms");
     assert!(
-        field(line, "eta_ms").is_some_and(|v| v.parse::<u64>().is_ok()),
-        "{line}"
+        eta.abs_diff(duration) <= 1,
+        "eta_ms={eta}, the finished connection's duration_ms={duration}: {line}"
     );
 }
 
@@ -566,5 +583,123 @@ fn a_reply_larger_than_the_socket_buffer_is_written_as_the_client_reads() {
     assert_eq!(lines.len(), 3001);
     assert_eq!(lines.last(), Some(&"ok"));
     assert_eq!(num_field(lines[2999], "conn"), 3000);
+    drop(clients);
+}
+
+#[test]
+fn ctl_as_the_17th_client_prints_the_error_line_and_nothing_else() {
+    let dir = TempDir::new("ctl-17-ctl");
+    let upstream = Upstream::echo();
+    let (_proxy, sock) = start(&dir, &upstream, &[]);
+    let held: Vec<UnixStream> = (0..16).map(|_| session(&sock)).collect();
+    // The command may arrive before or after the refusal: both ways.
+    for _ in 0..20 {
+        let (code, out, err) = ctl(&sock, &["status"]);
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (
+                1,
+                "error msg=\"too many control connections (at most 16)\"\n",
+                ""
+            )
+        );
+    }
+    drop(held);
+}
+
+#[test]
+fn ctl_gives_up_on_a_stopped_tcplock_after_10s() {
+    let dir = TempDir::new("ctl-stopped");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &[]);
+    proxy.signal("STOP");
+    let started = Instant::now();
+    let out = run(
+        &["ctl", "--control", sock.to_str().unwrap(), "status"],
+        Duration::from_secs(40),
+    );
+    let took = started.elapsed();
+    proxy.signal("CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no reply from") && err.contains("within 10 s"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_secs(10), "gave up after {took:?}");
+    // Running again, it answers.
+    assert_eq!(ctl(&sock, &["status"]).0, 0);
+}
+
+#[test]
+fn waiting_commands_are_answered_when_shutdown_begins() {
+    let dir = TempDir::new("ctl-drain-stop");
+    let upstream = Upstream::echo();
+    let (mut proxy, sock) = start(&dir, &upstream, &[]);
+    // The held permit keeps both the drain and the shutdown waiting.
+    let mut holder = holding(&proxy);
+    let mut drain = session(&sock);
+    drain.write_all(b"drain\n").unwrap();
+    assert!(wait_until(WAIT, || {
+        field(&status(&sock), "state").as_deref() == Some("draining")
+    }));
+    proxy.signal("TERM");
+    assert_eq!(read_all(&mut drain), "error msg=stopping\n");
+    // Once stopping, nothing more waits for an answer after the exit.
+    assert_eq!(ctl_err(&sock, &["drain"]), "stopping");
+    assert_eq!(ctl_err(&sock, &["reload"]), "stopping");
+    roundtrip(&mut holder, b"still served\n");
+    drop(holder);
+    let status = proxy.wait_exit(WAIT).expect("tcplock exits");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn sixteen_stalled_conns_readers_cost_a_part_each_not_the_whole_listing() {
+    const CLIENTS: usize = 8000;
+    let dir = TempDir::new("ctl-conns-stream");
+    let upstream = Upstream::echo();
+    let (proxy, sock) = start(&dir, &upstream, &["--max-queue", "10000"]);
+    let clients: Vec<std::net::TcpStream> = (0..CLIENTS).map(|_| proxy.connect()).collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || num_field(
+            &status(&sock),
+            "queued"
+        ) == CLIENTS as u64 - 1),
+        "{}",
+        status(&sock)
+    );
+    // ~115 bytes a line: each listing is about 900 KiB.
+    let before = proxy.rss_kib();
+    let mut readers: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let mut s = session(&sock);
+            s.write_all(b"conns\n").unwrap();
+            // The reply has begun: the server built what it builds.
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first).unwrap();
+            s
+        })
+        .collect();
+    let grown = proxy.rss_kib().saturating_sub(before);
+    // Each stalled reader holds at most one 64 KiB part (~1 MiB in all),
+    // not its whole listing (~14 MiB in all).
+    assert!(grown < 5 * 1024, "RSS grew by {grown} KiB");
+    // Each listing is complete: every connection once, then ok.
+    for reader in &mut readers {
+        let mut reply = b"c".to_vec();
+        reader.read_to_end(&mut reply).unwrap();
+        let reply = String::from_utf8(reply).unwrap();
+        let lines: Vec<&str> = reply.lines().collect();
+        assert_eq!(lines.len(), CLIENTS + 1);
+        assert_eq!(lines.last(), Some(&"ok"));
+        let mut ids: Vec<u64> = lines[..CLIENTS]
+            .iter()
+            .map(|l| num_field(l, "conn"))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), CLIENTS);
+    }
     drop(clients);
 }

@@ -548,3 +548,43 @@ fn the_library_builder_serves_metrics_and_refuses_a_bad_address() {
         .expect("a bad metrics address is refused");
     assert!(error.to_string().contains("metrics"), "{error}");
 }
+
+#[test]
+fn open_fds_match_proc_with_control_connections_open() {
+    let dir = TempDir::new("metrics-fds");
+    let sock = dir.join("ctl.sock");
+    let upstream = Upstream::echo();
+    let (proxy, metrics) = start(&[
+        "-u",
+        &upstream.arg(),
+        "--control",
+        sock.to_str().expect("utf-8 path"),
+    ]);
+    let count = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+            .expect("/proc/PID/fd")
+            .count()
+    };
+    let mut scraper = connect(metrics);
+    scrape_on(&mut scraper);
+    let before = count();
+    let sessions: Vec<_> = (0..10)
+        .map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect control");
+            s.write_all(b"stat").expect("half a command");
+            s
+        })
+        .collect();
+    assert!(
+        wait_until(WAIT, || count() >= before + 10),
+        "the control connections were not accepted"
+    );
+    let text = scrape_on(&mut scraper);
+    let open_fds: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_open_fds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no process_open_fds in {text}"));
+    assert_eq!(open_fds, count() as f64);
+    drop(sessions);
+}

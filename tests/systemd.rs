@@ -472,3 +472,77 @@ fn a_passed_descriptor_that_is_no_listening_tcp_socket_is_refused() {
     );
     drop(peer);
 }
+
+#[test]
+fn a_reload_during_shutdown_is_refused_and_nothing_follows_stopping() {
+    let upstream = Upstream::echo();
+    let notify = NotifySocket::at_path("stopreload.sock");
+    let conf = scratch("stopreload.conf");
+    let ctl_sock = scratch("stopreload.ctl");
+    std::fs::write(
+        &conf,
+        format!("upstream = {}\npermits = 1\n", upstream.arg()),
+    )
+    .unwrap();
+    let mut proxy = start_with_env(
+        &[("NOTIFY_SOCKET", &notify.name)],
+        &[
+            "-c",
+            conf.to_str().unwrap(),
+            "--control",
+            ctl_sock.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(notify.next("READY=1"), "READY=1\nSTATUS=queued=0 active=0");
+    // A held permit keeps the shutdown going (the grace is 30 s).
+    let mut holder = holding(&proxy);
+    proxy.signal("TERM");
+    assert_eq!(notify.next("STOPPING=1"), "STOPPING=1");
+    proxy.signal("HUP");
+    let skipped = proxy.expect_log(event("reload_skipped"), "SIGHUP during shutdown");
+    assert_eq!(field(&skipped, "reason").as_deref(), Some("stopping"));
+    let out = common::run(
+        &["ctl", "--control", ctl_sock.to_str().unwrap(), "reload"],
+        WAIT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout, "error msg=stopping\n");
+    roundtrip(&mut holder, b"last\n");
+    drop(holder);
+    let status = proxy.wait_exit(WAIT).expect("tcplock exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        notify.pending(),
+        Vec::<String>::new(),
+        "nothing after STOPPING=1"
+    );
+}
+
+#[test]
+fn no_watchdog_gap_reaches_watchdog_usec() {
+    let upstream = Upstream::echo();
+    let notify = NotifySocket::at_path("watchdog-gaps.sock");
+    // 4 s: a ping every 2 s, each gap allowed 2 s of lateness under load.
+    let watchdog = Duration::from_secs(4);
+    let _proxy = start_with_env(
+        &[
+            ("NOTIFY_SOCKET", &notify.name),
+            ("WATCHDOG_USEC", &watchdog.as_micros().to_string()),
+        ],
+        &["-u", &upstream.arg()],
+    );
+    assert!(notify.next("READY=1").ends_with("\nWATCHDOG=1"));
+    let mut last = Instant::now();
+    for n in 0..3 {
+        let ping = notify.recv_within(watchdog);
+        let gap = last.elapsed();
+        assert_eq!(
+            ping.as_deref(),
+            Some("WATCHDOG=1"),
+            "ping {n} after {gap:?}"
+        );
+        assert!(gap < watchdog, "ping {n} came {gap:?} after the one before");
+        last = Instant::now();
+    }
+}

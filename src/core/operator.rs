@@ -183,26 +183,29 @@ impl Core {
     }
 
     /// Every connection, in accept order.
+    #[cfg(test)]
     pub fn conns_info(&self, now: u64) -> Vec<ConnInfo> {
         let mut all: Vec<ConnInfo> = self
             .conns
             .iter()
-            .map(|(slot, c)| {
-                let until = match c.state {
-                    ConnState::Proxying { since, .. } => since,
-                    _ => now,
-                };
-                ConnInfo {
-                    conn: ConnRef { slot, id: c.id },
-                    state: c.state.name(),
-                    client: c.client,
-                    age_ms: now.saturating_sub(c.accepted_at),
-                    waited_ms: until.saturating_sub(c.accepted_at),
-                }
-            })
+            .map(|(slot, c)| conn_info(now, slot, c))
             .collect();
         all.sort_unstable_by_key(|info| info.conn.id);
         all
+    }
+
+    /// The first connection in slab order at slot `from` or after, for a
+    /// listing written a part at a time: the next call starts at its slot
+    /// plus one. Connections that come and go meanwhile may or may not be
+    /// listed; each one present throughout is listed once.
+    pub fn conn_info_from(&self, now: u64, from: usize) -> Option<ConnInfo> {
+        (from..self.conns.capacity())
+            .find_map(|slot| self.conns.get(slot).map(|c| conn_info(now, slot, c)))
+    }
+
+    /// A shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.shutdown.is_some()
     }
 
     /// The numbers of a `status` line.
@@ -233,6 +236,20 @@ impl Core {
                 weighted / AVG_WEIGHT
             }
         });
+    }
+}
+
+fn conn_info(now: u64, slot: usize, c: &Conn) -> ConnInfo {
+    let until = match c.state {
+        ConnState::Proxying { since, .. } => since,
+        _ => now,
+    };
+    ConnInfo {
+        conn: ConnRef { slot, id: c.id },
+        state: c.state.name(),
+        client: c.client,
+        age_ms: now.saturating_sub(c.accepted_at),
+        waited_ms: until.saturating_sub(c.accepted_at),
     }
 }
 

@@ -202,13 +202,21 @@ impl StatusSnapshot {
         for outcome in Outcome::ALL {
             reply.field(outcome.as_str(), c.outcomes.count(outcome));
         }
-        // One upstream today; a pool adds a line per instance.
+        // One upstream today; a pool adds a line per instance. An upstream
+        // tcplock does not run is taken as ready, as the metrics show it,
+        // and its connections are the activations.
         let s = &self.service;
-        let state = s.state.map_or("unsupervised", ServiceStateName::as_str);
+        let state = s.state.map_or("ready", ServiceStateName::as_str);
+        let conns = if s.state.is_some() {
+            s.conns
+        } else {
+            c.activations
+        };
         reply
             .line("instance", 1)
             .field("addr", &self.upstream)
             .field("state", state)
+            .field("supervised", if s.state.is_some() { "yes" } else { "no" })
             .field("gen", s.generation);
         if let Some(pid) = s.pid {
             reply.field("pid", pid);
@@ -216,12 +224,97 @@ impl StatusSnapshot {
         reply
             .field("rss_kib", s.rss_kib)
             .field("active", c.active)
-            .field("conns", s.conns)
+            .field("conns", conns)
             .field("restarts", s.restarts.iter().sum::<u64>());
     }
 }
 
 // ----- the server -----
+
+/// The checks before binding the control socket at `path`, binding
+/// nothing (`--check` runs them too): its directory exists, and whatever is
+/// at the path is a socket nobody listens on. `true` if such a stale
+/// socket is there, to be replaced.
+pub(crate) fn check_control_path(path: &Path) -> Result<bool, Error> {
+    let fail =
+        |message: String| Error::Invalid(format!("control socket {}: {message}", path.display()));
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(fail(format!("{} is not a directory", dir.display()))),
+        Err(e) => return Err(fail(format!("directory {}: {e}", dir.display()))),
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+                Ok(_) => Err(fail("another process listens on it".to_string())),
+                Err(e) => Err(fail(format!("exists and cannot be probed: {e}"))),
+            }
+        }
+        Ok(_) => Err(fail("exists and is not a socket".to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Appends `conns` lines from slab slot `from` on (slab order, not id
+/// order: no sort, no list of them all) until about [`CONNS_PART`] bytes;
+/// the slot to go on from, or `None` once the listing and its `ok` are in.
+fn conns_part(
+    out: &mut Vec<u8>,
+    mut from: usize,
+    now: u64,
+    core: &Core,
+    io: &[Option<ConnIo>],
+) -> Option<usize> {
+    // `out` is empty: its room is reused, one buffer per connection.
+    let mut reply = Reply(String::from_utf8(std::mem::take(out)).unwrap_or_default());
+    while reply.0.len() < CONNS_PART {
+        let Some(info) = core.conn_info_from(now, from) else {
+            *out = reply.ok();
+            return None;
+        };
+        from = info.conn.slot() + 1;
+        let stage = io
+            .get(info.conn.slot())
+            .and_then(Option::as_ref)
+            .filter(|io| io.conn == info.conn)
+            .map(|io| &io.stage);
+        let (up, down) = match stage {
+            Some(Stage::Relaying(relay)) => relay.bytes(),
+            _ => (0, 0),
+        };
+        reply
+            .line("conn", info.conn.id())
+            .field("state", info.state.as_str())
+            .field("client", info.client)
+            .field("instance", 1)
+            .field("age_ms", info.age_ms)
+            .field("waited_ms", info.waited_ms)
+            .field("bytes_up", up)
+            .field("bytes_down", down);
+    }
+    reply.end_line();
+    *out = reply.0.into_bytes();
+    Some(from)
+}
+
+/// Reads and drops what the client sent and nobody will read (at most
+/// 64 KiB, without waiting), so closing does not reset the connection.
+fn discard_input(stream: &mut UnixStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+}
 
 /// The listener and its connections.
 pub(super) struct ControlServer {
@@ -246,8 +339,15 @@ enum Phase {
     Writing {
         out: Vec<u8>,
         written: usize,
+        /// `conns`: the slab slot its listing goes on from once `out` is
+        /// written; `None` when `out` is the end of the reply.
+        more: Option<usize>,
     },
 }
+
+/// A `conns` listing is written in parts of about this size, each built
+/// once the one before is in the socket.
+const CONNS_PART: usize = 64 * 1024;
 
 #[derive(Clone, Copy)]
 enum Pending {
@@ -267,20 +367,9 @@ impl ControlServer {
         let fail = |message: String| {
             Error::Invalid(format!("control socket {}: {message}", path.display()))
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                match std::os::unix::net::UnixStream::connect(path) {
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        std::fs::remove_file(path)
-                            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
-                    }
-                    Ok(_) => return Err(fail("another process listens on it".to_string())),
-                    Err(e) => return Err(fail(format!("exists and cannot be probed: {e}"))),
-                }
-            }
-            Ok(_) => return Err(fail("exists and is not a socket".to_string())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail(e.to_string())),
+        if check_control_path(path)? {
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
         }
         let listener =
             sys::bind_private_unix_listener(path, 64).map_err(|e| fail(e.to_string()))?;
@@ -294,6 +383,11 @@ impl ControlServer {
             .register(&mut server.listener, CONTROL_LISTENER, Interest::READABLE)
             .map_err(|e| fail(format!("cannot register: {e}")))?;
         Ok(server)
+    }
+
+    /// Control connections open.
+    pub(super) fn open_conns(&self) -> usize {
+        self.conns.len()
     }
 
     /// The earliest idle or drain deadline.
@@ -345,6 +439,9 @@ impl Shell {
                 let _ = stream.write(&error_reply(format_args!(
                     "too many control connections (at most {MAX_CONTROL_CONNS})"
                 )));
+                // Its command, if already sent, would turn the close into a
+                // reset the client sees before the error line.
+                discard_input(&mut stream);
                 continue;
             }
             let entry = server.conns.vacant_entry();
@@ -475,7 +572,10 @@ impl Shell {
                 self.status_snapshot(now).write(&mut reply);
                 reply.ok()
             }
-            Command::Conns => self.conns_reply(now),
+            Command::Conns => {
+                self.control_write_from(now, slot, Vec::new(), Some(0));
+                return None;
+            }
             Command::Position(target) => match self.core.position(now, target) {
                 Ok(p) => {
                     let mut reply = Reply::default();
@@ -512,6 +612,11 @@ impl Shell {
                 self.drain(now);
                 self.control_answer_drains(now, Some("resumed before the drain completed"));
                 Reply::default().ok()
+            }
+            // Its answer would come after the exit: nothing waits once
+            // stopping.
+            Command::Drain(_) | Command::Restart(_) if self.core.is_stopping() => {
+                error_reply("stopping")
             }
             Command::Drain(dur) => {
                 self.core.handle_pause(now);
@@ -553,7 +658,9 @@ impl Shell {
                 }
             }
             Command::Reload => {
-                if self.config.config_file.is_none() || self.options.reload_args.is_none() {
+                if self.core.is_stopping() {
+                    error_reply("stopping")
+                } else if self.config.config_file.is_none() || self.options.reload_args.is_none() {
                     error_reply("no config file given with -c")
                 } else {
                     // A reload under way may have read the file before the
@@ -594,26 +701,6 @@ impl Shell {
         }
     }
 
-    fn conns_reply(&mut self, now: u64) -> Vec<u8> {
-        let mut reply = Reply::default();
-        for info in self.core.conns_info(now) {
-            let (up, down) = match self.io_of(info.conn).map(|io| &io.stage) {
-                Some(Stage::Relaying(relay)) => relay.bytes(),
-                _ => (0, 0),
-            };
-            reply
-                .line("conn", info.conn.id())
-                .field("state", info.state.as_str())
-                .field("client", info.client)
-                .field("instance", 1)
-                .field("age_ms", info.age_ms)
-                .field("waited_ms", info.waited_ms)
-                .field("bytes_up", up)
-                .field("bytes_down", down);
-        }
-        reply.ok()
-    }
-
     fn control_wait(&mut self, slot: usize, pending: Pending) {
         if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
             conn.phase = Phase::Waiting(pending);
@@ -622,10 +709,16 @@ impl Shell {
 
     /// Starts writing `reply`, as much as the socket takes now.
     fn control_reply(&mut self, now: u64, slot: usize, reply: Vec<u8>) {
+        self.control_write_from(now, slot, reply, None);
+    }
+
+    /// Starts writing `out`, then the `conns` listing from slot `more`.
+    fn control_write_from(&mut self, now: u64, slot: usize, out: Vec<u8>, more: Option<usize>) {
         if let Some(conn) = self.control.as_mut().and_then(|s| s.conns.get_mut(slot)) {
             conn.phase = Phase::Writing {
-                out: reply,
+                out,
                 written: 0,
+                more,
             };
             conn.idle_deadline = now.saturating_add(IDLE_MS);
             self.control_write(now, slot);
@@ -639,31 +732,35 @@ impl Shell {
         let Some(conn) = server.conns.get_mut(slot) else {
             return;
         };
-        let Phase::Writing { out, written } = &mut conn.phase else {
+        let Phase::Writing { out, written, more } = &mut conn.phase else {
             return;
         };
-        while *written < out.len() {
-            match conn.stream.write(&out[*written..]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    *written += n;
-                    conn.idle_deadline = now.saturating_add(IDLE_MS);
+        // A `conns` listing is built a part at a time, the next once the
+        // socket took the last: the work per writable edge is bounded by
+        // the socket's buffer, and a stalled reader costs one part.
+        'parts: loop {
+            while *written < out.len() {
+                match conn.stream.write(&out[*written..]) {
+                    Ok(0) => break 'parts,
+                    Ok(n) => {
+                        *written += n;
+                        conn.idle_deadline = now.saturating_add(IDLE_MS);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break 'parts,
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
             }
+            let Some(from) = *more else {
+                break;
+            };
+            out.clear();
+            *written = 0;
+            *more = conns_part(out, from, now, &self.core, &self.io);
         }
         // Unread input would turn the client's end of stream into a reset
         // (an overlong line, say): discard a bounded amount of it first.
-        let mut sink = [0u8; 4096];
-        for _ in 0..16 {
-            match conn.stream.read(&mut sink) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                _ => break,
-            }
-        }
+        discard_input(&mut conn.stream);
         server.close(&self.poll, slot);
     }
 
@@ -777,6 +874,28 @@ impl Shell {
             .collect();
         for (slot, reply) in answers {
             self.control_reply(now, slot, reply);
+        }
+    }
+
+    /// Answers every waiting `drain`, `reload` and `restart` with an error:
+    /// when shutdown begins (their answer would never come), or when the
+    /// reload thread they wait for could not start.
+    pub(super) fn control_fail_waiters(&mut self, now: u64, reload_only: bool, msg: &str) {
+        let Some(server) = &self.control else {
+            return;
+        };
+        let waiting: Vec<usize> = server
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.phase {
+                Phase::Waiting(Pending::Reload { .. }) => true,
+                Phase::Waiting(_) => !reload_only,
+                _ => false,
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in waiting {
+            self.control_reply(now, slot, error_reply(msg));
         }
     }
 

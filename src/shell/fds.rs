@@ -14,6 +14,15 @@ const FDS_PER_HOOK: usize = 5;
 /// Kept free for the listening and control sockets later features add.
 const FDS_SPARE: usize = 4;
 
+/// Kept free for each configured server (`--control`, `--metrics`): its
+/// connections, plus the one an accept beyond them takes while it is told
+/// so and closed. Their connections live in this part of the reserve and
+/// are not counted against clients.
+const FDS_PER_SERVER: usize = {
+    assert!(control::MAX_CONTROL_CONNS == http::MAX_CONNS);
+    http::MAX_CONNS + 1
+};
+
 /// The descriptors tcplock may use, and how many of them activating needs
 /// kept free. Open descriptors are counted without a system call: those
 /// open at start, plus one per client, plus idle pipes. What an activation
@@ -61,7 +70,7 @@ impl FdBudget {
 
     /// Descriptors activating needs kept free under `config`: the permits
     /// that fit next to their clients, one hook if a command hook is
-    /// configured, and a few spare.
+    /// configured, each server's connections, and a few spare.
     fn reserve(&self, config: &Config) -> usize {
         let is_command = |hook: &Option<Hook>| hook.as_ref().and_then(Hook::as_command).is_some();
         let hook = if is_command(&config.on_activate) || is_command(&config.on_timeout) {
@@ -69,7 +78,8 @@ impl FdBudget {
         } else {
             0
         };
-        let fixed = hook + FDS_SPARE;
+        let servers = usize::from(config.control.is_some()) + usize::from(config.metrics.is_some());
+        let fixed = hook + servers * FDS_PER_SERVER + FDS_SPARE;
         let room = self
             .limit
             .unwrap_or(usize::MAX)

@@ -30,6 +30,16 @@ pub(super) struct Metrics {
     proc: ProcReader,
 }
 
+/// The address `--metrics ADDR` binds, looked up as a start does it
+/// (`--check` too). The builder's address comes as given: `PORT` alone
+/// means loopback.
+pub(crate) fn resolve_metrics_addr(addr: &str) -> Result<std::net::SocketAddr, Error> {
+    let addr = crate::config::units::parse_listen(addr).unwrap_or_else(|_| addr.to_string());
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str());
+    // `resolve` never returns an empty list.
+    Ok(super::resolve("metrics address", &addr, resolved)?[0])
+}
+
 impl Metrics {
     /// Binds the metrics listener if `--metrics` is set.
     pub(super) fn start(
@@ -40,10 +50,7 @@ impl Metrics {
         let Some(addr) = &config.metrics else {
             return Ok(None);
         };
-        // The builder's address comes as given: `PORT` alone means loopback.
-        let addr = crate::config::units::parse_listen(addr).unwrap_or_else(|_| addr.clone());
-        let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str());
-        let addr = super::resolve("metrics address", &addr, resolved)?[0];
+        let addr = resolve_metrics_addr(addr)?;
         let server = HttpServer::bind(addr, poll.registry(), METRICS_LISTENER, FIRST_METRICS_CONN)
             .map_err(|source| Error::Bind { addr, source })?;
         if let Some(line) = logger.line(LogLevel::Info, "metrics_listening") {
@@ -107,13 +114,15 @@ impl Shell {
 
     /// Descriptors open beside the connections' sockets and pipes: those
     /// counted at start (listeners, poll, signal pipe, standard streams...),
-    /// idle pipes, metrics connections and a running hook's pidfd. Counting
-    /// beats reading `/proc/self/fd`, which takes about 8 ms with 10,000
-    /// descriptors open.
+    /// idle pipes, control and metrics connections and a running hook's
+    /// pidfd. The fallback where the kernel does not count them (before
+    /// Linux 6.2): counting beats listing `/proc/self/fd`, which takes about
+    /// 8 ms with 10,000 descriptors open.
     fn fixed_fds(&self) -> usize {
         self.fds.baseline()
             + self.pool.idle_pipe_fds()
             + self.metrics.as_ref().map_or(0, |m| m.open_conns())
+            + self.control.as_ref().map_or(0, |c| c.open_conns())
             + self.hook.as_ref().map_or(0, |h| h.open_fds())
     }
 }
@@ -274,9 +283,37 @@ const REJECT_REASONS: [RejectReason; 3] = [
     RejectReason::UpstreamFailed,
 ];
 
-fn hook_kind_index(kind: HookKind) -> usize {
-    HOOK_KINDS.iter().position(|&k| k == kind).unwrap_or(0)
+/// A hook kind's place in [`HOOK_KINDS`]: exhaustive, so a new kind fails
+/// to compile instead of being counted as another.
+const fn hook_kind_index(kind: HookKind) -> usize {
+    match kind {
+        HookKind::Activate => 0,
+        HookKind::Timeout => 1,
+    }
 }
+
+/// A reject reason's place in [`REJECT_REASONS`], exhaustive likewise.
+const fn reject_reason_index(reason: RejectReason) -> usize {
+    match reason {
+        RejectReason::QueueFull => 0,
+        RejectReason::BadProxyHeader => 1,
+        RejectReason::UpstreamFailed => 2,
+    }
+}
+
+// Each table's entries sit at their own index.
+const _: () = {
+    let mut i = 0;
+    while i < HOOK_KINDS.len() {
+        assert!(hook_kind_index(HOOK_KINDS[i]) == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < REJECT_REASONS.len() {
+        assert!(reject_reason_index(REJECT_REASONS[i]) == i);
+        i += 1;
+    }
+};
 
 /// What the shell counts as it performs the core's actions. Fixed-size: one
 /// per loop, whatever the number of connections.
@@ -299,7 +336,7 @@ impl Recorder {
         match event {
             Event::Activated { waited_ms, .. } => self.queue_wait.observe(*waited_ms),
             Event::Rejected { reason, .. } => {
-                let index = REJECT_REASONS.iter().position(|r| r == reason).unwrap_or(0);
+                let index = reject_reason_index(*reason);
                 self.rejected[index] += 1;
             }
             _ => {}
@@ -712,7 +749,8 @@ pub(super) struct ProcessMetrics {
 
 /// Reads `/proc/self` (procfs never blocks): `stat` for CPU time and
 /// resident pages, `limits` for the descriptor limit. The start time is
-/// read once, at start-up; open descriptors are counted by the loop.
+/// read once, at start-up; open descriptors are the size of
+/// `/proc/self/fd` (Linux 6.2+), or counted by the loop.
 #[derive(Debug)]
 pub(super) struct ProcReader {
     ticks_per_second: u64,
@@ -731,9 +769,7 @@ impl ProcReader {
             start_time_seconds: None,
             buf: Box::new([0; 4096]),
         };
-        let boot = reader
-            .read("/proc/stat")
-            .and_then(|text| field_after(text, "btime"));
+        let boot = boot_time("/proc/stat");
         let started = reader
             .read("/proc/self/stat")
             .and_then(|text| stat_field(text, 22));
@@ -776,9 +812,23 @@ impl ProcReader {
         metrics.max_fds = self
             .read("/proc/self/limits")
             .and_then(|limits| field_after(limits, "Max open files"));
-        metrics.open_fds = u64::try_from(open_fds).ok();
+        // Linux 6.2 and later give the number of open descriptors as the
+        // size of /proc/self/fd, without listing them; older kernels say 0.
+        metrics.open_fds = std::fs::metadata("/proc/self/fd")
+            .ok()
+            .map(|meta| meta.len())
+            .filter(|&n| n > 0)
+            .or(u64::try_from(open_fds).ok());
         metrics
     }
+}
+
+/// The boot time (`btime`) in `proc_stat`, a `/proc/stat`, read whole:
+/// `btime` comes after a line per CPU and the long `intr` line, well past
+/// 4 KiB on a big host. Read once, at start-up.
+fn boot_time(proc_stat: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_stat).ok()?;
+    field_after(&text, "btime")
 }
 
 /// Field `n` (1-based, as proc(5) numbers them) of `/proc/self/stat`. The
@@ -936,6 +986,25 @@ mod tests {
         assert_eq!(stat_field(stat, 24), Some(25));
         let limits = "Limit  Soft Limit  Hard Limit  Units\nMax open files            1024                 4096                 files\n";
         assert_eq!(field_after(limits, "Max open files"), Some(1024));
+    }
+
+    #[test]
+    fn the_boot_time_is_found_past_4_kib_of_cpu_and_intr_lines() {
+        let mut text = String::from("cpu  1 2 3 4 5 6 7 8 9 10\n");
+        for cpu in 0..256 {
+            text.push_str(&format!("cpu{cpu} 11 22 33 44 55 66 77 88 0 0\n"));
+        }
+        text.push_str("intr 123");
+        for _ in 0..2000 {
+            text.push_str(" 0");
+        }
+        text.push_str("\nctxt 99\nbtime 1795894966\nprocesses 12\n");
+        assert!(text.len() > 8 * 1024);
+        let path = std::env::temp_dir().join(format!("tcplock-stat-{}", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let boot = boot_time(path.to_str().unwrap());
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(boot, Some(1_795_894_966));
     }
 
     #[test]

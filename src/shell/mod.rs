@@ -41,8 +41,10 @@ use crate::core::{
 use crate::sys;
 use log::{CommaList, Logger};
 
+pub(crate) use control::check_control_path;
 use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
+pub(crate) use metrics::resolve_metrics_addr;
 use net::resolve;
 pub(crate) use net::resolve_upstream;
 use notify::Notifier;
@@ -93,6 +95,22 @@ const METRICS_CONNS: std::ops::Range<usize> =
 /// Below it: the fixed tokens, control connections (16..=31) and metrics
 /// connections (32..=47).
 const FIRST_CONN_TOKEN: usize = 64;
+
+// The token ranges never overlap: fixed tokens, control connections,
+// metrics connections, then the connections' pairs.
+const _: () = {
+    let fixed = [LISTENER, SIGNALS, CONTROL, HOOK_EXIT, LOG_SINK];
+    let mut i = 0;
+    while i < fixed.len() {
+        assert!(fixed[i].0 < control::FIRST_CONTROL_TOKEN);
+        i += 1;
+    }
+    assert!(control::CONTROL_LISTENER.0 < control::FIRST_CONTROL_TOKEN);
+    assert!(METRICS_LISTENER.0 < control::FIRST_CONTROL_TOKEN);
+    assert!(control::CONTROL_LISTENER.0 != METRICS_LISTENER.0);
+    assert!(control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS <= FIRST_METRICS_CONN);
+    assert!(METRICS_CONNS.end <= FIRST_CONN_TOKEN);
+};
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
 /// what a queueing proxy exists for.
@@ -586,6 +604,7 @@ impl Shell {
                 Action::KillHook(hook) => self.kill_hook(now, hook),
                 Action::StopAccepting => {
                     self.notify.stopping(&mut self.logger);
+                    self.control_fail_waiters(now, false, "stopping");
                     self.stop_accepting();
                 }
                 Action::ResumeAccepting => self.accept_more = true,

@@ -119,9 +119,9 @@ impl Shell {
 
     /// Whether one more client would eat into the descriptors activation needs.
     pub(super) fn at_fd_reserve(&self) -> bool {
-        let open = self.core.conn_count()
-            + self.pool.idle_pipe_fds()
-            + self.metrics.as_ref().map_or(0, |m| m.open_conns());
+        // Control and metrics connections live in their own part of the
+        // reserve: counting them here too would count them twice.
+        let open = self.core.conn_count() + self.pool.idle_pipe_fds();
         self.fds.at_reserve(open, &self.config)
     }
 

@@ -109,7 +109,15 @@ struct Target {
     stopping: bool,
     /// A failed send was logged; the next is logged only after a success.
     failing: bool,
+    /// `READY=1`, `RELOADING=1` and `STOPPING=1` that found the socket full, in order: they
+    /// are retried each turn (see [`OWED_RETRY_MS`]), never dropped.
+    owed: Vec<String>,
+    /// When the owed messages are tried again.
+    retry_at: u64,
 }
+
+/// How soon a message that found the notification socket full is retried.
+const OWED_RETRY_MS: u64 = 50;
 
 impl Notifier {
     pub(super) fn disabled() -> Notifier {
@@ -156,6 +164,8 @@ impl Notifier {
                 reloading: false,
                 stopping: false,
                 failing: false,
+                owed: Vec::new(),
+                retry_at: 0,
             })),
         })
     }
@@ -172,7 +182,7 @@ impl Notifier {
         }
         target.shown = counts;
         target.status_at = now.saturating_add(STATUS_INTERVAL_MS);
-        target.send(&message, logger);
+        target.send_owed(message, logger);
     }
 
     /// `RELOADING=1` with the time it started on systemd's clock, once per
@@ -181,11 +191,12 @@ impl Notifier {
         let Some(target) = &mut self.target else {
             return;
         };
-        if std::mem::replace(&mut target.reloading, true) {
+        // Nothing but STOPPING=1's followers once stopping.
+        if target.stopping || std::mem::replace(&mut target.reloading, true) {
             return;
         }
         let message = format!("RELOADING=1\nMONOTONIC_USEC={}", sys::monotonic_usec());
-        target.send(&message, logger);
+        target.send_owed(message, logger);
     }
 
     /// `READY=1` once the reload asked for is done, applied or not.
@@ -193,8 +204,8 @@ impl Notifier {
         let Some(target) = &mut self.target else {
             return;
         };
-        if std::mem::take(&mut target.reloading) {
-            target.send("READY=1", logger);
+        if std::mem::take(&mut target.reloading) && !target.stopping {
+            target.send_owed("READY=1".to_string(), logger);
         }
     }
 
@@ -204,7 +215,9 @@ impl Notifier {
             return;
         };
         if !std::mem::replace(&mut target.stopping, true) {
-            target.send("STOPPING=1", logger);
+            // A reload under way owes READY=1 no more.
+            target.reloading = false;
+            target.send_owed("STOPPING=1".to_string(), logger);
         }
     }
 
@@ -214,6 +227,15 @@ impl Notifier {
         let Some(target) = &mut self.target else {
             return;
         };
+        if !target.owed.is_empty() && now >= target.retry_at {
+            let owed = std::mem::take(&mut target.owed);
+            for message in owed {
+                target.send_owed(message, logger);
+            }
+        }
+        if !target.owed.is_empty() && now >= target.retry_at {
+            target.retry_at = now.saturating_add(OWED_RETRY_MS);
+        }
         if let Some((half, next)) = &mut target.watchdog
             && now >= *next
         {
@@ -236,30 +258,46 @@ impl Notifier {
         let target = self.target.as_ref()?;
         let ping = target.watchdog.map(|(_, next)| next);
         let status = target.status_pending.then_some(target.status_at);
-        match (ping, status) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let owed = (!target.owed.is_empty()).then_some(target.retry_at);
+        [ping, status, owed].into_iter().flatten().min()
     }
 }
 
 impl Target {
+    /// A message that must arrive (`READY=1`, `RELOADING=1`, `STOPPING=1`): sent after
+    /// those owed before it, or owed itself if the socket is full.
+    fn send_owed(&mut self, message: String, logger: &mut Logger) {
+        if !self.owed.is_empty() || !self.try_send(&message, logger) {
+            self.owed.push(message);
+        }
+    }
+
     /// One datagram, never waited for: one the socket has no room for is
-    /// dropped.
+    /// dropped (`STATUS=`, `WATCHDOG=1`).
     fn send(&mut self, message: &str, logger: &mut Logger) {
+        if !self.try_send(message, logger)
+            && let Some(line) = logger.line(LogLevel::Debug, "notify_dropped")
+        {
+            line.field("message", message.lines().next().unwrap_or(""));
+        }
+    }
+
+    /// Sends one datagram; `false` if the socket had no room for it (an
+    /// error is logged and counts as sent: it would only repeat).
+    fn try_send(&mut self, message: &str, logger: &mut Logger) -> bool {
         match self.socket.send_to_addr(message.as_bytes(), &self.addr) {
-            Ok(_) => self.failing = false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(line) = logger.line(LogLevel::Debug, "notify_dropped") {
-                    line.field("message", message.lines().next().unwrap_or(""));
-                }
+            Ok(_) => {
+                self.failing = false;
+                true
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
                 if !std::mem::replace(&mut self.failing, true)
                     && let Some(line) = logger.line(LogLevel::Warn, "notify_failed")
                 {
                     line.field("error", e);
                 }
+                true
             }
         }
     }
@@ -328,6 +366,8 @@ mod tests {
             reloading: false,
             stopping: false,
             failing: false,
+            owed: Vec::new(),
+            retry_at: 0,
         };
         (
             Notifier {
@@ -404,6 +444,20 @@ mod tests {
     }
 
     #[test]
+    fn nothing_of_a_reload_follows_stopping() {
+        let (mut n, peer) = notifier(None);
+        let mut log = Logger::new(LogLevel::Error);
+        n.reloading(&mut log);
+        n.stopping(&mut log);
+        n.reloaded(&mut log);
+        n.reloading(&mut log);
+        n.reloaded(&mut log);
+        let got = received(&peer);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[1], "STOPPING=1");
+    }
+
+    #[test]
     fn a_full_socket_drops_the_datagram_without_blocking() {
         let (mut n, _peer) = notifier(None);
         let mut log = Logger::new(LogLevel::Error);
@@ -415,5 +469,37 @@ mod tests {
             }
         }
         assert!(n.target.as_ref().is_some_and(|t| !t.failing));
+    }
+
+    #[test]
+    fn ready_and_stopping_wait_for_room_instead_of_being_dropped() {
+        let (mut n, peer) = notifier(None);
+        let mut log = Logger::new(LogLevel::Error);
+        // Fill the peer's queue until a datagram finds no room.
+        let mut filled = false;
+        for _ in 0..100_000 {
+            if let Some(target) = &mut n.target
+                && !target.try_send("STATUS=filler", &mut log)
+            {
+                filled = true;
+                break;
+            }
+        }
+        assert!(filled, "the socket never filled");
+        n.ready(10, (0, 0), &mut log);
+        n.stopping(&mut log);
+        n.turn_end(10, (0, 0), &mut log);
+        assert_eq!(n.deadline(), Some(10 + OWED_RETRY_MS));
+        // Still full: nothing is lost, the retry moves on.
+        n.turn_end(10 + OWED_RETRY_MS, (0, 0), &mut log);
+        assert_eq!(n.deadline(), Some(10 + 2 * OWED_RETRY_MS));
+        let fillers = received(&peer);
+        assert!(fillers.iter().all(|m| m == "STATUS=filler"), "{fillers:?}");
+        n.turn_end(10 + 2 * OWED_RETRY_MS, (0, 0), &mut log);
+        assert_eq!(
+            received(&peer),
+            ["READY=1\nSTATUS=queued=0 active=0", "STOPPING=1"]
+        );
+        assert_eq!(n.deadline(), None);
     }
 }

@@ -18,6 +18,13 @@ impl Shell {
                     self.reap_orphans(now);
                     self.reap_service_orphans();
                 }
+                // A reload during shutdown would tell systemd READY=1 after
+                // STOPPING=1: said and ignored.
+                SIGHUP if self.core.is_stopping() => {
+                    if let Some(line) = self.logger.line(LogLevel::Warn, "reload_skipped") {
+                        line.field("reason", "stopping");
+                    }
+                }
                 SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
                 SIGUSR1 => self.core.handle_dump_state(now),
@@ -82,11 +89,13 @@ impl Shell {
             }
             Err(e) => {
                 let source = path.display().to_string();
+                let message = format!("cannot start the reload thread: {e}");
                 if let Some(line) = self.logger.line(LogLevel::Error, "reload_failed") {
-                    line.field("file", source)
-                        .field("error", format_args!("cannot start the reload thread: {e}"));
+                    line.field("file", source).field("error", &message);
                 }
                 self.notify.reloaded(&mut self.logger);
+                // No reload runs: those waiting for the next one hear so.
+                self.control_fail_waiters(self.now(), true, &message);
             }
         }
     }
