@@ -95,6 +95,8 @@ enum ServiceState {
         /// The next look at what is left; `None` while a sample is out.
         check: Option<TimerKey>,
         /// A stop with no client's permit held (not a crash, not a failed start).
+        /// Read by the invariant check only.
+        #[cfg_attr(not(any(debug_assertions, test, feature = "model")), allow(dead_code))]
         planned: bool,
         then: AfterStop,
     },
@@ -157,6 +159,7 @@ impl Service {
     }
 
     /// Whether it may serve proxied connections: ready, due or not.
+    #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn is_ready(&self) -> bool {
         matches!(self.state, ServiceState::Ready { .. })
     }
@@ -167,6 +170,7 @@ impl Service {
     }
 
     /// A stop that must find no permit held.
+    #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn is_planned_stop(&self) -> bool {
         matches!(self.state, ServiceState::Stopping { planned: true, .. })
     }
