@@ -689,8 +689,8 @@ impl Model {
             if let State::Hooking { ok: true, .. } = s.state {
                 s.state = State::Waiting;
                 s.permit = None;
-                // Prepared afresh for the next generation: attempt 1 again.
-                s.hook_runs = 0;
+                // Prepared afresh for the next generation; its attempt count
+                // goes on (it was admitted once, whatever max-queue says).
             }
         }
     }
