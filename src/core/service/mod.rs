@@ -523,7 +523,11 @@ impl Core {
     /// supervise the upstream.
     pub(super) fn service_takes_clients(&self) -> bool {
         match (&self.service, self.settings.service.is_some()) {
-            (None, supervised) => !supervised,
+            // Supervision turned on by a reload waits for the holders before
+            // it makes its service; during a shutdown it makes none (until
+            // the next start of tcplock), so a served queue goes on to the
+            // upstream as configured.
+            (None, supervised) => !supervised || self.shutdown.is_some(),
             (Some(service), true) => service.takes_clients(),
             // No longer supervised: clients wait until the last generation
             // is gone, then go straight to the upstream.

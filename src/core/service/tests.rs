@@ -837,3 +837,36 @@ fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
         }]
     );
 }
+
+/// Model seed 1007: a reload turns supervision on during a shutdown that
+/// serves the queue. No service is made before the next start of tcplock,
+/// so the line must go on to the upstream as configured, not wait for a
+/// service that never comes until the grace runs out.
+#[test]
+fn supervision_turned_on_during_a_serving_shutdown_keeps_serving_the_queue() {
+    let unsupervised = Settings {
+        service: None,
+        permits: 1,
+        serve_queue_on_shutdown: true,
+        shutdown_grace_ms: 60_000,
+        ..supervised(service())
+    };
+    let mut core = Core::new(unsupervised.clone(), 0);
+    let first = proxying(&mut core, 0, 1);
+    let second = core.handle_accepted(0, addr(2));
+    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    core.handle_shutdown(10);
+    let _ = actions(&mut core);
+    core.handle_reload(
+        20,
+        Settings {
+            service: Some(service()),
+            ..unsupervised
+        },
+    );
+    let _ = actions(&mut core);
+    core.handle_relay_ended(30, first, finished());
+    let served = actions(&mut core);
+    assert!(served.contains(&Action::Connect(second)), "{served:?}");
+    assert_eq!(state(&core), None);
+}
