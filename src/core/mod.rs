@@ -690,6 +690,9 @@ impl Core {
         }
         // With nobody left, the service stops now.
         self.settle_service(now);
+        // Supervision turned on and still waiting for its holders makes no
+        // service now: a served queue goes on to the upstream.
+        self.let_through(now);
         self.note_done();
         self.check();
     }

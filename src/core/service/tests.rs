@@ -870,3 +870,32 @@ fn supervision_turned_on_during_a_serving_shutdown_keeps_serving_the_queue() {
     assert!(served.contains(&Action::Connect(second)), "{served:?}");
     assert_eq!(state(&core), None);
 }
+
+/// Model seed 713: supervision turned on waits for a holder, a client comes
+/// meanwhile and waits, then a shutdown serving the queue begins: the service
+/// will never be made, so that client goes to the upstream at once.
+#[test]
+fn a_serving_shutdown_during_the_turn_on_wait_serves_the_waiting_client() {
+    let unsupervised = Settings {
+        service: None,
+        permits: 2,
+        serve_queue_on_shutdown: true,
+        shutdown_grace_ms: 60_000,
+        ..supervised(service())
+    };
+    let mut core = Core::new(unsupervised.clone(), 0);
+    let _first = proxying(&mut core, 0, 1);
+    core.handle_reload(
+        10,
+        Settings {
+            service: Some(service()),
+            ..unsupervised
+        },
+    );
+    let _ = actions(&mut core);
+    let second = core.handle_accepted(20, addr(2));
+    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    core.handle_shutdown(30);
+    let served = actions(&mut core);
+    assert!(served.contains(&Action::Connect(second)), "{served:?}");
+}
