@@ -107,6 +107,8 @@ pub struct Core {
     /// `--spawn`: the supervised upstream. It outlives a reload that turns
     /// supervision off until it has stopped.
     service: Option<Service>,
+    /// Generations spawned so far, across supervision turned off and on.
+    generations_spawned: u64,
     /// An operator paused activations (`pause`, `drain`): clients are still
     /// accepted, queued and timed out, but none is let through.
     paused: bool,
@@ -262,6 +264,7 @@ impl Core {
             idle_asked: false,
             stall_warned: false,
             service: None,
+            generations_spawned: 0,
             paused: false,
             proxy_ms_avg: None,
         }
@@ -687,6 +690,9 @@ impl Core {
         }
         // With nobody left, the service stops now.
         self.settle_service(now);
+        // Supervision turned on and still waiting for its holders makes no
+        // service now: a served queue goes on to the upstream.
+        self.let_through(now);
         self.note_done();
         self.check();
     }
@@ -1027,8 +1033,14 @@ impl Core {
             match waiting {
                 Some(conn) if !self.service_takes_clients() => {
                     // The service went away meanwhile: the client keeps its
-                    // place, and the next generation is prepared afresh.
-                    self.conns[conn.slot].state = ConnState::Queued { attempts: 0 };
+                    // place, and the next generation is prepared afresh. It
+                    // keeps its attempt count too: it was admitted once,
+                    // whatever max-queue says now.
+                    let attempts = match self.conns[conn.slot].state {
+                        ConnState::Activating(Activation::Hook { attempt }) => attempt,
+                        _ => 1,
+                    };
+                    self.conns[conn.slot].state = ConnState::Queued { attempts };
                     self.active -= 1;
                     self.queue.push_front(conn);
                 }

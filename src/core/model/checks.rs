@@ -316,7 +316,9 @@ impl Model {
                 core.is_finished()
             ));
         }
-        if finished != self.shutdown.as_ref().is_some_and(|sd| sd.done_logged) {
+        // ShutdownDone closes the log once the core is finished: supervised,
+        // that is after the service rests too.
+        if (finished && service_rests) != self.shutdown.as_ref().is_some_and(|sd| sd.done_logged) {
             return Err(format!(
                 "finished is {finished}, but ShutdownDone disagrees"
             ));

@@ -9,16 +9,6 @@ impl Model {
     /// its own step.
     pub(super) fn step(&mut self, op: &Op) -> Result<(), Failure> {
         self.step_one(op)?;
-        let header = *op == Op::Accept && self.settings.proxy_header_timeout_ms.is_some();
-        if self.view.ever && (*op == Op::Shutdown || header) {
-            // MASKED (lead finding, `service/tests.rs`
-            // `a_stray_answer_after_a_header_reading_newcomer_does_nothing`):
-            // a newcomer reading its header leaves the service unsettled.
-            // MASKED (lead finding, `service/tests.rs`
-            // `a_shutdown_with_nobody_left_stops_the_service_at_once`): the
-            // shutdown leaves the service unsettled until the next input.
-            self.step_one(&Op::Tick)?;
-        }
         self.shell_steps()
     }
 
@@ -279,42 +269,14 @@ impl Model {
                 if self.hook.is_none() {
                     return self.skip(op);
                 }
-                let mut exit = exit;
                 if self.view.ever {
-                    // The service news must be current to judge the mask.
+                    // The shadow marks the success before the core sees it,
+                    // but the core fires the deadlines that passed first: a
+                    // service stop among them would put back a client whose
+                    // success the core has not processed yet (it keeps the
+                    // preparation instead). Deadlines first, in a step of
+                    // their own.
                     self.tick_first(fed)?;
-                }
-                let masked = HookExit::Failed(1);
-                if self.view.ever
-                    && exit.is_success()
-                    && !self.service_takes_clients()
-                    && self.waiting() > self.settings.max_queue
-                    && self
-                        .hook
-                        .as_ref()
-                        .is_some_and(|run| run.kind == HookKind::Activate)
-                {
-                    // MASKED (lead finding, `service/tests.rs`
-                    // `a_hooked_client_requeued_for_a_due_service_stays_within_max_queue`):
-                    // a success while the service takes no clients and the
-                    // line is full fails.
-                    exit = &masked;
-                }
-                if let Some(conn) = self
-                    .hook
-                    .as_ref()
-                    .filter(|run| run.kind == HookKind::Activate)
-                    .and_then(|run| run.conn)
-                    .and_then(|id| self.conns.get(&id))
-                    .filter(|s| matches!(s.state, State::Hooking { .. }))
-                    .map(|s| s.conn)
-                    .filter(|_| self.view.ever && self.view.failed)
-                {
-                    // MASKED (lead finding, `service/tests.rs`
-                    // `a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_service`):
-                    // its client leaves first, or it would wait in line for
-                    // a failed service.
-                    self.leave_first(conn, fed)?;
                 }
                 let Some(run) = self.hook.take() else {
                     return self.skip(op);
@@ -363,14 +325,6 @@ impl Model {
                 // keeps the shadow's settings in step with the core's.
                 self.tick_first(fed)?;
                 let mut settings = sanitize(Settings::clone(settings));
-                if settings.service.is_some()
-                    && self.core.stats().service.state.is_none()
-                    && self.holders() > 0
-                {
-                    // MASKED (lead finding, `service/tests.rs`
-                    // `supervision_turned_on_under_a_proxying_client_keeps_the_invariants`).
-                    settings.service = None;
-                }
                 trace!(self, "t={} reload {settings:?}", self.now);
                 // Fixed at start-up: a reload keeps it (`keep_fixed`).
                 settings.proxy_header_timeout_ms = self.settings.proxy_header_timeout_ms;
@@ -393,9 +347,6 @@ impl Model {
                     self.prepared = false;
                 }
                 self.view.ever |= settings.service.is_some();
-                if settings.service.is_some() && self.core.stats().service.state.is_none() {
-                    self.service_anew();
-                }
                 self.settings = settings.clone();
                 if self.settings.on_timeout.is_none() {
                     self.timeout_due = false;
@@ -490,21 +441,6 @@ impl Model {
             if self.tracing {
                 let _ = write!(self.trace, "#{}' ", self.steps);
             }
-        }
-        Ok(())
-    }
-
-    /// A client leaves, as a step of its own before the op being fed.
-    fn leave_first(&mut self, conn: ConnRef, fed: &mut Fed) -> Result<(), String> {
-        self.fed = self.now;
-        trace!(self, "t={} client_left conn {} (first)", self.now, conn.id);
-        fed.left = Some(conn.id);
-        self.core.handle_client_left(self.now, conn);
-        self.drain(fed)?;
-        self.check_after(fed)?;
-        *fed = Fed::default();
-        if self.tracing {
-            let _ = write!(self.trace, "#{}' ", self.steps);
         }
         Ok(())
     }

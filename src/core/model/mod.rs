@@ -66,9 +66,9 @@
 //!
 //! Supervised runs (`Settings::service`): a fake shell answers the service
 //! actions from a process table, and the service's invariants are checked
-//! against the core's news; see `service.rs` for what is checked, what the
-//! connection shadow leaves to the core there, and which paths are masked
-//! for the lead's open findings (`MASKED` in the driver).
+//! against the core's news; see `service.rs` for what is checked and what the
+//! connection shadow leaves to the core there. Nothing is masked: every path
+//! the ops reach is driven.
 //!
 //! # Ordering within one input
 //!

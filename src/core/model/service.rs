@@ -38,8 +38,9 @@
 //! - after `UpstreamFailed` no client waits in line until the next
 //!   `UpstreamReady`, and a newcomer is `Rejected` only with that news;
 //! - connections use the service only while it is ready; a crash closes them
-//!   as `UpstreamError` ended by the upstream, a give-up closes the waiting as
-//!   `UpstreamFailed`;
+//!   as `UpstreamError` ended by the upstream, a give-up closes the waiting
+//!   as `UpstreamFailed` (and a client whose hook ran through it, once that
+//!   hook ends);
 //! - a stray answer (a generation never asked about) produces no action;
 //! - the core is finished only with no process of the service alive, and the
 //!   wind-down (every question answered) finishes it.
@@ -49,9 +50,12 @@
 //! The shadow stays exact for connections, with the service gating folded in:
 //! its liveness check ("a free permit, a waiting client and nothing to wait
 //! for") holds only while the news says ready and not due (or the service is
-//! gone after a reload turned it off, read from `stats()`), and a client whose
-//! hook succeeded while the generation stopped taking clients is put back at
-//! the head of the line (the core logs nothing for it). `is_finished()` is
+//! gone after a reload turned it off, read from `stats()`; supervision turned
+//! on by a reload takes no client until its holders are gone and its first
+//! generation is ready, except during a shutdown, which makes no service), and
+//! a client whose hook succeeded while the generation stopped taking clients
+//! is put back at the head of the line keeping its attempt count (the core
+//! logs nothing for it). `is_finished()` is
 //! checked one way only (finished implies no connection, hook or service
 //! process left) since the service's rest is not in the action stream; the
 //! wind-down requires it.
@@ -308,12 +312,6 @@ impl Model {
                 if !matches!(g.leader, Leader::Alive { .. }) {
                     return self.skip(op);
                 }
-                // MASKED (lead finding, `service/tests.rs`
-                // `an_exit_before_ready_is_a_failed_start_and_the_next_one_follows`):
-                // an exit before ready leaves the service stopping forever.
-                if self.view.ready.map(|r| r.0) != Some(g.generation) {
-                    return self.skip(op);
-                }
                 g.leader = Leader::Dead {
                     reported: false,
                     exit: *exit,
@@ -369,16 +367,6 @@ impl Model {
             _ => unreachable!("not a service op: {op:?}"),
         }
         Ok(())
-    }
-
-    /// Supervision is turned on (again) with no service left in the core.
-    /// MASKED (lead finding, `service/tests.rs`
-    /// `generations_never_repeat_across_supervision_turned_off_and_on`): the
-    /// new service numbers its generations from 1 again, so the shell forgets
-    /// the old numbers and the probes still out for them.
-    pub(super) fn service_anew(&mut self) {
-        self.shell.last_spawned = 0;
-        self.shell.probes.clear();
     }
 
     fn port_answers(&self, now: u64) -> bool {
@@ -636,9 +624,9 @@ impl Model {
                     self.view.due = false;
                 }
                 // A start abandoned for a reload or a shutdown ends here: it
-                // logs no UpstreamStartFailed (lead finding, `service/tests.rs`
-                // `a_start_abandoned_for_a_reload_is_logged_as_failed`).
-                // Accepted, so the model needs no mask for it.
+                // did not fail, and logs no UpstreamStartFailed
+                // (`service/tests.rs`
+                // `a_start_abandoned_for_a_reload_is_stopped_not_failed`).
                 if self.view.starting == Some(*generation) {
                     self.view.starting = None;
                 }
@@ -689,8 +677,8 @@ impl Model {
             if let State::Hooking { ok: true, .. } = s.state {
                 s.state = State::Waiting;
                 s.permit = None;
-                // Prepared afresh for the next generation: attempt 1 again.
-                s.hook_runs = 0;
+                // Prepared afresh for the next generation; its attempt count
+                // goes on (it was admitted once, whatever max-queue says).
             }
         }
     }

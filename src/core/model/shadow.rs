@@ -561,6 +561,14 @@ impl Model {
             // The supervised upstream failed to start too often.
             Outcome::UpstreamFailed => {
                 fed.svc.gave_up && matches!(state, State::Waiting | State::Header { .. })
+                    // Its hook ran through the give-up: back in line (failed
+                    // or successful) for a failed service, it is closed.
+                    || self.view.failed
+                        && self.just_reaped.is_some()
+                        && matches!(
+                            state,
+                            State::Waiting | State::Header { .. } | State::Hooking { ok: true, .. }
+                        )
             }
             Outcome::Killed => fed.killed == Some(id),
             Outcome::Shutdown => match &self.shutdown {
@@ -599,11 +607,16 @@ impl Model {
             self.timeout_due = !self.activations_stopped();
             self.last_expired = Some(id);
         }
-        if self.conns.get(&id).is_some_and(|s| s.permit.is_some()) {
+        // A hooked client closed for a failed service went back in line
+        // first: it held no permit then, and kept no preparation.
+        let requeued = outcome == Outcome::UpstreamFailed;
+        if !requeued && self.conns.get(&id).is_some_and(|s| s.permit.is_some()) {
             self.last_outcome = Some(outcome);
             self.last_ended_by = Some(ended_by);
         }
-        if let State::Hooking { ok: true, .. } = state {
+        if let State::Hooking { ok: true, .. } = state
+            && !requeued
+        {
             // It left (or timed out) just before its hook's success was seen.
             self.prepared = true;
         }

@@ -371,3 +371,37 @@ fn winding_down_a_service_that_ignores_sigterm_with_a_long_stop_timeout_finishes
         panic!("{failure}");
     }
 }
+
+/// Was masked for the lead's finding: a client whose on-activate hook runs
+/// through the give-up goes back in line when its hook ends, failed or
+/// successful, and is closed as `UpstreamFailed` rather than left waiting
+/// for a failed service.
+#[test]
+fn a_hook_that_ends_after_the_give_up_closes_its_client() {
+    for exit in [HookExit::Failed(1), HookExit::Success] {
+        let settings = Settings {
+            on_activate: Some(HookRef(1)),
+            stall_warn_ms: None,
+            upstream: "127.0.0.1:9".to_string(),
+            service: Some(ServiceSettings {
+                run: ServiceRef(1),
+                start_retries: 1,
+                ..ServiceSettings::default()
+            }),
+            ..Settings::default()
+        };
+        let ops = vec![
+            Op::Wake,
+            Op::Accept,
+            Op::ServiceCrash(ServiceExit::Signal(11)),
+            Op::PortTaken(1_000_000),
+            Op::Wake,
+            Op::Wake,
+            Op::HookExited(exit),
+        ];
+        match run_traced(settings, &ops) {
+            Ok(()) => {}
+            Err(failure) => panic!("{failure}"),
+        }
+    }
+}

@@ -139,13 +139,15 @@ pub(super) enum ServiceTimer {
 }
 
 impl Service {
-    pub(super) fn new() -> Self {
+    /// A service whose first spawn is `first_generation` (generations keep
+    /// counting when a reload turns supervision off and on again).
+    pub(super) fn new(first_generation: u64) -> Self {
         Service {
             state: ServiceState::Stopped {
                 retry: None,
                 reason: RestartReason::First,
             },
-            next_generation: 1,
+            next_generation: first_generation,
             failed_starts: 0,
             failed: false,
             rss_kib: 0,
@@ -287,6 +289,7 @@ impl Core {
                 {
                     service.state = ServiceState::Spawning { generation, reason };
                     service.next_generation = generation.0 + 1;
+                    self.generations_spawned = generation.0;
                     self.actions.push_back(Action::SpawnService {
                         generation,
                         reason,
@@ -523,9 +526,16 @@ impl Core {
     /// Whether a client may be activated now: always when tcplock does not
     /// supervise the upstream.
     pub(super) fn service_takes_clients(&self) -> bool {
-        match &self.service {
-            None => true,
-            Some(service) => self.settings.service.is_some() && service.takes_clients(),
+        match (&self.service, self.settings.service.is_some()) {
+            // Supervision turned on by a reload waits for the holders before
+            // it makes its service; during a shutdown it makes none (until
+            // the next start of tcplock), so a served queue goes on to the
+            // upstream as configured.
+            (None, supervised) => !supervised || self.shutdown.is_some(),
+            (Some(service), true) => service.takes_clients(),
+            // No longer supervised: clients wait until the last generation
+            // is gone, then go straight to the upstream.
+            (Some(_), false) => false,
         }
     }
 
@@ -534,8 +544,10 @@ impl Core {
     /// client comes, and a stopping tcplock stops it once nobody is left.
     pub(super) fn settle_service(&mut self, now: u64) {
         let Some(service) = &self.service else {
-            if self.settings.service.is_some() && self.shutdown.is_none() {
-                self.service = Some(super::service::Service::new());
+            // Supervision turned on by a reload waits for the connections to
+            // the upstream managed elsewhere to finish: its port is theirs.
+            if self.settings.service.is_some() && self.shutdown.is_none() && self.active == 0 {
+                self.service = Some(Service::new(self.generations_spawned + 1));
                 self.start(now, RestartReason::First);
             }
             return;
@@ -596,7 +608,8 @@ impl Core {
                         self.timers.cancel(key);
                         self.rest(reason);
                     }
-                } else if retry.is_none() && !self.conns.is_empty() {
+                } else if retry.is_none() && self.waiting() > 0 {
+                    // Clients still reading their PROXY header do not start it.
                     self.start(now, reason);
                 }
             }
@@ -681,7 +694,17 @@ impl Core {
         let Some(service) = &self.service else {
             return;
         };
-        if run_changed || matches!(service.state, ServiceState::Stopped { retry: Some(_), .. }) {
+        // A failed start waiting for its retry (or for its leftovers to go
+        // first) is tried again at once.
+        let retry_pending = matches!(
+            service.state,
+            ServiceState::Stopped { retry: Some(_), .. }
+                | ServiceState::Stopping {
+                    then: AfterStop::Retry(_),
+                    ..
+                }
+        );
+        if run_changed || retry_pending {
             self.restart_requested(now, RestartReason::Reload);
         }
     }
@@ -700,7 +723,9 @@ impl Core {
             (ServiceTimer::Retry, ServiceState::Stopped { retry, reason }) => {
                 *retry = None;
                 let reason = *reason;
-                if !self.stop_for_good() {
+                if self.stop_for_good() {
+                    self.rest(reason);
+                } else {
                     self.start(now, reason);
                 }
             }
@@ -869,7 +894,9 @@ impl Core {
                 // asked for, it starts now.
                 let retry = retry.take();
                 self.cancel(retry);
-                if !self.stop_for_good() {
+                if self.stop_for_good() {
+                    self.rest(reason);
+                } else {
                     self.start(now, reason);
                 }
             }

