@@ -225,6 +225,17 @@ impl Service {
         }
     }
 
+    /// Where the current state keeps a re-armed `timer`, if it has a place.
+    fn timer_slot(&mut self, timer: ServiceTimer) -> Option<&mut Option<TimerKey>> {
+        match (timer, &mut self.state) {
+            (ServiceTimer::Probe, ServiceState::Starting { probe, .. }) => Some(probe),
+            (ServiceTimer::Sample, ServiceState::Ready { sample, .. }) => Some(sample),
+            (ServiceTimer::IdleStop, ServiceState::Ready { idle, .. }) => Some(idle),
+            (ServiceTimer::StopCheck, ServiceState::Stopping { check, .. }) => Some(check),
+            _ => None,
+        }
+    }
+
     /// The timers it holds, for the invariant check.
     #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn armed_timers(&self) -> [Option<TimerKey>; 4] {
@@ -308,12 +319,7 @@ impl Core {
                     self.timers.cancel(ready_deadline);
                     self.became_ready(now, generation, pid, spawned_at);
                 } else {
-                    let key = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
-                    if let Some(ServiceState::Starting { probe, .. }) =
-                        self.service.as_mut().map(|s| &mut s.state)
-                    {
-                        *probe = Some(key);
-                    }
+                    self.rearm(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
                 }
             }
             _ => {}
@@ -497,12 +503,7 @@ impl Core {
                     let then = *then;
                     self.service_gone(now, then);
                 } else {
-                    let key = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
-                    if let Some(ServiceState::Stopping { check, .. }) =
-                        self.service.as_mut().map(|s| &mut s.state)
-                    {
-                        *check = Some(key);
-                    }
+                    self.rearm(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
                 }
             }
             _ => {}
@@ -577,13 +578,17 @@ impl Core {
                     let idle_stop = self.settings.service.as_ref().and_then(|s| s.idle_stop_ms);
                     match (idle_stop, idle) {
                         (Some(after), None) if self.conns.is_empty() && self.shutdown.is_none() => {
-                            let key = self
-                                .service_timer(now.saturating_add(after), ServiceTimer::IdleStop);
-                            self.set_ready_idle(Some(key));
+                            self.rearm(now.saturating_add(after), ServiceTimer::IdleStop);
                         }
                         (_, Some(key)) if !self.conns.is_empty() || idle_stop.is_none() => {
                             self.timers.cancel(key);
-                            self.set_ready_idle(None);
+                            if let Some(slot) = self
+                                .service
+                                .as_mut()
+                                .and_then(|service| service.timer_slot(ServiceTimer::IdleStop))
+                            {
+                                *slot = None;
+                            }
                         }
                         _ => {}
                     }
@@ -763,12 +768,7 @@ impl Core {
             ) => {
                 let generation = *generation;
                 *sample = None;
-                let key = self.service_timer(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
-                if let Some(ServiceState::Ready { sample, .. }) =
-                    self.service.as_mut().map(|s| &mut s.state)
-                {
-                    *sample = Some(key);
-                }
+                self.rearm(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
                 self.actions.push_back(Action::SampleService(generation));
             }
             (
@@ -1133,10 +1133,19 @@ impl Core {
         }
     }
 
-    fn set_ready_idle(&mut self, key: Option<TimerKey>) {
-        if let Some(ServiceState::Ready { idle, .. }) = self.service.as_mut().map(|s| &mut s.state)
+    /// Arms `timer` at `at` in the slot the current state keeps for it
+    /// (which the caller has emptied).
+    fn rearm(&mut self, at: u64, timer: ServiceTimer) {
+        let key = self.service_timer(at, timer);
+        match self
+            .service
+            .as_mut()
+            .and_then(|service| service.timer_slot(timer))
         {
-            *idle = key;
+            Some(slot) => *slot = Some(key),
+            None => {
+                self.timers.cancel(key);
+            }
         }
     }
 
