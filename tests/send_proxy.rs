@@ -248,7 +248,13 @@ fn nginx_sees(version: &str, balancer_header: Option<(&[u8], &str)>) {
         eprintln!("skipped: nginx is not installed (apt-get install nginx)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("tcplock-nginx-{version}-{}", std::process::id()));
+    // One directory per run: two tests with the same version run at once.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "tcplock-nginx-{version}-{}-{run}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let port = unused_port();
