@@ -394,23 +394,14 @@ impl Core {
         let Some(service) = &mut self.service else {
             return;
         };
+        let was_ready = matches!(service.state, ServiceState::Ready { .. });
         match &mut service.state {
             ServiceState::Starting {
                 generation: running,
                 pid,
                 ..
-            } if *running == generation => {
-                let pid = *pid;
-                self.log(Event::UpstreamExited {
-                    generation,
-                    pid,
-                    exit,
-                    expected: false,
-                });
-                let why = format!("exited before it was ready ({})", exit_text(exit));
-                self.start_failed(now, generation, why, Leftover::Exited);
             }
-            ServiceState::Ready {
+            | ServiceState::Ready {
                 generation: running,
                 pid,
                 ..
@@ -422,13 +413,18 @@ impl Core {
                     exit,
                     expected: false,
                 });
-                self.begin_stop(
-                    now,
-                    RestartReason::Crash,
-                    AfterStop::Restart(RestartReason::Crash),
-                    true,
-                );
-                self.cut_holders(now);
+                if was_ready {
+                    self.begin_stop(
+                        now,
+                        RestartReason::Crash,
+                        AfterStop::Restart(RestartReason::Crash),
+                        true,
+                    );
+                    self.cut_holders(now);
+                } else {
+                    let why = format!("exited before it was ready ({})", exit_text(exit));
+                    self.start_failed(now, generation, why, Leftover::Exited);
+                }
             }
             ServiceState::Stopping {
                 generation: stopping,
