@@ -255,3 +255,26 @@ fn version_prints_to_stdout() {
         );
     }
 }
+
+#[test]
+fn an_upstream_that_is_tcplocks_own_listener_exits_1() {
+    // Probing a spawned service there would find tcplock itself, forever;
+    // without --spawn every client would be proxied back to tcplock.
+    let port = unused_port().to_string();
+    for (listen, upstream) in [
+        (format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
+        (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}")),
+    ] {
+        let out = run(
+            &["-l", &listen, "-u", &upstream, "--spawn", "exec sleep 60"],
+            EXIT_WAIT,
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "exit status; stderr:\n{err}");
+        assert!(
+            err.contains(&upstream) && err.contains("own listening address"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

@@ -139,6 +139,14 @@ pub(crate) struct ShellOptions {
     pub service_manager: bool,
 }
 
+/// Whether a connect to `upstream` would reach the listener bound at
+/// `listening` (the same port, and the same address or a wildcard bind).
+fn is_own_listener(listening: SocketAddr, upstream: SocketAddr) -> bool {
+    listening.port() == upstream.port()
+        && (listening.ip() == upstream.ip()
+            || listening.ip().is_unspecified() && upstream.ip().is_loopback())
+}
+
 /// The core's policy knobs, from a validated config; its hooks are named in
 /// `hooks`, its service command in `services`.
 fn core_settings(config: &Config, hooks: &mut HookTable, services: &mut ServiceTable) -> Settings {
@@ -339,6 +347,17 @@ impl Shell {
                 (listener, local_addr)
             }
         };
+        if let Some(own) = upstream_addrs
+            .iter()
+            .find(|addr| is_own_listener(local_addr, **addr))
+        {
+            // Every client would be proxied back to tcplock itself, and a
+            // spawned service's probe would find its port busy forever.
+            return Err(Error::Invalid(format!(
+                "upstream {} resolves to {own}, tcplock's own listening address",
+                config.upstream
+            )));
+        }
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")

@@ -755,10 +755,28 @@ pub fn hook_conns(proxy: &Proxy) -> Vec<u64> {
         .collect()
 }
 
-/// A port on 127.0.0.1 with nothing listening on it (bound then released).
+/// A port on 127.0.0.1 with nothing listening on it (bound then released),
+/// below the kernel's ephemeral range: a port the kernel hands out for a
+/// `:0` bind (every tcplock under test listens on one) could otherwise be
+/// given to tcplock as its own listener right after it was released here.
 pub fn unused_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("local_addr").port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16;
+    let span = usize::from(ephemeral_low.saturating_sub(low).max(1));
+    // Parallel test binaries start from different places.
+    let start = (std::process::id() as usize).wrapping_mul(7919);
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + u16::try_from(start.wrapping_add(n * 37) % span).unwrap_or(0);
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().expect("local_addr").port();
+        }
+    }
+    panic!("no free port below {ephemeral_low} in 2000 tries");
 }
 
 // ---------------------------------------------------------------------------
