@@ -807,9 +807,9 @@ pub fn signal_pid(pid: u32, signal: libc::c_int) -> io::Result<()> {
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans
 /// of its descendants are re-parented to it instead of to init, so a
 /// supervised service's daemonised children stay ours to count and reap.
-pub fn set_child_subreaper() -> io::Result<()> {
+pub fn set_child_subreaper(on: bool) -> io::Result<()> {
     // SAFETY: prctl with these options takes plain integers only.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, libc::c_ulong::from(on)) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -1045,6 +1045,9 @@ impl Core {
                     self.queue.push_front(conn);
                 }
                 Some(conn) => self.start_connect(now, conn),
+                // It prepared a generation that is gone or going: nothing
+                // to keep.
+                None if !self.service_takes_clients() => {}
                 None => {
                     self.prepared = true;
                     self.log(Event::PreparationKept { hook: run.id });

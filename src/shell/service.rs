@@ -96,7 +96,7 @@ pub(super) struct ServiceIo {
     probe: Option<Probe>,
     /// Set up for supervising: SIGCHLD watched, subreaper asked for.
     supervised: bool,
-    /// `PR_SET_CHILD_SUBREAPER` is in force (it stays so).
+    /// `PR_SET_CHILD_SUBREAPER` is in force (until a library's lock stops).
     subreaper: bool,
 }
 
@@ -227,7 +227,7 @@ impl Shell {
             return;
         }
         self.service.supervised = true;
-        match sys::set_child_subreaper() {
+        match sys::set_child_subreaper(true) {
             Ok(()) => self.service.subreaper = true,
             Err(e) => {
                 if let Some(line) = self.logger.line(LogLevel::Warn, "subreaper_failed") {
@@ -598,16 +598,33 @@ impl Shell {
     }
 
     /// SIGCHLD: an orphan handed to us as subreaper (or a child of ours
-    /// that is not pidfd-watched) exited. Reaps every exited child of ours
-    /// outside our own process group that nobody else waits for; a host's
-    /// own children (in our group) are left to the host.
+    /// that is not pidfd-watched) exited. The binary reaps every exited
+    /// child of ours outside its own process group that nobody else waits
+    /// for. A library reaps only the service's (those of its session): the
+    /// host's children, whatever their group, are the host's to wait for.
     pub(super) fn reap_service_orphans(&mut self) {
         if !self.service.supervised {
             return;
         }
         let (own_pid, own_group) = sys::own_ids();
-        let zombies = self.processes(|p| p.is_dead() && p.ppid == own_pid && p.pgrp != own_group);
+        let host_children_ours = self.options.handle_signals;
+        let session = self.service.running.as_ref().map(|running| running.pid);
+        let zombies = self.processes(|p| {
+            p.is_dead()
+                && p.ppid == own_pid
+                && p.pgrp != own_group
+                && (host_children_ours || Some(p.session) == session)
+        });
         self.reap_zombies(&zombies);
+    }
+
+    /// A library's host keeps its process as it was: orphans go to init
+    /// again once this lock stops.
+    pub(super) fn stop_supervising(&mut self) {
+        if self.service.subreaper && !self.options.handle_signals {
+            let _ = sys::set_child_subreaper(false);
+            self.service.subreaper = false;
+        }
     }
 
     /// Reaps those of `processes` that are exited children of ours and not
@@ -656,6 +673,12 @@ impl Shell {
 /// An error as one line, for `upstream_start_failed why=`.
 fn one_line(error: &io::Error) -> String {
     error.to_string().replace(['\n', '\r'], " ")
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        self.stop_supervising();
+    }
 }
 
 #[cfg(test)]

@@ -608,6 +608,8 @@ impl Model {
             Event::UpstreamStopping { generation, reason } => {
                 let was_ready = self.view.ready.map(|r| r.0) == Some(*generation);
                 self.requeue_hooked();
+                // A preparation was for the generation now stopping.
+                self.prepared = false;
                 if was_ready && *reason != RestartReason::Crash {
                     if self.holders() > 0 {
                         return Err(format!(

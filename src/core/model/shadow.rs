@@ -33,6 +33,8 @@ impl Model {
                         };
                     }
                 }
+                // A success for a generation gone or going keeps nothing.
+                None if !self.service_takes_clients() => {}
                 None => self.prepared = true,
             }
             return;
@@ -616,6 +618,7 @@ impl Model {
         }
         if let State::Hooking { ok: true, .. } = state
             && !requeued
+            && self.service_takes_clients()
         {
             // It left (or timed out) just before its hook's success was seen.
             self.prepared = true;

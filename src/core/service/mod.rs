@@ -1047,6 +1047,8 @@ impl Core {
             _ => return,
         };
         let planned = !exited && matches!(service.state, ServiceState::Ready { .. });
+        // A hook's preparation was for this generation.
+        self.prepared = false;
         // A fired timer's key is stale, and cancelling it changes nothing.
         for key in service.timers().into_iter().flatten() {
             self.timers.cancel(key);

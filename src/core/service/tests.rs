@@ -899,3 +899,38 @@ fn a_serving_shutdown_during_the_turn_on_wait_serves_the_waiting_client() {
     let served = actions(&mut core);
     assert!(served.contains(&Action::Connect(second)), "{served:?}");
 }
+
+#[test]
+fn a_preparation_kept_is_not_carried_over_to_the_next_generation() {
+    let mut core = Core::new(
+        Settings {
+            on_activate: Some(HookRef(1)),
+            ..supervised(service())
+        },
+        0,
+    );
+    let now = bring_up(&mut core, 0, 1, 10);
+    actions(&mut core);
+    let leaving = core.handle_accepted(now, addr(1));
+    let Some(hook) = core.hook_running() else {
+        panic!("no on-activate hook for the first client");
+    };
+    actions(&mut core);
+    core.handle_client_left(now, leaving);
+    core.handle_hook_exited(now, hook, HookExit::Success);
+    let (_, events) = drain(&mut core);
+    assert!(events.contains(&Event::PreparationKept { hook }));
+    // The generation it prepared is replaced.
+    core.handle_service_restart(now);
+    actions(&mut core);
+    stop_done(&mut core, now, 1);
+    let ready_at = bring_up(&mut core, now, 2, 11);
+    actions(&mut core);
+    let client = core.handle_accepted(ready_at, addr(2));
+    let acts = actions(&mut core);
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::SpawnHook(_))),
+        "the new generation is prepared afresh: {acts:?}"
+    );
+    assert!(!acts.contains(&Action::Connect(client)), "{acts:?}");
+}
