@@ -978,9 +978,10 @@ fn read_into(path: &std::path::Path, text: &mut String) -> io::Result<()> {
 
 /// The size of a memory page in KiB, for [`ProcStat::rss_pages`].
 pub fn page_size_kib() -> u64 {
-    // SAFETY: sysconf takes a plain integer and touches no memory of ours.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as u64 / 1024 } else { 4 }
+    match clock_ticks_and_page_size().1 {
+        0 => 4,
+        size => size / 1024,
+    }
 }
 
 /// Where log lines go: stderr, written without ever blocking the caller.
