@@ -455,11 +455,7 @@ impl Shell {
                     let _ = process.kill();
                     let mut process = process;
                     let _ = process.wait();
-                    // Linux 5.2 hands out pidfds that cannot be polled yet.
-                    if e.raw_os_error() != Some(libc::EPERM) {
-                        return Err(e);
-                    }
-                    self.pidfds_unavailable(e);
+                    self.pidfd_unwatchable(e)?;
                 }
                 Err(e) if sys::is_pidfd_unsupported(&e) => self.pidfds_unavailable(e),
                 Err(e) => return Err(e),
@@ -467,6 +463,18 @@ impl Shell {
         }
         self.watch_sigchld()?;
         HookProcess::spawn_without_pidfd(command, context, output)
+    }
+
+    /// A child's pidfd could not be registered with the poll (the child is
+    /// killed and reaped already). Linux 5.2 hands out pidfds that cannot be
+    /// polled yet: then pidfds are given up on and `Ok` means "spawn again,
+    /// watched by SIGCHLD"; any other error is the spawn's.
+    pub(super) fn pidfd_unwatchable(&mut self, error: io::Error) -> io::Result<()> {
+        if error.raw_os_error() != Some(libc::EPERM) {
+            return Err(error);
+        }
+        self.pidfds_unavailable(error);
+        Ok(())
     }
 
     /// From now on hooks are watched through SIGCHLD; said once.

@@ -435,11 +435,7 @@ impl Shell {
                     // Unwatched, its exit would go unnoticed.
                     let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL);
                     let _ = sys::wait_exited(&child, true);
-                    // Linux 5.2 hands out pidfds that cannot be polled yet.
-                    if e.raw_os_error() != Some(libc::EPERM) {
-                        return Err(e);
-                    }
-                    self.pidfds_unavailable(e);
+                    self.pidfd_unwatchable(e)?;
                 }
                 Err(e) if sys::is_pidfd_unsupported(&e) => self.pidfds_unavailable(e),
                 Err(e) => return Err(e),
