@@ -401,14 +401,7 @@ impl Shell {
         drop((out_write, err_write));
         // The core starts a generation only once the last one is gone; a
         // leader it forgot would be reaped as an orphan, unwatched.
-        if let Some(RunningService {
-            leader: Leader::Pidfd(child),
-            ..
-        }) = &self.service.running
-        {
-            let raw = child.pidfd.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        }
+        self.unwatch_leader();
         self.service.running = Some(RunningService {
             generation,
             pid,
@@ -445,6 +438,18 @@ impl Shell {
         Ok((spawn_with_std(spec)?, Leader::Sigchld))
     }
 
+    /// Takes the last leader's pidfd out of the poll, if one watches it.
+    fn unwatch_leader(&self) {
+        if let Some(RunningService {
+            leader: Leader::Pidfd(child),
+            ..
+        }) = &self.service.running
+        {
+            let raw = child.pidfd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+    }
+
     /// The leader's pidfd turned readable, or SIGCHLD came: if the leader
     /// exited, it is reaped and the core told.
     pub(super) fn service_exited(&mut self, now: u64) {
@@ -476,13 +481,10 @@ impl Shell {
     /// The leader is reaped: forgotten as a child, its exit reported. Its
     /// session's other processes remain the core's business.
     fn leader_reaped(&mut self, now: u64, exit: ServiceExit) {
+        self.unwatch_leader();
         let Some(running) = &mut self.service.running else {
             return;
         };
-        if let Leader::Pidfd(child) = &running.leader {
-            let raw = child.pidfd.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        }
         running.leader = Leader::Reaped;
         let generation = running.generation;
         self.core.handle_service_exited(now, generation, exit);
