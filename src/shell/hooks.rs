@@ -9,7 +9,6 @@ use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,6 +21,7 @@ use mio::unix::SourceFd;
 use signal_hook::consts::signal::SIGCHLD;
 
 use super::output::{Source, Writer};
+use super::service::inherited_env;
 use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
@@ -63,23 +63,12 @@ impl HookProcess {
             CString::new(command).map_err(|_| nul_error())?,
         ];
         let overrides = hook_env(context);
-        let mut env = Vec::new();
-        for (key, value) in std::env::vars_os() {
-            if overrides.iter().any(|(name, _)| OsStr::new(name) == key)
+        let mut env = inherited_env(std::env::vars_os(), |key| {
+            overrides.iter().any(|(name, _)| OsStr::new(name) == key)
                 || SERVICE_MANAGER_ENV
                     .iter()
                     .any(|name| OsStr::new(name) == key)
-            {
-                continue;
-            }
-            let mut entry = key.as_bytes().to_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            // The environment cannot hold a NUL; skip rather than fail.
-            if let Ok(entry) = CString::new(entry) {
-                env.push(entry);
-            }
-        }
+        });
         for (key, value) in &overrides {
             env.push(CString::new(format!("{key}={value}")).map_err(|_| nul_error())?);
         }

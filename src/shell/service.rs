@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,10 +147,9 @@ pub(super) fn service_env(
     parent: impl IntoIterator<Item = (OsString, OsString)>,
     ours: &[(&str, String)],
 ) -> Vec<CString> {
-    let mut env = Vec::new();
-    for (key, value) in parent {
+    let mut env = inherited_env(parent, |key| {
         let name = key.as_bytes();
-        if SCRUBBED.iter().any(|s| {
+        SCRUBBED.iter().any(|s| {
             let s = s.as_bytes();
             if s.ends_with(b"_") {
                 name.starts_with(s)
@@ -158,18 +157,31 @@ pub(super) fn service_env(
                 name == s
             }
         }) || ours.iter().any(|(k, _)| OsStr::new(k) == key)
-        {
-            continue;
-        }
-        let mut entry = name.to_vec();
-        entry.push(b'=');
-        entry.extend_from_slice(value.as_bytes());
-        if let Ok(entry) = CString::new(entry) {
+    });
+    for (key, value) in ours {
+        if let Ok(entry) = CString::new(format!("{key}={value}")) {
             env.push(entry);
         }
     }
-    for (key, value) in ours {
-        if let Ok(entry) = CString::new(format!("{key}={value}")) {
+    env
+}
+
+/// `KEY=VALUE` entries of `parent` for a child's environment, without
+/// those `skip` names; an entry holding a NUL (impossible in a real
+/// environment) is skipped rather than failing the spawn.
+pub(super) fn inherited_env(
+    parent: impl IntoIterator<Item = (OsString, OsString)>,
+    skip: impl Fn(&OsStr) -> bool,
+) -> Vec<CString> {
+    let mut env = Vec::new();
+    for (key, value) in parent {
+        if skip(&key) {
+            continue;
+        }
+        let mut entry = key.into_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        if let Ok(entry) = CString::new(entry) {
             env.push(entry);
         }
     }
