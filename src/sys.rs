@@ -74,7 +74,13 @@ pub fn signal_process_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
         ));
     }
     // SAFETY: killpg takes plain integers and touches no memory of ours.
-    if unsafe { libc::killpg(pgid, signal) } != 0 {
+    gone_is_fine(unsafe { libc::killpg(pgid, signal) })
+}
+
+/// The result of a kill(2)-family call: a target already gone is not an
+/// error.
+fn gone_is_fine(result: libc::c_int) -> io::Result<()> {
+    if result != 0 {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
             return Err(error);
@@ -795,13 +801,7 @@ pub fn signal_pid(pid: u32, signal: libc::c_int) -> io::Result<()> {
             io::Error::new(io::ErrorKind::InvalidInput, "refusing to signal pid <= 1")
         })?;
     // SAFETY: kill takes plain integers and touches no memory of ours.
-    if unsafe { libc::kill(pid, signal) } != 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ESRCH) {
-            return Err(error);
-        }
-    }
-    Ok(())
+    gone_is_fine(unsafe { libc::kill(pid, signal) })
 }
 
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans
