@@ -107,13 +107,10 @@ impl Logger {
             return;
         };
         match event {
-            Event::Accepted { conn, client, via } => {
-                let line = line.field("conn", conn).field("client", client);
-                match via {
-                    Some(via) => line.field("via", via),
-                    None => line,
-                }
-            }
+            Event::Accepted { conn, client, via } => line
+                .field("conn", conn)
+                .field("client", client)
+                .field_opt("via", via.as_ref()),
             Event::Rejected {
                 conn,
                 client,
@@ -130,14 +127,11 @@ impl Logger {
                 client,
                 via,
                 waited_ms,
-            } => {
-                let line = line.field("conn", conn).field("client", client);
-                let line = match via {
-                    Some(via) => line.field("via", via),
-                    None => line,
-                };
-                line.field("waited_ms", waited_ms)
-            }
+            } => line
+                .field("conn", conn)
+                .field("client", client)
+                .field_opt("via", via.as_ref())
+                .field("waited_ms", waited_ms),
             Event::Killed { conn, state } => {
                 line.field("conn", conn).field("state", state.as_str())
             }

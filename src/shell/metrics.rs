@@ -853,32 +853,25 @@ fn field_after(text: &str, label: &str) -> Option<u64> {
 }
 
 fn write_process(out: &mut Vec<u8>, p: &ProcessMetrics) -> io::Result<()> {
-    if let Some(bytes) = p.resident_bytes {
-        header(
-            out,
+    let gauges = [
+        (
             "process_resident_memory_bytes",
-            "gauge",
             "Resident memory size in bytes.",
-        )?;
-        writeln!(out, "process_resident_memory_bytes {bytes}")?;
-    }
-    if let Some(fds) = p.open_fds {
-        header(
-            out,
+            p.resident_bytes,
+        ),
+        (
             "process_open_fds",
-            "gauge",
             "Number of open file descriptors.",
-        )?;
-        writeln!(out, "process_open_fds {fds}")?;
-    }
-    if let Some(fds) = p.max_fds {
-        header(
-            out,
+            p.open_fds,
+        ),
+        (
             "process_max_fds",
-            "gauge",
             "Maximum number of open file descriptors.",
-        )?;
-        writeln!(out, "process_max_fds {fds}")?;
+            p.max_fds,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        optional_gauge(out, name, help, value)?;
     }
     if let Some(ticks) = p.cpu_ticks
         && p.ticks_per_second > 0
@@ -893,16 +886,21 @@ fn write_process(out: &mut Vec<u8>, p: &ProcessMetrics) -> io::Result<()> {
         let millis = ticks / hz * 1000 + ticks % hz * 1000 / hz;
         writeln!(out, "process_cpu_seconds_total {}", Seconds(millis))?;
     }
-    if let Some(start) = p.start_time_seconds {
-        header(
-            out,
-            "process_start_time_seconds",
-            "gauge",
-            "Start time of the process since unix epoch in seconds.",
-        )?;
-        writeln!(out, "process_start_time_seconds {start}")?;
-    }
-    Ok(())
+    optional_gauge(
+        out,
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_seconds,
+    )
+}
+
+/// A gauge's family and sample, or nothing when its value could not be read.
+fn optional_gauge(out: &mut Vec<u8>, name: &str, help: &str, value: Option<u64>) -> io::Result<()> {
+    let Some(value) = value else {
+        return Ok(());
+    };
+    header(out, name, "gauge", help)?;
+    writeln!(out, "{name} {value}")
 }
 
 #[cfg(test)]

@@ -139,6 +139,17 @@ pub(crate) struct ShellOptions {
     pub service_manager: bool,
 }
 
+/// The poll's wait until `deadline` (ms on the loop's clock), rounded up so a
+/// deadline never wakes the loop a millisecond early.
+fn until(now: u64, deadline: u64) -> Duration {
+    Duration::from_millis(deadline.saturating_sub(now).saturating_add(1))
+}
+
+/// The sooner of the poll's `timeout` (`None`: none yet) and `wait`.
+fn sooner(timeout: Option<Duration>, wait: Duration) -> Option<Duration> {
+    Some(timeout.map_or(wait, |t| t.min(wait)))
+}
+
 /// Whether a connect to `upstream` would reach the listener bound at
 /// `listening` (the same port, and the same address or a wildcard bind).
 fn is_own_listener(listening: SocketAddr, upstream: SocketAddr) -> bool {
@@ -500,22 +511,17 @@ impl Shell {
             } else {
                 self.core
                     .poll_timeout()
-                    // Round up so a deadline never wakes us a millisecond early.
-                    .map(|deadline| {
-                        Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1))
-                    })
+                    .map(|deadline| until(self.now(), deadline))
             };
             if let Some(deadline) = self.control_deadline() {
                 let wait = Duration::from_millis(deadline.saturating_sub(self.now()));
-                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+                timeout = sooner(timeout, wait);
             }
             if let Some(deadline) = self.metrics.as_ref().and_then(|m| m.next_deadline()) {
-                let wait =
-                    Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1));
-                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+                timeout = sooner(timeout, until(self.now(), deadline));
             }
             if self.logger.has_pending() && !self.log_watched {
-                timeout = Some(timeout.map_or(LOG_RETRY, |t| t.min(LOG_RETRY)));
+                timeout = sooner(timeout, LOG_RETRY);
             }
             timeout = self.service_timeout(self.now(), timeout);
             timeout = self.notify_timeout(timeout);

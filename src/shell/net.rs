@@ -223,11 +223,8 @@ impl Shell {
                 // Plain bytes from a waiting client only wait for activation;
                 // only a close or a failure needs a look at whether it left.
                 if !upstream_side && ready.closing {
-                    match waiting_client(&io.client) {
-                        WaitingClient::Present => {}
-                        WaitingClient::Gone => self.core.handle_client_left(now, conn),
-                        WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
-                    }
+                    let seen = waiting_client(&io.client);
+                    self.waiting_client_seen(now, conn, seen);
                     self.drain(now);
                 }
             }
@@ -482,13 +479,19 @@ impl Shell {
             && closing
             && let Some(io) = self.io_of(conn)
         {
-            match waiting_client(&io.client) {
-                WaitingClient::Present => {}
-                WaitingClient::Gone => self.core.handle_client_left(now, conn),
-                WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
-            }
+            let seen = waiting_client(&io.client);
+            self.waiting_client_seen(now, conn, seen);
         }
         self.drain(now);
+    }
+
+    /// Tells the core what a look at a waiting client's socket found.
+    fn waiting_client_seen(&mut self, now: u64, conn: ConnRef, seen: WaitingClient) {
+        match seen {
+            WaitingClient::Present => {}
+            WaitingClient::Gone => self.core.handle_client_left(now, conn),
+            WaitingClient::EndOfStream => self.core.handle_client_eof(now, conn),
+        }
     }
 
     pub(super) fn stop_accepting(&mut self) {

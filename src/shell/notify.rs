@@ -333,8 +333,7 @@ impl Shell {
         let Some(deadline) = self.notify.deadline() else {
             return timeout;
         };
-        let wait = Duration::from_millis(deadline.saturating_sub(self.now()).saturating_add(1));
-        Some(timeout.map_or(wait, |t| t.min(wait)))
+        super::sooner(timeout, super::until(self.now(), deadline))
     }
 
     pub(super) fn notify_counts(&self) -> (usize, usize) {
