@@ -263,9 +263,7 @@ impl Service {
     }
 
     fn count_restart(&mut self, reason: RestartReason) {
-        if let Some(i) = RestartReason::ALL.iter().position(|r| *r == reason) {
-            self.restarts[i] += 1;
-        }
+        self.restarts[reason.index()] += 1;
     }
 }
 
