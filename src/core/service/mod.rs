@@ -200,7 +200,7 @@ impl Service {
         }
     }
 
-    pub(super) fn stats(&self, now: u64) -> ServiceStats {
+    pub(super) fn stats(&self) -> ServiceStats {
         let (pid, conns, ready_at) = match self.state {
             ServiceState::Starting { pid, .. } | ServiceState::Stopping { pid, .. } => {
                 (Some(pid), 0, None)
@@ -213,7 +213,6 @@ impl Service {
             } => (Some(pid), conns, Some(ready_at)),
             _ => (None, 0, None),
         };
-        let _ = now;
         ServiceStats {
             state: Some(self.state_name()),
             generation: self.next_generation - 1,
@@ -236,14 +235,9 @@ impl Service {
         }
     }
 
-    /// The timers it holds, for the invariant check.
-    #[cfg(any(debug_assertions, test, feature = "model"))]
-    pub(super) fn armed_timers(&self) -> [Option<TimerKey>; 4] {
-        self.timers()
-    }
-
-    /// Every timer the current state holds, to cancel when it is left.
-    fn timers(&self) -> [Option<TimerKey>; 4] {
+    /// Every timer the current state holds, to cancel when it is left (and
+    /// for the invariant check).
+    pub(super) fn timers(&self) -> [Option<TimerKey>; 4] {
         match self.state {
             ServiceState::Stopped { retry, .. } => [retry, None, None, None],
             ServiceState::Checking { .. } | ServiceState::Spawning { .. } => [None; 4],
@@ -844,13 +838,13 @@ impl Core {
     pub(super) fn service_stats(&self) -> ServiceStats {
         self.service
             .as_ref()
-            .map(|s| s.stats(self.now))
+            .map(Service::stats)
             .unwrap_or_default()
     }
 
     pub(super) fn service_state_event(&self) -> Option<Event> {
         let service = self.service.as_ref()?;
-        let stats = service.stats(self.now);
+        let stats = service.stats();
         Some(Event::ServiceState {
             state: service.state_name(),
             generation: Generation(stats.generation),
