@@ -464,20 +464,13 @@ impl Core {
         match &mut service.state {
             ServiceState::Ready {
                 generation: running,
-                due,
                 ..
             } if *running == generation => {
                 service.rss_kib = sample.rss_kib;
                 if let Some(limit) = limit
                     && sample.rss_kib > limit
-                    && due.is_none()
                 {
-                    *due = Some(RestartReason::Rss);
-                    self.log(Event::RestartDue {
-                        generation,
-                        reason: RestartReason::Rss,
-                        rss_kib: Some((sample.rss_kib, limit)),
-                    });
+                    self.make_due(RestartReason::Rss, Some((sample.rss_kib, limit)));
                 }
             }
             ServiceState::Stopping {
@@ -619,25 +612,13 @@ impl Core {
     pub(super) fn service_took(&mut self) {
         let restart_after = self.settings.service.as_ref().and_then(|s| s.restart_after);
         if let Some(service) = &mut self.service
-            && let ServiceState::Ready {
-                generation,
-                conns,
-                due,
-                ..
-            } = &mut service.state
+            && let ServiceState::Ready { conns, .. } = &mut service.state
         {
             *conns += 1;
             if let Some(after) = restart_after
                 && *conns >= after
-                && due.is_none()
             {
-                *due = Some(RestartReason::AfterN);
-                let generation = *generation;
-                self.log(Event::RestartDue {
-                    generation,
-                    reason: RestartReason::AfterN,
-                    rss_kib: None,
-                });
+                self.make_due(RestartReason::AfterN, None);
             }
         }
     }
@@ -657,25 +638,19 @@ impl Core {
             _ => None,
         };
         let sample = settings.restart_rss_kib.is_some();
-        let Some(service) = &mut self.service else {
+        let Some(service) = &self.service else {
             return;
         };
         let ServiceState::Ready {
             generation, due, ..
-        } = &mut service.state
+        } = service.state
         else {
             return;
         };
-        let generation = *generation;
         if let Some(reason) = reason
             && due.is_none()
         {
-            *due = Some(reason);
-            self.log(Event::RestartDue {
-                generation,
-                reason,
-                rss_kib: None,
-            });
+            self.make_due(reason, None);
         } else if sample && due.is_none() {
             self.actions.push_back(Action::SampleService(generation));
         }
@@ -862,17 +837,7 @@ impl Core {
             return;
         };
         match &mut service.state {
-            ServiceState::Ready {
-                generation, due, ..
-            } if due.is_none() => {
-                *due = Some(reason);
-                let generation = *generation;
-                self.log(Event::RestartDue {
-                    generation,
-                    reason,
-                    rss_kib: None,
-                });
-            }
+            ServiceState::Ready { due: None, .. } => self.make_due(reason, None),
             ServiceState::Starting { .. } => {
                 // The old command or address is starting: no client uses it yet.
                 self.begin_stop(now, reason, AfterStop::Restart(reason), false);
@@ -894,6 +859,25 @@ impl Core {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A ready generation not due yet becomes due for `reason`, and says so
+    /// (`rss_kib`: the sample and the limit, for a memory restart).
+    fn make_due(&mut self, reason: RestartReason, rss_kib: Option<(u64, u64)>) {
+        if let Some(service) = &mut self.service
+            && let ServiceState::Ready {
+                generation, due, ..
+            } = &mut service.state
+            && due.is_none()
+        {
+            *due = Some(reason);
+            let generation = *generation;
+            self.log(Event::RestartDue {
+                generation,
+                reason,
+                rss_kib,
+            });
         }
     }
 
