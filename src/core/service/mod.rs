@@ -530,7 +530,7 @@ impl Core {
             // the upstream managed elsewhere to finish: its port is theirs.
             if self.settings.service.is_some() && self.shutdown.is_none() && self.active == 0 {
                 self.service = Some(Service::new(self.generations_spawned + 1));
-                self.start(now, RestartReason::First);
+                self.start(RestartReason::First);
             }
             return;
         };
@@ -596,7 +596,7 @@ impl Core {
                     }
                 } else if retry.is_none() && self.waiting() > 0 {
                     // Clients still reading their PROXY header do not start it.
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             _ => {}
@@ -694,7 +694,7 @@ impl Core {
                 if self.stop_for_good() {
                     self.rest(reason);
                 } else {
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             (
@@ -850,7 +850,7 @@ impl Core {
                 if self.stop_for_good() {
                     self.rest(reason);
                 } else {
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             ServiceState::Stopping { then, .. } => {
@@ -882,7 +882,7 @@ impl Core {
     }
 
     /// Starts a new generation: first make sure the port refuses connections.
-    fn start(&mut self, _now: u64, reason: RestartReason) {
+    fn start(&mut self, reason: RestartReason) {
         let Some(service) = &mut self.service else {
             return;
         };
@@ -1064,7 +1064,7 @@ impl Core {
         }
         match then {
             _ if self.stop_for_good() => self.rest(RestartReason::First),
-            AfterStop::Restart(reason) => self.start(now, reason),
+            AfterStop::Restart(reason) => self.start(reason),
             AfterStop::Retry(backoff) => self.retry_after(now, backoff),
             AfterStop::Rest(reason) => self.rest(reason),
         }
