@@ -979,15 +979,12 @@ impl Core {
 
     /// Every waiting client is closed: the service will not come soon.
     fn fail_waiting(&mut self, now: u64) {
-        let waiting: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(c.state, ConnState::Queued { .. } | ConnState::Header { .. }))
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in waiting {
-            self.end(now, conn, Outcome::UpstreamFailed, EndedBy::Tcplock);
-        }
+        self.end_where(
+            now,
+            |c| matches!(c.state, ConnState::Queued { .. } | ConnState::Header { .. }),
+            Outcome::UpstreamFailed,
+            EndedBy::Tcplock,
+        );
     }
 
     /// Turns a newcomer away while the service is failed.
@@ -1090,21 +1087,18 @@ impl Core {
     /// The generation crashed: every connection on it is cut as the
     /// upstream's doing, so no client keeps a permit on a dead service.
     fn cut_holders(&mut self, now: u64) {
-        let holders: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
+        self.end_where(
+            now,
+            |c| {
                 matches!(
                     c.state,
                     ConnState::Proxying { .. }
                         | ConnState::Activating(Activation::Connecting { .. })
                 )
-            })
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in holders {
-            self.end(now, conn, Outcome::UpstreamError, EndedBy::Upstream);
-        }
+            },
+            Outcome::UpstreamError,
+            EndedBy::Upstream,
+        );
     }
 
     /// Arms `timer` at `at` in the slot the current state keeps for it
