@@ -240,7 +240,7 @@ impl Core {
         let Some(service) = &self.service else {
             return Ok(0);
         };
-        let armed = service.armed_timers();
+        let armed = service.timers();
         if let Some(key) = armed
             .iter()
             .flatten()

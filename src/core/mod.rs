@@ -664,19 +664,16 @@ impl Core {
         });
         // Closing stops every waiting client; serving the queue serves only
         // those already in it, not those still reading a header.
-        let closed: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| match c.state {
+        self.end_where(
+            now,
+            |c| match c.state {
                 ConnState::Proxying { .. } => false,
                 ConnState::Header { .. } => true,
                 _ => !serving,
-            })
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in closed {
-            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
-        }
+            },
+            Outcome::Shutdown,
+            EndedBy::Tcplock,
+        );
         if !serving {
             if let Some(run) = &self.hook {
                 self.actions.push_back(Action::KillHook(run.id));
@@ -1261,15 +1258,27 @@ impl Core {
         }
     }
 
+    /// The connections `keep` picks, in slab order, to end one by one.
+    fn conns_where(&self, keep: impl Fn(&Conn) -> bool) -> Vec<ConnRef> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| keep(c))
+            .map(|(slot, c)| ConnRef { slot, id: c.id })
+            .collect()
+    }
+
+    /// Ends every connection `keep` picks with `outcome`.
+    fn end_where(&mut self, now: u64, keep: impl Fn(&Conn) -> bool, outcome: Outcome, by: EndedBy) {
+        for conn in self.conns_where(keep) {
+            self.end(now, conn, outcome, by);
+        }
+    }
+
     /// Ends every waiting client whose end of stream was kept (a reload
     /// turned `--queued-eof drop` on).
     fn drop_waiting_at_eof(&mut self, now: u64) {
-        let ended: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.client_eof && !matches!(c.state, ConnState::Proxying { .. }))
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
+        let ended =
+            self.conns_where(|c| c.client_eof && !matches!(c.state, ConnState::Proxying { .. }));
         for conn in ended {
             self.log(Event::Abandoned { conn: conn.id });
             self.end(now, conn, Outcome::Abandoned, EndedBy::Client);
@@ -1293,14 +1302,7 @@ impl Core {
         self.timeout_hook_due = None;
         let retry = self.retry.take();
         self.cancel(retry);
-        let all: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in all {
-            self.end(now, conn, Outcome::Shutdown, EndedBy::Tcplock);
-        }
+        self.end_where(now, |_| true, Outcome::Shutdown, EndedBy::Tcplock);
         if let Some(run) = &self.hook {
             self.actions.push_back(Action::KillHook(run.id));
         }

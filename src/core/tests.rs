@@ -1233,3 +1233,17 @@ fn a_header_later_than_the_queue_timeout_ends_as_queue_timeout() {
         "{after:?}"
     );
 }
+
+/// `RestartReason::index` is the place in `ALL` (declaration order), and
+/// `RESTARTS` is `ALL` without the first start and the shutdown.
+#[test]
+fn restart_reasons_index_their_place_in_all() {
+    for (i, reason) in RestartReason::ALL.into_iter().enumerate() {
+        assert_eq!(reason.index(), i, "{reason}");
+    }
+    let counted: Vec<_> = RestartReason::ALL
+        .into_iter()
+        .filter(|r| !matches!(r, RestartReason::First | RestartReason::Shutdown))
+        .collect();
+    assert_eq!(RestartReason::RESTARTS.to_vec(), counted);
+}

@@ -240,6 +240,25 @@ impl RestartReason {
         RestartReason::Shutdown,
     ];
 
+    /// The reasons a restart is counted under: [`RestartReason::ALL`] without
+    /// `First` (no generation before it) and `Shutdown` (a stop reason only),
+    /// in the same order.
+    pub const RESTARTS: [RestartReason; 11] = {
+        let mut out = [RestartReason::First; 11];
+        let mut i = 0;
+        while i < out.len() {
+            out[i] = RestartReason::ALL[i + 1];
+            i += 1;
+        }
+        out
+    };
+
+    /// Its place in [`RestartReason::ALL`], which lists the reasons in
+    /// declaration order.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name in logs and in `TCPLOCK_RESTART_REASON`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -367,10 +386,7 @@ pub struct ServiceStats {
 impl ServiceStats {
     /// Restarts so far for `reason`.
     pub fn restarts(&self, reason: RestartReason) -> u64 {
-        RestartReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.restarts[i])
+        self.restarts[reason.index()]
     }
 }
 

@@ -200,7 +200,7 @@ impl Service {
         }
     }
 
-    pub(super) fn stats(&self, now: u64) -> ServiceStats {
+    pub(super) fn stats(&self) -> ServiceStats {
         let (pid, conns, ready_at) = match self.state {
             ServiceState::Starting { pid, .. } | ServiceState::Stopping { pid, .. } => {
                 (Some(pid), 0, None)
@@ -213,7 +213,6 @@ impl Service {
             } => (Some(pid), conns, Some(ready_at)),
             _ => (None, 0, None),
         };
-        let _ = now;
         ServiceStats {
             state: Some(self.state_name()),
             generation: self.next_generation - 1,
@@ -236,14 +235,9 @@ impl Service {
         }
     }
 
-    /// The timers it holds, for the invariant check.
-    #[cfg(any(debug_assertions, test, feature = "model"))]
-    pub(super) fn armed_timers(&self) -> [Option<TimerKey>; 4] {
-        self.timers()
-    }
-
-    /// Every timer the current state holds, to cancel when it is left.
-    fn timers(&self) -> [Option<TimerKey>; 4] {
+    /// Every timer the current state holds, to cancel when it is left (and
+    /// for the invariant check).
+    pub(super) fn timers(&self) -> [Option<TimerKey>; 4] {
         match self.state {
             ServiceState::Stopped { retry, .. } => [retry, None, None, None],
             ServiceState::Checking { .. } | ServiceState::Spawning { .. } => [None; 4],
@@ -263,9 +257,7 @@ impl Service {
     }
 
     fn count_restart(&mut self, reason: RestartReason) {
-        if let Some(i) = RestartReason::ALL.iter().position(|r| *r == reason) {
-            self.restarts[i] += 1;
-        }
+        self.restarts[reason.index()] += 1;
     }
 }
 
@@ -472,20 +464,13 @@ impl Core {
         match &mut service.state {
             ServiceState::Ready {
                 generation: running,
-                due,
                 ..
             } if *running == generation => {
                 service.rss_kib = sample.rss_kib;
                 if let Some(limit) = limit
                     && sample.rss_kib > limit
-                    && due.is_none()
                 {
-                    *due = Some(RestartReason::Rss);
-                    self.log(Event::RestartDue {
-                        generation,
-                        reason: RestartReason::Rss,
-                        rss_kib: Some((sample.rss_kib, limit)),
-                    });
+                    self.make_due(RestartReason::Rss, Some((sample.rss_kib, limit)));
                 }
             }
             ServiceState::Stopping {
@@ -545,7 +530,7 @@ impl Core {
             // the upstream managed elsewhere to finish: its port is theirs.
             if self.settings.service.is_some() && self.shutdown.is_none() && self.active == 0 {
                 self.service = Some(Service::new(self.generations_spawned + 1));
-                self.start(now, RestartReason::First);
+                self.start(RestartReason::First);
             }
             return;
         };
@@ -611,7 +596,7 @@ impl Core {
                     }
                 } else if retry.is_none() && self.waiting() > 0 {
                     // Clients still reading their PROXY header do not start it.
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             _ => {}
@@ -627,25 +612,13 @@ impl Core {
     pub(super) fn service_took(&mut self) {
         let restart_after = self.settings.service.as_ref().and_then(|s| s.restart_after);
         if let Some(service) = &mut self.service
-            && let ServiceState::Ready {
-                generation,
-                conns,
-                due,
-                ..
-            } = &mut service.state
+            && let ServiceState::Ready { conns, .. } = &mut service.state
         {
             *conns += 1;
             if let Some(after) = restart_after
                 && *conns >= after
-                && due.is_none()
             {
-                *due = Some(RestartReason::AfterN);
-                let generation = *generation;
-                self.log(Event::RestartDue {
-                    generation,
-                    reason: RestartReason::AfterN,
-                    rss_kib: None,
-                });
+                self.make_due(RestartReason::AfterN, None);
             }
         }
     }
@@ -665,25 +638,19 @@ impl Core {
             _ => None,
         };
         let sample = settings.restart_rss_kib.is_some();
-        let Some(service) = &mut self.service else {
+        let Some(service) = &self.service else {
             return;
         };
         let ServiceState::Ready {
             generation, due, ..
-        } = &mut service.state
+        } = service.state
         else {
             return;
         };
-        let generation = *generation;
         if let Some(reason) = reason
             && due.is_none()
         {
-            *due = Some(reason);
-            self.log(Event::RestartDue {
-                generation,
-                reason,
-                rss_kib: None,
-            });
+            self.make_due(reason, None);
         } else if sample && due.is_none() {
             self.actions.push_back(Action::SampleService(generation));
         }
@@ -727,7 +694,7 @@ impl Core {
                 if self.stop_for_good() {
                     self.rest(reason);
                 } else {
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             (
@@ -846,13 +813,13 @@ impl Core {
     pub(super) fn service_stats(&self) -> ServiceStats {
         self.service
             .as_ref()
-            .map(|s| s.stats(self.now))
+            .map(Service::stats)
             .unwrap_or_default()
     }
 
     pub(super) fn service_state_event(&self) -> Option<Event> {
         let service = self.service.as_ref()?;
-        let stats = service.stats(self.now);
+        let stats = service.stats();
         Some(Event::ServiceState {
             state: service.state_name(),
             generation: Generation(stats.generation),
@@ -870,17 +837,7 @@ impl Core {
             return;
         };
         match &mut service.state {
-            ServiceState::Ready {
-                generation, due, ..
-            } if due.is_none() => {
-                *due = Some(reason);
-                let generation = *generation;
-                self.log(Event::RestartDue {
-                    generation,
-                    reason,
-                    rss_kib: None,
-                });
-            }
+            ServiceState::Ready { due: None, .. } => self.make_due(reason, None),
             ServiceState::Starting { .. } => {
                 // The old command or address is starting: no client uses it yet.
                 self.begin_stop(now, reason, AfterStop::Restart(reason), false);
@@ -893,7 +850,7 @@ impl Core {
                 if self.stop_for_good() {
                     self.rest(reason);
                 } else {
-                    self.start(now, reason);
+                    self.start(reason);
                 }
             }
             ServiceState::Stopping { then, .. } => {
@@ -905,8 +862,27 @@ impl Core {
         }
     }
 
+    /// A ready generation not due yet becomes due for `reason`, and says so
+    /// (`rss_kib`: the sample and the limit, for a memory restart).
+    fn make_due(&mut self, reason: RestartReason, rss_kib: Option<(u64, u64)>) {
+        if let Some(service) = &mut self.service
+            && let ServiceState::Ready {
+                generation, due, ..
+            } = &mut service.state
+            && due.is_none()
+        {
+            *due = Some(reason);
+            let generation = *generation;
+            self.log(Event::RestartDue {
+                generation,
+                reason,
+                rss_kib,
+            });
+        }
+    }
+
     /// Starts a new generation: first make sure the port refuses connections.
-    fn start(&mut self, _now: u64, reason: RestartReason) {
+    fn start(&mut self, reason: RestartReason) {
         let Some(service) = &mut self.service else {
             return;
         };
@@ -1003,15 +979,12 @@ impl Core {
 
     /// Every waiting client is closed: the service will not come soon.
     fn fail_waiting(&mut self, now: u64) {
-        let waiting: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(c.state, ConnState::Queued { .. } | ConnState::Header { .. }))
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in waiting {
-            self.end(now, conn, Outcome::UpstreamFailed, EndedBy::Tcplock);
-        }
+        self.end_where(
+            now,
+            |c| matches!(c.state, ConnState::Queued { .. } | ConnState::Header { .. }),
+            Outcome::UpstreamFailed,
+            EndedBy::Tcplock,
+        );
     }
 
     /// Turns a newcomer away while the service is failed.
@@ -1088,7 +1061,7 @@ impl Core {
         }
         match then {
             _ if self.stop_for_good() => self.rest(RestartReason::First),
-            AfterStop::Restart(reason) => self.start(now, reason),
+            AfterStop::Restart(reason) => self.start(reason),
             AfterStop::Retry(backoff) => self.retry_after(now, backoff),
             AfterStop::Rest(reason) => self.rest(reason),
         }
@@ -1114,21 +1087,18 @@ impl Core {
     /// The generation crashed: every connection on it is cut as the
     /// upstream's doing, so no client keeps a permit on a dead service.
     fn cut_holders(&mut self, now: u64) {
-        let holders: Vec<ConnRef> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
+        self.end_where(
+            now,
+            |c| {
                 matches!(
                     c.state,
                     ConnState::Proxying { .. }
                         | ConnState::Activating(Activation::Connecting { .. })
                 )
-            })
-            .map(|(slot, c)| ConnRef { slot, id: c.id })
-            .collect();
-        for conn in holders {
-            self.end(now, conn, Outcome::UpstreamError, EndedBy::Upstream);
-        }
+            },
+            Outcome::UpstreamError,
+            EndedBy::Upstream,
+        );
     }
 
     /// Arms `timer` at `at` in the slot the current state keeps for it

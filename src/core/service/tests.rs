@@ -721,6 +721,19 @@ fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
     );
 }
 
+/// Accepts a client at `at` into a ready service with an on-activate hook;
+/// returns the hook that runs for it.
+fn hooked_client(core: &mut Core, at: u64) -> HookId {
+    let _conn = core.handle_accepted(at, addr(1));
+    actions(core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.hook),
+            _ => None,
+        })
+        .expect("the on-activate hook runs")
+}
+
 /// Model seed 427: with max-queue 0, a client let straight into the free
 /// permit runs its on-activate hook; a restart is asked meanwhile (the
 /// generation is due); the hook succeeds, the client goes back in line with
@@ -734,14 +747,7 @@ fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
     let mut core = Core::new(settings, 0);
     let at = bring_up(&mut core, 0, 1, 42);
     actions(&mut core);
-    let _conn = core.handle_accepted(at, addr(1));
-    let hook = actions(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::SpawnHook(request) => Some(request.hook),
-            _ => None,
-        })
-        .expect("the on-activate hook runs");
+    let hook = hooked_client(&mut core, at);
     core.handle_service_restart(at + 1);
     let _ = actions(&mut core);
     core.handle_hook_exited(at + 2, hook, HookExit::Success);
@@ -763,14 +769,7 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
     let mut core = Core::new(settings, 0);
     let at = bring_up(&mut core, 0, 1, 42);
     actions(&mut core);
-    let _conn = core.handle_accepted(at, addr(1));
-    let hook = actions(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::SpawnHook(request) => Some(request.hook),
-            _ => None,
-        })
-        .expect("the on-activate hook runs");
+    let hook = hooked_client(&mut core, at);
     // The generation crashes; nothing of it is left; the next start finds
     // the port busy, which with --start-retries 1 gives up.
     core.handle_service_exited(at + 1, Generation(1), ServiceExit::Signal(11));
