@@ -164,8 +164,8 @@ fn scrape(
     };
     let process = proc.read_all(fds);
     let service = &snapshot.stats.service;
-    let mut restarts = [("", 0); RESTART_REASONS.len()];
-    for (slot, reason) in restarts.iter_mut().zip(RESTART_REASONS) {
+    let mut restarts = [("", 0); RestartReason::RESTARTS.len()];
+    for (slot, reason) in restarts.iter_mut().zip(RestartReason::RESTARTS) {
         *slot = (reason.as_str(), service.restarts(reason));
     }
     let instance = match service.state {
@@ -181,22 +181,6 @@ fn scrape(
     };
     write_exposition(out, recorder, &snapshot, &[instance], &process);
 }
-
-/// The reasons a generation is replaced by the next: every reason but the
-/// first start and tcplock's own stop.
-const RESTART_REASONS: [RestartReason; 11] = [
-    RestartReason::AfterN,
-    RestartReason::Rss,
-    RestartReason::Lifetime,
-    RestartReason::Timeout,
-    RestartReason::ConnectFailed,
-    RestartReason::UpstreamError,
-    RestartReason::Crash,
-    RestartReason::FailedStart,
-    RestartReason::Reload,
-    RestartReason::Idle,
-    RestartReason::Control,
-];
 
 /// Histogram bucket bounds in milliseconds: 1 ms to 10 min.
 const BUCKETS_MS: [u64; 14] = [
