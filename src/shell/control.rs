@@ -110,6 +110,17 @@ pub(crate) fn parse_command(line: &str) -> Result<Command, String> {
     }
 }
 
+/// Parses the bytes of a command line, newline gone and a `\r` before it
+/// allowed. Pure; the error is the reply's `msg`.
+fn parse_line(bytes: &[u8]) -> Result<Command, String> {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if bytes.len() > MAX_LINE {
+        return Err(format!("command line longer than {MAX_LINE} bytes"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    parse_command(text)
+}
+
 fn parse_conn(text: &str) -> Option<ConnId> {
     text.parse::<u64>().ok().filter(|id| *id > 0).map(ConnId)
 }
@@ -123,18 +134,17 @@ pub(super) struct Reply(String);
 impl Reply {
     /// Starts a line with its first field.
     fn line(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
-        if !self.0.is_empty() && !self.0.ends_with('\n') {
-            self.0.push('\n');
-        }
-        self.0.push_str(key);
-        self.0.push('=');
-        push_value(&mut self.0, value);
-        self
+        self.end_line();
+        self.pair(key, value)
     }
 
     /// Adds a field to the current line.
     fn field(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         self.0.push(' ');
+        self.pair(key, value)
+    }
+
+    fn pair(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         self.0.push_str(key);
         self.0.push('=');
         push_value(&mut self.0, value);
@@ -538,26 +548,9 @@ impl Shell {
                 }
             }
         };
-        let reply = match line {
+        let reply = match line.and_then(|bytes| parse_line(&bytes)) {
             Err(msg) => Some(error_reply(msg)),
-            Ok(mut bytes) => {
-                if bytes.last() == Some(&b'\r') {
-                    bytes.pop();
-                }
-                if bytes.len() > MAX_LINE {
-                    Some(error_reply(format_args!(
-                        "command line longer than {MAX_LINE} bytes"
-                    )))
-                } else {
-                    match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()) {
-                        Err(msg) => Some(error_reply(msg)),
-                        Ok(text) => match parse_command(text) {
-                            Err(msg) => Some(error_reply(msg)),
-                            Ok(command) => self.run_command(now, slot, command),
-                        },
-                    }
-                }
-            }
+            Ok(command) => self.run_command(now, slot, command),
         };
         if let Some(reply) = reply {
             self.control_reply(now, slot, reply);
