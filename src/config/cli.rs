@@ -78,15 +78,11 @@ fn parse_ctl(args: Vec<OsString>) -> Result<Command, UsageError> {
                 ("-c/--config", CtlSocket::ConfigFile)
             }
             lexopt::Arg::Value(v) => {
-                words.push(
-                    v.into_string()
-                        .map_err(|_| UsageError::NotUnicode("ctl command".to_string()))?,
-                );
                 // The rest is the command's, flags or not.
-                for v in parser
+                let rest = parser
                     .raw_args()
-                    .map_err(|e| UsageError::Other(e.to_string()))?
-                {
+                    .map_err(|e| UsageError::Other(e.to_string()))?;
+                for v in std::iter::once(v).chain(rest) {
                     words.push(
                         v.into_string()
                             .map_err(|_| UsageError::NotUnicode("ctl command".to_string()))?,

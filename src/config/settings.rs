@@ -415,15 +415,12 @@ settings! {
 /// `--restart-on` as the file reads it, for `--check`.
 impl crate::config::show::Show for RestartOn {
     fn show(&self) -> String {
-        let names = [
-            (self.timeout, "timeout"),
-            (self.connect_failed, "connect_failed"),
-            (self.upstream_error, "upstream_error"),
-        ];
-        let on: Vec<&str> = names
+        let flags = [self.timeout, self.connect_failed, self.upstream_error];
+        let on: Vec<&str> = RESTART_ON_NAMES
             .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, n)| *n)
+            .zip(flags)
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
             .collect();
         if on.is_empty() {
             "none".to_string()

@@ -20,18 +20,6 @@ pub(crate) trait Show {
     fn show(&self) -> String;
 }
 
-impl Show for String {
-    fn show(&self) -> String {
-        self.clone()
-    }
-}
-
-impl Show for HostPort {
-    fn show(&self) -> String {
-        self.to_string()
-    }
-}
-
 macro_rules! show_display {
     ($($ty:ty),*) => {$(
         impl Show for $ty {
@@ -42,7 +30,7 @@ macro_rules! show_display {
     )*};
 }
 
-show_display!(u16, u32, u64, usize, SocketAddr);
+show_display!(String, HostPort, u16, u32, u64, usize, SocketAddr);
 
 impl Show for bool {
     fn show(&self) -> String {

@@ -54,20 +54,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Parses a byte count: bare bytes, or a `k`/`K` (×1024) or `m`/`M` (×1024²)
 /// suffix. Fails with [`UnitError::SizeTooLarge`] if the count overflows `usize`.
 pub fn parse_size(s: &str) -> Result<usize, UnitError> {
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(UnitError::InvalidSize(s.to_owned()));
-    }
-    let multiplier: usize = match suffix {
-        "" => 1,
-        "k" | "K" => 1024,
-        "m" | "M" => 1024 * 1024,
-        _ => return Err(UnitError::InvalidSize(s.to_owned())),
-    };
-    let too_large = || UnitError::SizeTooLarge(s.to_owned());
-    let n: usize = digits.parse().map_err(|_| too_large())?;
-    n.checked_mul(multiplier).ok_or_else(too_large)
+    let n = parse_scaled(s, &[("k", 1 << 10), ("m", 1 << 20)])?;
+    usize::try_from(n).map_err(|_| UnitError::SizeTooLarge(s.to_owned()))
 }
 
 /// Parses an amount of memory in bytes: bare bytes, or a `k`, `m` or `g`
@@ -81,17 +69,25 @@ pub fn parse_size(s: &str) -> Result<usize, UnitError> {
 /// assert!(parse_memory("1.5g").is_err());
 /// ```
 pub fn parse_memory(s: &str) -> Result<u64, UnitError> {
+    parse_scaled(s, &[("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)])
+}
+
+/// Digits, then nothing or one of `suffixes` (any case) multiplying them:
+/// what [`parse_size`] and [`parse_memory`] share.
+fn parse_scaled(s: &str, suffixes: &[(&str, u64)]) -> Result<u64, UnitError> {
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(digits_end);
     if digits.is_empty() {
         return Err(UnitError::InvalidSize(s.to_owned()));
     }
-    let multiplier: u64 = match suffix {
-        "" => 1,
-        "k" | "K" => 1 << 10,
-        "m" | "M" => 1 << 20,
-        "g" | "G" => 1 << 30,
-        _ => return Err(UnitError::InvalidSize(s.to_owned())),
+    let multiplier = if suffix.is_empty() {
+        1
+    } else {
+        suffixes
+            .iter()
+            .find(|(name, _)| suffix.eq_ignore_ascii_case(name))
+            .map(|&(_, m)| m)
+            .ok_or_else(|| UnitError::InvalidSize(s.to_owned()))?
     };
     let too_large = || UnitError::SizeTooLarge(s.to_owned());
     let n: u64 = digits.parse().map_err(|_| too_large())?;

@@ -110,6 +110,17 @@ pub(crate) fn parse_command(line: &str) -> Result<Command, String> {
     }
 }
 
+/// Parses the bytes of a command line, newline gone and a `\r` before it
+/// allowed. Pure; the error is the reply's `msg`.
+fn parse_line(bytes: &[u8]) -> Result<Command, String> {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if bytes.len() > MAX_LINE {
+        return Err(format!("command line longer than {MAX_LINE} bytes"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    parse_command(text)
+}
+
 fn parse_conn(text: &str) -> Option<ConnId> {
     text.parse::<u64>().ok().filter(|id| *id > 0).map(ConnId)
 }
@@ -123,18 +134,17 @@ pub(super) struct Reply(String);
 impl Reply {
     /// Starts a line with its first field.
     fn line(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
-        if !self.0.is_empty() && !self.0.ends_with('\n') {
-            self.0.push('\n');
-        }
-        self.0.push_str(key);
-        self.0.push('=');
-        push_value(&mut self.0, value);
-        self
+        self.end_line();
+        self.pair(key, value)
     }
 
     /// Adds a field to the current line.
     fn field(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         self.0.push(' ');
+        self.pair(key, value)
+    }
+
+    fn pair(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         self.0.push_str(key);
         self.0.push('=');
         push_value(&mut self.0, value);
@@ -538,26 +548,9 @@ impl Shell {
                 }
             }
         };
-        let reply = match line {
+        let reply = match line.and_then(|bytes| parse_line(&bytes)) {
             Err(msg) => Some(error_reply(msg)),
-            Ok(mut bytes) => {
-                if bytes.last() == Some(&b'\r') {
-                    bytes.pop();
-                }
-                if bytes.len() > MAX_LINE {
-                    Some(error_reply(format_args!(
-                        "command line longer than {MAX_LINE} bytes"
-                    )))
-                } else {
-                    match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()) {
-                        Err(msg) => Some(error_reply(msg)),
-                        Ok(text) => match parse_command(text) {
-                            Err(msg) => Some(error_reply(msg)),
-                            Ok(command) => self.run_command(now, slot, command),
-                        },
-                    }
-                }
-            }
+            Ok(command) => self.run_command(now, slot, command),
         };
         if let Some(reply) = reply {
             self.control_reply(now, slot, reply);
@@ -767,25 +760,26 @@ impl Shell {
     /// Answers waiting drains: with `error`, or each whose permits are all
     /// back (`ok`) or whose time ran out (`error msg=timeout`).
     fn control_answer_drains(&mut self, now: u64, error: Option<&str>) {
+        let idle = self.core.active() == 0;
+        self.control_answer(now, |phase| match (phase, error) {
+            (Phase::Waiting(Pending::Drain { .. }), Some(msg)) => Some(error_reply(msg)),
+            (Phase::Waiting(Pending::Drain { .. }), None) if idle => Some(Reply::default().ok()),
+            (Phase::Waiting(Pending::Drain { until: Some(t) }), None) if *t <= now => {
+                Some(error_reply("timeout"))
+            }
+            _ => None,
+        });
+    }
+
+    /// Starts writing `answer`'s reply to each connection it gives one.
+    fn control_answer(&mut self, now: u64, mut answer: impl FnMut(&Phase) -> Option<Vec<u8>>) {
         let Some(server) = &self.control else {
             return;
         };
-        let idle = self.core.active() == 0;
         let answers: Vec<(usize, Vec<u8>)> = server
             .conns
             .iter()
-            .filter_map(|(slot, c)| match (&c.phase, error) {
-                (Phase::Waiting(Pending::Drain { .. }), Some(msg)) => {
-                    Some((slot, error_reply(msg)))
-                }
-                (Phase::Waiting(Pending::Drain { .. }), None) if idle => {
-                    Some((slot, Reply::default().ok()))
-                }
-                (Phase::Waiting(Pending::Drain { until: Some(t) }), None) if *t <= now => {
-                    Some((slot, error_reply("timeout")))
-                }
-                _ => None,
-            })
+            .filter_map(|(slot, c)| answer(&c.phase).map(|reply| (slot, reply)))
             .collect();
         for (slot, reply) in answers {
             self.control_reply(now, slot, reply);
@@ -800,28 +794,19 @@ impl Shell {
         run: u64,
         result: Result<Vec<&str>, String>,
     ) {
-        let Some(server) = &self.control else {
-            return;
-        };
-        let waiting: Vec<usize> = server
-            .conns
-            .iter()
-            .filter(
-                |(_, c)| matches!(c.phase, Phase::Waiting(Pending::Reload { run: r }) if r <= run),
-            )
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in waiting {
-            let reply = match &result {
+        self.control_answer(now, |phase| {
+            if !matches!(phase, Phase::Waiting(Pending::Reload { run: r }) if *r <= run) {
+                return None;
+            }
+            Some(match &result {
                 Ok(changed) => {
                     let mut reply = Reply::default();
                     reply.line("changed", CommaList(changed));
                     reply.ok()
                 }
                 Err(msg) => error_reply(msg),
-            };
-            self.control_reply(now, slot, reply);
-        }
+            })
+        });
     }
 
     /// Once per loop turn: close idle control connections, answer drains.
@@ -847,56 +832,38 @@ impl Shell {
     /// Answers `restart` commands whose new generation is ready (or whose
     /// service failed).
     fn control_answer_restarts(&mut self, now: u64) {
-        let Some(server) = &self.control else {
-            return;
-        };
         let service = self.core.stats().service;
-        let answers: Vec<(usize, Vec<u8>)> = server
-            .conns
-            .iter()
-            .filter_map(|(slot, c)| {
-                let Phase::Waiting(Pending::Restart { after }) = c.phase else {
-                    return None;
-                };
-                match service.state? {
-                    ServiceStateName::Failed => Some((slot, error_reply("upstream failed"))),
-                    ServiceStateName::Ready if service.generation > after => {
-                        let mut reply = Reply::default();
-                        reply
-                            .line("instance", 1)
-                            .field("gen", service.generation)
-                            .field("pid", service.pid.unwrap_or(0));
-                        Some((slot, reply.ok()))
-                    }
-                    _ => None,
+        self.control_answer(now, |phase| {
+            let Phase::Waiting(Pending::Restart { after }) = *phase else {
+                return None;
+            };
+            match service.state? {
+                ServiceStateName::Failed => Some(error_reply("upstream failed")),
+                ServiceStateName::Ready if service.generation > after => {
+                    let mut reply = Reply::default();
+                    reply
+                        .line("instance", 1)
+                        .field("gen", service.generation)
+                        .field("pid", service.pid.unwrap_or(0));
+                    Some(reply.ok())
                 }
-            })
-            .collect();
-        for (slot, reply) in answers {
-            self.control_reply(now, slot, reply);
-        }
+                _ => None,
+            }
+        });
     }
 
     /// Answers every waiting `drain`, `reload` and `restart` with an error:
     /// when shutdown begins (their answer would never come), or when the
     /// reload thread they wait for could not start.
     pub(super) fn control_fail_waiters(&mut self, now: u64, reload_only: bool, msg: &str) {
-        let Some(server) = &self.control else {
-            return;
-        };
-        let waiting: Vec<usize> = server
-            .conns
-            .iter()
-            .filter(|(_, c)| match c.phase {
+        self.control_answer(now, |phase| {
+            let waiting = match phase {
                 Phase::Waiting(Pending::Reload { .. }) => true,
                 Phase::Waiting(_) => !reload_only,
                 _ => false,
-            })
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in waiting {
-            self.control_reply(now, slot, error_reply(msg));
-        }
+            };
+            waiting.then(|| error_reply(msg))
+        });
     }
 
     /// The next control deadline, if any.
