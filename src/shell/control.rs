@@ -630,7 +630,7 @@ impl Shell {
                 if service.state.is_none() {
                     error_reply("restart needs --spawn")
                 } else {
-                    self.core.handle_service_restart(now);
+                    self.core.handle_service_restart(now, None);
                     self.drain(now);
                     self.control_wait(
                         slot,

@@ -184,7 +184,7 @@ fn core_settings(config: &Config, hooks: &mut HookTable, services: &mut ServiceT
         on_timeout,
         hook_timeout_ms: config.hook_timeout.map(ms),
         shutdown_grace_ms: ms(config.shutdown_grace),
-        upstream: config.upstream.to_string(),
+        upstreams: vec![config.upstream.to_string()],
         drop_queued_eof: config.queued_eof == QueuedEof::Drop,
         serve_queue_on_shutdown: config.shutdown_queue == ShutdownQueue::Serve,
         stall_warn_ms: config.stall_warn.map(ms),
@@ -610,7 +610,7 @@ impl Shell {
     fn drain(&mut self, now: u64) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Connect(conn) => self.connect_next(now, conn, None),
+                Action::Connect { conn, .. } => self.connect_next(now, conn, None),
                 Action::ConnectNext(conn) => {
                     let timed_out = io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -643,16 +643,17 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
-                Action::ProbeUpstream(generation) => self.probe_upstream(now, generation),
+                Action::ProbeUpstream { generation, .. } => self.probe_upstream(now, generation),
                 Action::SpawnService {
                     generation,
+                    instance: _,
                     reason,
                     run,
                 } => self.spawn_service(now, generation, reason, run),
-                Action::SampleService(generation) => self.sample_service(now, generation),
-                Action::SignalService { generation, signal } => {
-                    self.signal_service(generation, signal)
-                }
+                Action::SampleService { generation, .. } => self.sample_service(now, generation),
+                Action::SignalService {
+                    generation, signal, ..
+                } => self.signal_service(generation, signal),
             }
         }
     }
