@@ -137,7 +137,8 @@ impl Builder {
 
     /// A pool of instances of the service, each `HOST:PORT` or `[V6]:PORT`,
     /// numbered 1..K in this order (at most 1,024, none twice); replaces
-    /// what [`Builder::upstream`] gave. An empty list is refused by `build`.
+    /// what [`Builder::upstream`] gave. An empty list gives no upstream,
+    /// which `build` refuses.
     ///
     /// ```no_run
     /// let lock = tcplock::Lock::builder()
@@ -153,7 +154,7 @@ impl Builder {
         I::Item: Into<String>,
     {
         let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
-        self.upstream = Some(addrs.join(","));
+        self.upstream = (!addrs.is_empty()).then(|| addrs.join(","));
         self
     }
 
