@@ -689,7 +689,7 @@ impl Shell {
         StatusSnapshot {
             core: self.core.status(now),
             draining,
-            upstream: self.config.upstream.to_string(),
+            upstream: self.config.first_upstream().to_string(),
             service: self.core.stats().service,
         }
     }

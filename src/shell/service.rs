@@ -68,7 +68,7 @@ impl ServiceTable {
         };
         let wanted = ServiceCommand {
             command: command.clone(),
-            upstream: config.upstream.clone(),
+            upstream: config.first_upstream().clone(),
         };
         if let Some((name, current)) = &self.current
             && *current == wanted
