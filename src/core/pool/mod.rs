@@ -162,6 +162,11 @@ impl Core {
     pub(super) fn back_to_head(&mut self, now: u64, conn: ConnRef, i: usize) {
         let attempts = match self.conns[conn.slot].state {
             ConnState::Activating(Activation::Hook { attempt }) => attempt,
+            ConnState::Activating(Activation::Connecting { deadline, attempt }) => {
+                self.cancel(deadline);
+                self.cancel(attempt);
+                1
+            }
             _ => 1,
         };
         self.conns[conn.slot].state = ConnState::Queued { attempts };
@@ -270,6 +275,18 @@ impl Core {
         }
     }
 
+    /// The connections holding a permit of `instance`, in slab order.
+    #[cfg(test)]
+    pub(super) fn conns_on(&self, instance: InstanceId) -> Vec<ConnRef> {
+        self.conns_where(|c| {
+            c.instance == instance
+                && matches!(
+                    c.state,
+                    ConnState::Activating(_) | ConnState::Proxying { .. }
+                )
+        })
+    }
+
     pub(super) fn instance_stats(&self) -> Vec<InstanceStats> {
         self.instances
             .iter()
@@ -300,3 +317,6 @@ fn instance_names(settings: &Settings) -> Vec<String> {
         settings.upstreams.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;
