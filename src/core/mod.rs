@@ -796,7 +796,6 @@ impl Core {
 
     // ----- observers -----
 
-    #[cfg(any(test, feature = "model"))]
     /// Clients in the queue (not counting one whose on-activate hook runs).
     pub fn queue_len(&self) -> usize {
         self.queue.len()
@@ -834,17 +833,32 @@ impl Core {
 
     /// The numbers a [`crate::Handle`] reports.
     pub fn stats(&self) -> Stats {
-        Stats {
-            queue_length: self.queue.len(),
-            active: self.active,
-            permits: self.settings.permits,
-            oldest_wait_ms: self.oldest_wait_ms(),
-            activations: self.counters.activations,
-            timeouts: self.counters.timeouts,
-            outcomes: self.counters.outcomes,
-            service: self.service_stats(0),
-            instances: self.instance_stats(),
+        let mut stats = Stats::default();
+        self.write_stats(&mut stats);
+        stats
+    }
+
+    /// One instance's supervised service, as [`Stats`] would show it;
+    /// without the allocation of a whole [`Core::stats`].
+    pub fn service_stats_of(&self, instance: InstanceId) -> ServiceStats {
+        match self.instance_index(instance) {
+            Some(i) => self.service_stats(i),
+            None => ServiceStats::default(),
         }
+    }
+
+    /// [`Core::stats`] into `out`, reusing its memory: the shell publishes
+    /// them every turn, and steady-state relaying allocates nothing.
+    pub fn write_stats(&self, out: &mut Stats) {
+        out.queue_length = self.queue.len();
+        out.active = self.active;
+        out.permits = self.settings.permits;
+        out.oldest_wait_ms = self.oldest_wait_ms();
+        out.activations = self.counters.activations;
+        out.timeouts = self.counters.timeouts;
+        out.outcomes = self.counters.outcomes;
+        out.service = self.service_stats(0);
+        self.write_instance_stats(&mut out.instances);
     }
 
     /// How long the head of the queue has waited as of the latest input;

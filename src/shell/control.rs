@@ -17,7 +17,9 @@ use mio::net::{UnixListener, UnixStream};
 use slab::Slab;
 
 use super::*;
-use crate::core::{ConnId, CoreStatus, PositionError, ServiceStateName, ServiceStats, Target};
+use crate::core::{
+    ConnId, CoreStatus, InstanceId, PositionError, ServiceStateName, ServiceStats, Target,
+};
 use log::push_value;
 
 /// The control listener's poll token (reserved for it by the lead).
@@ -626,7 +628,7 @@ impl Shell {
                 "no instance {instance}: there is one upstream"
             )),
             Command::Restart(_) => {
-                let service = self.core.stats().service;
+                let service = self.core.service_stats_of(InstanceId(1));
                 if service.state.is_none() {
                     error_reply("restart needs --spawn")
                 } else {
@@ -690,7 +692,7 @@ impl Shell {
             core: self.core.status(now),
             draining,
             upstream: self.config.first_upstream().to_string(),
-            service: self.core.stats().service,
+            service: self.core.service_stats_of(InstanceId(1)),
         }
     }
 
@@ -832,7 +834,7 @@ impl Shell {
     /// Answers `restart` commands whose new generation is ready (or whose
     /// service failed).
     fn control_answer_restarts(&mut self, now: u64) {
-        let service = self.core.stats().service;
+        let service = self.core.service_stats_of(InstanceId(1));
         self.control_answer(now, |phase| {
             let Phase::Waiting(Pending::Restart { after }) = *phase else {
                 return None;

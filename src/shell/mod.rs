@@ -666,10 +666,9 @@ impl Shell {
     }
 
     fn publish_stats(&self) {
-        let stats = self.core.stats();
         match self.stats.lock() {
-            Ok(mut published) => *published = stats,
-            Err(poisoned) => *poisoned.into_inner() = stats,
+            Ok(mut published) => self.core.write_stats(&mut published),
+            Err(poisoned) => self.core.write_stats(&mut poisoned.into_inner()),
         }
     }
 }

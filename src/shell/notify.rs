@@ -337,8 +337,7 @@ impl Shell {
     }
 
     pub(super) fn notify_counts(&self) -> (usize, usize) {
-        let stats = self.core.stats();
-        (stats.queue_length, stats.active)
+        (self.core.queue_len(), self.core.active())
     }
 }
 

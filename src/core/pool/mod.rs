@@ -287,25 +287,33 @@ impl Core {
         })
     }
 
-    pub(super) fn instance_stats(&self) -> Vec<InstanceStats> {
-        self.instances
+    /// Every instance not vacant, into `out`, reusing its memory.
+    pub(super) fn write_instance_stats(&self, out: &mut Vec<InstanceStats>) {
+        let listed = self
+            .instances
             .iter()
             .enumerate()
-            .filter(|(_, inst)| !inst.is_vacant())
-            .map(|(i, inst)| InstanceStats {
-                id: InstanceId::at(i).0,
-                upstream: inst.upstream.clone(),
-                active: inst.active,
-                activations: inst.activations,
-                cooling_down: inst.cooldown.is_some(),
-                removed: inst.removed,
-                service: inst
-                    .service
-                    .as_ref()
-                    .map(Service::stats)
-                    .unwrap_or_default(),
-            })
-            .collect()
+            .filter(|(_, inst)| !inst.is_vacant());
+        let mut count = 0;
+        for (i, inst) in listed {
+            if out.len() == count {
+                out.push(InstanceStats::default());
+            }
+            let stats = &mut out[count];
+            stats.id = InstanceId::at(i).0;
+            stats.upstream.clone_from(&inst.upstream);
+            stats.active = inst.active;
+            stats.activations = inst.activations;
+            stats.cooling_down = inst.cooldown.is_some();
+            stats.removed = inst.removed;
+            stats.service = inst
+                .service
+                .as_ref()
+                .map(Service::stats)
+                .unwrap_or_default();
+            count += 1;
+        }
+        out.truncate(count);
     }
 }
 
