@@ -78,7 +78,7 @@ pub struct CoreStatus {
     pub queued: usize,
     /// Connections holding a permit.
     pub active: usize,
-    /// Permits in all.
+    /// Permits in all: each live instance's.
     pub permits: u32,
     /// How long the head of the line has waited; 0 with nobody in line.
     pub oldest_wait_ms: u64,
@@ -163,7 +163,8 @@ impl Core {
                 None => PositionError::Unknown,
             });
         };
-        let permits = self.settings.permits;
+        // A pool's permits: every live instance's.
+        let permits = u32::try_from(self.capacity()).unwrap_or(u32::MAX);
         let free_permits = permits.saturating_sub(u32::try_from(self.active).unwrap_or(u32::MAX));
         let position = ahead + 1;
         let eta_ms = self.proxy_ms_avg.filter(|_| !self.paused).map(|avg| {
@@ -218,7 +219,7 @@ impl Core {
             stopping: self.shutdown.is_some(),
             queued: self.queue.len(),
             active: self.active,
-            permits: self.settings.permits,
+            permits: u32::try_from(self.capacity()).unwrap_or(u32::MAX),
             oldest_wait_ms,
             accepted: self.next_conn_id - 1,
             activations: self.counters.activations,
