@@ -261,6 +261,16 @@ impl Core {
             {
                 continue;
             }
+            // Removed by an earlier reload and still draining: it is back,
+            // as it was, rather than beside a second copy of itself.
+            if let Some(inst) = self
+                .instances
+                .iter_mut()
+                .find(|inst| inst.removed && !inst.is_vacant() && inst.upstream == name)
+            {
+                inst.removed = false;
+                continue;
+            }
             let vacant = self.instances.iter().position(Instance::is_vacant);
             match vacant {
                 Some(i) => {

@@ -639,3 +639,30 @@ fn a_reload_that_removes_a_supervised_instance_stops_it_once_drained() {
     assert_eq!(core.stats().instances.len(), 1);
     core.check_invariants().expect("invariants");
 }
+
+#[test]
+fn an_instance_removed_and_listed_again_while_it_drains_comes_back_as_it_was() {
+    let mut core = Core::new(pool(2), 0);
+    let a = connect_one(&mut core, 1, 1);
+    assert_eq!(a.1, 1);
+    let without_one = Settings {
+        upstreams: vec!["127.0.0.1:8102".into()],
+        ..pool(2)
+    };
+    core.handle_reload(2, without_one);
+    drain(&mut core);
+    assert!(core.stats().instances[0].removed);
+    core.handle_reload(3, pool(2));
+    drain(&mut core);
+    let stats = core.stats();
+    assert_eq!(stats.instances.len(), 2, "{:?}", stats.instances);
+    assert!(!stats.instances[0].removed);
+    assert_eq!(stats.instances[0].active, 1, "its client proxies on");
+    // Instance 2 is busy; the next client goes to 1 once it is free.
+    let b = connect_one(&mut core, 4, 2);
+    assert_eq!(b.1, 2);
+    core.handle_relay_ended(5, a.0, finished());
+    drain(&mut core);
+    let c = connect_one(&mut core, 6, 3);
+    assert_eq!(c.1, 1);
+}

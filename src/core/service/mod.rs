@@ -591,9 +591,13 @@ impl Core {
 
     // ----- decisions -----
 
-    /// Whether a client may be activated now: always when tcplock does not
-    /// supervise the upstream.
+    /// Whether a client may be activated on instance `i` now: always when
+    /// tcplock does not supervise the upstream, never once a reload
+    /// removed the instance.
     pub(super) fn service_takes_clients(&self, i: usize) -> bool {
+        if self.instances[i].removed {
+            return false;
+        }
         match (&self.instances[i].service, self.settings.service.is_some()) {
             // Supervision turned on by a reload waits for the holders before
             // it makes its service; during a shutdown it makes none (until
