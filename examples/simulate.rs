@@ -36,7 +36,9 @@
 //! - `balanced`: K cores of one instance each, behind a dispatcher that sends
 //!   each arrival at once to the core with the fewest connections (active
 //!   plus queued; ties in turn), as HAProxy's `balance leastconn` does. Each
-//!   core restarts its instance on its own after `--restart-after` jobs.
+//!   core restarts its instance on its own after `--restart-after` jobs. The
+//!   balancer sees tcplock's listener, which stays up while its instance
+//!   restarts, so it keeps sending clients there.
 //! - `together`: `balanced`, but with every instance restarted at once: the
 //!   cores get no `--restart-after`; each time the K cores together have let
 //!   K x N clients through, every ready core is asked for a restart (as a
@@ -886,8 +888,17 @@ impl Sim<'_> {
 /// The configurations of the README's table, on `base`'s workload.
 fn table(base: &Workload) -> String {
     let n = base.restart_after.unwrap_or(50);
+    let dist = match base.dist {
+        Dist::Exp => "--dist exp".to_string(),
+        Dist::LogNormal { sigma } => format!("--dist lognormal --sigma {sigma}"),
+    };
     let mut out = format!(
-        "{} instances, service {} ms mean, ready {} ms after spawn, {} clients per row, seed {}\n\n\
+        "cargo run --release --features model --example simulate -- --table \
+         --instances {} --service-ms {} {dist} --restart-after {n} --restart-ms {} \
+         --clients {} --seed {}\n\
+         Per load: rows 1 and 2 differ only in the dispatch (one queue, or leastconn at \
+         arrival); rows 4 and 5 only in when the instances restart; row 3 is the pool's \
+         one queue with its rolling restarts.\n\n\
          | load | setup | restarts | clients/s | wait p50 | p90 | p99 | max | all out |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         base.instances, base.service_ms, base.restart_ms, base.clients, base.seed
