@@ -314,8 +314,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 // ----- ADAPTERS: every place that names an instance of the core -----
 //
-// After issue 12's K-instance core is merged, each becomes the commented
-// line: instances are `InstanceId(i + 1)` there, 0-based `i` here.
+// After issue 12's K-instance core is merged, each body becomes its `K:`
+// comment, with `InstanceId` exported from lib.rs's `internals::core` and
+//     fn id(i: usize) -> InstanceId { InstanceId(i as u32 + 1) }
+//     fn index(id: InstanceId) -> usize { id.0 as usize - 1 }
+// (the core numbers instances from 1; the simulation indexes them from 0),
+// and the `debug_assert_eq!(instance, 0, ..)` lines go.
 
 /// The core's settings for `instances` instances (permits 1 each).
 fn core_settings(
@@ -323,7 +327,8 @@ fn core_settings(
     restart_after: Option<u64>,
     restart_ms: u64,
 ) -> Result<Settings, String> {
-    // K-instance core: `upstreams: (0..instances).map(upstream_name).collect()`.
+    // K: no refusal; `upstreams: (0..instances).map(upstream_name).collect()`
+    // instead of `upstream`.
     if instances != 1 {
         return Err(format!(
             "--mode pool with {instances} instances needs the K-instance core of issue 12; \
@@ -364,19 +369,20 @@ enum Todo {
 
 fn decode(action: Action) -> Todo {
     match action {
-        // `Action::Connect { conn, .. }`
+        // K: `Action::Connect { conn, .. }`
         Action::Connect(conn) => Todo::Connect(conn),
         Action::StartRelay(conn) => Todo::Relay(conn),
         Action::Close { outcome, .. } => Todo::Closed(outcome),
-        // `Action::ProbeUpstream { instance, generation }` → `instance.0 as usize - 1`
+        // K: `Action::ProbeUpstream { instance, generation }
+        //     => Todo::Probe(index(instance), generation)`, and so on below
         Action::ProbeUpstream(generation) => Todo::Probe(0, generation),
-        // `Action::SpawnService { instance, generation, reason, .. }`
+        // K: `Action::SpawnService { instance, generation, reason, .. }`
         Action::SpawnService {
             generation, reason, ..
         } => Todo::Spawn(0, generation, reason),
-        // `Action::SampleService { instance, generation }`
+        // K: `Action::SampleService { instance, generation }`
         Action::SampleService(generation) => Todo::Sample(0, generation),
-        // `Action::SignalService { instance, generation, signal }`
+        // K: `Action::SignalService { instance, generation, signal }`
         Action::SignalService { generation, signal } => Todo::Signal(0, generation, signal),
         Action::ReportIdle => Todo::ReportIdle,
         Action::Log(event) => Todo::Log(event),
@@ -401,9 +407,10 @@ enum News {
 }
 
 fn news(event: &Event) -> Option<News> {
-    // Each of these gains `instance` in the K-instance core. There an
-    // instance due while another is out keeps serving until its turn, so
-    // `Out` is `UpstreamStopping` only (a due single instance takes no one).
+    // K: `UpstreamReady { instance, .. } => News::Ready(index(instance))`,
+    // and `Out` for `UpstreamStopping { instance, .. }` only: in a pool an
+    // instance due while another is out keeps serving until its turn (a due
+    // single instance takes no one, so today `RestartDue` counts too).
     match *event {
         Event::Activated { waited_ms, .. } => Some(News::Activated { waited_ms }),
         Event::UpstreamReady { .. } => Some(News::Ready(0)),
@@ -414,12 +421,13 @@ fn news(event: &Event) -> Option<News> {
 
 fn feed_probed(core: &mut Core, now: u64, instance: usize, generation: Generation, answered: bool) {
     debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // `core.handle_service_probed(now, InstanceId(instance as u32 + 1), generation, answered)`
+    // K: `core.handle_service_probed(now, id(instance), generation, answered)`
     core.handle_service_probed(now, generation, answered);
 }
 
 fn feed_spawned(core: &mut Core, now: u64, instance: usize, generation: Generation, pid: u32) {
     debug_assert_eq!(instance, 0, "one instance per core until issue 12");
+    // K: `core.handle_service_spawned(now, id(instance), generation, Ok(pid))`
     core.handle_service_spawned(now, generation, Ok(pid));
 }
 
@@ -431,18 +439,20 @@ fn feed_sampled(
     s: ServiceSample,
 ) {
     debug_assert_eq!(instance, 0, "one instance per core until issue 12");
+    // K: `core.handle_service_sampled(now, id(instance), generation, s)`
     core.handle_service_sampled(now, generation, s);
 }
 
 fn feed_exited(core: &mut Core, now: u64, instance: usize, generation: Generation) {
     debug_assert_eq!(instance, 0, "one instance per core until issue 12");
+    // K: `core.handle_service_exited(now, id(instance), generation, ...)`
     core.handle_service_exited(now, generation, ServiceExit::Signal(15));
 }
 
 /// `--mode together`: asks this core to restart its (only) instance.
 fn restart_instance(core: &mut Core, now: u64, instance: usize) {
     debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // `core.handle_service_restart(now, Some(InstanceId(instance as u32 + 1)))`
+    // K: `core.handle_service_restart(now, Some(id(instance)))`
     core.handle_service_restart(now);
 }
 
