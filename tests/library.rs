@@ -191,10 +191,10 @@ fn a_reload_that_cannot_apply_is_refused_and_changes_nothing() {
     zero_permits.permits = 0;
     assert!(matches!(handle.reload(zero_permits), Err(e) if e.to_string().contains("permits")));
     let mut unresolvable = config;
-    unresolvable.upstream = tcplock::HostPort {
+    unresolvable.upstreams = vec![tcplock::HostPort {
         host: "no-such-host.invalid".into(),
         port: 80,
-    };
+    }];
     assert!(handle.reload(unresolvable).is_err());
     let mut client = connect(addr);
     roundtrip(&mut client, b"still the old settings");

@@ -228,7 +228,7 @@ impl Knobs {
             on_timeout: self.on_timeout.then(|| HookRef(3)),
             hook_timeout_ms: self.hook_timeout.map(Span::ms),
             shutdown_grace_ms: self.shutdown_grace.ms(),
-            upstream: "127.0.0.1:9".to_string(),
+            upstreams: vec!["127.0.0.1:9".to_string()],
             drop_queued_eof: self.drop_queued_eof,
             serve_queue_on_shutdown: self.serve_queue_on_shutdown,
             stall_warn_ms: self.stall_warn.map(Span::ms),

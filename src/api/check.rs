@@ -5,7 +5,7 @@ use std::net::ToSocketAddrs;
 
 use crate::api::error::Error;
 use crate::config::{self, RawArgs, show};
-use crate::shell::{check_control_path, resolve_metrics_addr, resolve_upstream};
+use crate::shell::{check_control_path, resolve_metrics_addr, resolve_upstreams};
 
 /// Loads and validates the settings `raw` names (the command line over its
 /// `-c` file), looks the listen address and the upstream up (blocking: no
@@ -31,7 +31,7 @@ pub fn check(raw: &RawArgs) -> Result<String, Error> {
             )));
         }
     }
-    let upstream = resolve_upstream(&config)?;
+    let upstream = resolve_upstreams(&config)?;
     if let Some(addr) = &config.metrics {
         resolve_metrics_addr(addr)?;
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::api::error::Error;
 use crate::api::hook::{Hook, Ticket, TimeoutInfo};
+use crate::config::pool;
 use crate::config::units::{self, HostPort};
 use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, ShutdownQueue, Splice};
 use crate::core::{RestartOn, Stats};
@@ -114,7 +115,7 @@ impl Builder {
     pub fn from_config(config: Config) -> Builder {
         Builder {
             listen: Some(config.listen.clone()),
-            upstream: Some(config.upstream.to_string()),
+            upstream: Some(pool_text(&config.upstreams)),
             config,
             options: ShellOptions::default(),
         }
@@ -127,9 +128,33 @@ impl Builder {
     }
 
     /// The service behind the lock: `HOST:PORT` or `[V6]:PORT`, resolved once
-    /// when the lock is built.
+    /// when the lock is built. It reads what `-u` reads, so a pool may be
+    /// given here too: `HOST:PORT,HOST:PORT,...` or `HOST:FIRST-LAST`.
     pub fn upstream(mut self, addr: impl Into<String>) -> Builder {
         self.upstream = Some(addr.into());
+        self
+    }
+
+    /// A pool of instances of the service, each `HOST:PORT` or `[V6]:PORT`,
+    /// numbered 1..K in this order (at most 1,024, none twice); replaces
+    /// what [`Builder::upstream`] gave. An empty list gives no upstream,
+    /// which `build` refuses.
+    ///
+    /// ```no_run
+    /// let lock = tcplock::Lock::builder()
+    ///     .listen("127.0.0.1:9000")
+    ///     .upstreams(["127.0.0.1:2002", "127.0.0.1:2003"])
+    ///     .build()?;
+    /// assert_eq!(lock.config().upstreams.len(), 2);
+    /// # Ok::<(), tcplock::Error>(())
+    /// ```
+    pub fn upstreams<I>(mut self, addrs: I) -> Builder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
+        self.upstream = (!addrs.is_empty()).then(|| addrs.join(","));
         self
     }
 
@@ -384,12 +409,18 @@ impl Builder {
         let upstream = self
             .upstream
             .ok_or_else(|| Error::Invalid("no upstream: call upstream()".into()))?;
-        self.config.upstream = units::parse_host_port(&upstream)
+        self.config.upstreams = pool::parse_upstreams(&upstream)
             .map_err(|e| Error::Invalid(format!("upstream: {e}")))?;
         validate(&self.config)?;
         let shell = Shell::start(self.config, self.options)?;
         Ok(Lock { shell })
     }
+}
+
+/// A pool as `upstream()` reads it back: its instances, comma-separated.
+fn pool_text(upstreams: &[HostPort]) -> String {
+    let items: Vec<String> = upstreams.iter().map(HostPort::to_string).collect();
+    items.join(",")
 }
 
 fn non_zero(d: Duration) -> Option<Duration> {

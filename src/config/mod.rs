@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod file;
+pub(crate) mod pool;
 pub mod settings;
 pub(crate) mod show;
 pub mod units;
@@ -109,14 +110,16 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
     }
     if !upstream_given {
         match (draft.proxy_port, proxy_host_origin) {
-            (Some(port), _) => {
-                draft.config.upstream = HostPort {
-                    host: draft
-                        .proxy_host
-                        .take()
-                        .unwrap_or_else(|| "localhost".into()),
+            (Some(ports), _) => {
+                let host = draft
+                    .proxy_host
+                    .take()
+                    .unwrap_or_else(|| "localhost".into());
+                let upstream = |port| HostPort {
+                    host: host.clone(),
                     port,
                 };
+                draft.config.upstreams = ports.into_iter().map(upstream).collect();
             }
             (None, Some(Origin::Line(line))) => {
                 return Err(ConfigError::File {
@@ -239,6 +242,7 @@ mod tests {
     use super::*;
     use crate::api::hook::Hook;
     use crate::config::cli::{Command, parse_from};
+    use crate::config::show::Show;
 
     fn raw(args: &[&str]) -> RawArgs {
         match parse_from(args.iter().copied()) {
@@ -279,7 +283,7 @@ mod tests {
     fn defaults() {
         let c = config(&["-l", "9000", "-p", "8100"]);
         assert_eq!(c.listen, "127.0.0.1:9000");
-        assert_eq!(c.upstream.to_string(), "localhost:8100");
+        assert_eq!(c.upstreams.show(), "localhost:8100");
         assert_eq!(c.permits, 1);
         assert_eq!(c.ttl, None);
         assert_eq!(c.queue_timeout, None);
@@ -330,7 +334,7 @@ mod tests {
             "DROP",
         ]);
         assert_eq!(c.listen, "[::1]:0");
-        assert_eq!(c.upstream.to_string(), "db:5432");
+        assert_eq!(c.upstreams.show(), "db:5432");
         assert_eq!(c.permits, 3);
         assert_eq!(c.ttl, Some(Duration::from_secs(20)));
         assert_eq!(c.queue_timeout, Some(Duration::from_secs(5)));
@@ -349,9 +353,70 @@ mod tests {
     #[test]
     fn proxy_host_is_dash_h() {
         let c = config(&["-l", "1", "-h", "db", "-p", "5"]);
-        assert_eq!(c.upstream.to_string(), "db:5");
+        assert_eq!(c.upstreams.show(), "db:5");
         let c = config(&["-l", "1", "-h", "::1", "-p", "5"]);
-        assert_eq!(c.upstream.to_string(), "[::1]:5");
+        assert_eq!(c.upstreams.show(), "[::1]:5");
+    }
+
+    #[test]
+    fn a_pool_comes_from_u_p_or_the_file() {
+        let c = config(&["-l", "1", "-u", "a:1,b:2,[::1]:3"]);
+        assert_eq!(c.upstreams.show(), "a:1,b:2,[::1]:3");
+        assert_eq!(c.first_upstream().to_string(), "a:1");
+        let c = config(&["-l", "1", "-u", "[::1]:5-8"]);
+        assert_eq!(c.upstreams.len(), 4);
+        let c = config(&["-l", "1", "-h", "db", "-p", "8100-8103"]);
+        assert_eq!(c.upstreams.show(), "db:8100-8103");
+        let c = config(&["-l", "1", "-p", "7,5"]);
+        assert_eq!(c.upstreams.show(), "localhost:7,localhost:5");
+        let path = temp_file(
+            "pool.conf",
+            "listen = 1\nproxy-host = fh\nproxy-port = 2-3\n",
+        );
+        let p = path.to_str().unwrap();
+        assert_eq!(config(&["-c", p]).upstreams.show(), "fh:2-3");
+        assert_eq!(config(&["-c", p, "-h", "ch"]).upstreams.show(), "ch:2-3");
+        let path = temp_file("pool2.conf", "listen = 1\nupstream = a:1, b:1\n");
+        let c = config(&["-c", path.to_str().unwrap()]);
+        assert_eq!(c.upstreams.show(), "a:1,b:1");
+    }
+
+    #[test]
+    fn a_bad_pool_names_the_flag_or_the_line() {
+        assert_eq!(
+            usage(&["-l", "1", "-u", "a:8103-8100"]),
+            "-u/--upstream: invalid port range 'a:8103-8100': 8103 is above 8100"
+        );
+        assert_eq!(
+            usage(&["-l", "1", "-p", "8103-8100"]),
+            "-p/--proxy-port: invalid port range '8103-8100': 8103 is above 8100"
+        );
+        assert_eq!(
+            usage(&["-l", "1", "-u", "a:1,b:2-5"]),
+            "-u/--upstream: the list 'a:1,b:2-5' mixes in the range 'b:2-5' (give a list or one range)"
+        );
+        let path = temp_file("badpool.conf", "listen = 1\n\nupstream = a:1,,b:2\n");
+        let e = load(&raw(&["-c", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(
+            e.to_string()
+                .ends_with(":3: upstream: the list 'a:1,,b:2' has an empty element"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_spawned_pool_is_all_on_this_host() {
+        let spawn = ["-l", "1", "--spawn", "serve"];
+        let c = config(&[&spawn[..], &["-u", "127.0.0.1:5,localhost:6,[::1]:7"]].concat());
+        assert_eq!(c.upstreams.len(), 3);
+        assert_eq!(
+            usage(&[&spawn[..], &["-u", "127.0.0.1:5,203.0.113.7:6"]].concat()),
+            format!("--spawn: {}", settings::not_on_this_host("203.0.113.7:6"))
+        );
+        // Without --spawn an instance may be anywhere.
+        let c = config(&["-l", "1", "-u", "127.0.0.1:5,203.0.113.7:6"]);
+        assert_eq!(c.upstreams.len(), 2);
     }
 
     #[test]
@@ -465,7 +530,7 @@ mod tests {
 
         let c = config(&["-c", p]);
         assert_eq!(c.listen, "127.0.0.1:9000");
-        assert_eq!(c.upstream.to_string(), "filehost:1");
+        assert_eq!(c.upstreams.show(), "filehost:1");
         assert_eq!(c.permits, 4);
         assert_eq!(c.on_activate, Some(Hook::command("a.sh")));
         assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
@@ -476,7 +541,7 @@ mod tests {
 
         // -p replaces the file's upstream as a whole; not a conflict.
         let c = config(&["-c", p, "-p", "7"]);
-        assert_eq!(c.upstream.to_string(), "localhost:7");
+        assert_eq!(c.upstreams.show(), "localhost:7");
     }
 
     #[test]
@@ -486,11 +551,11 @@ mod tests {
             "listen = 1\nproxy-host = fh\nproxy-port = 2\n",
         );
         let p = path.to_str().unwrap();
-        assert_eq!(config(&["-c", p]).upstream.to_string(), "fh:2");
-        assert_eq!(config(&["-c", p, "-u", "u:3"]).upstream.to_string(), "u:3");
+        assert_eq!(config(&["-c", p]).upstreams.show(), "fh:2");
+        assert_eq!(config(&["-c", p, "-u", "u:3"]).upstreams.show(), "u:3");
         // Flags pair up with the file's other half.
-        assert_eq!(config(&["-c", p, "-p", "4"]).upstream.to_string(), "fh:4");
-        assert_eq!(config(&["-c", p, "-h", "ch"]).upstream.to_string(), "ch:2");
+        assert_eq!(config(&["-c", p, "-p", "4"]).upstreams.show(), "fh:4");
+        assert_eq!(config(&["-c", p, "-h", "ch"]).upstreams.show(), "ch:2");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::hook::Hook;
+use crate::config::pool;
 use crate::config::units::{self, HostPort, MAX_DURATION, Quoted};
 use crate::core::RestartOn;
 
@@ -106,7 +107,8 @@ impl Eq for Spec {}
 pub(crate) struct Draft {
     pub(crate) config: Config,
     pub(crate) proxy_host: Option<String>,
-    pub(crate) proxy_port: Option<u16>,
+    /// One port per instance, in order.
+    pub(crate) proxy_port: Option<Vec<u16>>,
 }
 
 /// Declares [`Config`] and [`SETTINGS`] from one table.
@@ -193,12 +195,15 @@ settings! {
         help "serve Prometheus metrics over HTTP at\n\
               http://ADDR/metrics: PORT or HOST:PORT as for\n\
               -l (default: none)";
-    /// The service behind the lock; resolved at start-up and on every reload.
-    upstream: HostPort = HostPort::default(),
+    /// The instances of the service behind the lock, numbered 1..K in this
+    /// order; never empty. Resolved at start-up and on every reload.
+    upstreams: Vec<HostPort> = Vec::new(),
         key "upstream" short 'u' value "HOST:PORT", Addresses, reload true,
-        parse |s| units::parse_host_port(s).map_err(|e| e.to_string()),
-        check |_| Ok(()),
-        help "upstream in one word; not together with -p or -h";
+        parse |s| pool::parse_upstreams(s),
+        check |upstreams| pool::check_upstreams(upstreams),
+        help "upstream in one word; not together with -p or -h.\n\
+              A pool: HOST:PORT,HOST:PORT,... or HOST:FIRST-LAST\n\
+              (one instance per port, at most 1024)";
     /// Connections let through at once; at least 1.
     permits: u32 = 1,
         key "permits" short 'n' value "N", Limits, reload true,
@@ -454,17 +459,17 @@ pub const MAX_CONTROL_PATH: usize = 107;
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The 2011 tool's way to name the upstream; the merge folds them into
-/// [`Config::upstream`].
+/// [`Config::upstreams`].
 pub(crate) const UPSTREAM_PARTS: &[Spec] = &[
     Spec {
         key: "proxy-port",
         short: Some('p'),
         value_name: "PORT",
         group: Group::Addresses,
-        help: "upstream port",
+        help: "upstream port; FIRST-LAST or PORT,PORT,... for\na pool (one instance per port)",
         reloadable: true,
         set: |draft, text| {
-            draft.proxy_port = Some(units::parse_port(text).map_err(|e| e.to_string())?);
+            draft.proxy_port = Some(pool::parse_ports(text)?);
             Ok(())
         },
         check: |_| Ok(()),
@@ -508,8 +513,18 @@ pub(crate) fn spec_by_short(c: char) -> Option<&'static Spec> {
 impl Config {
     fn with_addresses(mut self, listen: String, upstream: HostPort) -> Config {
         self.listen = listen;
-        self.upstream = upstream;
+        self.upstreams = vec![upstream];
         self
+    }
+
+    /// Instance 1, the first of [`Config::upstreams`] (an empty list, which
+    /// [`Config::validate`] refuses, gives an empty address).
+    pub fn first_upstream(&self) -> &HostPort {
+        static NONE: HostPort = HostPort {
+            host: String::new(),
+            port: 0,
+        };
+        self.upstreams.first().unwrap_or(&NONE)
     }
 
     /// Checks every setting against the range the command line enforces, so a
@@ -544,12 +559,15 @@ impl Config {
             };
         }
         // A name is judged once resolved: looking it up here could block.
-        let local = match self.upstream.host.parse::<IpAddr>() {
-            Ok(ip) => upstream_is_local(ip),
-            Err(_) => true,
-        };
-        match service_specs().find(|spec| spec.key == "spawn") {
-            Some(spec) if !local => Err((spec, not_on_this_host(&self.upstream.to_string()))),
+        // Every instance of a pool is a child of tcplock's, so each is here.
+        let remote = self.upstreams.iter().find(|upstream| {
+            upstream
+                .host
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| !upstream_is_local(ip))
+        });
+        match (service_specs().find(|spec| spec.key == "spawn"), remote) {
+            (Some(spec), Some(remote)) => Err((spec, not_on_this_host(&remote.to_string()))),
             _ => Ok(()),
         }
     }

@@ -96,15 +96,17 @@ show_optional!(String, PathBuf, SocketAddr, HostPort);
 /// after comment lines naming what the upstream resolved to. A value a file
 /// cannot hold (a hook command with a line break or surrounding blanks, a
 /// closure) is a comment line saying so instead.
-pub(crate) fn render(config: &Config, upstream: &[SocketAddr]) -> String {
+///
+/// `resolved` holds each instance's addresses, in the order of
+/// [`Config::upstreams`]; the `upstream` line writes the list back as one
+/// range when its instances are consecutive ports of one host, else as a
+/// comma-separated list.
+pub(crate) fn render(config: &Config, resolved: &[Vec<SocketAddr>]) -> String {
     let mut out = String::from("# tcplock --check: the settings in force, as a config file\n");
-    let addrs: Vec<String> = upstream.iter().map(SocketAddr::to_string).collect();
-    let _ = writeln!(
-        out,
-        "# upstream {} resolves to {}",
-        config.upstream,
-        addrs.join(" ")
-    );
+    for (upstream, addrs) in config.upstreams.iter().zip(resolved) {
+        let addrs: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        let _ = writeln!(out, "# upstream {upstream} resolves to {}", addrs.join(" "));
+    }
     for spec in SETTINGS {
         let value = (spec.show)(config);
         if spec.key == "listen" && value.is_empty() {
@@ -187,7 +189,10 @@ mod tests {
     fn read_back(text: &str) -> Config {
         let dir = std::env::temp_dir().join(format!("tcplock-show-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("rendered.conf");
+        // Tests run in parallel: each read gets its own file.
+        static READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("rendered-{n}.conf"));
         std::fs::write(&path, text).unwrap();
         let Ok(Command::Run(raw)) = parse_from(["-c", path.to_str().unwrap()]) else {
             panic!("-c");
@@ -224,6 +229,31 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_is_written_as_a_range_or_a_list_and_reads_back() {
+        let cases = [
+            ("w:8100-8103", "w:8100-8103"),
+            ("w:8101,w:8100", "w:8101,w:8100"),
+            ("a:1,[::1]:2,b:3", "a:1,[::1]:2,b:3"),
+        ];
+        for (given, written) in cases {
+            let mut config = unusual();
+            config.upstreams = crate::config::pool::parse_upstreams(given).unwrap();
+            let resolved = vec![Vec::new(); config.upstreams.len()];
+            let text = render(&config, &resolved);
+            assert!(
+                text.contains(&format!("\nupstream = {written}\n")),
+                "{text}"
+            );
+            let comments = text
+                .lines()
+                .filter(|l| l.starts_with("# upstream "))
+                .count();
+            assert_eq!(comments, config.upstreams.len(), "{text}");
+            assert_eq!(read_back(&text), config, "\n{text}");
+        }
+    }
+
+    #[test]
     fn durations_take_the_largest_exact_unit() {
         let cases = [(0, "0"), (1, "1ms"), (1_500, "1500ms"), (20_000, "20s")];
         for (ms, text) in cases {
@@ -251,7 +281,7 @@ mod tests {
         );
         let mut config = unusual();
         config.listen = String::new();
-        let text = render(&config, &["127.0.0.1:5".parse().unwrap()]);
+        let text = render(&config, &[vec!["127.0.0.1:5".parse().unwrap()]]);
         assert!(text.contains("# listen = (none: "), "{text}");
         assert!(text.contains("# upstream db.example:5432 resolves to 127.0.0.1:5\n"));
     }

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 
+use super::pool::Instance;
 use super::queue::SWEEP_MIN_STALE;
 use super::{
     ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Activation, ConnRef, ConnState, Core, EndedBy,
@@ -16,6 +17,7 @@ impl Core {
     /// Checks the snapshot invariants; the error names the first broken one.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut holding = 0;
+        let mut holding_of = vec![0usize; self.instances.len()];
         let mut queued = 0;
         let mut preparing = Vec::new();
         let mut armed = 0;
@@ -44,12 +46,20 @@ impl Core {
                     }
                 }
                 ConnState::Queued { .. } => queued += 1,
-                ConnState::Activating(Activation::Hook { .. }) => {
+                ConnState::Activating(step) => {
                     holding += 1;
-                    preparing.push(conn);
-                }
-                ConnState::Activating(Activation::Connecting { deadline, attempt }) => {
-                    holding += 1;
+                    let i = c.instance.index();
+                    let Some(count) = holding_of.get_mut(i) else {
+                        return Err(format!("conn {} holds a permit of no instance", c.id));
+                    };
+                    *count += 1;
+                    let Activation::Connecting {
+                        deadline, attempt, ..
+                    } = step
+                    else {
+                        preparing.push((conn, i));
+                        continue;
+                    };
                     armed += usize::from(deadline.is_some());
                     armed += usize::from(attempt.is_some());
                     let ends_at = deadline.and_then(|key| self.timers.deadline(key));
@@ -62,6 +72,10 @@ impl Core {
                 }
                 ConnState::Proxying { ttl, .. } => {
                     holding += 1;
+                    let Some(count) = holding_of.get_mut(c.instance.index()) else {
+                        return Err(format!("conn {} holds a permit of no instance", c.id));
+                    };
+                    *count += 1;
                     armed += usize::from(ttl.is_some());
                     if c.queue_deadline.is_some() {
                         return Err(format!("proxying conn {} still has a queue timer", c.id));
@@ -114,28 +128,52 @@ impl Core {
                 self.queue.len()
             ));
         }
-        // Invariant 3 holds by construction (one `Option<RunningHook>`); what can
-        // break is a connection waiting for a hook that is not its own.
-        if preparing.len() > 1 {
-            return Err("two connections wait for an on-activate hook".to_string());
+        // Invariant 3 holds by construction (one `Option<RunningHook>` per
+        // instance); what can break is a connection waiting for a hook that
+        // is not its instance's.
+        for &(conn, i) in &preparing {
+            let run = self.instances[i].hook.as_ref();
+            if run.and_then(|run| self.still_waiting_for(run)) != Some(conn) {
+                return Err(format!(
+                    "conn {} waits for a hook that instance {} does not run",
+                    conn.id,
+                    i + 1
+                ));
+            }
         }
-        if let Some(conn) = preparing.first()
-            && self
-                .hook
-                .as_ref()
-                .and_then(|run| self.still_waiting_for(run))
-                != Some(*conn)
-        {
+        let mut maintenance = 0;
+        for (i, inst) in self.instances.iter().enumerate() {
+            if inst.active != holding_of[i] {
+                return Err(format!(
+                    "instance {} counts {} permits but {} connections hold one",
+                    i + 1,
+                    inst.active,
+                    holding_of[i]
+                ));
+            }
+            for key in inst.timers().into_iter().flatten() {
+                if !self.timers.contains(key) {
+                    return Err(format!("instance {} holds a dead timer {key:?}", i + 1));
+                }
+                armed += 1;
+            }
+            if inst.removed && (inst.retry.is_some() || inst.cooldown.is_some()) {
+                return Err(format!("removed instance {} still backs off", i + 1));
+            }
+            check_last_outcome(inst)?;
+            armed += self.check_service(i)?;
+            maintenance += usize::from(inst.service.as_ref().is_some_and(|s| s.in_maintenance()));
+        }
+        // Invariant 9: planned restarts take one instance out at a time.
+        if maintenance > 1 {
+            return Err(format!("{maintenance} instances out for planned restarts"));
+        }
+        if self.service_failed() && self.queue.len() > 0 {
             return Err(format!(
-                "conn {} waits for a hook that is not running",
-                conn.id
+                "{} clients wait for a failed service",
+                self.queue.len()
             ));
         }
-        if let Some(run) = &self.hook {
-            armed += usize::from(run.deadline.is_some());
-        }
-        armed += usize::from(self.retry.is_some());
-        armed += self.check_service()?;
         armed += usize::from(self.accept_retry.is_some());
         armed += usize::from(self.stall_check.is_some());
         if self.stall_check.is_some() && self.idle_asked {
@@ -185,38 +223,6 @@ impl Core {
                 self.waiting()
             ));
         }
-        // Who ended the last permit holder is recorded with its outcome, and
-        // only a relay's outcome can be ended by either side.
-        match (self.last_outcome, self.last_ended_by) {
-            (None, None) => {}
-            (Some(Outcome::Abandoned), Some(EndedBy::Client))
-            | (
-                Some(
-                    Outcome::Ok
-                    | Outcome::ClientError
-                    | Outcome::UpstreamError
-                    | Outcome::RelayError,
-                ),
-                Some(_),
-            )
-            | (
-                Some(
-                    Outcome::Timeout
-                    | Outcome::QueueTimeout
-                    | Outcome::ConnectFailed
-                    | Outcome::Rejected
-                    | Outcome::Shutdown
-                    | Outcome::UpstreamFailed
-                    | Outcome::Killed,
-                ),
-                Some(EndedBy::Tcplock),
-            ) => {}
-            (outcome, ended_by) => {
-                return Err(format!(
-                    "the last connection ended with {outcome:?}, ended by {ended_by:?}"
-                ));
-            }
-        }
         if !(ACCEPT_RETRY_BASE_MS..=ACCEPT_RETRY_MAX_MS).contains(&self.accept_backoff_ms) {
             return Err(format!(
                 "accept retry backoff {} ms outside its bounds",
@@ -234,10 +240,10 @@ impl Core {
         Ok(())
     }
 
-    /// Invariants 8 and 9 for the supervised upstream; returns the timers
-    /// it holds.
-    fn check_service(&self) -> Result<usize, String> {
-        let Some(service) = &self.service else {
+    /// Invariants 8 and 9 for instance `i`'s supervised service; returns
+    /// the timers it holds.
+    fn check_service(&self, i: usize) -> Result<usize, String> {
+        let Some(service) = &self.instances[i].service else {
             return Ok(0);
         };
         let armed = service.timers();
@@ -251,29 +257,57 @@ impl Core {
         let using = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                matches!(
-                    c.state,
-                    ConnState::Proxying { .. }
-                        | ConnState::Activating(Activation::Connecting { .. })
-                )
+            .filter(|(_, c)| match c.state {
+                ConnState::Proxying { .. }
+                | ConnState::Activating(Activation::Connecting { .. }) => c.instance.index() == i,
+                _ => false,
             })
             .count();
         if using > 0 && !service.is_ready() {
             return Err(format!(
-                "{using} connections use a service that is {}",
+                "{using} connections use instance {}'s service that is {}",
+                i + 1,
                 service.state_name()
             ));
         }
-        if service.is_planned_stop() && self.active > 0 {
-            return Err(format!("a planned stop with {} permits held", self.active));
-        }
-        if self.service_failed() && self.queue.len() > 0 {
+        let active = self.instances[i].active;
+        if service.is_planned_stop() && active > 0 {
             return Err(format!(
-                "{} clients wait for a failed service",
-                self.queue.len()
+                "a planned stop of instance {} with {active} permits held",
+                i + 1
             ));
         }
         Ok(armed.iter().flatten().count())
     }
+}
+
+/// Who ended an instance's last permit holder is recorded with its outcome,
+/// and only a relay's outcome can be ended by either side.
+fn check_last_outcome(inst: &Instance) -> Result<(), String> {
+    match (inst.last_outcome, inst.last_ended_by) {
+        (None, None) => {}
+        (Some(Outcome::Abandoned), Some(EndedBy::Client))
+        | (
+            Some(Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError),
+            Some(_),
+        )
+        | (
+            Some(
+                Outcome::Timeout
+                | Outcome::QueueTimeout
+                | Outcome::ConnectFailed
+                | Outcome::Rejected
+                | Outcome::Shutdown
+                | Outcome::UpstreamFailed
+                | Outcome::Killed,
+            ),
+            Some(EndedBy::Tcplock),
+        ) => {}
+        (outcome, ended_by) => {
+            return Err(format!(
+                "the last connection ended with {outcome:?}, ended by {ended_by:?}"
+            ));
+        }
+    }
+    Ok(())
 }

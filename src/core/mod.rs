@@ -23,6 +23,7 @@ mod invariants;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 mod operator;
+mod pool;
 mod queue;
 mod service;
 pub(crate) mod timer;
@@ -34,9 +35,10 @@ mod tests;
 pub use operator::{CoreStatus, PositionError, Target};
 pub use types::{
     Action, ConnId, ConnRef, EndedBy, Event, Generation, HookContext, HookExit, HookId, HookKind,
-    HookRef, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RejectReason, RelayCause, RelayEnd,
-    RestartOn, RestartReason, ServiceExit, ServiceRef, ServiceSample, ServiceSettings,
-    ServiceStateName, ServiceStats, Settings, StateName, Stats, StopSignal,
+    HookRef, HookRequest, InstanceId, InstanceStats, Outcome, OutcomeCounts, ProxyHeader,
+    RejectReason, RelayCause, RelayEnd, RestartOn, RestartReason, ServiceExit, ServiceRef,
+    ServiceSample, ServiceSettings, ServiceStateName, ServiceStats, Settings, StateName, Stats,
+    StopSignal,
 };
 
 use std::collections::VecDeque;
@@ -44,6 +46,7 @@ use std::net::SocketAddr;
 
 use slab::Slab;
 
+use pool::Instance;
 use queue::WaitQueue;
 use service::{Service, ServiceTimer};
 use timer::{TimerKey, TimerWheel};
@@ -65,27 +68,16 @@ pub struct Core {
     conns: Slab<Conn>,
     /// Waiting connections in accept order.
     queue: WaitQueue,
-    /// Connections holding a permit: Activating plus Proxying.
+    /// Connections holding a permit of any instance: Activating plus Proxying.
     active: usize,
+    /// The pool, by number less one. A removed instance keeps its place
+    /// until an added one reuses it.
+    instances: Vec<Instance>,
     next_conn_id: u64,
     timers: TimerWheel<Deadline>,
-    hook: Option<RunningHook>,
     next_hook_id: u64,
-    /// A TTL expired and the on-timeout hook has not run for it yet. Expiries
-    /// that pile up while it waits share one run: one restart serves them all.
-    timeout_hook_due: Option<(ConnId, SocketAddr)>,
-    /// An on-activate hook succeeded but its client left: the next one in line
-    /// goes through without running the hook again.
-    prepared: bool,
-    /// Consecutive on-activate failures, for the backoff.
-    hook_failures: u32,
-    /// While a failed on-activate hook backs off: the timer that ends it.
-    retry: Option<TimerKey>,
     shutdown: Option<Shutdown>,
     counters: Counters,
-    last_outcome: Option<Outcome>,
-    /// Who ended that connection; set together with `last_outcome`.
-    last_ended_by: Option<EndedBy>,
     actions: VecDeque<Action>,
     /// The latest `now` seen, to check that the next deadline lies after it.
     now: u64,
@@ -104,11 +96,6 @@ pub struct Core {
     /// The current stall was logged; cleared when the queue moves or a
     /// holder is found moving bytes again.
     stall_warned: bool,
-    /// `--spawn`: the supervised upstream. It outlives a reload that turns
-    /// supervision off until it has stopped.
-    service: Option<Service>,
-    /// Generations spawned so far, across supervision turned off and on.
-    generations_spawned: u64,
     /// An operator paused activations (`pause`, `drain`): clients are still
     /// accepted, queued and timed out, but none is let through.
     paused: bool,
@@ -138,6 +125,12 @@ struct Conn {
     queue_deadline: Option<TimerKey>,
     /// The client's end of stream arrived while it waited (and it was kept).
     client_eof: bool,
+    /// Instances whose connect failed for it (passive health).
+    failed_connects: u8,
+    /// While Activating or Proxying: the instance whose permit it holds.
+    /// Kept here rather than in those states, where it would grow every
+    /// connection's entry; here it fills padding.
+    instance: InstanceId,
     state: ConnState,
 }
 
@@ -228,33 +221,30 @@ enum Deadline {
     ConnectAttempt(ConnRef),
     Ttl(ConnRef),
     Hook(HookId),
-    HookRetry,
+    /// Ends an instance's on-activate backoff.
+    HookRetry(usize),
+    /// Ends an instance's cool-down.
+    Cooldown(usize),
     AcceptRetry,
     ShutdownGrace,
     StallCheck,
-    Service(ServiceTimer),
+    Service(usize, ServiceTimer),
 }
 
 impl Core {
     /// A core with no connections, at time `now`.
     pub fn new(settings: Settings, now: u64) -> Self {
         Core {
+            instances: Core::instances_for(&settings, now),
             settings,
             conns: Slab::new(),
             queue: WaitQueue::default(),
             active: 0,
             next_conn_id: 1,
             timers: TimerWheel::new(now),
-            hook: None,
             next_hook_id: 1,
-            timeout_hook_due: None,
-            prepared: false,
-            hook_failures: 0,
-            retry: None,
             shutdown: None,
             counters: Counters::default(),
-            last_outcome: None,
-            last_ended_by: None,
             actions: VecDeque::new(),
             now,
             reload_backlog: 0,
@@ -263,8 +253,6 @@ impl Core {
             stall_check: None,
             idle_asked: false,
             stall_warned: false,
-            service: None,
-            generations_spawned: 0,
             paused: false,
             proxy_ms_avg: None,
         }
@@ -295,6 +283,8 @@ impl Core {
             accepted_at: now,
             queue_deadline: None,
             client_eof: false,
+            failed_connects: 0,
+            instance: InstanceId(1),
             state: ConnState::Queued { attempts: 0 },
         });
         let conn = ConnRef { slot, id };
@@ -463,12 +453,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
         };
-        let ConnState::Activating(Activation::Connecting {
-            deadline, attempt, ..
-        }) = c.state
-        else {
+        let ConnState::Activating(Activation::Connecting { deadline, attempt }) = c.state else {
             return;
         };
+        let on = c.instance;
         let queue_deadline = c.queue_deadline.take();
         let ttl = ttl_ms.map(|ttl| {
             self.timers
@@ -480,7 +468,10 @@ impl Core {
         self.cancel(attempt);
         self.cancel(queue_deadline);
         self.counters.activations += 1;
-        self.service_took();
+        let i = on.index();
+        self.instances[i].activations += 1;
+        self.connected_to(i);
+        self.service_took(i);
         if let Some(shutdown) = &mut self.shutdown {
             shutdown.served += 1;
         }
@@ -489,6 +480,7 @@ impl Core {
             client,
             via,
             waited_ms: now.saturating_sub(accepted_at),
+            instance: on,
         });
         self.actions.push_back(Action::StartRelay(conn));
         self.check();
@@ -507,7 +499,9 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.slot).filter(|c| c.id == conn.id) else {
             return;
         };
-        let ConnState::Activating(Activation::Connecting { deadline, attempt }) = &mut c.state
+        let ConnState::Activating(Activation::Connecting {
+            deadline, attempt, ..
+        }) = &mut c.state
         else {
             return;
         };
@@ -531,12 +525,9 @@ impl Core {
         self.supersede_connect_attempt(conn);
         self.advance(now);
         if let Some(c) = self.get(conn)
-            && matches!(
-                c.state,
-                ConnState::Activating(Activation::Connecting { .. })
-            )
+            && let ConnState::Activating(Activation::Connecting { .. }) = c.state
         {
-            self.connect_failed(now, conn, error.to_string());
+            self.connect_failed(now, conn, c.instance.index(), error.to_string());
         }
         self.check();
     }
@@ -563,7 +554,10 @@ impl Core {
     /// A hook process ended (or could not start). Ignored for a stale hook id.
     pub fn handle_hook_exited(&mut self, now: u64, hook: HookId, exit: HookExit) {
         self.advance(now);
-        let Some(run) = self.hook.take_if(|run| run.id == hook) else {
+        let Some(i) = self.hook_owner(hook) else {
+            return;
+        };
+        let Some(run) = self.instances[i].hook.take() else {
             return;
         };
         self.cancel(run.deadline);
@@ -579,10 +573,11 @@ impl Core {
                         exit,
                         timed_out: run.timed_out,
                         retry_in_ms: None,
+                        instance: InstanceId::at(i),
                     });
                 }
             }
-            HookPurpose::Activate(_) => self.activate_hook_exited(now, run, exit),
+            HookPurpose::Activate(_) => self.activate_hook_exited(now, i, run, exit),
         }
         self.pump(now);
         self.check();
@@ -599,19 +594,28 @@ impl Core {
     /// clients through at once; fewer let active ones finish.
     pub fn handle_reload(&mut self, now: u64, settings: Settings) {
         self.advance(now);
-        if settings.on_activate != self.settings.on_activate {
-            // A preparation made by another hook proves nothing now.
-            self.prepared = false;
-        }
-        if settings.on_timeout.is_none() {
-            // A TTL expiry still waiting for the hook slot has no hook to run
-            // now; without this it would run whatever a later reload configures.
-            self.timeout_hook_due = None;
+        let hook_changed = settings.on_activate != self.settings.on_activate;
+        let no_timeout_hook = settings.on_timeout.is_none();
+        for inst in &mut self.instances {
+            if hook_changed {
+                // A preparation made by another hook proves nothing now.
+                inst.prepared = false;
+            }
+            if no_timeout_hook {
+                // A TTL expiry still waiting for the hook slot has no hook
+                // to run now; without this it would run whatever a later
+                // reload configures.
+                inst.timeout_hook_due = None;
+            }
         }
         let now_dropping = settings.drop_queued_eof && !self.settings.drop_queued_eof;
         let run = |s: &Settings| s.service.as_ref().map(|service| service.run);
         let run_changed = run(&settings).is_some() && run(&settings) != run(&self.settings);
+        let list_changed = settings.upstreams != self.settings.upstreams;
         self.settings = settings;
+        if list_changed {
+            self.reconcile_instances(now);
+        }
         self.service_reloaded(now, run_changed);
         if now_dropping {
             self.drop_waiting_at_eof(now);
@@ -675,12 +679,7 @@ impl Core {
             EndedBy::Tcplock,
         );
         if !serving {
-            if let Some(run) = &self.hook {
-                self.actions.push_back(Action::KillHook(run.id));
-            }
-            self.timeout_hook_due = None;
-            let retry = self.retry.take();
-            self.cancel(retry);
+            self.end_hooks();
         }
         if grace == 0 {
             self.advance(now);
@@ -755,14 +754,16 @@ impl Core {
         for line in lines {
             self.log(line);
         }
-        if let Some(service) = self.service_state_event() {
-            self.log(service);
+        for i in 0..self.instances.len() {
+            if let Some(service) = self.service_state_event(i) {
+                self.log(service);
+            }
         }
         self.log(Event::StateSummary {
             queued: self.queue.len(),
             active: self.active,
             permits: self.settings.permits,
-            hook_running: self.hook.is_some(),
+            hook_running: self.any_hook(),
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
         });
@@ -783,10 +784,14 @@ impl Core {
 
     /// After a shutdown: no connection and no hook left.
     pub fn is_finished(&self) -> bool {
-        self.shutdown.is_some()
-            && self.conns.is_empty()
-            && self.hook.is_none()
-            && self.service.as_ref().is_none_or(Service::is_at_rest)
+        self.shutdown.is_some() && self.conns.is_empty() && self.all_at_rest()
+    }
+
+    /// No hook runs and no service runs or is scheduled to.
+    fn all_at_rest(&self) -> bool {
+        self.instances.iter().all(|inst| {
+            inst.hook.is_none() && inst.service.as_ref().is_none_or(Service::is_at_rest)
+        })
     }
 
     // ----- observers -----
@@ -820,9 +825,11 @@ impl Core {
     }
 
     #[cfg(any(test, feature = "model"))]
-    /// The hook run the core waits for, if any.
+    /// The hook run the core waits for, if any (the lowest instance's).
     pub fn hook_running(&self) -> Option<HookId> {
-        self.hook.as_ref().map(|run| run.id)
+        self.instances
+            .iter()
+            .find_map(|inst| inst.hook.as_ref().map(|run| run.id))
     }
 
     /// The numbers a [`crate::Handle`] reports.
@@ -835,7 +842,8 @@ impl Core {
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
             outcomes: self.counters.outcomes,
-            service: self.service_stats(),
+            service: self.service_stats(0),
+            instances: self.instance_stats(),
         }
     }
 
@@ -879,10 +887,12 @@ impl Core {
     /// on-activate hook runs (it goes back to the queue if the hook fails).
     fn waiting(&self) -> usize {
         let preparing = self
-            .hook
-            .as_ref()
-            .and_then(|run| self.still_waiting_for(run));
-        self.queue.len() + usize::from(preparing.is_some())
+            .instances
+            .iter()
+            .filter_map(|inst| inst.hook.as_ref())
+            .filter(|run| self.still_waiting_for(run).is_some())
+            .count();
+        self.queue.len() + preparing
     }
 
     /// The connection an on-activate hook prepares, if it is still there
@@ -919,33 +929,27 @@ impl Core {
         if self.stopped() || self.shutdown.is_some() && self.waiting() == 0 {
             return;
         }
-        loop {
-            if self.hook.is_some() || !self.service_takes_clients() {
-                return;
-            }
-            if let Some((conn_id, client)) = self.timeout_hook_due.take()
-                && let Some(run) = self.settings.on_timeout
-            {
-                self.spawn_hook(now, HookPurpose::Timeout(conn_id), run, client, 1);
-                return;
-            }
-            if self.paused || self.active >= self.settings.permits as usize {
-                return;
-            }
+        // An instance runs its on-timeout hook before it takes anyone.
+        for i in 0..self.instances.len() {
+            self.run_timeout_hook(now, i);
+        }
+        while !self.paused {
             let Some(head) = self.queue.front() else {
+                return;
+            };
+            // Every instance that cannot take the head cannot take anyone
+            // behind it either: the head waits, nobody overtakes it.
+            let Some(i) = self.pick_instance() else {
                 return;
             };
             let attempts = match self.conns[head.slot].state {
                 ConnState::Queued { attempts } => attempts,
                 _ => 0,
             };
-            let hook_needed = self.settings.on_activate.is_some() && !self.prepared;
-            if hook_needed && self.retry.is_some() {
-                return;
-            }
+            let hook_needed = self.hook_needed(i);
             let conns = &self.conns;
             self.queue.pop_front(|entry| is_queued(conns, entry));
-            self.active += 1;
+            self.take_permit(now, head, i);
             // The line moved: a stall, if any, is over.
             self.stall_warned = false;
             match self.settings.on_activate.filter(|_| hook_needed) {
@@ -954,36 +958,50 @@ impl Core {
                     let attempt = attempts + 1;
                     self.conns[head.slot].state =
                         ConnState::Activating(Activation::Hook { attempt });
-                    self.spawn_hook(now, HookPurpose::Activate(head), run, client, attempt);
-                    return;
+                    self.spawn_hook(now, i, HookPurpose::Activate(head), run, client, attempt);
                 }
                 None => {
-                    self.prepared = false;
-                    self.start_connect(now, head);
+                    self.instances[i].prepared = false;
+                    self.start_connect(now, head, i);
                 }
             }
         }
     }
 
-    fn start_connect(&mut self, now: u64, conn: ConnRef) {
+    /// Runs instance `i`'s on-timeout hook if a TTL on it expired, its hook
+    /// slot is free and its service takes clients.
+    fn run_timeout_hook(&mut self, now: u64, i: usize) {
+        if self.instances[i].hook.is_some() || !self.service_takes_clients(i) {
+            return;
+        }
+        if let Some((conn_id, client)) = self.instances[i].timeout_hook_due.take()
+            && let Some(run) = self.settings.on_timeout
+        {
+            self.spawn_hook(now, i, HookPurpose::Timeout(conn_id), run, client, 1);
+        }
+    }
+
+    fn start_connect(&mut self, now: u64, conn: ConnRef, i: usize) {
         debug_assert!(
-            self.service_takes_clients(),
+            self.service_takes_clients(i),
             "activated on a service not ready"
         );
         let deadline = self.settings.connect_timeout_ms.map(|timeout| {
             self.timers
                 .insert(now.saturating_add(timeout), Deadline::Connect(conn))
         });
+        let instance = InstanceId::at(i);
         self.conns[conn.slot].state = ConnState::Activating(Activation::Connecting {
             deadline,
             attempt: None,
         });
-        self.actions.push_back(Action::Connect(conn));
+        self.actions.push_back(Action::Connect { conn, instance });
     }
 
     fn spawn_hook(
         &mut self,
         now: u64,
+        i: usize,
         purpose: HookPurpose,
         run: HookRef,
         client: SocketAddr,
@@ -995,21 +1013,23 @@ impl Core {
             self.timers
                 .insert(now.saturating_add(timeout), Deadline::Hook(id))
         });
+        let inst = &self.instances[i];
         let context = HookContext {
             kind: purpose.kind(),
             conn: purpose.conn_id(),
             client,
-            upstream: self.settings.upstream.clone(),
-            activations: self.counters.activations,
-            timeouts: self.counters.timeouts,
-            last_outcome: self.last_outcome,
-            last_ended_by: self.last_ended_by,
+            instance: InstanceId::at(i),
+            upstream: inst.upstream.clone(),
+            activations: inst.activations,
+            timeouts: inst.timeouts,
+            last_outcome: inst.last_outcome,
+            last_ended_by: inst.last_ended_by,
             queue_length: self.queue.len(),
-            active: self.active,
+            active: inst.active,
             attempt,
-            service: self.service.as_ref().and_then(Service::running),
+            service: inst.service.as_ref().and_then(Service::running),
         };
-        self.hook = Some(RunningHook {
+        self.instances[i].hook = Some(RunningHook {
             id,
             purpose,
             started_at: now,
@@ -1023,49 +1043,36 @@ impl Core {
         }));
     }
 
-    fn activate_hook_exited(&mut self, now: u64, run: RunningHook, exit: HookExit) {
+    fn activate_hook_exited(&mut self, now: u64, i: usize, run: RunningHook, exit: HookExit) {
         let waiting = self.still_waiting_for(&run);
         if exit.is_success() {
-            self.hook_failures = 0;
+            self.instances[i].hook_failures = 0;
             match waiting {
-                Some(conn) if !self.service_takes_clients() => {
-                    // The service went away meanwhile: the client keeps its
-                    // place, and the next generation is prepared afresh. It
-                    // keeps its attempt count too: it was admitted once,
-                    // whatever max-queue says now.
-                    let attempts = match self.conns[conn.slot].state {
-                        ConnState::Activating(Activation::Hook { attempt }) => attempt,
-                        _ => 1,
-                    };
-                    self.conns[conn.slot].state = ConnState::Queued { attempts };
-                    self.active -= 1;
-                    self.queue.push_front(conn);
-                }
-                Some(conn) => self.start_connect(now, conn),
+                // The service went away meanwhile: the client keeps its
+                // place, and the next generation is prepared afresh. It
+                // keeps its attempt count too: it was admitted once,
+                // whatever max-queue says now.
+                Some(conn) if !self.service_takes_clients(i) => self.back_to_head(now, conn, i),
+                Some(conn) => self.start_connect(now, conn, i),
                 // It prepared a generation that is gone or going: nothing
                 // to keep.
-                None if !self.service_takes_clients() => {}
+                None if !self.service_takes_clients(i) => {}
                 None => {
-                    self.prepared = true;
+                    self.instances[i].prepared = true;
                     self.log(Event::PreparationKept { hook: run.id });
                 }
             }
             return;
         }
-        self.hook_failures = self.hook_failures.saturating_add(1);
-        let shift = (self.hook_failures - 1).min(16);
+        let inst = &mut self.instances[i];
+        inst.hook_failures = inst.hook_failures.saturating_add(1);
+        let shift = (inst.hook_failures - 1).min(16);
         let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
         let retry_in_ms =
             (!self.stopped() && self.queue.len() > 0 || waiting.is_some()).then_some(backoff);
         if let Some(conn) = waiting {
-            // Back to the head of the line: it keeps its place but not its permit.
-            let attempts = match self.conns[conn.slot].state {
-                ConnState::Activating(Activation::Hook { attempt }) => attempt,
-                _ => 1,
-            };
-            self.conns[conn.slot].state = ConnState::Queued { attempts };
-            self.active -= 1;
-            self.queue.push_front(conn);
+            // Back to the head of the line, for the next free instance.
+            self.back_to_head(now, conn, i);
         }
         self.log(Event::HookFailed {
             hook: run.id,
@@ -1074,12 +1081,13 @@ impl Core {
             exit,
             timed_out: run.timed_out,
             retry_in_ms,
+            instance: InstanceId::at(i),
         });
         if !self.stopped() {
             let key = self
                 .timers
-                .insert(now.saturating_add(backoff), Deadline::HookRetry);
-            self.retry = Some(key);
+                .insert(now.saturating_add(backoff), Deadline::HookRetry(i));
+            self.instances[i].retry = Some(key);
         }
     }
 
@@ -1109,7 +1117,8 @@ impl Core {
                         &mut c.state
                 {
                     *deadline = None;
-                    self.connect_failed(now, conn, "connect timeout".to_string());
+                    let i = c.instance.index();
+                    self.connect_failed(now, conn, i, "connect timeout".to_string());
                 }
             }
             Deadline::ConnectAttempt(conn) => {
@@ -1126,17 +1135,23 @@ impl Core {
                     && let ConnState::Proxying { ttl, .. } = &mut c.state
                 {
                     *ttl = None;
-                    let client = c.client;
+                    let (client, i) = (c.client, c.instance.index());
                     self.counters.timeouts += 1;
+                    self.instances[i].timeouts += 1;
                     self.log(Event::Timeout { conn: conn.id });
                     self.end(now, conn, Outcome::Timeout, EndedBy::Tcplock);
-                    if self.settings.on_timeout.is_some() && !self.stopped() {
-                        self.timeout_hook_due = Some((conn.id, client));
+                    if self.settings.on_timeout.is_some()
+                        && !self.stopped()
+                        && !self.instances[i].removed
+                    {
+                        self.instances[i].timeout_hook_due = Some((conn.id, client));
                     }
                 }
             }
             Deadline::Hook(hook) => {
-                if let Some(run) = self.hook.as_mut().filter(|run| run.id == hook) {
+                if let Some(i) = self.hook_owner(hook)
+                    && let Some(run) = self.instances[i].hook.as_mut()
+                {
                     run.deadline = None;
                     run.timed_out = true;
                     let after_ms = now.saturating_sub(run.started_at);
@@ -1144,8 +1159,11 @@ impl Core {
                     self.log(Event::HookTimedOut { hook, after_ms });
                 }
             }
-            Deadline::HookRetry => {
-                self.retry = None;
+            Deadline::HookRetry(i) => {
+                self.instances[i].retry = None;
+            }
+            Deadline::Cooldown(i) => {
+                self.instances[i].cooldown = None;
             }
             Deadline::AcceptRetry => {
                 if self.accept_retry.take().is_some() {
@@ -1162,7 +1180,7 @@ impl Core {
                 self.stall_check = None;
                 self.stall_fired(now);
             }
-            Deadline::Service(timer) => self.service_fired(now, timer),
+            Deadline::Service(i, timer) => self.service_fired(now, i, timer),
         }
     }
 
@@ -1175,10 +1193,7 @@ impl Core {
     /// After a shutdown, once no connection, no hook and nothing of the
     /// service is left: log the totals, once.
     fn note_done(&mut self) {
-        if !self.conns.is_empty()
-            || self.hook.is_some()
-            || !self.service.as_ref().is_none_or(Service::is_at_rest)
-        {
+        if !self.conns.is_empty() || !self.all_at_rest() {
             return;
         }
         if let Some(shutdown) = self.shutdown.as_mut().filter(|s| !s.done) {
@@ -1195,7 +1210,7 @@ impl Core {
     fn stall_candidate(&self, now: u64, warn: u64) -> Option<u64> {
         let head = self.queue.front()?;
         let waited = now.saturating_sub(self.conns[head.slot].accepted_at);
-        let all_held = self.active > 0 && self.active >= self.settings.permits as usize;
+        let all_held = self.active > 0 && self.active >= self.capacity();
         let proxying = self
             .conns
             .iter()
@@ -1285,12 +1300,15 @@ impl Core {
         }
     }
 
-    fn connect_failed(&mut self, now: u64, conn: ConnRef, error: String) {
+    fn connect_failed(&mut self, now: u64, conn: ConnRef, i: usize, error: String) {
         self.log(Event::ConnectFailed {
             conn: conn.id,
             error,
+            instance: InstanceId::at(i),
         });
-        self.end(now, conn, Outcome::ConnectFailed, EndedBy::Tcplock);
+        if !self.connect_failed_on(now, conn, i) {
+            self.end(now, conn, Outcome::ConnectFailed, EndedBy::Tcplock);
+        }
         self.pump(now);
     }
 
@@ -1299,12 +1317,21 @@ impl Core {
         if let Some(shutdown) = &mut self.shutdown {
             shutdown.serving = false;
         }
-        self.timeout_hook_due = None;
-        let retry = self.retry.take();
-        self.cancel(retry);
         self.end_where(now, |_| true, Outcome::Shutdown, EndedBy::Tcplock);
-        if let Some(run) = &self.hook {
-            self.actions.push_back(Action::KillHook(run.id));
+        self.end_hooks();
+    }
+
+    /// No hook is to run again: running ones are killed, due and retrying
+    /// ones forgotten.
+    fn end_hooks(&mut self) {
+        for i in 0..self.instances.len() {
+            let inst = &mut self.instances[i];
+            inst.timeout_hook_due = None;
+            let retry = inst.retry.take();
+            if let Some(run) = &inst.hook {
+                self.actions.push_back(Action::KillHook(run.id));
+            }
+            self.cancel(retry);
         }
     }
 
@@ -1323,24 +1350,18 @@ impl Core {
                 let conns = &self.conns;
                 self.queue.left(conn, |entry| is_queued(conns, entry));
             }
-            ConnState::Activating(activation) => {
-                self.active -= 1;
-                self.last_outcome = Some(outcome);
-                self.last_ended_by = Some(ended_by);
-                self.service_released(outcome);
+            ConnState::Activating(step) => {
+                self.released(now, c.instance.index(), outcome, ended_by);
                 if let Activation::Connecting {
                     deadline, attempt, ..
-                } = activation
+                } = step
                 {
                     self.cancel(deadline);
                     self.cancel(attempt);
                 }
             }
             ConnState::Proxying { ttl, since } => {
-                self.active -= 1;
-                self.last_outcome = Some(outcome);
-                self.last_ended_by = Some(ended_by);
-                self.service_released(outcome);
+                self.released(now, c.instance.index(), outcome, ended_by);
                 self.cancel(ttl);
                 self.note_proxy_duration(now.saturating_sub(since));
             }
@@ -1360,6 +1381,15 @@ impl Core {
         });
         self.resume_accepting();
         self.note_done();
+    }
+
+    /// A connection holding a permit of `i` ended with `outcome`.
+    fn released(&mut self, now: u64, i: usize, outcome: Outcome, ended_by: EndedBy) {
+        self.release_permit(now, i);
+        let inst = &mut self.instances[i];
+        inst.last_outcome = Some(outcome);
+        inst.last_ended_by = Some(ended_by);
+        self.service_released(i, outcome);
     }
 
     /// News of a connect (it succeeded, failed, or moved to the next address)

@@ -265,7 +265,7 @@ mod tests {
         Core::new(
             Settings {
                 permits,
-                upstream: "127.0.0.1:8100".to_string(),
+                upstreams: vec!["127.0.0.1:8100".to_string()],
                 ..Settings::default()
             },
             0,
@@ -280,7 +280,13 @@ mod tests {
 
     fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
         let conn = core.handle_accepted(now, addr(port));
-        assert_eq!(actions(core), vec![Action::Connect(conn)]);
+        assert_eq!(
+            actions(core),
+            vec![Action::Connect {
+                conn,
+                instance: InstanceId(1)
+            }]
+        );
         core.handle_upstream_connected(now, conn);
         assert_eq!(actions(core), vec![Action::StartRelay(conn)]);
         conn
@@ -305,7 +311,13 @@ mod tests {
         assert_eq!(core.status(5).queued, 1);
         assert!(core.status(5).paused);
         assert!(core.handle_resume(10));
-        assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+        assert_eq!(
+            actions(&mut core),
+            vec![Action::Connect {
+                conn,
+                instance: InstanceId(1)
+            }]
+        );
         assert!(!core.handle_resume(11));
     }
 
@@ -354,7 +366,10 @@ mod tests {
                     ended_by: EndedBy::Tcplock,
                     age_ms: 6,
                 },
-                Action::Connect(last),
+                Action::Connect {
+                    conn: last,
+                    instance: InstanceId(1)
+                },
             ]
         );
         assert!(!core.handle_kill(7, active.id()), "already gone");

@@ -10,7 +10,7 @@ fn addr(port: u16) -> SocketAddr {
 
 fn settings() -> Settings {
     Settings {
-        upstream: "127.0.0.1:8100".to_string(),
+        upstreams: vec!["127.0.0.1:8100".to_string()],
         ..Settings::default()
     }
 }
@@ -56,7 +56,13 @@ fn spawned(actions: &[Action]) -> Option<HookRequest> {
 /// Accepts and proxies one connection.
 fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
     let conn = core.handle_accepted(now, addr(port));
-    assert_eq!(actions(core), vec![Action::Connect(conn)]);
+    assert_eq!(
+        actions(core),
+        vec![Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_upstream_connected(now, conn);
     assert_eq!(actions(core), vec![Action::StartRelay(conn)]);
     conn
@@ -80,7 +86,10 @@ fn one_permit_lets_connections_through_one_at_a_time_in_accept_order() {
     assert!(closed(Outcome::Ok)(&after[0]));
     assert_eq!(
         after[1],
-        Action::Connect(second),
+        Action::Connect {
+            conn: second,
+            instance: InstanceId(1)
+        },
         "the next in line goes in the same call"
     );
     core.handle_upstream_connected(11, second);
@@ -91,7 +100,10 @@ fn one_permit_lets_connections_through_one_at_a_time_in_accept_order() {
     );
     let after = actions(&mut core);
     assert!(after.iter().any(closed(Outcome::ClientError)));
-    assert!(after.contains(&Action::Connect(third)));
+    assert!(after.contains(&Action::Connect {
+        conn: third,
+        instance: InstanceId(1)
+    }));
     assert_eq!(core.stats().count(Outcome::Ok), 1);
 }
 
@@ -110,7 +122,10 @@ fn permits_bound_the_active_connections() {
         connects,
         conns[..3]
             .iter()
-            .map(|c| Action::Connect(*c))
+            .map(|c| Action::Connect {
+                conn: *c,
+                instance: InstanceId(1)
+            })
             .collect::<Vec<_>>()
     );
     assert_eq!(core.active(), 3);
@@ -118,7 +133,10 @@ fn permits_bound_the_active_connections() {
     let after = actions(&mut core);
     assert!(after.iter().any(closed(Outcome::ConnectFailed)));
     assert!(
-        after.contains(&Action::Connect(conns[3])),
+        after.contains(&Action::Connect {
+            conn: conns[3],
+            instance: InstanceId(1)
+        }),
         "the permit goes to the next"
     );
 }
@@ -163,7 +181,13 @@ fn max_queue_zero_still_lets_a_free_permit_through() {
         0,
     );
     let first = core.handle_accepted(0, addr(1));
-    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: first,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_accepted(0, addr(2));
     assert!(actions(&mut core).iter().any(closed(Outcome::Rejected)));
 }
@@ -199,7 +223,13 @@ fn queue_timeout_closes_a_waiting_client_and_ttl_cuts_a_proxying_one() {
     assert!(
         matches!(after[0], Action::Close { conn, outcome: Outcome::Timeout, .. } if conn == first)
     );
-    assert_eq!(after[1], Action::Connect(next));
+    assert_eq!(
+        after[1],
+        Action::Connect {
+            conn: next,
+            instance: InstanceId(1)
+        }
+    );
     assert_eq!(core.stats().timeouts, 1);
 }
 
@@ -233,6 +263,7 @@ fn connect_timeout_fails_the_connection() {
     core.handle_tick(200);
     let after = events(&mut core);
     assert!(after.contains(&Event::ConnectFailed {
+        instance: InstanceId(1),
         conn: conn.id(),
         error: "connect timeout".to_string()
     }));
@@ -252,7 +283,13 @@ fn the_hook_runs_before_the_upstream_sees_the_connection() {
     assert_eq!(request.context.attempt, 1);
     assert_eq!(request.context.last_outcome, None);
     core.handle_hook_exited(50, request.hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }]
+    );
 }
 
 #[test]
@@ -283,7 +320,13 @@ fn a_failed_hook_retries_with_doubling_backoff_and_keeps_the_place() {
         request = spawned(&actions(&mut core)).expect("retried");
     }
     core.handle_hook_exited(now, request.hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(head)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: head,
+            instance: InstanceId(1)
+        }]
+    );
     assert_eq!(core.state_of(behind), Some(StateName::Queued));
 }
 
@@ -298,7 +341,10 @@ fn a_preparation_whose_client_left_serves_the_next_client() {
     core.handle_hook_exited(20, request.hook, HookExit::Success);
     assert_eq!(
         actions(&mut core),
-        vec![Action::Connect(next)],
+        vec![Action::Connect {
+            conn: next,
+            instance: InstanceId(1)
+        }],
         "no second hook run for the next client"
     );
 }
@@ -331,7 +377,13 @@ fn hooks_never_overlap_even_with_free_permits() {
         core.handle_hook_exited(now, request.hook, HookExit::Success);
     }
     assert_eq!(hooks, 3);
-    assert_eq!(actions(&mut core), vec![Action::Connect(conns[2])]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: conns[2],
+            instance: InstanceId(1)
+        }]
+    );
 }
 
 #[test]
@@ -462,7 +514,13 @@ fn raising_permits_on_reload_lets_a_waiter_through_at_once() {
             ..settings()
         },
     );
-    assert_eq!(actions(&mut core), vec![Action::Connect(waiter)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: waiter,
+            instance: InstanceId(1)
+        }]
+    );
 }
 
 #[test]
@@ -474,7 +532,13 @@ fn a_queued_client_that_leaves_never_runs_the_hook() {
     core.handle_client_left(1, gone);
     actions(&mut core);
     core.handle_hook_exited(2, request.hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: first,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_upstream_connected(3, first);
     core.handle_relay_ended(4, first, relay_end(RelayCause::Finished, EndedBy::Client));
     assert!(spawned(&actions(&mut core)).is_none());
@@ -510,7 +574,13 @@ fn max_queue_zero_admits_a_client_into_a_free_permit_through_a_failing_hook() {
     core.handle_tick(2 + RETRY_BASE_MS);
     let retry = spawned(&actions(&mut core)).expect("retried");
     core.handle_hook_exited(3 + RETRY_BASE_MS, retry.hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(first)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: first,
+            instance: InstanceId(1)
+        }]
+    );
 }
 
 /// Found by the model test: a TTL expired while an on-activate hook
@@ -547,7 +617,10 @@ fn a_reload_without_an_on_timeout_hook_drops_a_pending_timeout_run() {
     core.handle_hook_exited(105, request.hook, HookExit::Success);
     assert_eq!(
         actions(&mut core),
-        vec![Action::Connect(second)],
+        vec![Action::Connect {
+            conn: second,
+            instance: InstanceId(1)
+        }],
         "no on-timeout run for an expiry seen while none was configured"
     );
 }
@@ -571,7 +644,13 @@ fn a_relay_that_fails_on_its_own_is_no_peers_fault() {
     let conn = core.handle_accepted(0, addr(1));
     let hook = spawned(&actions(&mut core)).expect("hook").hook;
     core.handle_hook_exited(1, hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(conn)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_upstream_connected(2, conn);
     actions(&mut core);
     core.handle_relay_ended(3, conn, relay_end(RelayCause::RelayError, EndedBy::Tcplock));
@@ -725,7 +804,10 @@ fn connect_nexts(actions: &[Action]) -> usize {
 fn each_upstream_address_gets_its_share_of_what_is_left_of_the_connect_timeout() {
     let mut core = Core::new(settings(), 0); // connect timeout 10 s
     let conn = core.handle_accepted(0, addr(1));
-    assert!(actions(&mut core).contains(&Action::Connect(conn)));
+    assert!(actions(&mut core).contains(&Action::Connect {
+        conn,
+        instance: InstanceId(1)
+    }));
 
     core.handle_connect_attempt(0, conn, 3);
     assert_eq!(core.poll_timeout(), Some(3_333), "a third of 10 s");
@@ -823,7 +905,10 @@ fn leaving_the_queue_newest_first_costs_constant_work_per_client() {
     // FIFO still holds for the survivors.
     core.handle_relay_ended(3, holder, relay_end(RelayCause::Finished, EndedBy::Client));
     assert!(
-        actions(&mut core).contains(&Action::Connect(waiting[0])),
+        actions(&mut core).contains(&Action::Connect {
+            conn: waiting[0],
+            instance: InstanceId(1)
+        }),
         "the oldest survivor goes first"
     );
     for conn in waiting.iter().rev() {
@@ -870,7 +955,13 @@ fn a_waiting_clients_end_of_stream_keeps_or_drops_it_as_the_setting_says() {
     assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
     // Its hook's success serves the next in line without another run.
     core.handle_hook_exited(5, first_hook.hook, HookExit::Success);
-    assert_eq!(actions(&mut core), vec![Action::Connect(dropped_later)]);
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn: dropped_later,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_client_eof(6, dropped_later);
     assert!(actions(&mut core).iter().any(closed(Outcome::Abandoned)));
     assert_eq!(core.conn_count(), 0);
@@ -933,7 +1024,13 @@ fn serve_next(core: &mut Core, now: u64, expected: ConnRef) {
     let request = spawned(&actions(core)).expect("an on-activate hook");
     assert_eq!(request.context.conn, expected.id, "served out of order");
     core.handle_hook_exited(now, request.hook, HookExit::Success);
-    assert_eq!(actions(core), vec![Action::Connect(expected)]);
+    assert_eq!(
+        actions(core),
+        vec![Action::Connect {
+            conn: expected,
+            instance: InstanceId(1)
+        }]
+    );
     core.handle_upstream_connected(now, expected);
     assert_eq!(actions(core), vec![Action::StartRelay(expected)]);
 }

@@ -54,10 +54,34 @@ impl fmt::Display for HookId {
     }
 }
 
+/// One upstream instance of the pool: 1, 2, ... K in the order the list
+/// gives them. An instance keeps its number across reloads; one added by a
+/// reload takes the lowest number no instance holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceId(pub u32);
+
+impl InstanceId {
+    /// Its place in the core's table: the number less one.
+    pub(crate) fn index(self) -> usize {
+        self.0.saturating_sub(1) as usize
+    }
+
+    pub(crate) fn at(index: usize) -> Self {
+        InstanceId(u32::try_from(index + 1).unwrap_or(u32::MAX))
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// The policy knobs of the core. Durations are milliseconds; `None` means no limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Connections that may hold a permit (Activating or Proxying) at once.
+    /// Connections that may hold a permit (Activating or Proxying) at once,
+    /// on each instance.
     pub permits: u32,
     /// Clients that may wait; one more is rejected.
     pub max_queue: usize,
@@ -75,8 +99,10 @@ pub struct Settings {
     pub hook_timeout_ms: Option<u64>,
     /// How long a shutdown waits for proxying connections.
     pub shutdown_grace_ms: u64,
-    /// Shown to hooks as `TCPLOCK_UPSTREAM`.
-    pub upstream: String,
+    /// The instances of the pool, one address each, as the shell names them
+    /// (shown to hooks as `TCPLOCK_UPSTREAM`). An empty list is one instance
+    /// with no name. A reload keeps the instances whose name it keeps.
+    pub upstreams: Vec<String>,
     /// A waiting client whose end of stream arrived leaves the queue as
     /// abandoned (`--queued-eof drop`) instead of keeping its place.
     pub drop_queued_eof: bool,
@@ -108,7 +134,7 @@ impl Default for Settings {
             on_timeout: None,
             hook_timeout_ms: Some(60_000),
             shutdown_grace_ms: 30_000,
-            upstream: String::new(),
+            upstreams: Vec::new(),
             drop_queued_eof: false,
             serve_queue_on_shutdown: false,
             stall_warn_ms: Some(30_000),
@@ -259,6 +285,19 @@ impl RestartReason {
         self as usize
     }
 
+    /// Whether the restart is maintenance rather than a repair: in a pool,
+    /// planned restarts take one instance out at a time.
+    pub fn is_planned(self) -> bool {
+        matches!(
+            self,
+            RestartReason::AfterN
+                | RestartReason::Rss
+                | RestartReason::Lifetime
+                | RestartReason::Reload
+                | RestartReason::Control
+        )
+    }
+
     /// The name in logs and in `TCPLOCK_RESTART_REASON`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -295,7 +334,9 @@ pub enum ServiceStateName {
     Starting,
     /// Answering connects and taking clients.
     Ready,
-    /// Running, due for a restart: takes no new client, restarts once drained.
+    /// Running, due for a restart: takes no new client, restarts once
+    /// drained. (In a pool, a planned restart waits for its turn and keeps
+    /// serving meanwhile, as `ready`.)
     Due,
     /// Asked to stop; waiting until every process of it is gone.
     Stopping,
@@ -485,7 +526,29 @@ pub struct Stats {
     pub timeouts: u64,
     /// Connections ended, per outcome.
     pub outcomes: OutcomeCounts,
-    /// The supervised upstream (`--spawn`).
+    /// The supervised upstream (`--spawn`): instance 1's.
+    pub service: ServiceStats,
+    /// Every instance of the pool, in number order.
+    pub instances: Vec<InstanceStats>,
+}
+
+/// One instance of the pool, for [`Stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InstanceStats {
+    /// Its number.
+    pub id: u32,
+    /// Its address, as configured.
+    pub upstream: String,
+    /// Connections holding one of its permits.
+    pub active: usize,
+    /// Connections let through to it so far.
+    pub activations: u64,
+    /// A failed connect put it in cool-down: it takes no client until then.
+    pub cooling_down: bool,
+    /// A reload removed it: it takes no client and goes once drained.
+    pub removed: bool,
+    /// Its supervised service (`--spawn`).
     pub service: ServiceStats,
 }
 
@@ -682,23 +745,26 @@ pub struct HookContext {
     pub conn: ConnId,
     /// That connection's client address.
     pub client: SocketAddr,
-    /// The upstream as configured.
+    /// The instance it runs for.
+    pub instance: InstanceId,
+    /// That instance's address, as configured.
     pub upstream: String,
-    /// Connections let through before this one.
+    /// Connections let through to that instance before this one.
     pub activations: u64,
-    /// TTL expiries so far.
+    /// TTL expiries on that instance so far.
     pub timeouts: u64,
-    /// How the last connection that held a permit ended; `None` before any did.
+    /// How the last connection that held a permit of that instance ended;
+    /// `None` before any did.
     pub last_outcome: Option<Outcome>,
     /// Who ended that connection; `None` before any ended.
     pub last_ended_by: Option<EndedBy>,
     /// Clients waiting.
     pub queue_length: usize,
-    /// Connections holding a permit.
+    /// Connections holding a permit of that instance.
     pub active: usize,
     /// 1, then 2, 3, ... while an on-activate hook is retried for one client.
     pub attempt: u32,
-    /// `--spawn`: the generation of the service running now, and its pid.
+    /// `--spawn`: the generation of that instance's service, and its pid.
     pub service: Option<(Generation, u32)>,
 }
 
@@ -716,10 +782,15 @@ pub struct HookRequest {
 /// What the core asks the shell to do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Start connecting this connection to the upstream; report each address
-    /// tried with `handle_connect_attempt`, answer with
+    /// Start connecting this connection to the instance's addresses; report
+    /// each address tried with `handle_connect_attempt`, answer with
     /// `handle_upstream_connected` or `handle_upstream_failed`.
-    Connect(ConnRef),
+    Connect {
+        /// The connection.
+        conn: ConnRef,
+        /// The instance it goes to.
+        instance: InstanceId,
+    },
     /// The address being tried used up its share of the connect timeout:
     /// give it up and try the next one (`handle_connect_attempt` again), or
     /// report `handle_upstream_failed` if none is left.
@@ -754,13 +825,20 @@ pub enum Action {
     /// Answer with `handle_holders_idle`: how long since the most recently
     /// active relay moved a byte (the stalled-queue check).
     ReportIdle,
-    /// `--spawn`: try a TCP connect to the upstream address (and close it);
+    /// `--spawn`: try a TCP connect to the instance's address (and close it);
     /// answer with `handle_service_probed`: whether something accepted it.
-    ProbeUpstream(Generation),
+    ProbeUpstream {
+        /// Whose address.
+        instance: InstanceId,
+        /// The generation it is for.
+        generation: Generation,
+    },
     /// `--spawn`: start this generation of the service (nothing of an earlier
     /// one is alive and the port was refusing); answer at once with
     /// `handle_service_spawned`, later with `handle_service_exited`.
     SpawnService {
+        /// The instance it serves (`TCPLOCK_INSTANCE`, its address's port).
+        instance: InstanceId,
         /// The generation to start.
         generation: Generation,
         /// `TCPLOCK_RESTART_REASON`.
@@ -770,9 +848,16 @@ pub enum Action {
     },
     /// `--spawn`: measure the generation's process session; answer with
     /// `handle_service_sampled`.
-    SampleService(Generation),
+    SampleService {
+        /// Whose service.
+        instance: InstanceId,
+        /// Its generation.
+        generation: Generation,
+    },
     /// `--spawn`: signal every process of the generation's process session.
     SignalService {
+        /// Whose service.
+        instance: InstanceId,
         /// Whose session.
         generation: Generation,
         /// Which signal.
@@ -838,13 +923,20 @@ pub enum Event {
         client: SocketAddr,
         via: Option<SocketAddr>,
         waited_ms: u64,
+        instance: InstanceId,
     },
     /// A proxying connection's TTL expired.
     Timeout { conn: ConnId },
     /// A client waited longer than the queue timeout.
     QueueTimeout { conn: ConnId },
-    /// No upstream address took the connection; `error` says why.
-    ConnectFailed { conn: ConnId, error: String },
+    /// No address of `instance` took the connection; `error` says why.
+    ConnectFailed {
+        conn: ConnId,
+        error: String,
+        instance: InstanceId,
+    },
+    /// A connect to `instance` failed: it takes no client for `ms`.
+    InstanceCooldown { instance: InstanceId, ms: u64 },
     /// A hook failed: `exit` is how, `timed_out` whether we killed it for its
     /// hook timeout, and `retry_in_ms` when an on-activate hook runs again for
     /// a client that still waits.
@@ -855,6 +947,7 @@ pub enum Event {
         exit: HookExit,
         timed_out: bool,
         retry_in_ms: Option<u64>,
+        instance: InstanceId,
     },
     /// A hook ran `after_ms` and was killed.
     HookTimedOut { hook: HookId, after_ms: u64 },
@@ -890,11 +983,13 @@ pub enum Event {
         generation: Generation,
         pid: u32,
         reason: RestartReason,
+        instance: InstanceId,
     },
     /// It answered a connect `start_ms` after it was spawned.
     UpstreamReady {
         generation: Generation,
         start_ms: u64,
+        instance: InstanceId,
     },
     /// The generation takes no new client and restarts once drained; for
     /// `Rss`, `rss_kib` is the sample over the limit `limit_kib`.
@@ -902,11 +997,13 @@ pub enum Event {
         generation: Generation,
         reason: RestartReason,
         rss_kib: Option<(u64, u64)>,
+        instance: InstanceId,
     },
     /// It is being stopped.
     UpstreamStopping {
         generation: Generation,
         reason: RestartReason,
+        instance: InstanceId,
     },
     /// Its spawned process exited; `expected` if tcplock asked it to stop.
     UpstreamExited {
@@ -914,16 +1011,26 @@ pub enum Event {
         pid: u32,
         exit: ServiceExit,
         expected: bool,
+        instance: InstanceId,
     },
     /// A start failed; `why` says how.
-    UpstreamStartFailed { generation: Generation, why: String },
+    UpstreamStartFailed {
+        generation: Generation,
+        why: String,
+        instance: InstanceId,
+    },
     /// `starts` starts failed in a row: the service is failed (error level).
-    UpstreamFailed { starts: u32, retry_in_ms: u64 },
+    UpstreamFailed {
+        starts: u32,
+        retry_in_ms: u64,
+        instance: InstanceId,
+    },
     /// Something already answers on the upstream port: no second copy is
     /// started beside it (error level).
     UpstreamPortBusy {
         generation: Generation,
         addr: String,
+        instance: InstanceId,
     },
     /// The service, for a state dump.
     ServiceState {
@@ -933,6 +1040,7 @@ pub enum Event {
         rss_kib: u64,
         conns: u64,
         age_ms: Option<u64>,
+        instance: InstanceId,
     },
     /// The totals closing a state dump.
     StateSummary {

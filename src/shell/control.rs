@@ -630,7 +630,7 @@ impl Shell {
                 if service.state.is_none() {
                     error_reply("restart needs --spawn")
                 } else {
-                    self.core.handle_service_restart(now);
+                    self.core.handle_service_restart(now, None);
                     self.drain(now);
                     self.control_wait(
                         slot,
@@ -689,7 +689,7 @@ impl Shell {
         StatusSnapshot {
             core: self.core.status(now),
             draining,
-            upstream: self.config.upstream.to_string(),
+            upstream: self.config.first_upstream().to_string(),
             service: self.core.stats().service,
         }
     }

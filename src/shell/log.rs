@@ -127,16 +127,28 @@ impl Logger {
                 client,
                 via,
                 waited_ms,
+                instance,
             } => line
                 .field("conn", conn)
                 .field("client", client)
                 .field_opt("via", via.as_ref())
-                .field("waited_ms", waited_ms),
+                .field("waited_ms", waited_ms)
+                .field("instance", instance),
             Event::Killed { conn, state } => {
                 line.field("conn", conn).field("state", state.as_str())
             }
             Event::Paused { queued } | Event::Resumed { queued } => line.field("queued", queued),
-            Event::ConnectFailed { conn, error } => line.field("conn", conn).field("error", error),
+            Event::ConnectFailed {
+                conn,
+                error,
+                instance,
+            } => line
+                .field("conn", conn)
+                .field("error", error)
+                .field("instance", instance),
+            Event::InstanceCooldown { instance, ms } => {
+                line.field("instance", instance).field("ms", ms)
+            }
             Event::HookFailed {
                 hook,
                 kind,
@@ -144,6 +156,7 @@ impl Logger {
                 exit,
                 timed_out,
                 retry_in_ms,
+                instance,
             } => {
                 let mut line = line
                     .field("hook", hook)
@@ -154,6 +167,7 @@ impl Logger {
                     line = line.field("reason", "hook_timeout");
                 }
                 line.field_opt("retry_in_ms", retry_in_ms.as_ref())
+                    .field("instance", instance)
             }
             Event::HookTimedOut { hook, after_ms } => {
                 line.field("hook", hook).field("after_ms", after_ms)
@@ -212,51 +226,79 @@ impl Logger {
                 generation,
                 pid,
                 reason,
+                instance,
             } => line
                 .field("gen", generation)
                 .field("pid", pid)
-                .field("reason", reason),
+                .field("reason", reason)
+                .field("instance", instance),
             Event::UpstreamReady {
                 generation,
                 start_ms,
-            } => line.field("gen", generation).field("start_ms", start_ms),
+                instance,
+            } => line
+                .field("gen", generation)
+                .field("start_ms", start_ms)
+                .field("instance", instance),
             Event::RestartDue {
                 generation,
                 reason,
                 rss_kib,
+                instance,
             } => {
                 let line = line.field("gen", generation).field("reason", reason);
-                match rss_kib {
+                let line = match rss_kib {
                     Some((rss, limit)) => line.field("rss_kib", rss).field("limit_kib", limit),
                     None => line,
-                }
+                };
+                line.field("instance", instance)
             }
-            Event::UpstreamStopping { generation, reason } => {
-                line.field("gen", generation).field("reason", reason)
-            }
+            Event::UpstreamStopping {
+                generation,
+                reason,
+                instance,
+            } => line
+                .field("gen", generation)
+                .field("reason", reason)
+                .field("instance", instance),
             Event::UpstreamExited {
                 generation,
                 pid,
                 exit,
                 expected,
+                instance,
             } => line
                 .field("gen", generation)
                 .field("pid", pid)
                 .field("status", ServiceStatus(*exit))
-                .field("expected", expected),
-            Event::UpstreamStartFailed { generation, why } => {
-                line.field("gen", generation).field("why", why)
-            }
+                .field("expected", expected)
+                .field("instance", instance),
+            Event::UpstreamStartFailed {
+                generation,
+                why,
+                instance,
+            } => line
+                .field("gen", generation)
+                .field("why", why)
+                .field("instance", instance),
             Event::UpstreamFailed {
                 starts,
                 retry_in_ms,
+                instance,
             } => line
                 .field("starts", starts)
-                .field("retry_in_ms", retry_in_ms),
-            Event::UpstreamPortBusy { generation, addr } => {
-                line.field("gen", generation).field("addr", addr)
-            }
+                .field("retry_in_ms", retry_in_ms)
+                .field("instance", instance),
+            Event::UpstreamPortBusy {
+                generation,
+                addr,
+                instance,
+            } => line
+                .field("gen", generation)
+                .field("addr", addr)
+                .field("instance", instance),
             Event::ServiceState {
+                instance,
                 state,
                 generation,
                 pid,
@@ -270,7 +312,8 @@ impl Logger {
                 .field_opt("pid", pid.as_ref())
                 .field("rss_kib", rss_kib)
                 .field("conns", conns)
-                .field_opt("age_ms", age_ms.as_ref()),
+                .field_opt("age_ms", age_ms.as_ref())
+                .field("instance", instance),
         };
     }
 
@@ -401,6 +444,7 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::Timeout { .. } => (LogLevel::Info, "timeout"),
         Event::QueueTimeout { .. } => (LogLevel::Info, "queue_timeout"),
         Event::ConnectFailed { .. } => (LogLevel::Info, "connect_failed"),
+        Event::InstanceCooldown { .. } => (LogLevel::Warn, "instance_cooldown"),
         Event::HookFailed { .. } => (LogLevel::Warn, "hook_failed"),
         Event::HookTimedOut { .. } => (LogLevel::Warn, "hook_timeout"),
         Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),

@@ -46,7 +46,7 @@ use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 pub(crate) use metrics::resolve_metrics_addr;
 use net::resolve;
-pub(crate) use net::resolve_upstream;
+pub(crate) use net::{resolve_upstream, resolve_upstreams};
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;
 pub use notify::socket_activated;
@@ -184,7 +184,7 @@ fn core_settings(config: &Config, hooks: &mut HookTable, services: &mut ServiceT
         on_timeout,
         hook_timeout_ms: config.hook_timeout.map(ms),
         shutdown_grace_ms: ms(config.shutdown_grace),
-        upstream: config.upstream.to_string(),
+        upstreams: config.upstreams.iter().map(ToString::to_string).collect(),
         drop_queued_eof: config.queued_eof == QueuedEof::Drop,
         serve_queue_on_shutdown: config.shutdown_queue == ShutdownQueue::Serve,
         stall_warn_ms: config.stall_warn.map(ms),
@@ -366,7 +366,7 @@ impl Shell {
             // spawned service's probe would find its port busy forever.
             return Err(Error::Invalid(format!(
                 "upstream {} resolves to {own}, tcplock's own listening address",
-                config.upstream
+                config.first_upstream()
             )));
         }
         // Accepted sockets inherit it: one syscall instead of one per client.
@@ -418,7 +418,7 @@ impl Shell {
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
-                .field("upstream", &config.upstream)
+                .field("upstream", config.first_upstream())
                 .field("permits", config.permits)
                 .field_opt("socket", activated_socket.then_some("systemd"));
         }
@@ -610,7 +610,7 @@ impl Shell {
     fn drain(&mut self, now: u64) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Connect(conn) => self.connect_next(now, conn, None),
+                Action::Connect { conn, .. } => self.connect_next(now, conn, None),
                 Action::ConnectNext(conn) => {
                     let timed_out = io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -643,16 +643,17 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
-                Action::ProbeUpstream(generation) => self.probe_upstream(now, generation),
+                Action::ProbeUpstream { generation, .. } => self.probe_upstream(now, generation),
                 Action::SpawnService {
                     generation,
+                    instance: _,
                     reason,
                     run,
                 } => self.spawn_service(now, generation, reason, run),
-                Action::SampleService(generation) => self.sample_service(now, generation),
-                Action::SignalService { generation, signal } => {
-                    self.signal_service(generation, signal)
-                }
+                Action::SampleService { generation, .. } => self.sample_service(now, generation),
+                Action::SignalService {
+                    generation, signal, ..
+                } => self.signal_service(generation, signal),
             }
         }
     }

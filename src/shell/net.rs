@@ -4,6 +4,7 @@
 use super::*;
 use crate::config::SendProxy;
 use crate::config::settings::{not_on_this_host, upstream_is_local};
+use crate::config::units::HostPort;
 use crate::proxy_protocol::{self, Addresses, Header, ParseError, Version};
 use std::io::Read;
 
@@ -11,9 +12,32 @@ use std::io::Read;
 /// the connections already in flight.
 pub(super) const ACCEPT_BATCH: usize = 256;
 
-/// Resolves the upstream once (never inside the loop's hot path).
+/// Resolves every instance of the upstream (never inside the loop's hot
+/// path) and returns instance 1's addresses: the shell serves the first
+/// instance until it is generalized to the pool.
 pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
-    let upstream = &config.upstream;
+    resolve_upstreams(config)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Invalid("upstream: no upstream instance given".into()))
+}
+
+/// Resolves each instance, in the order of [`Config::upstreams`]; never
+/// empty (an empty list is refused as an invalid config).
+pub(crate) fn resolve_upstreams(config: &Config) -> Result<Vec<Vec<SocketAddr>>, Error> {
+    if config.upstreams.is_empty() {
+        return Err(Error::Invalid(
+            "upstream: no upstream instance given".into(),
+        ));
+    }
+    config
+        .upstreams
+        .iter()
+        .map(|upstream| resolve_one(config, upstream))
+        .collect()
+}
+
+fn resolve_one(config: &Config, upstream: &HostPort) -> Result<Vec<SocketAddr>, Error> {
     let addrs = resolve(
         "upstream",
         &upstream.to_string(),

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mio::Interest;
+
+use crate::core::InstanceId;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 
@@ -66,7 +68,7 @@ impl ServiceTable {
         };
         let wanted = ServiceCommand {
             command: command.clone(),
-            upstream: config.upstream.clone(),
+            upstream: config.first_upstream().clone(),
         };
         if let Some((name, current)) = &self.current
             && *current == wanted
@@ -294,7 +296,8 @@ impl Shell {
                 return;
             }
         }
-        self.core.handle_service_probed(now, generation, false);
+        self.core
+            .handle_service_probed(now, InstanceId(1), generation, false);
     }
 
     fn start_probe(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -354,7 +357,7 @@ impl Shell {
         let _ = self.poll.registry().deregister(&mut probe.socket);
         drop(probe.socket);
         self.core
-            .handle_service_probed(now, probe.generation, answered);
+            .handle_service_probed(now, InstanceId(1), probe.generation, answered);
     }
 
     /// `Action::SpawnService`: `/bin/sh -c CMD` in a new session, its output
@@ -367,8 +370,12 @@ impl Shell {
         run: ServiceRef,
     ) {
         let spawned = self.start_service(generation, reason, run);
-        self.core
-            .handle_service_spawned(now, generation, spawned.map_err(|e| one_line(&e)));
+        self.core.handle_service_spawned(
+            now,
+            InstanceId(1),
+            generation,
+            spawned.map_err(|e| one_line(&e)),
+        );
     }
 
     fn start_service(
@@ -499,7 +506,8 @@ impl Shell {
         };
         running.leader = Leader::Reaped;
         let generation = running.generation;
-        self.core.handle_service_exited(now, generation, exit);
+        self.core
+            .handle_service_exited(now, InstanceId(1), generation, exit);
     }
 
     /// The service leader's pid, if it is a SIGCHLD child not yet reaped
@@ -533,7 +541,8 @@ impl Shell {
             }
             None => ServiceSample::default(),
         };
-        self.core.handle_service_sampled(now, generation, sample);
+        self.core
+            .handle_service_sampled(now, InstanceId(1), generation, sample);
     }
 
     /// `Action::SignalService`: the signal to every live process of the

@@ -1,6 +1,7 @@
 //! Signals, messages from other threads, and reloading the settings.
 
 use super::*;
+use crate::config::show::Show;
 
 impl Shell {
     pub(super) fn handle_signals(&mut self, now: u64) {
@@ -162,6 +163,10 @@ impl Shell {
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
                 .field("changed", CommaList(&changed))
+                .field_opt(
+                    "upstream",
+                    changed.contains(&"upstream").then(|| new.upstreams.show()),
+                )
                 .field("addresses", self.upstream_addrs.len());
         }
         self.config = new;

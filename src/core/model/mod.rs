@@ -88,8 +88,8 @@ pub use service::{Mood, StrayService};
 
 use super::{
     ACCEPT_RETRY_BASE_MS, ACCEPT_RETRY_MAX_MS, Action, ConnId, ConnRef, Core, EndedBy, Event,
-    HookExit, HookId, HookKind, HookRequest, Outcome, OutcomeCounts, ProxyHeader, RETRY_BASE_MS,
-    RETRY_MAX_MS, RejectReason, RelayCause, RelayEnd, ServiceExit, Settings,
+    HookExit, HookId, HookKind, HookRequest, InstanceId, Outcome, OutcomeCounts, ProxyHeader,
+    RETRY_BASE_MS, RETRY_MAX_MS, RejectReason, RelayCause, RelayEnd, ServiceExit, Settings,
 };
 
 /// Appends a line to the model's trace, formatting nothing unless tracing is on.
@@ -516,7 +516,7 @@ fn client_addr(n: u64) -> SocketAddr {
 
 fn brief(action: &Action) -> String {
     match action {
-        Action::Connect(c) => format!("Connect({})", c.id),
+        Action::Connect { conn: c, .. } => format!("Connect({})", c.id),
         Action::StartRelay(c) => format!("StartRelay({})", c.id),
         Action::Close { conn, outcome, .. } => format!("Close({}, {outcome})", conn.id),
         Action::SpawnHook(r) => format!(

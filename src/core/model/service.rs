@@ -236,7 +236,8 @@ impl Model {
                 self.fed = now;
                 trace!(self, "t={now} probed gen {generation} {answered}");
                 fed.svc.probed = Some((generation, answered));
-                self.core.handle_service_probed(now, generation, answered);
+                self.core
+                    .handle_service_probed(now, InstanceId(1), generation, answered);
             }
             Op::AnswerSpawn => {
                 let Some(generation) = self.shell.spawn.take() else {
@@ -246,8 +247,12 @@ impl Model {
                 if self.shell.mood.spawn_fails {
                     trace!(self, "t={now} spawn gen {generation} failed");
                     fed.svc.spawned = Some((generation, None));
-                    self.core
-                        .handle_service_spawned(now, generation, Err("not found".to_string()));
+                    self.core.handle_service_spawned(
+                        now,
+                        InstanceId(1),
+                        generation,
+                        Err("not found".to_string()),
+                    );
                 } else {
                     self.shell.next_pid += 1;
                     let pid = 1_000 + self.shell.next_pid;
@@ -263,7 +268,8 @@ impl Model {
                     });
                     trace!(self, "t={now} spawned gen {generation} pid {pid}");
                     fed.svc.spawned = Some((generation, Some(pid)));
-                    self.core.handle_service_spawned(now, generation, Ok(pid));
+                    self.core
+                        .handle_service_spawned(now, InstanceId(1), generation, Ok(pid));
                 }
             }
             Op::AnswerSample => {
@@ -284,7 +290,8 @@ impl Model {
                 };
                 self.fed = now;
                 trace!(self, "t={now} sampled gen {generation} {sample:?}");
-                self.core.handle_service_sampled(now, generation, sample);
+                self.core
+                    .handle_service_sampled(now, InstanceId(1), generation, sample);
             }
             Op::ReportExit => {
                 let Some(g) = self.shell.live.as_mut() else {
@@ -303,7 +310,8 @@ impl Model {
                 self.fed = now;
                 trace!(self, "t={now} gen {generation} exited {exit:?}");
                 fed.svc.exit_reported = Some(generation);
-                self.core.handle_service_exited(now, generation, exit);
+                self.core
+                    .handle_service_exited(now, InstanceId(1), generation, exit);
             }
             Op::ServiceCrash(exit) => {
                 let Some(g) = self.shell.live.as_mut() else {
@@ -335,12 +343,12 @@ impl Model {
                     fed.quiet = true;
                     let now = self.fed;
                     trace!(self, "t={now} service restart (none)");
-                    self.core.handle_service_restart(now);
+                    self.core.handle_service_restart(now, None);
                     return Ok(());
                 }
                 self.fed = now;
                 trace!(self, "t={now} service restart");
-                self.core.handle_service_restart(now);
+                self.core.handle_service_restart(now, None);
             }
             Op::StrayService(i, stray) => {
                 fed.quiet = true;
@@ -349,18 +357,28 @@ impl Model {
                 trace!(self, "t={now} stray {stray:?} for gen {generation}");
                 match stray {
                     StrayService::Probed(answered) => {
-                        self.core.handle_service_probed(now, generation, *answered);
+                        self.core
+                            .handle_service_probed(now, InstanceId(1), generation, *answered);
                     }
                     StrayService::Spawned => {
-                        self.core.handle_service_spawned(now, generation, Ok(7));
+                        self.core
+                            .handle_service_spawned(now, InstanceId(1), generation, Ok(7));
                     }
                     StrayService::Exited => {
-                        self.core
-                            .handle_service_exited(now, generation, ServiceExit::Code(0));
+                        self.core.handle_service_exited(
+                            now,
+                            InstanceId(1),
+                            generation,
+                            ServiceExit::Code(0),
+                        );
                     }
                     StrayService::Sampled => {
-                        self.core
-                            .handle_service_sampled(now, generation, ServiceSample::default());
+                        self.core.handle_service_sampled(
+                            now,
+                            InstanceId(1),
+                            generation,
+                            ServiceSample::default(),
+                        );
                     }
                 }
             }
@@ -446,7 +464,7 @@ impl Model {
             return Err(format!("{action:?} without a supervised upstream"));
         }
         match action {
-            Action::ProbeUpstream(generation) => {
+            Action::ProbeUpstream { generation, .. } => {
                 if self.shell.probes.contains(generation) {
                     return Err(format!(
                         "ProbeUpstream for gen {generation} while one is unanswered"
@@ -485,8 +503,10 @@ impl Model {
                 self.shell.last_spawned = generation.0;
                 self.shell.spawn = Some(*generation);
             }
-            Action::SampleService(generation) => self.shell.samples.push(*generation),
-            Action::SignalService { generation, signal } => {
+            Action::SampleService { generation, .. } => self.shell.samples.push(*generation),
+            Action::SignalService {
+                generation, signal, ..
+            } => {
                 if *signal == StopSignal::Term
                     && fed.svc.planned_stop == Some(*generation)
                     && self.holders() > 0
@@ -605,7 +625,9 @@ impl Model {
                 }
                 self.view.due = true;
             }
-            Event::UpstreamStopping { generation, reason } => {
+            Event::UpstreamStopping {
+                generation, reason, ..
+            } => {
                 let was_ready = self.view.ready.map(|r| r.0) == Some(*generation);
                 self.requeue_hooked();
                 // A preparation was for the generation now stopping.

@@ -52,11 +52,11 @@ impl Model {
     pub(super) fn apply(&mut self, action: &Action, fed: &mut Fed) -> Result<(), String> {
         let now = self.fed;
         match action {
-            Action::ProbeUpstream(_)
+            Action::ProbeUpstream { generation: _, .. }
             | Action::SpawnService { .. }
-            | Action::SampleService(_)
+            | Action::SampleService { generation: _, .. }
             | Action::SignalService { .. } => return self.apply_service(action, fed),
-            Action::Connect(conn) => {
+            Action::Connect { conn, .. } => {
                 if self.activations_stopped() {
                     return Err(format!("Connect for conn {} after shutdown", conn.id));
                 }

@@ -66,7 +66,7 @@ fn settings(rng: &mut Rng) -> Settings {
         on_timeout: rng.chance(50).then_some(HookRef(3)),
         hook_timeout_ms: rng.limit(),
         shutdown_grace_ms: if rng.chance(20) { 0 } else { rng.duration() },
-        upstream: "127.0.0.1:9".to_string(),
+        upstreams: vec!["127.0.0.1:9".to_string()],
         drop_queued_eof: rng.chance(50),
         serve_queue_on_shutdown: rng.chance(50),
         stall_warn_ms: rng.limit(),
@@ -273,7 +273,13 @@ fn the_checker_rejects_actions_the_core_must_never_emit() {
     model.step(&Op::Accept).expect("accept");
     let conn = model.conns.values().next().expect("live").conn;
     let mut fed = Fed::default();
-    let again = model.apply(&Action::Connect(conn), &mut fed);
+    let again = model.apply(
+        &Action::Connect {
+            conn,
+            instance: InstanceId(1),
+        },
+        &mut fed,
+    );
     assert!(
         again
             .expect_err("connecting twice")
@@ -311,7 +317,7 @@ fn winding_down_a_serving_shutdown_with_a_long_grace_finishes() {
         shutdown_grace_ms: 417_600_000,
         serve_queue_on_shutdown: true,
         stall_warn_ms: None,
-        upstream: "127.0.0.1:9".to_string(),
+        upstreams: vec!["127.0.0.1:9".to_string()],
         ..Settings::default()
     };
     let mut ops = vec![Op::Accept, Op::Accept, Op::Shutdown];
@@ -335,7 +341,7 @@ fn winding_down_a_supervised_shutdown_with_a_long_grace_finishes() {
         shutdown_grace_ms: 417_600_000,
         serve_queue_on_shutdown: true,
         stall_warn_ms: None,
-        upstream: "127.0.0.1:9".to_string(),
+        upstreams: vec!["127.0.0.1:9".to_string()],
         service: Some(ServiceSettings {
             run: ServiceRef(1),
             ..ServiceSettings::default()
@@ -354,7 +360,7 @@ fn winding_down_a_supervised_shutdown_with_a_long_grace_finishes() {
 #[test]
 fn winding_down_a_service_that_ignores_sigterm_with_a_long_stop_timeout_finishes() {
     let settings = Settings {
-        upstream: "127.0.0.1:9".to_string(),
+        upstreams: vec!["127.0.0.1:9".to_string()],
         service: Some(ServiceSettings {
             run: ServiceRef(1),
             stop_timeout_ms: 24_415_000,
@@ -382,7 +388,7 @@ fn a_hook_that_ends_after_the_give_up_closes_its_client() {
         let settings = Settings {
             on_activate: Some(HookRef(1)),
             stall_warn_ms: None,
-            upstream: "127.0.0.1:9".to_string(),
+            upstreams: vec!["127.0.0.1:9".to_string()],
             service: Some(ServiceSettings {
                 run: ServiceRef(1),
                 start_retries: 1,

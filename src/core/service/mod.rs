@@ -16,9 +16,9 @@
 
 use super::Activation;
 use super::{
-    Action, ConnRef, ConnState, Core, Deadline, EndedBy, Event, Generation, Outcome, RejectReason,
-    RestartReason, ServiceExit, ServiceSample, ServiceStateName, ServiceStats, StopSignal,
-    TimerKey,
+    Action, ConnRef, ConnState, Core, Deadline, EndedBy, Event, Generation, InstanceId, Outcome,
+    RejectReason, RestartReason, ServiceExit, ServiceSample, ServiceStateName, ServiceStats,
+    StopSignal, TimerKey,
 };
 
 /// How often a starting service is probed, and a stopping one looked at.
@@ -40,6 +40,9 @@ pub(super) struct Service {
     failed_starts: u32,
     /// `--start-retries` starts failed in a row; cleared by the first ready one.
     failed: bool,
+    /// Out for a planned restart, from its drain to its next ready: while
+    /// it is, no other instance of the pool starts one.
+    maintenance: bool,
     /// The last memory sample of the running generation's processes.
     rss_kib: u64,
     restarts: [u64; RestartReason::ALL.len()],
@@ -80,7 +83,13 @@ enum ServiceState {
         ready_at: u64,
         /// Connections proxied by this generation.
         conns: u64,
+        /// Why it is to restart once drained.
         due: Option<RestartReason>,
+        /// Due and its turn came: it takes no client and stops once no
+        /// permit of it is held. A planned restart in a pool waits for its
+        /// turn (no other instance out for one, another one ready) and
+        /// keeps serving until then.
+        draining: bool,
         sample: Option<TimerKey>,
         lifetime: Option<TimerKey>,
         idle: Option<TimerKey>,
@@ -150,6 +159,7 @@ impl Service {
             next_generation: first_generation,
             failed_starts: 0,
             failed: false,
+            maintenance: false,
             rss_kib: 0,
             restarts: [0; RestartReason::ALL.len()],
         }
@@ -157,7 +167,13 @@ impl Service {
 
     /// Whether a client may be activated on it now.
     pub(super) fn takes_clients(&self) -> bool {
-        matches!(self.state, ServiceState::Ready { due: None, .. })
+        matches!(
+            self.state,
+            ServiceState::Ready {
+                draining: false,
+                ..
+            }
+        )
     }
 
     /// Whether it may serve proxied connections: ready, due or not.
@@ -189,8 +205,10 @@ impl Service {
 
     pub(super) fn state_name(&self) -> ServiceStateName {
         match self.state {
-            ServiceState::Ready { due: None, .. } => ServiceStateName::Ready,
-            ServiceState::Ready { due: Some(_), .. } => ServiceStateName::Due,
+            ServiceState::Ready {
+                draining: false, ..
+            } => ServiceStateName::Ready,
+            ServiceState::Ready { draining: true, .. } => ServiceStateName::Due,
             _ if self.failed => ServiceStateName::Failed,
             ServiceState::Stopped { .. } => ServiceStateName::Stopped,
             ServiceState::Checking { .. }
@@ -256,6 +274,20 @@ impl Service {
         }
     }
 
+    /// Out for a planned restart (see [`Service::maintenance`]).
+    #[cfg(any(debug_assertions, test, feature = "model"))]
+    pub(super) fn in_maintenance(&self) -> bool {
+        self.maintenance
+    }
+
+    /// Why a ready generation is due, if it is.
+    fn due_reason(&self) -> Option<RestartReason> {
+        match self.state {
+            ServiceState::Ready { due, .. } => due,
+            _ => None,
+        }
+    }
+
     fn count_restart(&mut self, reason: RestartReason) {
         self.restarts[reason.index()] += 1;
     }
@@ -266,9 +298,18 @@ impl Core {
 
     /// The answer to [`Action::ProbeUpstream`]: whether a connect to the
     /// upstream address was accepted. Ignored for a generation not probed.
-    pub fn handle_service_probed(&mut self, now: u64, generation: Generation, answered: bool) {
+    pub fn handle_service_probed(
+        &mut self,
+        now: u64,
+        instance: InstanceId,
+        generation: Generation,
+        answered: bool,
+    ) {
         self.advance(now);
-        let Some(service) = &self.service else {
+        let Some(i) = self.instance_index(instance) else {
+            return;
+        };
+        let Some(service) = &self.instances[i].service else {
             return;
         };
         match service.state {
@@ -277,23 +318,29 @@ impl Core {
                 reason,
             } if checked == generation => {
                 if answered {
-                    let addr = self.settings.upstream.clone();
-                    self.log(Event::UpstreamPortBusy { generation, addr });
+                    let addr = self.instances[i].upstream.clone();
+                    self.log(Event::UpstreamPortBusy {
+                        instance: InstanceId::at(i),
+                        generation,
+                        addr,
+                    });
                     self.start_failed(
                         now,
+                        i,
                         generation,
                         "upstream port busy".to_string(),
                         Leftover::Nothing,
                     );
-                } else if self.stop_for_good() {
-                    self.rest(RestartReason::First);
+                } else if self.stop_for_good(i) {
+                    self.rest(i, RestartReason::First);
                 } else if let Some(run) = self.settings.service.as_ref().map(|s| s.run)
-                    && let Some(service) = &mut self.service
+                    && let Some(service) = &mut self.instances[i].service
                 {
                     service.state = ServiceState::Spawning { generation, reason };
                     service.next_generation = generation.0 + 1;
-                    self.generations_spawned = generation.0;
+                    self.instances[i].generations_spawned = generation.0;
                     self.actions.push_back(Action::SpawnService {
+                        instance: InstanceId::at(i),
                         generation,
                         reason,
                         run,
@@ -309,9 +356,9 @@ impl Core {
             } if probed == generation => {
                 if answered {
                     self.timers.cancel(ready_deadline);
-                    self.became_ready(now, generation, pid, spawned_at);
+                    self.became_ready(now, i, generation, pid, spawned_at);
                 } else {
-                    self.rearm(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
+                    self.rearm(now + PROBE_INTERVAL_MS, i, ServiceTimer::Probe);
                 }
             }
             _ => {}
@@ -325,11 +372,15 @@ impl Core {
     pub fn handle_service_spawned(
         &mut self,
         now: u64,
+        instance: InstanceId,
         generation: Generation,
         spawned: Result<u32, String>,
     ) {
         self.advance(now);
-        let Some(service) = &mut self.service else {
+        let Some(i) = self.instance_index(instance) else {
+            return;
+        };
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         let ServiceState::Spawning {
@@ -348,6 +399,7 @@ impl Core {
                     service.count_restart(reason);
                 }
                 self.log(Event::UpstreamStarting {
+                    instance: InstanceId::at(i),
                     generation,
                     pid,
                     reason,
@@ -359,10 +411,11 @@ impl Core {
                     .map_or(0, |s| s.ready_timeout_ms);
                 let ready_deadline = self.service_timer(
                     now.saturating_add(ready_timeout),
+                    i,
                     ServiceTimer::ReadyTimeout,
                 );
-                let probe = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::Probe);
-                if let Some(service) = &mut self.service {
+                let probe = self.service_timer(now + PROBE_INTERVAL_MS, i, ServiceTimer::Probe);
+                if let Some(service) = &mut self.instances[i].service {
                     service.state = ServiceState::Starting {
                         generation,
                         pid,
@@ -372,7 +425,7 @@ impl Core {
                     };
                 }
             }
-            Err(why) => self.start_failed(now, generation, why, Leftover::Nothing),
+            Err(why) => self.start_failed(now, i, generation, why, Leftover::Nothing),
         }
         self.pump(now);
         self.check();
@@ -381,9 +434,18 @@ impl Core {
     /// The service's spawned process exited. Unasked, it crashed: its
     /// connections are cut, what is left of it is killed, and the next
     /// generation starts at once.
-    pub fn handle_service_exited(&mut self, now: u64, generation: Generation, exit: ServiceExit) {
+    pub fn handle_service_exited(
+        &mut self,
+        now: u64,
+        instance: InstanceId,
+        generation: Generation,
+        exit: ServiceExit,
+    ) {
         self.advance(now);
-        let Some(service) = &mut self.service else {
+        let Some(i) = self.instance_index(instance) else {
+            return;
+        };
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         let was_ready = matches!(service.state, ServiceState::Ready { .. });
@@ -400,6 +462,7 @@ impl Core {
             } if *running == generation => {
                 let pid = *pid;
                 self.log(Event::UpstreamExited {
+                    instance: InstanceId::at(i),
                     generation,
                     pid,
                     exit,
@@ -408,14 +471,15 @@ impl Core {
                 if was_ready {
                     self.begin_stop(
                         now,
+                        i,
                         RestartReason::Crash,
                         AfterStop::Restart(RestartReason::Crash),
                         true,
                     );
-                    self.cut_holders(now);
+                    self.cut_holders(now, i);
                 } else {
                     let why = format!("exited before it was ready ({})", exit_text(exit));
-                    self.start_failed(now, generation, why, Leftover::Exited);
+                    self.start_failed(now, i, generation, why, Leftover::Exited);
                 }
             }
             ServiceState::Stopping {
@@ -431,12 +495,16 @@ impl Core {
                 let check = check.take();
                 self.cancel(check);
                 self.log(Event::UpstreamExited {
+                    instance: InstanceId::at(i),
                     generation,
                     pid,
                     exit,
                     expected: true,
                 });
-                self.actions.push_back(Action::SampleService(generation));
+                self.actions.push_back(Action::SampleService {
+                    instance: InstanceId::at(i),
+                    generation,
+                });
             }
             _ => {}
         }
@@ -449,16 +517,20 @@ impl Core {
     pub fn handle_service_sampled(
         &mut self,
         now: u64,
+        instance: InstanceId,
         generation: Generation,
         sample: ServiceSample,
     ) {
         self.advance(now);
+        let Some(i) = self.instance_index(instance) else {
+            return;
+        };
         let limit = self
             .settings
             .service
             .as_ref()
             .and_then(|s| s.restart_rss_kib);
-        let Some(service) = &mut self.service else {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         match &mut service.state {
@@ -470,7 +542,7 @@ impl Core {
                 if let Some(limit) = limit
                     && sample.rss_kib > limit
                 {
-                    self.make_due(RestartReason::Rss, Some((sample.rss_kib, limit)));
+                    self.make_due(i, RestartReason::Rss, Some((sample.rss_kib, limit)));
                 }
             }
             ServiceState::Stopping {
@@ -482,9 +554,9 @@ impl Core {
             } if *stopping == generation => {
                 if *exited && sample.processes == 0 {
                     let then = *then;
-                    self.service_gone(now, then);
+                    self.service_gone(now, i, then);
                 } else {
-                    self.rearm(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
+                    self.rearm(now + PROBE_INTERVAL_MS, i, ServiceTimer::StopCheck);
                 }
             }
             _ => {}
@@ -493,22 +565,36 @@ impl Core {
         self.check();
     }
 
-    /// An operator asked for a restart: the running generation becomes due
-    /// (and restarts once drained); a service waiting to retry a start
-    /// starts now.
-    pub fn handle_service_restart(&mut self, now: u64) {
+    /// An operator asked for a restart of one instance, or of all (`None`):
+    /// a running generation becomes due (and restarts once drained, one
+    /// instance at a time); a service waiting to retry a start starts now.
+    pub fn handle_service_restart(&mut self, now: u64, target: Option<InstanceId>) {
         self.advance(now);
-        self.restart_requested(now, RestartReason::Control);
+        let targets = match target {
+            Some(instance) => self.instance_index(instance).into_iter().collect(),
+            None => (0..self.instances.len()).collect::<Vec<_>>(),
+        };
+        for i in targets {
+            if !self.instances[i].removed {
+                self.restart_requested(now, i, RestartReason::Control);
+            }
+        }
         self.pump(now);
         self.check();
+    }
+
+    /// The table index of a live instance's number.
+    pub(super) fn instance_index(&self, instance: InstanceId) -> Option<usize> {
+        let i = instance.index();
+        (instance.0 > 0 && i < self.instances.len()).then_some(i)
     }
 
     // ----- decisions -----
 
     /// Whether a client may be activated now: always when tcplock does not
     /// supervise the upstream.
-    pub(super) fn service_takes_clients(&self) -> bool {
-        match (&self.service, self.settings.service.is_some()) {
+    pub(super) fn service_takes_clients(&self, i: usize) -> bool {
+        match (&self.instances[i].service, self.settings.service.is_some()) {
             // Supervision turned on by a reload waits for the holders before
             // it makes its service; during a shutdown it makes none (until
             // the next start of tcplock), so a served queue goes on to the
@@ -521,49 +607,85 @@ impl Core {
         }
     }
 
-    /// What the service state needs after any change: a due generation that
-    /// drained stops, an idle one arms its stop, a stopped one starts when a
-    /// client comes, and a stopping tcplock stops it once nobody is left.
+    /// What every instance's service needs after any change (see
+    /// [`Core::settle_instance`]); then, with every instance failed, nobody
+    /// is left waiting for nothing.
     pub(super) fn settle_service(&mut self, now: u64) {
-        let Some(service) = &self.service else {
+        for i in 0..self.instances.len() {
+            self.settle_instance(now, i);
+        }
+        // A client put back in line by a hook that ended after the service
+        // failed would wait for nothing.
+        if self.service_failed() && self.queue.len() > 0 {
+            self.fail_waiting(now);
+        }
+    }
+
+    /// What instance `i`'s service needs after any change: a due generation
+    /// whose turn came drains and stops, an idle one arms its stop, a
+    /// stopped one starts when a client comes, and a stopping tcplock stops
+    /// it once nobody is left.
+    fn settle_instance(&mut self, now: u64, i: usize) {
+        let inst = &self.instances[i];
+        let Some(service) = &inst.service else {
             // Supervision turned on by a reload waits for the connections to
             // the upstream managed elsewhere to finish: its port is theirs.
-            if self.settings.service.is_some() && self.shutdown.is_none() && self.active == 0 {
-                self.service = Some(Service::new(self.generations_spawned + 1));
-                self.start(RestartReason::First);
+            if self.settings.service.is_some()
+                && self.shutdown.is_none()
+                && inst.active == 0
+                && !inst.removed
+            {
+                let first = inst.generations_spawned + 1;
+                self.instances[i].service = Some(Service::new(first));
+                self.start(i, RestartReason::First);
             }
             return;
         };
-        let retiring = self.settings.service.is_none();
-        let nobody = self.conns.is_empty() && self.hook.is_none();
-        let stopping_tcplock = self.shutdown.is_some() && nobody;
+        let retiring = self.settings.service.is_none() || inst.removed;
+        let stopping_tcplock = self.shutdown.is_some() && self.conns.is_empty() && !self.any_hook();
+        // Nobody waits and nobody holds a permit of this instance.
+        let unused = self.conns.len() == self.active - inst.active;
+        let active = inst.active;
         match &service.state {
-            ServiceState::Ready { due, idle, .. } => {
-                let idle = *idle;
+            ServiceState::Ready {
+                due,
+                draining,
+                idle,
+                ..
+            } => {
+                let (due, draining, idle) = (*due, *draining, *idle);
+                if let Some(reason) = due
+                    && !draining
+                    && self.turn_free(i)
+                {
+                    self.start_draining(i, reason);
+                    return self.settle_instance(now, i);
+                }
                 if stopping_tcplock {
                     self.begin_stop(
                         now,
+                        i,
                         RestartReason::Shutdown,
                         AfterStop::Rest(RestartReason::First),
                         false,
                     );
-                } else if self.active == 0 && (due.is_some() || retiring) {
+                } else if active == 0 && (draining || retiring) {
                     let reason = due.unwrap_or(RestartReason::Reload);
                     let then = if retiring {
                         AfterStop::Rest(RestartReason::First)
                     } else {
                         AfterStop::Restart(reason)
                     };
-                    self.begin_stop(now, reason, then, false);
+                    self.begin_stop(now, i, reason, then, false);
                 } else {
                     let idle_stop = self.settings.service.as_ref().and_then(|s| s.idle_stop_ms);
                     match (idle_stop, idle) {
-                        (Some(after), None) if self.conns.is_empty() && self.shutdown.is_none() => {
-                            self.rearm(now.saturating_add(after), ServiceTimer::IdleStop);
+                        (Some(after), None) if unused && self.shutdown.is_none() => {
+                            self.rearm(now.saturating_add(after), i, ServiceTimer::IdleStop);
                         }
-                        (_, Some(key)) if !self.conns.is_empty() || idle_stop.is_none() => {
+                        (_, Some(key)) if !unused || idle_stop.is_none() => {
                             self.timers.cancel(key);
-                            if let Some(slot) = self
+                            if let Some(slot) = self.instances[i]
                                 .service
                                 .as_mut()
                                 .and_then(|service| service.timer_slot(ServiceTimer::IdleStop))
@@ -581,44 +703,72 @@ impl Core {
                 } else {
                     RestartReason::Shutdown
                 };
-                self.begin_stop(now, reason, AfterStop::Rest(RestartReason::First), false);
+                self.begin_stop(now, i, reason, AfterStop::Rest(RestartReason::First), false);
             }
             ServiceState::Stopped { retry, reason } => {
                 let (retry, reason) = (*retry, *reason);
                 if retiring {
                     self.cancel(retry);
-                    self.service = None;
-                    return;
-                } else if self.stop_for_good() {
+                    self.instances[i].service = None;
+                } else if self.stop_for_good(i) {
                     if let Some(key) = retry {
                         self.timers.cancel(key);
-                        self.rest(reason);
+                        self.rest(i, reason);
                     }
                 } else if retry.is_none() && self.waiting() > 0 {
                     // Clients still reading their PROXY header do not start it.
-                    self.start(reason);
+                    self.start(i, reason);
                 }
             }
             _ => {}
         }
-        // A client put back in line by a hook that ended after the service
-        // failed would wait for nothing.
-        if self.service_failed() && self.queue.len() > 0 {
-            self.fail_waiting(now);
+    }
+
+    /// Whether instance `i`, due for a restart, may go out now. A repair
+    /// (crash, TTL expiry, a failed connect or reset) always may, as may
+    /// the only instance; a planned restart waits while another instance is
+    /// out for one, or while no other instance is ready to serve, so
+    /// planned maintenance never empties the pool.
+    fn turn_free(&self, i: usize) -> bool {
+        let due = self.instances[i]
+            .service
+            .as_ref()
+            .and_then(Service::due_reason);
+        if !due.is_some_and(RestartReason::is_planned) || self.live_instances() < 2 {
+            return true;
+        }
+        let others = || {
+            self.instances
+                .iter()
+                .enumerate()
+                .filter(move |&(j, inst)| j != i && !inst.removed)
+                .filter_map(|(_, inst)| inst.service.as_ref())
+        };
+        !others().any(|s| s.maintenance) && others().any(Service::takes_clients)
+    }
+
+    /// Instance `i`'s turn came: it takes no new client and stops once its
+    /// holders are done.
+    fn start_draining(&mut self, i: usize, reason: RestartReason) {
+        if let Some(service) = &mut self.instances[i].service
+            && let ServiceState::Ready { draining, .. } = &mut service.state
+        {
+            *draining = true;
+            service.maintenance = reason.is_planned();
         }
     }
 
     /// A connection of this generation was let through to it.
-    pub(super) fn service_took(&mut self) {
+    pub(super) fn service_took(&mut self, i: usize) {
         let restart_after = self.settings.service.as_ref().and_then(|s| s.restart_after);
-        if let Some(service) = &mut self.service
+        if let Some(service) = &mut self.instances[i].service
             && let ServiceState::Ready { conns, .. } = &mut service.state
         {
             *conns += 1;
             if let Some(after) = restart_after
                 && *conns >= after
             {
-                self.make_due(RestartReason::AfterN, None);
+                self.make_due(i, RestartReason::AfterN, None);
             }
         }
     }
@@ -626,7 +776,7 @@ impl Core {
     /// A connection that held a permit ended with `outcome`: with
     /// `--restart-on` it may make the generation suspect; with
     /// `--restart-rss` its memory is looked at now, between connections.
-    pub(super) fn service_released(&mut self, outcome: Outcome) {
+    pub(super) fn service_released(&mut self, i: usize, outcome: Outcome) {
         let Some(settings) = &self.settings.service else {
             return;
         };
@@ -638,7 +788,7 @@ impl Core {
             _ => None,
         };
         let sample = settings.restart_rss_kib.is_some();
-        let Some(service) = &self.service else {
+        let Some(service) = &self.instances[i].service else {
             return;
         };
         let ServiceState::Ready {
@@ -650,16 +800,26 @@ impl Core {
         if let Some(reason) = reason
             && due.is_none()
         {
-            self.make_due(reason, None);
+            self.make_due(i, reason, None);
         } else if sample && due.is_none() {
-            self.actions.push_back(Action::SampleService(generation));
+            self.actions.push_back(Action::SampleService {
+                instance: InstanceId::at(i),
+                generation,
+            });
         }
     }
 
-    /// A reload: a changed command or address makes the running generation
-    /// due; a service waiting to retry a start tries again now.
+    /// A reload: a changed command makes every running generation due (one
+    /// instance restarts at a time); a service waiting to retry a start
+    /// tries again now.
     pub(super) fn service_reloaded(&mut self, now: u64, run_changed: bool) {
-        let Some(service) = &self.service else {
+        for i in 0..self.instances.len() {
+            self.instance_reloaded(now, i, run_changed);
+        }
+    }
+
+    fn instance_reloaded(&mut self, now: u64, i: usize, run_changed: bool) {
+        let Some(service) = &self.instances[i].service else {
             return;
         };
         // A failed start waiting for its retry (or for its leftovers to go
@@ -673,28 +833,29 @@ impl Core {
                 }
         );
         if run_changed || retry_pending {
-            self.restart_requested(now, RestartReason::Reload);
+            self.restart_requested(now, i, RestartReason::Reload);
         }
     }
 
-    /// A new client arrived while the service is failed: turned away at once
-    /// rather than left waiting for nothing.
+    /// Every instance's service is failed: a new client is turned away at
+    /// once rather than left waiting for nothing.
     pub(super) fn service_failed(&self) -> bool {
-        self.service.as_ref().is_some_and(|s| s.failed)
+        let mut live = self.instances.iter().filter(|inst| !inst.removed);
+        live.all(|inst| inst.service.as_ref().is_some_and(|s| s.failed))
     }
 
-    pub(super) fn service_fired(&mut self, now: u64, timer: ServiceTimer) {
-        let Some(service) = &mut self.service else {
+    pub(super) fn service_fired(&mut self, now: u64, i: usize, timer: ServiceTimer) {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         match (timer, &mut service.state) {
             (ServiceTimer::Retry, ServiceState::Stopped { retry, reason }) => {
                 *retry = None;
                 let reason = *reason;
-                if self.stop_for_good() {
-                    self.rest(reason);
+                if self.stop_for_good(i) {
+                    self.rest(i, reason);
                 } else {
-                    self.start(reason);
+                    self.start(i, reason);
                 }
             }
             (
@@ -711,7 +872,7 @@ impl Core {
                     .as_ref()
                     .map_or(0, |s| s.ready_timeout_ms);
                 let why = format!("not answering on the upstream address after {timeout}ms");
-                self.start_failed(now, generation, why, Leftover::Running);
+                self.start_failed(now, i, generation, why, Leftover::Running);
             }
             (
                 ServiceTimer::Probe,
@@ -721,7 +882,10 @@ impl Core {
             ) => {
                 *probe = None;
                 let generation = *generation;
-                self.actions.push_back(Action::ProbeUpstream(generation));
+                self.actions.push_back(Action::ProbeUpstream {
+                    instance: InstanceId::at(i),
+                    generation,
+                });
             }
             (
                 ServiceTimer::Sample,
@@ -731,8 +895,11 @@ impl Core {
             ) => {
                 let generation = *generation;
                 *sample = None;
-                self.rearm(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
-                self.actions.push_back(Action::SampleService(generation));
+                self.rearm(now + SAMPLE_INTERVAL_MS, i, ServiceTimer::Sample);
+                self.actions.push_back(Action::SampleService {
+                    instance: InstanceId::at(i),
+                    generation,
+                });
             }
             (
                 ServiceTimer::Lifetime,
@@ -748,6 +915,7 @@ impl Core {
                     *due = Some(RestartReason::Lifetime);
                     let generation = *generation;
                     self.log(Event::RestartDue {
+                        instance: InstanceId::at(i),
                         generation,
                         reason: RestartReason::Lifetime,
                         rss_kib: None,
@@ -759,6 +927,7 @@ impl Core {
                 if self.conns.is_empty() && self.shutdown.is_none() {
                     self.begin_stop(
                         now,
+                        i,
                         RestartReason::Idle,
                         AfterStop::Rest(RestartReason::Idle),
                         false,
@@ -774,6 +943,7 @@ impl Core {
                 *kill = None;
                 let generation = *generation;
                 self.actions.push_back(Action::SignalService {
+                    instance: InstanceId::at(i),
                     generation,
                     signal: StopSignal::Kill,
                 });
@@ -786,7 +956,10 @@ impl Core {
             ) => {
                 *check = None;
                 let generation = *generation;
-                self.actions.push_back(Action::SampleService(generation));
+                self.actions.push_back(Action::SampleService {
+                    instance: InstanceId::at(i),
+                    generation,
+                });
             }
             // A timer of a state since left was cancelled with it; one that
             // fired in the same tick as the change is stale.
@@ -794,9 +967,15 @@ impl Core {
         }
     }
 
-    /// A second stop request: what is left of the service is killed now.
+    /// A second stop request: what is left of every service is killed now.
     pub(super) fn service_forced(&mut self) {
-        if let Some(service) = &mut self.service
+        for i in 0..self.instances.len() {
+            self.instance_forced(i);
+        }
+    }
+
+    fn instance_forced(&mut self, i: usize) {
+        if let Some(service) = &mut self.instances[i].service
             && let ServiceState::Stopping {
                 generation, kill, ..
             } = &mut service.state
@@ -804,23 +983,26 @@ impl Core {
             let (generation, kill) = (*generation, kill.take());
             self.cancel(kill);
             self.actions.push_back(Action::SignalService {
+                instance: InstanceId::at(i),
                 generation,
                 signal: StopSignal::Kill,
             });
         }
     }
 
-    pub(super) fn service_stats(&self) -> ServiceStats {
-        self.service
+    pub(super) fn service_stats(&self, i: usize) -> ServiceStats {
+        self.instances[i]
+            .service
             .as_ref()
             .map(Service::stats)
             .unwrap_or_default()
     }
 
-    pub(super) fn service_state_event(&self) -> Option<Event> {
-        let service = self.service.as_ref()?;
+    pub(super) fn service_state_event(&self, i: usize) -> Option<Event> {
+        let service = self.instances[i].service.as_ref()?;
         let stats = service.stats();
         Some(Event::ServiceState {
+            instance: InstanceId::at(i),
             state: service.state_name(),
             generation: Generation(stats.generation),
             pid: stats.pid,
@@ -832,25 +1014,25 @@ impl Core {
 
     // ----- transitions -----
 
-    fn restart_requested(&mut self, now: u64, reason: RestartReason) {
-        let Some(service) = &mut self.service else {
+    fn restart_requested(&mut self, now: u64, i: usize, reason: RestartReason) {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         match &mut service.state {
-            ServiceState::Ready { due: None, .. } => self.make_due(reason, None),
+            ServiceState::Ready { due: None, .. } => self.make_due(i, reason, None),
             ServiceState::Starting { .. } => {
                 // The old command or address is starting: no client uses it yet.
-                self.begin_stop(now, reason, AfterStop::Restart(reason), false);
+                self.begin_stop(now, i, reason, AfterStop::Restart(reason), false);
             }
             ServiceState::Stopped { retry, .. } => {
                 // Waiting to retry a failed start, or stopped while idle:
                 // asked for, it starts now.
                 let retry = retry.take();
                 self.cancel(retry);
-                if self.stop_for_good() {
-                    self.rest(reason);
+                if self.stop_for_good(i) {
+                    self.rest(i, reason);
                 } else {
-                    self.start(reason);
+                    self.start(i, reason);
                 }
             }
             ServiceState::Stopping { then, .. } => {
@@ -864,8 +1046,8 @@ impl Core {
 
     /// A ready generation not due yet becomes due for `reason`, and says so
     /// (`rss_kib`: the sample and the limit, for a memory restart).
-    fn make_due(&mut self, reason: RestartReason, rss_kib: Option<(u64, u64)>) {
-        if let Some(service) = &mut self.service
+    fn make_due(&mut self, i: usize, reason: RestartReason, rss_kib: Option<(u64, u64)>) {
+        if let Some(service) = &mut self.instances[i].service
             && let ServiceState::Ready {
                 generation, due, ..
             } = &mut service.state
@@ -874,35 +1056,50 @@ impl Core {
             *due = Some(reason);
             let generation = *generation;
             self.log(Event::RestartDue {
+                instance: InstanceId::at(i),
                 generation,
                 reason,
                 rss_kib,
             });
+            if self.turn_free(i) {
+                self.start_draining(i, reason);
+            }
         }
     }
 
     /// Starts a new generation: first make sure the port refuses connections.
-    fn start(&mut self, reason: RestartReason) {
-        let Some(service) = &mut self.service else {
+    fn start(&mut self, i: usize, reason: RestartReason) {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         let generation = Generation(service.next_generation);
         service.state = ServiceState::Checking { generation, reason };
-        self.actions.push_back(Action::ProbeUpstream(generation));
+        self.actions.push_back(Action::ProbeUpstream {
+            instance: InstanceId::at(i),
+            generation,
+        });
     }
 
-    fn became_ready(&mut self, now: u64, generation: Generation, pid: u32, spawned_at: u64) {
+    fn became_ready(
+        &mut self,
+        now: u64,
+        i: usize,
+        generation: Generation,
+        pid: u32,
+        spawned_at: u64,
+    ) {
         let lifetime_ms = self
             .settings
             .service
             .as_ref()
             .and_then(|s| s.max_lifetime_ms);
-        let sample = self.service_timer(now + SAMPLE_INTERVAL_MS, ServiceTimer::Sample);
+        let sample = self.service_timer(now + SAMPLE_INTERVAL_MS, i, ServiceTimer::Sample);
         let lifetime = lifetime_ms
-            .map(|ms| self.service_timer(now.saturating_add(ms.max(1)), ServiceTimer::Lifetime));
-        if let Some(service) = &mut self.service {
+            .map(|ms| self.service_timer(now.saturating_add(ms.max(1)), i, ServiceTimer::Lifetime));
+        if let Some(service) = &mut self.instances[i].service {
             service.failed_starts = 0;
             service.failed = false;
+            service.maintenance = false;
             service.rss_kib = 0;
             service.state = ServiceState::Ready {
                 generation,
@@ -910,27 +1107,39 @@ impl Core {
                 ready_at: now,
                 conns: 0,
                 due: None,
+                draining: false,
                 sample: Some(sample),
                 lifetime,
                 idle: None,
             };
         }
         self.log(Event::UpstreamReady {
+            instance: InstanceId::at(i),
             generation,
             start_ms: now.saturating_sub(spawned_at),
         });
-        self.actions.push_back(Action::SampleService(generation));
+        self.actions.push_back(Action::SampleService {
+            instance: InstanceId::at(i),
+            generation,
+        });
     }
 
     /// A start failed: count it, give up after `--start-retries` in a row,
     /// and retry after the backoff, once whatever it left is gone.
-    fn start_failed(&mut self, now: u64, generation: Generation, why: String, left: Leftover) {
+    fn start_failed(
+        &mut self,
+        now: u64,
+        i: usize,
+        generation: Generation,
+        why: String,
+        left: Leftover,
+    ) {
         let retries = self
             .settings
             .service
             .as_ref()
             .map_or(1, |s| s.start_retries);
-        let Some(service) = &mut self.service else {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         service.failed_starts = service.failed_starts.saturating_add(1);
@@ -942,20 +1151,32 @@ impl Core {
         let gives_up = failures >= retries.max(1) && !service.failed;
         if failures >= retries.max(1) {
             service.failed = true;
+            // Given up on: it no longer holds the pool's maintenance turn.
+            service.maintenance = false;
             backoff = START_RETRY_MAX_MS;
         }
-        self.log(Event::UpstreamStartFailed { generation, why });
+        self.log(Event::UpstreamStartFailed {
+            instance: InstanceId::at(i),
+            generation,
+            why,
+        });
         if gives_up {
             self.log(Event::UpstreamFailed {
+                instance: InstanceId::at(i),
                 starts: failures,
                 retry_in_ms: backoff,
             });
-            self.fail_waiting(now);
+            // Skipped while others serve; only a pool with every instance
+            // failed turns its waiting clients away.
+            if self.service_failed() {
+                self.fail_waiting(now);
+            }
         }
         match left {
-            Leftover::Nothing => self.retry_after(now, backoff),
+            Leftover::Nothing => self.retry_after(now, i, backoff),
             Leftover::Running | Leftover::Exited => self.begin_stop(
                 now,
+                i,
                 RestartReason::FailedStart,
                 AfterStop::Retry(backoff),
                 left == Leftover::Exited,
@@ -963,13 +1184,13 @@ impl Core {
         }
     }
 
-    fn retry_after(&mut self, now: u64, backoff: u64) {
-        if self.stop_for_good() {
-            self.rest(RestartReason::FailedStart);
+    fn retry_after(&mut self, now: u64, i: usize, backoff: u64) {
+        if self.stop_for_good(i) {
+            self.rest(i, RestartReason::FailedStart);
             return;
         }
-        let key = self.service_timer(now.saturating_add(backoff), ServiceTimer::Retry);
-        if let Some(service) = &mut self.service {
+        let key = self.service_timer(now.saturating_add(backoff), i, ServiceTimer::Retry);
+        if let Some(service) = &mut self.instances[i].service {
             service.state = ServiceState::Stopped {
                 retry: Some(key),
                 reason: RestartReason::FailedStart,
@@ -1002,12 +1223,19 @@ impl Core {
     /// own, whatever it left goes straight to SIGKILL; otherwise SIGTERM, and
     /// SIGKILL after `--stop-timeout`. A stop is planned when it ends a
     /// ready generation that did not exit.
-    fn begin_stop(&mut self, now: u64, reason: RestartReason, then: AfterStop, exited: bool) {
+    fn begin_stop(
+        &mut self,
+        now: u64,
+        i: usize,
+        reason: RestartReason,
+        then: AfterStop,
+        exited: bool,
+    ) {
         let stop_timeout = self.settings.service.as_ref().map_or(
             super::types::ServiceSettings::default().stop_timeout_ms,
             |s| s.stop_timeout_ms,
         );
-        let Some(service) = &mut self.service else {
+        let Some(service) = &mut self.instances[i].service else {
             return;
         };
         let (generation, pid) = match service.state {
@@ -1020,23 +1248,31 @@ impl Core {
             _ => return,
         };
         let planned = !exited && matches!(service.state, ServiceState::Ready { .. });
-        // A hook's preparation was for this generation.
-        self.prepared = false;
         // A fired timer's key is stale, and cancelling it changes nothing.
         for key in service.timers().into_iter().flatten() {
             self.timers.cancel(key);
         }
-        self.log(Event::UpstreamStopping { generation, reason });
+        // A hook's preparation was for this generation.
+        self.instances[i].prepared = false;
+        self.log(Event::UpstreamStopping {
+            instance: InstanceId::at(i),
+            generation,
+            reason,
+        });
         let (signal, kill) = if exited {
             (StopSignal::Kill, None)
         } else {
-            let key = self.service_timer(now.saturating_add(stop_timeout), ServiceTimer::StopKill);
+            let key =
+                self.service_timer(now.saturating_add(stop_timeout), i, ServiceTimer::StopKill);
             (StopSignal::Term, Some(key))
         };
-        self.actions
-            .push_back(Action::SignalService { generation, signal });
-        let check = self.service_timer(now + PROBE_INTERVAL_MS, ServiceTimer::StopCheck);
-        if let Some(service) = &mut self.service {
+        self.actions.push_back(Action::SignalService {
+            instance: InstanceId::at(i),
+            generation,
+            signal,
+        });
+        let check = self.service_timer(now + PROBE_INTERVAL_MS, i, ServiceTimer::StopCheck);
+        if let Some(service) = &mut self.instances[i].service {
             service.state = ServiceState::Stopping {
                 generation,
                 pid,
@@ -1050,8 +1286,8 @@ impl Core {
     }
 
     /// Every process of the stopped generation is gone.
-    fn service_gone(&mut self, now: u64, then: AfterStop) {
-        if let Some(service) = &mut self.service
+    fn service_gone(&mut self, now: u64, i: usize, then: AfterStop) {
+        if let Some(service) = &mut self.instances[i].service
             && let ServiceState::Stopping { kill, .. } = service.state
         {
             service.rss_kib = 0;
@@ -1060,41 +1296,42 @@ impl Core {
             }
         }
         match then {
-            _ if self.stop_for_good() => self.rest(RestartReason::First),
-            AfterStop::Restart(reason) => self.start(reason),
-            AfterStop::Retry(backoff) => self.retry_after(now, backoff),
-            AfterStop::Rest(reason) => self.rest(reason),
+            _ if self.stop_for_good(i) => self.rest(i, RestartReason::First),
+            AfterStop::Restart(reason) => self.start(i, reason),
+            AfterStop::Retry(backoff) => self.retry_after(now, i, backoff),
+            AfterStop::Rest(reason) => self.rest(i, reason),
         }
     }
 
-    fn rest(&mut self, reason: RestartReason) {
-        if let Some(service) = &mut self.service {
+    fn rest(&mut self, i: usize, reason: RestartReason) {
+        if let Some(service) = &mut self.instances[i].service {
             service.state = ServiceState::Stopped {
                 retry: None,
                 reason,
             };
+            service.maintenance = false;
         }
         self.note_done();
     }
 
-    /// No new generation is to start: tcplock stops and nobody is left, or
-    /// it no longer supervises the upstream.
-    fn stop_for_good(&self) -> bool {
+    /// No new generation of instance `i` is to start: tcplock stops and
+    /// nobody is left, it no longer supervises the upstream, or a reload
+    /// removed the instance.
+    fn stop_for_good(&self, i: usize) -> bool {
         self.settings.service.is_none()
-            || self.shutdown.is_some() && self.conns.is_empty() && self.hook.is_none()
+            || self.instances[i].removed
+            || self.shutdown.is_some() && self.conns.is_empty() && !self.any_hook()
     }
 
     /// The generation crashed: every connection on it is cut as the
     /// upstream's doing, so no client keeps a permit on a dead service.
-    fn cut_holders(&mut self, now: u64) {
+    fn cut_holders(&mut self, now: u64, i: usize) {
         self.end_where(
             now,
-            |c| {
-                matches!(
-                    c.state,
-                    ConnState::Proxying { .. }
-                        | ConnState::Activating(Activation::Connecting { .. })
-                )
+            |c| match c.state {
+                ConnState::Proxying { .. }
+                | ConnState::Activating(Activation::Connecting { .. }) => c.instance.index() == i,
+                _ => false,
             },
             Outcome::UpstreamError,
             EndedBy::Upstream,
@@ -1103,9 +1340,9 @@ impl Core {
 
     /// Arms `timer` at `at` in the slot the current state keeps for it
     /// (which the caller has emptied).
-    fn rearm(&mut self, at: u64, timer: ServiceTimer) {
-        let key = self.service_timer(at, timer);
-        match self
+    fn rearm(&mut self, at: u64, i: usize, timer: ServiceTimer) {
+        let key = self.service_timer(at, i, timer);
+        match self.instances[i]
             .service
             .as_mut()
             .and_then(|service| service.timer_slot(timer))
@@ -1117,8 +1354,8 @@ impl Core {
         }
     }
 
-    fn service_timer(&mut self, at: u64, timer: ServiceTimer) -> TimerKey {
-        self.timers.insert(at, Deadline::Service(timer))
+    fn service_timer(&mut self, at: u64, i: usize, timer: ServiceTimer) -> TimerKey {
+        self.timers.insert(at, Deadline::Service(i, timer))
     }
 }
 

@@ -11,7 +11,7 @@ fn addr(port: u16) -> SocketAddr {
 
 fn supervised(service: ServiceSettings) -> Settings {
     Settings {
-        upstream: "127.0.0.1:8100".to_string(),
+        upstreams: vec!["127.0.0.1:8100".to_string()],
         service: Some(service),
         ..Settings::default()
     }
@@ -44,18 +44,24 @@ fn actions(core: &mut Core) -> Vec<Action> {
 /// generation is ready at `now + PROBE_INTERVAL_MS`. Returns that time.
 fn bring_up(core: &mut Core, now: u64, generation: u64, pid: u32) -> u64 {
     let generation = Generation(generation);
-    assert!(actions(core).contains(&Action::ProbeUpstream(generation)));
-    core.handle_service_probed(now, generation, false);
+    assert!(actions(core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation,
+    }));
+    core.handle_service_probed(now, InstanceId(1), generation, false);
     let spawn = actions(core);
     assert!(
-        matches!(spawn.as_slice(), [Action::SpawnService { generation: g, .. }] if *g == generation),
+        matches!(spawn.as_slice(), [Action::SpawnService { instance: InstanceId(1), generation: g, .. }] if *g == generation),
         "{spawn:?}"
     );
-    core.handle_service_spawned(now, generation, Ok(pid));
+    core.handle_service_spawned(now, InstanceId(1), generation, Ok(pid));
     let at = now + PROBE_INTERVAL_MS;
     core.handle_tick(at);
-    assert!(actions(core).contains(&Action::ProbeUpstream(generation)));
-    core.handle_service_probed(at, generation, true);
+    assert!(actions(core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation,
+    }));
+    core.handle_service_probed(at, InstanceId(1), generation, true);
     at
 }
 
@@ -63,7 +69,13 @@ fn bring_up(core: &mut Core, now: u64, generation: u64, pid: u32) -> u64 {
 fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
     let conn = core.handle_accepted(now, addr(port));
     let connect = actions(core);
-    assert!(connect.contains(&Action::Connect(conn)), "{connect:?}");
+    assert!(
+        connect.contains(&Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }),
+        "{connect:?}"
+    );
     core.handle_upstream_connected(now, conn);
     assert!(actions(core).contains(&Action::StartRelay(conn)));
     conn
@@ -79,9 +91,12 @@ fn finished() -> RelayEnd {
 /// Answers a stop: the process exits and its session empties.
 fn stop_done(core: &mut Core, now: u64, generation: u64) {
     let generation = Generation(generation);
-    core.handle_service_exited(now, generation, ServiceExit::Code(0));
-    assert!(actions(core).contains(&Action::SampleService(generation)));
-    core.handle_service_sampled(now, generation, ServiceSample::default());
+    core.handle_service_exited(now, InstanceId(1), generation, ServiceExit::Code(0));
+    assert!(actions(core).contains(&Action::SampleService {
+        instance: InstanceId(1),
+        generation,
+    }));
+    core.handle_service_sampled(now, InstanceId(1), generation, ServiceSample::default());
 }
 
 fn state(core: &Core) -> Option<ServiceStateName> {
@@ -93,37 +108,54 @@ fn no_client_is_let_in_before_the_service_answers() {
     let mut core = Core::new(supervised(service()), 0);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(1))]
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }]
     );
-    core.handle_service_probed(0, Generation(1), false);
+    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     assert_eq!(
         actions(&mut core),
         vec![Action::SpawnService {
+            instance: InstanceId(1),
             generation: Generation(1),
             reason: RestartReason::First,
             run: ServiceRef(1),
         }]
     );
-    core.handle_service_spawned(0, Generation(1), Ok(42));
+    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(42));
     let client = core.handle_accepted(10, addr(1));
     assert_eq!(actions(&mut core), vec![], "the service is only starting");
     assert_eq!(state(&core), Some(ServiceStateName::Starting));
     core.handle_tick(100);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(1))]
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }]
     );
-    core.handle_service_probed(100, Generation(1), false);
+    core.handle_service_probed(100, InstanceId(1), Generation(1), false);
     assert_eq!(actions(&mut core), vec![], "refused: not ready yet");
     core.handle_tick(200);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(1))]
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }]
     );
-    core.handle_service_probed(200, Generation(1), true);
+    core.handle_service_probed(200, InstanceId(1), Generation(1), true);
     let (acts, events) = drain(&mut core);
-    assert!(acts.contains(&Action::Connect(client)), "{acts:?}");
+    assert!(
+        acts.contains(&Action::Connect {
+            conn: client,
+            instance: InstanceId(1)
+        }),
+        "{acts:?}"
+    );
     assert!(events.contains(&Event::UpstreamReady {
+        instance: InstanceId(1),
         generation: Generation(1),
         start_ms: 200
     }));
@@ -134,29 +166,37 @@ fn no_client_is_let_in_before_the_service_answers() {
 fn a_busy_port_is_a_failed_start_retried_with_backoff() {
     let mut core = Core::new(supervised(service()), 0);
     actions(&mut core);
-    core.handle_service_probed(0, Generation(1), true);
+    core.handle_service_probed(0, InstanceId(1), Generation(1), true);
     let (acts, events) = drain(&mut core);
     assert!(acts.is_empty(), "nothing is spawned beside it: {acts:?}");
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::UpstreamPortBusy { .. }))
-    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::UpstreamPortBusy {
+            instance: InstanceId(1),
+            ..
+        }
+    )));
     core.handle_tick(START_RETRY_BASE_MS - 1);
     assert_eq!(actions(&mut core), vec![]);
     core.handle_tick(START_RETRY_BASE_MS);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(1))],
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }],
         "the same generation number: nothing was spawned"
     );
-    core.handle_service_probed(START_RETRY_BASE_MS, Generation(1), true);
+    core.handle_service_probed(START_RETRY_BASE_MS, InstanceId(1), Generation(1), true);
     core.handle_tick(3 * START_RETRY_BASE_MS - 1);
     assert_eq!(actions(&mut core), vec![], "the second wait doubles");
     core.handle_tick(3 * START_RETRY_BASE_MS);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(1))]
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }]
     );
 }
 
@@ -182,6 +222,7 @@ fn restart_after_n_waits_for_the_last_permit_and_keeps_the_queue() {
     let acts = actions(&mut core);
     assert!(
         acts.contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Term
         }),
@@ -190,23 +231,30 @@ fn restart_after_n_waits_for_the_last_permit_and_keeps_the_queue() {
     stop_done(&mut core, now, 1);
     let acts = actions(&mut core);
     assert!(
-        acts.contains(&Action::ProbeUpstream(Generation(2))),
+        acts.contains(&Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(2)
+        }),
         "{acts:?}"
     );
-    core.handle_service_probed(now, Generation(2), false);
+    core.handle_service_probed(now, InstanceId(1), Generation(2), false);
     assert_eq!(
         actions(&mut core),
         vec![Action::SpawnService {
+            instance: InstanceId(1),
             generation: Generation(2),
             reason: RestartReason::AfterN,
             run: ServiceRef(1),
         }]
     );
-    core.handle_service_spawned(now, Generation(2), Ok(11));
+    core.handle_service_spawned(now, InstanceId(1), Generation(2), Ok(11));
     core.handle_tick(now + PROBE_INTERVAL_MS);
     actions(&mut core);
-    core.handle_service_probed(now + PROBE_INTERVAL_MS, Generation(2), true);
-    assert!(actions(&mut core).contains(&Action::Connect(waiting)));
+    core.handle_service_probed(now + PROBE_INTERVAL_MS, InstanceId(1), Generation(2), true);
+    assert!(actions(&mut core).contains(&Action::Connect {
+        conn: waiting,
+        instance: InstanceId(1)
+    }));
     assert_eq!(core.stats().service.restarts(RestartReason::AfterN), 1);
 }
 
@@ -217,30 +265,44 @@ fn a_crash_cuts_its_connections_kills_the_leftovers_and_starts_again_at_once() {
     let conn = proxying(&mut core, now, 1);
     let waiting = core.handle_accepted(now, addr(2));
     actions(&mut core);
-    core.handle_service_exited(now + 1, Generation(1), ServiceExit::Signal(9));
+    core.handle_service_exited(
+        now + 1,
+        InstanceId(1),
+        Generation(1),
+        ServiceExit::Signal(9),
+    );
     let (acts, events) = drain(&mut core);
     assert!(acts.iter().any(|a| matches!(
         a,
         Action::Close { conn: c, outcome: Outcome::UpstreamError, ended_by: EndedBy::Upstream, .. } if *c == conn
     )));
     assert!(acts.contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Kill
     }));
     assert!(events.contains(&Event::UpstreamExited {
+        instance: InstanceId(1),
         generation: Generation(1),
         pid: 10,
         exit: ServiceExit::Signal(9),
         expected: false
     }));
     core.handle_tick(now + 1 + PROBE_INTERVAL_MS);
-    assert!(actions(&mut core).contains(&Action::SampleService(Generation(1))));
+    assert!(actions(&mut core).contains(&Action::SampleService {
+        instance: InstanceId(1),
+        generation: Generation(1)
+    }));
     core.handle_service_sampled(
         now + 1 + PROBE_INTERVAL_MS,
+        InstanceId(1),
         Generation(1),
         ServiceSample::default(),
     );
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(2)
+    }));
     assert_eq!(core.state_of(waiting), Some(StateName::Queued));
 }
 
@@ -255,17 +317,28 @@ fn failed_starts_give_up_close_the_waiting_and_turn_newcomers_away_until_one_is_
     );
     actions(&mut core);
     let waiting = core.handle_accepted(0, addr(1));
-    core.handle_service_probed(0, Generation(1), false);
+    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     actions(&mut core);
-    core.handle_service_spawned(0, Generation(1), Err("no such file".to_string()));
+    core.handle_service_spawned(
+        0,
+        InstanceId(1),
+        Generation(1),
+        Err("no such file".to_string()),
+    );
     actions(&mut core);
     core.handle_tick(START_RETRY_BASE_MS);
     actions(&mut core);
-    core.handle_service_probed(START_RETRY_BASE_MS, Generation(2), false);
+    core.handle_service_probed(START_RETRY_BASE_MS, InstanceId(1), Generation(2), false);
     actions(&mut core);
-    core.handle_service_spawned(START_RETRY_BASE_MS, Generation(2), Err("again".to_string()));
+    core.handle_service_spawned(
+        START_RETRY_BASE_MS,
+        InstanceId(1),
+        Generation(2),
+        Err("again".to_string()),
+    );
     let (acts, events) = drain(&mut core);
     assert!(events.contains(&Event::UpstreamFailed {
+        instance: InstanceId(1),
         starts: 2,
         retry_in_ms: START_RETRY_MAX_MS
     }));
@@ -305,6 +378,7 @@ fn memory_over_the_limit_makes_it_due_and_it_restarts_between_connections() {
     let conn = proxying(&mut core, now, 1);
     core.handle_service_sampled(
         now,
+        InstanceId(1),
         Generation(1),
         ServiceSample {
             processes: 2,
@@ -314,12 +388,14 @@ fn memory_over_the_limit_makes_it_due_and_it_restarts_between_connections() {
     let (acts, events) = drain(&mut core);
     assert!(acts.is_empty(), "nothing stops under a client: {acts:?}");
     assert!(events.contains(&Event::RestartDue {
+        instance: InstanceId(1),
         generation: Generation(1),
         reason: RestartReason::Rss,
         rss_kib: Some((1001, 1000))
     }));
     core.handle_relay_ended(now + 1, conn, finished());
     assert!(actions(&mut core).contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Term
     }));
@@ -348,6 +424,7 @@ fn a_ttl_expiry_cuts_the_client_then_restarts_the_service() {
         }
     )));
     assert!(acts.contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Term
     }));
@@ -373,9 +450,14 @@ fn a_service_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
         t += PROBE_INTERVAL_MS;
         core.handle_tick(t);
         for action in actions(&mut core) {
-            if let Action::SampleService(generation) = action {
+            if let Action::SampleService {
+                instance: InstanceId(1),
+                generation,
+            } = action
+            {
                 core.handle_service_sampled(
                     t,
+                    InstanceId(1),
                     generation,
                     ServiceSample {
                         processes: 1,
@@ -388,6 +470,7 @@ fn a_service_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
                 assert_eq!(
                     action,
                     Action::SignalService {
+                        instance: InstanceId(1),
                         generation: Generation(1),
                         signal: StopSignal::Kill
                     }
@@ -415,6 +498,7 @@ fn an_idle_service_is_stopped_and_the_next_client_starts_it() {
     assert_eq!(actions(&mut core), vec![]);
     core.handle_tick(now + 1010);
     assert!(actions(&mut core).contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Term
     }));
@@ -435,23 +519,33 @@ fn shutdown_stops_the_service_after_the_connections_and_only_then_finishes() {
     core.handle_shutdown(now);
     let acts = actions(&mut core);
     assert!(
-        !acts
-            .iter()
-            .any(|a| matches!(a, Action::SignalService { .. })),
+        !acts.iter().any(|a| matches!(
+            a,
+            Action::SignalService {
+                instance: InstanceId(1),
+                ..
+            }
+        )),
         "a client still uses it: {acts:?}"
     );
     core.handle_relay_ended(now + 1, conn, finished());
     let (acts, events) = drain(&mut core);
     assert!(acts.contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Term
     }));
     let done = |e: &Event| matches!(e, Event::ShutdownDone { .. });
     assert!(!events.iter().any(done), "the service still runs");
     assert!(!core.is_finished());
-    core.handle_service_exited(now + 2, Generation(1), ServiceExit::Code(0));
+    core.handle_service_exited(now + 2, InstanceId(1), Generation(1), ServiceExit::Code(0));
     actions(&mut core);
-    core.handle_service_sampled(now + 2, Generation(1), ServiceSample::default());
+    core.handle_service_sampled(
+        now + 2,
+        InstanceId(1),
+        Generation(1),
+        ServiceSample::default(),
+    );
     let (acts, events) = drain(&mut core);
     assert_eq!(acts, vec![], "no new generation");
     assert!(events.iter().any(done), "{events:?}");
@@ -475,10 +569,11 @@ fn a_reload_that_changes_the_command_restarts_when_drained() {
     actions(&mut core);
     stop_done(&mut core, now + 2, 1);
     actions(&mut core);
-    core.handle_service_probed(now + 2, Generation(2), false);
+    core.handle_service_probed(now + 2, InstanceId(1), Generation(2), false);
     assert_eq!(
         actions(&mut core),
         vec![Action::SpawnService {
+            instance: InstanceId(1),
             generation: Generation(2),
             reason: RestartReason::Reload,
             run: ServiceRef(2),
@@ -511,31 +606,40 @@ fn hooks_learn_the_generation_and_pid() {
 fn a_start_that_exits_before_it_is_ready_kills_its_leftovers_and_retries() {
     let mut core = Core::new(supervised(service()), 0);
     actions(&mut core);
-    core.handle_service_probed(0, Generation(1), false);
+    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     actions(&mut core);
-    core.handle_service_spawned(0, Generation(1), Ok(5));
-    core.handle_service_exited(50, Generation(1), ServiceExit::Code(1));
+    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(5));
+    core.handle_service_exited(50, InstanceId(1), Generation(1), ServiceExit::Code(1));
     let (acts, events) = drain(&mut core);
     assert!(acts.contains(&Action::SignalService {
+        instance: InstanceId(1),
         generation: Generation(1),
         signal: StopSignal::Kill
     }));
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::UpstreamStartFailed { .. }))
-    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::UpstreamStartFailed {
+            instance: InstanceId(1),
+            ..
+        }
+    )));
     core.handle_tick(150);
     assert_eq!(
         actions(&mut core),
-        vec![Action::SampleService(Generation(1))]
+        vec![Action::SampleService {
+            instance: InstanceId(1),
+            generation: Generation(1)
+        }]
     );
-    core.handle_service_sampled(150, Generation(1), ServiceSample::default());
+    core.handle_service_sampled(150, InstanceId(1), Generation(1), ServiceSample::default());
     assert_eq!(actions(&mut core), vec![], "the retry waits its backoff");
     core.handle_tick(150 + START_RETRY_BASE_MS);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream(Generation(2))]
+        vec![Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(2)
+        }]
     );
 }
 
@@ -548,6 +652,7 @@ fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
     let acts = actions(&mut core);
     assert!(
         acts.contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Term
         }),
@@ -556,6 +661,7 @@ fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
     core.handle_shutdown(now + 1);
     assert!(
         actions(&mut core).contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Kill
         }),
@@ -579,8 +685,17 @@ fn tick_answering_samples(core: &mut Core, from: u64, until: u64) -> Vec<Action>
         now = now.max(next);
         core.handle_tick(now);
         for action in actions(core) {
-            if let Action::SampleService(generation) = action {
-                core.handle_service_sampled(now, generation, ServiceSample::default());
+            if let Action::SampleService {
+                instance: InstanceId(1),
+                generation,
+            } = action
+            {
+                core.handle_service_sampled(
+                    now,
+                    InstanceId(1),
+                    generation,
+                    ServiceSample::default(),
+                );
                 seen.extend(actions(core));
             }
             seen.push(action);
@@ -597,16 +712,22 @@ fn tick_answering_samples(core: &mut Core, from: u64, until: u64) -> Vec<Action>
 #[test]
 fn an_exit_before_ready_is_a_failed_start_and_the_next_one_follows() {
     let mut core = Core::new(supervised(service()), 0);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
-    core.handle_service_probed(0, Generation(1), false);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(1)
+    }));
+    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     actions(&mut core);
-    core.handle_service_spawned(0, Generation(1), Ok(42));
+    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(42));
     actions(&mut core);
-    core.handle_service_exited(10, Generation(1), ServiceExit::Code(1));
+    core.handle_service_exited(10, InstanceId(1), Generation(1), ServiceExit::Code(1));
     let _ = actions(&mut core);
     let seen = tick_answering_samples(&mut core, 10, 10 + 2 * START_RETRY_BASE_MS);
     assert!(
-        seen.contains(&Action::ProbeUpstream(Generation(2))),
+        seen.contains(&Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(2)
+        }),
         "no retry after the failed start; still {:?}: {:?}",
         state(&core),
         &seen[seen.len().saturating_sub(4)..]
@@ -633,6 +754,7 @@ fn generations_never_repeat_across_supervision_turned_off_and_on() {
     let stop = actions(&mut core);
     assert!(
         stop.contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Term
         }),
@@ -643,7 +765,10 @@ fn generations_never_repeat_across_supervision_turned_off_and_on() {
     core.handle_reload(at + 20, supervised(service()));
     let start = actions(&mut core);
     assert!(
-        start.contains(&Action::ProbeUpstream(Generation(2))),
+        start.contains(&Action::ProbeUpstream {
+            instance: InstanceId(1),
+            generation: Generation(2)
+        }),
         "the next start must be generation 2: {start:?}"
     );
 }
@@ -661,6 +786,7 @@ fn a_shutdown_with_nobody_left_stops_the_service_at_once() {
     let stop = actions(&mut core);
     assert!(
         stop.contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Term
         }),
@@ -704,6 +830,7 @@ fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
     let stop = actions(&mut core);
     assert!(
         stop.contains(&Action::SignalService {
+            instance: InstanceId(1),
             generation: Generation(1),
             signal: StopSignal::Term
         }),
@@ -713,7 +840,12 @@ fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
     actions(&mut core);
     let _conn = core.handle_accepted(at + 2_000, addr(1));
     let _ = actions(&mut core);
-    core.handle_service_sampled(at + 2_000, Generation(0), ServiceSample::default());
+    core.handle_service_sampled(
+        at + 2_000,
+        InstanceId(1),
+        Generation(0),
+        ServiceSample::default(),
+    );
     assert_eq!(
         actions(&mut core),
         vec![],
@@ -748,7 +880,7 @@ fn a_hooked_client_requeued_for_a_due_service_stays_within_max_queue() {
     let at = bring_up(&mut core, 0, 1, 42);
     actions(&mut core);
     let hook = hooked_client(&mut core, at);
-    core.handle_service_restart(at + 1);
+    core.handle_service_restart(at + 1, None);
     let _ = actions(&mut core);
     core.handle_hook_exited(at + 2, hook, HookExit::Success);
     let _ = actions(&mut core);
@@ -772,19 +904,34 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
     let hook = hooked_client(&mut core, at);
     // The generation crashes; nothing of it is left; the next start finds
     // the port busy, which with --start-retries 1 gives up.
-    core.handle_service_exited(at + 1, Generation(1), ServiceExit::Signal(11));
+    core.handle_service_exited(
+        at + 1,
+        InstanceId(1),
+        Generation(1),
+        ServiceExit::Signal(11),
+    );
     actions(&mut core);
     let t = at + 1 + PROBE_INTERVAL_MS;
     core.handle_tick(t);
-    assert!(actions(&mut core).contains(&Action::SampleService(Generation(1))));
-    core.handle_service_sampled(t, Generation(1), ServiceSample::default());
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
-    core.handle_service_probed(t, Generation(2), true);
+    assert!(actions(&mut core).contains(&Action::SampleService {
+        instance: InstanceId(1),
+        generation: Generation(1)
+    }));
+    core.handle_service_sampled(t, InstanceId(1), Generation(1), ServiceSample::default());
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(2)
+    }));
+    core.handle_service_probed(t, InstanceId(1), Generation(2), true);
     let (_, events) = drain(&mut core);
     assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::UpstreamFailed { .. })),
+        events.iter().any(|e| matches!(
+            e,
+            Event::UpstreamFailed {
+                instance: InstanceId(1),
+                ..
+            }
+        )),
         "{events:?}"
     );
     assert_eq!(state(&core), Some(ServiceStateName::Failed));
@@ -798,10 +945,13 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
 #[test]
 fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
     let mut core = Core::new(supervised(service()), 0);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(1))));
-    core.handle_service_probed(0, Generation(1), false);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(1)
+    }));
+    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     actions(&mut core);
-    core.handle_service_spawned(0, Generation(1), Ok(42));
+    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(42));
     actions(&mut core);
     core.handle_reload(
         10,
@@ -813,23 +963,32 @@ fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
     let (_, events) = drain(&mut core);
     assert!(
         events.contains(&Event::UpstreamStopping {
+            instance: InstanceId(1),
             generation: Generation(1),
             reason: RestartReason::Reload
         }),
         "{events:?}"
     );
     assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e, Event::UpstreamStartFailed { .. })),
+        !events.iter().any(|e| matches!(
+            e,
+            Event::UpstreamStartFailed {
+                instance: InstanceId(1),
+                ..
+            }
+        )),
         "{events:?}"
     );
     stop_done(&mut core, 20, 1);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream(Generation(2))));
-    core.handle_service_probed(20, Generation(2), false);
+    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(2)
+    }));
+    core.handle_service_probed(20, InstanceId(1), Generation(2), false);
     assert_eq!(
         actions(&mut core),
         vec![Action::SpawnService {
+            instance: InstanceId(1),
             generation: Generation(2),
             reason: RestartReason::Reload,
             run: ServiceRef(2),
@@ -853,7 +1012,10 @@ fn supervision_turned_on_during_a_serving_shutdown_keeps_serving_the_queue() {
     let mut core = Core::new(unsupervised.clone(), 0);
     let first = proxying(&mut core, 0, 1);
     let second = core.handle_accepted(0, addr(2));
-    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    assert!(!actions(&mut core).contains(&Action::Connect {
+        conn: second,
+        instance: InstanceId(1)
+    }));
     core.handle_shutdown(10);
     let _ = actions(&mut core);
     core.handle_reload(
@@ -866,7 +1028,13 @@ fn supervision_turned_on_during_a_serving_shutdown_keeps_serving_the_queue() {
     let _ = actions(&mut core);
     core.handle_relay_ended(30, first, finished());
     let served = actions(&mut core);
-    assert!(served.contains(&Action::Connect(second)), "{served:?}");
+    assert!(
+        served.contains(&Action::Connect {
+            conn: second,
+            instance: InstanceId(1)
+        }),
+        "{served:?}"
+    );
     assert_eq!(state(&core), None);
 }
 
@@ -893,10 +1061,19 @@ fn a_serving_shutdown_during_the_turn_on_wait_serves_the_waiting_client() {
     );
     let _ = actions(&mut core);
     let second = core.handle_accepted(20, addr(2));
-    assert!(!actions(&mut core).contains(&Action::Connect(second)));
+    assert!(!actions(&mut core).contains(&Action::Connect {
+        conn: second,
+        instance: InstanceId(1)
+    }));
     core.handle_shutdown(30);
     let served = actions(&mut core);
-    assert!(served.contains(&Action::Connect(second)), "{served:?}");
+    assert!(
+        served.contains(&Action::Connect {
+            conn: second,
+            instance: InstanceId(1)
+        }),
+        "{served:?}"
+    );
 }
 
 #[test]
@@ -920,7 +1097,7 @@ fn a_preparation_kept_is_not_carried_over_to_the_next_generation() {
     let (_, events) = drain(&mut core);
     assert!(events.contains(&Event::PreparationKept { hook }));
     // The generation it prepared is replaced.
-    core.handle_service_restart(now);
+    core.handle_service_restart(now, None);
     actions(&mut core);
     stop_done(&mut core, now, 1);
     let ready_at = bring_up(&mut core, now, 2, 11);
@@ -931,5 +1108,11 @@ fn a_preparation_kept_is_not_carried_over_to_the_next_generation() {
         acts.iter().any(|a| matches!(a, Action::SpawnHook(_))),
         "the new generation is prepared afresh: {acts:?}"
     );
-    assert!(!acts.contains(&Action::Connect(client)), "{acts:?}");
+    assert!(
+        !acts.contains(&Action::Connect {
+            conn: client,
+            instance: InstanceId(1)
+        }),
+        "{acts:?}"
+    );
 }

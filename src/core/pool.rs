@@ -1,0 +1,302 @@
+//! The instances of the pool behind the one queue: what each holds on its
+//! own (permits, its hook slot and backoff, its cool-down, its supervised
+//! service), which one takes the head of the line, and how a reload changes
+//! the list.
+//!
+//! One FIFO line serves every instance. The head goes to a free instance or
+//! waits; nobody behind it is let through first, because every instance
+//! that cannot take the head cannot take anyone behind it either.
+
+use super::*;
+
+/// The first cool-down of an instance whose connect failed; each further
+/// failure in a row doubles it, up to [`COOLDOWN_MAX_MS`].
+pub const COOLDOWN_BASE_MS: u64 = 1_000;
+/// The longest cool-down.
+pub const COOLDOWN_MAX_MS: u64 = 30_000;
+/// A client whose connect failed on this many instances (or on every
+/// instance of a smaller pool) ends `connect_failed`.
+pub const CONNECT_TRIES: u8 = 3;
+
+/// One upstream instance and what only it needs.
+pub(super) struct Instance {
+    /// Its address as the shell names it (`TCPLOCK_UPSTREAM`).
+    pub(super) upstream: String,
+    /// A reload removed it: it takes no client, drains, stops, and its slot
+    /// is free for an added instance once nothing of it is left.
+    pub(super) removed: bool,
+    /// Connections holding one of its permits: Activating plus Proxying.
+    pub(super) active: usize,
+    pub(super) hook: Option<RunningHook>,
+    /// A TTL on it expired and the on-timeout hook has not run for it yet.
+    /// Expiries that pile up while it waits share one run.
+    pub(super) timeout_hook_due: Option<(ConnId, SocketAddr)>,
+    /// An on-activate hook succeeded on it but its client left: the next
+    /// client it takes goes through without running the hook again.
+    pub(super) prepared: bool,
+    /// Consecutive on-activate failures, for the backoff.
+    pub(super) hook_failures: u32,
+    /// While a failed on-activate hook backs off: the timer that ends it.
+    pub(super) retry: Option<TimerKey>,
+    /// While it cools down after a failed connect: the timer that ends it.
+    pub(super) cooldown: Option<TimerKey>,
+    /// Failed connects in a row, for the cool-down's length.
+    pub(super) connect_failures: u32,
+    /// When it last took or gave back a permit: among free instances the
+    /// one idle longest goes first, so wear spreads evenly.
+    pub(super) last_busy: u64,
+    pub(super) activations: u64,
+    pub(super) timeouts: u64,
+    pub(super) last_outcome: Option<Outcome>,
+    /// Who ended that connection; set together with `last_outcome`.
+    pub(super) last_ended_by: Option<EndedBy>,
+    /// `--spawn`: its supervised service. It outlives a reload that turns
+    /// supervision off (or removes the instance) until it has stopped.
+    pub(super) service: Option<Service>,
+    /// Generations spawned so far, across supervision turned off and on.
+    pub(super) generations_spawned: u64,
+}
+
+impl Instance {
+    pub(super) fn new(upstream: String, now: u64) -> Self {
+        Instance {
+            upstream,
+            removed: false,
+            active: 0,
+            hook: None,
+            timeout_hook_due: None,
+            prepared: false,
+            hook_failures: 0,
+            retry: None,
+            cooldown: None,
+            connect_failures: 0,
+            last_busy: now,
+            activations: 0,
+            timeouts: 0,
+            last_outcome: None,
+            last_ended_by: None,
+            service: None,
+            generations_spawned: 0,
+        }
+    }
+
+    /// A removed instance with nothing left of it: its number may be reused.
+    fn is_vacant(&self) -> bool {
+        self.removed
+            && self.active == 0
+            && self.hook.is_none()
+            && self.service.as_ref().is_none_or(Service::is_at_rest)
+    }
+
+    /// Every timer it holds outside its service.
+    pub(super) fn timers(&self) -> [Option<TimerKey>; 3] {
+        [
+            self.hook.as_ref().and_then(|run| run.deadline),
+            self.retry,
+            self.cooldown,
+        ]
+    }
+}
+
+impl Core {
+    /// The instances a setting list names, at the start.
+    pub(super) fn instances_for(settings: &Settings, now: u64) -> Vec<Instance> {
+        let names = instance_names(settings);
+        names
+            .into_iter()
+            .map(|name| Instance::new(name, now))
+            .collect()
+    }
+
+    /// Instances not removed by a reload.
+    pub(super) fn live_instances(&self) -> usize {
+        self.instances.iter().filter(|inst| !inst.removed).count()
+    }
+
+    /// Permits in all: each live instance's.
+    pub(super) fn capacity(&self) -> usize {
+        self.live_instances()
+            .saturating_mul(self.settings.permits as usize)
+    }
+
+    /// Whether an on-activate hook must run before `i` takes a client.
+    pub(super) fn hook_needed(&self, i: usize) -> bool {
+        self.settings.on_activate.is_some() && !self.instances[i].prepared
+    }
+
+    /// Whether instance `i` may take the head of the line now.
+    fn can_take(&self, i: usize) -> bool {
+        let inst = &self.instances[i];
+        !inst.removed
+            && inst.hook.is_none()
+            && inst.timeout_hook_due.is_none()
+            && inst.cooldown.is_none()
+            && inst.active < self.settings.permits as usize
+            && !(inst.retry.is_some() && self.hook_needed(i))
+            && self.service_takes_clients(i)
+    }
+
+    /// The instance the head of the line goes to: of those free, the one
+    /// with the fewest holders, then the one idle longest, then the lowest
+    /// number.
+    pub(super) fn pick_instance(&self) -> Option<usize> {
+        (0..self.instances.len())
+            .filter(|&i| self.can_take(i))
+            .min_by_key(|&i| (self.instances[i].active, self.instances[i].last_busy, i))
+    }
+
+    /// The instance a hook run belongs to.
+    pub(super) fn hook_owner(&self, hook: HookId) -> Option<usize> {
+        self.instances
+            .iter()
+            .position(|inst| inst.hook.as_ref().is_some_and(|run| run.id == hook))
+    }
+
+    /// Whether any instance runs a hook.
+    pub(super) fn any_hook(&self) -> bool {
+        self.instances.iter().any(|inst| inst.hook.is_some())
+    }
+
+    /// A client holding a permit of `i` goes back to the head of the line:
+    /// it keeps its place and its hook attempts, not its permit.
+    pub(super) fn back_to_head(&mut self, now: u64, conn: ConnRef, i: usize) {
+        let attempts = match self.conns[conn.slot].state {
+            ConnState::Activating(Activation::Hook { attempt }) => attempt,
+            _ => 1,
+        };
+        self.conns[conn.slot].state = ConnState::Queued { attempts };
+        self.release_permit(now, i);
+        self.queue.push_front(conn);
+    }
+
+    pub(super) fn take_permit(&mut self, now: u64, conn: ConnRef, i: usize) {
+        self.conns[conn.slot].instance = InstanceId::at(i);
+        self.active += 1;
+        let inst = &mut self.instances[i];
+        inst.active += 1;
+        inst.last_busy = now;
+    }
+
+    pub(super) fn release_permit(&mut self, now: u64, i: usize) {
+        self.active -= 1;
+        let inst = &mut self.instances[i];
+        inst.active -= 1;
+        inst.last_busy = now;
+    }
+
+    /// A connect to `i` failed. Passive health: in a pool of instances not
+    /// supervised by tcplock, `i` cools down and the client tries the next
+    /// free instance, until it failed on [`CONNECT_TRIES`] of them. Returns
+    /// whether the client was put back in line.
+    pub(super) fn connect_failed_on(&mut self, now: u64, conn: ConnRef, i: usize) -> bool {
+        let live = self.live_instances();
+        if live < 2 || self.settings.service.is_some() || self.stopped() {
+            return false;
+        }
+        let inst = &mut self.instances[i];
+        inst.connect_failures = inst.connect_failures.saturating_add(1);
+        let shift = (inst.connect_failures - 1).min(16);
+        let ms = COOLDOWN_BASE_MS
+            .saturating_mul(1 << shift)
+            .min(COOLDOWN_MAX_MS);
+        let previous = inst.cooldown.take();
+        self.cancel(previous);
+        let key = self
+            .timers
+            .insert(now.saturating_add(ms), Deadline::Cooldown(i));
+        self.instances[i].cooldown = Some(key);
+        self.log(Event::InstanceCooldown {
+            instance: InstanceId::at(i),
+            ms,
+        });
+        let tries = CONNECT_TRIES.min(u8::try_from(live).unwrap_or(u8::MAX));
+        let c = &mut self.conns[conn.slot];
+        c.failed_connects = c.failed_connects.saturating_add(1);
+        if c.failed_connects >= tries {
+            return false;
+        }
+        self.back_to_head(now, conn, i);
+        true
+    }
+
+    /// A connect to `i` succeeded: a cool-down, if any, is over.
+    pub(super) fn connected_to(&mut self, i: usize) {
+        let inst = &mut self.instances[i];
+        inst.connect_failures = 0;
+        let cooldown = inst.cooldown.take();
+        self.cancel(cooldown);
+    }
+
+    /// A reload's list: an instance whose address stays keeps running
+    /// untouched, a removed one takes no client and goes once drained, an
+    /// added one takes the lowest free number and starts.
+    pub(super) fn reconcile_instances(&mut self, now: u64) {
+        let names = instance_names(&self.settings);
+        for inst in &mut self.instances {
+            if !inst.removed && !names.contains(&inst.upstream) {
+                inst.removed = true;
+            }
+        }
+        for i in 0..self.instances.len() {
+            if self.instances[i].removed {
+                let inst = &mut self.instances[i];
+                inst.prepared = false;
+                inst.timeout_hook_due = None;
+                let timers = [inst.retry.take(), inst.cooldown.take()];
+                for key in timers {
+                    self.cancel(key);
+                }
+            }
+        }
+        for name in names {
+            if self
+                .instances
+                .iter()
+                .any(|inst| !inst.removed && inst.upstream == name)
+            {
+                continue;
+            }
+            let vacant = self.instances.iter().position(Instance::is_vacant);
+            match vacant {
+                Some(i) => {
+                    // Its service's generations go on counting, so a late
+                    // report about the old one is told apart.
+                    let spawned = self.instances[i].generations_spawned;
+                    self.instances[i] = Instance::new(name, now);
+                    self.instances[i].generations_spawned = spawned;
+                }
+                None => self.instances.push(Instance::new(name, now)),
+            }
+        }
+    }
+
+    pub(super) fn instance_stats(&self) -> Vec<InstanceStats> {
+        self.instances
+            .iter()
+            .enumerate()
+            .filter(|(_, inst)| !inst.is_vacant())
+            .map(|(i, inst)| InstanceStats {
+                id: InstanceId::at(i).0,
+                upstream: inst.upstream.clone(),
+                active: inst.active,
+                activations: inst.activations,
+                cooling_down: inst.cooldown.is_some(),
+                removed: inst.removed,
+                service: inst
+                    .service
+                    .as_ref()
+                    .map(Service::stats)
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// The instance names a setting list gives: at least one.
+fn instance_names(settings: &Settings) -> Vec<String> {
+    if settings.upstreams.is_empty() {
+        vec![String::new()]
+    } else {
+        settings.upstreams.clone()
+    }
+}
