@@ -18,7 +18,21 @@
 //! restarts an instance after `--restart-after` jobs (its `--restart-after`),
 //! and a restarted instance answers `--restart-ms` after its spawn. Arrivals
 //! start once every instance is ready. All randomness comes from `--seed`
-//! through a splitmix64 generator: a run is reproducible.
+//! through a splitmix64 generator: a run is reproducible. Arrival times and
+//! service times come from two streams and a client's service time is drawn
+//! at its arrival, so every mode serves the same clients with the same jobs
+//! (common random numbers: near saturation one busy period moves the
+//! percentiles more than the dispatch does, and this keeps it out of the
+//! comparison).
+//!
+//! # What it prints
+//! Throughput (clients served per second of virtual time, first arrival to
+//! last close), the wait from accept to activation (p50, p90, p99, max), the
+//! restarts, the most instances out at once (from `upstream_stopping`, or a
+//! single instance's `restart_due`, to its next `upstream_ready`), how long
+//! no instance took clients, how much instance time sat idle while a client
+//! waited (a leastconn balancer's cost: a client committed to a busy
+//! instance while another is free), and the wall time.
 //!
 //! # The simulated shell
 //! It answers the core's actions on the virtual clock, as the mio shell
@@ -45,22 +59,16 @@
 //!   `tcplock ctl restart` would), drains its client and goes out with the
 //!   others. The leak is the same (N jobs per instance on average); only the
 //!   timing differs. This is "restart all instances at once".
-//!
-//! # Until the K-instance core lands
-//! The core speaks of one upstream today (issue 12 generalizes it). Every
-//! place that names an instance is one small adapter function below (marked
-//! `ADAPTER`); `pool` with more than one instance needs the K-instance core
-//! and says so.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tcplock::internals::core::{
-    Action, ConnRef, Core, EndedBy, Event, RelayCause, RelayEnd, ServiceExit, ServiceSample,
-    ServiceSettings, Settings, StopSignal,
+    Action, ConnRef, Core, EndedBy, Event, InstanceId, RelayCause, RelayEnd, ServiceExit,
+    ServiceSample, ServiceSettings, Settings, StopSignal,
 };
 use tcplock::{Generation, Outcome, RestartReason};
 
@@ -312,41 +320,33 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-// ----- ADAPTERS: every place that names an instance of the core -----
+// ----- the core's instances -----
 //
-// After issue 12's K-instance core is merged, each body becomes its `K:`
-// comment, with `InstanceId` exported from lib.rs's `internals::core` and
-//     fn id(i: usize) -> InstanceId { InstanceId(i as u32 + 1) }
-//     fn index(id: InstanceId) -> usize { id.0 as usize - 1 }
-// (the core numbers instances from 1; the simulation indexes them from 0),
-// and the `debug_assert_eq!(instance, 0, ..)` lines go.
+// The core numbers instances from 1 (`InstanceId`); the simulation indexes
+// them from 0 within their core.
+
+fn id(instance: usize) -> InstanceId {
+    InstanceId(u32::try_from(instance + 1).unwrap_or(u32::MAX))
+}
+
+fn index(id: InstanceId) -> usize {
+    id.0.saturating_sub(1) as usize
+}
 
 /// The core's settings for `instances` instances (permits 1 each).
-fn core_settings(
-    instances: usize,
-    restart_after: Option<u64>,
-    restart_ms: u64,
-) -> Result<Settings, String> {
-    // K: no refusal; `upstreams: (0..instances).map(upstream_name).collect()`
-    // instead of `upstream`.
-    if instances != 1 {
-        return Err(format!(
-            "--mode pool with {instances} instances needs the K-instance core of issue 12; \
-             today's core has one upstream (use --mode balanced, or --instances 1)"
-        ));
-    }
-    Ok(Settings {
+fn core_settings(instances: usize, restart_after: Option<u64>, restart_ms: u64) -> Settings {
+    Settings {
         permits: 1,
         max_queue: usize::MAX,
         stall_warn_ms: None,
-        upstream: upstream_name(0),
+        upstreams: (0..instances).map(upstream_name).collect(),
         service: Some(ServiceSettings {
             ready_timeout_ms: restart_ms.saturating_add(60_000),
             restart_after,
             ..ServiceSettings::default()
         }),
         ..Settings::default()
-    })
+    }
 }
 
 fn upstream_name(instance: usize) -> String {
@@ -355,9 +355,9 @@ fn upstream_name(instance: usize) -> String {
 
 /// An action, with the instance it concerns.
 enum Todo {
-    Connect(ConnRef),
+    Connect(ConnRef, usize),
     Relay(ConnRef),
-    Closed(Outcome),
+    Closed(ConnRef, Outcome),
     Probe(usize, Generation),
     Spawn(usize, Generation, RestartReason),
     Sample(usize, Generation),
@@ -369,21 +369,28 @@ enum Todo {
 
 fn decode(action: Action) -> Todo {
     match action {
-        // K: `Action::Connect { conn, .. }`
-        Action::Connect(conn) => Todo::Connect(conn),
+        Action::Connect { conn, instance } => Todo::Connect(conn, index(instance)),
         Action::StartRelay(conn) => Todo::Relay(conn),
-        Action::Close { outcome, .. } => Todo::Closed(outcome),
-        // K: `Action::ProbeUpstream { instance, generation }
-        //     => Todo::Probe(index(instance), generation)`, and so on below
-        Action::ProbeUpstream(generation) => Todo::Probe(0, generation),
-        // K: `Action::SpawnService { instance, generation, reason, .. }`
+        Action::Close { conn, outcome, .. } => Todo::Closed(conn, outcome),
+        Action::ProbeUpstream {
+            instance,
+            generation,
+        } => Todo::Probe(index(instance), generation),
         Action::SpawnService {
-            generation, reason, ..
-        } => Todo::Spawn(0, generation, reason),
-        // K: `Action::SampleService { instance, generation }`
-        Action::SampleService(generation) => Todo::Sample(0, generation),
-        // K: `Action::SignalService { instance, generation, signal }`
-        Action::SignalService { generation, signal } => Todo::Signal(0, generation, signal),
+            instance,
+            generation,
+            reason,
+            ..
+        } => Todo::Spawn(index(instance), generation, reason),
+        Action::SampleService {
+            instance,
+            generation,
+        } => Todo::Sample(index(instance), generation),
+        Action::SignalService {
+            instance,
+            generation,
+            signal,
+        } => Todo::Signal(index(instance), generation, signal),
         Action::ReportIdle => Todo::ReportIdle,
         Action::Log(event) => Todo::Log(event),
         // No hooks, no accept pauses, one address per instance.
@@ -402,33 +409,29 @@ enum News {
     },
     /// The instance takes clients.
     Ready(usize),
-    /// The instance stopped taking clients (due or stopping).
-    Out(usize),
+    /// The instance became due: a single one takes no new client from now
+    /// on; one of a pool keeps serving until its turn comes.
+    Due(usize),
+    /// The instance is being stopped.
+    Stopping(usize),
 }
 
 fn news(event: &Event) -> Option<News> {
-    // K: `UpstreamReady { instance, .. } => News::Ready(index(instance))`,
-    // and `Out` for `UpstreamStopping { instance, .. }` only: in a pool an
-    // instance due while another is out keeps serving until its turn (a due
-    // single instance takes no one, so today `RestartDue` counts too).
     match *event {
         Event::Activated { waited_ms, .. } => Some(News::Activated { waited_ms }),
-        Event::UpstreamReady { .. } => Some(News::Ready(0)),
-        Event::RestartDue { .. } | Event::UpstreamStopping { .. } => Some(News::Out(0)),
+        Event::UpstreamReady { instance, .. } => Some(News::Ready(index(instance))),
+        Event::RestartDue { instance, .. } => Some(News::Due(index(instance))),
+        Event::UpstreamStopping { instance, .. } => Some(News::Stopping(index(instance))),
         _ => None,
     }
 }
 
 fn feed_probed(core: &mut Core, now: u64, instance: usize, generation: Generation, answered: bool) {
-    debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // K: `core.handle_service_probed(now, id(instance), generation, answered)`
-    core.handle_service_probed(now, generation, answered);
+    core.handle_service_probed(now, id(instance), generation, answered);
 }
 
 fn feed_spawned(core: &mut Core, now: u64, instance: usize, generation: Generation, pid: u32) {
-    debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // K: `core.handle_service_spawned(now, id(instance), generation, Ok(pid))`
-    core.handle_service_spawned(now, generation, Ok(pid));
+    core.handle_service_spawned(now, id(instance), generation, Ok(pid));
 }
 
 fn feed_sampled(
@@ -438,22 +441,16 @@ fn feed_sampled(
     generation: Generation,
     s: ServiceSample,
 ) {
-    debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // K: `core.handle_service_sampled(now, id(instance), generation, s)`
-    core.handle_service_sampled(now, generation, s);
+    core.handle_service_sampled(now, id(instance), generation, s);
 }
 
 fn feed_exited(core: &mut Core, now: u64, instance: usize, generation: Generation) {
-    debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // K: `core.handle_service_exited(now, id(instance), generation, ...)`
-    core.handle_service_exited(now, generation, ServiceExit::Signal(15));
+    core.handle_service_exited(now, id(instance), generation, ServiceExit::Signal(15));
 }
 
-/// `--mode together`: asks this core to restart its (only) instance.
+/// `--mode together`: asks the core to restart this instance.
 fn restart_instance(core: &mut Core, now: u64, instance: usize) {
-    debug_assert_eq!(instance, 0, "one instance per core until issue 12");
-    // K: `core.handle_service_restart(now, Some(id(instance)))`
-    core.handle_service_restart(now);
+    core.handle_service_restart(now, Some(id(instance)));
 }
 
 // ----- the simulation -----
@@ -506,11 +503,19 @@ struct Instance {
     exiting: bool,
     /// The core lets clients through to it (news since its last ready).
     taking: bool,
+    /// The connection holding its permit.
+    holding: Option<ConnRef>,
 }
 
 struct Sim<'w> {
     w: &'w Workload,
+    /// Arrival times.
     rng: Rng,
+    /// Service times, drawn per client at its arrival from their own stream,
+    /// so every mode serves the same clients with the same jobs.
+    jobs: Rng,
+    /// The service time of each client not yet proxying, by core and handle.
+    job_ms: HashMap<(usize, ConnRef), u64>,
     cores: Vec<Core>,
     /// Instances per core: K in a pool, 1 behind the balancer.
     per_core: usize,
@@ -533,6 +538,10 @@ struct Sim<'w> {
     turn: usize,
     /// Virtual time with no instance taking clients, and since when.
     all_out_ms: u64,
+    /// The most instances out (not taking clients) at once.
+    most_out: usize,
+    /// Instance-ms an instance taking clients sat idle while a client waited.
+    idle_waiting_ms: u64,
     all_out_since: Option<u64>,
     next_pid: u32,
 }
@@ -548,12 +557,21 @@ struct Report {
     span_ms: u64,
     restarts: u64,
     all_out_ms: u64,
+    most_out: usize,
+    instances: usize,
+    idle_waiting_ms: u64,
     wall: Duration,
 }
 
 impl Report {
     fn throughput(&self) -> f64 {
         self.served as f64 * 1_000.0 / self.span_ms.max(1) as f64
+    }
+
+    /// Idle-while-waiting time as a share of all instance time.
+    fn idle_waiting_pct(&self) -> f64 {
+        let instance_ms = self.span_ms.max(1) as f64 * self.instances.max(1) as f64;
+        self.idle_waiting_ms as f64 * 100.0 / instance_ms
     }
 
     fn wait(&self, p: f64) -> u64 {
@@ -564,7 +582,9 @@ impl Report {
         format!(
             "served {} (other outcomes {}) in {:.1} s virtual: {:.3} clients/s\n\
              wait ms (accept to activation): p50 {} p90 {} p99 {} max {}\n\
-             restarts {}; no instance taking clients for {:.1} s ({:.2}% of the run)\n\
+             restarts {}; at most {} of {} instances out at once; \
+             none taking clients for {:.1} s ({:.2}% of the run)\n\
+             an instance idle while a client waited: {:.1} instance-s ({:.2}% of instance time)\n\
              wall {:.3} s\n",
             self.served,
             self.other,
@@ -575,8 +595,12 @@ impl Report {
             self.wait(99.0),
             self.waits.last().copied().unwrap_or(0),
             self.restarts,
+            self.most_out,
+            self.instances,
             self.all_out_ms as f64 / 1_000.0,
             self.all_out_ms as f64 * 100.0 / self.span_ms.max(1) as f64,
+            self.idle_waiting_ms as f64 / 1_000.0,
+            self.idle_waiting_pct(),
             self.wall.as_secs_f64(),
         )
     }
@@ -618,10 +642,12 @@ fn simulate(w: &Workload) -> Result<Report, String> {
         Mode::Balanced => (w.instances, 1, w.restart_after),
         Mode::Together => (w.instances, 1, None),
     };
-    let settings = core_settings(per_core, restart_after, w.restart_ms)?;
+    let settings = core_settings(per_core, restart_after, w.restart_ms);
     let mut sim = Sim {
         w,
         rng: Rng::new(w.seed),
+        jobs: Rng::new(!w.seed),
+        job_ms: HashMap::new(),
         cores: (0..cores).map(|_| Core::new(settings.clone(), 0)).collect(),
         per_core,
         instances: (0..w.instances).map(|_| Instance::default()).collect(),
@@ -638,6 +664,8 @@ fn simulate(w: &Workload) -> Result<Report, String> {
         restart_due: false,
         turn: 0,
         all_out_ms: 0,
+        most_out: 0,
+        idle_waiting_ms: 0,
         all_out_since: None,
         next_pid: 100,
     };
@@ -681,6 +709,9 @@ fn simulate(w: &Workload) -> Result<Report, String> {
         span_ms,
         restarts: sim.restarts,
         all_out_ms: sim.all_out_ms + sim.all_out_since.map_or(0, |since| sim.now - since),
+        most_out: sim.most_out,
+        instances: w.instances,
+        idle_waiting_ms: sim.idle_waiting_ms,
         wall: started.elapsed(),
     })
 }
@@ -708,7 +739,7 @@ impl Sim<'_> {
         let timer = self.cores.iter().filter_map(Core::poll_timeout).min();
         let next = self.heap.peek().map(|s| s.at);
         if let Some(t) = timer.filter(|&t| next.is_none_or(|n| t <= n)) {
-            self.now = self.now.max(t);
+            self.advance(t);
             for core in 0..self.cores.len() {
                 if self.cores[core]
                     .poll_timeout()
@@ -719,7 +750,7 @@ impl Sim<'_> {
                 }
             }
         } else if let Some(s) = self.heap.pop() {
-            self.now = self.now.max(s.at);
+            self.advance(s.at);
             self.happen(s.what);
         } else {
             return Err("nothing left to happen".to_string());
@@ -728,13 +759,31 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// Moves the clock to `to`, counting the time an instance that could
+    /// serve sat idle while a client waited (in a pool: never, beyond the
+    /// millisecond a handover takes).
+    fn advance(&mut self, to: u64) {
+        if to > self.now && self.cores.iter().any(|core| core.queue_len() > 0) {
+            let idle = self
+                .instances
+                .iter()
+                .filter(|i| i.taking && i.holding.is_none())
+                .count();
+            self.idle_waiting_ms += (to - self.now) * idle as u64;
+        }
+        self.now = self.now.max(to);
+    }
+
     fn happen(&mut self, what: Happening) {
         let now = self.now;
         match what {
             Happening::Arrival => {
                 self.arrived += 1;
                 let core = self.least_connections();
-                self.cores[core].handle_accepted(now, SocketAddr::from((Ipv4Addr::LOCALHOST, 1)));
+                let ms = self.jobs.service(self.w.dist, self.w.service_ms);
+                let client = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+                let conn = self.cores[core].handle_accepted(now, client);
+                self.job_ms.insert((core, conn), ms);
                 self.drain(core);
                 self.schedule_arrival();
             }
@@ -782,12 +831,20 @@ impl Sim<'_> {
         let now = self.now;
         while let Some(action) = self.cores[core].poll_action() {
             match decode(action) {
-                Todo::Connect(conn) => self.cores[core].handle_upstream_connected(now, conn),
+                Todo::Connect(conn, instance) => {
+                    self.instances[core * self.per_core + instance].holding = Some(conn);
+                    self.cores[core].handle_upstream_connected(now, conn);
+                }
                 Todo::Relay(conn) => {
-                    let ms = self.rng.service(self.w.dist, self.w.service_ms);
+                    let ms = self.job_ms.remove(&(core, conn)).unwrap_or(1);
                     self.schedule(now + ms, Happening::RelayEnds { core, conn });
                 }
-                Todo::Closed(outcome) => {
+                Todo::Closed(conn, outcome) => {
+                    self.job_ms.remove(&(core, conn));
+                    let first = core * self.per_core;
+                    for slot in &mut self.instances[first..first + self.per_core] {
+                        slot.holding = slot.holding.filter(|&held| held != conn);
+                    }
                     self.closed += 1;
                     self.served += u64::from(outcome == Outcome::Ok);
                 }
@@ -867,13 +924,21 @@ impl Sim<'_> {
                     self.all_out_ms += self.now - since;
                 }
             }
-            Some(News::Out(instance)) => {
-                self.instances[core * self.per_core + instance].taking = false;
-                if self.all_out_since.is_none() && self.instances.iter().all(|i| !i.taking) {
-                    self.all_out_since = Some(self.now);
-                }
-            }
-            None => {}
+            // A single instance due takes no new client; one of a pool due
+            // keeps serving until its turn comes and it stops.
+            Some(News::Due(instance)) if self.per_core == 1 => self.out(core, instance),
+            Some(News::Stopping(instance)) => self.out(core, instance),
+            Some(News::Due(_)) | None => {}
+        }
+    }
+
+    /// The instance takes no new client until its next ready.
+    fn out(&mut self, core: usize, instance: usize) {
+        self.instances[core * self.per_core + instance].taking = false;
+        let out = self.instances.iter().filter(|i| !i.taking).count();
+        self.most_out = self.most_out.max(out);
+        if self.all_out_since.is_none() && out == self.instances.len() {
+            self.all_out_since = Some(self.now);
         }
     }
 
@@ -909,8 +974,8 @@ fn table(base: &Workload) -> String {
          Per load: rows 1 and 2 differ only in the dispatch (one queue, or leastconn at \
          arrival); rows 4 and 5 only in when the instances restart; row 3 is the pool's \
          one queue with its rolling restarts.\n\n\
-         | load | setup | restarts | clients/s | wait p50 | p90 | p99 | max | all out |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | load | setup | restarts | clients/s | wait p50 | p90 | p99 | max | most out | all out | idle while a client waits |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         base.instances, base.service_ms, base.restart_ms, base.clients, base.seed
     );
     let k = base.instances as f64;
@@ -947,17 +1012,18 @@ fn table(base: &Workload) -> String {
             };
             let row = match simulate(&w) {
                 Ok(r) => format!(
-                    "{} | {:.3} | {} ms | {} ms | {} ms | {} ms | {:.2}% |",
+                    "{} | {:.3} | {} ms | {} ms | {} ms | {} ms | {} | {:.2}% | {:.2}% |",
                     r.restarts,
                     r.throughput(),
                     r.wait(50.0),
                     r.wait(90.0),
                     r.wait(99.0),
                     r.waits.last().copied().unwrap_or(0),
+                    r.most_out,
                     r.all_out_ms as f64 * 100.0 / r.span_ms.max(1) as f64,
+                    r.idle_waiting_pct(),
                 ),
-                // Today: a pool of more than one needs the K-instance core.
-                Err(_) => "needs the K-instance core | | | | | | |".to_string(),
+                Err(error) => format!("{error} | | | | | | | | |"),
             };
             out.push_str(&format!("| {:.0}% | {label} | {row}\n", load * 100.0));
         }
@@ -1035,6 +1101,28 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_never_idles_an_instance_while_a_client_waits() {
+        let pool = simulate(&small(Mode::Pool, 4, None)).unwrap();
+        let balanced = simulate(&small(Mode::Balanced, 4, None)).unwrap();
+        assert_eq!((pool.served, balanced.served), (2_000, 2_000));
+        assert_eq!(pool.idle_waiting_ms, 0, "{pool:?}");
+        assert!(balanced.idle_waiting_ms > 0, "{balanced:?}");
+        // The same clients with the same jobs: one queue waits less in all.
+        let total = |r: &Report| r.waits.iter().sum::<u64>();
+        assert!(total(&pool) < total(&balanced));
+    }
+
+    #[test]
+    fn a_pool_restarts_one_instance_at_a_time() {
+        let r = simulate(&small(Mode::Pool, 4, Some(25))).unwrap();
+        assert_eq!((r.served, r.other), (2_000, 0));
+        // An instance due while another is out keeps serving: a few more
+        // than 25 jobs each, so a few fewer restarts than 2,000 / 25.
+        assert!((70..=80).contains(&r.restarts), "restarts {}", r.restarts);
+        assert_eq!((r.most_out, r.all_out_ms, r.idle_waiting_ms), (1, 0, 0));
+    }
+
+    #[test]
     fn restarting_together_empties_the_service() {
         let apart = simulate(&small(Mode::Balanced, 4, Some(25))).unwrap();
         let together = simulate(&small(Mode::Together, 4, Some(25))).unwrap();
@@ -1043,6 +1131,7 @@ mod tests {
         let rounds = together.restarts / 4;
         assert!(together.all_out_ms >= rounds * 500, "{together:?}");
         assert!(together.all_out_ms > 4 * apart.all_out_ms);
+        assert_eq!(together.most_out, 4);
     }
 
     #[test]

@@ -45,9 +45,9 @@ pub mod internals {
     pub mod core {
         pub use crate::core::model;
         pub use crate::core::{
-            Action, ConnRef, Core, EndedBy, Event, HookExit, HookRef, ProxyHeader, RelayCause,
-            RelayEnd, RestartOn, ServiceExit, ServiceRef, ServiceSample, ServiceSettings, Settings,
-            StopSignal,
+            Action, ConnRef, Core, EndedBy, Event, HookExit, HookRef, InstanceId, ProxyHeader,
+            RelayCause, RelayEnd, RestartOn, ServiceExit, ServiceRef, ServiceSample,
+            ServiceSettings, Settings, StopSignal,
         };
     }
 }
