@@ -39,13 +39,15 @@ pub mod internals {
     pub mod proxy_protocol {
         pub use crate::proxy_protocol::*;
     }
-    /// The pure state machine, for the model checker's fuzz target.
+    /// The pure state machine, for the model checker's fuzz target and
+    /// `examples/simulate.rs`.
     #[cfg(feature = "model")]
     pub mod core {
         pub use crate::core::model;
         pub use crate::core::{
-            EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, RestartOn, ServiceExit,
-            ServiceRef, ServiceSettings, Settings,
+            Action, ConnRef, Core, EndedBy, Event, HookExit, HookRef, InstanceId, ProxyHeader,
+            RelayCause, RelayEnd, RestartOn, ServiceExit, ServiceRef, ServiceSample,
+            ServiceSettings, Settings, StopSignal,
         };
     }
 }
