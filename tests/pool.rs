@@ -284,6 +284,12 @@ done"#,
         .filter_map(|l| field(l, "instance"))
         .collect();
     assert_eq!(started, BTreeSet::from(["1".into(), "2".into()]));
+    let exited: BTreeSet<String> = proxy
+        .matching(event("hook_exited"))
+        .iter()
+        .filter_map(|l| field(l, "instance"))
+        .collect();
+    assert_eq!(exited, started);
     assert_no_zombies(proxy.pid(), Duration::from_secs(2));
 }
 

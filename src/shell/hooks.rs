@@ -29,7 +29,7 @@ use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
 use crate::core::{
-    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, Outcome,
+    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, InstanceId, Outcome,
 };
 use crate::sys::{self, ExecSpec, WatchedChild};
 
@@ -287,6 +287,8 @@ impl HookTable {
 pub(super) struct RunningHook {
     id: HookId,
     kind: HookKind,
+    /// The instance it runs for, for its log lines.
+    instance: InstanceId,
     started: Instant,
     /// `None` for a closure hook (its ticket is still out).
     process: Option<HookProcess>,
@@ -345,7 +347,8 @@ impl Shell {
             line.field("hook", hook)
                 .field_opt("pid", run.process.as_ref().map(|p| p.pid))
                 .field("status", &exit)
-                .field("duration_ms", run.started.elapsed().as_millis());
+                .field("duration_ms", run.started.elapsed().as_millis())
+                .field("instance", run.instance);
         }
         if let Some(metrics) = &mut self.metrics {
             let ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -396,6 +399,7 @@ impl Shell {
         self.running_hooks.push(RunningHook {
             id: request.hook,
             kind: context.kind,
+            instance: context.instance,
             started: Instant::now(),
             process,
         });
