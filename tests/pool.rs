@@ -511,3 +511,54 @@ fn a_closure_hook_is_told_its_instance() {
     );
     runner.join().expect("the loop thread did not panic");
 }
+
+#[test]
+fn a_handle_reload_resolves_and_uses_every_instance() {
+    let pool = Pool::new(3);
+    let lock = tcplock::Lock::builder()
+        .listen("127.0.0.1:0")
+        .upstreams([pool.instance(1).arg()])
+        .log_level(tcplock::LogLevel::Error)
+        .build()
+        .expect("build");
+    let addr = lock.local_addr();
+    let handle = lock.handle();
+    let mut config = lock.config().clone();
+    let runner = thread::spawn(move || lock.run().expect("the lock runs until stopped"));
+    let mut a = connect(addr);
+    a.write_all(b"a\n").expect("write");
+    served(&mut a, "a");
+
+    // Instances 2 and 3 added while a holds instance 1's permit.
+    config.upstreams = (1..=3)
+        .map(|id| tcplock::HostPort {
+            host: "127.0.0.1".into(),
+            port: pool.instance(id).port(),
+        })
+        .collect();
+    handle.reload(config).expect("reload");
+    assert!(
+        wait_until(WAIT, || handle.stats().instances.len() == 3),
+        "the reload did not add the instances"
+    );
+    let mut b = connect(addr);
+    b.write_all(b"b\n").expect("write");
+    served(&mut b, "b");
+    let mut c = connect(addr);
+    c.write_all(b"c\n").expect("write");
+    served(&mut c, "c");
+    let went: BTreeSet<usize> = ["b", "c"]
+        .iter()
+        .filter_map(|tag| pool.instance_of(tag))
+        .collect();
+    assert_eq!(went, BTreeSet::from([2, 3]), "{:?}", pool.arrivals());
+    for s in [a, b, c] {
+        finish(s);
+    }
+    handle.stop();
+    assert!(
+        wait_until(WAIT, || runner.is_finished()),
+        "run() did not return"
+    );
+    runner.join().expect("the loop thread did not panic");
+}

@@ -43,7 +43,7 @@ impl Upstreams {
         resolved: impl IntoIterator<Item = (String, Vec<SocketAddr>)>,
         instances: &[InstanceStats],
     ) {
-        let mut by_name: HashMap<String, Arc<[SocketAddr]>> = resolved
+        let by_name: HashMap<String, Arc<[SocketAddr]>> = resolved
             .into_iter()
             .map(|(name, addrs)| (name, addrs.into()))
             .collect();
@@ -56,7 +56,8 @@ impl Upstreams {
                 continue;
             };
             let addrs = by_name
-                .remove(&instance.upstream)
+                .get(&instance.upstream)
+                .cloned()
                 .or_else(|| self.addrs(InstanceId(instance.id)));
             if by_instance.len() <= index {
                 by_instance.resize(index + 1, None);
