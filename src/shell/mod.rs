@@ -15,6 +15,7 @@ mod output;
 mod relay;
 mod service;
 mod signals;
+mod upstreams;
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,8 +36,8 @@ use crate::api::hook::Hook;
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue};
 use crate::core::{
-    Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, ProxyHeader, ServiceSettings,
-    Settings, Stats,
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, InstanceId, Outcome, ProxyHeader,
+    ServiceSettings, Settings, Stats,
 };
 use crate::sys;
 use log::{CommaList, Logger};
@@ -46,7 +47,7 @@ use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 pub(crate) use metrics::resolve_metrics_addr;
 use net::resolve;
-pub(crate) use net::{resolve_upstream, resolve_upstreams};
+pub(crate) use net::resolve_upstreams;
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;
 pub use notify::socket_activated;
@@ -54,6 +55,7 @@ use output::Outputs;
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
 use service::{ServiceIo, ServiceTable};
 use signals::watch_signals;
+use upstreams::Upstreams;
 
 const LISTENER: Token = Token(0);
 
@@ -62,7 +64,7 @@ const SIGNALS: Token = Token(1);
 /// Messages from handles and tickets on other threads.
 const CONTROL: Token = Token(2);
 
-/// The running hook's pidfd: readable once it has exited.
+/// Every running hook's pidfd: readable once that hook has exited.
 const HOOK_EXIT: Token = Token(3);
 
 /// stderr has room again for log lines that waited.
@@ -78,7 +80,7 @@ const SERVICE_STDERR: Token = Token(7);
 /// `--spawn`: the readiness probe's socket.
 const SERVICE_PROBE: Token = Token(8);
 
-/// The running hook process's stdout and stderr pipes.
+/// The hook processes' stdout and stderr pipes, shared by all of them.
 const HOOK_STDOUT: Token = Token(9);
 const HOOK_STDERR: Token = Token(10);
 
@@ -119,11 +121,12 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
     Stop,
-    /// New settings with their upstream already resolved.
-    Reload(Box<Config>, Vec<SocketAddr>),
+    /// New settings with each upstream instance already resolved, in the
+    /// order of [`Config::upstreams`].
+    Reload(Box<Config>, Vec<Vec<SocketAddr>>),
     /// What a SIGHUP reload's helper thread read from the config file and
     /// resolved, or why it could not.
-    FileReloaded(Result<(Box<Config>, Vec<SocketAddr>), Error>),
+    FileReloaded(Result<(Box<Config>, Vec<Vec<SocketAddr>>), Error>),
     /// A closure hook's ticket was answered.
     HookDone(HookId, HookExit),
 }
@@ -221,13 +224,17 @@ pub(crate) struct Shell {
     /// The poll wakes us when stderr has room; otherwise waiting log lines
     /// are retried every [`LOG_RETRY`].
     log_watched: bool,
-    /// Shared with each connecting client, which keeps walking the list it
-    /// started on when a reload swaps it.
+    /// Instance 1's addresses (the supervised service's probe).
     upstream_addrs: Arc<[SocketAddr]>,
+    /// Each instance's addresses, by its number; shared with each
+    /// connecting client, which keeps walking the list it started on when a
+    /// reload swaps it.
+    upstreams: Upstreams,
     /// Counts poll returns: a socket made in this turn had no part in the
     /// events of this turn, which belong to the one its token named before.
     turn: u64,
-    hook: Option<RunningHook>,
+    /// Hooks the core waits for: at most one per instance.
+    running_hooks: Vec<RunningHook>,
     hooks: HookTable,
     /// `--spawn`: the service's command, process and probe.
     service: ServiceIo,
@@ -321,11 +328,11 @@ impl Shell {
             false => Notifier::disabled(),
         };
         let activated_socket = activated.is_some();
-        let upstream_addrs;
+        let resolved;
         let (mut listener, local_addr) = match activated {
             // The unit's `Backlog=` stands.
             Some(listener) => {
-                upstream_addrs = resolve_upstream(&config)?;
+                resolved = resolve_upstreams(&config)?;
                 let local_addr = listener
                     .local_addr()
                     .map_err(io_error("socket activation: fd 3 has no address"))?;
@@ -344,7 +351,7 @@ impl Shell {
                     &config.listen,
                     config.listen.to_socket_addrs(),
                 )?[0];
-                upstream_addrs = resolve_upstream(&config)?;
+                resolved = resolve_upstreams(&config)?;
                 let listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
                     addr: listen_addr,
                     source,
@@ -358,17 +365,21 @@ impl Shell {
                 (listener, local_addr)
             }
         };
-        if let Some(own) = upstream_addrs
-            .iter()
-            .find(|addr| is_own_listener(local_addr, **addr))
-        {
-            // Every client would be proxied back to tcplock itself, and a
-            // spawned service's probe would find its port busy forever.
-            return Err(Error::Invalid(format!(
-                "upstream {} resolves to {own}, tcplock's own listening address",
-                config.first_upstream()
-            )));
+        for (index, (upstream, addrs)) in config.upstreams.iter().zip(&resolved).enumerate() {
+            if let Some(own) = addrs
+                .iter()
+                .find(|addr| is_own_listener(local_addr, **addr))
+            {
+                // Every client would be proxied back to tcplock itself, and a
+                // spawned service's probe would find its port busy forever.
+                return Err(Error::Invalid(format!(
+                    "upstream {upstream} (instance {}) resolves to {own}, tcplock's own listening address",
+                    index + 1
+                )));
+            }
         }
+        let upstream_addrs: Arc<[SocketAddr]> =
+            resolved.first().cloned().unwrap_or_default().into();
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -416,6 +427,16 @@ impl Shell {
         let mut service = ServiceIo::default();
         let mut settings = core_settings(&config, &mut hooks, &mut service.table);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
+        let core = Core::new(settings, 0);
+        let mut upstreams = Upstreams::default();
+        upstreams.update(
+            config
+                .upstreams
+                .iter()
+                .map(ToString::to_string)
+                .zip(resolved),
+            &core.stats().instances,
+        );
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
                 .field("upstream", config.first_upstream())
@@ -439,14 +460,15 @@ impl Shell {
             control_tx,
             control_rx,
             stats: Arc::new(Mutex::new(Stats::default())),
-            core: Core::new(settings, 0),
+            core,
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             log_watched,
-            upstream_addrs: upstream_addrs.into(),
+            upstream_addrs,
+            upstreams,
             turn: 0,
-            hook: None,
+            running_hooks: Vec::new(),
             hooks,
             service,
             outputs: Outputs::default(),
@@ -610,7 +632,7 @@ impl Shell {
     fn drain(&mut self, now: u64) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Connect { conn, .. } => self.connect_next(now, conn, None),
+                Action::Connect { conn, instance } => self.connect(now, conn, instance),
                 Action::ConnectNext(conn) => {
                     let timed_out = io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -74,7 +74,7 @@ impl Shell {
             .name("tcplock-reload".to_string())
             .spawn(move || {
                 let loaded = config::load(&args).map_err(Error::from).and_then(|new| {
-                    let addrs = resolve_upstream(&new)?;
+                    let addrs = resolve_upstreams(&new)?;
                     Ok((Box::new(new), addrs))
                 });
                 // A loop that stopped meanwhile no longer wants the answer.
@@ -104,7 +104,7 @@ impl Shell {
     pub(super) fn file_reloaded(
         &mut self,
         now: u64,
-        loaded: Result<(Box<Config>, Vec<SocketAddr>), Error>,
+        loaded: Result<(Box<Config>, Vec<Vec<SocketAddr>>), Error>,
     ) {
         self.reload_running = false;
         let source = self
@@ -137,14 +137,13 @@ impl Shell {
         &mut self,
         now: u64,
         mut new: Config,
-        upstream_addrs: Vec<SocketAddr>,
+        resolved: Vec<Vec<SocketAddr>>,
         (origin_key, origin): (&str, &str),
     ) -> Vec<&'static str> {
         // Deadlines that passed fire under the settings (and hooks) they were
         // set under, before the hook table names the new hooks.
         self.core.handle_tick(now);
         self.drain(now);
-        self.upstream_addrs = upstream_addrs.into();
         // Which file SIGHUP reads is fixed by the command line, whatever
         // config a `Handle::reload` passes.
         new.config_file = self.config.config_file.clone();
@@ -160,6 +159,14 @@ impl Shell {
         let mut settings = core_settings(&new, &mut self.hooks, &mut self.service.table);
         settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
         self.core.handle_reload(now, settings);
+        // The core numbered the list anew: each number's addresses follow
+        // its name.
+        let names = new.upstreams.iter().map(ToString::to_string);
+        self.upstreams
+            .update(names.zip(resolved), &self.core.stats().instances);
+        if let Some(addrs) = self.upstreams.addrs(InstanceId(1)) {
+            self.upstream_addrs = addrs;
+        }
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
                 .field("changed", CommaList(&changed))
@@ -167,7 +174,7 @@ impl Shell {
                     "upstream",
                     changed.contains(&"upstream").then(|| new.upstreams.show()),
                 )
-                .field("addresses", self.upstream_addrs.len());
+                .field("addresses", self.upstreams.address_count());
         }
         self.config = new;
         self.supervise();
