@@ -298,7 +298,6 @@ done"#,
 // and a debug build stops on its invariant check ("a timer outlived its
 // owner"); the test below runs without one meanwhile.
 #[test]
-#[ignore = "core: back_to_head leaks the Connecting deadline timer (reported to the lead)"]
 fn a_refusing_instance_cools_down_with_the_default_connect_timeout() {
     refusing_instance_cools_down(&[]);
 }
