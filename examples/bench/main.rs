@@ -6,14 +6,19 @@
 //! cargo build --release && cargo run --release --example bench -- [OPTIONS]
 //! ```
 //! Options: `--quick` (small sizes, one run), `--runs R` (default 5),
-//! `--only bulk,churn,queue,proxying,fifo,queue-leave,scrape`, `--targets direct,tcplock,haproxy`,
+//! `--only bulk,churn,queue,proxying,fifo,queue-leave,scrape,pool`,
+//! `--targets direct,tcplock,haproxy`,
 //! `--tcplock PATH` (or `TCPLOCK_BIN`; default `target/release/tcplock` under
 //! the crate root), `--tcplock-args "--splice on"` (extra arguments),
 //! `--haproxy PATH`, `--tcplock-log-level LEVEL` (default warn: HAProxy is run
 //! without logging too), and size overrides
 //! `--bulk-mib`, `--churn-secs`, `--clients`, `--churn-permits`, `--queued`,
 //! `--proxying`, `--fifo`, `--leaving` (queue-leave: clients that queue and
-//! leave newest-first; each needs a descriptor in the bench and in tcplock).
+//! leave newest-first; each needs a descriptor in the bench and in tcplock),
+//! `--pool-clients` (default 400; 100 with `--quick`), `--pool-instances`
+//! (4) and `--pool-service-ms` (50): the pool scenario's clients, the
+//! instances behind one queue with one permit each, and each request's
+//! service time.
 //!
 //! Not part of `cargo test`: a benchmark prints numbers, it asserts nothing.
 
@@ -107,7 +112,8 @@ impl Opts {
                 }
                 Long(
                     name @ ("bulk-mib" | "churn-secs" | "clients" | "churn-permits" | "queued"
-                    | "proxying" | "fifo" | "leaving"),
+                    | "proxying" | "fifo" | "leaving" | "pool-clients" | "pool-instances"
+                    | "pool-service-ms"),
                 ) => {
                     let name = name.to_owned();
                     let value = number(&mut parser, &name)?;
@@ -115,10 +121,12 @@ impl Opts {
                 }
                 Long("help") | Short('h') => {
                     return Err(
-                        "options: --quick --runs R --only bulk,churn,queue,proxying,fifo,queue-leave,scrape \
+                        "options: --quick --runs R \
+                         --only bulk,churn,queue,proxying,fifo,queue-leave,scrape,pool \
                          --targets direct,tcplock,haproxy --tcplock PATH --tcplock-args ARGS \
                          --haproxy PATH --tcplock-log-level LEVEL --bulk-mib M --churn-secs S --clients C \
-                         --churn-permits N --queued K --proxying N --fifo N --leaving K"
+                         --churn-permits N --queued K --proxying N --fifo N --leaving K \
+                         --pool-clients C --pool-instances K --pool-service-ms MS"
                             .to_owned(),
                     );
                 }
@@ -136,6 +144,9 @@ impl Opts {
                 proxying_fill: 64 * 1024,
                 fifo: 200,
                 leaving: 2_000,
+                pool_clients: 100,
+                pool_instances: 4,
+                pool_service: Duration::from_millis(50),
             }
         } else {
             Sizes {
@@ -148,6 +159,9 @@ impl Opts {
                 proxying_fill: 64 * 1024,
                 fifo: 1_000,
                 leaving: 100_000,
+                pool_clients: 400,
+                pool_instances: 4,
+                pool_service: Duration::from_millis(50),
             }
         };
         for (name, value) in overrides {
@@ -159,6 +173,9 @@ impl Opts {
                 "queued" => sizes.queued = value as usize,
                 "proxying" => sizes.proxying = value as usize,
                 "leaving" => sizes.leaving = value as usize,
+                "pool-clients" => sizes.pool_clients = value as usize,
+                "pool-instances" => sizes.pool_instances = (value as usize).max(1),
+                "pool-service-ms" => sizes.pool_service = Duration::from_secs_f64(value / 1e3),
                 _ => sizes.fifo = value as usize,
             }
         }
@@ -172,7 +189,7 @@ impl Opts {
                 {
                     return Err(format!(
                         "--only: unknown scenario '{bad}' (bulk, churn, queue, proxying, fifo, \
-                         queue-leave, scrape)"
+                         queue-leave, scrape, pool)"
                     ));
                 }
                 Scenario::ALL
@@ -269,7 +286,13 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     let load_before = load_average();
     let echo_workers = opts.sizes.proxying.max(opts.sizes.clients) + 16;
-    let up = upstream::start(echo_workers).map_err(|e| format!("cannot start upstreams: {e}"))?;
+    let pool_instances = if opts.scenarios.contains(&Scenario::Pool) {
+        opts.sizes.pool_instances
+    } else {
+        0
+    };
+    let up = upstream::start(echo_workers, pool_instances, opts.sizes.pool_service)
+        .map_err(|e| format!("cannot start upstreams: {e}"))?;
     let kind = |target: Target| match target {
         Target::Direct => None,
         Target::Tcplock => Some(Kind::Tcplock {
@@ -331,6 +354,7 @@ fn descriptors_needed(opts: &Opts) -> usize {
         Scenario::Queue => opts.sizes.queued,
         Scenario::QueueLeave => opts.sizes.leaving,
         Scenario::Scrape => opts.sizes.queued,
+        Scenario::Pool => opts.sizes.pool_clients,
         _ => 0,
     });
     clients.max().unwrap_or(0) + 512
@@ -430,6 +454,9 @@ fn print_report(opts: &Opts, rows: &[Row], errors: &[String], load_before: &str)
             let total: usize = widths.iter().sum::<usize>() + 2 * 6;
             let _ = writeln!(out, "{}", "-".repeat(total));
         }
+    }
+    for note in opts.scenarios.iter().filter_map(|s| s.note()) {
+        let _ = writeln!(out, "{note}");
     }
     if !errors.is_empty() {
         let _ = writeln!(out, "\nfailed runs:");

@@ -46,6 +46,13 @@ impl Kind {
     }
 }
 
+/// What a proxy forwards to: one upstream, or a pool of instances behind one
+/// queue.
+enum Upstream<'a> {
+    One(SocketAddr),
+    Pool(&'a [SocketAddr]),
+}
+
 /// A running proxy listening on `addr`.
 pub struct Proxy {
     child: Child,
@@ -69,6 +76,27 @@ impl Proxy {
         permits: usize,
         max_queue: usize,
     ) -> Result<Proxy, String> {
+        Proxy::start_retried(kind, &Upstream::One(upstream), permits, max_queue)
+    }
+
+    /// Starts a proxy in front of a pool of `instances` behind one queue,
+    /// `permits` connections at once on each: tcplock
+    /// `-u A,B,... -n permits`, HAProxy one `server ... maxconn permits`
+    /// line per instance (see [`haproxy_config`]).
+    pub fn start_pool(
+        kind: &Kind,
+        instances: &[SocketAddr],
+        permits: usize,
+    ) -> Result<Proxy, String> {
+        Proxy::start_retried(kind, &Upstream::Pool(instances), permits, MAX_QUEUE)
+    }
+
+    fn start_retried(
+        kind: &Kind,
+        upstream: &Upstream,
+        permits: usize,
+        max_queue: usize,
+    ) -> Result<Proxy, String> {
         // The port is picked by binding :0 and releasing it; another process
         // could grab it in between, so a failed start is retried.
         let mut last_error = String::new();
@@ -83,7 +111,7 @@ impl Proxy {
 
     fn try_start(
         kind: &Kind,
-        upstream: SocketAddr,
+        upstream: &Upstream,
         permits: usize,
         max_queue: usize,
     ) -> Result<Proxy, String> {
@@ -96,13 +124,17 @@ impl Proxy {
                 extra,
             } => {
                 let mut command = Command::new(exe);
+                command.args(["-l", &addr.to_string()]);
+                match upstream {
+                    Upstream::One(upstream) => {
+                        command.args(["-h", "127.0.0.1", "-p", &upstream.port().to_string()])
+                    }
+                    Upstream::Pool(instances) => {
+                        let list: Vec<String> = instances.iter().map(|a| a.to_string()).collect();
+                        command.args(["-u", &list.join(",")])
+                    }
+                };
                 command.args([
-                    "-l",
-                    &addr.to_string(),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &upstream.port().to_string(),
                     "-n",
                     &permits.to_string(),
                     "--max-queue",
@@ -132,10 +164,11 @@ impl Proxy {
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", kind.name()))?;
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let mut stderr_reader = None;
         if let Some(stderr) = child.stderr.take() {
             let tail = Arc::clone(&stderr_tail);
             // Drained so the proxy never blocks on a full pipe.
-            thread::spawn(move || {
+            stderr_reader = Some(thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
                     if tail.len() == STDERR_TAIL {
@@ -143,7 +176,7 @@ impl Proxy {
                     }
                     tail.push_back(line);
                 }
-            });
+            }));
         }
         let mut proxy = Proxy {
             child,
@@ -154,6 +187,14 @@ impl Proxy {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = proxy.child.try_wait() {
+                // Its last words may still be in the pipe: give the reader
+                // until the end of stream, briefly.
+                let until = Instant::now() + Duration::from_secs(1);
+                while stderr_reader.as_ref().is_some_and(|r| !r.is_finished())
+                    && Instant::now() < until
+                {
+                    thread::sleep(Duration::from_millis(5));
+                }
                 return Err(format!(
                     "{} exited at start ({status}): {}",
                     kind.name(),
@@ -269,11 +310,39 @@ impl Drop for Proxy {
 /// HAProxy 2.6 as an operator would deploy it for this job: TCP mode, one
 /// thread, one server with `maxconn permits` and a long queue timeout.
 ///
+/// A pool is one `server sN ... maxconn permits` line per instance behind
+/// `balance leastconn`. Its queue order (HAProxy's `src/queue.c`, 2.6's
+/// configuration.txt on `maxconn`, `timeout queue` and `set-priority-class`):
+/// a connection no server has a free slot for waits in the backend's queue
+/// (a server's own queue holds only connections bound to that server, by
+/// persistence, which TCP mode here has none of); the queue is sorted by
+/// priority class, then by the time it was queued in milliseconds plus
+/// `set-priority-offset`, equal keys in insertion order; a server whose
+/// slot frees takes the older of its own queue's head and the backend
+/// queue's head. Without priorities that is one FIFO for the whole pool, as
+/// good as HAProxy's order gets: the balance algorithm only picks among
+/// servers with a free slot when nobody waits (`leastconn` spreads the load;
+/// `first` would fill s1 first and order the queue the same way), and
+/// `maxqueue` is left unset so nothing is redispatched around the queue.
+/// (Measured by the pool scenario: the requests reach the servers in queue
+/// order to within tens of microseconds; servers that free up together are
+/// refilled in one turn of HAProxy's loop, in an order of its own.)
+///
 /// HAProxy wants 2 × maxconn descriptors; where the hard limit is lower (a
 /// container), `ulimit-n` is capped at it and `no strict-limits` lets HAProxy
 /// start anyway. Queued connections use one descriptor each, so the queue
 /// scenario still fits.
-fn haproxy_config(listen: SocketAddr, upstream: SocketAddr, permits: usize) -> String {
+fn haproxy_config(listen: SocketAddr, upstream: &Upstream, permits: usize) -> String {
+    let servers = match upstream {
+        Upstream::One(upstream) => format!("    server s1 {upstream} maxconn {permits}\n"),
+        Upstream::Pool(instances) => {
+            let mut lines = "    balance leastconn\n".to_owned();
+            for (i, instance) in instances.iter().enumerate() {
+                lines += &format!("    server s{} {instance} maxconn {permits}\n", i + 1);
+            }
+            lines
+        }
+    };
     let wanted = 2 * MAX_QUEUE as u64 + 64;
     let ulimit = hard_open_files_limit().map_or(wanted, |hard| hard.min(wanted));
     format!(
@@ -296,8 +365,7 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {upstream} maxconn {permits}
-"
+{servers}"
     )
 }
 

@@ -1,16 +1,16 @@
-//! The five scenarios of issue 5, one function each. Every run starts its own
+//! The five scenarios of issue 5 and those added since, one function each. Every run starts its own
 //! proxy (or none, for "direct") and returns one value per metric, in the
 //! order of [`Scenario::metrics`]; `NaN` means "does not apply".
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::proxy::{Kind, Proxy};
-use crate::upstream::Upstreams;
+use crate::upstream::{Arrival, Upstreams};
 
 /// Read/write timeout on every client socket of the bench.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,6 +33,9 @@ pub struct Sizes {
     pub proxying_fill: usize,
     pub fifo: usize,
     pub leaving: usize,
+    pub pool_clients: usize,
+    pub pool_instances: usize,
+    pub pool_service: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,7 @@ pub enum Scenario {
     Fifo,
     QueueLeave,
     Scrape,
+    Pool,
 }
 
 pub struct Metric {
@@ -98,6 +102,15 @@ const SCRAPE: &[Metric] = &[
     down("RSS idle KiB --metrics"),
     down("B per queued conn --metrics"),
 ];
+const POOL: &[Metric] = &[
+    up("clients/s"),
+    down("wait p50 ms"),
+    down("wait p99 ms"),
+    down("inversions"),
+    down("inversions > 1 ms"),
+    up("served"),
+    down("instance load max−min"),
+];
 const QUEUE_LEAVE: &[Metric] = &[
     down("worst echo round trip ms"),
     down("echo round trip p50 ms"),
@@ -107,7 +120,7 @@ const QUEUE_LEAVE: &[Metric] = &[
 ];
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::BulkEcho,
         Scenario::BulkUp,
         Scenario::BulkDown,
@@ -117,6 +130,7 @@ impl Scenario {
         Scenario::Fifo,
         Scenario::QueueLeave,
         Scenario::Scrape,
+        Scenario::Pool,
     ];
 
     /// The name `--only` selects it by (the three bulk runs share one).
@@ -129,6 +143,7 @@ impl Scenario {
             Scenario::Fifo => "fifo",
             Scenario::QueueLeave => "queue-leave",
             Scenario::Scrape => "scrape",
+            Scenario::Pool => "pool",
         }
     }
 
@@ -147,6 +162,12 @@ impl Scenario {
             Scenario::Fifo => format!("fifo {} N=1", sizes.fifo),
             Scenario::QueueLeave => format!("queue-leave K={} N=1", sizes.leaving),
             Scenario::Scrape => format!("scrape K={} N=1", sizes.queued),
+            Scenario::Pool => format!(
+                "pool C={} K={} {}ms N=1",
+                sizes.pool_clients,
+                sizes.pool_instances,
+                sizes.pool_service.as_secs_f64() * 1e3
+            ),
         }
     }
 
@@ -159,6 +180,24 @@ impl Scenario {
             Scenario::Fifo => FIFO,
             Scenario::QueueLeave => QUEUE_LEAVE,
             Scenario::Scrape => SCRAPE,
+            Scenario::Pool => POOL,
+        }
+    }
+
+    /// What the report says under the table when this scenario ran.
+    pub fn note(self) -> Option<&'static str> {
+        match self {
+            Scenario::Pool => Some(
+                "pool: no direct column: a client straight to one instance has no queue in front \
+                 of the pool. tcplock runs `-u A,B,... -n 1`,\n  HAProxy `balance leastconn` \
+                 with one `server ... maxconn 1` line per instance. wait = a client's connect \
+                 done → its request reaching an instance\n  (the kernel's receive time); \
+                 inversions = pairs of clients whose requests reached the instances in the \
+                 opposite order of their connects;\n  > 1 ms: those where the later one was \
+                 more than 1 ms ahead; instance load max−min: requests on the busiest \
+                 instance minus the idlest.",
+            ),
+            _ => None,
         }
     }
 
@@ -187,6 +226,7 @@ impl Scenario {
             Scenario::Fifo => fifo(proxy, up, sizes.fifo),
             Scenario::QueueLeave => queue_leave(proxy, up.echo, sizes.leaving),
             Scenario::Scrape => scrape(proxy, up.echo, sizes.queued),
+            Scenario::Pool => pool(proxy, up, sizes),
         }
     }
 }
@@ -613,6 +653,179 @@ fn echo_round_trips(mut stream: TcpStream, stop: &AtomicBool) -> Result<Vec<f64>
         round_trips.push(sent.elapsed().as_secs_f64() * 1e3);
     }
     Ok(round_trips)
+}
+
+// ----- 8. pool -----
+
+/// Tells one run's requests to the pool instances from a late one of an
+/// earlier run.
+static POOL_RUN: AtomicU32 = AtomicU32::new(1);
+
+/// K instances, each answering one request at a time after the service time,
+/// behind one queue with one permit per instance. `n` clients connect one
+/// after another (a connect starts when the previous one has completed, so
+/// the proxy's accept queue holds them in index order), each sends its run
+/// tag and index and half-closes; then their answers are read.
+///
+/// Metrics: clients served per second (first connect to last answer), the
+/// wait from a client's completed connect to its request reaching an
+/// instance (kernel receive time: queueing plus the proxy's connect and
+/// relay), FIFO inversions (pairs of clients that reached the instances in
+/// the opposite order of their connects), clients answered, and how unevenly
+/// the instances were used (most requests on one minus fewest).
+fn pool(proxy: Option<&Kind>, up: &Upstreams, sizes: &Sizes) -> Result<Vec<f64>, String> {
+    let kind = proxy.ok_or("the pool scenario needs a proxy")?;
+    let n = sizes.pool_clients;
+    let k = up.pool.len();
+    if k == 0 {
+        return Err("no pool instances were started".to_owned());
+    }
+    let proxy = Proxy::start_pool(kind, &up.pool, 1)?;
+    let run = POOL_RUN.fetch_add(1, Ordering::Relaxed);
+    // Serving takes n / k service times; anything far past that is stuck.
+    let budget = sizes.pool_service.mul_f64(3.0 * n as f64 / k as f64) + Duration::from_secs(30);
+    let mut clients = Vec::with_capacity(n);
+    let mut connected = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let mut stream = connect(proxy.addr).map_err(|e| format!("client {i}: {e}"))?;
+        connected.push(SystemTime::now());
+        let index = u32::try_from(i).map_err(|_| "too many pool clients")?;
+        let mut request = [0u8; 8];
+        request[..4].copy_from_slice(&run.to_le_bytes());
+        request[4..].copy_from_slice(&index.to_le_bytes());
+        stream.write_all(&request).map_err(err("request write"))?;
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(err("half-close"))?;
+        clients.push(stream);
+    }
+    let deadline = started + budget;
+    let mut served = 0usize;
+    let mut failures = Vec::new();
+    for (i, stream) in clients.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failures.push(format!("client {i}: no answer within {budget:?}"));
+            continue;
+        }
+        let mut answer = [0u8; 4];
+        let read = stream
+            .set_read_timeout(Some(left))
+            .and_then(|()| stream.read_exact(&mut answer));
+        match read {
+            Ok(()) if u32::from_le_bytes(answer) as usize == i => served += 1,
+            Ok(()) => failures.push(format!(
+                "client {i}: answered {}",
+                u32::from_le_bytes(answer)
+            )),
+            Err(e) => failures.push(format!("client {i}: {e}")),
+        }
+    }
+    let elapsed = started.elapsed();
+    if let Some(first) = failures.first() {
+        eprintln!(
+            "  pool: {} of {n} clients unanswered, first: {first}: {}",
+            failures.len(),
+            proxy.stderr()
+        );
+    }
+    let arrivals: Vec<Arrival> = up
+        .arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|a| a.run == run && (a.index as usize) < n)
+        .copied()
+        .collect();
+    if arrivals.iter().any(|a| !a.kernel_stamp) {
+        eprintln!("  pool: the kernel gave no receive timestamps: times are the instances' reads");
+    }
+    let summary = summarize_pool(&arrivals, &connected, k);
+    Ok(vec![
+        served as f64 / elapsed.as_secs_f64(),
+        summary.wait_p50_ms,
+        summary.wait_p99_ms,
+        summary.inversions as f64,
+        summary.late_overtakes as f64,
+        served as f64,
+        summary.load_spread as f64,
+    ])
+}
+
+/// What the pool scenario reports of the requests the instances received.
+#[derive(Debug, PartialEq)]
+pub(crate) struct PoolSummary {
+    pub wait_p50_ms: f64,
+    pub wait_p99_ms: f64,
+    pub inversions: u64,
+    /// Inversions where the later client arrived more than [`OVERTAKE_MARGIN`]
+    /// before the earlier one.
+    pub late_overtakes: u64,
+    /// Requests on the busiest instance minus those on the idlest.
+    pub load_spread: usize,
+}
+
+/// An overtake by more than this is one a client could notice, rather than
+/// the order of writes within one turn of the proxy's loop (instances that
+/// free up together are refilled within tens of microseconds).
+const OVERTAKE_MARGIN: Duration = Duration::from_millis(1);
+
+/// Pairs of clients i < j where j reached an instance more than `margin`
+/// before i; `by_index` is sorted by client index.
+fn overtakes(by_index: &[Arrival], margin: Duration) -> u64 {
+    let mut count = 0;
+    for (n, earlier) in by_index.iter().enumerate() {
+        count += by_index[n + 1..]
+            .iter()
+            .filter(|later| later.at + margin < earlier.at)
+            .count() as u64;
+    }
+    count
+}
+
+/// `arrivals` of one run; `connected[i]`: when client i's connect completed.
+pub(crate) fn summarize_pool(
+    arrivals: &[Arrival],
+    connected: &[SystemTime],
+    instances: usize,
+) -> PoolSummary {
+    let mut sorted = arrivals.to_vec();
+    sorted.sort_by_key(|a| a.index);
+    let mut waits: Vec<f64> = sorted
+        .iter()
+        .filter_map(|a| {
+            let since = connected.get(a.index as usize)?;
+            Some(
+                a.at.duration_since(*since)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3,
+            )
+        })
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        waits
+            .get(((waits.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let mut per_instance = vec![0usize; instances];
+    for a in arrivals {
+        if let Some(count) = per_instance.get_mut(a.instance) {
+            *count += 1;
+        }
+    }
+    let most = per_instance.iter().copied().max().unwrap_or(0);
+    let fewest = per_instance.iter().copied().min().unwrap_or(0);
+    PoolSummary {
+        wait_p50_ms: at(0.50),
+        wait_p99_ms: at(0.99),
+        inversions: overtakes(&sorted, Duration::ZERO),
+        late_overtakes: overtakes(&sorted, OVERTAKE_MARGIN),
+        load_spread: most - fewest,
+    }
 }
 
 // ----- helpers -----
