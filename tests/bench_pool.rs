@@ -160,8 +160,7 @@ fn four_instances_through_haproxy_are_all_used() {
     assert!(v.late_inversions <= v.inversions);
 }
 
-/// tcplock with `-u A,B,C,D`: until the instance list is merged, tcplock
-/// refuses the list at start and this says so and stops.
+/// tcplock with `-u A,B,C,D`: one queue over four instances.
 #[test]
 fn four_instances_through_tcplock_are_all_used() {
     let service = Duration::from_millis(20);
@@ -169,10 +168,6 @@ fn four_instances_through_tcplock_are_all_used() {
     let up = start(&sizes);
     let v = match run(&tcplock(), &up, &sizes) {
         Ok(v) => v,
-        Err(e) if e.contains("-u/--upstream: invalid address") => {
-            eprintln!("skipped: this tcplock takes one upstream only: {e}");
-            return;
-        }
         Err(e) => panic!("pool run through tcplock: {e}"),
     };
     assert_eq!(v.served, 40.0);
