@@ -10,7 +10,7 @@ use crate::config::pool;
 use crate::config::units::{self, HostPort};
 use crate::config::{Config, LogLevel, QueuedEof, RawArgs, SendProxy, ShutdownQueue, Splice};
 use crate::core::{RestartOn, Stats};
-use crate::shell::{Control, Shell, ShellOptions, resolve_upstream, socket_activated};
+use crate::shell::{Control, Shell, ShellOptions, resolve_upstreams, socket_activated};
 
 /// A bound, ready-to-run tcplock: the listening socket is open and the upstream
 /// resolved, so clients may connect (and wait in the kernel's backlog) before
@@ -453,14 +453,14 @@ impl Handle {
     }
 
     /// New settings for activations from now on, as SIGHUP applies a config
-    /// file: a changed listen address is ignored (and logged). The upstream is
-    /// resolved here, on the caller's thread, so the loop never waits for DNS.
+    /// file: a changed listen address is ignored (and logged). Each upstream
+    /// instance is resolved here, on the caller's thread, so the loop never waits for DNS.
     /// Returns an error, and changes nothing, if a setting is out of range or
     /// the upstream does not resolve.
     pub fn reload(&self, config: Config) -> Result<(), Error> {
         validate(&config)?;
-        let upstream_addrs = resolve_upstream(&config)?;
-        self.send(Control::Reload(Box::new(config), upstream_addrs));
+        let resolved = resolve_upstreams(&config)?;
+        self.send(Control::Reload(Box::new(config), resolved));
         Ok(())
     }
 

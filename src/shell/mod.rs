@@ -46,7 +46,7 @@ use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 pub(crate) use metrics::resolve_metrics_addr;
 use net::resolve;
-pub(crate) use net::{resolve_upstream, resolve_upstreams};
+pub(crate) use net::resolve_upstreams;
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;
 pub use notify::socket_activated;
@@ -68,15 +68,7 @@ const HOOK_EXIT: Token = Token(3);
 /// stderr has room again for log lines that waited.
 const LOG_SINK: Token = Token(4);
 
-/// `--spawn`: the service's pidfd, readable once its leader exited.
-const SERVICE_EXIT: Token = Token(5);
-
-/// `--spawn`: the service's stdout and stderr pipes.
-const SERVICE_STDOUT: Token = Token(6);
-const SERVICE_STDERR: Token = Token(7);
-
-/// `--spawn`: the readiness probe's socket.
-const SERVICE_PROBE: Token = Token(8);
+// 5-8: free (each supervised instance has its own tokens: see `service`).
 
 /// The running hook process's stdout and stderr pipes.
 const HOOK_STDOUT: Token = Token(9);
@@ -93,7 +85,8 @@ const METRICS_CONNS: std::ops::Range<usize> =
 
 /// Connection tokens start here: two per slab slot, client then upstream.
 /// Below it: the fixed tokens, control connections (16..=31) and metrics
-/// connections (32..=47).
+/// connections (32..=47). Above them all, from
+/// [`service::FIRST_SERVICE_TOKEN`]: a block per supervised instance.
 const FIRST_CONN_TOKEN: usize = 64;
 
 // The token ranges never overlap: fixed tokens, control connections,
@@ -110,6 +103,7 @@ const _: () = {
     assert!(control::CONTROL_LISTENER.0 != METRICS_LISTENER.0);
     assert!(control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS <= FIRST_METRICS_CONN);
     assert!(METRICS_CONNS.end <= FIRST_CONN_TOKEN);
+    assert!(FIRST_CONN_TOKEN < service::FIRST_SERVICE_TOKEN);
 };
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
@@ -119,11 +113,12 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// What other threads ask of the loop, through a channel and a waker.
 pub(crate) enum Control {
     Stop,
-    /// New settings with their upstream already resolved.
-    Reload(Box<Config>, Vec<SocketAddr>),
+    /// New settings with each upstream instance already resolved, in the
+    /// order of [`Config::upstreams`].
+    Reload(Box<Config>, Vec<Vec<SocketAddr>>),
     /// What a SIGHUP reload's helper thread read from the config file and
     /// resolved, or why it could not.
-    FileReloaded(Result<(Box<Config>, Vec<SocketAddr>), Error>),
+    FileReloaded(Result<(Box<Config>, Vec<Vec<SocketAddr>>), Error>),
     /// A closure hook's ticket was answered.
     HookDone(HookId, HookExit),
 }
@@ -321,11 +316,11 @@ impl Shell {
             false => Notifier::disabled(),
         };
         let activated_socket = activated.is_some();
-        let upstream_addrs;
+        let resolved;
         let (mut listener, local_addr) = match activated {
             // The unit's `Backlog=` stands.
             Some(listener) => {
-                upstream_addrs = resolve_upstream(&config)?;
+                resolved = resolve_upstreams(&config)?;
                 let local_addr = listener
                     .local_addr()
                     .map_err(io_error("socket activation: fd 3 has no address"))?;
@@ -344,7 +339,7 @@ impl Shell {
                     &config.listen,
                     config.listen.to_socket_addrs(),
                 )?[0];
-                upstream_addrs = resolve_upstream(&config)?;
+                resolved = resolve_upstreams(&config)?;
                 let listener = TcpListener::bind(listen_addr).map_err(|source| Error::Bind {
                     addr: listen_addr,
                     source,
@@ -358,17 +353,21 @@ impl Shell {
                 (listener, local_addr)
             }
         };
-        if let Some(own) = upstream_addrs
-            .iter()
-            .find(|addr| is_own_listener(local_addr, **addr))
-        {
-            // Every client would be proxied back to tcplock itself, and a
-            // spawned service's probe would find its port busy forever.
-            return Err(Error::Invalid(format!(
-                "upstream {} resolves to {own}, tcplock's own listening address",
-                config.first_upstream()
-            )));
+        for (index, (upstream, addrs)) in config.upstreams.iter().zip(&resolved).enumerate() {
+            if let Some(own) = addrs
+                .iter()
+                .find(|addr| is_own_listener(local_addr, **addr))
+            {
+                // Every client would be proxied back to tcplock itself, and a
+                // spawned service's probe would find its port busy forever.
+                return Err(Error::Invalid(format!(
+                    "upstream {upstream} (instance {}) resolves to {own}, tcplock's own listening address",
+                    index + 1
+                )));
+            }
         }
+        let upstream_addrs: Arc<[SocketAddr]> =
+            resolved.first().cloned().unwrap_or_default().into();
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -414,6 +413,7 @@ impl Shell {
         let fds = FdBudget::new(fd_limit);
         let mut hooks = HookTable::default();
         let mut service = ServiceIo::default();
+        service.set_addresses(&config, &resolved);
         let mut settings = core_settings(&config, &mut hooks, &mut service.table);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
@@ -444,7 +444,7 @@ impl Shell {
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             log_watched,
-            upstream_addrs: upstream_addrs.into(),
+            upstream_addrs,
             turn: 0,
             hook: None,
             hooks,
@@ -543,11 +543,8 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
-                    SERVICE_EXIT => self.service_exited(now),
-                    SERVICE_PROBE => self.probe_ready(now, SocketEvent::of(event)),
-                    SERVICE_STDOUT | SERVICE_STDERR | HOOK_STDOUT | HOOK_STDERR => {
-                        self.output_ready(event.token());
-                    }
+                    HOOK_STDOUT => self.output_ready(output::PipeId(output::Source::Hook, 0)),
+                    HOOK_STDERR => self.output_ready(output::PipeId(output::Source::Hook, 1)),
                     control::CONTROL_LISTENER => self.control_accept(now),
                     Token(token)
                         if (control::FIRST_CONTROL_TOKEN
@@ -560,6 +557,9 @@ impl Shell {
                     METRICS_LISTENER => self.metrics_listener_ready(),
                     Token(token) if METRICS_CONNS.contains(&token) => {
                         self.metrics_conn_ready(Token(token));
+                    }
+                    Token(token) if token >= service::FIRST_SERVICE_TOKEN => {
+                        self.service_event(now, token, SocketEvent::of(event));
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
@@ -643,17 +643,25 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
-                Action::ProbeUpstream { generation, .. } => self.probe_upstream(now, generation),
+                Action::ProbeUpstream {
+                    instance,
+                    generation,
+                } => self.probe_upstream(now, instance, generation),
                 Action::SpawnService {
                     generation,
-                    instance: _,
+                    instance,
                     reason,
                     run,
-                } => self.spawn_service(now, generation, reason, run),
-                Action::SampleService { generation, .. } => self.sample_service(now, generation),
+                } => self.spawn_service(now, instance, generation, reason, run),
+                Action::SampleService {
+                    instance,
+                    generation,
+                } => self.sample_service(now, instance, generation),
                 Action::SignalService {
-                    generation, signal, ..
-                } => self.signal_service(generation, signal),
+                    instance,
+                    generation,
+                    signal,
+                } => self.signal_service(instance, generation, signal),
             }
         }
     }

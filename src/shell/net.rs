@@ -12,16 +12,6 @@ use std::io::Read;
 /// the connections already in flight.
 pub(super) const ACCEPT_BATCH: usize = 256;
 
-/// Resolves every instance of the upstream (never inside the loop's hot
-/// path) and returns instance 1's addresses: the shell serves the first
-/// instance until it is generalized to the pool.
-pub(crate) fn resolve_upstream(config: &Config) -> Result<Vec<SocketAddr>, Error> {
-    resolve_upstreams(config)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Invalid("upstream: no upstream instance given".into()))
-}
-
 /// Resolves each instance, in the order of [`Config::upstreams`]; never
 /// empty (an empty list is refused as an invalid config).
 pub(crate) fn resolve_upstreams(config: &Config) -> Result<Vec<Vec<SocketAddr>>, Error> {

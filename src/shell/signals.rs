@@ -15,7 +15,7 @@ impl Shell {
             match signal {
                 SIGCHLD => {
                     self.reap(now);
-                    self.service_exited(now);
+                    self.services_exited(now);
                     self.reap_orphans(now);
                     self.reap_service_orphans();
                 }
@@ -74,7 +74,7 @@ impl Shell {
             .name("tcplock-reload".to_string())
             .spawn(move || {
                 let loaded = config::load(&args).map_err(Error::from).and_then(|new| {
-                    let addrs = resolve_upstream(&new)?;
+                    let addrs = resolve_upstreams(&new)?;
                     Ok((Box::new(new), addrs))
                 });
                 // A loop that stopped meanwhile no longer wants the answer.
@@ -104,7 +104,7 @@ impl Shell {
     pub(super) fn file_reloaded(
         &mut self,
         now: u64,
-        loaded: Result<(Box<Config>, Vec<SocketAddr>), Error>,
+        loaded: Result<(Box<Config>, Vec<Vec<SocketAddr>>), Error>,
     ) {
         self.reload_running = false;
         let source = self
@@ -137,14 +137,15 @@ impl Shell {
         &mut self,
         now: u64,
         mut new: Config,
-        upstream_addrs: Vec<SocketAddr>,
+        resolved: Vec<Vec<SocketAddr>>,
         (origin_key, origin): (&str, &str),
     ) -> Vec<&'static str> {
         // Deadlines that passed fire under the settings (and hooks) they were
         // set under, before the hook table names the new hooks.
         self.core.handle_tick(now);
         self.drain(now);
-        self.upstream_addrs = upstream_addrs.into();
+        self.upstream_addrs = resolved.first().cloned().unwrap_or_default().into();
+        self.service.set_addresses(&new, &resolved);
         // Which file SIGHUP reads is fixed by the command line, whatever
         // config a `Handle::reload` passes.
         new.config_file = self.config.config_file.clone();
