@@ -259,8 +259,7 @@ fn help_tells_of_lists_and_ranges() {
 }
 
 #[test]
-fn a_pool_serves_through_its_first_instance_and_a_reload_names_the_new_list() {
-    // Until the shell serves the whole pool, instance 1 takes the clients.
+fn a_reload_names_the_new_list_and_the_added_instance_serves() {
     let first = Upstream::echo();
     let second = Upstream::echo();
     let dir = TempDir::new("pool-reload");
@@ -282,23 +281,26 @@ fn a_pool_serves_through_its_first_instance_and_a_reload_names_the_new_list() {
     let reloaded = proxy.expect_log(event("reloaded"), "the reload of the list");
     assert_eq!(field(&reloaded, "changed").as_deref(), Some("upstream"));
     assert_eq!(field(&reloaded, "upstream"), Some(list), "{reloaded}");
+    // With instance 1's permit held, the added instance takes the next.
+    let held = holding(&proxy);
     let mut client = proxy.connect();
-    roundtrip(&mut client, b"still through instance 1\n");
+    roundtrip(&mut client, b"through instance 2\n");
     finish(client);
+    finish(held);
     assert!(
-        wait_until(WAIT, || first
+        wait_until(WAIT, || second
             .stats()
             .ended
             .load(std::sync::atomic::Ordering::SeqCst)
-            == 2),
-        "instance 1 did not serve both clients"
+            == 1),
+        "instance 2 did not serve the client after the reload"
     );
     assert_eq!(
-        second
+        first
             .stats()
             .accepted
             .load(std::sync::atomic::Ordering::SeqCst),
-        0
+        2
     );
 
     // A reload to a bad list changes nothing and says why.

@@ -128,7 +128,16 @@ impl Ticket {
         self.context.client
     }
 
-    /// Connections let through before this one.
+    /// The number (1, 2, ... K in the configured order) of the upstream
+    /// instance the connection is going to; 1 for a single upstream. A
+    /// failed answer makes that instance back off and sends the client to
+    /// the next free instance. Its address is `context().upstream`
+    /// (`TCPLOCK_INSTANCE` and `TCPLOCK_UPSTREAM` to a command hook).
+    pub fn instance(&self) -> u32 {
+        self.context.instance.0
+    }
+
+    /// Connections let through to that instance before this one.
     pub fn activations(&self) -> u64 {
         self.context.activations
     }

@@ -1,7 +1,10 @@
 //! Hooks: the table of those in force, starting them (a closure on the loop
 //! thread, or `/bin/sh -c CMD` in a process group of its own), watching their
-//! exit and killing them. Each process is watched through its own pidfd,
-//! registered with the poll (readable = exited); where the kernel has no
+//! exit and killing them. Hooks of one instance never overlap, hooks of
+//! different instances of a pool may run at once: every running hook is in
+//! [`Shell::running_hooks`]. Each process is watched through its own pidfd,
+//! registered with the poll under the one token [`HOOK_EXIT`] (readable =
+//! exited; every running process is then asked); where the kernel has no
 //! pidfds, through SIGCHLD. A hook process's stdout and stderr are pipes the
 //! loop reads and logs line by line (`event=output from=on-activate`).
 
@@ -26,7 +29,7 @@ use super::{HOOK_EXIT, SERVICE_MANAGER_ENV, Shell, watch_signals};
 use crate::api::hook::{Hook, HookBody, Reply, Ticket, TimeoutInfo};
 use crate::config::{Config, LogLevel};
 use crate::core::{
-    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, Outcome,
+    EndedBy, HookContext, HookExit, HookId, HookKind, HookRef, HookRequest, InstanceId, Outcome,
 };
 use crate::sys::{self, ExecSpec, WatchedChild};
 
@@ -196,12 +199,14 @@ fn exit_of(status: ExitStatus) -> HookExit {
 }
 
 /// The `TCPLOCK_*` variables of a command hook, in a fixed order; with
-/// `--spawn`, the service's generation and pid last.
+/// `--spawn`, the service's generation and pid last. `TCPLOCK_UPSTREAM`
+/// and the counters are those of the instance the hook runs for.
 fn hook_env(context: &HookContext) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("TCPLOCK_EVENT", context.kind.as_str().to_string()),
         ("TCPLOCK_CONN_ID", context.conn.to_string()),
         ("TCPLOCK_CLIENT_ADDR", context.client.to_string()),
+        ("TCPLOCK_INSTANCE", context.instance.to_string()),
         ("TCPLOCK_UPSTREAM", context.upstream.clone()),
         ("TCPLOCK_ACTIVATIONS", context.activations.to_string()),
         ("TCPLOCK_TIMEOUTS", context.timeouts.to_string()),
@@ -278,10 +283,12 @@ impl HookTable {
     }
 }
 
-/// The hook the core waits for.
+/// A hook the core waits for.
 pub(super) struct RunningHook {
     id: HookId,
     kind: HookKind,
+    /// The instance it runs for, for its log lines.
+    instance: InstanceId,
     started: Instant,
     /// `None` for a closure hook (its ticket is still out).
     process: Option<HookProcess>,
@@ -296,32 +303,42 @@ impl RunningHook {
     }
 }
 
+/// Descriptors the running hooks hold: their pidfds.
+pub(super) fn open_fds(running: &[RunningHook]) -> usize {
+    running.iter().map(RunningHook::open_fds).sum()
+}
+
 impl Shell {
+    /// A hook pidfd turned readable, or SIGCHLD came: every running hook
+    /// process that has exited is reaped and reported. At most one per
+    /// instance runs, so this is a short walk.
     pub(super) fn reap(&mut self, now: u64) {
-        let Some(RunningHook {
-            id,
-            process: Some(process),
-            ..
-        }) = &mut self.hook
-        else {
-            return;
-        };
-        let exit = match process.try_reap() {
-            Ok(Some(exit)) => exit,
-            Ok(None) => return,
-            Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
-        };
-        let hook = *id;
-        self.hook_ended(now, hook, exit);
+        let mut index = 0;
+        while let Some(run) = self.running_hooks.get_mut(index) {
+            index += 1;
+            let Some(process) = &mut run.process else {
+                continue;
+            };
+            let exit = match process.try_reap() {
+                Ok(Some(exit)) => exit,
+                Ok(None) => continue,
+                Err(e) => HookExit::SpawnFailed(format!("wait failed: {e}")),
+            };
+            let hook = run.id;
+            // It leaves the list: the next one moved into its place.
+            index -= 1;
+            self.hook_ended(now, hook, exit);
+        }
     }
 
     /// The one way a running hook ends, whatever kind it is: it is forgotten,
-    /// logged, and reported to the core. An end for a hook that is not the
-    /// running one (a ticket answered after it was abandoned) is ignored.
+    /// logged, and reported to the core. An end for a hook that is not
+    /// running (a ticket answered after it was abandoned) is ignored.
     pub(super) fn hook_ended(&mut self, now: u64, hook: HookId, exit: HookExit) {
-        let Some(run) = self.hook.take_if(|run| run.id == hook) else {
+        let Some(index) = self.running_hooks.iter().position(|run| run.id == hook) else {
             return;
         };
+        let run = self.running_hooks.remove(index);
         // What it wrote comes before its exit in the log.
         if run.process.is_some() {
             self.output_done(Source::Hook);
@@ -330,7 +347,8 @@ impl Shell {
             line.field("hook", hook)
                 .field_opt("pid", run.process.as_ref().map(|p| p.pid))
                 .field("status", &exit)
-                .field("duration_ms", run.started.elapsed().as_millis());
+                .field("duration_ms", run.started.elapsed().as_millis())
+                .field("instance", run.instance);
         }
         if let Some(metrics) = &mut self.metrics {
             let ms = u64::try_from(run.started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -375,11 +393,13 @@ impl Shell {
             line.field("hook", request.hook)
                 .field("kind", context.kind.as_str())
                 .field_opt("pid", process.as_ref().map(|p| p.pid))
-                .field("conn", context.conn);
+                .field("conn", context.conn)
+                .field("instance", context.instance);
         }
-        self.hook = Some(RunningHook {
+        self.running_hooks.push(RunningHook {
             id: request.hook,
             kind: context.kind,
+            instance: context.instance,
             started: Instant::now(),
             process,
         });
@@ -475,7 +495,7 @@ impl Shell {
     }
 
     pub(super) fn kill_hook(&mut self, now: u64, hook: HookId) {
-        let Some(run) = self.hook.as_ref().filter(|run| run.id == hook) else {
+        let Some(run) = self.running_hooks.iter().find(|run| run.id == hook) else {
             return;
         };
         match &run.process {
@@ -505,23 +525,25 @@ impl Shell {
                 self.service_leader_status(now, instance, status);
                 continue;
             }
-            let hook = match &self.hook {
-                Some(RunningHook {
-                    id,
-                    process: Some(process),
-                    ..
-                }) if process.pid == pid => *id,
-                _ => continue,
+            let Some(hook) = self
+                .running_hooks
+                .iter()
+                .find(|run| run.process.as_ref().is_some_and(|p| p.pid == pid))
+                .map(|run| run.id)
+            else {
+                continue;
             };
             self.hook_ended(now, hook, exit_of_raw(status));
         }
     }
 
-    /// The running hook's process, if it is one.
+    /// The first running hook process, if one runs.
+    // TODO(pool): the service's zombie reaper should skip every running
+    // hook's pid, not only the first one's.
     pub(super) fn hook_pid(&self) -> Option<u32> {
-        self.hook
-            .as_ref()
-            .and_then(|run| run.process.as_ref())
+        self.running_hooks
+            .iter()
+            .find_map(|run| run.process.as_ref())
             .map(|process| process.pid)
     }
 

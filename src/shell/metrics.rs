@@ -123,7 +123,7 @@ impl Shell {
             + self.pool.idle_pipe_fds()
             + self.metrics.as_ref().map_or(0, |m| m.open_conns())
             + self.control.as_ref().map_or(0, |c| c.open_conns())
-            + self.hook.as_ref().map_or(0, |h| h.open_fds())
+            + super::hooks::open_fds(&self.running_hooks)
     }
 }
 

@@ -15,6 +15,7 @@ mod output;
 mod relay;
 mod service;
 mod signals;
+mod upstreams;
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,8 +36,8 @@ use crate::api::hook::Hook;
 use crate::api::lock::Handle;
 use crate::config::{self, Config, LogLevel, QueuedEof, RawArgs, ShutdownQueue};
 use crate::core::{
-    Action, ConnRef, Core, EndedBy, HookExit, HookId, Outcome, ProxyHeader, ServiceSettings,
-    Settings, Stats,
+    Action, ConnRef, Core, EndedBy, HookExit, HookId, InstanceId, Outcome, ProxyHeader,
+    ServiceSettings, Settings, Stats,
 };
 use crate::sys;
 use log::{CommaList, Logger};
@@ -54,6 +55,7 @@ use output::Outputs;
 use relay::{ChannelPool, Pumped, Readiness, Relay, SocketEvent};
 use service::{ServiceIo, ServiceTable};
 use signals::watch_signals;
+use upstreams::Upstreams;
 
 const LISTENER: Token = Token(0);
 
@@ -62,7 +64,7 @@ const SIGNALS: Token = Token(1);
 /// Messages from handles and tickets on other threads.
 const CONTROL: Token = Token(2);
 
-/// The running hook's pidfd: readable once it has exited.
+/// Every running hook's pidfd: readable once that hook has exited.
 const HOOK_EXIT: Token = Token(3);
 
 /// stderr has room again for log lines that waited.
@@ -70,7 +72,7 @@ const LOG_SINK: Token = Token(4);
 
 // 5-8: free (each supervised instance has its own tokens: see `service`).
 
-/// The running hook process's stdout and stderr pipes.
+/// The hook processes' stdout and stderr pipes, shared by all of them.
 const HOOK_STDOUT: Token = Token(9);
 const HOOK_STDERR: Token = Token(10);
 
@@ -216,13 +218,15 @@ pub(crate) struct Shell {
     /// The poll wakes us when stderr has room; otherwise waiting log lines
     /// are retried every [`LOG_RETRY`].
     log_watched: bool,
-    /// Shared with each connecting client, which keeps walking the list it
-    /// started on when a reload swaps it.
-    upstream_addrs: Arc<[SocketAddr]>,
+    /// Each instance's addresses, by its number; shared with each
+    /// connecting client, which keeps walking the list it started on when a
+    /// reload swaps it.
+    upstreams: Upstreams,
     /// Counts poll returns: a socket made in this turn had no part in the
     /// events of this turn, which belong to the one its token named before.
     turn: u64,
-    hook: Option<RunningHook>,
+    /// Hooks the core waits for: at most one per instance.
+    running_hooks: Vec<RunningHook>,
     hooks: HookTable,
     /// `--spawn`: the service's command, process and probe.
     service: ServiceIo,
@@ -366,8 +370,6 @@ impl Shell {
                 )));
             }
         }
-        let upstream_addrs: Arc<[SocketAddr]> =
-            resolved.first().cloned().unwrap_or_default().into();
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -413,9 +415,18 @@ impl Shell {
         let fds = FdBudget::new(fd_limit);
         let mut hooks = HookTable::default();
         let mut service = ServiceIo::default();
-        service.set_addresses(&config, &resolved);
         let mut settings = core_settings(&config, &mut hooks, &mut service.table);
         settings.max_queue = fds.adjusted_max_queue(&config, &mut logger);
+        let core = Core::new(settings, 0);
+        let mut upstreams = Upstreams::default();
+        upstreams.update(
+            config
+                .upstreams
+                .iter()
+                .map(ToString::to_string)
+                .zip(resolved),
+            &core.stats().instances,
+        );
         if let Some(line) = logger.line(LogLevel::Info, "listening") {
             line.field("addr", local_addr)
                 .field("upstream", config.first_upstream())
@@ -439,14 +450,14 @@ impl Shell {
             control_tx,
             control_rx,
             stats: Arc::new(Mutex::new(Stats::default())),
-            core: Core::new(settings, 0),
+            core,
             io: Vec::new(),
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             log_watched,
-            upstream_addrs,
+            upstreams,
             turn: 0,
-            hook: None,
+            running_hooks: Vec::new(),
             hooks,
             service,
             outputs: Outputs::default(),
@@ -610,7 +621,7 @@ impl Shell {
     fn drain(&mut self, now: u64) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Connect { conn, .. } => self.connect_next(now, conn, None),
+                Action::Connect { conn, instance } => self.connect(now, conn, instance),
                 Action::ConnectNext(conn) => {
                     let timed_out = io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -12,8 +12,10 @@ use std::io::Read;
 /// the connections already in flight.
 pub(super) const ACCEPT_BATCH: usize = 256;
 
-/// Resolves each instance, in the order of [`Config::upstreams`]; never
-/// empty (an empty list is refused as an invalid config).
+/// Resolves each instance, in the order of [`Config::upstreams`] (never on
+/// the loop: at start, on a reload's helper thread, or on the thread of a
+/// `Handle::reload`); never empty (an empty list is refused as an invalid
+/// config).
 pub(crate) fn resolve_upstreams(config: &Config) -> Result<Vec<Vec<SocketAddr>>, Error> {
     if config.upstreams.is_empty() {
         return Err(Error::Invalid(
@@ -289,17 +291,48 @@ impl Shell {
         }
     }
 
-    /// Tries upstream addresses in turn, starting after the one that just
-    /// failed (or timed out); tells the core how many are left with each
-    /// attempt, and reports failure when none is left.
+    /// `Action::Connect`: starts connecting `conn` to `instance`'s
+    /// addresses, the first one first.
+    pub(super) fn connect(&mut self, now: u64, conn: ConnRef, instance: InstanceId) {
+        if !matches!(self.io_of(conn).map(|io| &io.stage), Some(Stage::Waiting)) {
+            return;
+        }
+        match self.upstreams.addrs(instance) {
+            Some(addrs) => self.connect_from(now, conn, addrs, 0, None),
+            // The table follows every change of the core's list, so this
+            // cannot happen; should it, the client goes on to the next
+            // instance as after any failed connect.
+            None => self.core.handle_upstream_failed(
+                now,
+                conn,
+                &format!("no address known for instance {instance}"),
+            ),
+        }
+    }
+
+    /// Tries the next of the addresses the connection is walking, after the
+    /// one that just failed (or timed out).
     pub(super) fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {
         let (addrs, start) = match self.io_of(conn).map(|io| &io.stage) {
-            Some(Stage::Waiting) => (Arc::clone(&self.upstream_addrs), 0),
             Some(Stage::Connecting(connecting)) => {
                 (Arc::clone(&connecting.addrs), connecting.next_addr)
             }
             _ => return,
         };
+        self.connect_from(now, conn, addrs, start, failed);
+    }
+
+    /// Tries `addrs` from `start` on in turn (one instance's list); tells
+    /// the core how many are left with each attempt, and reports failure
+    /// when none is left.
+    fn connect_from(
+        &mut self,
+        now: u64,
+        conn: ConnRef,
+        addrs: Arc<[SocketAddr]>,
+        start: usize,
+        failed: Option<io::Error>,
+    ) {
         let turn = self.turn;
         let mut last_error = failed;
         for (index, &addr) in addrs.iter().enumerate().skip(start) {

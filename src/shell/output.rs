@@ -46,7 +46,9 @@ const READ_CHUNK: usize = 4096;
 pub(super) enum Source {
     /// The supervised service of one instance: each has its own pipes.
     Service(InstanceId),
-    /// Hook processes, one at a time.
+    /// Hook processes: one at a time per instance, so hooks of several
+    /// instances of a pool may share the pipes at once; their lines are
+    /// then credited to the one that started last.
     Hook,
 }
 

@@ -13,7 +13,7 @@
 //! because the core may number instances past the configured count (a
 //! reload's added instances take new numbers while removed ones drain).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -32,7 +32,7 @@ use super::Shell;
 use super::net::{ConnectResult, connect_result};
 use super::output::{PipeId, Source, Writer};
 use super::relay::SocketEvent;
-use crate::config::units::HostPort;
+use crate::config::units::{HostPort, parse_host_port};
 use crate::config::{Config, LogLevel};
 use crate::core::{
     Generation, InstanceId, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal,
@@ -132,28 +132,14 @@ impl ServiceTable {
     }
 }
 
-/// Where an instance listens: its name (as the core knows it), its
-/// address as configured and what that resolved to.
-#[derive(Clone)]
-struct Target {
-    name: String,
-    upstream: HostPort,
-    addrs: Arc<[SocketAddr]>,
-}
-
 /// The services' shell-side state, per instance; whether orphans come to us.
 #[derive(Default)]
 pub(super) struct ServiceIo {
     pub(super) table: ServiceTable,
-    /// The configured instances by name, with their resolved addresses.
-    addresses: HashMap<String, Target>,
     /// By instance number - 1. An instance's entry outlives its removal by
     /// a reload until its session is gone (it is never dropped, only
     /// emptied: the core may give its number to an added instance).
     instances: Vec<InstanceService>,
-    /// A reload may have renamed instances: each one's [`Target`] is looked
-    /// up again before its next use.
-    targets_stale: bool,
     /// Probes in flight, so a turn without any looks at no instance.
     probes: usize,
     /// Set up for supervising: SIGCHLD watched, subreaper asked for.
@@ -165,34 +151,11 @@ pub(super) struct ServiceIo {
 /// One instance's service, as the shell sees it.
 #[derive(Default)]
 struct InstanceService {
-    /// Where it listens, as last looked up.
-    target: Option<Target>,
     running: Option<RunningService>,
     probe: Option<Probe>,
 }
 
 impl ServiceIo {
-    /// The instances' addresses from a config and its resolution (one list
-    /// per instance, in the config's order); each instance's is looked up
-    /// again before its next probe or spawn.
-    pub(super) fn set_addresses(&mut self, config: &Config, resolved: &[Vec<SocketAddr>]) {
-        self.addresses = config
-            .upstreams
-            .iter()
-            .zip(resolved)
-            .map(|(upstream, addrs)| {
-                let name = upstream.to_string();
-                let target = Target {
-                    name: name.clone(),
-                    upstream: upstream.clone(),
-                    addrs: addrs.as_slice().into(),
-                };
-                (name, target)
-            })
-            .collect();
-        self.targets_stale = true;
-    }
-
     fn get(&self, instance: InstanceId) -> Option<&InstanceService> {
         self.instances.get(instance.index())
     }
@@ -381,26 +344,18 @@ impl Shell {
         }
     }
 
-    /// Where `instance` listens. Its name is the core's (a reload may give
-    /// a removed instance's number to an added one), its addresses the
-    /// last resolution's; a removed instance keeps the ones it had.
-    fn target(&mut self, instance: InstanceId) -> Option<Target> {
-        if std::mem::take(&mut self.service.targets_stale) {
-            for stats in self.core.stats().instances {
-                let id = InstanceId(stats.id);
-                let fresh = self.service.addresses.get(&stats.upstream).cloned();
-                let inst = self.service.get_mut(id);
-                match fresh {
-                    Some(target) => inst.target = Some(target),
-                    None if inst
-                        .target
-                        .as_ref()
-                        .is_some_and(|t| t.name == stats.upstream) => {}
-                    None => inst.target = None,
-                }
-            }
-        }
-        self.service.get(instance)?.target.clone()
+    /// Where `instance` listens, as configured: its name is the core's (a
+    /// reload may give a removed instance's number to an added one).
+    fn instance_upstream(&self, instance: InstanceId) -> io::Result<HostPort> {
+        let name = self
+            .core
+            .stats()
+            .instances
+            .into_iter()
+            .find(|stats| stats.id == instance.0)
+            .map(|stats| stats.upstream)
+            .ok_or_else(|| io::Error::other(format!("no instance {instance}")))?;
+        parse_host_port(&name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
     }
 
     /// `Action::ProbeUpstream`: a non-blocking connect to the instance's
@@ -417,10 +372,11 @@ impl Shell {
             self.service.probes -= 1;
             self.end_probe(now, instance, probe, false);
         }
-        let addrs = match self.target(instance) {
-            Some(target) => target.addrs,
-            None => Arc::from([]),
-        };
+        // Each number's addresses follow its name (see `Upstreams`).
+        let addrs = self
+            .upstreams
+            .addrs(instance)
+            .unwrap_or_else(|| Arc::from([]));
         self.probe_from(
             now,
             instance,
@@ -573,19 +529,15 @@ impl Shell {
             .get(run)
             .map(str::to_string)
             .ok_or_else(|| io::Error::other("no such service command (changed by a reload)"))?;
-        let target = self.target(instance).ok_or_else(|| {
-            io::Error::other(format!(
-                "instance {instance} has no address (removed by a reload)"
-            ))
-        })?;
+        let upstream = self.instance_upstream(instance)?;
         let exit_token = token(instance, TokenKind::Exit)
             .ok_or_else(|| io::Error::other("no poll token left for the service"))?;
         let source = Source::Service(instance);
         // What an earlier generation left in the pipes is credited to it.
         self.output_from(source, Writer::Upstream(instance, generation));
         let ours = [
-            ("TCPLOCK_UPSTREAM_HOST", target.upstream.host.clone()),
-            ("TCPLOCK_UPSTREAM_PORT", target.upstream.port.to_string()),
+            ("TCPLOCK_UPSTREAM_HOST", upstream.host),
+            ("TCPLOCK_UPSTREAM_PORT", upstream.port.to_string()),
             ("TCPLOCK_INSTANCE", instance.to_string()),
             ("TCPLOCK_GENERATION", generation.to_string()),
             ("TCPLOCK_RESTART_REASON", reason.as_str().to_string()),

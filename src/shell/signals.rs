@@ -144,8 +144,6 @@ impl Shell {
         // set under, before the hook table names the new hooks.
         self.core.handle_tick(now);
         self.drain(now);
-        self.upstream_addrs = resolved.first().cloned().unwrap_or_default().into();
-        self.service.set_addresses(&new, &resolved);
         // Which file SIGHUP reads is fixed by the command line, whatever
         // config a `Handle::reload` passes.
         new.config_file = self.config.config_file.clone();
@@ -161,6 +159,11 @@ impl Shell {
         let mut settings = core_settings(&new, &mut self.hooks, &mut self.service.table);
         settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
         self.core.handle_reload(now, settings);
+        // The core numbered the list anew: each number's addresses follow
+        // its name.
+        let names = new.upstreams.iter().map(ToString::to_string);
+        self.upstreams
+            .update(names.zip(resolved), &self.core.stats().instances);
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
                 .field("changed", CommaList(&changed))
@@ -168,7 +171,7 @@ impl Shell {
                     "upstream",
                     changed.contains(&"upstream").then(|| new.upstreams.show()),
                 )
-                .field("addresses", self.upstream_addrs.len());
+                .field("addresses", self.upstreams.address_count());
         }
         self.config = new;
         self.supervise();
