@@ -21,8 +21,9 @@ it wrong:
   fails); the line `CRASH` makes the server exit 3 at once.
 
 Protocol of the server: it echoes every byte back, except that a line
-`WHO` is answered with `gen=G pid=P n=N` (N: connections served by this
-server so far, this one included) and a line `CRASH` ends the server.
+`WHO` is answered with `gen=G pid=P n=N inst=I` (N: connections served by
+this server so far, this one included; I: TCPLOCK_INSTANCE, `-` if unset)
+and a line `CRASH` ends the server.
 
 Everything seen goes to DIR/events, one `ev=NAME key=value ...` line per
 event, appended with one write each, for the tests to read.
@@ -57,10 +58,11 @@ def options():
 OPTS = None
 GEN = os.environ.get("TCPLOCK_GENERATION", "0")
 REASON = os.environ.get("TCPLOCK_RESTART_REASON", "-")
+INSTANCE = os.environ.get("TCPLOCK_INSTANCE", "-")
 
 
 def record(ev, **fields):
-    parts = ["ev=" + ev, "pid=%d" % os.getpid(), "gen=" + GEN, "tag=" + OPTS.tag]
+    parts = ["ev=" + ev, "pid=%d" % os.getpid(), "gen=" + GEN, "tag=" + OPTS.tag, "inst=" + INSTANCE]
     parts += ["%s=%s" % (k, v) for k, v in fields.items()]
     line = (" ".join(parts) + "\n").encode()
     fd = os.open(os.path.join(OPTS.state, "events"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -115,7 +117,7 @@ class Server:
                     line, buf = buf.split(b"\n", 1)
                     word = line.strip()
                     if word == b"WHO":
-                        out += ("gen=%s pid=%d n=%d\n" % (GEN, os.getpid(), n)).encode()
+                        out += ("gen=%s pid=%d n=%d inst=%s\n" % (GEN, os.getpid(), n, INSTANCE)).encode()
                     elif word == b"CRASH":
                         record("crash")
                         os._exit(3)

@@ -521,8 +521,8 @@ impl Shell {
             return;
         }
         while let Some((pid, status)) = sys::reap_any_child() {
-            if self.service_sigchld_leader() == Some(pid) {
-                self.service_leader_status(now, status);
+            if let Some(instance) = self.service_sigchld_leader(pid) {
+                self.service_leader_status(now, instance, status);
                 continue;
             }
             let Some(hook) = self

@@ -70,15 +70,7 @@ const HOOK_EXIT: Token = Token(3);
 /// stderr has room again for log lines that waited.
 const LOG_SINK: Token = Token(4);
 
-/// `--spawn`: the service's pidfd, readable once its leader exited.
-const SERVICE_EXIT: Token = Token(5);
-
-/// `--spawn`: the service's stdout and stderr pipes.
-const SERVICE_STDOUT: Token = Token(6);
-const SERVICE_STDERR: Token = Token(7);
-
-/// `--spawn`: the readiness probe's socket.
-const SERVICE_PROBE: Token = Token(8);
+// 5-8: free (each supervised instance has its own tokens: see `service`).
 
 /// The hook processes' stdout and stderr pipes, shared by all of them.
 const HOOK_STDOUT: Token = Token(9);
@@ -95,7 +87,8 @@ const METRICS_CONNS: std::ops::Range<usize> =
 
 /// Connection tokens start here: two per slab slot, client then upstream.
 /// Below it: the fixed tokens, control connections (16..=31) and metrics
-/// connections (32..=47).
+/// connections (32..=47). Above them all, from
+/// [`service::FIRST_SERVICE_TOKEN`]: a block per supervised instance.
 const FIRST_CONN_TOKEN: usize = 64;
 
 // The token ranges never overlap: fixed tokens, control connections,
@@ -112,6 +105,7 @@ const _: () = {
     assert!(control::CONTROL_LISTENER.0 != METRICS_LISTENER.0);
     assert!(control::FIRST_CONTROL_TOKEN + control::MAX_CONTROL_CONNS <= FIRST_METRICS_CONN);
     assert!(METRICS_CONNS.end <= FIRST_CONN_TOKEN);
+    assert!(FIRST_CONN_TOKEN < service::FIRST_SERVICE_TOKEN);
 };
 
 /// The kernel's accept backlog: deep, because a burst of clients is exactly
@@ -224,8 +218,6 @@ pub(crate) struct Shell {
     /// The poll wakes us when stderr has room; otherwise waiting log lines
     /// are retried every [`LOG_RETRY`].
     log_watched: bool,
-    /// Instance 1's addresses (the supervised service's probe).
-    upstream_addrs: Arc<[SocketAddr]>,
     /// Each instance's addresses, by its number; shared with each
     /// connecting client, which keeps walking the list it started on when a
     /// reload swaps it.
@@ -378,8 +370,6 @@ impl Shell {
                 )));
             }
         }
-        let upstream_addrs: Arc<[SocketAddr]> =
-            resolved.first().cloned().unwrap_or_default().into();
         // Accepted sockets inherit it: one syscall instead of one per client.
         if let Err(e) = sys::set_tcp_nodelay(listener.as_fd())
             && let Some(line) = logger.line(LogLevel::Warn, "nodelay_failed")
@@ -465,7 +455,6 @@ impl Shell {
             pool: ChannelPool::new(config.buffer_size, config.splice),
             logger,
             log_watched,
-            upstream_addrs,
             upstreams,
             turn: 0,
             running_hooks: Vec::new(),
@@ -565,11 +554,8 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
-                    SERVICE_EXIT => self.service_exited(now),
-                    SERVICE_PROBE => self.probe_ready(now, SocketEvent::of(event)),
-                    SERVICE_STDOUT | SERVICE_STDERR | HOOK_STDOUT | HOOK_STDERR => {
-                        self.output_ready(event.token());
-                    }
+                    HOOK_STDOUT => self.output_ready(output::PipeId(output::Source::Hook, 0)),
+                    HOOK_STDERR => self.output_ready(output::PipeId(output::Source::Hook, 1)),
                     control::CONTROL_LISTENER => self.control_accept(now),
                     Token(token)
                         if (control::FIRST_CONTROL_TOKEN
@@ -582,6 +568,9 @@ impl Shell {
                     METRICS_LISTENER => self.metrics_listener_ready(),
                     Token(token) if METRICS_CONNS.contains(&token) => {
                         self.metrics_conn_ready(Token(token));
+                    }
+                    Token(token) if token >= service::FIRST_SERVICE_TOKEN => {
+                        self.service_event(now, token, SocketEvent::of(event));
                     }
                     Token(token) if token >= FIRST_CONN_TOKEN => {
                         let slot = (token - FIRST_CONN_TOKEN) / 2;
@@ -665,17 +654,25 @@ impl Shell {
                     let idle_ms = self.holders_idle_ms(now);
                     self.core.handle_holders_idle(now, idle_ms);
                 }
-                Action::ProbeUpstream { generation, .. } => self.probe_upstream(now, generation),
+                Action::ProbeUpstream {
+                    instance,
+                    generation,
+                } => self.probe_upstream(now, instance, generation),
                 Action::SpawnService {
                     generation,
-                    instance: _,
+                    instance,
                     reason,
                     run,
-                } => self.spawn_service(now, generation, reason, run),
-                Action::SampleService { generation, .. } => self.sample_service(now, generation),
+                } => self.spawn_service(now, instance, generation, reason, run),
+                Action::SampleService {
+                    instance,
+                    generation,
+                } => self.sample_service(now, instance, generation),
                 Action::SignalService {
-                    generation, signal, ..
-                } => self.signal_service(generation, signal),
+                    instance,
+                    generation,
+                    signal,
+                } => self.signal_service(instance, generation, signal),
             }
         }
     }

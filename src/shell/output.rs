@@ -18,9 +18,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use super::{HOOK_STDERR, HOOK_STDOUT, SERVICE_STDERR, SERVICE_STDOUT, Shell};
+use super::{HOOK_STDERR, HOOK_STDOUT, Shell, service};
 use crate::config::LogLevel;
-use crate::core::{Generation, HookId, HookKind};
+use crate::core::{Generation, HookId, HookKind, InstanceId};
 use crate::sys;
 
 /// Longest line of a child's output logged as it is; the rest of a longer
@@ -44,28 +44,22 @@ const READ_CHUNK: usize = 4096;
 /// Whose output a pipe carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Source {
-    /// The supervised service.
-    Service,
+    /// The supervised service of one instance: each has its own pipes.
+    Service(InstanceId),
     /// Hook processes: one at a time per instance, so hooks of several
     /// instances of a pool may share the pipes at once; their lines are
     /// then credited to the one that started last.
     Hook,
 }
 
-impl Source {
-    /// The slots of its stdout and stderr in [`Outputs`].
-    fn slots(self) -> [usize; 2] {
-        match self {
-            Source::Service => [0, 1],
-            Source::Hook => [2, 3],
-        }
-    }
-}
+/// One pipe: its source, and 0 for stdout or 1 for stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PipeId(pub(super) Source, pub(super) usize);
 
 /// Who the lines read now are credited to, for `from=`, `gen=`, `hook=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Writer {
-    Upstream(Generation),
+    Upstream(InstanceId, Generation),
     Hook {
         hook: HookId,
         kind: HookKind,
@@ -73,18 +67,23 @@ pub(super) enum Writer {
     },
 }
 
-/// The four pipes the loop reads, by slot: the service's stdout and
-/// stderr, the hooks' stdout and stderr. Made on first use.
+/// The pipes the loop reads: the hooks' stdout and stderr, and each
+/// supervised instance's. Made on first use.
 #[derive(Default)]
 pub(super) struct Outputs {
-    pipes: [Option<OutputPipe>; 4],
-    /// By [`Source`]: the service's, the hooks'.
-    writers: [Option<Writer>; 2],
+    hooks: SourcePipes,
+    /// By instance number - 1.
+    services: Vec<SourcePipes>,
     /// Some pipe used up its reads for the turn and may hold more.
     pub(super) more: bool,
 }
 
-const TOKENS: [Token; 4] = [SERVICE_STDOUT, SERVICE_STDERR, HOOK_STDOUT, HOOK_STDERR];
+/// One source's stdout and stderr, and who writes to them now.
+#[derive(Default)]
+struct SourcePipes {
+    pipes: [Option<OutputPipe>; 2],
+    writer: Option<Writer>,
+}
 
 struct OutputPipe {
     read: File,
@@ -94,30 +93,105 @@ struct OutputPipe {
     lines: LineSplitter,
 }
 
+impl Outputs {
+    fn source(&self, source: Source) -> Option<&SourcePipes> {
+        match source {
+            Source::Hook => Some(&self.hooks),
+            Source::Service(instance) => self.services.get(instance.index()),
+        }
+    }
+
+    fn source_mut(&mut self, source: Source) -> &mut SourcePipes {
+        match source {
+            Source::Hook => &mut self.hooks,
+            Source::Service(instance) => {
+                let i = instance.index();
+                if self.services.len() <= i {
+                    self.services.resize_with(i + 1, SourcePipes::default);
+                }
+                &mut self.services[i]
+            }
+        }
+    }
+
+    fn pipe_mut(&mut self, pipe: PipeId) -> Option<&mut OutputPipe> {
+        let PipeId(source, n) = pipe;
+        let pipes = match source {
+            Source::Hook => &mut self.hooks,
+            Source::Service(instance) => self.services.get_mut(instance.index())?,
+        };
+        pipes.pipes.get_mut(n)?.as_mut()
+    }
+
+    fn writer(&self, source: Source) -> Option<Writer> {
+        self.source(source).and_then(|pipes| pipes.writer)
+    }
+
+    /// Every pipe that exists.
+    fn all(&self) -> Vec<PipeId> {
+        let mut all = Vec::new();
+        let mut add = |source: Source, pipes: &SourcePipes| {
+            for (n, pipe) in pipes.pipes.iter().enumerate() {
+                if pipe.is_some() {
+                    all.push(PipeId(source, n));
+                }
+            }
+        };
+        add(Source::Hook, &self.hooks);
+        for (i, pipes) in self.services.iter().enumerate() {
+            add(Source::Service(InstanceId::at(i)), pipes);
+        }
+        all
+    }
+}
+
+impl PipeId {
+    /// The poll token its read end is registered under.
+    fn token(self) -> Option<Token> {
+        match self {
+            PipeId(Source::Hook, 0) => Some(HOOK_STDOUT),
+            PipeId(Source::Hook, _) => Some(HOOK_STDERR),
+            PipeId(Source::Service(instance), n) => service::token(
+                instance,
+                if n == 0 {
+                    service::TokenKind::Stdout
+                } else {
+                    service::TokenKind::Stderr
+                },
+            ),
+        }
+    }
+}
+
 impl Shell {
     /// Copies of the write ends of `source`'s stdout and stderr, for a
     /// child about to be spawned; the pipes are made on first use.
     pub(super) fn output_writers(&mut self, source: Source) -> io::Result<[OwnedFd; 2]> {
-        let [out, err] = source.slots();
-        Ok([self.output_writer(out)?, self.output_writer(err)?])
+        Ok([
+            self.output_writer(PipeId(source, 0))?,
+            self.output_writer(PipeId(source, 1))?,
+        ])
     }
 
-    fn output_writer(&mut self, slot: usize) -> io::Result<OwnedFd> {
-        if self.outputs.pipes[slot].is_none() {
+    fn output_writer(&mut self, id: PipeId) -> io::Result<OwnedFd> {
+        if self.outputs.pipe_mut(id).is_none() {
+            let token = id
+                .token()
+                .ok_or_else(|| io::Error::other("no poll token left for an output pipe"))?;
             let (read, write) = sys::output_pipe()?;
             let raw = read.as_raw_fd();
             self.poll
                 .registry()
-                .register(&mut SourceFd(&raw), TOKENS[slot], Interest::READABLE)?;
+                .register(&mut SourceFd(&raw), token, Interest::READABLE)?;
             // Held for good: the descriptor budget counts them.
             self.fds.opened_for_good(2);
-            self.outputs.pipes[slot] = Some(OutputPipe {
+            self.outputs.source_mut(id.0).pipes[id.1] = Some(OutputPipe {
                 read: File::from(read),
                 write,
                 lines: LineSplitter::default(),
             });
         }
-        match &self.outputs.pipes[slot] {
+        match self.outputs.pipe_mut(id) {
             Some(pipe) => pipe.write.try_clone(),
             None => Err(io::Error::other("output pipe missing")),
         }
@@ -127,20 +201,21 @@ impl Shell {
     /// left in the pipes is read and credited to it first.
     pub(super) fn output_from(&mut self, source: Source, writer: Writer) {
         self.output_done(source);
-        self.outputs.writers[source as usize] = Some(writer);
+        self.outputs.source_mut(source).writer = Some(writer);
     }
 
     /// `source`'s writer exited: what it wrote is read now (so it is
     /// logged before its exit is), a last line without a newline included.
     pub(super) fn output_done(&mut self, source: Source) {
-        for slot in source.slots() {
+        for n in 0..2 {
+            let id = PipeId(source, n);
             for _ in 0..READS_AT_EXIT {
-                if !self.read_output(slot) {
+                if !self.read_output(id) {
                     break;
                 }
             }
-            let writer = self.outputs.writers[slot / 2];
-            if let Some(pipe) = &mut self.outputs.pipes[slot] {
+            let writer = self.outputs.writer(source);
+            if let Some(pipe) = self.outputs.pipe_mut(id) {
                 let logger = &mut self.logger;
                 pipe.lines
                     .finish(&mut |line, cut| log_output(logger, writer, line, cut));
@@ -148,11 +223,9 @@ impl Shell {
         }
     }
 
-    /// An output pipe's token turned readable.
-    pub(super) fn output_ready(&mut self, token: Token) {
-        if let Some(slot) = TOKENS.iter().position(|t| *t == token)
-            && self.read_output(slot)
-        {
+    /// An output pipe turned readable.
+    pub(super) fn output_ready(&mut self, pipe: PipeId) {
+        if self.read_output(pipe) {
             self.outputs.more = true;
         }
     }
@@ -160,24 +233,24 @@ impl Shell {
     /// Reads every pipe (after a turn that left some unread).
     pub(super) fn read_outputs(&mut self) {
         self.outputs.more = false;
-        for slot in 0..self.outputs.pipes.len() {
-            if self.read_output(slot) {
+        for pipe in self.outputs.all() {
+            if self.read_output(pipe) {
                 self.outputs.more = true;
             }
         }
     }
 
-    /// Reads the pipe in `slot` up to [`READS_PER_TURN`] times, logging each
+    /// Reads the pipe `id` up to [`READS_PER_TURN`] times, logging each
     /// line. Returns whether more may be waiting.
-    fn read_output(&mut self, slot: usize) -> bool {
+    fn read_output(&mut self, id: PipeId) -> bool {
         let mut buf = [0u8; READ_CHUNK];
-        let writer = self.outputs.writers[slot / 2];
+        let writer = self.outputs.writer(id.0);
         let mut lines = 0;
         for _ in 0..READS_PER_TURN {
             if lines >= LINES_PER_TURN {
                 break;
             }
-            let Some(pipe) = &mut self.outputs.pipes[slot] else {
+            let Some(pipe) = self.outputs.pipe_mut(id) else {
                 return false;
             };
             let error = match pipe.read.read(&mut buf) {
@@ -199,7 +272,7 @@ impl Shell {
             if let Some(line) = self.logger.line(LogLevel::Warn, "output_failed") {
                 line.field("error", error);
             }
-            if let Some(pipe) = self.outputs.pipes[slot].take() {
+            if let Some(pipe) = self.outputs.source_mut(id.0).pipes[id.1].take() {
                 let raw = pipe.read.as_raw_fd();
                 let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
             }
@@ -210,15 +283,16 @@ impl Shell {
 }
 
 /// `level=info event=output from=upstream|on-activate|on-timeout gen=N
-/// line="..."`, with `truncated=true` for a line cut at [`MAX_LINE`].
+/// [instance=I] line="..."`, with `truncated=true` for a line cut at [`MAX_LINE`].
 fn log_output(logger: &mut super::Logger, writer: Option<Writer>, bytes: &[u8], cut: bool) {
     let Some(line) = logger.line(LogLevel::Info, "output") else {
         return;
     };
     let line = match writer {
-        Some(Writer::Upstream(generation)) => {
-            line.field("from", "upstream").field("gen", generation)
-        }
+        Some(Writer::Upstream(instance, generation)) => line
+            .field("from", "upstream")
+            .field("gen", generation)
+            .field("instance", instance),
         Some(Writer::Hook {
             hook,
             kind,

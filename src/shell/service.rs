@@ -1,10 +1,19 @@
 //! The supervised upstream (`--spawn`), the shell's side: the table naming
-//! the command for the core, the running generation's process (watched by
-//! its pidfd), the readiness probe, the four service actions (probe, spawn,
-//! sample, signal) and reaping the session's orphans. Its output goes
-//! through the pipes of [`super::output`]. Every decision (when to start,
-//! probe, stop, give up) is the core's.
+//! the command for the core, each instance's running generation (its
+//! process watched by its pidfd), its readiness probe, the four service
+//! actions (probe, spawn, sample, signal) and reaping the sessions'
+//! orphans. Each instance's output goes through its own pipes of
+//! [`super::output`]. Every decision (when to start, probe, stop, give up)
+//! is the core's.
+//!
+//! Poll tokens: every instance has a block of [`TOKENS_PER_INSTANCE`]
+//! tokens from [`FIRST_SERVICE_TOKEN`] on (its pidfd, its stdout, its
+//! stderr, its probe), so an event finds its instance by arithmetic. The
+//! block sits at the top of the token space, far above any connection's,
+//! because the core may number instances past the configured count (a
+//! reload's added instances take new numbers while removed ones drain).
 
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -15,19 +24,19 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::Interest;
-
-use crate::core::InstanceId;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
+use mio::{Interest, Token};
 
+use super::Shell;
 use super::net::{ConnectResult, connect_result};
-use super::output::{Source, Writer};
+use super::output::{PipeId, Source, Writer};
 use super::relay::SocketEvent;
-use super::{SERVICE_EXIT, SERVICE_PROBE, Shell};
-use crate::config::units::HostPort;
+use crate::config::units::{HostPort, parse_host_port};
 use crate::config::{Config, LogLevel};
-use crate::core::{Generation, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal};
+use crate::core::{
+    Generation, InstanceId, RestartReason, ServiceExit, ServiceRef, ServiceSample, StopSignal,
+};
 use crate::sys::{self, ExecSpec, WatchedChild};
 
 /// How long a readiness probe may wait for an answer: a black hole (SYNs
@@ -42,64 +51,130 @@ const MAX_TREE: usize = 65_536;
 /// its child's (`LISTEN_*` and `WATCHDOG_*` are prefixes).
 const SCRUBBED: [&str; 3] = ["NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"];
 
-/// The service command in force, under the name the core knows it by. A
-/// reload that changes the command or the upstream address names it anew,
-/// so the core can tell a change (restart when drained) from a keep.
-#[derive(Default)]
-pub(crate) struct ServiceTable {
-    current: Option<(ServiceRef, ServiceCommand)>,
-    next: u32,
+/// The first token of instance 1's block; instance `I`'s block starts
+/// [`TOKENS_PER_INSTANCE`] × (I - 1) above it. A quarter of the token
+/// space from the top: connection tokens (two per slab slot) never get
+/// there, and 2^30 instance numbers fit above it even with 32-bit tokens.
+pub(super) const FIRST_SERVICE_TOKEN: usize = 1 << (usize::BITS - 2);
+
+/// Tokens per instance, one per [`TokenKind`].
+pub(super) const TOKENS_PER_INSTANCE: usize = 4;
+
+/// What a token of an instance's block names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TokenKind {
+    /// The service leader's pidfd, readable once it exited.
+    Exit = 0,
+    Stdout = 1,
+    Stderr = 2,
+    /// The readiness probe's socket.
+    Probe = 3,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ServiceCommand {
-    command: String,
-    upstream: HostPort,
+/// The token of `kind` in `instance`'s block; `None` past the token space.
+pub(super) fn token(instance: InstanceId, kind: TokenKind) -> Option<Token> {
+    instance
+        .index()
+        .checked_mul(TOKENS_PER_INSTANCE)?
+        .checked_add(kind as usize)?
+        .checked_add(FIRST_SERVICE_TOKEN)
+        .map(Token)
+}
+
+/// The instance and kind a token of the service range names.
+pub(super) fn token_owner(token: usize) -> Option<(InstanceId, TokenKind)> {
+    let offset = token.checked_sub(FIRST_SERVICE_TOKEN)?;
+    let kind = match offset % TOKENS_PER_INSTANCE {
+        0 => TokenKind::Exit,
+        1 => TokenKind::Stdout,
+        2 => TokenKind::Stderr,
+        _ => TokenKind::Probe,
+    };
+    let index = offset / TOKENS_PER_INSTANCE;
+    u32::try_from(index).ok()?;
+    Some((InstanceId::at(index), kind))
+}
+
+/// The service command in force, under the name the core knows it by. A
+/// reload that changes the command names it anew, so the core can tell a
+/// change (restart when drained) from a keep. An instance's address is its
+/// own (a changed address is a removed instance and an added one).
+#[derive(Default)]
+pub(crate) struct ServiceTable {
+    current: Option<(ServiceRef, String)>,
+    next: u32,
 }
 
 impl ServiceTable {
     /// Takes the config's service and returns its name, the same as before
-    /// when neither the command nor the address changed; `None` without
-    /// `--spawn`.
+    /// when the command did not change; `None` without `--spawn`.
     pub(crate) fn update(&mut self, config: &Config) -> Option<ServiceRef> {
         let Some(command) = &config.spawn else {
             self.current = None;
             return None;
         };
-        let wanted = ServiceCommand {
-            command: command.clone(),
-            upstream: config.first_upstream().clone(),
-        };
         if let Some((name, current)) = &self.current
-            && *current == wanted
+            && current == command
         {
             return Some(*name);
         }
         self.next += 1;
         let name = ServiceRef(self.next);
-        self.current = Some((name, wanted));
+        self.current = Some((name, command.clone()));
         Some(name)
     }
 
-    fn get(&self, name: ServiceRef) -> Option<&ServiceCommand> {
+    fn get(&self, name: ServiceRef) -> Option<&str> {
         self.current
             .as_ref()
             .filter(|(n, _)| *n == name)
-            .map(|(_, command)| command)
+            .map(|(_, command)| command.as_str())
     }
 }
 
-/// The service's shell-side state: the last generation spawned, the probe
-/// in flight, whether orphans come to us.
+/// The services' shell-side state, per instance; whether orphans come to us.
 #[derive(Default)]
 pub(super) struct ServiceIo {
     pub(super) table: ServiceTable,
-    running: Option<RunningService>,
-    probe: Option<Probe>,
+    /// By instance number - 1. An instance's entry outlives its removal by
+    /// a reload until its session is gone (it is never dropped, only
+    /// emptied: the core may give its number to an added instance).
+    instances: Vec<InstanceService>,
+    /// Probes in flight, so a turn without any looks at no instance.
+    probes: usize,
     /// Set up for supervising: SIGCHLD watched, subreaper asked for.
     supervised: bool,
     /// `PR_SET_CHILD_SUBREAPER` is in force (until a library's lock stops).
     subreaper: bool,
+}
+
+/// One instance's service, as the shell sees it.
+#[derive(Default)]
+struct InstanceService {
+    running: Option<RunningService>,
+    probe: Option<Probe>,
+}
+
+impl ServiceIo {
+    fn get(&self, instance: InstanceId) -> Option<&InstanceService> {
+        self.instances.get(instance.index())
+    }
+
+    fn get_mut(&mut self, instance: InstanceId) -> &mut InstanceService {
+        let i = instance.index();
+        if self.instances.len() <= i {
+            self.instances.resize_with(i + 1, InstanceService::default);
+        }
+        &mut self.instances[i]
+    }
+
+    /// The instances whose leader has not been reaped, and its pid.
+    fn unreaped_leaders(&self) -> impl Iterator<Item = (InstanceId, u32)> + '_ {
+        self.instances.iter().enumerate().filter_map(|(i, inst)| {
+            let pid = inst.running.as_ref()?.unreaped()?;
+            Some((InstanceId::at(i), pid))
+        })
+    }
 }
 
 /// The last generation spawned. Kept after its leader exits: its pid is
@@ -256,16 +331,55 @@ impl Shell {
         }
     }
 
-    /// `Action::ProbeUpstream`: a non-blocking connect to the upstream,
-    /// answered once: connected, refused, failed or timed out.
-    pub(super) fn probe_upstream(&mut self, now: u64, generation: Generation) {
-        // One probe at a time: an earlier one still out answers "no" now.
-        if let Some(probe) = self.service.probe.take() {
-            self.end_probe(now, probe, false);
+    /// An event on a token of the service range.
+    pub(super) fn service_event(&mut self, now: u64, token: usize, event: SocketEvent) {
+        let Some((instance, kind)) = token_owner(token) else {
+            return;
+        };
+        match kind {
+            TokenKind::Exit => self.service_exited(now, instance),
+            TokenKind::Probe => self.probe_ready(now, instance, event),
+            TokenKind::Stdout => self.output_ready(PipeId(Source::Service(instance), 0)),
+            TokenKind::Stderr => self.output_ready(PipeId(Source::Service(instance), 1)),
         }
-        let addrs = Arc::clone(&self.upstream_addrs);
+    }
+
+    /// Where `instance` listens, as configured: its name is the core's (a
+    /// reload may give a removed instance's number to an added one).
+    fn instance_upstream(&self, instance: InstanceId) -> io::Result<HostPort> {
+        let name = self
+            .core
+            .stats()
+            .instances
+            .into_iter()
+            .find(|stats| stats.id == instance.0)
+            .map(|stats| stats.upstream)
+            .ok_or_else(|| io::Error::other(format!("no instance {instance}")))?;
+        parse_host_port(&name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
+    }
+
+    /// `Action::ProbeUpstream`: a non-blocking connect to the instance's
+    /// address, answered once: connected, refused, failed or timed out.
+    pub(super) fn probe_upstream(
+        &mut self,
+        now: u64,
+        instance: InstanceId,
+        generation: Generation,
+    ) {
+        // One probe at a time per instance: an earlier one still out
+        // answers "no" now.
+        if let Some(probe) = self.service.get_mut(instance).probe.take() {
+            self.service.probes -= 1;
+            self.end_probe(now, instance, probe, false);
+        }
+        // Each number's addresses follow its name (see `Upstreams`).
+        let addrs = self
+            .upstreams
+            .addrs(instance)
+            .unwrap_or_else(|| Arc::from([]));
         self.probe_from(
             now,
+            instance,
             generation,
             addrs,
             0,
@@ -278,14 +392,15 @@ impl Shell {
     fn probe_from(
         &mut self,
         now: u64,
+        instance: InstanceId,
         generation: Generation,
         addrs: Arc<[SocketAddr]>,
         first: usize,
         deadline: u64,
     ) {
         for (i, addr) in addrs.iter().enumerate().skip(first) {
-            if let Ok(socket) = self.start_probe(*addr) {
-                self.service.probe = Some(Probe {
+            if let Ok(socket) = self.start_probe(instance, *addr) {
+                self.service.get_mut(instance).probe = Some(Probe {
                     generation,
                     socket,
                     next_addr: i + 1,
@@ -293,28 +408,32 @@ impl Shell {
                     since_turn: self.turn,
                     deadline,
                 });
+                self.service.probes += 1;
                 return;
             }
         }
         self.core
-            .handle_service_probed(now, InstanceId(1), generation, false);
+            .handle_service_probed(now, instance, generation, false);
     }
 
-    fn start_probe(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
+    fn start_probe(&mut self, instance: InstanceId, addr: SocketAddr) -> io::Result<TcpStream> {
+        let token = token(instance, TokenKind::Probe)
+            .ok_or_else(|| io::Error::other("no poll token left for the probe"))?;
         let mut socket = TcpStream::connect(addr)?;
         self.poll
             .registry()
-            .register(&mut socket, SERVICE_PROBE, Interest::WRITABLE)?;
+            .register(&mut socket, token, Interest::WRITABLE)?;
         Ok(socket)
     }
 
-    /// The probe socket's readiness.
-    pub(super) fn probe_ready(&mut self, now: u64, event: SocketEvent) {
+    /// An instance's probe socket's readiness.
+    fn probe_ready(&mut self, now: u64, instance: InstanceId, event: SocketEvent) {
+        let turn = self.turn;
         let Some(probe) = self
             .service
-            .probe
-            .as_ref()
-            .filter(|probe| probe.since_turn != self.turn)
+            .get(instance)
+            .and_then(|inst| inst.probe.as_ref())
+            .filter(|probe| probe.since_turn != turn)
         else {
             return;
         };
@@ -323,9 +442,10 @@ impl Shell {
             ConnectResult::Connected => true,
             ConnectResult::Failed(_) => false,
         };
-        let Some(mut probe) = self.service.probe.take() else {
+        let Some(mut probe) = self.service.get_mut(instance).probe.take() else {
             return;
         };
+        self.service.probes -= 1;
         if !answered && probe.next_addr < probe.addrs.len() {
             let _ = self.poll.registry().deregister(&mut probe.socket);
             let (generation, addrs, next, deadline) = (
@@ -335,44 +455,62 @@ impl Shell {
                 probe.deadline,
             );
             drop(probe);
-            self.probe_from(now, generation, addrs, next, deadline);
+            self.probe_from(now, instance, generation, addrs, next, deadline);
             return;
         }
-        self.end_probe(now, probe, answered);
+        self.end_probe(now, instance, probe, answered);
     }
 
-    /// A probe past its deadline answers "not answered".
+    /// Probes past their deadline answer "not answered".
     pub(super) fn expire_probe(&mut self, now: u64) {
-        if let Some(probe) = self.service.probe.take_if(|probe| probe.deadline <= now) {
-            self.end_probe(now, probe, false);
+        if self.service.probes == 0 {
+            return;
+        }
+        for i in 0..self.service.instances.len() {
+            let expired = self.service.instances[i]
+                .probe
+                .take_if(|probe| probe.deadline <= now);
+            if let Some(probe) = expired {
+                self.service.probes -= 1;
+                self.end_probe(now, InstanceId::at(i), probe, false);
+            }
         }
     }
 
-    /// When the probe in flight gives up, for the poll timeout.
-    pub(super) fn probe_deadline(&self) -> Option<u64> {
-        self.service.probe.as_ref().map(|probe| probe.deadline)
+    /// When the first probe in flight gives up, for the poll timeout.
+    fn probe_deadline(&self) -> Option<u64> {
+        if self.service.probes == 0 {
+            return None;
+        }
+        self.service
+            .instances
+            .iter()
+            .filter_map(|inst| inst.probe.as_ref().map(|probe| probe.deadline))
+            .min()
     }
 
-    fn end_probe(&mut self, now: u64, mut probe: Probe, answered: bool) {
+    fn end_probe(&mut self, now: u64, instance: InstanceId, mut probe: Probe, answered: bool) {
         let _ = self.poll.registry().deregister(&mut probe.socket);
         drop(probe.socket);
         self.core
-            .handle_service_probed(now, InstanceId(1), probe.generation, answered);
+            .handle_service_probed(now, instance, probe.generation, answered);
     }
 
     /// `Action::SpawnService`: `/bin/sh -c CMD` in a new session, its output
-    /// on pipes, answered at once with its pid or why it could not start.
+    /// on the instance's pipes, answered at once with its pid or why it
+    /// could not start.
     pub(super) fn spawn_service(
         &mut self,
         now: u64,
+        instance: InstanceId,
         generation: Generation,
         reason: RestartReason,
         run: ServiceRef,
     ) {
-        let spawned = self.start_service(generation, reason, run);
+        let spawned = self.start_service(instance, generation, reason, run);
         self.core.handle_service_spawned(
             now,
-            InstanceId(1),
+            instance,
             generation,
             spawned.map_err(|e| one_line(&e)),
         );
@@ -380,6 +518,7 @@ impl Shell {
 
     fn start_service(
         &mut self,
+        instance: InstanceId,
         generation: Generation,
         reason: RestartReason,
         run: ServiceRef,
@@ -388,24 +527,29 @@ impl Shell {
             .service
             .table
             .get(run)
-            .cloned()
+            .map(str::to_string)
             .ok_or_else(|| io::Error::other("no such service command (changed by a reload)"))?;
+        let upstream = self.instance_upstream(instance)?;
+        let exit_token = token(instance, TokenKind::Exit)
+            .ok_or_else(|| io::Error::other("no poll token left for the service"))?;
+        let source = Source::Service(instance);
         // What an earlier generation left in the pipes is credited to it.
-        self.output_from(Source::Service, Writer::Upstream(generation));
+        self.output_from(source, Writer::Upstream(instance, generation));
         let ours = [
-            ("TCPLOCK_UPSTREAM_HOST", command.upstream.host.clone()),
-            ("TCPLOCK_UPSTREAM_PORT", command.upstream.port.to_string()),
+            ("TCPLOCK_UPSTREAM_HOST", upstream.host),
+            ("TCPLOCK_UPSTREAM_PORT", upstream.port.to_string()),
+            ("TCPLOCK_INSTANCE", instance.to_string()),
             ("TCPLOCK_GENERATION", generation.to_string()),
             ("TCPLOCK_RESTART_REASON", reason.as_str().to_string()),
         ];
         let env = service_env(std::env::vars_os(), &ours);
         let nul = || io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the command");
         let program = c"/bin/sh";
-        let script = CString::new(command.command.as_str()).map_err(|_| nul())?;
+        let script = CString::new(command).map_err(|_| nul())?;
         let argv = [program, c"-c", script.as_c_str()];
         let envp: Vec<&CStr> = env.iter().map(CString::as_c_str).collect();
         let stdin = File::open("/dev/null")?;
-        let [out_write, err_write] = self.output_writers(Source::Service)?;
+        let [out_write, err_write] = self.output_writers(source)?;
         let spec = ExecSpec {
             program,
             argv: &argv,
@@ -416,12 +560,12 @@ impl Shell {
             new_session: true,
             parent_death_signal: Some(libc::SIGKILL),
         };
-        let (pid, leader) = self.spawn_leader(&spec)?;
+        let (pid, leader) = self.spawn_leader(&spec, exit_token)?;
         drop((out_write, err_write));
         // The core starts a generation only once the last one is gone; a
         // leader it forgot would be reaped as an orphan, unwatched.
-        self.unwatch_leader();
-        self.service.running = Some(RunningService {
+        self.unwatch_leader(instance);
+        self.service.get_mut(instance).running = Some(RunningService {
             generation,
             pid,
             leader,
@@ -429,16 +573,20 @@ impl Shell {
         Ok(pid)
     }
 
-    /// Spawns the leader watched by a pidfd or, on a kernel without pidfds,
-    /// by SIGCHLD (said once, as for hooks).
-    fn spawn_leader(&mut self, spec: &ExecSpec<'_>) -> io::Result<(u32, Leader)> {
+    /// Spawns the leader watched by a pidfd under `exit_token` or, on a
+    /// kernel without pidfds, by SIGCHLD (said once, as for hooks).
+    fn spawn_leader(
+        &mut self,
+        spec: &ExecSpec<'_>,
+        exit_token: Token,
+    ) -> io::Result<(u32, Leader)> {
         if self.pidfds_available {
             match sys::spawn_watched(spec) {
                 Ok(child) => {
                     let raw = child.pidfd.as_raw_fd();
                     let watched = self.poll.registry().register(
                         &mut SourceFd(&raw),
-                        SERVICE_EXIT,
+                        exit_token,
                         Interest::READABLE,
                     );
                     let Err(e) = watched else {
@@ -457,22 +605,43 @@ impl Shell {
         Ok((spawn_with_std(spec)?, Leader::Sigchld))
     }
 
-    /// Takes the last leader's pidfd out of the poll, if one watches it.
-    fn unwatch_leader(&self) {
+    /// Takes the instance's last leader's pidfd out of the poll, if one
+    /// watches it.
+    fn unwatch_leader(&self, instance: InstanceId) {
         if let Some(RunningService {
             leader: Leader::Pidfd(child),
             ..
-        }) = &self.service.running
+        }) = self
+            .service
+            .get(instance)
+            .and_then(|inst| inst.running.as_ref())
         {
             let raw = child.pidfd.as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
     }
 
-    /// The leader's pidfd turned readable, or SIGCHLD came: if the leader
-    /// exited, it is reaped and the core told.
-    pub(super) fn service_exited(&mut self, now: u64) {
-        let Some(running) = &mut self.service.running else {
+    /// SIGCHLD came: every instance whose leader exited is reaped and the
+    /// core told (signals coalesce: one may stand for several exits).
+    pub(super) fn services_exited(&mut self, now: u64) {
+        let leaders: Vec<InstanceId> = self
+            .service
+            .unreaped_leaders()
+            .map(|(instance, _)| instance)
+            .collect();
+        for instance in leaders {
+            self.service_exited(now, instance);
+        }
+    }
+
+    /// The instance's leader's pidfd turned readable, or SIGCHLD came: if
+    /// the leader exited, it is reaped and the core told.
+    fn service_exited(&mut self, now: u64, instance: InstanceId) {
+        let Some(running) = self
+            .service
+            .get(instance)
+            .and_then(|inst| inst.running.as_ref())
+        else {
             return;
         };
         // `Err`: reaped behind our back (a host ignoring SIGCHLD); the pidfd
@@ -494,41 +663,52 @@ impl Shell {
         let Some(exit) = status else {
             return;
         };
-        self.leader_reaped(now, exit);
+        self.leader_reaped(now, instance, exit);
     }
 
-    /// The leader is reaped: forgotten as a child, its exit reported. Its
-    /// session's other processes remain the core's business.
-    fn leader_reaped(&mut self, now: u64, exit: ServiceExit) {
-        self.unwatch_leader();
-        let Some(running) = &mut self.service.running else {
+    /// The instance's leader is reaped: forgotten as a child, its exit
+    /// reported. Its session's other processes remain the core's business.
+    fn leader_reaped(&mut self, now: u64, instance: InstanceId, exit: ServiceExit) {
+        self.unwatch_leader(instance);
+        let Some(running) = &mut self.service.get_mut(instance).running else {
             return;
         };
         running.leader = Leader::Reaped;
         let generation = running.generation;
         self.core
-            .handle_service_exited(now, InstanceId(1), generation, exit);
+            .handle_service_exited(now, instance, generation, exit);
     }
 
-    /// The service leader's pid, if it is a SIGCHLD child not yet reaped
-    /// (for PID 1's reaping of every child).
-    pub(super) fn service_sigchld_leader(&self) -> Option<u32> {
+    /// The instance whose leader `pid` is, if it is a SIGCHLD child not yet
+    /// reaped (for PID 1's reaping of every child).
+    pub(super) fn service_sigchld_leader(&self, pid: u32) -> Option<InstanceId> {
         self.service
-            .running
-            .as_ref()
-            .filter(|running| matches!(running.leader, Leader::Sigchld))
-            .map(|running| running.pid)
+            .instances
+            .iter()
+            .position(|inst| {
+                inst.running
+                    .as_ref()
+                    .is_some_and(|r| r.pid == pid && matches!(r.leader, Leader::Sigchld))
+            })
+            .map(InstanceId::at)
     }
 
-    /// PID 1 reaped the SIGCHLD-watched leader: its status is the service's.
-    pub(super) fn service_leader_status(&mut self, now: u64, status: i32) {
-        self.leader_reaped(now, service_exit(status));
+    /// PID 1 reaped the instance's SIGCHLD-watched leader: its status is
+    /// that service's.
+    pub(super) fn service_leader_status(&mut self, now: u64, instance: InstanceId, status: i32) {
+        self.leader_reaped(now, instance, service_exit(status));
     }
 
-    /// `Action::SampleService`: the live processes of the generation's
-    /// session and their summed RSS; exited children of it are reaped.
-    pub(super) fn sample_service(&mut self, now: u64, generation: Generation) {
-        let sample = match self.session_of(generation) {
+    /// `Action::SampleService`: the live processes of the instance's
+    /// generation's session and their summed RSS; exited children of it
+    /// are reaped.
+    pub(super) fn sample_service(
+        &mut self,
+        now: u64,
+        instance: InstanceId,
+        generation: Generation,
+    ) {
+        let sample = match self.session_of(instance, generation) {
             Some(session) => {
                 let members = self.session_members(session);
                 self.reap_zombies(&members);
@@ -542,13 +722,18 @@ impl Shell {
             None => ServiceSample::default(),
         };
         self.core
-            .handle_service_sampled(now, InstanceId(1), generation, sample);
+            .handle_service_sampled(now, instance, generation, sample);
     }
 
     /// `Action::SignalService`: the signal to every live process of the
-    /// generation's session, and to its first process group.
-    pub(super) fn signal_service(&mut self, generation: Generation, signal: StopSignal) {
-        let Some(session) = self.session_of(generation) else {
+    /// instance's generation's session, and to its first process group.
+    pub(super) fn signal_service(
+        &mut self,
+        instance: InstanceId,
+        generation: Generation,
+        signal: StopSignal,
+    ) {
+        let Some(session) = self.session_of(instance, generation) else {
             return;
         };
         let signal = match signal {
@@ -574,14 +759,17 @@ impl Shell {
             {
                 line.field("gen", generation)
                     .field("pid", pid)
+                    .field("instance", instance)
                     .field("error", e);
             }
         }
     }
 
-    /// The session id of `generation`, if it is the last one spawned.
-    fn session_of(&self, generation: Generation) -> Option<u32> {
+    /// The session id of the instance's `generation`, if it is the last one
+    /// spawned there.
+    fn session_of(&self, instance: InstanceId, generation: Generation) -> Option<u32> {
         self.service
+            .get(instance)?
             .running
             .as_ref()
             .filter(|running| running.generation == generation)
@@ -619,20 +807,25 @@ impl Shell {
     /// SIGCHLD: an orphan handed to us as subreaper (or a child of ours
     /// that is not pidfd-watched) exited. The binary reaps every exited
     /// child of ours outside its own process group that nobody else waits
-    /// for. A library reaps only the service's (those of its session): the
-    /// host's children, whatever their group, are the host's to wait for.
+    /// for. A library reaps only the services' (those of their sessions):
+    /// the host's children, whatever their group, are the host's to wait for.
     pub(super) fn reap_service_orphans(&mut self) {
         if !self.service.supervised {
             return;
         }
         let (own_pid, own_group) = sys::own_ids();
         let host_children_ours = self.options.handle_signals;
-        let session = self.service.running.as_ref().map(|running| running.pid);
+        let sessions: HashSet<u32> = self
+            .service
+            .instances
+            .iter()
+            .filter_map(|inst| inst.running.as_ref().map(|running| running.pid))
+            .collect();
         let zombies = self.processes(|p| {
             p.is_dead()
                 && p.ppid == own_pid
                 && p.pgrp != own_group
-                && (host_children_ours || Some(p.session) == session)
+                && (host_children_ours || sessions.contains(&p.session))
         });
         self.reap_zombies(&zombies);
     }
@@ -647,19 +840,19 @@ impl Shell {
     }
 
     /// Reaps those of `processes` that are exited children of ours and not
-    /// waited for elsewhere (the service leader, the running hook).
+    /// waited for elsewhere (a service leader, the running hook).
     fn reap_zombies(&mut self, processes: &[sys::ProcStat]) {
         let (own_pid, _) = sys::own_ids();
-        let leader = self
+        let leaders: HashSet<u32> = self
             .service
-            .running
-            .as_ref()
-            .and_then(RunningService::unreaped);
+            .unreaped_leaders()
+            .map(|(_, pid)| pid)
+            .collect();
         let hook = self.hook_pid();
         for process in processes {
             if !process.is_dead()
                 || process.ppid != own_pid
-                || Some(process.pid) == leader
+                || leaders.contains(&process.pid)
                 || Some(process.pid) == hook
             {
                 continue;
@@ -674,7 +867,7 @@ impl Shell {
     }
 
     /// How long the poll may sleep before the shell's own service deadline
-    /// (the probe's), given `timeout` from the core.
+    /// (the first probe's), given `timeout` from the core.
     pub(super) fn service_timeout(&self, now: u64, timeout: Option<Duration>) -> Option<Duration> {
         if self.outputs.more {
             return Some(Duration::ZERO);
@@ -737,6 +930,65 @@ mod tests {
                 "TCPLOCK_RESTART_REASON=crash",
             ]
         );
+    }
+
+    #[test]
+    fn each_instance_has_its_own_tokens_found_back_by_arithmetic() {
+        let kinds = [
+            TokenKind::Exit,
+            TokenKind::Stdout,
+            TokenKind::Stderr,
+            TokenKind::Probe,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for id in [1, 2, 3, 1024, 1025, 4096] {
+            for kind in kinds {
+                let Some(Token(t)) = token(InstanceId(id), kind) else {
+                    panic!("no token for instance {id}");
+                };
+                assert!(t >= FIRST_SERVICE_TOKEN);
+                assert!(seen.insert(t), "token {t} given twice");
+                assert_eq!(token_owner(t), Some((InstanceId(id), kind)));
+            }
+        }
+        assert_eq!(
+            token(InstanceId(1), TokenKind::Exit),
+            Some(Token(FIRST_SERVICE_TOKEN))
+        );
+        assert_eq!(token_owner(FIRST_SERVICE_TOKEN - 1), None);
+    }
+
+    #[test]
+    fn the_command_alone_names_the_service() {
+        let args = [
+            "-l",
+            "9000",
+            "-u",
+            "127.0.0.1:8100",
+            "--spawn",
+            "exec server",
+        ];
+        let raw = match crate::config::cli::parse_from(args) {
+            Ok(crate::config::cli::Command::Run(raw)) => raw,
+            other => panic!("{other:?}"),
+        };
+        let mut config = crate::config::load(&raw).expect("a valid config");
+        let mut table = ServiceTable::default();
+        let first = table.update(&config);
+        assert!(first.is_some());
+        // Another instance list is the instances' business, not a new command.
+        config.upstreams = vec![HostPort {
+            host: "127.0.0.1".into(),
+            port: 9,
+        }];
+        assert_eq!(table.update(&config), first);
+        config.spawn = Some("exec other".into());
+        let second = table.update(&config);
+        assert!(second.is_some() && second != first);
+        assert_eq!(table.get(second.unwrap()), Some("exec other"));
+        assert_eq!(table.get(first.unwrap()), None);
+        config.spawn = None;
+        assert_eq!(table.update(&config), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ impl Shell {
             match signal {
                 SIGCHLD => {
                     self.reap(now);
-                    self.service_exited(now);
+                    self.services_exited(now);
                     self.reap_orphans(now);
                     self.reap_service_orphans();
                 }
@@ -164,9 +164,6 @@ impl Shell {
         let names = new.upstreams.iter().map(ToString::to_string);
         self.upstreams
             .update(names.zip(resolved), &self.core.stats().instances);
-        if let Some(addrs) = self.upstreams.addrs(InstanceId(1)) {
-            self.upstream_addrs = addrs;
-        }
         if let Some(line) = self.logger.line(LogLevel::Info, "reloaded") {
             line.field(origin_key, origin)
                 .field("changed", CommaList(&changed))

@@ -49,6 +49,13 @@ impl Office {
         }
     }
 
+    /// An office whose state directory is `dir` (made if missing): one of
+    /// several under a pool's directory, say.
+    pub fn at(dir: PathBuf) -> Office {
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Office { dir }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
