@@ -666,3 +666,58 @@ fn an_instance_removed_and_listed_again_while_it_drains_comes_back_as_it_was() {
     let c = connect_one(&mut core, 6, 3);
     assert_eq!(c.1, 1);
 }
+
+#[test]
+fn the_instance_due_longest_takes_the_next_turn() {
+    let settings = supervised_pool(
+        3,
+        ServiceSettings {
+            restart_after: Some(1),
+            ..service()
+        },
+    );
+    let mut core = Core::new(settings, 0);
+    let mut now = bring_up(&mut core, 0);
+    // One client each, in turn: 1 goes out at once, 2 and 3 wait their turn
+    // (2 due first) and keep serving.
+    let mut served = Vec::new();
+    for port in 1..=3 {
+        now += 1;
+        let conn = core.handle_accepted(now, addr(port));
+        let (actions, _) = fake_shell(&mut core, now);
+        let went = connects(&actions);
+        core.handle_upstream_connected(now, went[0].0);
+        fake_shell(&mut core, now);
+        core.handle_relay_ended(now, conn, finished());
+        fake_shell(&mut core, now);
+        served.push(went[0].1);
+    }
+    assert_eq!(served, [1, 2, 3]);
+    // 1 is ready again: the turn goes to 2, due before 3.
+    now += PROBE_INTERVAL_MS;
+    core.handle_tick(now);
+    let (_, events) = fake_shell(&mut core, now);
+    let stopping = |events: &[Event]| {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::UpstreamStopping { instance, .. } => Some(instance.0),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stopping(&events), [2]);
+    // 1 serves again and is due again, after 3: once 2 is back, 3 goes, not 1.
+    now += 1;
+    let conn = core.handle_accepted(now, addr(9));
+    let (actions, _) = fake_shell(&mut core, now);
+    assert_eq!(connects(&actions)[0].1, 1);
+    core.handle_upstream_connected(now, conn);
+    core.handle_relay_ended(now, conn, finished());
+    fake_shell(&mut core, now);
+    now += PROBE_INTERVAL_MS;
+    core.handle_tick(now);
+    let (_, events) = fake_shell(&mut core, now);
+    assert_eq!(stopping(&events), [3]);
+    core.check_invariants().expect("invariants");
+}

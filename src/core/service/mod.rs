@@ -85,6 +85,9 @@ enum ServiceState {
         conns: u64,
         /// Why it is to restart once drained.
         due: Option<RestartReason>,
+        /// When it became due: of several instances waiting for their
+        /// turn, the one due longest goes first.
+        due_since: u64,
         /// Due and its turn came: it takes no client and stops once no
         /// permit of it is held. A planned restart in a pool waits for its
         /// turn (no other instance out for one, another one ready) and
@@ -280,10 +283,15 @@ impl Service {
         self.maintenance
     }
 
-    /// Why a ready generation is due, if it is.
-    fn due_reason(&self) -> Option<RestartReason> {
+    /// Due and not yet draining: why, and since when.
+    fn waiting_turn(&self) -> Option<(RestartReason, u64)> {
         match self.state {
-            ServiceState::Ready { due, .. } => due,
+            ServiceState::Ready {
+                due: Some(reason),
+                due_since,
+                draining: false,
+                ..
+            } => Some((reason, due_since)),
             _ => None,
         }
     }
@@ -734,11 +742,14 @@ impl Core {
     /// out for one, or while no other instance is ready to serve, so
     /// planned maintenance never empties the pool.
     fn turn_free(&self, i: usize) -> bool {
-        let due = self.instances[i]
+        let Some((reason, since)) = self.instances[i]
             .service
             .as_ref()
-            .and_then(Service::due_reason);
-        if !due.is_some_and(RestartReason::is_planned) || self.live_instances() < 2 {
+            .and_then(Service::waiting_turn)
+        else {
+            return true;
+        };
+        if !reason.is_planned() || self.live_instances() < 2 {
             return true;
         }
         let others = || {
@@ -746,9 +757,17 @@ impl Core {
                 .iter()
                 .enumerate()
                 .filter(move |&(j, inst)| j != i && !inst.removed)
-                .filter_map(|(_, inst)| inst.service.as_ref())
+                .filter_map(|(j, inst)| Some((j, inst.service.as_ref()?)))
         };
-        !others().any(|s| s.maintenance) && others().any(Service::takes_clients)
+        // The one due longest goes first (the lower number on a tie), or
+        // a busy pool could keep giving the turn to the same instances.
+        let earlier = |&(j, s): &(usize, &Service)| {
+            s.waiting_turn()
+                .is_some_and(|(other, at)| other.is_planned() && (at, j) < (since, i))
+        };
+        !others().any(|(_, s)| s.maintenance)
+            && others().any(|(_, s)| s.takes_clients())
+            && !others().any(|other| earlier(&other))
     }
 
     /// Instance `i`'s turn came: it takes no new client and stops once its
@@ -905,26 +924,9 @@ impl Core {
                     generation,
                 });
             }
-            (
-                ServiceTimer::Lifetime,
-                ServiceState::Ready {
-                    generation,
-                    lifetime,
-                    due,
-                    ..
-                },
-            ) => {
+            (ServiceTimer::Lifetime, ServiceState::Ready { lifetime, .. }) => {
                 *lifetime = None;
-                if due.is_none() {
-                    *due = Some(RestartReason::Lifetime);
-                    let generation = *generation;
-                    self.log(Event::RestartDue {
-                        instance: InstanceId::at(i),
-                        generation,
-                        reason: RestartReason::Lifetime,
-                        rss_kib: None,
-                    });
-                }
+                self.make_due(i, RestartReason::Lifetime, None);
             }
             (ServiceTimer::IdleStop, ServiceState::Ready { idle, .. }) => {
                 *idle = None;
@@ -1051,13 +1053,18 @@ impl Core {
     /// A ready generation not due yet becomes due for `reason`, and says so
     /// (`rss_kib`: the sample and the limit, for a memory restart).
     fn make_due(&mut self, i: usize, reason: RestartReason, rss_kib: Option<(u64, u64)>) {
+        let now = self.now;
         if let Some(service) = &mut self.instances[i].service
             && let ServiceState::Ready {
-                generation, due, ..
+                generation,
+                due,
+                due_since,
+                ..
             } = &mut service.state
             && due.is_none()
         {
             *due = Some(reason);
+            *due_since = now;
             let generation = *generation;
             self.log(Event::RestartDue {
                 instance: InstanceId::at(i),
@@ -1111,6 +1118,7 @@ impl Core {
                 ready_at: now,
                 conns: 0,
                 due: None,
+                due_since: 0,
                 draining: false,
                 sample: Some(sample),
                 lifetime,
