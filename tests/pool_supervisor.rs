@@ -244,11 +244,9 @@ fn restart_after_rolls_through_the_pool_one_instance_at_a_time() {
     let proxy = pool.start(&ports(K as usize), "", &["--restart-after", "2"]);
     all_ready(&proxy, K);
 
-    // Rounds of clients, two per instance at once, until every instance
-    // restarted by policy at least once. Each round makes every instance
-    // due; the next round starts once none is out, so each due instance
-    // gets its turn (under a stream with no pause the core hands the turn
-    // to the lowest-numbered due instance, which may starve the others).
+    // A stream of clients, two per instance at once and round after round
+    // with no pause, until every instance restarted by policy at least
+    // once: the turn goes to the instance due longest, so none is starved.
     let mut served = Vec::new();
     let restarted = |proxy: &Proxy| {
         (1..=K).all(|i| {
@@ -260,13 +258,6 @@ fn restart_after_rolls_through_the_pool_one_instance_at_a_time() {
     let deadline = Instant::now() + 2 * START_WAIT;
     while !restarted(&proxy) && Instant::now() < deadline {
         served.extend(stream_of_clients(&proxy, K as usize, 2 * K as usize));
-        assert!(
-            wait_until(START_WAIT, || out_now(&proxy).is_empty()
-                && proxy.count_logs(event("restart_due"))
-                    <= proxy.count_logs(event("upstream_stopping"))),
-            "the due instances did not all take their turn: out {:?}",
-            out_now(&proxy)
-        );
     }
     assert!(
         restarted(&proxy),
