@@ -185,20 +185,6 @@ fn stream_of_clients(proxy: &Proxy, threads: usize, clients: usize) -> Vec<u32> 
     })
 }
 
-/// The instances out now: from an `upstream_stopping` to the next
-/// `upstream_ready` of the same instance.
-fn out_now(proxy: &Proxy) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    for line in proxy.logs() {
-        if is_event(&line, "upstream_stopping") {
-            out.insert(instance_of(&line));
-        } else if is_event(&line, "upstream_ready") {
-            out.remove(&instance_of(&line));
-        }
-    }
-    out
-}
-
 fn kill(sig: &str, pid: u32) {
     let st = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
