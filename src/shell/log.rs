@@ -30,6 +30,9 @@ pub struct Logger {
     /// Lines dropped and already reported, for the metrics.
     dropped_reported: u64,
     sink: LogSink,
+    /// The pool's instances (not removed by a reload), as the shell last
+    /// told before a state dump: its `state_summary` line names them.
+    instances: usize,
 }
 
 impl Logger {
@@ -41,6 +44,7 @@ impl Logger {
             dropped: 0,
             dropped_reported: 0,
             sink: LogSink::stderr(),
+            instances: 1,
         }
     }
 
@@ -58,6 +62,11 @@ impl Logger {
     /// Lines dropped so far, reported or not.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_reported + self.dropped
+    }
+
+    /// The pool's size for the next `state_summary` line.
+    pub fn set_instances(&mut self, instances: usize) {
+        self.instances = instances;
     }
 
     /// Changes the level for lines started from now on.
@@ -103,6 +112,7 @@ impl Logger {
     /// Writes one line for an event of the core.
     pub fn event(&mut self, event: &Event) {
         let (level, name) = level_and_name(event);
+        let instances = self.instances;
         let Some(line) = self.line(level, name) else {
             return;
         };
@@ -221,7 +231,8 @@ impl Logger {
                 .field("permits", permits)
                 .field("hook_running", hook_running)
                 .field("activations", activations)
-                .field("timeouts", timeouts),
+                .field("timeouts", timeouts)
+                .field("instances", instances),
             Event::UpstreamStarting {
                 generation,
                 pid,

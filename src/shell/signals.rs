@@ -28,7 +28,12 @@ impl Shell {
                 }
                 SIGHUP => self.reload(),
                 SIGTERM | SIGINT => self.core.handle_shutdown(now),
-                SIGUSR1 => self.core.handle_dump_state(now),
+                SIGUSR1 => {
+                    let stats = self.core.stats();
+                    let live = stats.instances.iter().filter(|i| !i.removed).count();
+                    self.logger.set_instances(live);
+                    self.core.handle_dump_state(now);
+                }
                 _ => {}
             }
             self.drain(now);
