@@ -380,8 +380,9 @@ fn sole_instance(core: &Core) -> Option<InstanceId> {
 }
 
 /// The instance whose permit a connection in `state` holds, for `conns`;
-/// `None` for one waiting in line. The core's `ConnInfo` does not name it yet, so in a
-/// pool of several it is left out (asked of the core: `ConnInfo.instance`).
+/// `None` for one waiting in line. The core's `ConnInfo` does not name it
+/// yet, so in a pool of several it is left out (asked of the core:
+/// `ConnInfo.instance`).
 fn holder_instance(state: StateName, sole: Option<InstanceId>) -> Option<InstanceId> {
     match state {
         StateName::Activating | StateName::Proxying => sole,
