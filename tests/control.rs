@@ -465,6 +465,7 @@ fn conns_lists_every_connection_with_its_bytes() {
     assert_eq!(num_field(a, "bytes_down"), 19, "{a}");
     assert_eq!(num_field(b, "conn"), 2);
     assert_eq!(field(b, "state").as_deref(), Some("queued"));
+    assert_eq!(field(b, "instance"), None, "no permit, no instance: {b}");
     assert_eq!(num_field(b, "bytes_up"), 0);
     assert!(num_field(b, "age_ms") >= num_field(b, "waited_ms"));
 }
@@ -567,8 +568,8 @@ fn a_reply_larger_than_the_socket_buffer_is_written_as_the_client_reads() {
     let dir = TempDir::new("ctl-big");
     let upstream = Upstream::echo();
     let (proxy, sock) = start(&dir, &upstream, &["--max-queue", "4000"]);
-    // ~115 bytes a line: 3000 lines are well past the 208 KiB a Unix
-    // socket buffers by default.
+    // ~100 bytes a line (a waiting client names no instance): 3000 lines
+    // are well past the 208 KiB a Unix socket buffers by default.
     let clients: Vec<std::net::TcpStream> = (0..3000).map(|_| proxy.connect()).collect();
     wait_queued(&sock, 2999);
     let mut slow = session(&sock);
@@ -579,7 +580,7 @@ fn a_reply_larger_than_the_socket_buffer_is_written_as_the_client_reads() {
     }
     let reply = read_all(&mut slow);
     let lines: Vec<&str> = reply.lines().collect();
-    assert!(reply.len() > 300 * 1024, "{} bytes", reply.len());
+    assert!(reply.len() > 256 * 1024, "{} bytes", reply.len());
     assert_eq!(lines.len(), 3001);
     assert_eq!(lines.last(), Some(&"ok"));
     assert_eq!(num_field(lines[2999], "conn"), 3000);

@@ -763,6 +763,7 @@ impl Core {
             queued: self.queue.len(),
             active: self.active,
             permits: self.settings.permits,
+            instances: self.live_instances(),
             hook_running: self.any_hook(),
             activations: self.counters.activations,
             timeouts: self.counters.timeouts,
@@ -836,15 +837,6 @@ impl Core {
         let mut stats = Stats::default();
         self.write_stats(&mut stats);
         stats
-    }
-
-    /// One instance's supervised service, as [`Stats`] would show it;
-    /// without the allocation of a whole [`Core::stats`].
-    pub fn service_stats_of(&self, instance: InstanceId) -> ServiceStats {
-        match self.instance_index(instance) {
-            Some(i) => self.service_stats(i),
-            None => ServiceStats::default(),
-        }
     }
 
     /// [`Core::stats`] into `out`, reusing its memory: the shell publishes

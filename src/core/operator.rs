@@ -59,6 +59,8 @@ pub struct ConnInfo {
     pub conn: ConnRef,
     /// Its state.
     pub state: StateName,
+    /// The instance whose permit it holds; `None` while it waits.
+    pub instance: Option<InstanceId>,
     /// Its client.
     pub client: SocketAddr,
     /// Since accept.
@@ -163,9 +165,16 @@ impl Core {
                 None => PositionError::Unknown,
             });
         };
-        // A pool's permits: every live instance's.
+        // A pool's permits: every live instance's; free are those of
+        // instances that could take a client but for their holders.
         let permits = u32::try_from(self.capacity()).unwrap_or(u32::MAX);
-        let free_permits = permits.saturating_sub(u32::try_from(self.active).unwrap_or(u32::MAX));
+        let free: usize = self
+            .instances
+            .iter()
+            .filter(|inst| !inst.removed && inst.cooldown.is_none())
+            .map(|inst| (self.settings.permits as usize).saturating_sub(inst.active))
+            .sum();
+        let free_permits = u32::try_from(free).unwrap_or(u32::MAX);
         let position = ahead + 1;
         let eta_ms = self.proxy_ms_avg.filter(|_| !self.paused).map(|avg| {
             let behind_free = position.saturating_sub(free_permits as usize) as u64;
@@ -245,9 +254,14 @@ fn conn_info(now: u64, slot: usize, c: &Conn) -> ConnInfo {
         ConnState::Proxying { since, .. } => since,
         _ => now,
     };
+    let holds_permit = matches!(
+        c.state,
+        ConnState::Activating(_) | ConnState::Proxying { .. }
+    );
     ConnInfo {
         conn: ConnRef { slot, id: c.id },
         state: c.state.name(),
+        instance: holds_permit.then_some(c.instance),
         client: c.client,
         age_ms: now.saturating_sub(c.accepted_at),
         waited_ms: until.saturating_sub(c.accepted_at),
@@ -457,6 +471,7 @@ mod tests {
                 ConnInfo {
                     conn: a,
                     state: StateName::Proxying,
+                    instance: Some(InstanceId(1)),
                     client: addr(1),
                     age_ms: 100,
                     waited_ms: 40,
@@ -464,6 +479,7 @@ mod tests {
                 ConnInfo {
                     conn: b,
                     state: StateName::Queued,
+                    instance: None,
                     client: addr(2),
                     age_ms: 50,
                     waited_ms: 50,

@@ -1042,11 +1042,13 @@ pub enum Event {
         age_ms: Option<u64>,
         instance: InstanceId,
     },
-    /// The totals closing a state dump.
+    /// The totals closing a state dump; `permits` is each instance's, and
+    /// `instances` counts those not removed.
     StateSummary {
         queued: usize,
         active: usize,
         permits: u32,
+        instances: usize,
         hook_running: bool,
         activations: u64,
         timeouts: u64,

@@ -18,7 +18,7 @@ use slab::Slab;
 
 use super::*;
 use crate::core::{
-    ConnId, CoreStatus, InstanceId, PositionError, ServiceStateName, ServiceStats, Target,
+    ConnId, CoreStatus, InstanceId, InstanceStats, PositionError, ServiceStateName, Target,
 };
 use log::push_value;
 
@@ -179,12 +179,13 @@ fn error_reply(msg: impl fmt::Display) -> Vec<u8> {
 }
 
 /// What `status` reports, taken at one instant: one line for tcplock and
-/// one for its upstream instance.
+/// one per upstream instance.
 pub(super) struct StatusSnapshot {
     pub(super) core: CoreStatus,
     pub(super) draining: bool,
-    pub(super) upstream: String,
-    pub(super) service: ServiceStats,
+    /// Every instance of the pool, in number order (removed ones still
+    /// draining included).
+    pub(super) instances: Vec<InstanceStats>,
 }
 
 impl StatusSnapshot {
@@ -214,31 +215,47 @@ impl StatusSnapshot {
         for outcome in Outcome::ALL {
             reply.field(outcome.as_str(), c.outcomes.count(outcome));
         }
-        // One upstream today; a pool adds a line per instance. An upstream
-        // tcplock does not run is taken as ready, as the metrics show it,
-        // and its connections are the activations.
-        let s = &self.service;
-        let state = s.state.map_or("ready", ServiceStateName::as_str);
-        let conns = if s.state.is_some() {
-            s.conns
-        } else {
-            c.activations
-        };
-        reply
-            .line("instance", 1)
-            .field("addr", &self.upstream)
-            .field("state", state)
-            .field("supervised", if s.state.is_some() { "yes" } else { "no" })
-            .field("gen", s.generation);
-        if let Some(pid) = s.pid {
-            reply.field("pid", pid);
+        for inst in &self.instances {
+            write_instance(reply, inst);
         }
-        reply
-            .field("rss_kib", s.rss_kib)
-            .field("active", c.active)
-            .field("conns", conns)
-            .field("restarts", s.restarts.iter().sum::<u64>());
     }
+}
+
+/// One instance's `status` line. An instance tcplock does not run is taken
+/// as ready, as the metrics show it, and its connections are its
+/// activations.
+fn write_instance(reply: &mut Reply, inst: &InstanceStats) {
+    let s = &inst.service;
+    let state = s.state.map_or("ready", ServiceStateName::as_str);
+    let conns = if s.state.is_some() {
+        s.conns
+    } else {
+        inst.activations
+    };
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    reply
+        .line("instance", inst.id)
+        .field("addr", &inst.upstream)
+        .field("state", state)
+        .field("supervised", yes_no(s.state.is_some()))
+        .field("gen", s.generation);
+    if let Some(pid) = s.pid {
+        reply.field("pid", pid);
+    }
+    reply
+        .field("rss_kib", s.rss_kib)
+        .field("active", inst.active)
+        .field("conns", conns)
+        .field("restarts", s.restarts.iter().sum::<u64>())
+        .field("cooling_down", yes_no(inst.cooling_down))
+        .field("removed", yes_no(inst.removed));
+}
+
+/// The pool's capacity: `permits` (each instance's) times the instances a
+/// reload did not remove; at least `permits`, as a single upstream has.
+pub(super) fn pool_permits(permits: u32, instances: &[InstanceStats]) -> u64 {
+    let live = instances.iter().filter(|inst| !inst.removed).count().max(1);
+    u64::from(permits).saturating_mul(live as u64)
 }
 
 // ----- the server -----
@@ -303,8 +320,11 @@ fn conns_part(
         reply
             .line("conn", info.conn.id())
             .field("state", info.state.as_str())
-            .field("client", info.client)
-            .field("instance", 1)
+            .field("client", info.client);
+        if let Some(instance) = info.instance {
+            reply.field("instance", instance);
+        }
+        reply
             .field("age_ms", info.age_ms)
             .field("waited_ms", info.waited_ms)
             .field("bytes_up", up)
@@ -361,15 +381,94 @@ enum Phase {
 /// once the one before is in the socket.
 const CONNS_PART: usize = 64 * 1024;
 
-#[derive(Clone, Copy)]
 enum Pending {
     /// `drain`: answered once no permit is held, or with a timeout then.
     Drain { until: Option<u64> },
     /// `reload`: answered when the reload thread numbered `run` reports.
     Reload { run: u64 },
-    /// `restart`: answered once a generation after `after` is ready, or the
-    /// service failed.
-    Restart { after: u64 },
+    /// `restart`: answered once each instance named has a ready generation
+    /// after the one it ran when asked, or with an error once one failed.
+    /// At most [`MAX_CONTROL_CONNS`] connections wait, each with at most
+    /// the pool's instances.
+    Restart(Box<[RestartWait]>),
+}
+
+/// One instance a `restart` waits for.
+struct RestartWait {
+    id: u32,
+    /// Its address when asked: a reload that removes the instance (and
+    /// perhaps gives its number to another) ends the wait for it.
+    upstream: String,
+    /// Its generation when asked.
+    after: u64,
+}
+
+/// Where one instance of a waiting `restart` stands.
+#[derive(PartialEq, Eq)]
+enum Restarted {
+    /// A generation after the one asked about is ready: its number and pid.
+    Ready(u64, Option<u32>),
+    /// Still on its way.
+    Waiting,
+    /// Removed by a reload meanwhile: nothing left to wait for.
+    Gone,
+    /// Its service failed.
+    Failed,
+}
+
+impl RestartWait {
+    fn of(inst: &InstanceStats) -> RestartWait {
+        RestartWait {
+            id: inst.id,
+            upstream: inst.upstream.clone(),
+            after: inst.service.generation,
+        }
+    }
+
+    fn state(&self, instances: &[InstanceStats]) -> Restarted {
+        let Some(inst) = instances
+            .iter()
+            .find(|inst| inst.id == self.id && inst.upstream == self.upstream && !inst.removed)
+        else {
+            return Restarted::Gone;
+        };
+        let s = &inst.service;
+        match s.state {
+            None => Restarted::Gone,
+            Some(ServiceStateName::Failed) => Restarted::Failed,
+            Some(ServiceStateName::Ready) if s.generation > self.after => {
+                Restarted::Ready(s.generation, s.pid)
+            }
+            Some(_) => Restarted::Waiting,
+        }
+    }
+}
+
+/// The answer to a waiting `restart`, once it is known: a line per
+/// instance restarted (`instance=I gen=G pid=P`), or an error.
+fn restart_answer(waits: &[RestartWait], instances: &[InstanceStats]) -> Option<Vec<u8>> {
+    let states: Vec<Restarted> = waits.iter().map(|w| w.state(instances)).collect();
+    if states.contains(&Restarted::Failed) {
+        return Some(error_reply("upstream failed"));
+    }
+    if states.contains(&Restarted::Waiting) {
+        return None;
+    }
+    let mut reply = Reply::default();
+    for (wait, state) in waits.iter().zip(states) {
+        if let Restarted::Ready(generation, pid) = state {
+            reply
+                .line("instance", wait.id)
+                .field("gen", generation)
+                .field("pid", pid.unwrap_or(0));
+        }
+    }
+    Some(match waits {
+        [only] if reply.0.is_empty() => {
+            error_reply(format_args!("instance {} was removed", only.id))
+        }
+        _ => reply.ok(),
+    })
 }
 
 impl ControlServer {
@@ -624,24 +723,31 @@ impl Shell {
                     return None;
                 }
             }
-            Command::Restart(Some(instance)) if instance != 1 => error_reply(format_args!(
-                "no instance {instance}: there is one upstream"
-            )),
-            Command::Restart(_) => {
-                let service = self.core.service_stats_of(InstanceId(1));
-                if service.state.is_none() {
-                    error_reply("restart needs --spawn")
-                } else {
-                    self.core.handle_service_restart(now, None);
-                    self.drain(now);
-                    self.control_wait(
-                        slot,
-                        Pending::Restart {
-                            after: service.generation,
-                        },
-                    );
-                    self.control_answer_restarts(now);
-                    return None;
+            Command::Restart(target) => {
+                let instances = self.core.stats().instances;
+                let live = instances.iter().filter(|inst| !inst.removed);
+                let chosen: Vec<&InstanceStats> = match target {
+                    None => live.collect(),
+                    Some(id) => live.filter(|inst| inst.id == id).collect(),
+                };
+                match target {
+                    Some(id) if chosen.is_empty() => error_reply(format_args!("no instance {id}")),
+                    _ if chosen.iter().all(|inst| inst.service.state.is_none()) => {
+                        error_reply("restart needs --spawn")
+                    }
+                    _ => {
+                        let waits: Box<[RestartWait]> = chosen
+                            .iter()
+                            .filter(|inst| inst.service.state.is_some())
+                            .map(|inst| RestartWait::of(inst))
+                            .collect();
+                        self.core
+                            .handle_service_restart(now, target.map(InstanceId));
+                        self.drain(now);
+                        self.control_wait(slot, Pending::Restart(waits));
+                        self.control_answer_restarts(now);
+                        return None;
+                    }
                 }
             }
             Command::Kill(id) => {
@@ -691,8 +797,7 @@ impl Shell {
         StatusSnapshot {
             core: self.core.status(now),
             draining,
-            upstream: self.config.first_upstream().to_string(),
-            service: self.core.service_stats_of(InstanceId(1)),
+            instances: self.core.stats().instances,
         }
     }
 
@@ -831,26 +936,22 @@ impl Shell {
         self.control_answer_restarts(now);
     }
 
-    /// Answers `restart` commands whose new generation is ready (or whose
-    /// service failed).
+    /// Answers `restart` commands whose instances all have a new ready
+    /// generation (or one of which failed).
     fn control_answer_restarts(&mut self, now: u64) {
-        let service = self.core.service_stats_of(InstanceId(1));
-        self.control_answer(now, |phase| {
-            let Phase::Waiting(Pending::Restart { after }) = *phase else {
-                return None;
-            };
-            match service.state? {
-                ServiceStateName::Failed => Some(error_reply("upstream failed")),
-                ServiceStateName::Ready if service.generation > after => {
-                    let mut reply = Reply::default();
-                    reply
-                        .line("instance", 1)
-                        .field("gen", service.generation)
-                        .field("pid", service.pid.unwrap_or(0));
-                    Some(reply.ok())
-                }
-                _ => None,
-            }
+        let Some(server) = &self.control else {
+            return;
+        };
+        let waiting =
+            |(_, c): &(usize, &CtlConn)| matches!(c.phase, Phase::Waiting(Pending::Restart(_)));
+        // The pool's numbers are taken only while a restart waits.
+        if !server.conns.iter().any(|entry| waiting(&entry)) {
+            return;
+        }
+        let instances = self.core.stats().instances;
+        self.control_answer(now, |phase| match phase {
+            Phase::Waiting(Pending::Restart(waits)) => restart_answer(waits, &instances),
+            _ => None,
         });
     }
 
@@ -877,6 +978,7 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::ServiceStats;
 
     #[test]
     fn parses_every_command() {
@@ -934,6 +1036,113 @@ mod tests {
             parse_command("drain soon")
                 .unwrap_err()
                 .starts_with("drain: 'soon'")
+        );
+    }
+
+    fn instance(id: u32, state: Option<ServiceStateName>, generation: u64) -> InstanceStats {
+        InstanceStats {
+            id,
+            upstream: format!("127.0.0.1:{}", 8100 + id),
+            service: ServiceStats {
+                state,
+                generation,
+                pid: state.map(|_| 1000 + id),
+                ..ServiceStats::default()
+            },
+            ..InstanceStats::default()
+        }
+    }
+
+    fn text(reply: Vec<u8>) -> String {
+        String::from_utf8(reply).unwrap()
+    }
+
+    #[test]
+    fn status_has_a_line_per_instance_and_the_pools_capacity() {
+        let mut a = instance(1, None, 0);
+        a.active = 1;
+        a.activations = 7;
+        let mut b = instance(2, None, 0);
+        b.cooling_down = true;
+        let mut c = instance(3, None, 0);
+        c.removed = true;
+        let snapshot = StatusSnapshot {
+            core: CoreStatus {
+                paused: false,
+                stopping: false,
+                queued: 0,
+                active: 1,
+                permits: 4,
+                oldest_wait_ms: 0,
+                accepted: 7,
+                activations: 7,
+                timeouts: 0,
+                outcomes: Default::default(),
+            },
+            draining: false,
+            instances: vec![a, b, c],
+        };
+        let mut reply = Reply::default();
+        snapshot.write(&mut reply);
+        let out = text(reply.ok());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert!(
+            lines[0].contains(" permits=4 "),
+            "two live instances of 2: {out}"
+        );
+        assert_eq!(
+            lines[1],
+            "instance=1 addr=127.0.0.1:8101 state=ready supervised=no gen=0 rss_kib=0 \
+             active=1 conns=7 restarts=0 cooling_down=no removed=no"
+        );
+        assert!(lines[2].ends_with(" cooling_down=yes removed=no"), "{out}");
+        assert!(lines[3].ends_with(" cooling_down=no removed=yes"), "{out}");
+    }
+
+    #[test]
+    fn a_restart_answers_once_every_instance_named_is_ready_again() {
+        let ready = Some(ServiceStateName::Ready);
+        let asked = [instance(1, ready, 3), instance(2, ready, 5)];
+        let waits: Vec<RestartWait> = asked.iter().map(RestartWait::of).collect();
+        // Instance 2 restarted, instance 1 not yet: no answer.
+        let now = [instance(1, ready, 3), instance(2, ready, 6)];
+        assert_eq!(restart_answer(&waits, &now), None);
+        let starting = [
+            instance(1, Some(ServiceStateName::Starting), 4),
+            now[1].clone(),
+        ];
+        assert_eq!(restart_answer(&waits, &starting), None);
+        let done = [instance(1, ready, 4), instance(2, ready, 6)];
+        assert_eq!(
+            text(restart_answer(&waits, &done).unwrap()),
+            "instance=1 gen=4 pid=1001\ninstance=2 gen=6 pid=1002\nok\n"
+        );
+        // Only instance 2 asked: its own new generation answers.
+        assert_eq!(
+            text(restart_answer(&waits[1..], &now).unwrap()),
+            "instance=2 gen=6 pid=1002\nok\n"
+        );
+        let failed = [
+            instance(1, Some(ServiceStateName::Failed), 4),
+            now[1].clone(),
+        ];
+        assert_eq!(
+            text(restart_answer(&waits, &failed).unwrap()),
+            "error msg=\"upstream failed\"\n"
+        );
+        // A reload removed instance 1 (or gave its number to another).
+        let mut other = instance(1, ready, 9);
+        other.upstream = "127.0.0.1:9999".to_string();
+        assert_eq!(
+            text(restart_answer(&waits[..1], &[other]).unwrap()),
+            "error msg=\"instance 1 was removed\"\n"
+        );
+        let mut removed = instance(1, ready, 3);
+        removed.removed = true;
+        assert_eq!(
+            text(restart_answer(&waits, &[removed, done[1].clone()]).unwrap()),
+            "instance=2 gen=6 pid=1002\nok\n"
         );
     }
 

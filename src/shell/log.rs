@@ -212,6 +212,7 @@ impl Logger {
                 queued,
                 active,
                 permits,
+                instances,
                 hook_running,
                 activations,
                 timeouts,
@@ -221,7 +222,8 @@ impl Logger {
                 .field("permits", permits)
                 .field("hook_running", hook_running)
                 .field("activations", activations)
-                .field("timeouts", timeouts),
+                .field("timeouts", timeouts)
+                .field("instances", instances),
             Event::UpstreamStarting {
                 generation,
                 pid,

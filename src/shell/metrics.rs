@@ -19,7 +19,8 @@ use super::{FIRST_METRICS_CONN, METRICS_LISTENER, Shell, Stage};
 use crate::api::error::Error;
 use crate::config::{Config, LogLevel};
 use crate::core::{
-    Event, HookExit, HookKind, Outcome, RejectReason, RestartReason, ServiceStateName, Stats,
+    Event, HookExit, HookKind, InstanceStats, Outcome, RejectReason, RestartReason,
+    ServiceStateName, Stats,
 };
 use crate::sys;
 
@@ -163,23 +164,13 @@ fn scrape(
         log_dropped_lines: logger.dropped_total(),
     };
     let process = proc.read_all(fds);
-    let service = &snapshot.stats.service;
-    let mut restarts = [("", 0); RestartReason::RESTARTS.len()];
-    for (slot, reason) in restarts.iter_mut().zip(RestartReason::RESTARTS) {
-        *slot = (reason.as_str(), service.restarts(reason));
-    }
-    let instance = match service.state {
-        None => UNSUPERVISED,
-        Some(state) => InstanceSnapshot {
-            instance: "1",
-            up: state == ServiceStateName::Ready,
-            state: UpstreamState::of(state),
-            generation: service.generation,
-            restarts: &restarts,
-            rss_bytes: Some(service.rss_kib.saturating_mul(1024)),
-        },
-    };
-    write_exposition(out, recorder, &snapshot, &[instance], &process);
+    let instances: Vec<InstanceSnapshot> = snapshot
+        .stats
+        .instances
+        .iter()
+        .map(InstanceSnapshot::of)
+        .collect();
+    write_exposition(out, recorder, &snapshot, &instances, &process);
 }
 
 /// Histogram bucket bounds in milliseconds: 1 ms to 10 min.
@@ -354,9 +345,9 @@ impl Recorder {
 }
 
 /// The state of an upstream instance, as `tcplock_upstream_state{state}`
-/// names it. Only `Ready` is used until the supervisor reports the others.
+/// names it: the supervised service's, `ready` for an instance tcplock
+/// does not run, and `cooldown` for one a failed connect keeps out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(dead_code)] // The supervisor fills in the other states.
 pub(super) enum UpstreamState {
     Stopped,
     Starting,
@@ -404,27 +395,65 @@ impl UpstreamState {
 
 /// One upstream instance as the metrics show it.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct InstanceSnapshot<'a> {
+pub(super) struct InstanceSnapshot {
     /// The `instance` label: `1`, `2`, ...
-    pub instance: &'a str,
+    pub instance: u32,
     /// Whether it takes connections.
     pub up: bool,
     pub state: UpstreamState,
     pub generation: u64,
-    /// Restarts by reason (`crashed`, `due`, `requested`, ...).
-    pub restarts: &'a [(&'static str, u64)],
-    /// `None` when tcplock does not run it (an unsupervised upstream).
+    /// Restarts by reason, in [`RestartReason::RESTARTS`] order; `None`
+    /// when tcplock does not run it.
+    pub restarts: Option<[u64; RestartReason::RESTARTS.len()]>,
+    /// `None` when tcplock does not run it.
     pub rss_bytes: Option<u64>,
+    /// Connections holding one of its permits.
+    pub active: u64,
+    /// Connections let through to it so far.
+    pub activations: u64,
+    pub cooling_down: bool,
+}
+
+impl InstanceSnapshot {
+    /// An instance as the core reports it. One tcplock does not run is
+    /// ready unless a failed connect put it in cool-down; one a reload
+    /// removed is not up, whatever its state.
+    fn of(inst: &InstanceStats) -> InstanceSnapshot {
+        let service = &inst.service;
+        let state = match service.state {
+            _ if inst.cooling_down => UpstreamState::Cooldown,
+            None => UpstreamState::Ready,
+            Some(state) => UpstreamState::of(state),
+        };
+        let restarts = service
+            .state
+            .map(|_| RestartReason::RESTARTS.map(|r| service.restarts(r)));
+        InstanceSnapshot {
+            instance: inst.id,
+            up: state == UpstreamState::Ready && !inst.removed,
+            state,
+            generation: service.generation,
+            restarts,
+            rss_bytes: service.state.map(|_| service.rss_kib.saturating_mul(1024)),
+            active: inst.active as u64,
+            activations: inst.activations,
+            cooling_down: inst.cooling_down,
+        }
+    }
 }
 
 /// What an unsupervised upstream shows: one instance, up and ready.
-pub(super) const UNSUPERVISED: InstanceSnapshot<'static> = InstanceSnapshot {
-    instance: "1",
+#[cfg(test)]
+pub(super) const UNSUPERVISED: InstanceSnapshot = InstanceSnapshot {
+    instance: 1,
     up: true,
     state: UpstreamState::Ready,
     generation: 0,
-    restarts: &[],
+    restarts: None,
     rss_bytes: None,
+    active: 0,
+    activations: 0,
+    cooling_down: false,
 };
 
 /// Everything a scrape shows beside the recorder, gathered by the loop.
@@ -446,7 +475,7 @@ pub(super) fn write_exposition(
     out: &mut Vec<u8>,
     recorder: &Recorder,
     snapshot: &Snapshot,
-    instances: &[InstanceSnapshot<'_>],
+    instances: &[InstanceSnapshot],
     process: &ProcessMetrics,
 ) {
     // Writing into a Vec cannot fail.
@@ -480,8 +509,8 @@ fn write_tcplock(out: &mut Vec<u8>, rec: &Recorder, snap: &Snapshot) -> io::Resu
         ),
         (
             "tcplock_permits",
-            "Connections that may hold a permit at once.",
-            u64::from(stats.permits),
+            "Connections that may hold a permit at once: --permits of each instance times the instances of the pool.",
+            super::control::pool_permits(stats.permits, &stats.instances),
         ),
         (
             "tcplock_paused",
@@ -623,10 +652,7 @@ fn write_histogram(
 
 /// The per-instance metrics, one sample set per instance. Kept apart so the
 /// supervisor (and later the pool) hands in its instances.
-pub(super) fn write_upstreams(
-    out: &mut Vec<u8>,
-    instances: &[InstanceSnapshot<'_>],
-) -> io::Result<()> {
+pub(super) fn write_upstreams(out: &mut Vec<u8>, instances: &[InstanceSnapshot]) -> io::Result<()> {
     header(
         out,
         "tcplock_upstream_up",
@@ -678,11 +704,15 @@ pub(super) fn write_upstreams(
         "Restarts of the upstream instance, by reason.",
     )?;
     for i in instances {
-        for (reason, count) in i.restarts {
+        let Some(restarts) = &i.restarts else {
+            continue;
+        };
+        for (reason, count) in RestartReason::RESTARTS.iter().zip(restarts) {
             writeln!(
                 out,
-                "tcplock_upstream_restarts_total{{instance=\"{}\",reason=\"{reason}\"}} {count}",
-                i.instance
+                "tcplock_upstream_restarts_total{{instance=\"{}\",reason=\"{}\"}} {count}",
+                i.instance,
+                reason.as_str()
             )?;
         }
     }
@@ -701,8 +731,37 @@ pub(super) fn write_upstreams(
             )?;
         }
     }
+    let per_instance: [(&str, &str, &str, InstanceValue); 3] = [
+        (
+            "tcplock_instance_active",
+            "gauge",
+            "Connections holding a permit of the instance (activating or proxying).",
+            |i| i.active,
+        ),
+        (
+            "tcplock_instance_activations_total",
+            "counter",
+            "Connections let through to the instance.",
+            |i| i.activations,
+        ),
+        (
+            "tcplock_instance_cooling_down",
+            "gauge",
+            "1 while a failed connect keeps the instance out (passive health).",
+            |i| u64::from(i.cooling_down),
+        ),
+    ];
+    for (name, kind, help, value) in per_instance {
+        header(out, name, kind, help)?;
+        for i in instances {
+            writeln!(out, "{name}{{instance=\"{}\"}} {}", i.instance, value(i))?;
+        }
+    }
     Ok(())
 }
+
+/// Reads one per-instance sample off an instance.
+type InstanceValue = fn(&InstanceSnapshot) -> u64;
 
 /// Milliseconds shown as seconds without going through a float.
 struct Seconds(u64);
@@ -1001,6 +1060,84 @@ mod tests {
                 .start_time_seconds
                 .is_some_and(|s| s > 1_600_000_000)
         );
+    }
+
+    #[test]
+    fn every_instance_has_its_series_and_permits_count_the_pool() {
+        let supervised = InstanceStats {
+            id: 1,
+            upstream: "127.0.0.1:8101".to_string(),
+            active: 1,
+            activations: 5,
+            service: crate::core::ServiceStats {
+                state: Some(ServiceStateName::Ready),
+                generation: 3,
+                rss_kib: 2,
+                restarts: {
+                    let mut r = [0; RestartReason::ALL.len()];
+                    r[RestartReason::Control.index()] = 2;
+                    r
+                },
+                ..Default::default()
+            },
+            ..InstanceStats::default()
+        };
+        let cooling = InstanceStats {
+            id: 2,
+            upstream: "127.0.0.1:8102".to_string(),
+            activations: 1,
+            cooling_down: true,
+            ..InstanceStats::default()
+        };
+        let snapshot = Snapshot {
+            stats: Stats {
+                permits: 2,
+                instances: vec![supervised, cooling],
+                ..Stats::default()
+            },
+            ..Snapshot::default()
+        };
+        let instances: Vec<InstanceSnapshot> = snapshot
+            .stats
+            .instances
+            .iter()
+            .map(InstanceSnapshot::of)
+            .collect();
+        let mut out = Vec::new();
+        write_exposition(
+            &mut out,
+            &Recorder::default(),
+            &snapshot,
+            &instances,
+            &ProcessMetrics::default(),
+        );
+        let text = String::from_utf8(out).unwrap();
+        for expected in [
+            "tcplock_permits 4",
+            "tcplock_upstream_up{instance=\"1\"} 1",
+            "tcplock_upstream_up{instance=\"2\"} 0",
+            "tcplock_upstream_state{instance=\"1\",state=\"ready\"} 1",
+            "tcplock_upstream_state{instance=\"2\",state=\"cooldown\"} 1",
+            "tcplock_upstream_state{instance=\"2\",state=\"ready\"} 0",
+            "tcplock_upstream_generation{instance=\"1\"} 3",
+            "tcplock_upstream_generation{instance=\"2\"} 0",
+            "tcplock_upstream_restarts_total{instance=\"1\",reason=\"control\"} 2",
+            "tcplock_upstream_rss_bytes{instance=\"1\"} 2048",
+            "tcplock_instance_active{instance=\"1\"} 1",
+            "tcplock_instance_active{instance=\"2\"} 0",
+            "tcplock_instance_activations_total{instance=\"1\"} 5",
+            "tcplock_instance_activations_total{instance=\"2\"} 1",
+            "tcplock_instance_cooling_down{instance=\"1\"} 0",
+            "tcplock_instance_cooling_down{instance=\"2\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == expected),
+                "no `{expected}` in\n{text}"
+            );
+        }
+        // An instance tcplock does not run has no restarts and no memory.
+        assert!(!text.contains("tcplock_upstream_restarts_total{instance=\"2\""));
+        assert!(!text.contains("tcplock_upstream_rss_bytes{instance=\"2\""));
     }
 
     #[test]

@@ -721,3 +721,27 @@ fn the_instance_due_longest_takes_the_next_turn() {
     assert_eq!(stopping(&events), [3]);
     core.check_invariants().expect("invariants");
 }
+
+#[test]
+fn position_counts_the_whole_pool_in_its_eta_and_free_permits() {
+    let mut core = Core::new(pool(2), 0);
+    // One connection proxies 1000 ms: the average.
+    let first = connect_one(&mut core, 0, 1);
+    core.handle_relay_ended(1000, first.0, finished());
+    drain(&mut core);
+    connect_one(&mut core, 1000, 2);
+    connect_one(&mut core, 1000, 3);
+    let waiting: Vec<ConnRef> = (0..5)
+        .map(|n| core.handle_accepted(1000, addr(10 + n)))
+        .collect();
+    drain(&mut core);
+    // Both permits held: positions 1-2 wait one round, 3-4 two, 5 three.
+    for (n, conn) in waiting.iter().enumerate() {
+        let p = core
+            .position(1000, Target::Conn(conn.id()))
+            .expect("waiting");
+        let rounds = (n as u64) / 2 + 1;
+        assert_eq!((p.eta_ms, p.free_permits), (Some(rounds * 1000), 0), "{n}");
+    }
+    assert_eq!(core.status(1000).permits, 2);
+}
