@@ -393,8 +393,10 @@ fn decode(action: Action) -> Todo {
         } => Todo::Signal(index(instance), generation, signal),
         Action::ReportIdle => Todo::ReportIdle,
         Action::Log(event) => Todo::Log(event),
-        // No hooks, no accept pauses, one address per instance.
+        // No hooks, no accept pauses, one address per instance, every
+        // connect answers at once.
         Action::ConnectNext(_)
+        | Action::AbandonConnect(_)
         | Action::SpawnHook(_)
         | Action::KillHook(_)
         | Action::StopAccepting

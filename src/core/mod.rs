@@ -222,13 +222,13 @@ enum Deadline {
     Ttl(ConnRef),
     Hook(HookId),
     /// Ends an instance's on-activate backoff.
-    HookRetry(usize),
+    HookRetry(InstanceId),
     /// Ends an instance's cool-down.
-    Cooldown(usize),
+    Cooldown(InstanceId),
     AcceptRetry,
     ShutdownGrace,
     StallCheck,
-    Service(usize, ServiceTimer),
+    Service(InstanceId, ServiceTimer),
 }
 
 impl Core {
@@ -849,7 +849,10 @@ impl Core {
         out.activations = self.counters.activations;
         out.timeouts = self.counters.timeouts;
         out.outcomes = self.counters.outcomes;
-        out.service = self.service_stats(0);
+        // The first instance a reload did not remove: the one upstream of
+        // a lock without a pool.
+        let first = self.instances.iter().position(|inst| !inst.removed);
+        out.service = first.map(|i| self.service_stats(i)).unwrap_or_default();
         self.write_instance_stats(&mut out.instances);
     }
 
@@ -1072,8 +1075,7 @@ impl Core {
         }
         let inst = &mut self.instances[i];
         inst.hook_failures = inst.hook_failures.saturating_add(1);
-        let shift = (inst.hook_failures - 1).min(16);
-        let backoff = RETRY_BASE_MS.saturating_mul(1 << shift).min(RETRY_MAX_MS);
+        let backoff = doubling(RETRY_BASE_MS, RETRY_MAX_MS, inst.hook_failures);
         let retry_in_ms =
             (!self.stopped() && self.queue.len() > 0 || waiting.is_some()).then_some(backoff);
         if let Some(conn) = waiting {
@@ -1089,10 +1091,11 @@ impl Core {
             retry_in_ms,
             instance: InstanceId::at(i),
         });
-        if !self.stopped() {
-            let key = self
-                .timers
-                .insert(now.saturating_add(backoff), Deadline::HookRetry(i));
+        if !self.stopped() && !self.instances[i].removed {
+            let key = self.timers.insert(
+                now.saturating_add(backoff),
+                Deadline::HookRetry(InstanceId::at(i)),
+            );
             self.instances[i].retry = Some(key);
         }
     }
@@ -1165,11 +1168,11 @@ impl Core {
                     self.log(Event::HookTimedOut { hook, after_ms });
                 }
             }
-            Deadline::HookRetry(i) => {
-                self.instances[i].retry = None;
+            Deadline::HookRetry(instance) => {
+                self.instances[instance.index()].retry = None;
             }
-            Deadline::Cooldown(i) => {
-                self.instances[i].cooldown = None;
+            Deadline::Cooldown(instance) => {
+                self.instances[instance.index()].cooldown = None;
             }
             Deadline::AcceptRetry => {
                 if self.accept_retry.take().is_some() {
@@ -1186,7 +1189,7 @@ impl Core {
                 self.stall_check = None;
                 self.stall_fired(now);
             }
-            Deadline::Service(i, timer) => self.service_fired(now, i, timer),
+            Deadline::Service(instance, timer) => self.service_fired(now, instance.index(), timer),
         }
     }
 
@@ -1312,7 +1315,7 @@ impl Core {
             error,
             instance: InstanceId::at(i),
         });
-        if !self.connect_failed_on(now, conn, i) {
+        if !self.try_another_instance(now, conn, i) {
             self.end(now, conn, Outcome::ConnectFailed, EndedBy::Tcplock);
         }
         self.pump(now);
@@ -1357,7 +1360,7 @@ impl Core {
                 self.queue.left(conn, |entry| is_queued(conns, entry));
             }
             ConnState::Activating(step) => {
-                self.released(now, c.instance.index(), outcome, ended_by);
+                self.holder_ended(now, c.instance.index(), outcome, ended_by);
                 if let Activation::Connecting {
                     deadline, attempt, ..
                 } = step
@@ -1367,7 +1370,7 @@ impl Core {
                 }
             }
             ConnState::Proxying { ttl, since } => {
-                self.released(now, c.instance.index(), outcome, ended_by);
+                self.holder_ended(now, c.instance.index(), outcome, ended_by);
                 self.cancel(ttl);
                 self.note_proxy_duration(now.saturating_sub(since));
             }
@@ -1390,7 +1393,7 @@ impl Core {
     }
 
     /// A connection holding a permit of `i` ended with `outcome`.
-    fn released(&mut self, now: u64, i: usize, outcome: Outcome, ended_by: EndedBy) {
+    fn holder_ended(&mut self, now: u64, i: usize, outcome: Outcome, ended_by: EndedBy) {
         self.release_permit(now, i);
         let inst = &mut self.instances[i];
         inst.last_outcome = Some(outcome);
@@ -1417,6 +1420,13 @@ impl Core {
             panic!("core invariant broken: {broken}");
         }
     }
+}
+
+/// A backoff after `failures` (at least 1) in a row: `base`, doubling with
+/// each further failure, up to `max`.
+fn doubling(base: u64, max: u64, failures: u32) -> u64 {
+    let shift = failures.saturating_sub(1).min(16);
+    base.saturating_mul(1 << shift).min(max)
 }
 
 /// Whether a queue entry still names a waiting connection. A connection

@@ -526,7 +526,7 @@ pub struct Stats {
     pub timeouts: u64,
     /// Connections ended, per outcome.
     pub outcomes: OutcomeCounts,
-    /// The supervised upstream (`--spawn`): instance 1's.
+    /// The supervised upstream (`--spawn`): the first live instance's.
     pub service: ServiceStats,
     /// Every instance of the pool, in number order.
     pub instances: Vec<InstanceStats>,
@@ -795,6 +795,11 @@ pub enum Action {
     /// give it up and try the next one (`handle_connect_attempt` again), or
     /// report `handle_upstream_failed` if none is left.
     ConnectNext(ConnRef),
+    /// Give up the connect under way for this connection and close its
+    /// upstream socket; the client stays (it is back in line, for another
+    /// instance). No answer: a late event of that socket is the shell's to
+    /// drop.
+    AbandonConnect(ConnRef),
     /// The upstream is connected: start relaying bytes; answer with
     /// `handle_relay_ended` when both directions are done or one failed.
     StartRelay(ConnRef),

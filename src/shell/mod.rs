@@ -622,6 +622,7 @@ impl Shell {
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Connect { conn, instance } => self.connect(now, conn, instance),
+                Action::AbandonConnect(conn) => self.abandon_connect(conn),
                 Action::ConnectNext(conn) => {
                     let timed_out = io::Error::new(
                         io::ErrorKind::TimedOut,

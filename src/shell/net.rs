@@ -310,6 +310,17 @@ impl Shell {
         }
     }
 
+    /// `Action::AbandonConnect`: the connect under way is given up (the
+    /// core sends the client to another instance); dropping its socket
+    /// closes it, so none of its events can arrive for the next one.
+    pub(super) fn abandon_connect(&mut self, conn: ConnRef) {
+        if let Some(io) = self.io_of(conn)
+            && matches!(io.stage, Stage::Connecting(_))
+        {
+            io.stage = Stage::Waiting;
+        }
+    }
+
     /// Tries the next of the addresses the connection is walking, after the
     /// one that just failed (or timed out).
     pub(super) fn connect_next(&mut self, now: u64, conn: ConnRef, failed: Option<io::Error>) {

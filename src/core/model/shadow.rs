@@ -92,6 +92,13 @@ impl Model {
                 };
                 s.cleared = true;
             }
+            Action::AbandonConnect(conn) => {
+                // Only a pool of several instances sends a client on.
+                return Err(format!(
+                    "AbandonConnect for conn {} of one upstream",
+                    conn.id
+                ));
+            }
             Action::ConnectNext(conn) => {
                 let state = self.live(*conn, "ConnectNext")?.state;
                 let State::Connecting {

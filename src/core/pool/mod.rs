@@ -85,6 +85,8 @@ impl Instance {
         self.removed
             && self.active == 0
             && self.hook.is_none()
+            && self.retry.is_none()
+            && self.cooldown.is_none()
             && self.service.as_ref().is_none_or(Service::is_at_rest)
     }
 
@@ -165,6 +167,9 @@ impl Core {
             ConnState::Activating(Activation::Connecting { deadline, attempt }) => {
                 self.cancel(deadline);
                 self.cancel(attempt);
+                // A connect that timed out may still be under way: its
+                // socket must not answer for the next instance.
+                self.actions.push_back(Action::AbandonConnect(conn));
                 1
             }
             _ => 1,
@@ -193,27 +198,28 @@ impl Core {
     /// supervised by tcplock, `i` cools down and the client tries the next
     /// free instance, until it failed on [`CONNECT_TRIES`] of them. Returns
     /// whether the client was put back in line.
-    pub(super) fn connect_failed_on(&mut self, now: u64, conn: ConnRef, i: usize) -> bool {
+    pub(super) fn try_another_instance(&mut self, now: u64, conn: ConnRef, i: usize) -> bool {
         let live = self.live_instances();
         if live < 2 || self.settings.service.is_some() || self.stopped() {
             return false;
         }
-        let inst = &mut self.instances[i];
-        inst.connect_failures = inst.connect_failures.saturating_add(1);
-        let shift = (inst.connect_failures - 1).min(16);
-        let ms = COOLDOWN_BASE_MS
-            .saturating_mul(1 << shift)
-            .min(COOLDOWN_MAX_MS);
-        let previous = inst.cooldown.take();
-        self.cancel(previous);
-        let key = self
-            .timers
-            .insert(now.saturating_add(ms), Deadline::Cooldown(i));
-        self.instances[i].cooldown = Some(key);
-        self.log(Event::InstanceCooldown {
-            instance: InstanceId::at(i),
-            ms,
-        });
+        // A reload removed it meanwhile: no cool-down for what is gone.
+        if !self.instances[i].removed {
+            let inst = &mut self.instances[i];
+            inst.connect_failures = inst.connect_failures.saturating_add(1);
+            let ms = doubling(COOLDOWN_BASE_MS, COOLDOWN_MAX_MS, inst.connect_failures);
+            let previous = inst.cooldown.take();
+            self.cancel(previous);
+            let key = self.timers.insert(
+                now.saturating_add(ms),
+                Deadline::Cooldown(InstanceId::at(i)),
+            );
+            self.instances[i].cooldown = Some(key);
+            self.log(Event::InstanceCooldown {
+                instance: InstanceId::at(i),
+                ms,
+            });
+        }
         let tries = CONNECT_TRIES.min(u8::try_from(live).unwrap_or(u8::MAX));
         let c = &mut self.conns[conn.slot];
         c.failed_connects = c.failed_connects.saturating_add(1);
@@ -247,6 +253,9 @@ impl Core {
                 let inst = &mut self.instances[i];
                 inst.prepared = false;
                 inst.timeout_hook_due = None;
+                if let Some(service) = &mut inst.service {
+                    service.left_pool();
+                }
                 let timers = [inst.retry.take(), inst.cooldown.take()];
                 for key in timers {
                     self.cancel(key);
@@ -269,6 +278,9 @@ impl Core {
                 .find(|inst| inst.removed && !inst.is_vacant() && inst.upstream == name)
             {
                 inst.removed = false;
+                if let Some(service) = &mut inst.service {
+                    service.rejoined();
+                }
                 continue;
             }
             let vacant = self.instances.iter().position(Instance::is_vacant);

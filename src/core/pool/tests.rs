@@ -745,3 +745,128 @@ fn position_counts_the_whole_pool_in_its_eta_and_free_permits() {
     }
     assert_eq!(core.status(1000).permits, 2);
 }
+
+#[test]
+fn a_connect_that_times_out_is_abandoned_before_the_next_instance_is_tried() {
+    let settings = Settings {
+        connect_timeout_ms: Some(1000),
+        ..pool(2)
+    };
+    let mut core = Core::new(settings, 0);
+    let a = core.handle_accepted(0, addr(1));
+    assert_eq!(connects(&drain(&mut core).0), [(a, 1)]);
+    core.handle_tick(1000);
+    let (actions, events) = drain(&mut core);
+    let abandon = actions
+        .iter()
+        .position(|x| *x == Action::AbandonConnect(a))
+        .expect("the timed-out connect is given up");
+    let next = actions
+        .iter()
+        .position(|x| {
+            *x == Action::Connect {
+                conn: a,
+                instance: InstanceId(2),
+            }
+        })
+        .expect("and the next instance tried");
+    assert!(abandon < next, "{actions:?}");
+    assert!(events.contains(&Event::InstanceCooldown {
+        instance: InstanceId(1),
+        ms: COOLDOWN_BASE_MS,
+    }));
+}
+
+#[test]
+fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
+    let settings = Settings {
+        on_activate: Some(HookRef(1)),
+        ..pool(3)
+    };
+    let without_one = Settings {
+        upstreams: names(3)[1..].to_vec(),
+        ..settings.clone()
+    };
+    let mut core = Core::new(settings, 0);
+    // a's hook runs on 1, b's on 2.
+    let a = core.handle_accepted(1, addr(1));
+    let b = core.handle_accepted(1, addr(2));
+    let (actions, _) = drain(&mut core);
+    let hooks: Vec<HookRequest> = actions
+        .iter()
+        .filter_map(|x| match x {
+            Action::SpawnHook(request) => Some(request.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hooks[0].context.instance, InstanceId(1));
+    core.handle_reload(2, without_one);
+    drain(&mut core);
+    // The hook of the removed instance fails: no backoff armed on it (the
+    // debug invariants would say so), and a goes to a live instance.
+    core.handle_hook_exited(3, hooks[0].hook, HookExit::Failed(1));
+    let (actions, _) = drain(&mut core);
+    let next = actions.iter().find_map(|x| match x {
+        Action::SpawnHook(request) => Some(request.context.clone()),
+        _ => None,
+    });
+    let next = next.expect("a's hook runs again elsewhere");
+    assert_eq!((next.conn, next.instance), (a.id(), InstanceId(3)));
+    // b connects to 2 and is refused after instance 2 is removed too: no
+    // cool-down for it.
+    core.handle_hook_exited(4, hooks[1].hook, HookExit::Success);
+    assert_eq!(connects(&drain(&mut core).0), [(b, 2)]);
+    let only_three = Settings {
+        upstreams: names(3)[2..].to_vec(),
+        ..pool(3)
+    };
+    core.handle_reload(5, only_three);
+    drain(&mut core);
+    core.handle_upstream_failed(6, b, "refused");
+    let (_, events) = drain(&mut core);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::InstanceCooldown { .. })),
+        "{events:?}"
+    );
+    core.check_invariants().expect("invariants");
+}
+
+#[test]
+fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_back() {
+    let settings = supervised_pool(
+        3,
+        ServiceSettings {
+            restart_after: Some(1),
+            ..service()
+        },
+    );
+    let mut core = Core::new(settings.clone(), 0);
+    let now = bring_up(&mut core, 0);
+    // Instance 1 serves one and drains for its restart, its client still on.
+    let a = connect_one(&mut core, now, 1);
+    assert_eq!(a.1, 1);
+    fake_shell(&mut core, now);
+    assert_eq!(states(&core)[0], ServiceStateName::Due);
+    // Removed: 2 may take the next turn.
+    let without_one = Settings {
+        upstreams: names(3)[1..].to_vec(),
+        ..settings.clone()
+    };
+    core.handle_reload(now + 1, without_one);
+    fake_shell(&mut core, now + 1);
+    let b = connect_one(&mut core, now + 1, 2);
+    assert_eq!(b.1, 2);
+    fake_shell(&mut core, now + 1);
+    assert_eq!(states(&core)[1], ServiceStateName::Due);
+    // Listed again: 1 is back, waiting for its turn, and serving.
+    core.handle_reload(now + 2, settings);
+    fake_shell(&mut core, now + 2);
+    assert_eq!(
+        states(&core)[..2],
+        [ServiceStateName::Ready, ServiceStateName::Due]
+    );
+    core.check_invariants()
+        .expect("one instance out for maintenance");
+}

@@ -283,6 +283,22 @@ impl Service {
         self.maintenance
     }
 
+    /// A reload removed its instance: its stop is no pool maintenance now,
+    /// and holds no turn.
+    pub(super) fn left_pool(&mut self) {
+        self.maintenance = false;
+    }
+
+    /// A reload listed its instance again while it drained: it waits for
+    /// its turn again, like any due instance, serving meanwhile.
+    pub(super) fn rejoined(&mut self) {
+        if let ServiceState::Ready { draining, due, .. } = &mut self.state
+            && due.is_some_and(RestartReason::is_planned)
+        {
+            *draining = false;
+        }
+    }
+
     /// Due and not yet draining: why, and since when.
     fn waiting_turn(&self) -> Option<(RestartReason, u64)> {
         match self.state {
@@ -623,8 +639,10 @@ impl Core {
     /// [`Core::settle_instance`]); then, with every instance failed, nobody
     /// is left waiting for nothing.
     pub(super) fn settle_service(&mut self, now: u64) {
+        self.give_planned_turn();
+        let waiting = self.waiting();
         for i in 0..self.instances.len() {
-            self.settle_instance(now, i);
+            self.settle_instance(now, i, waiting);
         }
         // A client put back in line by a hook that ended after the service
         // failed would wait for nothing.
@@ -637,7 +655,7 @@ impl Core {
     /// whose turn came drains and stops, an idle one arms its stop, a
     /// stopped one starts when a client comes, and a stopping tcplock stops
     /// it once nobody is left.
-    fn settle_instance(&mut self, now: u64, i: usize) {
+    fn settle_instance(&mut self, now: u64, i: usize, waiting: usize) {
         let inst = &self.instances[i];
         let Some(service) = &inst.service else {
             // Supervision turned on by a reload waits for the connections to
@@ -666,13 +684,6 @@ impl Core {
                 ..
             } => {
                 let (due, draining, idle) = (*due, *draining, *idle);
-                if let Some(reason) = due
-                    && !draining
-                    && self.turn_free(i)
-                {
-                    self.start_draining(i, reason);
-                    return self.settle_instance(now, i);
-                }
                 if stopping_tcplock {
                     self.begin_stop(
                         now,
@@ -727,7 +738,7 @@ impl Core {
                         self.timers.cancel(key);
                         self.rest(i, reason);
                     }
-                } else if retry.is_none() && self.waiting() > 0 {
+                } else if retry.is_none() && waiting > 0 {
                     // Clients still reading their PROXY header do not start it.
                     self.start(i, reason);
                 }
@@ -736,38 +747,40 @@ impl Core {
         }
     }
 
-    /// Whether instance `i`, due for a restart, may go out now. A repair
-    /// (crash, TTL expiry, a failed connect or reset) always may, as may
-    /// the only instance; a planned restart waits while another instance is
-    /// out for one, or while no other instance is ready to serve, so
-    /// planned maintenance never empties the pool.
-    fn turn_free(&self, i: usize) -> bool {
-        let Some((reason, since)) = self.instances[i]
-            .service
-            .as_ref()
-            .and_then(Service::waiting_turn)
-        else {
-            return true;
-        };
-        if !reason.is_planned() || self.live_instances() < 2 {
-            return true;
+    /// Starts the drain of the instance whose planned restart may go now,
+    /// if one may: the one due longest (the lower number on a tie), while
+    /// no other instance is out for a planned restart and another one is
+    /// ready to serve, so planned maintenance never empties the pool and a
+    /// busy pool cannot keep giving the turn to the same instances. One
+    /// pass over the instances.
+    fn give_planned_turn(&mut self) {
+        let mut first: Option<(u64, usize, RestartReason)> = None;
+        let mut ready = 0;
+        let mut live = 0;
+        for (j, inst) in self.instances.iter().enumerate() {
+            if inst.removed {
+                continue;
+            }
+            live += 1;
+            let Some(service) = &inst.service else {
+                continue;
+            };
+            if service.maintenance {
+                return;
+            }
+            ready += usize::from(service.takes_clients());
+            if let Some((reason, since)) = service.waiting_turn()
+                && first.is_none_or(|(at, k, _)| (since, j) < (at, k))
+            {
+                first = Some((since, j, reason));
+            }
         }
-        let others = || {
-            self.instances
-                .iter()
-                .enumerate()
-                .filter(move |&(j, inst)| j != i && !inst.removed)
-                .filter_map(|(j, inst)| Some((j, inst.service.as_ref()?)))
-        };
-        // The one due longest goes first (the lower number on a tie), or
-        // a busy pool could keep giving the turn to the same instances.
-        let earlier = |&(j, s): &(usize, &Service)| {
-            s.waiting_turn()
-                .is_some_and(|(other, at)| other.is_planned() && (at, j) < (since, i))
-        };
-        !others().any(|(_, s)| s.maintenance)
-            && others().any(|(_, s)| s.takes_clients())
-            && !others().any(|other| earlier(&other))
+        // The one waiting is ready itself: another must be too.
+        if let Some((_, i, reason)) = first
+            && (live < 2 || ready >= 2)
+        {
+            self.start_draining(i, reason);
+        }
     }
 
     /// Instance `i`'s turn came: it takes no new client and stops once its
@@ -1072,8 +1085,11 @@ impl Core {
                 reason,
                 rss_kib,
             });
-            if self.turn_free(i) {
+            // A repair goes at once; maintenance waits for its turn.
+            if !reason.is_planned() {
                 self.start_draining(i, reason);
+            } else {
+                self.give_planned_turn();
             }
         }
     }
@@ -1156,10 +1172,7 @@ impl Core {
         };
         service.failed_starts = service.failed_starts.saturating_add(1);
         let failures = service.failed_starts;
-        let shift = (failures - 1).min(16);
-        let mut backoff = START_RETRY_BASE_MS
-            .saturating_mul(1 << shift)
-            .min(START_RETRY_MAX_MS);
+        let mut backoff = super::doubling(START_RETRY_BASE_MS, START_RETRY_MAX_MS, failures);
         let gives_up = failures >= retries.max(1) && !service.failed;
         if failures >= retries.max(1) {
             service.failed = true;
@@ -1367,7 +1380,8 @@ impl Core {
     }
 
     fn service_timer(&mut self, at: u64, i: usize, timer: ServiceTimer) -> TimerKey {
-        self.timers.insert(at, Deadline::Service(i, timer))
+        self.timers
+            .insert(at, Deadline::Service(InstanceId::at(i), timer))
     }
 }
 
