@@ -346,3 +346,285 @@ fn a_real_libreoffice_converts_through_tcplock() {
         );
     }
 }
+
+/// `k` consecutive ports on 127.0.0.1 with nothing listening on them, as
+/// `(first, last)`.
+fn free_port_range(k: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let first = unused_port();
+        let Some(last) = first.checked_add(k - 1) else {
+            continue;
+        };
+        if (first..=last).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return (first, last);
+        }
+    }
+    panic!("no {k} consecutive free ports in 200 tries");
+}
+
+/// `event=EV instance=I`.
+fn inst_event(ev: &'static str, instance: u64) -> impl Fn(&str) -> bool + Clone {
+    move |l: &str| is_event(l, ev) && field(l, "instance") == Some(instance.to_string())
+}
+
+/// The first field of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One conversion through `port` by `uno_convert.py`, cut after 120 s.
+fn convert(python: &str, port: u16, source: &Path, out: &Path) -> Result<(), String> {
+    let converter = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/uno_convert.py");
+    let mut child = Command::new(python)
+        .arg(converter)
+        .arg(port.to_string())
+        .arg(source)
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run uno_convert.py: {e}"))?;
+    let mut status = None;
+    wait_until(Duration::from_secs(120), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("did not finish within 120 s".to_string());
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    if !status.success() {
+        return Err(format!("failed ({status}): {err}"));
+    }
+    let pdf = std::fs::read(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    if !pdf.starts_with(b"%PDF") {
+        return Err(format!("{} is not a PDF", out.display()));
+    }
+    Ok(())
+}
+
+/// The README's pool of offices, for real: K LibreOffices on a port range
+/// (`-u 127.0.0.1:FIRST-LAST`), each with its own profile picked by
+/// `$TCPLOCK_INSTANCE`, spawned with the README's command through
+/// `/bin/sh -c`, behind one queue; C client threads convert until N
+/// conversions are done. `TCPLOCK_LO_POOL` (K, default 2),
+/// `TCPLOCK_LO_CLIENTS` (C, default K), `TCPLOCK_LO_CONVERSIONS` (N,
+/// default 16), `TCPLOCK_LO_RESTART_AFTER` (default 4) and
+/// `TCPLOCK_LO_PARAGRAPHS` (the document's size, default 400) scale it; it
+/// prints conversions, wall time, conversions/s, restarts and peak RSS per
+/// instance.
+#[test]
+fn a_real_libreoffice_pool_converts_in_parallel() {
+    if !on_path("soffice") {
+        eprintln!(
+            "skipped: no soffice on PATH (apt-get install libreoffice-writer-nogui python3-uno)"
+        );
+        return;
+    }
+    let Some(python) = python_with_uno() else {
+        eprintln!("skipped: no python3 can import uno (apt-get install python3-uno)");
+        return;
+    };
+    let k = env_number("TCPLOCK_LO_POOL", 2).clamp(1, 16);
+    let clients = env_number("TCPLOCK_LO_CLIENTS", k).max(1);
+    let conversions = env_number("TCPLOCK_LO_CONVERSIONS", 16);
+    let restart_after = env_number("TCPLOCK_LO_RESTART_AFTER", 4).max(1);
+    let paragraphs = env_number("TCPLOCK_LO_PARAGRAPHS", 400);
+
+    let work = scratch_dir("real-office-pool");
+    let _reaper = OfficeReaper(work.display().to_string());
+    let (first, last) = free_port_range(k as u16);
+    // The README's spawn line, with the scratch directory for /tmp.
+    let spawn = format!(
+        "exec soffice -env:UserInstallation=file://{}/office-$TCPLOCK_INSTANCE \
+         --headless --invisible --nologo --norestore \
+         --accept=\"socket,host=127.0.0.1,port=$TCPLOCK_UPSTREAM_PORT;urp;\"",
+        work.display()
+    );
+    let conf = example("tcplock.conf");
+    let upstream = format!("127.0.0.1:{first}-{last}");
+    let restart_after_arg = restart_after.to_string();
+    let mut proxy = Proxy::start(&[
+        "-c",
+        &conf.to_string_lossy(),
+        "-u",
+        &upstream,
+        "--spawn",
+        &spawn,
+        "--restart-after",
+        &restart_after_arg,
+    ]);
+    // The first start of each office makes its profile: the clock starts
+    // once every office answers.
+    let booting = Instant::now();
+    for i in 1..=k {
+        assert!(
+            proxy
+                .wait_for_log(inst_event("upstream_ready", i), Duration::from_secs(120))
+                .is_some(),
+            "office {i} not ready within 120 s"
+        );
+    }
+    let boot = booting.elapsed();
+    let source = work.join("letter.txt");
+    let body: String = (0..paragraphs)
+        .map(|i| format!("Paragraph {i}: the quick brown fox jumps over the lazy dog.\n"))
+        .collect();
+    std::fs::write(&source, body).expect("write the document");
+
+    // C threads take conversion numbers until N are taken; the main thread
+    // samples each instance's office's memory meanwhile.
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut peak_rss: BTreeMap<u64, u64> = BTreeMap::new();
+    let port = proxy.port();
+    let started = Instant::now();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let (python, source, work, next, done) = (&python, &source, &work, &next, &done);
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n >= conversions {
+                            break;
+                        }
+                        // A document of its own: an office opening a file
+                        // locks it (`.~lock.NAME#`), and another office then
+                        // refuses to load it.
+                        let input = work.join(format!("in-{n}.txt"));
+                        let out = work.join(format!("out-{n}.pdf"));
+                        let copied = std::fs::copy(source, &input).map_err(|e| e.to_string());
+                        if let Err(e) = copied.and_then(|_| convert(python, port, &input, &out)) {
+                            failures.push(format!("conversion {n}: {e}"));
+                        }
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    failures
+                })
+            })
+            .collect();
+        // Every worker ends: each conversion is cut after 120 s.
+        while done.load(std::sync::atomic::Ordering::SeqCst) < clients as usize {
+            for i in 1..=k {
+                let leader = proxy
+                    .matching(inst_event("upstream_starting", i))
+                    .last()
+                    .map(|l| num_field(l, "pid") as u32);
+                if let Some(leader) = leader {
+                    let peak = peak_rss.entry(i).or_default();
+                    *peak = (*peak).max(session_rss_kib(leader));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a client thread panicked"))
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    let served: BTreeMap<u64, usize> = (1..=k)
+        .map(|i| (i, proxy.count_logs(inst_event("activated", i))))
+        .collect();
+    // An office that converted restart-after documents became due; one due
+    // while another was out kept serving until its turn. Each gets its
+    // turn once the pool is idle: a new generation answers.
+    for (&i, &n) in &served {
+        if n as u64 >= restart_after {
+            assert!(
+                wait_until(Duration::from_secs(120), || {
+                    proxy.count_logs(move |l: &str| {
+                        inst_event("upstream_ready", i)(l) && num_field(l, "gen") >= 2
+                    }) > 0
+                }),
+                "office {i} converted {n} documents and was never restarted"
+            );
+        }
+    }
+    let restarts: BTreeMap<u64, usize> = (1..=k)
+        .map(|i| (i, proxy.count_logs(inst_event("upstream_stopping", i))))
+        .collect();
+    eprintln!(
+        "real LibreOffice pool: K={k} offices, C={clients} clients, {conversions} conversions \
+         of {paragraphs} paragraphs in {:.1} s = {:.2} conversions/s (offices up in {:.1} s; restart-after \
+         {restart_after}); conversions per instance {served:?}; restarts per instance \
+         {restarts:?}; peak office RSS per instance (KiB) {peak_rss:?}; load average {}",
+        elapsed.as_secs_f64(),
+        conversions as f64 / elapsed.as_secs_f64(),
+        boot.as_secs_f64(),
+        load_average(),
+    );
+
+    assert!(
+        proxy.wait_for_count(outcome("ok"), conversions as usize, WAIT),
+        "not every conversion was logged as ok"
+    );
+    assert_eq!(proxy.count_logs(outcome("ok")) as u64, conversions);
+    assert_eq!(proxy.count_logs(event("closed")) as u64, conversions);
+    assert_eq!(proxy.count_logs(event("upstream_start_failed")), 0);
+    assert_eq!(proxy.count_logs(event("connect_failed")), 0);
+    // Every office converted: the queue spreads over the pool.
+    if conversions >= k {
+        for (i, n) in &served {
+            assert!(*n > 0, "office {i} converted nothing: {served:?}");
+        }
+    }
+    // With more conversions than the pool takes before a restart, some
+    // office became due and restarted (once its turn came).
+    if conversions >= k * restart_after {
+        assert!(restarts.values().sum::<usize>() > 0, "no office restarted");
+    }
+
+    // Rolling: an office is out from `upstream_stopping` to its next
+    // `upstream_ready`; never two at once, and only planned restarts.
+    let mut out = std::collections::BTreeSet::new();
+    for line in proxy.logs() {
+        if is_event(&line, "upstream_stopping") {
+            assert_eq!(field(&line, "reason").as_deref(), Some("after_n"), "{line}");
+            out.insert(num_field(&line, "instance"));
+            assert!(
+                out.len() <= 1,
+                "two offices out at once ({out:?}) at: {line}"
+            );
+        } else if is_event(&line, "upstream_ready") {
+            out.remove(&num_field(&line, "instance"));
+        } else if is_event(&line, "upstream_exited") {
+            assert_eq!(field(&line, "expected").as_deref(), Some("true"), "{line}");
+        }
+    }
+    // Each office's generations follow one another.
+    for i in 1..=k {
+        let gens: Vec<u64> = proxy
+            .matching(inst_event("upstream_starting", i))
+            .iter()
+            .map(|l| num_field(l, "gen"))
+            .collect();
+        let want: Vec<u64> = (1..=gens.len() as u64).collect();
+        assert_eq!(gens, want, "office {i}'s generations");
+    }
+
+    let leaders: Vec<u32> = starts(&proxy).iter().map(|&(_, pid)| pid).collect();
+    assert!(leaders.len() >= k as usize);
+    let status = proxy.stop(Duration::from_secs(60)).expect("tcplock exits");
+    assert!(status.success(), "{status:?}");
+    for leader in leaders {
+        assert!(
+            session_members(leader).is_empty(),
+            "office processes of session {leader} left after tcplock exited"
+        );
+    }
+}
