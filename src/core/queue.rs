@@ -19,8 +19,8 @@ pub(super) const SWEEP_MIN_STALE: usize = 8;
 
 #[derive(Default)]
 pub(super) struct WaitQueue {
-    /// Accept order (a failed hook puts its connection back at the front);
-    /// the head entry is always live.
+    /// Accept order (a connection put back takes back its place); the
+    /// head entry is always live.
     entries: VecDeque<ConnRef>,
     /// Live entries: the connections in state Queued.
     live: usize,
@@ -47,12 +47,21 @@ impl WaitQueue {
         self.visited += 1;
     }
 
-    /// A connection whose hook failed goes back to the head: it keeps its
-    /// place.
-    pub(super) fn push_front(&mut self, conn: ConnRef) {
-        self.entries.push_front(conn);
+    /// A connection put back in line (its hook failed, its connect failed,
+    /// its instance went away) takes back its place: before every live
+    /// entry accepted after it. Everyone still in line was accepted after
+    /// it, but for others put back before it, so the walk passes only over
+    /// those (and stale entries among them).
+    pub(super) fn put_back(&mut self, conn: ConnRef, is_live: impl Fn(ConnRef) -> bool) {
+        let place = self
+            .entries
+            .iter()
+            .position(|entry| is_live(*entry) && entry.id > conn.id)
+            .unwrap_or(self.entries.len());
+        self.visited += place as u64 + 1;
+        self.entries.insert(place, conn);
         self.live += 1;
-        self.visited += 1;
+        self.skip_stale_head(&is_live);
     }
 
     /// The last in line.

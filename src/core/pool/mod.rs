@@ -159,8 +159,9 @@ impl Core {
         self.instances.iter().any(|inst| inst.hook.is_some())
     }
 
-    /// A client holding a permit of `i` goes back to the head of the line:
-    /// it keeps its place and its hook attempts, not its permit.
+    /// A client holding a permit of `i` goes back in line, to its place by
+    /// accept order (at the head, unless others put back were accepted
+    /// before it): it keeps its hook attempts, not its permit.
     pub(super) fn back_to_head(&mut self, now: u64, conn: ConnRef, i: usize) {
         let attempts = match self.conns[conn.slot].state {
             ConnState::Activating(Activation::Hook { attempt }) => attempt,
@@ -176,7 +177,8 @@ impl Core {
         };
         self.conns[conn.slot].state = ConnState::Queued { attempts };
         self.release_permit(now, i);
-        self.queue.push_front(conn);
+        let conns = &self.conns;
+        self.queue.put_back(conn, |entry| is_queued(conns, entry));
     }
 
     pub(super) fn take_permit(&mut self, now: u64, conn: ConnRef, i: usize) {
