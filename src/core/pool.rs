@@ -162,6 +162,12 @@ impl Core {
     pub(super) fn back_to_head(&mut self, now: u64, conn: ConnRef, i: usize) {
         let attempts = match self.conns[conn.slot].state {
             ConnState::Activating(Activation::Hook { attempt }) => attempt,
+            // Its connect timers go with its connecting state.
+            ConnState::Activating(Activation::Connecting { deadline, attempt }) => {
+                self.cancel(deadline);
+                self.cancel(attempt);
+                1
+            }
             _ => 1,
         };
         self.conns[conn.slot].state = ConnState::Queued { attempts };
@@ -193,22 +199,25 @@ impl Core {
         if live < 2 || self.settings.service.is_some() || self.stopped() {
             return false;
         }
-        let inst = &mut self.instances[i];
-        inst.connect_failures = inst.connect_failures.saturating_add(1);
-        let shift = (inst.connect_failures - 1).min(16);
-        let ms = COOLDOWN_BASE_MS
-            .saturating_mul(1 << shift)
-            .min(COOLDOWN_MAX_MS);
-        let previous = inst.cooldown.take();
-        self.cancel(previous);
-        let key = self
-            .timers
-            .insert(now.saturating_add(ms), Deadline::Cooldown(i));
-        self.instances[i].cooldown = Some(key);
-        self.log(Event::InstanceCooldown {
-            instance: InstanceId::at(i),
-            ms,
-        });
+        // A removed instance takes no client again: nothing to cool down.
+        if !self.instances[i].removed {
+            let inst = &mut self.instances[i];
+            inst.connect_failures = inst.connect_failures.saturating_add(1);
+            let shift = (inst.connect_failures - 1).min(16);
+            let ms = COOLDOWN_BASE_MS
+                .saturating_mul(1 << shift)
+                .min(COOLDOWN_MAX_MS);
+            let previous = inst.cooldown.take();
+            self.cancel(previous);
+            let key = self
+                .timers
+                .insert(now.saturating_add(ms), Deadline::Cooldown(i));
+            self.instances[i].cooldown = Some(key);
+            self.log(Event::InstanceCooldown {
+                instance: InstanceId::at(i),
+                ms,
+            });
+        }
         let tries = CONNECT_TRIES.min(u8::try_from(live).unwrap_or(u8::MAX));
         let c = &mut self.conns[conn.slot];
         c.failed_connects = c.failed_connects.saturating_add(1);
