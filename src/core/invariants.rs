@@ -166,6 +166,11 @@ impl Core {
             if inst.removed && (inst.retry.is_some() || inst.cooldown.is_some()) {
                 return Err(format!("removed instance {} still backs off", i + 1));
             }
+            // Invariant 8: a removed instance takes no client, so nothing
+            // lets one through to it without its hook.
+            if inst.removed && inst.prepared {
+                return Err(format!("removed instance {} keeps a preparation", i + 1));
+            }
             check_last_outcome(inst)?;
             armed += self.check_service(i)?;
             // A removed instance leaves the pool: its turn no longer counts

@@ -431,10 +431,62 @@ fn pool_list(rng: &mut Rng, min: usize) -> Vec<String> {
 fn pool_settings(rng: &mut Rng) -> Settings {
     let mut s = settings(rng);
     s.upstreams = pool_list(rng, 2);
+    if rng.chance(50) {
+        // A calm pool: no short deadline cuts the traffic short, so the
+        // line and the permits of every instance fill up.
+        s.max_queue = 1024;
+        s.queue_timeout_ms = None;
+        s.connect_timeout_ms = rng.chance(50).then_some(60_000);
+        s.hook_timeout_ms = None;
+        s.ttl_ms = rng.chance(50).then_some(600_000);
+        s.stall_warn_ms = None;
+    }
     s
 }
 
+/// A mood in which generations come up (most of the time in a pool run).
+fn good_mood(rng: &mut Rng) -> Mood {
+    Mood {
+        spawn_fails: false,
+        listens_after: Some(rng.below(300)),
+        term_exit_after: Some(rng.below(200)),
+        ..mood(rng)
+    }
+}
+
+/// The traffic that makes a pool busy: clients arriving, connecting and
+/// finishing, hooks mostly succeeding, time passing in small steps.
+fn pool_traffic(rng: &mut Rng) -> Op {
+    match rng.below(100) {
+        0..=24 => Op::Accept,
+        25..=39 => Op::UpstreamConnected(rng.byte()),
+        40..=51 => Op::RelayEnded(rng.byte(), relay_end(rng)),
+        52..=61 => Op::HookExited(if rng.chance(80) {
+            HookExit::Success
+        } else {
+            hook_exit(rng)
+        }),
+        62..=65 => Op::UpstreamFailed(rng.byte()),
+        66..=75 => Op::Advance(rng.below(500)),
+        76..=85 => Op::Wake,
+        86..=88 => Op::ClientLeft(rng.byte()),
+        89..=90 => Op::InstanceRestart(rng.byte() % 6),
+        91 => Op::InstanceCrash(rng.byte(), ServiceExit::Code(1)),
+        92 => Op::InstanceMood(rng.byte(), good_mood(rng)),
+        93 => Op::Reload(Box::new(Settings {
+            upstreams: pool_list(rng, 1),
+            ..settings(rng)
+        })),
+        94 => Op::Pause,
+        95 => Op::Resume,
+        _ => Op::Tick,
+    }
+}
+
 fn pool_op(rng: &mut Rng, supervised: bool) -> Op {
+    if rng.chance(60) {
+        return pool_traffic(rng);
+    }
     if rng.chance(10) {
         return match rng.below(5) {
             0 => Op::InstanceCrash(
@@ -468,13 +520,9 @@ fn pool_scenario(seed: u64) -> (Settings, Vec<Op>) {
     let len = 10 + rng.below(250) as usize;
     let supervised = initial.service.is_some();
     let mut ops = Vec::with_capacity(len + 1);
-    if supervised && rng.chance(70) {
+    if supervised && rng.chance(80) {
         // Most pools start with instances that come up.
-        ops.push(Op::Mood(Mood {
-            listens_after: Some(rng.below(300)),
-            term_exit_after: Some(0),
-            ..mood(&mut rng)
-        }));
+        ops.push(Op::Mood(good_mood(&mut rng)));
     }
     ops.extend((0..len).map(|_| pool_op(&mut rng, supervised)));
     (initial, ops)
