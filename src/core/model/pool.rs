@@ -10,7 +10,9 @@
 //!
 //! - **permits per instance**: an activation (an on-activate `SpawnHook`, or
 //!   a `Connect` from the line) on instance I only while fewer than the
-//!   permits in force hold a permit of I; the holders the model counts agree
+//!   permits in force hold a permit of I; at all times I's holders are at
+//!   most the permits in force when the latest of them was let in (a reload
+//!   may lower them below the holders); the holders the model counts agree
 //!   with `Stats::instances` after every step;
 //! - **one hook per instance**: no `SpawnHook` for I while a hook of I is not
 //!   reaped (hooks of different instances may overlap); `KillHook` only for a
@@ -158,6 +160,8 @@ struct PConn {
     failed_connects: u32,
     /// Put back in line after it held a permit.
     put_back: bool,
+    /// The permits in force at its latest activation.
+    permits_then: u32,
 }
 
 struct PHook {
@@ -699,6 +703,21 @@ impl PoolModel {
                 .values()
                 .filter(|c| c.state.holds() == Some(inst.id))
                 .count();
+            // Never more holders than the permits in force when the latest
+            // of them was let in (a reload may have lowered them since).
+            let allowed = self
+                .conns
+                .values()
+                .filter(|c| c.state.holds() == Some(inst.id))
+                .map(|c| c.permits_then as usize)
+                .max()
+                .unwrap_or(0);
+            if holders > allowed {
+                return Err(format!(
+                    "instance {} has {holders} holders, let in under at most {allowed} permits",
+                    inst.id
+                ));
+            }
             if holders != inst.active {
                 return Err(format!(
                     "instance {} counts {} holders, the model {holders}",
@@ -1042,7 +1061,10 @@ impl PoolModel {
             return Err(format!("Connect for closed conn {}", conn.id));
         };
         match state {
-            PState::Waiting => self.activate(conn.id, instance)?,
+            PState::Waiting => {
+                self.activate(conn.id, instance)?;
+                self.note_activation(conn.id);
+            }
             PState::Hooking {
                 instance: hooked,
                 ok: true,
@@ -1060,6 +1082,7 @@ impl PoolModel {
                         c.put_back = true;
                     }
                     self.activate(conn.id, instance)?;
+                    self.note_activation(conn.id);
                 } else {
                     return Err(format!(
                         "conn {} hooked on instance {hooked} connects to {instance}",
@@ -1120,6 +1143,7 @@ impl PoolModel {
                 ));
             }
             self.activate(context.conn, instance)?;
+            self.note_activation(context.conn);
             let epoch = self.instances.get(&instance).map_or(0, |i| i.epoch);
             if let Some(c) = self.conns.get_mut(&context.conn) {
                 c.state = PState::Hooking {
@@ -1139,6 +1163,13 @@ impl PoolModel {
             },
         );
         Ok(())
+    }
+
+    fn note_activation(&mut self, conn: ConnId) {
+        let permits = self.settings.permits;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.permits_then = permits;
+        }
     }
 
     /// Whether a client whose hook succeeded on `hooked` may have been put
@@ -1218,6 +1249,7 @@ impl PoolModel {
                         state: PState::Waiting,
                         failed_connects: 0,
                         put_back: false,
+                        permits_then: 0,
                     },
                 );
             }
