@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tcplock::internals::core::model::{self, Mood, Op, StrayInput, StrayService};
+use tcplock::internals::core::model::{self, Mood, Op, POOL_NAMES, StrayInput, StrayService};
 use tcplock::internals::core::{
     EndedBy, HookExit, HookRef, ProxyHeader, RelayCause, RelayEnd, RestartOn, ServiceExit,
     ServiceRef, ServiceSettings, Settings,
@@ -26,6 +26,10 @@ const MAX_OPS: usize = 400;
 struct Input {
     initial: Knobs,
     ops: Vec<Event>,
+    /// How many instances (1 + this modulo 4): one runs the exact
+    /// single-upstream model, more the pool model. Reloads draw their lists
+    /// from their own `Knobs::pool`.
+    instances: u8,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -62,6 +66,11 @@ enum Event {
     PortTaken(Span),
     ServiceRestart,
     StrayService(u8, StraySvc),
+    // A pool: one instance's leader crashes, one instance (0: all) is
+    // restarted, one instance's generations behave so.
+    InstanceCrash(u8, bool),
+    InstanceRestart(u8),
+    InstanceMood(u8, MoodKnobs),
 }
 
 /// How the fake shell and the generations it spawns behave.
@@ -138,6 +147,9 @@ struct Knobs {
     proxy_header: Option<Span>,
     /// `--spawn`: tcplock supervises the upstream.
     service: Option<ServiceKnobs>,
+    /// A reload's list in a pool run: a bit per name of `model::pool::NAMES`
+    /// (at most four are kept; none: the first).
+    pool: u8,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -211,6 +223,16 @@ impl End {
 }
 
 impl Knobs {
+    /// The instances a reload lists in a pool run.
+    fn pool_list(&self) -> Vec<String> {
+        POOL_NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.pool & (1 << i) != 0)
+            .map(|(_, name)| name.to_string())
+            .collect()
+    }
+
     /// `model::run` sanitizes further (permits >= 1, zero durations = none).
     fn settings(&self) -> Settings {
         let hook = match self.on_activate % 3 {
@@ -253,7 +275,7 @@ impl Knobs {
 }
 
 impl Event {
-    fn op(&self) -> Op {
+    fn op(&self, pool: bool) -> Op {
         match self {
             Event::Accept => Op::Accept,
             Event::ClientLeft(i) => Op::ClientLeft(*i),
@@ -283,7 +305,13 @@ impl Event {
             Event::Advance(span) => Op::Advance(span.ms()),
             Event::Tick => Op::Tick,
             Event::Wake => Op::Wake,
-            Event::Reload(knobs) => Op::Reload(Box::new(knobs.settings())),
+            Event::Reload(knobs) => {
+                let mut settings = knobs.settings();
+                if pool {
+                    settings.upstreams = knobs.pool_list();
+                }
+                Op::Reload(Box::new(settings))
+            }
             Event::AcceptPaused => Op::AcceptPaused,
             Event::DumpState => Op::DumpState,
             Event::Shutdown => Op::Shutdown,
@@ -312,14 +340,17 @@ impl Event {
             } else {
                 ServiceExit::Signal(11)
             }),
-            Event::Mood(m) => Op::Mood(Mood {
-                spawn_fails: m.spawn_fails,
-                listens_after: m.listens_after.map(Span::ms),
-                term_exit_after: m.term_exit_after.map(Span::ms),
-                children: m.children % 3,
-                rss_kib: u64::from(m.rss_kib),
-                late_probes: m.late_probes,
-            }),
+            Event::Mood(m) => Op::Mood(m.mood()),
+            Event::InstanceCrash(i, code) => Op::InstanceCrash(
+                *i,
+                if *code {
+                    ServiceExit::Code(1)
+                } else {
+                    ServiceExit::Signal(11)
+                },
+            ),
+            Event::InstanceRestart(i) => Op::InstanceRestart(*i),
+            Event::InstanceMood(i, m) => Op::InstanceMood(*i, m.mood()),
             Event::PortTaken(span) => Op::PortTaken(span.ms()),
             Event::ServiceRestart => Op::ServiceRestart,
             Event::StrayService(i, stray) => Op::StrayService(
@@ -335,14 +366,40 @@ impl Event {
     }
 }
 
+impl MoodKnobs {
+    fn mood(&self) -> Mood {
+        Mood {
+            spawn_fails: self.spawn_fails,
+            listens_after: self.listens_after.map(Span::ms),
+            term_exit_after: self.term_exit_after.map(Span::ms),
+            children: self.children % 3,
+            rss_kib: u64::from(self.rss_kib),
+            late_probes: self.late_probes,
+        }
+    }
+}
+
 /// `TCPLOCK_MODEL_TRACE=1` traces every step from the start, so that a panic
 /// inside the core (rather than a broken invariant, which is always traced)
 /// prints the steps leading to it when a crash input is replayed.
 static TRACE: LazyLock<bool> = LazyLock::new(|| std::env::var_os("TCPLOCK_MODEL_TRACE").is_some());
 
 fuzz_target!(|input: Input| {
-    let ops: Vec<Op> = input.ops.iter().take(MAX_OPS).map(Event::op).collect();
-    let settings = input.initial.settings();
+    let k = 1 + usize::from(input.instances % 4);
+    let mut settings = input.initial.settings();
+    if k > 1 {
+        // K distinct names, from the input's own bits.
+        let start = usize::from(input.initial.pool) % POOL_NAMES.len();
+        settings.upstreams = (0..k)
+            .map(|j| POOL_NAMES[(start + j) % POOL_NAMES.len()].to_string())
+            .collect();
+    }
+    let ops: Vec<Op> = input
+        .ops
+        .iter()
+        .take(MAX_OPS)
+        .map(|event| event.op(k > 1))
+        .collect();
     let result = if *TRACE {
         model::run_traced(settings, &ops)
     } else {

@@ -18,6 +18,9 @@ impl Core {
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut holding = 0;
         let mut queued = 0;
+        // Queued clients that held a permit once (a failed hook or connect,
+        // or a service gone, put them back at the head).
+        let mut put_back = 0;
         let mut preparing = Vec::new();
         let mut armed = 0;
         for (slot, c) in &self.conns {
@@ -44,7 +47,10 @@ impl Core {
                         return Err(format!("conn {} waits for its header after shutdown", c.id));
                     }
                 }
-                ConnState::Queued { .. } => queued += 1,
+                ConnState::Queued { attempts } => {
+                    queued += 1;
+                    put_back += usize::from(*attempts > 0);
+                }
                 ConnState::Activating(step) => {
                     holding += 1;
                     let i = c.instance.index();
@@ -174,6 +180,11 @@ impl Core {
             if inst.removed && (inst.retry.is_some() || inst.cooldown.is_some()) {
                 return Err(format!("removed instance {} still backs off", i + 1));
             }
+            // Invariant 8: a removed instance takes no client, so nothing
+            // lets one through to it without its hook.
+            if inst.removed && inst.prepared {
+                return Err(format!("removed instance {} keeps a preparation", i + 1));
+            }
             check_last_outcome(inst)?;
             armed += self.check_service(i)?;
             // A removed instance's stop is no pool maintenance.
@@ -234,10 +245,20 @@ impl Core {
             .max_queue
             .max(self.reload_backlog)
             .max(usize::from(admitted_straight));
-        if self.waiting() > limit {
+        if self.waiting() > limit && self.instances.len() == 1 {
             return Err(format!(
                 "{} clients wait, more than max-queue {limit}",
                 self.waiting()
+            ));
+        }
+        // In a pool every instance may let a client straight in while its
+        // hook runs, and a failed connect puts its client back at the head:
+        // max-queue bounds the clients never admitted.
+        let fresh = self.waiting().saturating_sub(preparing.len() + put_back);
+        let fresh_limit = self.settings.max_queue.max(self.reload_backlog);
+        if fresh > fresh_limit {
+            return Err(format!(
+                "{fresh} clients never admitted wait, more than max-queue {fresh_limit}"
             ));
         }
         if !(ACCEPT_RETRY_BASE_MS..=ACCEPT_RETRY_MAX_MS).contains(&self.accept_backoff_ms) {

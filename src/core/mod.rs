@@ -483,6 +483,8 @@ impl Core {
             instance: on,
         });
         self.actions.push_back(Action::StartRelay(conn));
+        // A cool-down it ended frees its instance for the head of the line.
+        self.pump(now);
         self.check();
     }
 
@@ -1056,16 +1058,23 @@ impl Core {
         let waiting = self.still_waiting_for(&run);
         if exit.is_success() {
             self.instances[i].hook_failures = 0;
+            let gone = self.instances[i].removed || !self.service_takes_clients(i);
             match waiting {
-                // The service went away meanwhile: the client keeps its
-                // place, and the next generation is prepared afresh. It
-                // keeps its attempt count too: it was admitted once,
-                // whatever max-queue says now.
-                Some(conn) if !self.service_takes_clients(i) => self.back_to_head(now, conn, i),
+                // The service went away meanwhile (or a reload removed the
+                // instance): the client keeps its place, and the next
+                // generation is prepared afresh. It keeps its attempt count
+                // too: it was admitted once, whatever max-queue says now.
+                Some(conn) if gone => {
+                    self.log(Event::Requeued {
+                        conn: conn.id,
+                        instance: InstanceId::at(i),
+                    });
+                    self.back_to_head(now, conn, i);
+                }
                 Some(conn) => self.start_connect(now, conn, i),
-                // It prepared a generation that is gone or going: nothing
-                // to keep.
-                None if !self.service_takes_clients(i) => {}
+                // It prepared a generation (or an instance) that is gone or
+                // going: nothing to keep.
+                None if gone => {}
                 None => {
                     self.instances[i].prepared = true;
                     self.log(Event::PreparationKept { hook: run.id });

@@ -48,15 +48,21 @@ impl WaitQueue {
     }
 
     /// A connection put back in line (its hook failed, its connect failed,
-    /// its instance went away) takes back its place: before every live
-    /// entry accepted after it. Everyone still in line was accepted after
-    /// it, but for others put back before it, so the walk passes only over
-    /// those (and stale entries among them).
-    pub(super) fn put_back(&mut self, conn: ConnRef, is_live: impl Fn(ConnRef) -> bool) {
+    /// its instance went away) takes back its place at the head, behind the
+    /// entries `stays_ahead` keeps in front of it: others put back before it
+    /// that were accepted before it (and stale entries among them). Those
+    /// put back form the front of the line, so the walk passes only over
+    /// them.
+    pub(super) fn put_back(
+        &mut self,
+        conn: ConnRef,
+        stays_ahead: impl Fn(ConnRef) -> bool,
+        is_live: impl Fn(ConnRef) -> bool,
+    ) {
         let place = self
             .entries
             .iter()
-            .position(|entry| is_live(*entry) && entry.id > conn.id)
+            .position(|entry| !stays_ahead(*entry))
             .unwrap_or(self.entries.len());
         self.visited += place as u64 + 1;
         self.entries.insert(place, conn);

@@ -1344,3 +1344,231 @@ fn restart_reasons_index_their_place_in_all() {
         .collect();
     assert_eq!(RestartReason::RESTARTS.to_vec(), counted);
 }
+
+/// Found by the pool model: a reload removed the instance whose on-activate
+/// hook was running; the hook's success must not connect its client to the
+/// removed instance. The client goes back to the head of the line, and the
+/// next free instance takes it.
+#[test]
+fn a_hook_that_succeeds_on_a_removed_instance_puts_its_client_back() {
+    let pool = |names: &[&str]| Settings {
+        upstreams: names.iter().map(|n| n.to_string()).collect(),
+        ..with_hook(1)
+    };
+    let mut core = Core::new(pool(&["10.0.0.1:1", "10.0.0.2:1"]), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    let hook = spawned(&actions(&mut core)).expect("a hook for the first client");
+    assert_eq!(hook.context.instance, InstanceId(1));
+    // Instance 1 leaves the pool while its hook runs; instance 2 stays.
+    core.handle_reload(1, pool(&["10.0.0.2:1"]));
+    let _ = actions(&mut core);
+    core.handle_hook_exited(2, hook.hook, HookExit::Success);
+    let after = actions(&mut core);
+    assert!(
+        !after.contains(&Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }),
+        "connected to the removed instance: {after:?}"
+    );
+    // Back in line, it goes to instance 2 (through that instance's hook).
+    let next = spawned(&after).expect("a hook on instance 2");
+    assert_eq!(next.context.instance, InstanceId(2));
+    assert_eq!(next.context.conn, conn.id());
+}
+
+/// Found by the pool model: a refused connect in an unsupervised pool puts
+/// the client back at the head; its connect timer must go with its
+/// connecting state (no timer outlives its owner).
+#[test]
+fn a_refused_connect_in_a_pool_leaves_no_connect_timer_behind() {
+    let mut core = Core::new(
+        Settings {
+            upstreams: vec!["10.0.0.1:1".to_string(), "10.0.0.2:1".to_string()],
+            connect_timeout_ms: Some(10_000),
+            ..settings()
+        },
+        0,
+    );
+    let conn = core.handle_accepted(0, addr(1));
+    assert_eq!(
+        actions(&mut core),
+        vec![Action::Connect {
+            conn,
+            instance: InstanceId(1)
+        }]
+    );
+    core.handle_upstream_failed(1, conn, "refused");
+    assert_eq!(
+        actions(&mut core),
+        vec![
+            Action::AbandonConnect(conn),
+            Action::Connect {
+                conn,
+                instance: InstanceId(2)
+            }
+        ],
+        "instance 1 cools down, instance 2 takes the client"
+    );
+    core.check_invariants().expect("no stray timer");
+    // Its second connect gets the whole timeout again, from now.
+    core.handle_tick(10_000);
+    assert!(
+        actions(&mut core).is_empty(),
+        "no timeout of the first connect"
+    );
+}
+
+/// Found by the pool model: clients put back at the head keep their place
+/// among themselves. Two connects fail one after the other (the earlier
+/// client's first): when the instances cool down, the earlier client must
+/// still go first. Pushing each one to the front let the later one overtake
+/// it.
+#[test]
+fn clients_put_back_by_failed_connects_keep_their_accept_order() {
+    let mut core = Core::new(
+        Settings {
+            upstreams: vec!["10.0.0.1:1".to_string(), "10.0.0.2:1".to_string()],
+            connect_timeout_ms: None,
+            ..settings()
+        },
+        0,
+    );
+    let first = core.handle_accepted(0, addr(1));
+    let second = core.handle_accepted(0, addr(2));
+    let third = core.handle_accepted(0, addr(3));
+    let _ = actions(&mut core);
+    core.handle_upstream_failed(1, first, "refused");
+    core.handle_upstream_failed(1, second, "refused");
+    let _ = actions(&mut core);
+    core.handle_tick(2_000);
+    let connects: Vec<ConnId> = actions(&mut core)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Connect { conn, .. } => Some(conn.id()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        connects,
+        vec![first.id(), second.id()],
+        "accept order after both cool-downs (third: {})",
+        third.id()
+    );
+}
+
+fn pool_of(names: &[&str], base: Settings) -> Settings {
+    Settings {
+        upstreams: names.iter().map(|n| n.to_string()).collect(),
+        ..base
+    }
+}
+
+/// Found by the pool model: an on-activate hook that fails on an instance a
+/// reload removed while it ran arms no retry backoff on that instance (a
+/// removed instance holds no timer); its client goes to the next instance.
+#[test]
+fn a_hook_that_fails_on_a_removed_instance_arms_no_backoff() {
+    let mut core = Core::new(pool_of(&["10.0.0.1:1", "10.0.0.2:1"], with_hook(1)), 0);
+    let conn = core.handle_accepted(0, addr(1));
+    let hook = spawned(&actions(&mut core)).expect("a hook for the first client");
+    assert_eq!(hook.context.instance, InstanceId(1));
+    core.handle_reload(1, pool_of(&["10.0.0.2:1"], with_hook(1)));
+    let _ = actions(&mut core);
+    core.handle_hook_exited(2, hook.hook, HookExit::Failed(1));
+    core.check_invariants()
+        .expect("no backoff on a removed instance");
+    let next = spawned(&actions(&mut core)).expect("a hook on instance 2");
+    assert_eq!(next.context.instance, InstanceId(2));
+    assert_eq!(next.context.conn, conn.id());
+}
+
+/// Found by the pool model: a connect that fails on an instance a reload
+/// removed while it connected cools nothing down (a removed instance holds
+/// no timer); its client goes to the next instance.
+#[test]
+fn a_connect_that_fails_on_a_removed_instance_cools_nothing_down() {
+    let mut core = Core::new(
+        pool_of(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], settings()),
+        0,
+    );
+    let conn = core.handle_accepted(0, addr(1));
+    let _ = actions(&mut core);
+    core.handle_reload(1, pool_of(&["10.0.0.2:1", "10.0.0.3:1"], settings()));
+    let _ = actions(&mut core);
+    core.handle_upstream_failed(2, conn, "refused");
+    core.check_invariants()
+        .expect("no cool-down on a removed instance");
+    let after = core_actions_and_events(&mut core);
+    assert!(
+        !after.iter().any(|a| matches!(
+            a,
+            Action::Log(Event::InstanceCooldown {
+                instance: InstanceId(1),
+                ..
+            })
+        )),
+        "{after:?}"
+    );
+    assert!(
+        after.contains(&Action::Connect {
+            conn,
+            instance: InstanceId(2)
+        }),
+        "{after:?}"
+    );
+}
+
+fn core_actions_and_events(core: &mut Core) -> Vec<Action> {
+    std::iter::from_fn(|| core.poll_action()).collect()
+}
+
+/// Found by the pool model: a successful connect ends its instance's
+/// cool-down; a client waiting for a free instance is let through at once,
+/// not at whatever input comes next.
+#[test]
+fn a_connect_that_ends_a_cool_down_lets_the_head_through_at_once() {
+    let mut core = Core::new(
+        pool_of(
+            &["10.0.0.1:1", "10.0.0.2:1"],
+            Settings {
+                permits: 2,
+                connect_timeout_ms: None,
+                ..settings()
+            },
+        ),
+        0,
+    );
+    let conns: Vec<ConnRef> = (1..=4)
+        .map(|port| core.handle_accepted(0, addr(port)))
+        .collect();
+    let on = |actions: &[Action], want: InstanceId| -> Vec<ConnId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Connect { conn, instance } if *instance == want => Some(conn.id()),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = actions(&mut core);
+    let on_one = on(&first, InstanceId(1));
+    assert_eq!(on_one.len(), 2, "{first:?}");
+    let refused = conns.iter().find(|c| c.id() == on_one[0]).copied().unwrap();
+    let connects = conns.iter().find(|c| c.id() == on_one[1]).copied().unwrap();
+    // Instance 1 refuses one client: it cools down, its client waits at
+    // the head (instance 2 is full).
+    core.handle_upstream_failed(1, refused, "refused");
+    assert!(on(&actions(&mut core), InstanceId(1)).is_empty());
+    // The other client connects to instance 1: the cool-down is over, and
+    // the free permit takes the waiting client now.
+    core.handle_upstream_connected(2, connects);
+    let after = actions(&mut core);
+    assert!(
+        after.contains(&Action::Connect {
+            conn: refused,
+            instance: InstanceId(1)
+        }),
+        "{after:?}"
+    );
+}

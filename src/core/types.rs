@@ -940,6 +940,10 @@ pub enum Event {
         error: String,
         instance: InstanceId,
     },
+    /// The on-activate hook of a client succeeded, but its instance was
+    /// removed or stopped taking clients meanwhile: the client is back at
+    /// the head of the line, for the next free instance (debug level).
+    Requeued { conn: ConnId, instance: InstanceId },
     /// A connect to `instance` failed: it takes no client for `ms`.
     InstanceCooldown { instance: InstanceId, ms: u64 },
     /// A hook failed: `exit` is how, `timed_out` whether we killed it for its

@@ -146,6 +146,9 @@ impl Logger {
                 .field("conn", conn)
                 .field("error", error)
                 .field("instance", instance),
+            Event::Requeued { conn, instance } => {
+                line.field("conn", conn).field("instance", instance)
+            }
             Event::InstanceCooldown { instance, ms } => {
                 line.field("instance", instance).field("ms", ms)
             }
@@ -447,6 +450,7 @@ fn level_and_name(event: &Event) -> (LogLevel, &'static str) {
         Event::QueueTimeout { .. } => (LogLevel::Info, "queue_timeout"),
         Event::ConnectFailed { .. } => (LogLevel::Info, "connect_failed"),
         Event::InstanceCooldown { .. } => (LogLevel::Warn, "instance_cooldown"),
+        Event::Requeued { .. } => (LogLevel::Debug, "requeued"),
         Event::HookFailed { .. } => (LogLevel::Warn, "hook_failed"),
         Event::HookTimedOut { .. } => (LogLevel::Warn, "hook_timeout"),
         Event::PreparationKept { .. } => (LogLevel::Info, "preparation_kept"),

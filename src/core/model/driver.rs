@@ -328,6 +328,8 @@ impl Model {
                 trace!(self, "t={} reload {settings:?}", self.now);
                 // Fixed at start-up: a reload keeps it (`keep_fixed`).
                 settings.proxy_header_timeout_ms = self.settings.proxy_header_timeout_ms;
+                // One upstream all along: a list that grows is the pool model's.
+                settings.upstreams = self.settings.upstreams.clone();
                 if settings.drop_queued_eof && !self.settings.drop_queued_eof {
                     fed.dropped_at_eof = self
                         .conns
@@ -424,6 +426,10 @@ impl Model {
             | Op::PortTaken(_)
             | Op::ServiceRestart
             | Op::StrayService(..) => return self.feed_service(op, fed),
+            // One instance: the pool's ops name it.
+            Op::InstanceCrash(_, exit) => return self.feed_service(&Op::ServiceCrash(*exit), fed),
+            Op::InstanceRestart(_) => return self.feed_service(&Op::ServiceRestart, fed),
+            Op::InstanceMood(_, mood) => return self.feed_service(&Op::Mood(*mood), fed),
         }
         Ok(())
     }

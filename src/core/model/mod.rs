@@ -3,6 +3,14 @@
 //! actions the core emits and the inputs fed to it), and a checker of the
 //! invariants of DESIGN.md after every step.
 //!
+//! Settings naming two instances or more (`Settings::upstreams`) run the
+//! pool model of `pool.rs` instead: K = 2..=4 instances behind one queue,
+//! a process table per instance, reloads that change the list, history
+//! checks per instance (permits, one hook at a time, readiness, cool-down)
+//! and across the pool (FIFO, rolling restarts, `upstream_failed`). The
+//! exact shadow below predicts a single upstream only; pool runs rely on
+//! those checks and the core's invariants. See `pool.rs`.
+//!
 //! Two callers share it: the seeded model test at the bottom of this file (runs
 //! in every `cargo test`, no nightly needed) and the fuzz target
 //! `fuzz/fuzz_targets/state_machine.rs` (enables the `model` feature and turns
@@ -83,6 +91,9 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
+// For the fuzz target, which names its reloads' lists from it.
+#[cfg(feature = "model")]
+pub use pool::NAMES as POOL_NAMES;
 use service::{FakeShell, ServiceFed, View};
 pub use service::{Mood, StrayService};
 
@@ -103,6 +114,7 @@ macro_rules! trace {
 
 mod checks;
 mod driver;
+mod pool;
 mod service;
 mod shadow;
 #[cfg(test)]
@@ -186,6 +198,17 @@ pub enum Op {
     ServiceRestart,
     /// A service answer for a generation never asked about: ignored.
     StrayService(u8, StrayService),
+    // ----- a pool of instances (see `pool.rs`; with one instance these are
+    // the ops above for it) -----
+    /// The leader of the live generation of the instance at this index
+    /// (modulo the live ones) dies unasked.
+    InstanceCrash(u8, ServiceExit),
+    /// `handle_service_restart` for the instance at this index minus one
+    /// (modulo the live ones); 0: every instance (a rolling restart).
+    InstanceRestart(u8),
+    /// The generations of the instance at this index (modulo the live ones)
+    /// behave so from now on.
+    InstanceMood(u8, Mood),
 }
 
 /// The kind of input an [`Op::Stray`] feeds.
@@ -264,7 +287,15 @@ impl fmt::Display for Failure {
 /// step. Runs without a trace (fast, for the fuzzer); on a failure, replays the
 /// same steps (everything is deterministic) with the trace on, so the
 /// [`Failure`] shows how it got there.
+///
+/// Settings naming two instances or more run the pool model instead
+/// ([`pool`]): its history checks per instance and across the pool, no exact
+/// shadow. With one instance, a reload keeps that one (the shadow predicts a
+/// single upstream).
 pub fn run(initial: Settings, ops: &[Op]) -> Result<(), Failure> {
+    if pool::is_pool(&initial) {
+        return pool::run(initial, ops, false);
+    }
     match run_with(initial.clone(), ops, false) {
         Ok(()) => Ok(()),
         Err(_) => run_traced(initial, ops),
@@ -274,6 +305,9 @@ pub fn run(initial: Settings, ops: &[Op]) -> Result<(), Failure> {
 /// [`run`] with the trace on from the start. Use it to replay a panic inside
 /// the core (a debug assertion, say): the trace up to the panic goes to stderr.
 pub fn run_traced(initial: Settings, ops: &[Op]) -> Result<(), Failure> {
+    if pool::is_pool(&initial) {
+        return pool::run(initial, ops, true);
+    }
     run_with(initial, ops, true)
 }
 

@@ -159,9 +159,9 @@ impl Core {
         self.instances.iter().any(|inst| inst.hook.is_some())
     }
 
-    /// A client holding a permit of `i` goes back in line, to its place by
-    /// accept order (at the head, unless others put back were accepted
-    /// before it): it keeps its hook attempts, not its permit.
+    /// A client holding a permit of `i` goes back in line, at the head
+    /// (behind others put back that were accepted before it): it keeps its
+    /// hook attempts, not its permit.
     pub(super) fn back_to_head(&mut self, now: u64, conn: ConnRef, i: usize) {
         let attempts = match self.conns[conn.slot].state {
             ConnState::Activating(Activation::Hook { attempt }) => attempt,
@@ -177,8 +177,19 @@ impl Core {
         };
         self.conns[conn.slot].state = ConnState::Queued { attempts };
         self.release_permit(now, i);
+        // Ahead of it stay only those put back before it (they were taken
+        // and have attempts) that were accepted before it. A client never
+        // taken has no attempts: every one of them is behind it.
         let conns = &self.conns;
-        self.queue.put_back(conn, |entry| is_queued(conns, entry));
+        let put_back_before = |entry: ConnRef| match conns.get(entry.slot) {
+            Some(c) if c.id == entry.id => match c.state {
+                ConnState::Queued { attempts } => attempts > 0 && entry.id < conn.id,
+                _ => true,
+            },
+            _ => true,
+        };
+        self.queue
+            .put_back(conn, put_back_before, |entry| is_queued(conns, entry));
     }
 
     pub(super) fn take_permit(&mut self, now: u64, conn: ConnRef, i: usize) {

@@ -870,30 +870,3 @@ fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_bac
     core.check_invariants()
         .expect("one instance out for maintenance");
 }
-
-#[test]
-fn clients_put_back_after_failed_connects_keep_their_accept_order() {
-    let mut core = Core::new(pool(3), 0);
-    let a = core.handle_accepted(1, addr(1));
-    let b = core.handle_accepted(1, addr(2));
-    let c = core.handle_accepted(1, addr(3));
-    assert_eq!(connects(&drain(&mut core).0), [(a, 1), (b, 2), (c, 3)]);
-    let d = core.handle_accepted(2, addr(4));
-    drain(&mut core);
-    // a fails first, then b: both cool their instances down and go back in
-    // line, a before b, both before d. c holds 3.
-    core.handle_upstream_failed(3, a, "refused");
-    core.handle_upstream_failed(3, b, "refused");
-    assert!(connects(&drain(&mut core).0).is_empty());
-    core.handle_upstream_connected(3, c);
-    drain(&mut core);
-    core.handle_relay_ended(4, c, finished());
-    let went = connects(&drain(&mut core).0);
-    assert_eq!(went, [(a, 3)], "the earliest accepted goes first");
-    core.handle_upstream_connected(4, a);
-    core.handle_relay_ended(5, a, finished());
-    assert_eq!(connects(&drain(&mut core).0), [(b, 3)]);
-    core.handle_upstream_connected(5, b);
-    core.handle_relay_ended(6, b, finished());
-    assert_eq!(connects(&drain(&mut core).0), [(d, 3)]);
-}
