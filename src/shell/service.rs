@@ -349,13 +349,9 @@ impl Shell {
     fn instance_upstream(&self, instance: InstanceId) -> io::Result<HostPort> {
         let name = self
             .core
-            .stats()
-            .instances
-            .into_iter()
-            .find(|stats| stats.id == instance.0)
-            .map(|stats| stats.upstream)
+            .instance_name(instance)
             .ok_or_else(|| io::Error::other(format!("no instance {instance}")))?;
-        parse_host_port(&name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
+        parse_host_port(name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
     }
 
     /// `Action::ProbeUpstream`: a non-blocking connect to the instance's
