@@ -310,6 +310,11 @@ impl Shell {
                 .instances
                 .get(i)
                 .is_none_or(|inst| self.core.instance_name(instance) != inst.owner.as_deref());
+            if !gone && self.core.instance_service(instance).is_some() {
+                // A later reload took it back under the same name: kept.
+                self.outputs.closing.swap_remove(k);
+                continue;
+            }
             if !gone || self.service_leader_unreaped(instance) || self.hook_runs_for(instance) {
                 k += 1;
                 continue;
