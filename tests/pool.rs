@@ -561,3 +561,75 @@ fn a_handle_reload_resolves_and_uses_every_instance() {
     );
     runner.join().expect("the loop thread did not panic");
 }
+
+#[test]
+fn overlapping_hooks_of_two_instances_log_their_own_output_lines() {
+    let pool = Pool::new(2);
+    let dir = TempDir::new("pool-hooks-output");
+    // Each run waits (bounded) for the other instance's run to have
+    // started, then both write lines slowly, interleaved, to stdout and
+    // stderr, the last one without a newline.
+    let hook = dir.script(
+        "hook.sh",
+        r#"touch "$D/started.$TCPLOCK_INSTANCE"
+other=$((3 - TCPLOCK_INSTANCE))
+i=0
+while [ ! -e "$D/started.$other" ]; do
+  i=$((i + 1))
+  [ "$i" -le 200 ] || exit 1
+  sleep 0.05
+done
+for n in 1 2 3 4 5; do
+  printf 'mine=%s n=%s out\n' "$TCPLOCK_INSTANCE" "$n"
+  printf 'mine=%s n=%s err\n' "$TCPLOCK_INSTANCE" "$n" >&2
+  printf 'mine=%s n=%s part' "$TCPLOCK_INSTANCE" "$n"
+  sleep 0.05
+  printf 'ial\n'
+done
+printf 'mine=%s last' "$TCPLOCK_INSTANCE""#,
+    );
+    let proxy = Proxy::start(&["-u", &pool.arg(), "-n", "1", "--on-activate", &hook]);
+    let mut a = tagged(&proxy, "a");
+    let mut b = tagged(&proxy, "b");
+    served(&mut a, "a");
+    served(&mut b, "b");
+    finish(a);
+    finish(b);
+    assert!(proxy.wait_for_count(outcome("ok"), 2, WAIT));
+    assert_eq!(proxy.count_logs(event("hook_failed")), 0);
+    let hook_of = |instance: &str| {
+        let started = proxy.matching(event("hook_started"));
+        let line = started
+            .iter()
+            .find(|l| field(l, "instance").as_deref() == Some(instance))
+            .unwrap_or_else(|| panic!("no hook_started for instance {instance}"));
+        field(line, "hook").expect("hook=")
+    };
+    let hooks = [hook_of("1"), hook_of("2")];
+    assert_ne!(hooks[0], hooks[1]);
+    let lines = proxy.matching(|l| is_event(l, "output"));
+    // 5 × (out, err, partial) + the last, per instance.
+    assert_eq!(lines.len(), 32, "{lines:#?}");
+    for line in &lines {
+        assert_eq!(
+            field(line, "from").as_deref(),
+            Some("on-activate"),
+            "{line}"
+        );
+        let text = field(line, "line").expect("line=");
+        let mine = text
+            .strip_prefix("mine=")
+            .and_then(|t| t.split(' ').next())
+            .unwrap_or_else(|| panic!("a line the hook did not write: {line}"));
+        assert_eq!(field(line, "instance").as_deref(), Some(mine), "{line}");
+        let want = &hooks[if mine == "1" { 0 } else { 1 }];
+        assert_eq!(field(line, "hook").as_ref(), Some(want), "{line}");
+        assert!(
+            text.ends_with(" out")
+                || text.ends_with(" err")
+                || text.ends_with(" partial")
+                || text.ends_with(" last"),
+            "a line mixed up: {line}"
+        );
+    }
+}

@@ -558,3 +558,42 @@ fn each_instance_output_is_logged_with_its_number() {
     }
     stop_clean(proxy, &pool);
 }
+
+#[test]
+fn a_reload_removing_an_instance_gives_back_its_output_pipes() {
+    let pool = Pool::new("pipes");
+    let ports = ports(2);
+    let conf_path = pool.dir.join("tcplock.conf");
+    let conf = |list: &[u16]| {
+        format!(
+            "listen = 127.0.0.1:0\nupstream = {}\nspawn = {}\n",
+            upstream_list(list),
+            pool.command("")
+        )
+    };
+    std::fs::write(&conf_path, conf(&ports)).unwrap();
+    let proxy = Proxy::start_raw(&["-c", conf_path.to_str().unwrap()]);
+    all_ready(&proxy, 2);
+    // No client, no hook: the pipes open are the two services' stdout and
+    // stderr (both ends each) and whatever was open at start.
+    let before = proxy.open_pipes();
+    std::fs::write(&conf_path, conf(&ports[..1])).unwrap();
+    proxy.signal("HUP");
+    proxy.expect_log(event("reloaded"), "the reload");
+    assert!(
+        proxy
+            .wait_for_log(inst_event("upstream_exited", 2), START_WAIT)
+            .is_some(),
+        "instance 2 exited"
+    );
+    // Its stdout and stderr pipes, both ends: four descriptors back.
+    assert!(
+        wait_until(START_WAIT, || proxy.open_pipes() + 4 == before),
+        "pipes open: {} before the reload, {} after",
+        before,
+        proxy.open_pipes()
+    );
+    // Instance 1 still serves, and its output still comes through.
+    assert_eq!(serve_one(&proxy), 1);
+    stop_clean(proxy, &pool);
+}

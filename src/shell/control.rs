@@ -18,7 +18,8 @@ use slab::Slab;
 
 use super::*;
 use crate::core::{
-    ConnId, CoreStatus, InstanceId, InstanceStats, PositionError, ServiceStateName, Target,
+    ConnId, CoreStatus, InstanceId, InstanceStats, PositionError, ServiceStateName, ServiceStats,
+    Target,
 };
 use log::push_value;
 
@@ -425,14 +426,12 @@ impl RestartWait {
         }
     }
 
-    fn state(&self, instances: &[InstanceStats]) -> Restarted {
-        let Some(inst) = instances
-            .iter()
-            .find(|inst| inst.id == self.id && inst.upstream == self.upstream && !inst.removed)
-        else {
+    /// Where it stands, given its instance's name and service numbers
+    /// while the core lists it and no reload removed it.
+    fn state(&self, found: Option<(&str, ServiceStats)>) -> Restarted {
+        let Some((_, s)) = found.filter(|(name, _)| *name == self.upstream) else {
             return Restarted::Gone;
         };
-        let s = &inst.service;
         match s.state {
             None => Restarted::Gone,
             Some(ServiceStateName::Failed) => Restarted::Failed,
@@ -445,18 +444,23 @@ impl RestartWait {
 }
 
 /// The answer to a waiting `restart`, once it is known: a line per
-/// instance restarted (`instance=I gen=G pid=P`), or an error.
-fn restart_answer(waits: &[RestartWait], instances: &[InstanceStats]) -> Option<Vec<u8>> {
-    let states: Vec<Restarted> = waits.iter().map(|w| w.state(instances)).collect();
-    if states.contains(&Restarted::Failed) {
+/// instance restarted (`instance=I gen=G pid=P`), or an error. `lookup`
+/// gives an instance's name and service while it is listed and not
+/// removed; nothing is allocated while the answer is not known yet.
+fn restart_answer<'a>(
+    waits: &[RestartWait],
+    lookup: impl Fn(u32) -> Option<(&'a str, ServiceStats)>,
+) -> Option<Vec<u8>> {
+    let state = |wait: &RestartWait| wait.state(lookup(wait.id));
+    if waits.iter().any(|w| state(w) == Restarted::Failed) {
         return Some(error_reply("upstream failed"));
     }
-    if states.contains(&Restarted::Waiting) {
+    if waits.iter().any(|w| state(w) == Restarted::Waiting) {
         return None;
     }
     let mut reply = Reply::default();
-    for (wait, state) in waits.iter().zip(states) {
-        if let Restarted::Ready(generation, pid) = state {
+    for wait in waits {
+        if let Restarted::Ready(generation, pid) = state(wait) {
             reply
                 .line("instance", wait.id)
                 .field("gen", generation)
@@ -948,11 +952,28 @@ impl Shell {
         if !server.conns.iter().any(|entry| waiting(&entry)) {
             return;
         }
-        let instances = self.core.stats().instances;
-        self.control_answer(now, |phase| match phase {
-            Phase::Waiting(Pending::Restart(waits)) => restart_answer(waits, &instances),
-            _ => None,
-        });
+        let core = &self.core;
+        let lookup = |id: u32| {
+            let instance = InstanceId(id);
+            Some((
+                core.instance_name(instance)?,
+                core.instance_service(instance)?,
+            ))
+        };
+        // Empty (no allocation) until some restart is answered.
+        let answers: Vec<(usize, Vec<u8>)> = server
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| match &c.phase {
+                Phase::Waiting(Pending::Restart(waits)) => {
+                    restart_answer(waits, lookup).map(|reply| (slot, reply))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, reply) in answers {
+            self.control_reply(now, slot, reply);
+        }
     }
 
     /// Answers every waiting `drain`, `reload` and `restart` with an error:
@@ -1100,6 +1121,18 @@ mod tests {
         assert!(lines[3].ends_with(" cooling_down=no removed=yes"), "{out}");
     }
 
+    /// The look-up a waiting `restart` gets from the core, over `instances`.
+    fn listed<'a>(
+        instances: &'a [InstanceStats],
+    ) -> impl Fn(u32) -> Option<(&'a str, ServiceStats)> {
+        move |id| {
+            instances
+                .iter()
+                .find(|inst| inst.id == id && !inst.removed)
+                .map(|inst| (inst.upstream.as_str(), inst.service.clone()))
+        }
+    }
+
     #[test]
     fn a_restart_answers_once_every_instance_named_is_ready_again() {
         let ready = Some(ServiceStateName::Ready);
@@ -1107,20 +1140,20 @@ mod tests {
         let waits: Vec<RestartWait> = asked.iter().map(RestartWait::of).collect();
         // Instance 2 restarted, instance 1 not yet: no answer.
         let now = [instance(1, ready, 3), instance(2, ready, 6)];
-        assert_eq!(restart_answer(&waits, &now), None);
+        assert_eq!(restart_answer(&waits, listed(&now)), None);
         let starting = [
             instance(1, Some(ServiceStateName::Starting), 4),
             now[1].clone(),
         ];
-        assert_eq!(restart_answer(&waits, &starting), None);
+        assert_eq!(restart_answer(&waits, listed(&starting)), None);
         let done = [instance(1, ready, 4), instance(2, ready, 6)];
         assert_eq!(
-            text(restart_answer(&waits, &done).unwrap()),
+            text(restart_answer(&waits, listed(&done)).unwrap()),
             "instance=1 gen=4 pid=1001\ninstance=2 gen=6 pid=1002\nok\n"
         );
         // Only instance 2 asked: its own new generation answers.
         assert_eq!(
-            text(restart_answer(&waits[1..], &now).unwrap()),
+            text(restart_answer(&waits[1..], listed(&now)).unwrap()),
             "instance=2 gen=6 pid=1002\nok\n"
         );
         let failed = [
@@ -1128,20 +1161,20 @@ mod tests {
             now[1].clone(),
         ];
         assert_eq!(
-            text(restart_answer(&waits, &failed).unwrap()),
+            text(restart_answer(&waits, listed(&failed)).unwrap()),
             "error msg=\"upstream failed\"\n"
         );
         // A reload removed instance 1 (or gave its number to another).
         let mut other = instance(1, ready, 9);
         other.upstream = "127.0.0.1:9999".to_string();
         assert_eq!(
-            text(restart_answer(&waits[..1], &[other]).unwrap()),
+            text(restart_answer(&waits[..1], listed(&[other])).unwrap()),
             "error msg=\"instance 1 was removed\"\n"
         );
         let mut removed = instance(1, ready, 3);
         removed.removed = true;
         assert_eq!(
-            text(restart_answer(&waits, &[removed, done[1].clone()]).unwrap()),
+            text(restart_answer(&waits, listed(&[removed, done[1].clone()])).unwrap()),
             "instance=2 gen=6 pid=1002\nok\n"
         );
     }

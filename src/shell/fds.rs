@@ -59,6 +59,12 @@ impl FdBudget {
         self.baseline += count;
     }
 
+    /// Descriptors opened for good and closed since (a removed instance's
+    /// output pipes).
+    pub(super) fn closed_for_good(&mut self, count: usize) {
+        self.baseline = self.baseline.saturating_sub(count);
+    }
+
     /// Whether one more client would eat into what activation needs, with
     /// `open` descriptors held beyond those counted at start.
     pub(super) fn at_reserve(&self, open: usize, config: &Config) -> bool {

@@ -5,8 +5,9 @@
 //! [`Shell::running_hooks`]. Each process is watched through its own pidfd,
 //! registered with the poll under the one token [`HOOK_EXIT`] (readable =
 //! exited; every running process is then asked); where the kernel has no
-//! pidfds, through SIGCHLD. A hook process's stdout and stderr are pipes the
-//! loop reads and logs line by line (`event=output from=on-activate`).
+//! pidfds, through SIGCHLD. A hook process's stdout and stderr are its
+//! instance's pipes, which the loop reads and logs line by line
+//! (`event=output from=on-activate instance=I`).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
@@ -341,7 +342,7 @@ impl Shell {
         let run = self.running_hooks.remove(index);
         // What it wrote comes before its exit in the log.
         if run.process.is_some() {
-            self.output_done(Source::Hook);
+            self.output_done(Source::Hook(run.instance));
         }
         if let Some(line) = self.logger.line(LogLevel::Info, "hook_exited") {
             line.field("hook", hook)
@@ -368,11 +369,12 @@ impl Shell {
         };
         if let HookBody::Command(_) = run.body() {
             self.output_from(
-                Source::Hook,
+                Source::Hook(context.instance),
                 Writer::Hook {
                     hook: request.hook,
                     kind: context.kind,
                     generation: context.service.map(|(generation, _)| generation),
+                    instance: context.instance,
                 },
             );
         }
@@ -444,7 +446,7 @@ impl Shell {
         command: &str,
         context: &HookContext,
     ) -> io::Result<HookProcess> {
-        let output = self.output_writers(Source::Hook)?;
+        let output = self.output_writers(Source::Hook(context.instance))?;
         if self.pidfds_available {
             match HookProcess::spawn(command, context, &output) {
                 Ok(process) => {
@@ -537,14 +539,19 @@ impl Shell {
         }
     }
 
-    /// The first running hook process, if one runs.
-    // TODO(pool): the service's zombie reaper should skip every running
-    // hook's pid, not only the first one's.
-    pub(super) fn hook_pid(&self) -> Option<u32> {
+    /// Whether `pid` is a running hook process (of any instance): its exit
+    /// is the hook's to reap, never the zombie reaper's.
+    pub(super) fn is_hook_pid(&self, pid: u32) -> bool {
         self.running_hooks
             .iter()
-            .find_map(|run| run.process.as_ref())
-            .map(|process| process.pid)
+            .any(|run| run.process.as_ref().is_some_and(|p| p.pid == pid))
+    }
+
+    /// Whether a hook of `instance` runs.
+    pub(super) fn hook_runs_for(&self, instance: InstanceId) -> bool {
+        self.running_hooks
+            .iter()
+            .any(|run| run.instance == instance)
     }
 
     /// Adds SIGCHLD to the watched signals, installing the handler if none is.

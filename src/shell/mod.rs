@@ -70,11 +70,8 @@ const HOOK_EXIT: Token = Token(3);
 /// stderr has room again for log lines that waited.
 const LOG_SINK: Token = Token(4);
 
-// 5-8: free (each supervised instance has its own tokens: see `service`).
-
-/// The hook processes' stdout and stderr pipes, shared by all of them.
-const HOOK_STDOUT: Token = Token(9);
-const HOOK_STDERR: Token = Token(10);
+// 5-12: free (each instance has its own tokens for its service and its
+// hooks' output: see `service`).
 
 /// How often lines waiting for a stderr the poll cannot watch are retried.
 const LOG_RETRY: Duration = Duration::from_millis(100);
@@ -554,8 +551,6 @@ impl Shell {
                     LISTENER => self.accept_more = true,
                     SIGNALS => signalled = true,
                     HOOK_EXIT => self.reap(now),
-                    HOOK_STDOUT => self.output_ready(output::PipeId(output::Source::Hook, 0)),
-                    HOOK_STDERR => self.output_ready(output::PipeId(output::Source::Hook, 1)),
                     control::CONTROL_LISTENER => self.control_accept(now),
                     Token(token)
                         if (control::FIRST_CONTROL_TOKEN
@@ -605,6 +600,7 @@ impl Shell {
             self.expire_probe(now);
             self.core.handle_tick(now);
             self.drain(now);
+            self.close_outputs();
             self.control_tick(now);
             self.metrics_turn(now);
             self.logger.flush();

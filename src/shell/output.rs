@@ -2,12 +2,14 @@
 //! stderr come through pipes the loop reads without blocking, split into
 //! lines of at most [`MAX_LINE`] bytes and logged as `event=output`.
 //!
-//! Each source (the service, the hooks) has one pair of pipes for the life
-//! of the loop: every spawn gets the same write ends, and the loop keeps
-//! them open too. A process that a hook or a generation left behind (a
+//! Each source (an instance's service, an instance's hooks) has one pair
+//! of pipes for as long as the core lists the instance: every spawn gets
+//! the same write ends, and the loop keeps them open too. A process that a hook or a generation left behind (a
 //! daemon a legacy restart script started, an escaped helper) so keeps a
 //! working stdout instead of dying of SIGPIPE at its next line; its lines
-//! are credited to the last hook or generation. A source that writes faster
+//! are credited to the last hook or generation. Once a reload removed the
+//! instance, its leader was reaped and the core no longer lists it, its
+//! pipes are drained and closed. A source that writes faster
 //! than stderr takes its lines costs dropped (and counted) log lines, never
 //! a blocked loop or a blocked child.
 
@@ -18,7 +20,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use super::{HOOK_STDERR, HOOK_STDOUT, Shell, service};
+use super::{Shell, service};
 use crate::config::LogLevel;
 use crate::core::{Generation, HookId, HookKind, InstanceId};
 use crate::sys;
@@ -46,10 +48,18 @@ const READ_CHUNK: usize = 4096;
 pub(super) enum Source {
     /// The supervised service of one instance: each has its own pipes.
     Service(InstanceId),
-    /// Hook processes: one at a time per instance, so hooks of several
-    /// instances of a pool may share the pipes at once; their lines are
-    /// then credited to the one that started last.
-    Hook,
+    /// The hook processes of one instance: one at a time runs, and each
+    /// instance has its own pipes, so hooks of several instances of a pool
+    /// running at once never mix their lines.
+    Hook(InstanceId),
+}
+
+impl Source {
+    fn instance(self) -> InstanceId {
+        match self {
+            Source::Service(instance) | Source::Hook(instance) => instance,
+        }
+    }
 }
 
 /// One pipe: its source, and 0 for stdout or 1 for stderr.
@@ -64,18 +74,52 @@ pub(super) enum Writer {
         hook: HookId,
         kind: HookKind,
         generation: Option<Generation>,
+        instance: InstanceId,
     },
 }
 
-/// The pipes the loop reads: the hooks' stdout and stderr, and each
-/// supervised instance's. Made on first use.
+/// The pipes the loop reads: each instance's service's and hooks' stdout
+/// and stderr. Made on first use.
 #[derive(Default)]
 pub(super) struct Outputs {
-    hooks: SourcePipes,
     /// By instance number - 1.
-    services: Vec<SourcePipes>,
+    instances: Vec<InstancePipes>,
+    /// Instances a reload removed (or whose number it gave to another)
+    /// whose pipes are still open: closed once nothing of them is left.
+    closing: Vec<InstanceId>,
     /// Some pipe used up its reads for the turn and may hold more.
     pub(super) more: bool,
+}
+
+/// One instance's pipes, and the name the core gave it when they were made.
+#[derive(Default)]
+struct InstancePipes {
+    service: SourcePipes,
+    hook: SourcePipes,
+    owner: Option<String>,
+}
+
+impl InstancePipes {
+    fn source(&self, source: Source) -> &SourcePipes {
+        match source {
+            Source::Service(_) => &self.service,
+            Source::Hook(_) => &self.hook,
+        }
+    }
+
+    fn source_mut(&mut self, source: Source) -> &mut SourcePipes {
+        match source {
+            Source::Service(_) => &mut self.service,
+            Source::Hook(_) => &mut self.hook,
+        }
+    }
+
+    fn open(&self) -> usize {
+        [&self.service, &self.hook]
+            .iter()
+            .map(|pipes| pipes.pipes.iter().flatten().count())
+            .sum()
+    }
 }
 
 /// One source's stdout and stderr, and who writes to them now.
@@ -95,71 +139,56 @@ struct OutputPipe {
 
 impl Outputs {
     fn source(&self, source: Source) -> Option<&SourcePipes> {
-        match source {
-            Source::Hook => Some(&self.hooks),
-            Source::Service(instance) => self.services.get(instance.index()),
+        self.instances
+            .get(source.instance().index())
+            .map(|inst| inst.source(source))
+    }
+
+    fn instance_mut(&mut self, instance: InstanceId) -> &mut InstancePipes {
+        let i = instance.index();
+        if self.instances.len() <= i {
+            self.instances.resize_with(i + 1, InstancePipes::default);
         }
+        &mut self.instances[i]
     }
 
     fn source_mut(&mut self, source: Source) -> &mut SourcePipes {
-        match source {
-            Source::Hook => &mut self.hooks,
-            Source::Service(instance) => {
-                let i = instance.index();
-                if self.services.len() <= i {
-                    self.services.resize_with(i + 1, SourcePipes::default);
-                }
-                &mut self.services[i]
-            }
-        }
+        self.instance_mut(source.instance()).source_mut(source)
     }
 
     fn pipe_mut(&mut self, pipe: PipeId) -> Option<&mut OutputPipe> {
         let PipeId(source, n) = pipe;
-        let pipes = match source {
-            Source::Hook => &mut self.hooks,
-            Source::Service(instance) => self.services.get_mut(instance.index())?,
-        };
-        pipes.pipes.get_mut(n)?.as_mut()
+        self.instances
+            .get_mut(source.instance().index())?
+            .source_mut(source)
+            .pipes
+            .get_mut(n)?
+            .as_mut()
     }
 
     fn writer(&self, source: Source) -> Option<Writer> {
         self.source(source).and_then(|pipes| pipes.writer)
     }
 
-    /// Every pipe that exists.
-    fn all(&self) -> Vec<PipeId> {
-        let mut all = Vec::new();
-        let mut add = |source: Source, pipes: &SourcePipes| {
-            for (n, pipe) in pipes.pipes.iter().enumerate() {
-                if pipe.is_some() {
-                    all.push(PipeId(source, n));
-                }
-            }
-        };
-        add(Source::Hook, &self.hooks);
-        for (i, pipes) in self.services.iter().enumerate() {
-            add(Source::Service(InstanceId::at(i)), pipes);
-        }
-        all
+    /// Whether the pipe `id` exists.
+    fn exists(&self, id: PipeId) -> bool {
+        self.source(id.0)
+            .and_then(|pipes| pipes.pipes.get(id.1))
+            .is_some_and(Option::is_some)
     }
 }
 
 impl PipeId {
     /// The poll token its read end is registered under.
     fn token(self) -> Option<Token> {
-        match self {
-            PipeId(Source::Hook, 0) => Some(HOOK_STDOUT),
-            PipeId(Source::Hook, _) => Some(HOOK_STDERR),
-            PipeId(Source::Service(instance), n) => service::token(
-                instance,
-                if n == 0 {
-                    service::TokenKind::Stdout
-                } else {
-                    service::TokenKind::Stderr
-                },
-            ),
-        }
+        let PipeId(source, n) = self;
+        let kind = match (source, n) {
+            (Source::Service(_), 0) => service::TokenKind::Stdout,
+            (Source::Service(_), _) => service::TokenKind::Stderr,
+            (Source::Hook(_), 0) => service::TokenKind::HookStdout,
+            (Source::Hook(_), _) => service::TokenKind::HookStderr,
+        };
+        service::token(source.instance(), kind)
     }
 }
 
@@ -183,8 +212,14 @@ impl Shell {
             self.poll
                 .registry()
                 .register(&mut SourceFd(&raw), token, Interest::READABLE)?;
-            // Held for good: the descriptor budget counts them.
+            // Held while the instance is listed: the descriptor budget
+            // counts them.
             self.fds.opened_for_good(2);
+            let instance = id.0.instance();
+            if self.outputs.instance_mut(instance).owner.is_none() {
+                let owner = self.core.instance_name(instance).map(str::to_owned);
+                self.outputs.instance_mut(instance).owner = owner;
+            }
             self.outputs.source_mut(id.0).pipes[id.1] = Some(OutputPipe {
                 read: File::from(read),
                 write,
@@ -230,12 +265,80 @@ impl Shell {
         }
     }
 
-    /// Reads every pipe (after a turn that left some unread).
+    /// Reads every pipe (after a turn that left some unread), in place.
     pub(super) fn read_outputs(&mut self) {
         self.outputs.more = false;
-        for pipe in self.outputs.all() {
-            if self.read_output(pipe) {
-                self.outputs.more = true;
+        for i in 0..self.outputs.instances.len() {
+            let instance = InstanceId::at(i);
+            for source in [Source::Service(instance), Source::Hook(instance)] {
+                for n in 0..2 {
+                    let id = PipeId(source, n);
+                    if self.outputs.exists(id) && self.read_output(id) {
+                        self.outputs.more = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a reload: every instance with pipes open that the core lists
+    /// no more, or lists as removed, or under another name, waits for its
+    /// pipes to be closed.
+    pub(super) fn outputs_reloaded(&mut self) {
+        for i in 0..self.outputs.instances.len() {
+            let instance = InstanceId::at(i);
+            let inst = &self.outputs.instances[i];
+            let kept = self.core.instance_service(instance).is_some()
+                && self.core.instance_name(instance) == inst.owner.as_deref();
+            if inst.open() > 0 && !kept && !self.outputs.closing.contains(&instance) {
+                self.outputs.closing.push(instance);
+            }
+        }
+        self.close_outputs();
+    }
+
+    /// Closes the pipes of the instances waiting for it whose time came:
+    /// the core lists them no more (or under another name), their last
+    /// leader is reaped and no hook of theirs runs. What is left in them is
+    /// read and logged first. A turn with none waiting costs nothing.
+    pub(super) fn close_outputs(&mut self) {
+        let mut k = 0;
+        while let Some(&instance) = self.outputs.closing.get(k) {
+            let i = instance.index();
+            let gone = self
+                .outputs
+                .instances
+                .get(i)
+                .is_none_or(|inst| self.core.instance_name(instance) != inst.owner.as_deref());
+            if !gone && self.core.instance_service(instance).is_some() {
+                // A later reload took it back under the same name: kept.
+                self.outputs.closing.swap_remove(k);
+                continue;
+            }
+            if !gone || self.service_leader_unreaped(instance) || self.hook_runs_for(instance) {
+                k += 1;
+                continue;
+            }
+            self.outputs.closing.swap_remove(k);
+            self.output_done(Source::Service(instance));
+            self.output_done(Source::Hook(instance));
+            let Some(inst) = self.outputs.instances.get_mut(i) else {
+                continue;
+            };
+            let closed = std::mem::take(inst);
+            let mut count = 0;
+            for pipe in [closed.service.pipes, closed.hook.pipes]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let raw = pipe.read.as_raw_fd();
+                let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+                count += 2;
+            }
+            self.fds.closed_for_good(count);
+            if let Some(line) = self.logger.line(LogLevel::Debug, "output_closed") {
+                line.field("instance", instance).field("fds", count);
             }
         }
     }
@@ -283,7 +386,7 @@ impl Shell {
 }
 
 /// `level=info event=output from=upstream|on-activate|on-timeout gen=N
-/// [instance=I] line="..."`, with `truncated=true` for a line cut at [`MAX_LINE`].
+/// [hook=H] instance=I line="..."`, with `truncated=true` for a line cut at [`MAX_LINE`].
 fn log_output(logger: &mut super::Logger, writer: Option<Writer>, bytes: &[u8], cut: bool) {
     let Some(line) = logger.line(LogLevel::Info, "output") else {
         return;
@@ -297,6 +400,7 @@ fn log_output(logger: &mut super::Logger, writer: Option<Writer>, bytes: &[u8], 
             hook,
             kind,
             generation,
+            instance,
         }) => line
             .field(
                 "from",
@@ -306,7 +410,8 @@ fn log_output(logger: &mut super::Logger, writer: Option<Writer>, bytes: &[u8], 
                 },
             )
             .field_opt("gen", generation)
-            .field("hook", hook),
+            .field("hook", hook)
+            .field("instance", instance),
         None => line,
     };
     let line = line.field("line", String::from_utf8_lossy(bytes));

@@ -58,7 +58,7 @@ const SCRUBBED: [&str; 3] = ["NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"];
 pub(super) const FIRST_SERVICE_TOKEN: usize = 1 << (usize::BITS - 2);
 
 /// Tokens per instance, one per [`TokenKind`].
-pub(super) const TOKENS_PER_INSTANCE: usize = 4;
+pub(super) const TOKENS_PER_INSTANCE: usize = 6;
 
 /// What a token of an instance's block names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +69,9 @@ pub(super) enum TokenKind {
     Stderr = 2,
     /// The readiness probe's socket.
     Probe = 3,
+    /// The instance's hooks' stdout and stderr pipes.
+    HookStdout = 4,
+    HookStderr = 5,
 }
 
 /// The token of `kind` in `instance`'s block; `None` past the token space.
@@ -88,7 +91,9 @@ pub(super) fn token_owner(token: usize) -> Option<(InstanceId, TokenKind)> {
         0 => TokenKind::Exit,
         1 => TokenKind::Stdout,
         2 => TokenKind::Stderr,
-        _ => TokenKind::Probe,
+        3 => TokenKind::Probe,
+        4 => TokenKind::HookStdout,
+        _ => TokenKind::HookStderr,
     };
     let index = offset / TOKENS_PER_INSTANCE;
     u32::try_from(index).ok()?;
@@ -341,6 +346,8 @@ impl Shell {
             TokenKind::Probe => self.probe_ready(now, instance, event),
             TokenKind::Stdout => self.output_ready(PipeId(Source::Service(instance), 0)),
             TokenKind::Stderr => self.output_ready(PipeId(Source::Service(instance), 1)),
+            TokenKind::HookStdout => self.output_ready(PipeId(Source::Hook(instance), 0)),
+            TokenKind::HookStderr => self.output_ready(PipeId(Source::Hook(instance), 1)),
         }
     }
 
@@ -349,13 +356,9 @@ impl Shell {
     fn instance_upstream(&self, instance: InstanceId) -> io::Result<HostPort> {
         let name = self
             .core
-            .stats()
-            .instances
-            .into_iter()
-            .find(|stats| stats.id == instance.0)
-            .map(|stats| stats.upstream)
+            .instance_name(instance)
             .ok_or_else(|| io::Error::other(format!("no instance {instance}")))?;
-        parse_host_port(&name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
+        parse_host_port(name).map_err(|e| io::Error::other(format!("instance {instance}: {e}")))
     }
 
     /// `Action::ProbeUpstream`: a non-blocking connect to the instance's
@@ -679,6 +682,14 @@ impl Shell {
             .handle_service_exited(now, instance, generation, exit);
     }
 
+    /// Whether the instance's last leader is still to be reaped.
+    pub(super) fn service_leader_unreaped(&self, instance: InstanceId) -> bool {
+        self.service
+            .get(instance)
+            .and_then(|inst| inst.running.as_ref())
+            .is_some_and(|running| running.unreaped().is_some())
+    }
+
     /// The instance whose leader `pid` is, if it is a SIGCHLD child not yet
     /// reaped (for PID 1's reaping of every child).
     pub(super) fn service_sigchld_leader(&self, pid: u32) -> Option<InstanceId> {
@@ -848,12 +859,11 @@ impl Shell {
             .unreaped_leaders()
             .map(|(_, pid)| pid)
             .collect();
-        let hook = self.hook_pid();
         for process in processes {
             if !process.is_dead()
                 || process.ppid != own_pid
                 || leaders.contains(&process.pid)
-                || Some(process.pid) == hook
+                || self.is_hook_pid(process.pid)
             {
                 continue;
             }

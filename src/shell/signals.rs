@@ -159,6 +159,7 @@ impl Shell {
         let mut settings = core_settings(&new, &mut self.hooks, &mut self.service.table);
         settings.max_queue = self.fds.adjusted_max_queue(&new, &mut self.logger);
         self.core.handle_reload(now, settings);
+        self.outputs_reloaded();
         // The core numbered the list anew: each number's addresses follow
         // its name.
         let names = new.upstreams.iter().map(ToString::to_string);

@@ -322,6 +322,25 @@ impl Core {
         })
     }
 
+    /// `instance`'s name while the core lists it (it is not vacant), for
+    /// the shell's per-action look-ups without building [`Stats`].
+    pub fn instance_name(&self, instance: InstanceId) -> Option<&str> {
+        let inst = self.instances.get(instance.index())?;
+        (!inst.is_vacant()).then_some(inst.upstream.as_str())
+    }
+
+    /// `instance`'s service numbers while it is listed and no reload
+    /// removed it ([`InstanceStats::service`] of that one instance).
+    pub fn instance_service(&self, instance: InstanceId) -> Option<ServiceStats> {
+        let inst = self.instances.get(instance.index())?;
+        (!inst.removed).then(|| {
+            inst.service
+                .as_ref()
+                .map(Service::stats)
+                .unwrap_or_default()
+        })
+    }
+
     /// Every instance not vacant, into `out`, reusing its memory.
     pub(super) fn write_instance_stats(&self, out: &mut Vec<InstanceStats>) {
         let listed = self
