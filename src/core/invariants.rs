@@ -187,10 +187,13 @@ impl Core {
             }
             check_last_outcome(inst)?;
             armed += self.check_service(i)?;
-            // A removed instance's stop is no pool maintenance.
-            maintenance += usize::from(
-                !inst.removed && inst.service.as_ref().is_some_and(|s| s.in_maintenance()),
-            );
+            if inst.removed && inst.service.as_ref().is_some_and(|s| s.in_maintenance()) {
+                return Err(format!(
+                    "removed instance {} holds the maintenance turn",
+                    i + 1
+                ));
+            }
+            maintenance += usize::from(inst.service.as_ref().is_some_and(|s| s.in_maintenance()));
         }
         // Invariant 9: planned restarts take one instance out at a time.
         if maintenance > 1 {

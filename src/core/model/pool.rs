@@ -776,6 +776,9 @@ impl PoolModel {
                 Some(known) if known.name == inst.upstream => {
                     known.removed = false;
                     known.ready = inst.service.state == Some(ServiceStateName::Ready);
+                    // Back in the pool, it is judged from its next stop on
+                    // (the core may still count it out: that is stricter).
+                    known.out = false;
                     // Its service may be gone (stopped once drained), and
                     // none is made while tcplock stops.
                     known.supervised = inst.service.state.is_some();
@@ -1389,13 +1392,19 @@ impl PoolModel {
             Event::RestartDue {
                 instance, reason, ..
             } => {
+                let other_out = self
+                    .instances
+                    .iter()
+                    .any(|(id, other)| *id != instance.0 && other.out);
                 if let Some(inst) = self.instances.get_mut(&instance.0) {
                     inst.due = true;
-                    // A repair, or the only instance: it drains at once. A
-                    // planned restart of a pool waits for its turn, which
-                    // no event marks; a removed instance takes no turn (it
-                    // stops once drained, or serves on if listed again).
-                    if !reason.is_planned() || live < 2 && !inst.removed {
+                    // A repair, or the only instance with no other out for
+                    // a restart (removed meanwhile or not): it drains at
+                    // once. A planned restart of a pool waits for its turn,
+                    // which no event marks; a removed instance takes no
+                    // turn (it stops once drained, or serves on if listed
+                    // again).
+                    if !reason.is_planned() || live < 2 && !inst.removed && !other_out {
                         inst.ready = false;
                     }
                 }

@@ -285,14 +285,18 @@ impl Core {
             }
             // Removed by an earlier reload and still draining: it is back,
             // as it was, rather than beside a second copy of itself.
-            if let Some(inst) = self
+            if let Some(i) = self
                 .instances
-                .iter_mut()
-                .find(|inst| inst.removed && !inst.is_vacant() && inst.upstream == name)
+                .iter()
+                .position(|inst| inst.removed && !inst.is_vacant() && inst.upstream == name)
             {
+                let turn_taken = self.instances.iter().any(|inst| {
+                    !inst.removed && inst.service.as_ref().is_some_and(Service::in_maintenance)
+                });
+                let inst = &mut self.instances[i];
                 inst.removed = false;
                 if let Some(service) = &mut inst.service {
-                    service.rejoined();
+                    service.rejoined(turn_taken);
                 }
                 continue;
             }

@@ -870,3 +870,42 @@ fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_bac
     core.check_invariants()
         .expect("one instance out for maintenance");
 }
+
+#[test]
+fn an_instance_removed_and_listed_again_while_it_stops_keeps_its_turn() {
+    let settings = supervised_pool(
+        3,
+        ServiceSettings {
+            restart_after: Some(1),
+            ..service()
+        },
+    );
+    let mut core = Core::new(settings.clone(), 0);
+    let now = bring_up(&mut core, 0);
+    // Instance 1 serves one and goes out for its restart; its stop is
+    // asked and not yet over.
+    let a = connect_one(&mut core, now, 1);
+    assert_eq!(a.1, 1);
+    core.handle_relay_ended(now, a.0, finished());
+    drain(&mut core);
+    assert_eq!(states(&core)[0], ServiceStateName::Stopping);
+    // Removed, then listed again, while it stops.
+    let without_one = Settings {
+        upstreams: names(3)[1..].to_vec(),
+        ..settings.clone()
+    };
+    core.handle_reload(now + 1, without_one);
+    drain(&mut core);
+    core.handle_reload(now + 2, settings);
+    drain(&mut core);
+    // Instance 2 serves one and is due: it waits, 1 is still out.
+    let b = connect_one(&mut core, now + 3, 2);
+    assert_eq!(b.1, 2);
+    drain(&mut core);
+    let out = states(&core)
+        .iter()
+        .filter(|s| **s != ServiceStateName::Ready)
+        .count();
+    assert_eq!(out, 1, "{:?}", states(&core));
+    core.check_invariants().expect("invariants");
+}

@@ -278,24 +278,32 @@ impl Service {
     }
 
     /// Out for a planned restart (see [`Service::maintenance`]).
-    #[cfg(any(debug_assertions, test, feature = "model"))]
     pub(super) fn in_maintenance(&self) -> bool {
         self.maintenance
     }
 
-    /// A reload removed its instance: its stop is no pool maintenance now,
-    /// and holds no turn.
+    /// A reload removed its instance: its drain or stop is a removal's now,
+    /// no pool maintenance, and holds no turn.
     pub(super) fn left_pool(&mut self) {
         self.maintenance = false;
     }
 
-    /// A reload listed its instance again while it drained: it waits for
-    /// its turn again, like any due instance, serving meanwhile.
-    pub(super) fn rejoined(&mut self) {
-        if let ServiceState::Ready { draining, due, .. } = &mut self.state
-            && due.is_some_and(RestartReason::is_planned)
-        {
-            *draining = false;
+    /// A reload listed its instance again while it drained or stopped: a
+    /// drain for a planned restart waits for its turn again, serving
+    /// meanwhile; a planned restart already stopping takes the turn back
+    /// unless `turn_taken` (another instance went out meanwhile).
+    pub(super) fn rejoined(&mut self, turn_taken: bool) {
+        match &mut self.state {
+            ServiceState::Ready { draining, due, .. }
+                if due.is_some_and(RestartReason::is_planned) =>
+            {
+                *draining = false;
+            }
+            ServiceState::Stopping {
+                then: AfterStop::Restart(reason),
+                ..
+            } if reason.is_planned() => self.maintenance = !turn_taken,
+            _ => {}
         }
     }
 
