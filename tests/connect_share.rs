@@ -4,32 +4,9 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use common::*;
-
-/// A listener on `[::1]:0` whose accept queue is full: the kernel drops
-/// every further SYN, so a connect to it neither succeeds nor fails. Keep
-/// the returned streams alive: they are what fills the queue.
-fn black_hole() -> (TcpListener, Vec<TcpStream>) {
-    let listener = TcpListener::bind("[::1]:0").expect("bind [::1]:0 (is IPv6 loopback up?)");
-    // SAFETY: a valid listening socket owned by `listener`; listen() again
-    // only changes its backlog.
-    let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
-    assert_eq!(rc, 0, "listen(0): {}", std::io::Error::last_os_error());
-    let addr = listener.local_addr().expect("local_addr");
-    let mut filling = Vec::new();
-    for _ in 0..16 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            Ok(stream) => filling.push(stream),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (listener, filling),
-            Err(e) => panic!("filling the black hole's backlog: {e}"),
-        }
-    }
-    panic!("16 connections to a listen(0) socket all completed: SYNs are not dropped");
-}
 
 #[test]
 fn a_black_holed_first_address_leaves_the_second_its_share_of_the_connect_timeout() {

@@ -293,13 +293,35 @@ done"#,
     assert_no_zombies(proxy.pid(), Duration::from_secs(2));
 }
 
-// With a connect timeout (10 s by default) the core does not yet cancel
-// the connect's deadline when a client goes back to the head of the line,
-// and a debug build stops on its invariant check ("a timer outlived its
-// owner"); the test below runs without one meanwhile.
 #[test]
 fn a_refusing_instance_cools_down_with_the_default_connect_timeout() {
     refusing_instance_cools_down(&[]);
+}
+
+/// A connect that gets no answer (a black-holed instance) is given up when
+/// `--connect-timeout` runs out: that instance cools down and the client is
+/// served by the next one.
+#[test]
+fn a_connect_that_times_out_is_given_up_and_the_next_instance_serves() {
+    let (hole, _filling) = black_hole();
+    let pool = Pool::new(1);
+    let hole_addr = hole.local_addr().expect("local_addr");
+    let upstreams = format!("{hole_addr},{}", pool.instance(1).arg());
+    let proxy = Proxy::start(&["-u", &upstreams, "--connect-timeout", "300ms"]);
+    one_client(&proxy, "late");
+    assert!(proxy.wait_for_count(outcome("ok"), 1, WAIT));
+    let failed = proxy.expect_log(event("connect_failed"), "the black hole's connect fails");
+    assert_eq!(field(&failed, "instance").as_deref(), Some("1"), "{failed}");
+    let cooldown = proxy.expect_log(event("instance_cooldown"), "instance 1 cools down");
+    assert_eq!(
+        field(&cooldown, "instance").as_deref(),
+        Some("1"),
+        "{cooldown}"
+    );
+    let served_by: Vec<u64> = activations(&proxy).iter().map(|&(_, i)| i).collect();
+    assert_eq!(served_by, [2]);
+    assert_eq!(pool.arrivals().len(), 1, "{:?}", pool.arrivals());
+    assert_eq!(proxy.count_logs(outcome("connect_failed")), 0);
 }
 
 #[test]

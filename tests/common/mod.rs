@@ -1155,3 +1155,25 @@ pub fn quiet_lock(upstream: &Upstream) -> tcplock::Builder {
         .upstream(upstream.arg())
         .log_level(tcplock::LogLevel::Error)
 }
+
+/// A listener on `[::1]:0` whose accept queue is full: the kernel drops
+/// every further SYN, so a connect to it neither succeeds nor fails. Keep
+/// the returned streams alive: they are what fills the queue.
+pub fn black_hole() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+    let listener =
+        std::net::TcpListener::bind("[::1]:0").expect("bind [::1]:0 (is IPv6 loopback up?)");
+    // SAFETY: a valid listening socket owned by `listener`; listen() again
+    // only changes its backlog.
+    let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) };
+    assert_eq!(rc, 0, "listen(0): {}", std::io::Error::last_os_error());
+    let addr = listener.local_addr().expect("local_addr");
+    let mut filling = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(stream) => filling.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (listener, filling),
+            Err(e) => panic!("filling the black hole's backlog: {e}"),
+        }
+    }
+    panic!("16 connections to a listen(0) socket all completed: SYNs are not dropped");
+}
