@@ -197,6 +197,13 @@ struct Proc {
     reported: bool,
 }
 
+impl Proc {
+    /// This is `instance`'s `generation` and it is still alive.
+    fn is_live(&self, instance: u32, generation: Generation) -> bool {
+        self.instance == instance && self.generation == generation && self.alive
+    }
+}
+
 enum Answer {
     Spawned(u32, Generation, Result<u32, String>),
     Probed(u32, Generation, bool),
@@ -886,10 +893,7 @@ impl PoolModel {
                 }
                 let now = self.fed;
                 let answered = self.procs.iter().any(|p| {
-                    p.instance == instance.0
-                        && p.generation == generation
-                        && p.alive
-                        && p.listens_at.is_some_and(|at| at <= now)
+                    p.is_live(instance.0, generation) && p.listens_at.is_some_and(|at| at <= now)
                 });
                 self.answers
                     .push_back(Answer::Probed(instance.0, generation, answered));
@@ -916,7 +920,7 @@ impl PoolModel {
                         "instance {id}'s generation {generation} spawned after a later one"
                     ));
                 }
-                let mood = self.instances.get(&id).map(|i| i.mood).unwrap_or_default();
+                let mood = self.mood_of(id);
                 let result = if mood.spawn_fails {
                     Err("no such file".to_string())
                 } else {
@@ -939,15 +943,8 @@ impl PoolModel {
                 instance,
                 generation,
             } => {
-                let mood = self
-                    .instances
-                    .get(&instance.0)
-                    .map(|i| i.mood)
-                    .unwrap_or_default();
-                let alive = self
-                    .procs
-                    .iter()
-                    .any(|p| p.instance == instance.0 && p.generation == generation && p.alive);
+                let mood = self.mood_of(instance.0);
+                let alive = self.procs.iter().any(|p| p.is_live(instance.0, generation));
                 let sample = ServiceSample {
                     processes: usize::from(alive),
                     rss_kib: if alive { mood.rss_kib } else { 0 },
@@ -961,15 +958,11 @@ impl PoolModel {
                 generation,
                 signal,
             } => {
-                let mood = self
-                    .instances
-                    .get(&instance.0)
-                    .map(|i| i.mood)
-                    .unwrap_or_default();
+                let mood = self.mood_of(instance.0);
                 if let Some(p) = self
                     .procs
                     .iter_mut()
-                    .find(|p| p.instance == instance.0 && p.generation == generation && p.alive)
+                    .find(|p| p.is_live(instance.0, generation))
                 {
                     let dies = signal == StopSignal::Kill || mood.term_exit_after.is_some();
                     if dies {
@@ -988,6 +981,14 @@ impl PoolModel {
                 Ok(())
             }
         }
+    }
+
+    /// The mood `instance` was given (the default for one no longer listed).
+    fn mood_of(&self, instance: u32) -> Mood {
+        self.instances
+            .get(&instance)
+            .map(|i| i.mood)
+            .unwrap_or_default()
     }
 
     fn holders(&self, instance: u32, except: ConnId) -> usize {
@@ -1369,10 +1370,7 @@ impl PoolModel {
                 generation,
                 ..
             } => {
-                let listening = self
-                    .procs
-                    .iter()
-                    .any(|p| p.instance == instance.0 && p.generation == generation && p.alive);
+                let listening = self.procs.iter().any(|p| p.is_live(instance.0, generation));
                 if !listening {
                     return Err(format!(
                         "instance {instance}'s generation {generation} ready but not alive"
