@@ -1,15 +1,10 @@
 //! The pool's rules: one FIFO line over K instances, each with its own
 //! permits, hooks, cool-down and supervised service.
 
-use std::net::SocketAddr;
-
 use super::COOLDOWN_BASE_MS;
 use crate::core::service::PROBE_INTERVAL_MS;
+use crate::core::test_support::{addr, drain, finished};
 use crate::core::*;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn names(k: u32) -> Vec<String> {
     (1..=k).map(|i| format!("127.0.0.1:{}", 8100 + i)).collect()
@@ -29,18 +24,6 @@ fn supervised_pool(k: u32, service: ServiceSettings) -> Settings {
     }
 }
 
-fn drain(core: &mut Core) -> (Vec<Action>, Vec<Event>) {
-    let mut actions = Vec::new();
-    let mut events = Vec::new();
-    while let Some(action) = core.poll_action() {
-        match action {
-            Action::Log(event) => events.push(event),
-            other => actions.push(other),
-        }
-    }
-    (actions, events)
-}
-
 /// The instance each connect of `actions` goes to, in order.
 fn connects(actions: &[Action]) -> Vec<(ConnRef, u32)> {
     actions
@@ -50,13 +33,6 @@ fn connects(actions: &[Action]) -> Vec<(ConnRef, u32)> {
             _ => None,
         })
         .collect()
-}
-
-fn finished() -> RelayEnd {
-    RelayEnd {
-        cause: RelayCause::Finished,
-        ended_by: EndedBy::Client,
-    }
 }
 
 /// Connects `conn` and reports the instance it went to.
