@@ -46,6 +46,17 @@ fn connect_one(core: &mut Core, now: u64, port: u16) -> (ConnRef, u32) {
     went[0]
 }
 
+/// The hook runs `actions` spawn, in order.
+fn spawned_hooks(actions: &[Action]) -> Vec<HookRequest> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn the_head_goes_to_the_free_instance_idle_longest() {
     let mut core = Core::new(pool(3), 0);
@@ -125,13 +136,7 @@ fn hooks_of_different_instances_run_at_once_and_a_failed_one_sends_the_client_on
     let a = core.handle_accepted(1, addr(1));
     let b = core.handle_accepted(1, addr(2));
     let (actions, _) = drain(&mut core);
-    let hooks: Vec<HookRequest> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::SpawnHook(request) => Some(request.clone()),
-            _ => None,
-        })
-        .collect();
+    let hooks = spawned_hooks(&actions);
     assert_eq!(hooks.len(), 2, "{actions:?}");
     assert_eq!(
         (hooks[0].context.instance, hooks[0].context.conn),
@@ -163,10 +168,10 @@ fn hooks_of_different_instances_run_at_once_and_a_failed_one_sends_the_client_on
     assert_eq!(core.queue_len(), 1);
     core.handle_relay_ended(4, b, finished());
     let (actions, _) = drain(&mut core);
-    let retried = actions.iter().find_map(|a| match a {
-        Action::SpawnHook(request) => Some(request.context.clone()),
-        _ => None,
-    });
+    let retried = spawned_hooks(&actions)
+        .into_iter()
+        .next()
+        .map(|r| r.context);
     let retried = retried.expect("a's hook runs again on instance 2");
     assert_eq!(
         (retried.instance, retried.conn, retried.attempt),
@@ -768,13 +773,7 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
     let a = core.handle_accepted(1, addr(1));
     let b = core.handle_accepted(1, addr(2));
     let (actions, _) = drain(&mut core);
-    let hooks: Vec<HookRequest> = actions
-        .iter()
-        .filter_map(|x| match x {
-            Action::SpawnHook(request) => Some(request.clone()),
-            _ => None,
-        })
-        .collect();
+    let hooks = spawned_hooks(&actions);
     assert_eq!(hooks[0].context.instance, InstanceId(1));
     core.handle_reload(2, without_one);
     drain(&mut core);
@@ -782,10 +781,10 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
     // debug invariants would say so), and a goes to a live instance.
     core.handle_hook_exited(3, hooks[0].hook, HookExit::Failed(1));
     let (actions, _) = drain(&mut core);
-    let next = actions.iter().find_map(|x| match x {
-        Action::SpawnHook(request) => Some(request.context.clone()),
-        _ => None,
-    });
+    let next = spawned_hooks(&actions)
+        .into_iter()
+        .next()
+        .map(|r| r.context);
     let next = next.expect("a's hook runs again elsewhere");
     assert_eq!((next.conn, next.instance), (a.id(), InstanceId(3)));
     // b connects to 2 and is refused after instance 2 is removed too: no
