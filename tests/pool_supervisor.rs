@@ -13,7 +13,6 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 /// Instance numbers a pool's directory has an office for: a reload's
@@ -183,14 +182,6 @@ fn stream_of_clients(proxy: &Proxy, threads: usize, clients: usize) -> Vec<u32> 
             .flat_map(|w| w.join().expect("a client thread failed"))
             .collect()
     })
-}
-
-fn kill(sig: &str, pid: u32) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}");
 }
 
 /// Every process of every session tcplock started is gone.

@@ -1155,3 +1155,13 @@ pub fn quiet_lock(upstream: &Upstream) -> tcplock::Builder {
         .upstream(upstream.arg())
         .log_level(tcplock::LogLevel::Error)
 }
+
+/// Sends `-SIG` to `pid` with kill(1).
+pub fn kill(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
