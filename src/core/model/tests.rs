@@ -590,6 +590,17 @@ fn active_per_instance(model: &pool::PoolModel) -> Vec<(u32, usize)> {
 }
 
 /// Wakes until every live instance of a supervised pool is ready (bounded).
+/// Each instance's service generation, by instance.
+fn generations(model: &pool::PoolModel) -> Vec<u64> {
+    model
+        .core
+        .stats()
+        .instances
+        .iter()
+        .map(|i| i.service.generation)
+        .collect()
+}
+
 fn until_ready(model: &mut pool::PoolModel) {
     for _ in 0..100 {
         let stats = model.core.stats();
@@ -708,15 +719,6 @@ fn a_rolling_restart_takes_one_instance_out_at_a_time() {
     let mut model = pool::PoolModel::new(supervised(&[A, B, C]), true);
     model.begin().unwrap();
     until_ready(&mut model);
-    let generations = |model: &pool::PoolModel| -> Vec<u64> {
-        model
-            .core
-            .stats()
-            .instances
-            .iter()
-            .map(|i| i.service.generation)
-            .collect()
-    };
     let before = generations(&model);
     // The checker fails the run if two are out at once.
     steps(&mut model, &[Op::InstanceRestart(0)]);
@@ -745,15 +747,6 @@ fn a_crashed_instance_restarts_alone_while_the_others_serve() {
     let mut model = pool::PoolModel::new(supervised(&[A, B, C]), true);
     model.begin().unwrap();
     until_ready(&mut model);
-    let generations = |model: &pool::PoolModel| -> Vec<u64> {
-        model
-            .core
-            .stats()
-            .instances
-            .iter()
-            .map(|i| i.service.generation)
-            .collect()
-    };
     let before = generations(&model);
     steps(
         &mut model,
