@@ -211,6 +211,16 @@ enum Answer {
     Exited(u32, Generation, ServiceExit),
 }
 
+/// Each instance's number, name and whether a reload removed it, for the
+/// trace.
+fn instance_list(core: &Core) -> Vec<(u32, String, bool)> {
+    core.stats()
+        .instances
+        .into_iter()
+        .map(|i| (i.id, i.upstream, i.removed))
+        .collect()
+}
+
 pub(super) struct PoolModel {
     pub(super) core: Core,
     settings: Settings,
@@ -520,30 +530,12 @@ impl PoolModel {
                     self.now,
                     self.core.poll_timeout()
                 );
-                trace!(
-                    self,
-                    "    was {:?}",
-                    self.core
-                        .stats()
-                        .instances
-                        .iter()
-                        .map(|i| (i.id, &i.upstream, i.removed))
-                        .collect::<Vec<_>>()
-                );
+                trace!(self, "    was {:?}", instance_list(&self.core));
                 self.fed = self.now;
                 self.settings = settings.clone();
                 self.core.handle_reload(self.now, settings);
                 // The list is applied at once, before any action of the reload.
-                trace!(
-                    self,
-                    "    now {:?}",
-                    self.core
-                        .stats()
-                        .instances
-                        .iter()
-                        .map(|i| (i.id, &i.upstream, i.removed))
-                        .collect::<Vec<_>>()
-                );
+                trace!(self, "    now {:?}", instance_list(&self.core));
                 self.reconcile()?;
             }
             Op::DumpState => {
