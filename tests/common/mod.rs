@@ -1165,3 +1165,15 @@ pub fn kill(sig: &str, pid: u32) {
         .expect("run kill");
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
+
+/// `tcplock --check ARGS`: its stdout, expecting exit 0 within 10 s and
+/// nothing on stderr.
+pub fn check_ok(args: &[&str]) -> String {
+    let mut full = vec!["--check"];
+    full.extend_from_slice(args);
+    let out = run(&full, Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{full:?}: {:?} {stderr}", out.status);
+    assert_eq!(stderr, "", "{full:?}");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
