@@ -1177,3 +1177,28 @@ pub fn check_ok(args: &[&str]) -> String {
     assert_eq!(stderr, "", "{full:?}");
     String::from_utf8(out.stdout).expect("utf-8")
 }
+
+/// Runs the parser `script` under `python -c` with the metrics exposition
+/// `text` on its stdin; its stdout, once it exited 0.
+pub fn run_parser(python: &str, script: &str, text: &str) -> String {
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the parser");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed the parser");
+    let out = child.wait_with_output().expect("parser output");
+    assert!(
+        out.status.success(),
+        "the parser refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
