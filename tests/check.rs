@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Upstream, run};
+use common::{Upstream, check_ok, run};
 
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -17,17 +17,6 @@ fn scratch(name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// `--check ARGS`: stdout on success (exit 0, nothing on stderr).
-fn check_ok(args: &[&str]) -> String {
-    let mut full = vec!["--check"];
-    full.extend_from_slice(args);
-    let out = run(&full, EXIT_WAIT);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{full:?}: {:?} {stderr}", out.status);
-    assert_eq!(stderr, "", "{full:?}");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `--check ARGS` that fails: its exit code and its one stderr line.

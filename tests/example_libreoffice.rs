@@ -226,14 +226,7 @@ fn session_rss_kib(sid: u32) -> u64 {
 /// generation.
 #[test]
 fn a_real_libreoffice_converts_through_tcplock() {
-    if !on_path("soffice") {
-        eprintln!(
-            "skipped: no soffice on PATH (apt-get install libreoffice-writer-nogui python3-uno)"
-        );
-        return;
-    }
-    let Some(python) = python_with_uno() else {
-        eprintln!("skipped: no python3 can import uno (apt-get install python3-uno)");
+    let Some(python) = real_office_python() else {
         return;
     };
     let conversions = env_number("TCPLOCK_LO_CONVERSIONS", 12);
@@ -265,43 +258,16 @@ fn a_real_libreoffice_converts_through_tcplock() {
         "--restart-rss",
         &restart_rss_arg,
     ]);
-    let converter = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/uno_convert.py");
     let source = work.join("letter.txt");
-    let body: String = (0..400)
-        .map(|i| format!("Paragraph {i}: the quick brown fox jumps over the lazy dog.\n"))
-        .collect();
-    std::fs::write(&source, body).expect("write the document");
+    write_document(&source, 400);
 
     let mut rss_by_gen: BTreeMap<u64, u64> = BTreeMap::new();
     let started = Instant::now();
     for n in 0..conversions {
         let out = work.join(format!("out-{n}.pdf"));
-        let mut child = Command::new(&python)
-            .arg(converter)
-            .arg(proxy.port().to_string())
-            .arg(&source)
-            .arg(&out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run uno_convert.py");
-        let mut status = None;
-        wait_until(Duration::from_secs(120), || {
-            status = child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("conversion {n} did not finish within 120 s");
-        };
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        if let Err(e) = convert(&python, proxy.port(), &source, &out) {
+            panic!("conversion {n}: {e}");
         }
-        assert!(status.success(), "conversion {n} failed ({status}): {err}");
-        let pdf = std::fs::read(&out).expect("the PDF");
-        assert!(pdf.starts_with(b"%PDF"), "conversion {n}: not a PDF");
         // The office that converted it, measured right after.
         if let Some(&(generation, leader)) = starts(&proxy).last() {
             let rss = session_rss_kib(leader);
@@ -345,6 +311,30 @@ fn a_real_libreoffice_converts_through_tcplock() {
             "office processes of session {leader} left after tcplock exited"
         );
     }
+}
+
+/// A python3 that can drive a real LibreOffice (`soffice` on PATH, `uno`
+/// importable), or `None` after printing why the test is skipped.
+fn real_office_python() -> Option<String> {
+    if !on_path("soffice") {
+        eprintln!(
+            "skipped: no soffice on PATH (apt-get install libreoffice-writer-nogui python3-uno)"
+        );
+        return None;
+    }
+    let python = python_with_uno();
+    if python.is_none() {
+        eprintln!("skipped: no python3 can import uno (apt-get install python3-uno)");
+    }
+    python
+}
+
+/// A plain-text document of `paragraphs` numbered paragraphs at `path`.
+fn write_document(path: &Path, paragraphs: u64) {
+    let body: String = (0..paragraphs)
+        .map(|i| format!("Paragraph {i}: the quick brown fox jumps over the lazy dog.\n"))
+        .collect();
+    std::fs::write(path, body).expect("write the document");
 }
 
 /// `k` consecutive ports on 127.0.0.1 with nothing listening on them, as
@@ -425,14 +415,7 @@ fn convert(python: &str, port: u16, source: &Path, out: &Path) -> Result<(), Str
 /// instance.
 #[test]
 fn a_real_libreoffice_pool_converts_in_parallel() {
-    if !on_path("soffice") {
-        eprintln!(
-            "skipped: no soffice on PATH (apt-get install libreoffice-writer-nogui python3-uno)"
-        );
-        return;
-    }
-    let Some(python) = python_with_uno() else {
-        eprintln!("skipped: no python3 can import uno (apt-get install python3-uno)");
+    let Some(python) = real_office_python() else {
         return;
     };
     let k = env_number("TCPLOCK_LO_POOL", 2).clamp(1, 16);
@@ -477,10 +460,7 @@ fn a_real_libreoffice_pool_converts_in_parallel() {
     }
     let boot = booting.elapsed();
     let source = work.join("letter.txt");
-    let body: String = (0..paragraphs)
-        .map(|i| format!("Paragraph {i}: the quick brown fox jumps over the lazy dog.\n"))
-        .collect();
-    std::fs::write(&source, body).expect("write the document");
+    write_document(&source, paragraphs);
 
     // C threads take conversion numbers until N are taken; the main thread
     // samples each instance's office's memory meanwhile.

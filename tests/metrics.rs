@@ -155,27 +155,8 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 /// Samples by `name{label="v",...}` (labels sorted), parsed by
 /// `prometheus_client`; also checks every family has a known type.
 fn parse(python: &str, text: &str) -> HashMap<String, f64> {
-    let mut child = Command::new(python)
-        .args(["-c", PARSE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the parser");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed the parser");
-    let out = child.wait_with_output().expect("parser output");
-    assert!(
-        out.status.success(),
-        "the parser refused the exposition: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut samples = HashMap::new();
-    for line in String::from_utf8(out.stdout).expect("UTF-8").lines() {
+    for line in run_parser(python, PARSE, text).lines() {
         let mut parts = line.splitn(3, ' ');
         let (kind, name, value) = (parts.next(), parts.next(), parts.next());
         let (Some(kind), Some(name), Some(value)) = (kind, name, value) else {

@@ -121,11 +121,66 @@ fn served(s: &mut TcpStream, tag: &str) {
     assert_eq!(echo, format!("{tag}\n").as_bytes());
 }
 
+/// A client of the lock at `addr` whose tag went through and came back.
+fn served_at(addr: std::net::SocketAddr, tag: &str) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(format!("{tag}\n").as_bytes()).expect("write");
+    served(&mut s, tag);
+    s
+}
+
+/// Stops a lock run on `runner` and waits for `run()` to return.
+fn stop(handle: &tcplock::Handle, runner: thread::JoinHandle<()>) {
+    handle.stop();
+    assert!(
+        wait_until(WAIT, || runner.is_finished()),
+        "run() did not return"
+    );
+    runner.join().expect("the loop thread did not panic");
+}
+
 /// One client start to end: its tag goes through and comes back.
 fn one_client(proxy: &Proxy, tag: &str) {
     let mut s = tagged(proxy, tag);
     served(&mut s, tag);
     finish(s);
+}
+
+/// The start of an on-activate hook that succeeds only if the two
+/// instances' runs overlap: each waits (bounded) for the other's to have
+/// started.
+const BOTH_AT_ONCE: &str = r#"touch "$D/started.$TCPLOCK_INSTANCE"
+other=$((3 - TCPLOCK_INSTANCE))
+i=0
+while [ ! -e "$D/started.$other" ]; do
+  i=$((i + 1))
+  [ "$i" -le 200 ] || exit 1
+  sleep 0.05
+done"#;
+
+/// A proxy over the two instances of `pool` with `hook` (starting with
+/// [`BOTH_AT_ONCE`]) on activation, through which two clients are served
+/// at once and closed ok with no failed hook.
+fn serve_two_through_overlapping_hooks(pool: &Pool, hook: &str) -> Proxy {
+    let proxy = Proxy::start(&["-u", &pool.arg(), "-n", "1", "--on-activate", hook]);
+    let mut a = tagged(&proxy, "a");
+    let mut b = tagged(&proxy, "b");
+    served(&mut a, "a");
+    served(&mut b, "b");
+    finish(a);
+    finish(b);
+    assert!(proxy.wait_for_count(outcome("ok"), 2, WAIT));
+    assert_eq!(proxy.count_logs(event("hook_failed")), 0);
+    proxy
+}
+
+/// Serves one client tagged `tag` and waits for the `n`th `ok` close.
+fn one_client_closed(proxy: &Proxy, tag: &str, n: usize) {
+    one_client(proxy, tag);
+    assert!(
+        proxy.wait_for_count(outcome("ok"), n, WAIT),
+        "{tag} not closed"
+    );
 }
 
 /// `conn=` → `instance=` of every `activated` line, in log order.
@@ -258,26 +313,8 @@ fn hooks_of_two_instances_run_at_the_same_time() {
     let dir = TempDir::new("pool-hooks-overlap");
     // Each run waits (bounded) for the other instance's run to have
     // started: it succeeds only if both run at once.
-    let hook = dir.script(
-        "hook.sh",
-        r#"touch "$D/started.$TCPLOCK_INSTANCE"
-other=$((3 - TCPLOCK_INSTANCE))
-i=0
-while [ ! -e "$D/started.$other" ]; do
-  i=$((i + 1))
-  [ "$i" -le 200 ] || exit 1
-  sleep 0.05
-done"#,
-    );
-    let proxy = Proxy::start(&["-u", &pool.arg(), "-n", "1", "--on-activate", &hook]);
-    let mut a = tagged(&proxy, "a");
-    let mut b = tagged(&proxy, "b");
-    served(&mut a, "a");
-    served(&mut b, "b");
-    finish(a);
-    finish(b);
-    assert!(proxy.wait_for_count(outcome("ok"), 2, WAIT));
-    assert_eq!(proxy.count_logs(event("hook_failed")), 0);
+    let hook = dir.script("hook.sh", BOTH_AT_ONCE);
+    let proxy = serve_two_through_overlapping_hooks(&pool, &hook);
     let started: BTreeSet<String> = proxy
         .matching(event("hook_started"))
         .iter()
@@ -342,11 +379,7 @@ fn refusing_instance_cools_down(extra: &[&str]) {
     args.extend_from_slice(extra);
     let proxy = Proxy::start(&args);
     for i in 1..=6 {
-        one_client(&proxy, &format!("r{i}"));
-        assert!(
-            proxy.wait_for_count(outcome("ok"), i, WAIT),
-            "r{i} not closed"
-        );
+        one_client_closed(&proxy, &format!("r{i}"), i);
     }
     let cooldown = proxy.expect_log(event("instance_cooldown"), "instance 2 cools down");
     assert_eq!(
@@ -372,11 +405,7 @@ fn refusing_instance_cools_down(extra: &[&str]) {
     while pool.instance_of_any(3).is_none() {
         assert!(Instant::now() < deadline, "instance 2 never served again");
         i += 1;
-        one_client(&proxy, &format!("r{i}"));
-        assert!(
-            proxy.wait_for_count(outcome("ok"), i, WAIT),
-            "r{i} not closed"
-        );
+        one_client_closed(&proxy, &format!("r{i}"), i);
     }
     assert_eq!(proxy.count_logs(outcome("connect_failed")), 0);
     assert!(
@@ -420,11 +449,7 @@ fn a_reload_adds_and_removes_instances_without_disturbing_the_rest() {
     assert_eq!(field(&reloaded, "changed").as_deref(), Some("upstream"));
 
     for i in 1..=4 {
-        one_client(&proxy, &format!("n{i}"));
-        assert!(
-            proxy.wait_for_count(outcome("ok"), i, WAIT),
-            "n{i} not closed"
-        );
+        one_client_closed(&proxy, &format!("n{i}"), i);
     }
     // B kept number 2, C took the free number 3; A took no one new.
     let after: Vec<(u64, u64)> = activations(&proxy)[1..].to_vec();
@@ -513,24 +538,15 @@ fn a_closure_hook_is_told_its_instance() {
     let handle = lock.handle();
     let runner = thread::spawn(move || lock.run().expect("the lock runs until stopped"));
     // Both at once: one on each instance.
-    let mut a = connect(addr);
-    a.write_all(b"a\n").expect("write");
-    served(&mut a, "a");
-    let mut b = connect(addr);
-    b.write_all(b"b\n").expect("write");
-    served(&mut b, "b");
+    let a = served_at(addr, "a");
+    let b = served_at(addr, "b");
     finish(a);
     finish(b);
     let want: Vec<(u32, String)> = vec![(1, pool.instance(1).arg()), (2, pool.instance(2).arg())];
     assert_eq!(*seen.lock().unwrap(), want);
     assert_eq!(pool.instance_of("a"), Some(1));
     assert_eq!(pool.instance_of("b"), Some(2));
-    handle.stop();
-    assert!(
-        wait_until(WAIT, || runner.is_finished()),
-        "run() did not return"
-    );
-    runner.join().expect("the loop thread did not panic");
+    stop(&handle, runner);
 }
 
 #[test]
@@ -546,9 +562,7 @@ fn a_handle_reload_resolves_and_uses_every_instance() {
     let handle = lock.handle();
     let mut config = lock.config().clone();
     let runner = thread::spawn(move || lock.run().expect("the lock runs until stopped"));
-    let mut a = connect(addr);
-    a.write_all(b"a\n").expect("write");
-    served(&mut a, "a");
+    let a = served_at(addr, "a");
 
     // Instances 2 and 3 added while a holds instance 1's permit.
     config.upstreams = (1..=3)
@@ -562,12 +576,8 @@ fn a_handle_reload_resolves_and_uses_every_instance() {
         wait_until(WAIT, || handle.stats().instances.len() == 3),
         "the reload did not add the instances"
     );
-    let mut b = connect(addr);
-    b.write_all(b"b\n").expect("write");
-    served(&mut b, "b");
-    let mut c = connect(addr);
-    c.write_all(b"c\n").expect("write");
-    served(&mut c, "c");
+    let b = served_at(addr, "b");
+    let c = served_at(addr, "c");
     let went: BTreeSet<usize> = ["b", "c"]
         .iter()
         .filter_map(|tag| pool.instance_of(tag))
@@ -576,12 +586,7 @@ fn a_handle_reload_resolves_and_uses_every_instance() {
     for s in [a, b, c] {
         finish(s);
     }
-    handle.stop();
-    assert!(
-        wait_until(WAIT, || runner.is_finished()),
-        "run() did not return"
-    );
-    runner.join().expect("the loop thread did not panic");
+    stop(&handle, runner);
 }
 
 #[test]
@@ -593,14 +598,8 @@ fn overlapping_hooks_of_two_instances_log_their_own_output_lines() {
     // stderr, the last one without a newline.
     let hook = dir.script(
         "hook.sh",
-        r#"touch "$D/started.$TCPLOCK_INSTANCE"
-other=$((3 - TCPLOCK_INSTANCE))
-i=0
-while [ ! -e "$D/started.$other" ]; do
-  i=$((i + 1))
-  [ "$i" -le 200 ] || exit 1
-  sleep 0.05
-done
+        &(BOTH_AT_ONCE.to_string()
+            + r#"
 for n in 1 2 3 4 5; do
   printf 'mine=%s n=%s out\n' "$TCPLOCK_INSTANCE" "$n"
   printf 'mine=%s n=%s err\n' "$TCPLOCK_INSTANCE" "$n" >&2
@@ -608,17 +607,9 @@ for n in 1 2 3 4 5; do
   sleep 0.05
   printf 'ial\n'
 done
-printf 'mine=%s last' "$TCPLOCK_INSTANCE""#,
+printf 'mine=%s last' "$TCPLOCK_INSTANCE""#),
     );
-    let proxy = Proxy::start(&["-u", &pool.arg(), "-n", "1", "--on-activate", &hook]);
-    let mut a = tagged(&proxy, "a");
-    let mut b = tagged(&proxy, "b");
-    served(&mut a, "a");
-    served(&mut b, "b");
-    finish(a);
-    finish(b);
-    assert!(proxy.wait_for_count(outcome("ok"), 2, WAIT));
-    assert_eq!(proxy.count_logs(event("hook_failed")), 0);
+    let proxy = serve_two_through_overlapping_hooks(&pool, &hook);
     let hook_of = |instance: &str| {
         let started = proxy.matching(event("hook_started"));
         let line = started

@@ -29,17 +29,6 @@ fn refused(args: &[&str], code: i32) -> String {
         .to_string()
 }
 
-/// `tcplock --check ARGS`: its stdout, expecting exit 0 and no stderr.
-fn check(args: &[&str]) -> String {
-    let mut full = vec!["--check"];
-    full.extend_from_slice(args);
-    let out = run(&full, EXIT_WAIT);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{full:?}: {:?} {stderr}", out.status);
-    assert_eq!(stderr, "", "{full:?}");
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
 /// The `upstream = ...` line of a `--check` output, its value only.
 fn upstream_line(text: &str) -> String {
     let lines: Vec<&str> = text
@@ -54,7 +43,7 @@ fn upstream_line(text: &str) -> String {
 fn assert_reads_back(text: &str) {
     let dir = TempDir::new("pool-check");
     let path = dir.write_atomic("checked.conf", text);
-    let again = check(&["-c", &path.to_string_lossy()]);
+    let again = check_ok(&["-c", &path.to_string_lossy()]);
     assert_eq!(again, text, "did not read back the same");
 }
 
@@ -200,17 +189,17 @@ fn a_spawned_pool_must_be_on_this_host_a_plain_one_anywhere() {
         "--spawn: the upstream '203.0.113.7:6' is not an address of this host; \
          a service tcplock runs must listen here"
     );
-    let text = check(&args("127.0.0.1:5,[::1]:6,localhost:7")[1..]);
+    let text = check_ok(&args("127.0.0.1:5,[::1]:6,localhost:7")[1..]);
     assert_eq!(upstream_line(&text), "127.0.0.1:5,[::1]:6,localhost:7");
     // Without --spawn, tcplock only connects: instances may be anywhere.
-    let text = check(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:5,203.0.113.7:6"]);
+    let text = check_ok(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:5,203.0.113.7:6"]);
     assert_eq!(upstream_line(&text), "127.0.0.1:5,203.0.113.7:6");
 }
 
 #[test]
 fn check_writes_a_range_as_a_range_and_a_list_as_a_list_and_both_read_back() {
     // Consecutive ports of one host are written as one range.
-    let text = check(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:8100-8103"]);
+    let text = check_ok(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:8100-8103"]);
     assert_eq!(upstream_line(&text), "127.0.0.1:8100-8103");
     for port in 8100..=8103 {
         let comment = format!("# upstream 127.0.0.1:{port} resolves to 127.0.0.1:{port}\n");
@@ -219,7 +208,7 @@ fn check_writes_a_range_as_a_range_and_a_list_as_a_list_and_both_read_back() {
     assert_reads_back(&text);
 
     // The 2011 flags make the same pool, written as `upstream`.
-    let old_style = check(&["-l", "127.0.0.1:1", "-h", "127.0.0.1", "-p", "8100-8103"]);
+    let old_style = check_ok(&["-l", "127.0.0.1:1", "-h", "127.0.0.1", "-p", "8100-8103"]);
     assert_eq!(old_style, text);
 
     // A list written in order, also when its ports are consecutive but
@@ -235,13 +224,13 @@ fn check_writes_a_range_as_a_range_and_a_list_as_a_list_and_both_read_back() {
         ("127.0.0.1:9", "127.0.0.1:9"),
     ];
     for (given, written) in cases {
-        let text = check(&["-l", "127.0.0.1:1", "-u", given]);
+        let text = check_ok(&["-l", "127.0.0.1:1", "-u", given]);
         assert_eq!(upstream_line(&text), written, "{given}");
         assert_reads_back(&text);
     }
 
     // The largest pool reads back too.
-    let text = check(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:10001-11024"]);
+    let text = check_ok(&["-l", "127.0.0.1:1", "-u", "127.0.0.1:10001-11024"]);
     assert_eq!(upstream_line(&text), "127.0.0.1:10001-11024");
     assert_reads_back(&text);
 }

@@ -222,27 +222,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 /// Samples by `name{label="v",...}` (labels sorted; `name{}` without any),
 /// as `prometheus_client` parses the exposition.
 fn parse(python: &str, text: &str) -> HashMap<String, f64> {
-    let mut child = Command::new(python)
-        .args(["-c", PARSE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the parser");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed the parser");
-    let out = child.wait_with_output().expect("parser output");
-    assert!(
-        out.status.success(),
-        "the parser refused the exposition: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
+    run_parser(python, PARSE, text)
         .lines()
         .map(|line| {
             let (name, value) = line.rsplit_once(' ').expect("name value");

@@ -10,10 +10,9 @@ mod officekit;
 use common::*;
 use officekit::*;
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 /// Instance numbers a pool's directory has an office for: a reload's
@@ -56,6 +55,19 @@ impl Pool {
         let mut args = vec!["-u", upstream.as_str(), "--spawn", command.as_str()];
         args.extend_from_slice(more);
         Proxy::start(&args)
+    }
+
+    /// Writes the pool's config file: one instance per port, spawned with
+    /// [`Pool::command`]. Returns its path.
+    fn write_conf(&self, ports: &[u16]) -> PathBuf {
+        let path = self.dir.join("tcplock.conf");
+        let text = format!(
+            "listen = 127.0.0.1:0\nupstream = {}\nspawn = {}\n",
+            upstream_list(ports),
+            self.command("")
+        );
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     /// No instance ever started beside a live one of itself.
@@ -129,7 +141,7 @@ fn serve_one(proxy: &Proxy) -> u32 {
     let mut client = proxy.connect();
     let me = client.local_addr().expect("local addr").to_string();
     client.write_all(b"WHO\n").expect("write WHO");
-    let line = read_line(&mut client);
+    let line = answer_line(&mut client);
     finish(client);
     let answered: u32 = field(&line, "inst")
         .and_then(|i| i.parse().ok())
@@ -151,19 +163,6 @@ fn serve_one(proxy: &Proxy) -> u32 {
     answered
 }
 
-fn read_line(client: &mut TcpStream) -> String {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        match client.read(&mut byte) {
-            Ok(1) => line.push(byte[0]),
-            Ok(_) => panic!("end of stream before the WHO answer: {line:?}"),
-            Err(e) => panic!("reading the WHO answer: {e} (got {line:?})"),
-        }
-    }
-    String::from_utf8_lossy(&line).trim_end().to_string()
-}
-
 /// `clients` clients on `threads` threads at once, each served in full by
 /// the instance it was activated on; returns those instances.
 fn stream_of_clients(proxy: &Proxy, threads: usize, clients: usize) -> Vec<u32> {
@@ -183,14 +182,6 @@ fn stream_of_clients(proxy: &Proxy, threads: usize, clients: usize) -> Vec<u32> 
             .flat_map(|w| w.join().expect("a client thread failed"))
             .collect()
     })
-}
-
-fn kill(sig: &str, pid: u32) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}");
 }
 
 /// Every process of every session tcplock started is gone.
@@ -417,15 +408,7 @@ fn an_instance_that_cannot_start_is_skipped_and_clients_still_served() {
 fn a_reload_adds_and_removes_instances_and_leaves_the_rest_alone() {
     let pool = Pool::new("reload");
     let ports = ports(4);
-    let conf_path = pool.dir.join("tcplock.conf");
-    let conf = |list: &[u16]| {
-        format!(
-            "listen = 127.0.0.1:0\nupstream = {}\nspawn = {}\n",
-            upstream_list(list),
-            pool.command("")
-        )
-    };
-    std::fs::write(&conf_path, conf(&ports[..3])).unwrap();
+    let conf_path = pool.write_conf(&ports[..3]);
     let proxy = Proxy::start_raw(&["-c", conf_path.to_str().unwrap()]);
     all_ready(&proxy, 3);
     let kept: Vec<(u32, Vec<(u64, u32)>)> =
@@ -454,7 +437,7 @@ fn a_reload_adds_and_removes_instances_and_leaves_the_rest_alone() {
         .expect("a holder on instance 2");
 
     // Instance 2 (ports[1]) goes, ports[3] comes.
-    std::fs::write(&conf_path, conf(&[ports[0], ports[2], ports[3]])).unwrap();
+    pool.write_conf(&[ports[0], ports[2], ports[3]]);
     proxy.signal("HUP");
     proxy.expect_log(event("reloaded"), "the reload");
     let added_start = proxy
@@ -563,21 +546,13 @@ fn each_instance_output_is_logged_with_its_number() {
 fn a_reload_removing_an_instance_gives_back_its_output_pipes() {
     let pool = Pool::new("pipes");
     let ports = ports(2);
-    let conf_path = pool.dir.join("tcplock.conf");
-    let conf = |list: &[u16]| {
-        format!(
-            "listen = 127.0.0.1:0\nupstream = {}\nspawn = {}\n",
-            upstream_list(list),
-            pool.command("")
-        )
-    };
-    std::fs::write(&conf_path, conf(&ports)).unwrap();
+    let conf_path = pool.write_conf(&ports);
     let proxy = Proxy::start_raw(&["-c", conf_path.to_str().unwrap()]);
     all_ready(&proxy, 2);
     // No client, no hook: the pipes open are the two services' stdout and
     // stderr (both ends each) and whatever was open at start.
     let before = proxy.open_pipes();
-    std::fs::write(&conf_path, conf(&ports[..1])).unwrap();
+    pool.write_conf(&ports[..1]);
     proxy.signal("HUP");
     proxy.expect_log(event("reloaded"), "the reload");
     assert!(

@@ -19,14 +19,6 @@ fn gen_event(ev: &'static str, generation: u64) -> impl Fn(&str) -> bool + Clone
     move |l: &str| is_event(l, ev) && field(l, "gen") == Some(generation.to_string())
 }
 
-fn kill(sig: &str, pid: u32) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}");
-}
-
 /// Index of the first log line matching `pred` (panics if none).
 fn position(proxy: &Proxy, pred: impl Fn(&str) -> bool, what: &str) -> usize {
     proxy

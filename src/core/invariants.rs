@@ -325,30 +325,33 @@ impl Core {
 /// Who ended an instance's last permit holder is recorded with its outcome,
 /// and only a relay's outcome can be ended by either side.
 fn check_last_outcome(inst: &Instance) -> Result<(), String> {
-    match (inst.last_outcome, inst.last_ended_by) {
-        (None, None) => {}
-        (Some(Outcome::Abandoned), Some(EndedBy::Client))
-        | (
-            Some(Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError),
-            Some(_),
-        )
-        | (
-            Some(
-                Outcome::Timeout
-                | Outcome::QueueTimeout
-                | Outcome::ConnectFailed
-                | Outcome::Rejected
-                | Outcome::Shutdown
-                | Outcome::UpstreamFailed
-                | Outcome::Killed,
-            ),
-            Some(EndedBy::Tcplock),
-        ) => {}
-        (outcome, ended_by) => {
-            return Err(format!(
-                "the last connection ended with {outcome:?}, ended by {ended_by:?}"
-            ));
-        }
+    let fits = match (inst.last_outcome, inst.last_ended_by) {
+        (None, None) => true,
+        (Some(outcome), Some(ended_by)) => ender_of(outcome).is_none_or(|e| e == ended_by),
+        _ => false,
+    };
+    if !fits {
+        let (outcome, ended_by) = (inst.last_outcome, inst.last_ended_by);
+        return Err(format!(
+            "the last connection ended with {outcome:?}, ended by {ended_by:?}"
+        ));
     }
     Ok(())
+}
+
+/// The side that always ends a connection with `outcome`: the client for one
+/// that left while waiting, tcplock for every outcome it decides. `None` for a
+/// relay's outcome, which either peer (or tcplock) may end.
+pub(crate) fn ender_of(outcome: Outcome) -> Option<EndedBy> {
+    match outcome {
+        Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => None,
+        Outcome::Abandoned => Some(EndedBy::Client),
+        Outcome::Timeout
+        | Outcome::QueueTimeout
+        | Outcome::ConnectFailed
+        | Outcome::Rejected
+        | Outcome::Shutdown
+        | Outcome::UpstreamFailed
+        | Outcome::Killed => Some(EndedBy::Tcplock),
+    }
 }

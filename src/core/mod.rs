@@ -30,6 +30,8 @@ pub(crate) mod timer;
 mod types;
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use operator::{CoreStatus, PositionError, Target};

@@ -147,6 +147,14 @@ impl Reply {
         self.pair(key, value)
     }
 
+    /// Adds a field to the current line when there is a value.
+    fn field_opt(&mut self, key: &str, value: Option<impl fmt::Display>) -> &mut Self {
+        match value {
+            Some(value) => self.field(key, value),
+            None => self,
+        }
+    }
+
     fn pair(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         self.0.push_str(key);
         self.0.push('=');
@@ -239,11 +247,8 @@ fn write_instance(reply: &mut Reply, inst: &InstanceStats) {
         .field("addr", &inst.upstream)
         .field("state", state)
         .field("supervised", yes_no(s.state.is_some()))
-        .field("gen", s.generation);
-    if let Some(pid) = s.pid {
-        reply.field("pid", pid);
-    }
-    reply
+        .field("gen", s.generation)
+        .field_opt("pid", s.pid)
         .field("rss_kib", s.rss_kib)
         .field("active", inst.active)
         .field("conns", conns)
@@ -321,11 +326,8 @@ fn conns_part(
         reply
             .line("conn", info.conn.id())
             .field("state", info.state.as_str())
-            .field("client", info.client);
-        if let Some(instance) = info.instance {
-            reply.field("instance", instance);
-        }
-        reply
+            .field("client", info.client)
+            .field_opt("instance", info.instance)
             .field("age_ms", info.age_ms)
             .field("waited_ms", info.waited_ms)
             .field("bytes_up", up)

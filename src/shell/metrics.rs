@@ -962,6 +962,14 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// `expected` is one whole line of `text`.
+    fn assert_line(text: &str, expected: &str) {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "no `{expected}` in\n{text}"
+        );
+    }
+
     #[test]
     fn histogram_buckets_are_cumulative_with_sum_and_count() {
         let mut recorder = Recorder::default();
@@ -1130,10 +1138,7 @@ mod tests {
             "tcplock_instance_cooling_down{instance=\"1\"} 0",
             "tcplock_instance_cooling_down{instance=\"2\"} 1",
         ] {
-            assert!(
-                text.lines().any(|l| l == expected),
-                "no `{expected}` in\n{text}"
-            );
+            assert_line(&text, expected);
         }
         // An instance tcplock does not run has no restarts and no memory.
         assert!(!text.contains("tcplock_upstream_restarts_total{instance=\"2\""));
@@ -1164,10 +1169,7 @@ mod tests {
             "tcplock_upstream_state{instance=\"1\",state=\"ready\"} 1",
             "tcplock_upstream_state{instance=\"1\",state=\"failed\"} 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == expected),
-                "no `{expected}` in\n{text}"
-            );
+            assert_line(&text, expected);
         }
     }
 }

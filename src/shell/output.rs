@@ -91,12 +91,12 @@ pub(super) struct Outputs {
     pub(super) more: bool,
 }
 
-/// One instance's pipes, and the name the core gave it when they were made.
+/// One instance's pipes, and the instance name they were made for.
 #[derive(Default)]
 struct InstancePipes {
     service: SourcePipes,
     hook: SourcePipes,
-    owner: Option<String>,
+    made_for: Option<String>,
 }
 
 impl InstancePipes {
@@ -114,7 +114,7 @@ impl InstancePipes {
         }
     }
 
-    fn open(&self) -> usize {
+    fn open_pipes(&self) -> usize {
         [&self.service, &self.hook]
             .iter()
             .map(|pipes| pipes.pipes.iter().flatten().count())
@@ -216,9 +216,9 @@ impl Shell {
             // counts them.
             self.fds.opened_for_good(2);
             let instance = id.0.instance();
-            if self.outputs.instance_mut(instance).owner.is_none() {
-                let owner = self.core.instance_name(instance).map(str::to_owned);
-                self.outputs.instance_mut(instance).owner = owner;
+            if self.outputs.instance_mut(instance).made_for.is_none() {
+                let made_for = self.core.instance_name(instance).map(str::to_owned);
+                self.outputs.instance_mut(instance).made_for = made_for;
             }
             self.outputs.source_mut(id.0).pipes[id.1] = Some(OutputPipe {
                 read: File::from(read),
@@ -289,8 +289,8 @@ impl Shell {
             let instance = InstanceId::at(i);
             let inst = &self.outputs.instances[i];
             let kept = self.core.instance_service(instance).is_some()
-                && self.core.instance_name(instance) == inst.owner.as_deref();
-            if inst.open() > 0 && !kept && !self.outputs.closing.contains(&instance) {
+                && self.core.instance_name(instance) == inst.made_for.as_deref();
+            if inst.open_pipes() > 0 && !kept && !self.outputs.closing.contains(&instance) {
                 self.outputs.closing.push(instance);
             }
         }
@@ -305,11 +305,10 @@ impl Shell {
         let mut k = 0;
         while let Some(&instance) = self.outputs.closing.get(k) {
             let i = instance.index();
-            let gone = self
-                .outputs
-                .instances
-                .get(i)
-                .is_none_or(|inst| self.core.instance_name(instance) != inst.owner.as_deref());
+            let gone =
+                self.outputs.instances.get(i).is_none_or(|inst| {
+                    self.core.instance_name(instance) != inst.made_for.as_deref()
+                });
             if !gone && self.core.instance_service(instance).is_some() {
                 // A later reload took it back under the same name: kept.
                 self.outputs.closing.swap_remove(k);

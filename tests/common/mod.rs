@@ -1177,3 +1177,50 @@ pub fn black_hole() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
     }
     panic!("16 connections to a listen(0) socket all completed: SYNs are not dropped");
 }
+
+/// Sends `-SIG` to `pid` with kill(1).
+pub fn kill(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
+
+/// `tcplock --check ARGS`: its stdout, expecting exit 0 within 10 s and
+/// nothing on stderr.
+pub fn check_ok(args: &[&str]) -> String {
+    let mut full = vec!["--check"];
+    full.extend_from_slice(args);
+    let out = run(&full, Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{full:?}: {:?} {stderr}", out.status);
+    assert_eq!(stderr, "", "{full:?}");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Runs the parser `script` under `python -c` with the metrics exposition
+/// `text` on its stdin; its stdout, once it exited 0.
+pub fn run_parser(python: &str, script: &str, text: &str) -> String {
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the parser");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed the parser");
+    let out = child.wait_with_output().expect("parser output");
+    assert!(
+        out.status.success(),
+        "the parser refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -177,14 +176,4 @@ pub fn assert_no_zombies(ppid: u32, settle: Duration) {
         last.is_empty()
     });
     assert!(clean, "zombie children of tcplock (pid {ppid}): {last:?}");
-}
-
-/// Sends `-SIG` to `pid` with kill(1).
-pub fn kill(sig: &str, pid: u32) {
-    let st = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid} failed");
 }

@@ -175,6 +175,19 @@ pub fn who(client: &mut TcpStream) -> (u64, u32) {
 /// Reads the answer to a `WHO` sent earlier (byte by byte: nothing after
 /// the line is consumed).
 pub fn answer(client: &mut TcpStream) -> (u64, u32) {
+    let line = answer_line(client);
+    let generation = field(&line, "gen")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no gen= in the answer {line:?}"));
+    let pid = field(&line, "pid")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no pid= in the answer {line:?}"));
+    (generation, pid)
+}
+
+/// Reads the line answering a `WHO` sent earlier, without its newline
+/// (byte by byte: nothing after the line is consumed).
+pub fn answer_line(client: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while !line.ends_with(b"\n") {
@@ -184,14 +197,7 @@ pub fn answer(client: &mut TcpStream) -> (u64, u32) {
             Err(e) => panic!("reading the WHO answer: {e} (got {line:?})"),
         }
     }
-    let line = String::from_utf8_lossy(&line);
-    let generation = field(&line, "gen")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no gen= in the answer {line:?}"));
-    let pid = field(&line, "pid")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no pid= in the answer {line:?}"));
-    (generation, pid)
+    String::from_utf8_lossy(&line).trim_end().to_string()
 }
 
 /// A client through `proxy` that asks who serves it, then ends cleanly.

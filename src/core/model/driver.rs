@@ -393,18 +393,7 @@ impl Model {
                     self.now,
                     if pause { "pause" } else { "resume" }
                 );
-                let changed = self.paused != pause;
-                self.paused = pause;
-                let answer = if pause {
-                    self.core.handle_pause(self.now)
-                } else {
-                    self.core.handle_resume(self.now)
-                };
-                if answer != changed {
-                    return Err(format!(
-                        "pause/resume answered {answer}, expected {changed}"
-                    ));
-                }
+                pause_or_resume(&mut self.core, &mut self.paused, self.now, pause)?;
             }
             Op::Kill(i) => {
                 let Some(conn) = self.pick(*i, |_| true) else {

@@ -543,6 +543,29 @@ impl Drop for Model {
     }
 }
 
+/// Feeds a pause (or a resume) and checks the core's answer: it changed
+/// something exactly when the driver's own `paused` flips.
+fn pause_or_resume(
+    core: &mut Core,
+    paused: &mut bool,
+    now: u64,
+    pause: bool,
+) -> Result<(), String> {
+    let changed = *paused != pause;
+    *paused = pause;
+    let answer = if pause {
+        core.handle_pause(now)
+    } else {
+        core.handle_resume(now)
+    };
+    if answer != changed {
+        return Err(format!(
+            "pause/resume answered {answer}, expected {changed}"
+        ));
+    }
+    Ok(())
+}
+
 fn client_addr(n: u64) -> SocketAddr {
     let [.., a, b, c] = n.to_be_bytes();
     SocketAddr::from(([10, a, b, c], 40_000))

@@ -197,11 +197,28 @@ struct Proc {
     reported: bool,
 }
 
+impl Proc {
+    /// This is `instance`'s `generation` and it is still alive.
+    fn is_live(&self, instance: u32, generation: Generation) -> bool {
+        self.instance == instance && self.generation == generation && self.alive
+    }
+}
+
 enum Answer {
     Spawned(u32, Generation, Result<u32, String>),
     Probed(u32, Generation, bool),
     Sampled(u32, Generation, ServiceSample),
     Exited(u32, Generation, ServiceExit),
+}
+
+/// Each instance's number, name and whether a reload removed it, for the
+/// trace.
+fn instance_list(core: &Core) -> Vec<(u32, String, bool)> {
+    core.stats()
+        .instances
+        .into_iter()
+        .map(|i| (i.id, i.upstream, i.removed))
+        .collect()
 }
 
 pub(super) struct PoolModel {
@@ -513,30 +530,12 @@ impl PoolModel {
                     self.now,
                     self.core.poll_timeout()
                 );
-                trace!(
-                    self,
-                    "    was {:?}",
-                    self.core
-                        .stats()
-                        .instances
-                        .iter()
-                        .map(|i| (i.id, &i.upstream, i.removed))
-                        .collect::<Vec<_>>()
-                );
+                trace!(self, "    was {:?}", instance_list(&self.core));
                 self.fed = self.now;
                 self.settings = settings.clone();
                 self.core.handle_reload(self.now, settings);
                 // The list is applied at once, before any action of the reload.
-                trace!(
-                    self,
-                    "    now {:?}",
-                    self.core
-                        .stats()
-                        .instances
-                        .iter()
-                        .map(|i| (i.id, &i.upstream, i.removed))
-                        .collect::<Vec<_>>()
-                );
+                trace!(self, "    now {:?}", instance_list(&self.core));
                 self.reconcile()?;
             }
             Op::DumpState => {
@@ -571,18 +570,7 @@ impl PoolModel {
                 self.tick_first()?;
                 let pause = *op == Op::Pause;
                 trace!(self, "t={} {op:?}", self.now);
-                let changed = self.paused != pause;
-                self.paused = pause;
-                let answer = if pause {
-                    self.core.handle_pause(self.now)
-                } else {
-                    self.core.handle_resume(self.now)
-                };
-                if answer != changed {
-                    return Err(format!(
-                        "pause/resume answered {answer}, expected {changed}"
-                    ));
-                }
+                pause_or_resume(&mut self.core, &mut self.paused, self.now, pause)?;
             }
             Op::Kill(i) => {
                 let Some(conn) = self.pick(*i, |_| true) else {
@@ -889,10 +877,7 @@ impl PoolModel {
                 }
                 let now = self.fed;
                 let answered = self.procs.iter().any(|p| {
-                    p.instance == instance.0
-                        && p.generation == generation
-                        && p.alive
-                        && p.listens_at.is_some_and(|at| at <= now)
+                    p.is_live(instance.0, generation) && p.listens_at.is_some_and(|at| at <= now)
                 });
                 self.answers
                     .push_back(Answer::Probed(instance.0, generation, answered));
@@ -919,7 +904,7 @@ impl PoolModel {
                         "instance {id}'s generation {generation} spawned after a later one"
                     ));
                 }
-                let mood = self.instances.get(&id).map(|i| i.mood).unwrap_or_default();
+                let mood = self.mood_of(id);
                 let result = if mood.spawn_fails {
                     Err("no such file".to_string())
                 } else {
@@ -942,15 +927,8 @@ impl PoolModel {
                 instance,
                 generation,
             } => {
-                let mood = self
-                    .instances
-                    .get(&instance.0)
-                    .map(|i| i.mood)
-                    .unwrap_or_default();
-                let alive = self
-                    .procs
-                    .iter()
-                    .any(|p| p.instance == instance.0 && p.generation == generation && p.alive);
+                let mood = self.mood_of(instance.0);
+                let alive = self.procs.iter().any(|p| p.is_live(instance.0, generation));
                 let sample = ServiceSample {
                     processes: usize::from(alive),
                     rss_kib: if alive { mood.rss_kib } else { 0 },
@@ -964,15 +942,11 @@ impl PoolModel {
                 generation,
                 signal,
             } => {
-                let mood = self
-                    .instances
-                    .get(&instance.0)
-                    .map(|i| i.mood)
-                    .unwrap_or_default();
+                let mood = self.mood_of(instance.0);
                 if let Some(p) = self
                     .procs
                     .iter_mut()
-                    .find(|p| p.instance == instance.0 && p.generation == generation && p.alive)
+                    .find(|p| p.is_live(instance.0, generation))
                 {
                     let dies = signal == StopSignal::Kill || mood.term_exit_after.is_some();
                     if dies {
@@ -991,6 +965,14 @@ impl PoolModel {
                 Ok(())
             }
         }
+    }
+
+    /// The mood `instance` was given (the default for one no longer listed).
+    fn mood_of(&self, instance: u32) -> Mood {
+        self.instances
+            .get(&instance)
+            .map(|i| i.mood)
+            .unwrap_or_default()
     }
 
     fn holders(&self, instance: u32, except: ConnId) -> usize {
@@ -1372,10 +1354,7 @@ impl PoolModel {
                 generation,
                 ..
             } => {
-                let listening = self
-                    .procs
-                    .iter()
-                    .any(|p| p.instance == instance.0 && p.generation == generation && p.alive);
+                let listening = self.procs.iter().any(|p| p.is_live(instance.0, generation));
                 if !listening {
                     return Err(format!(
                         "instance {instance}'s generation {generation} ready but not alive"

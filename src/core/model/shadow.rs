@@ -588,19 +588,7 @@ impl Model {
                 }
             },
         };
-        let decided_by_core = match outcome {
-            Outcome::Ok | Outcome::ClientError | Outcome::UpstreamError | Outcome::RelayError => {
-                None
-            }
-            Outcome::Abandoned => Some(EndedBy::Client),
-            Outcome::Timeout
-            | Outcome::QueueTimeout
-            | Outcome::ConnectFailed
-            | Outcome::Rejected
-            | Outcome::Shutdown
-            | Outcome::UpstreamFailed
-            | Outcome::Killed => Some(EndedBy::Tcplock),
-        };
+        let decided_by_core = crate::core::invariants::ender_of(outcome);
         if decided_by_core.is_some_and(|expected| expected != ended_by) {
             return Err(format!(
                 "conn {id} closed as {outcome} but ended by {ended_by}"

@@ -229,7 +229,10 @@ fn scenario(seed: u64) -> (Settings, Vec<Op>) {
     (initial, ops)
 }
 
-fn check_seed(seed: u64) {
+/// Runs one seed of a random scenario; on a failure (or a panic in the
+/// core, replayed with its trace) panics naming the seed and the variable
+/// that reruns it alone.
+fn check_seed(label: &str, seed_var: &str, scenario: fn(u64) -> (Settings, Vec<Op>), seed: u64) {
     let (initial, ops) = scenario(seed);
     let fast = std::panic::catch_unwind(AssertUnwindSafe(|| run(initial.clone(), &ops)));
     let result = match fast {
@@ -238,35 +241,38 @@ fn check_seed(seed: u64) {
         // and panics again.
         Err(_) => {
             eprintln!(
-                "model test panicked for seed {seed} \
-                 (rerun: TCPLOCK_MODEL_SEED={seed} cargo test core::model)"
+                "{label} panicked for seed {seed} \
+                 (rerun: {seed_var}={seed} cargo test core::model)"
             );
             run_traced(initial, &ops)
         }
     };
     if let Err(failure) = result {
         panic!(
-            "model test failed for seed {seed} \
-             (rerun: TCPLOCK_MODEL_SEED={seed} cargo test core::model)\n{failure}"
+            "{label} failed for seed {seed} \
+             (rerun: {seed_var}={seed} cargo test core::model)\n{failure}"
         );
     }
 }
 
-#[test]
-fn random_event_sequences_keep_every_invariant() {
-    if let Some(seed) = std::env::var("TCPLOCK_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return check_seed(seed);
+/// The seed named by `seed_var` alone, or seeds 0..TCPLOCK_MODEL_RUNS
+/// (3,000 unless set).
+fn check_seeds(label: &str, seed_var: &str, scenario: fn(u64) -> (Settings, Vec<Op>)) {
+    if let Some(seed) = std::env::var(seed_var).ok().and_then(|s| s.parse().ok()) {
+        return check_seed(label, seed_var, scenario, seed);
     }
     let count: u64 = std::env::var("TCPLOCK_MODEL_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3_000);
     for seed in 0..count {
-        check_seed(seed);
+        check_seed(label, seed_var, scenario, seed);
     }
+}
+
+#[test]
+fn random_event_sequences_keep_every_invariant() {
+    check_seeds("model test", "TCPLOCK_MODEL_SEED", scenario);
 }
 
 #[test]
@@ -528,42 +534,9 @@ fn pool_scenario(seed: u64) -> (Settings, Vec<Op>) {
     (initial, ops)
 }
 
-fn check_pool_seed(seed: u64) {
-    let (initial, ops) = pool_scenario(seed);
-    let fast = std::panic::catch_unwind(AssertUnwindSafe(|| run(initial.clone(), &ops)));
-    let result = match fast {
-        Ok(result) => result,
-        Err(_) => {
-            eprintln!(
-                "pool model test panicked for seed {seed} \
-                 (rerun: TCPLOCK_MODEL_POOL_SEED={seed} cargo test core::model)"
-            );
-            run_traced(initial, &ops)
-        }
-    };
-    if let Err(failure) = result {
-        panic!(
-            "pool model test failed for seed {seed} \
-             (rerun: TCPLOCK_MODEL_POOL_SEED={seed} cargo test core::model)\n{failure}"
-        );
-    }
-}
-
 #[test]
 fn random_pool_sequences_keep_every_invariant() {
-    if let Some(seed) = std::env::var("TCPLOCK_MODEL_POOL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return check_pool_seed(seed);
-    }
-    let count: u64 = std::env::var("TCPLOCK_MODEL_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3_000);
-    for seed in 0..count {
-        check_pool_seed(seed);
-    }
+    check_seeds("pool model test", "TCPLOCK_MODEL_POOL_SEED", pool_scenario);
 }
 
 // ----- pools: scenarios -----
@@ -617,6 +590,17 @@ fn active_per_instance(model: &pool::PoolModel) -> Vec<(u32, usize)> {
 }
 
 /// Wakes until every live instance of a supervised pool is ready (bounded).
+/// Each instance's service generation, by instance.
+fn generations(model: &pool::PoolModel) -> Vec<u64> {
+    model
+        .core
+        .stats()
+        .instances
+        .iter()
+        .map(|i| i.service.generation)
+        .collect()
+}
+
 fn until_ready(model: &mut pool::PoolModel) {
     for _ in 0..100 {
         let stats = model.core.stats();
@@ -735,15 +719,6 @@ fn a_rolling_restart_takes_one_instance_out_at_a_time() {
     let mut model = pool::PoolModel::new(supervised(&[A, B, C]), true);
     model.begin().unwrap();
     until_ready(&mut model);
-    let generations = |model: &pool::PoolModel| -> Vec<u64> {
-        model
-            .core
-            .stats()
-            .instances
-            .iter()
-            .map(|i| i.service.generation)
-            .collect()
-    };
     let before = generations(&model);
     // The checker fails the run if two are out at once.
     steps(&mut model, &[Op::InstanceRestart(0)]);
@@ -772,15 +747,6 @@ fn a_crashed_instance_restarts_alone_while_the_others_serve() {
     let mut model = pool::PoolModel::new(supervised(&[A, B, C]), true);
     model.begin().unwrap();
     until_ready(&mut model);
-    let generations = |model: &pool::PoolModel| -> Vec<u64> {
-        model
-            .core
-            .stats()
-            .instances
-            .iter()
-            .map(|i| i.service.generation)
-            .collect()
-    };
     let before = generations(&model);
     steps(
         &mut model,

@@ -1,15 +1,10 @@
 //! The pool's rules: one FIFO line over K instances, each with its own
 //! permits, hooks, cool-down and supervised service.
 
-use std::net::SocketAddr;
-
 use super::COOLDOWN_BASE_MS;
 use crate::core::service::PROBE_INTERVAL_MS;
+use crate::core::test_support::{addr, drain, finished};
 use crate::core::*;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn names(k: u32) -> Vec<String> {
     (1..=k).map(|i| format!("127.0.0.1:{}", 8100 + i)).collect()
@@ -29,18 +24,6 @@ fn supervised_pool(k: u32, service: ServiceSettings) -> Settings {
     }
 }
 
-fn drain(core: &mut Core) -> (Vec<Action>, Vec<Event>) {
-    let mut actions = Vec::new();
-    let mut events = Vec::new();
-    while let Some(action) = core.poll_action() {
-        match action {
-            Action::Log(event) => events.push(event),
-            other => actions.push(other),
-        }
-    }
-    (actions, events)
-}
-
 /// The instance each connect of `actions` goes to, in order.
 fn connects(actions: &[Action]) -> Vec<(ConnRef, u32)> {
     actions
@@ -52,13 +35,6 @@ fn connects(actions: &[Action]) -> Vec<(ConnRef, u32)> {
         .collect()
 }
 
-fn finished() -> RelayEnd {
-    RelayEnd {
-        cause: RelayCause::Finished,
-        ended_by: EndedBy::Client,
-    }
-}
-
 /// Connects `conn` and reports the instance it went to.
 fn connect_one(core: &mut Core, now: u64, port: u16) -> (ConnRef, u32) {
     let conn = core.handle_accepted(now, addr(port));
@@ -68,6 +44,17 @@ fn connect_one(core: &mut Core, now: u64, port: u16) -> (ConnRef, u32) {
     core.handle_upstream_connected(now, conn);
     drain(core);
     went[0]
+}
+
+/// The hook runs `actions` spawn, in order.
+fn spawned_hooks(actions: &[Action]) -> Vec<HookRequest> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SpawnHook(request) => Some(request.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -149,13 +136,7 @@ fn hooks_of_different_instances_run_at_once_and_a_failed_one_sends_the_client_on
     let a = core.handle_accepted(1, addr(1));
     let b = core.handle_accepted(1, addr(2));
     let (actions, _) = drain(&mut core);
-    let hooks: Vec<HookRequest> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::SpawnHook(request) => Some(request.clone()),
-            _ => None,
-        })
-        .collect();
+    let hooks = spawned_hooks(&actions);
     assert_eq!(hooks.len(), 2, "{actions:?}");
     assert_eq!(
         (hooks[0].context.instance, hooks[0].context.conn),
@@ -187,10 +168,10 @@ fn hooks_of_different_instances_run_at_once_and_a_failed_one_sends_the_client_on
     assert_eq!(core.queue_len(), 1);
     core.handle_relay_ended(4, b, finished());
     let (actions, _) = drain(&mut core);
-    let retried = actions.iter().find_map(|a| match a {
-        Action::SpawnHook(request) => Some(request.context.clone()),
-        _ => None,
-    });
+    let retried = spawned_hooks(&actions)
+        .into_iter()
+        .next()
+        .map(|r| r.context);
     let retried = retried.expect("a's hook runs again on instance 2");
     assert_eq!(
         (retried.instance, retried.conn, retried.attempt),
@@ -792,13 +773,7 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
     let a = core.handle_accepted(1, addr(1));
     let b = core.handle_accepted(1, addr(2));
     let (actions, _) = drain(&mut core);
-    let hooks: Vec<HookRequest> = actions
-        .iter()
-        .filter_map(|x| match x {
-            Action::SpawnHook(request) => Some(request.clone()),
-            _ => None,
-        })
-        .collect();
+    let hooks = spawned_hooks(&actions);
     assert_eq!(hooks[0].context.instance, InstanceId(1));
     core.handle_reload(2, without_one);
     drain(&mut core);
@@ -806,10 +781,10 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
     // debug invariants would say so), and a goes to a live instance.
     core.handle_hook_exited(3, hooks[0].hook, HookExit::Failed(1));
     let (actions, _) = drain(&mut core);
-    let next = actions.iter().find_map(|x| match x {
-        Action::SpawnHook(request) => Some(request.context.clone()),
-        _ => None,
-    });
+    let next = spawned_hooks(&actions)
+        .into_iter()
+        .next()
+        .map(|r| r.context);
     let next = next.expect("a's hook runs again elsewhere");
     assert_eq!((next.conn, next.instance), (a.id(), InstanceId(3)));
     // b connects to 2 and is refused after instance 2 is removed too: no

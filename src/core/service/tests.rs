@@ -1,13 +1,8 @@
 //! The supervisor's rules, driven with a fake clock and a fake shell.
 
-use std::net::SocketAddr;
-
 use super::{PROBE_INTERVAL_MS, START_RETRY_BASE_MS, START_RETRY_MAX_MS};
+use crate::core::test_support::{addr, drain, finished};
 use crate::core::*;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn supervised(service: ServiceSettings) -> Settings {
     Settings {
@@ -22,18 +17,6 @@ fn service() -> ServiceSettings {
         run: ServiceRef(1),
         ..ServiceSettings::default()
     }
-}
-
-fn drain(core: &mut Core) -> (Vec<Action>, Vec<Event>) {
-    let mut actions = Vec::new();
-    let mut events = Vec::new();
-    while let Some(action) = core.poll_action() {
-        match action {
-            Action::Log(event) => events.push(event),
-            other => actions.push(other),
-        }
-    }
-    (actions, events)
 }
 
 fn actions(core: &mut Core) -> Vec<Action> {
@@ -79,13 +62,6 @@ fn proxying(core: &mut Core, now: u64, port: u16) -> ConnRef {
     core.handle_upstream_connected(now, conn);
     assert!(actions(core).contains(&Action::StartRelay(conn)));
     conn
-}
-
-fn finished() -> RelayEnd {
-    RelayEnd {
-        cause: RelayCause::Finished,
-        ended_by: EndedBy::Client,
-    }
 }
 
 /// Answers a stop: the process exits and its session empties.
