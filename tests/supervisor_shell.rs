@@ -200,7 +200,9 @@ fn hook_output_is_logged_and_hooks_learn_the_generation_and_pid() {
         Some("on-activate"),
         "{stderr}"
     );
-    // Its output comes before its exit.
+    // Its output comes before its exit (which may be logged after the
+    // output lines were seen: wait for it before taking the log).
+    proxy.expect_log(event("hook_exited"), "the hook's exit");
     let logs = proxy.logs();
     let at = |pred: &dyn Fn(&str) -> bool| logs.iter().position(|l| pred(l));
     let (said_at, exited_at) = (
