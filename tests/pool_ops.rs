@@ -363,7 +363,7 @@ fn restart_2_restarts_only_instance_2_and_all_restarts_both() {
     let office = Office::new("pool-restart");
     let dir = TempDir::new("pool-restart");
     let sock = dir.join("ctl.sock");
-    let proxy = office_pool(&office, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mut proxy = office_pool(&office, &sock, &["--metrics", "127.0.0.1:0"]);
     let before = wait_ready(&sock, [1, 1]);
     assert!(
         before
@@ -406,4 +406,8 @@ fn restart_2_restarts_only_instance_2_and_all_restarts_both() {
         );
     }
     promtool_check(&text);
+    // Stopped as a service manager would, tcplock stops both offices; a
+    // killed one would leave their forked servers behind.
+    let status = proxy.stop(START_WAIT).expect("tcplock exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
 }
