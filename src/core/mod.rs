@@ -856,7 +856,9 @@ impl Core {
         // The first instance a reload did not remove: the one upstream of
         // a lock without a pool.
         let first = self.instances.iter().position(|inst| !inst.removed);
-        out.service = first.map(|i| self.service_stats(i)).unwrap_or_default();
+        out.service = first
+            .map(|i| self.instances[i].service_stats())
+            .unwrap_or_default();
         self.write_instance_stats(&mut out.instances);
     }
 

@@ -90,6 +90,14 @@ impl Instance {
             && self.service.as_ref().is_none_or(Service::is_at_rest)
     }
 
+    /// Its supervised service's numbers; all zero without one.
+    pub(super) fn service_stats(&self) -> ServiceStats {
+        self.service
+            .as_ref()
+            .map(Service::stats)
+            .unwrap_or_default()
+    }
+
     /// Every timer it holds outside its service.
     pub(super) fn timers(&self) -> [Option<TimerKey>; 3] {
         [
@@ -256,23 +264,20 @@ impl Core {
     /// added one takes the lowest free number and starts.
     pub(super) fn reconcile_instances(&mut self, now: u64) {
         let names = instance_names(&self.settings);
-        for inst in &mut self.instances {
-            if !inst.removed && !names.contains(&inst.upstream) {
-                inst.removed = true;
-            }
-        }
         for i in 0..self.instances.len() {
-            if self.instances[i].removed {
-                let inst = &mut self.instances[i];
-                inst.prepared = false;
-                inst.timeout_hook_due = None;
-                if let Some(service) = &mut inst.service {
-                    service.left_pool();
-                }
-                let timers = [inst.retry.take(), inst.cooldown.take()];
-                for key in timers {
-                    self.cancel(key);
-                }
+            let inst = &mut self.instances[i];
+            if inst.removed || names.contains(&inst.upstream) {
+                continue;
+            }
+            inst.removed = true;
+            inst.prepared = false;
+            inst.timeout_hook_due = None;
+            if let Some(service) = &mut inst.service {
+                service.left_pool();
+            }
+            let timers = [inst.retry.take(), inst.cooldown.take()];
+            for key in timers {
+                self.cancel(key);
             }
         }
         for name in names {
@@ -337,12 +342,7 @@ impl Core {
     /// removed it ([`InstanceStats::service`] of that one instance).
     pub fn instance_service(&self, instance: InstanceId) -> Option<ServiceStats> {
         let inst = self.instances.get(instance.index())?;
-        (!inst.removed).then(|| {
-            inst.service
-                .as_ref()
-                .map(Service::stats)
-                .unwrap_or_default()
-        })
+        (!inst.removed).then(|| inst.service_stats())
     }
 
     /// Every instance not vacant, into `out`, reusing its memory.
@@ -364,11 +364,7 @@ impl Core {
             stats.activations = inst.activations;
             stats.cooling_down = inst.cooldown.is_some();
             stats.removed = inst.removed;
-            stats.service = inst
-                .service
-                .as_ref()
-                .map(Service::stats)
-                .unwrap_or_default();
+            stats.service = inst.service_stats();
             count += 1;
         }
         out.truncate(count);

@@ -1017,14 +1017,6 @@ impl Core {
         }
     }
 
-    pub(super) fn service_stats(&self, i: usize) -> ServiceStats {
-        self.instances[i]
-            .service
-            .as_ref()
-            .map(Service::stats)
-            .unwrap_or_default()
-    }
-
     pub(super) fn service_state_event(&self, i: usize) -> Option<Event> {
         let service = self.instances[i].service.as_ref()?;
         let stats = service.stats();
