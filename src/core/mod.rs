@@ -1062,7 +1062,8 @@ impl Core {
         let waiting = self.still_waiting_for(&run);
         if exit.is_success() {
             self.instances[i].hook_failures = 0;
-            let gone = self.instances[i].removed || !self.service_takes_clients(i);
+            // A removed instance takes no client either.
+            let gone = !self.service_takes_clients(i);
             match waiting {
                 // The service went away meanwhile (or a reload removed the
                 // instance): the client keeps its place, and the next
