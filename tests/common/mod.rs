@@ -111,6 +111,12 @@ pub fn field(line: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// Asserts the logfmt `line` has `key=want`, showing the line if not.
+#[track_caller]
+pub fn assert_field(line: &str, key: &str, want: &str) {
+    assert_eq!(field(line, key).as_deref(), Some(want), "{line}");
+}
+
 /// A numeric field, panicking with the line if it is missing or not a number.
 pub fn num_field(line: &str, key: &str) -> u64 {
     field(line, key)
