@@ -137,7 +137,7 @@ fn the_example_config_runs_and_restarts_the_office_it_names() {
         |l: &str| is_event(l, "restart_due") && field(l, "gen").as_deref() == Some("2"),
         "gen 2 due after the timeout",
     );
-    assert_eq!(field(&due, "reason").as_deref(), Some("timeout"), "{due}");
+    assert_field(&due, "reason", "timeout");
     assert_eq!(served_by(&proxy), 3);
     assert_eq!(
         reasons(&proxy, "upstream_starting"),
@@ -574,7 +574,7 @@ fn a_real_libreoffice_pool_converts_in_parallel() {
     let mut out = std::collections::BTreeSet::new();
     for line in proxy.logs() {
         if is_event(&line, "upstream_stopping") {
-            assert_eq!(field(&line, "reason").as_deref(), Some("after_n"), "{line}");
+            assert_field(&line, "reason", "after_n");
             out.insert(num_field(&line, "instance"));
             assert!(
                 out.len() <= 1,
@@ -583,7 +583,7 @@ fn a_real_libreoffice_pool_converts_in_parallel() {
         } else if is_event(&line, "upstream_ready") {
             out.remove(&num_field(&line, "instance"));
         } else if is_event(&line, "upstream_exited") {
-            assert_eq!(field(&line, "expected").as_deref(), Some("true"), "{line}");
+            assert_field(&line, "expected", "true");
         }
     }
     // Each office's generations follow one another.

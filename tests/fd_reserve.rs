@@ -16,11 +16,7 @@ fn with_64_descriptors_and_a_hook_150_clients_are_served_in_order() {
     let upstream = Upstream::recording();
     let proxy = Proxy::start_with_fd_limit(64, &["-u", &upstream.arg(), "--on-activate", "true"]);
     let adjusted = proxy.expect_log(event("limit_adjusted"), "limit_adjusted at start");
-    assert_eq!(
-        field(&adjusted, "nofile").as_deref(),
-        Some("64"),
-        "{adjusted}"
-    );
+    assert_field(&adjusted, "nofile", "64");
     assert!(
         num_field(&adjusted, "max_queue") < 64,
         "max-queue not lowered below the limit: {adjusted}"

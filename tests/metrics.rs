@@ -10,7 +10,6 @@ mod hookkit;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -115,34 +114,6 @@ fn scrape(addr: SocketAddr) -> String {
     String::from_utf8(r.body).expect("metrics are UTF-8")
 }
 
-/// The Python interpreter that has `prometheus_client`: Debian's package
-/// installs it for /usr/bin/python3, which need not be the first python3
-/// on the PATH.
-fn python_with_parser() -> Option<&'static str> {
-    ["/usr/bin/python3", "python3"].into_iter().find(|python| {
-        Command::new(python)
-            .args(["-c", "import prometheus_client.parser"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
-/// The parser, or `None` with the reason printed (a failure under CI,
-/// whose `.ci/run` installs it).
-fn parser() -> Option<&'static str> {
-    let found = python_with_parser();
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3-prometheus-client is missing, and .ci/run installs it"
-        );
-        eprintln!("skipped: python3 with prometheus_client (python3-prometheus-client) not found");
-    }
-    found
-}
-
 const PARSE: &str = r#"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,7 +151,7 @@ fn sample(samples: &HashMap<String, f64>, name: &str) -> f64 {
 
 #[test]
 fn the_exposition_parses_and_counts_a_known_scenario() {
-    let Some(python) = parser() else {
+    let Some(python) = prometheus_parser() else {
         return;
     };
     let up = Upstream::echo();
@@ -310,7 +281,7 @@ fn the_exposition_parses_and_counts_a_known_scenario() {
 
 #[test]
 fn hook_runs_are_counted_by_hook_and_result() {
-    let Some(python) = parser() else {
+    let Some(python) = prometheus_parser() else {
         return;
     };
     let up = Upstream::echo();

@@ -189,27 +189,6 @@ fn the_state_dump_counts_the_instances() {
     assert_eq!(num_field(&summary, "instances"), 2, "{summary}");
 }
 
-/// The Python interpreter with `prometheus_client`, or `None` with the
-/// reason printed (a failure under CI, whose `.ci/run` installs it).
-fn parser() -> Option<&'static str> {
-    let found = ["/usr/bin/python3", "python3"].into_iter().find(|python| {
-        Command::new(python)
-            .args(["-c", "import prometheus_client.parser"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3-prometheus-client is missing, and .ci/run installs it"
-        );
-        eprintln!("skipped: python3 with prometheus_client (python3-prometheus-client) not found");
-    }
-    found
-}
-
 const PARSE: &str = r#"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -285,7 +264,7 @@ fn scrape(addr: &str) -> String {
 
 #[test]
 fn metrics_have_every_instances_series() {
-    let Some(python) = parser() else {
+    let Some(python) = prometheus_parser() else {
         return;
     };
     let dir = TempDir::new("pool-metrics");

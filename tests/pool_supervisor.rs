@@ -262,7 +262,7 @@ fn restart_after_rolls_through_the_pool_one_instance_at_a_time() {
     let mut stops = 0;
     for line in proxy.logs() {
         if is_event(&line, "upstream_stopping") {
-            assert_eq!(field(&line, "reason").as_deref(), Some("after_n"), "{line}");
+            assert_field(&line, "reason", "after_n");
             out.insert(instance_of(&line));
             stops += 1;
             assert!(
@@ -535,9 +535,9 @@ fn each_instance_output_is_logged_with_its_number() {
                 WAIT,
             )
             .unwrap_or_else(|| panic!("no output line of instance {i}"));
-        assert_eq!(field(&line, "from").as_deref(), Some("upstream"), "{line}");
+        assert_field(&line, "from", "upstream");
         assert_eq!(field(&line, "instance"), Some(i.to_string()), "{line}");
-        assert_eq!(field(&line, "gen").as_deref(), Some("1"), "{line}");
+        assert_field(&line, "gen", "1");
     }
     stop_clean(proxy, &pool);
 }

@@ -96,8 +96,8 @@ fn no_client_reaches_a_starting_service() {
 
     // The environment: where to listen, which generation, why.
     let start = office.of_gen("wrapper_start", 1).expect("wrapper of gen 1");
-    assert_eq!(field(&start, "reason").as_deref(), Some("first"), "{start}");
-    assert_eq!(field(&start, "notify").as_deref(), Some("-"), "{start}");
+    assert_field(&start, "reason", "first");
+    assert_field(&start, "notify", "-");
     let listening = office.of_gen("listening", 1).expect("gen 1 listened");
     assert_eq!(num_field(&listening, "port"), u64::from(port));
     let starting = proxy.expect_log(gen_event("upstream_starting", 1), "gen 1 starting");
@@ -119,7 +119,7 @@ fn no_client_reaches_a_starting_service() {
         |l: &str| is_event(l, "state") && field(l, "service").as_deref() == Some("upstream"),
         "the service's state line",
     );
-    assert_eq!(field(&state, "state").as_deref(), Some("ready"), "{state}");
+    assert_field(&state, "state", "ready");
     assert_eq!(num_field(&state, "gen"), 1, "{state}");
     assert_eq!(
         num_field(&state, "pid"),
@@ -162,11 +162,7 @@ fn restart_after_n_connections_exactly() {
     assert_eq!(due, [(1, "after_n".into()), (2, "after_n".into())]);
     for generation in [1, 2] {
         let exited = proxy.expect_log(gen_event("upstream_exited", generation), "a planned exit");
-        assert_eq!(
-            field(&exited, "expected").as_deref(),
-            Some("true"),
-            "{exited}"
-        );
+        assert_field(&exited, "expected", "true");
     }
     // Each server saw exactly its three connections.
     for generation in [1, 2] {
@@ -210,7 +206,7 @@ fn a_ttl_expiry_restarts_with_the_queue_intact() {
     expect_closed(&mut hung, WAIT).expect("the TTL cuts the hung client");
     proxy.expect_log(closed_with(1, "timeout"), "conn 1 timed out");
     let due = proxy.expect_log(gen_event("restart_due", 1), "restart due after the timeout");
-    assert_eq!(field(&due, "reason").as_deref(), Some("timeout"), "{due}");
+    assert_field(&due, "reason", "timeout");
     // Each is done well within its own TTL, so gen 2 serves both.
     for mut c in waiting {
         assert_eq!(answer(&mut c).0, 2);
@@ -238,7 +234,7 @@ fn restart_rss_fires_only_between_connections() {
     let due = proxy
         .wait_for_log(gen_event("restart_due", 1), Duration::from_secs(12))
         .expect("no restart_due while the client holds the office over its limit");
-    assert_eq!(field(&due, "reason").as_deref(), Some("rss"), "{due}");
+    assert_field(&due, "reason", "rss");
     assert_eq!(num_field(&due, "limit_kib"), 60 * 1024, "{due}");
     assert!(num_field(&due, "rss_kib") > 60 * 1024, "{due}");
     roundtrip(&mut busy, b"still served by the due generation\n");
@@ -268,7 +264,7 @@ fn max_lifetime_restarts_an_old_generation() {
     let due = proxy
         .wait_for_log(gen_event("restart_due", 1), START_WAIT)
         .expect("gen 1 never became due for its age");
-    assert_eq!(field(&due, "reason").as_deref(), Some("lifetime"), "{due}");
+    assert_field(&due, "reason", "lifetime");
     ready(&proxy, 2);
     assert_eq!(served_by(&proxy), 2);
     assert_eq!(
@@ -288,28 +284,12 @@ fn a_crashed_server_ends_its_clients_and_restarts_at_once() {
     kill("KILL", office.server_pid(1));
     expect_closed(&mut client, WAIT).expect("the client of the dead office is closed");
     let exited = proxy.expect_log(gen_event("upstream_exited", 1), "gen 1 exited");
-    assert_eq!(
-        field(&exited, "expected").as_deref(),
-        Some("false"),
-        "{exited}"
-    );
+    assert_field(&exited, "expected", "false");
     // The wrapper reports its server's death as a shell does: 128 + 9.
-    assert_eq!(
-        field(&exited, "status").as_deref(),
-        Some("exit:137"),
-        "{exited}"
-    );
+    assert_field(&exited, "status", "exit:137");
     let closed = proxy.expect_log(conn_event("closed", 1), "conn 1 closed");
-    assert_eq!(
-        field(&closed, "outcome").as_deref(),
-        Some("upstream_error"),
-        "{closed}"
-    );
-    assert_eq!(
-        field(&closed, "ended_by").as_deref(),
-        Some("upstream"),
-        "{closed}"
-    );
+    assert_field(&closed, "outcome", "upstream_error");
+    assert_field(&closed, "ended_by", "upstream");
     // The next generation starts without waiting for a client.
     ready(&proxy, 2);
     assert_eq!(reasons(&proxy, "upstream_starting"), ["first", "crash"]);
@@ -326,16 +306,8 @@ fn a_crashed_wrapper_leaves_no_orphan_serving() {
     let (server, wrapper) = (office.server_pid(1), office.wrapper_pid(1));
     kill("KILL", wrapper);
     let exited = proxy.expect_log(gen_event("upstream_exited", 1), "gen 1 exited");
-    assert_eq!(
-        field(&exited, "status").as_deref(),
-        Some("signal:KILL"),
-        "{exited}"
-    );
-    assert_eq!(
-        field(&exited, "expected").as_deref(),
-        Some("false"),
-        "{exited}"
-    );
+    assert_field(&exited, "status", "signal:KILL");
+    assert_field(&exited, "expected", "false");
     assert!(
         wait_until(WAIT, || !alive(server)),
         "the orphaned server {server} of gen 1 is still running"
@@ -516,17 +488,9 @@ fn an_idle_service_is_stopped_and_started_on_demand() {
     let stopping = proxy
         .wait_for_log(gen_event("upstream_stopping", 1), START_WAIT)
         .expect("no idle stop");
-    assert_eq!(
-        field(&stopping, "reason").as_deref(),
-        Some("idle"),
-        "{stopping}"
-    );
+    assert_field(&stopping, "reason", "idle");
     let exited = proxy.expect_log(gen_event("upstream_exited", 1), "gen 1 exited");
-    assert_eq!(
-        field(&exited, "expected").as_deref(),
-        Some("true"),
-        "{exited}"
-    );
+    assert_field(&exited, "expected", "true");
     let leader = office.wrapper_pid(1);
     assert!(wait_until(WAIT, || session_members(leader).is_empty()));
     assert!(
@@ -537,7 +501,7 @@ fn an_idle_service_is_stopped_and_started_on_demand() {
     assert_eq!(starts(&proxy).len(), 1);
     assert_eq!(served_by(&proxy), 2);
     let start = office.of_gen("wrapper_start", 2).expect("gen 2 started");
-    assert_eq!(field(&start, "reason").as_deref(), Some("idle"), "{start}");
+    assert_field(&start, "reason", "idle");
     stop_clean(proxy, &office);
 }
 
@@ -592,7 +556,7 @@ fn a_reload_changing_spawn_restarts_once_drained() {
     std::fs::write(&path, conf("b")).unwrap();
     proxy.signal("HUP");
     let due = proxy.expect_log(gen_event("restart_due", 1), "gen 1 due after the reload");
-    assert_eq!(field(&due, "reason").as_deref(), Some("reload"), "{due}");
+    assert_field(&due, "reason", "reload");
     roundtrip(&mut holder, b"the old office still serves its client\n");
     assert_eq!(proxy.count_logs(event("upstream_stopping")), 0);
     assert_eq!(office.count("wrapper_start"), 1);
@@ -601,12 +565,8 @@ fn a_reload_changing_spawn_restarts_once_drained() {
     ready(&proxy, 2);
     assert_eq!(served_by(&proxy), 2);
     let start = office.of_gen("wrapper_start", 2).expect("gen 2");
-    assert_eq!(field(&start, "tag").as_deref(), Some("b"), "{start}");
-    assert_eq!(
-        field(&start, "reason").as_deref(),
-        Some("reload"),
-        "{start}"
-    );
+    assert_field(&start, "tag", "b");
+    assert_field(&start, "reason", "reload");
     stop_clean(proxy, &office);
 }
 

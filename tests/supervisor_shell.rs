@@ -109,14 +109,14 @@ fn service_output_is_logged_by_line_with_its_generation_and_long_lines_are_cut()
         |l| is_event(l, "output") && field(l, "truncated").as_deref() == Some("true"),
         "the long line, cut",
     );
-    assert_eq!(field(&cut, "from").as_deref(), Some("upstream"), "{cut}");
-    assert_eq!(field(&cut, "gen").as_deref(), Some("1"), "{cut}");
+    assert_field(&cut, "from", "upstream");
+    assert_field(&cut, "gen", "1");
     assert_eq!(field(&cut, "line"), Some("x".repeat(4096)), "{cut}");
     // The rest of the long line is dropped, not logged as lines of its own.
     let after = proxy.expect_log(output("short after long"), "the line after the long one");
     assert_eq!(field(&after, "truncated"), None, "{after}");
     let stderr = proxy.expect_log(output("to stderr"), "the service's stderr");
-    assert_eq!(field(&stderr, "gen").as_deref(), Some("1"), "{stderr}");
+    assert_field(&stderr, "gen", "1");
     greeted(&proxy);
     let xs = proxy.count_logs(|l| {
         is_event(l, "output") && field(l, "line").is_some_and(|line| line.starts_with('x'))
@@ -183,23 +183,15 @@ fn hook_output_is_logged_and_hooks_learn_the_generation_and_pid() {
         |l| is_event(l, "output") && field(l, "line").is_some_and(|line| line.starts_with("gen=")),
         "the hook's stdout",
     );
-    assert_eq!(
-        field(&said, "from").as_deref(),
-        Some("on-activate"),
-        "{said}"
-    );
-    assert_eq!(field(&said, "gen").as_deref(), Some("1"), "{said}");
+    assert_field(&said, "from", "on-activate");
+    assert_field(&said, "gen", "1");
     assert_eq!(
         field(&said, "line"),
         Some(format!("gen=1 pid={pid}")),
         "{said}"
     );
     let stderr = proxy.expect_log(output("hook-stderr"), "the hook's stderr");
-    assert_eq!(
-        field(&stderr, "from").as_deref(),
-        Some("on-activate"),
-        "{stderr}"
-    );
+    assert_field(&stderr, "from", "on-activate");
     // Its output comes before its exit (which may be logged after the
     // output lines were seen: wait for it before taking the log).
     proxy.expect_log(event("hook_exited"), "the hook's exit");
@@ -324,25 +316,13 @@ fn a_crashed_service_is_replaced_by_a_new_generation() {
         .expect("kill");
     assert!(killed.success());
     let exited = proxy.expect_log(event("upstream_exited"), "the crash noticed");
-    assert_eq!(
-        field(&exited, "expected").as_deref(),
-        Some("false"),
-        "{exited}"
-    );
-    assert_eq!(
-        field(&exited, "status").as_deref(),
-        Some("signal:KILL"),
-        "{exited}"
-    );
+    assert_field(&exited, "expected", "false");
+    assert_field(&exited, "status", "signal:KILL");
     let second = proxy.expect_log(
         |l| is_event(l, "upstream_starting") && field(l, "gen").as_deref() == Some("2"),
         "a second generation",
     );
-    assert_eq!(
-        field(&second, "reason").as_deref(),
-        Some("crash"),
-        "{second}"
-    );
+    assert_field(&second, "reason", "crash");
     proxy.expect_log(
         |l| is_event(l, "upstream_ready") && field(l, "gen").as_deref() == Some("2"),
         "the second generation ready",
@@ -372,11 +352,7 @@ fn a_process_a_hook_left_behind_keeps_a_working_stdout() {
     // Written after the hook exited: still read and credited to the hook,
     // and the writer did not die of SIGPIPE.
     let late = proxy.expect_log(output("late-line"), "the daemon's line");
-    assert_eq!(
-        field(&late, "from").as_deref(),
-        Some("on-activate"),
-        "{late}"
-    );
+    assert_field(&late, "from", "on-activate");
     let alive = proc_state(daemon).is_some_and(|(state, _)| state != 'Z');
     let _ = Command::new("kill")
         .args(["-KILL", &daemon.to_string()])
@@ -428,16 +404,8 @@ fn without_pidfds_the_service_is_watched_through_sigchld() {
         .expect("kill");
     assert!(killed.success());
     let exited = proxy.expect_log(event("upstream_exited"), "the crash noticed");
-    assert_eq!(
-        field(&exited, "status").as_deref(),
-        Some("signal:KILL"),
-        "{exited}"
-    );
-    assert_eq!(
-        field(&exited, "expected").as_deref(),
-        Some("false"),
-        "{exited}"
-    );
+    assert_field(&exited, "status", "signal:KILL");
+    assert_field(&exited, "expected", "false");
     proxy.expect_log(
         |l| is_event(l, "upstream_ready") && field(l, "gen").as_deref() == Some("2"),
         "the second generation ready",

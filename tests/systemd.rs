@@ -86,6 +86,19 @@ impl NotifySocket {
     }
 }
 
+/// Waits for tcplock's clean exit (`what` if it does not come) and checks
+/// no notification followed STOPPING=1.
+#[track_caller]
+fn exits_with_nothing_after_stopping(proxy: &mut Proxy, notify: &NotifySocket, what: &str) {
+    let status = proxy.wait_exit(WAIT).expect(what);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        notify.pending(),
+        Vec::<String>::new(),
+        "nothing after STOPPING=1"
+    );
+}
+
 /// `tcplock -l 127.0.0.1:0 ARGS` with `env` added.
 fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> Proxy {
     let mut full = vec!["-l", "127.0.0.1:0"];
@@ -158,13 +171,7 @@ fn ready_reloading_ready_stopping_in_order() {
 
     proxy.signal("TERM");
     assert_eq!(notify.next("STOPPING=1"), "STOPPING=1");
-    let status = proxy.wait_exit(WAIT).expect("tcplock exits after SIGTERM");
-    assert!(status.success(), "{status:?}");
-    assert_eq!(
-        notify.pending(),
-        Vec::<String>::new(),
-        "nothing after STOPPING=1"
-    );
+    exits_with_nothing_after_stopping(&mut proxy, &notify, "tcplock exits after SIGTERM");
 }
 
 #[test]
@@ -510,13 +517,7 @@ fn a_reload_during_shutdown_is_refused_and_nothing_follows_stopping() {
     assert_eq!(stdout, "error msg=stopping\n");
     roundtrip(&mut holder, b"last\n");
     drop(holder);
-    let status = proxy.wait_exit(WAIT).expect("tcplock exits");
-    assert!(status.success(), "{status:?}");
-    assert_eq!(
-        notify.pending(),
-        Vec::<String>::new(),
-        "nothing after STOPPING=1"
-    );
+    exits_with_nothing_after_stopping(&mut proxy, &notify, "tcplock exits");
 }
 
 #[test]

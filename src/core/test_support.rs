@@ -1,4 +1,4 @@
-//! Helpers the pool's and the supervisor's unit tests share.
+//! Helpers the core's, the pool's and the supervisor's unit tests share.
 
 use std::net::SocketAddr;
 

@@ -1,12 +1,7 @@
 //! Deterministic tests of the core's rules, with a fake clock.
 
-use std::net::SocketAddr;
-
+use super::test_support::{addr, drain};
 use super::*;
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn settings() -> Settings {
     Settings {
@@ -24,18 +19,12 @@ fn with_hook(hook: u32) -> Settings {
 
 /// Drains the actions, dropping log lines.
 fn actions(core: &mut Core) -> Vec<Action> {
-    std::iter::from_fn(|| core.poll_action())
-        .filter(|a| !matches!(a, Action::Log(_)))
-        .collect()
+    drain(core).0
 }
 
+/// Drains the log lines, dropping the other actions.
 fn events(core: &mut Core) -> Vec<Event> {
-    std::iter::from_fn(|| core.poll_action())
-        .filter_map(|a| match a {
-            Action::Log(event) => Some(event),
-            _ => None,
-        })
-        .collect()
+    drain(core).1
 }
 
 fn relay_end(cause: RelayCause, ended_by: EndedBy) -> RelayEnd {

@@ -111,6 +111,12 @@ pub fn field(line: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// Asserts the logfmt `line` has `key=want`, showing the line if not.
+#[track_caller]
+pub fn assert_field(line: &str, key: &str, want: &str) {
+    assert_eq!(field(line, key).as_deref(), Some(want), "{line}");
+}
+
 /// A numeric field, panicking with the line if it is missing or not a number.
 pub fn num_field(line: &str, key: &str) -> u64 {
     field(line, key)
@@ -1198,6 +1204,29 @@ pub fn check_ok(args: &[&str]) -> String {
     assert!(out.status.success(), "{full:?}: {:?} {stderr}", out.status);
     assert_eq!(stderr, "", "{full:?}");
     String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The Python interpreter with `prometheus_client` (Debian's package
+/// installs it for /usr/bin/python3, which need not be the first python3
+/// on the PATH), or `None` with the reason printed (a failure under CI,
+/// whose `.ci/run` installs it).
+pub fn prometheus_parser() -> Option<&'static str> {
+    let found = ["/usr/bin/python3", "python3"].into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import prometheus_client.parser"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3-prometheus-client is missing, and .ci/run installs it"
+        );
+        eprintln!("skipped: python3 with prometheus_client (python3-prometheus-client) not found");
+    }
+    found
 }
 
 /// Runs the parser `script` under `python -c` with the metrics exposition

@@ -356,6 +356,25 @@ fn bring_up(core: &mut Core, now: u64) -> u64 {
     at
 }
 
+/// A supervised pool of `k` whose instances restart after each connection.
+fn restarting_after_one(k: u32) -> Settings {
+    supervised_pool(
+        k,
+        ServiceSettings {
+            restart_after: Some(1),
+            ..service()
+        },
+    )
+}
+
+/// `settings` with the first of its upstreams removed.
+fn without_the_first(settings: &Settings) -> Settings {
+    Settings {
+        upstreams: settings.upstreams[1..].to_vec(),
+        ..settings.clone()
+    }
+}
+
 fn states(core: &Core) -> Vec<ServiceStateName> {
     core.stats()
         .instances
@@ -366,13 +385,7 @@ fn states(core: &Core) -> Vec<ServiceStateName> {
 
 #[test]
 fn planned_restarts_take_one_instance_out_at_a_time() {
-    let settings = supervised_pool(
-        2,
-        ServiceSettings {
-            restart_after: Some(1),
-            ..service()
-        },
-    );
+    let settings = restarting_after_one(2);
     let mut core = Core::new(settings, 0);
     let mut now = bring_up(&mut core, 0);
     // Instance 1 serves its one connection and becomes due: its turn is
@@ -589,10 +602,7 @@ fn a_reload_that_removes_a_supervised_instance_stops_it_once_drained() {
     let now = bring_up(&mut core, 0);
     let a = connect_one(&mut core, now, 1);
     assert_eq!(a.1, 1);
-    let settings = Settings {
-        upstreams: vec!["127.0.0.1:8102".into()],
-        ..supervised_pool(2, service())
-    };
+    let settings = without_the_first(&supervised_pool(2, service()));
     core.handle_reload(now + 1, settings);
     let (_, events) = fake_shell(&mut core, now + 1);
     assert!(
@@ -626,10 +636,7 @@ fn an_instance_removed_and_listed_again_while_it_drains_comes_back_as_it_was() {
     let mut core = Core::new(pool(2), 0);
     let a = connect_one(&mut core, 1, 1);
     assert_eq!(a.1, 1);
-    let without_one = Settings {
-        upstreams: vec!["127.0.0.1:8102".into()],
-        ..pool(2)
-    };
+    let without_one = without_the_first(&pool(2));
     core.handle_reload(2, without_one);
     drain(&mut core);
     assert!(core.stats().instances[0].removed);
@@ -650,13 +657,7 @@ fn an_instance_removed_and_listed_again_while_it_drains_comes_back_as_it_was() {
 
 #[test]
 fn the_instance_due_longest_takes_the_next_turn() {
-    let settings = supervised_pool(
-        3,
-        ServiceSettings {
-            restart_after: Some(1),
-            ..service()
-        },
-    );
+    let settings = restarting_after_one(3);
     let mut core = Core::new(settings, 0);
     let mut now = bring_up(&mut core, 0);
     // One client each, in turn: 1 goes out at once, 2 and 3 wait their turn
@@ -764,10 +765,7 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
         on_activate: Some(HookRef(1)),
         ..pool(3)
     };
-    let without_one = Settings {
-        upstreams: names(3)[1..].to_vec(),
-        ..settings.clone()
-    };
+    let without_one = without_the_first(&settings);
     let mut core = Core::new(settings, 0);
     // a's hook runs on 1, b's on 2.
     let a = core.handle_accepted(1, addr(1));
@@ -810,13 +808,7 @@ fn a_failure_on_an_instance_removed_meanwhile_arms_no_backoff_on_it() {
 
 #[test]
 fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_back() {
-    let settings = supervised_pool(
-        3,
-        ServiceSettings {
-            restart_after: Some(1),
-            ..service()
-        },
-    );
+    let settings = restarting_after_one(3);
     let mut core = Core::new(settings.clone(), 0);
     let now = bring_up(&mut core, 0);
     // Instance 1 serves one and drains for its restart, its client still on.
@@ -825,10 +817,7 @@ fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_bac
     fake_shell(&mut core, now);
     assert_eq!(states(&core)[0], ServiceStateName::Due);
     // Removed: 2 may take the next turn.
-    let without_one = Settings {
-        upstreams: names(3)[1..].to_vec(),
-        ..settings.clone()
-    };
+    let without_one = without_the_first(&settings);
     core.handle_reload(now + 1, without_one);
     fake_shell(&mut core, now + 1);
     let b = connect_one(&mut core, now + 1, 2);
@@ -848,13 +837,7 @@ fn an_instance_removed_while_draining_gives_up_its_turn_and_waits_again_when_bac
 
 #[test]
 fn an_instance_removed_and_listed_again_while_it_stops_keeps_its_turn() {
-    let settings = supervised_pool(
-        3,
-        ServiceSettings {
-            restart_after: Some(1),
-            ..service()
-        },
-    );
+    let settings = restarting_after_one(3);
     let mut core = Core::new(settings.clone(), 0);
     let now = bring_up(&mut core, 0);
     // Instance 1 serves one and goes out for its restart; its stop is
@@ -865,10 +848,7 @@ fn an_instance_removed_and_listed_again_while_it_stops_keeps_its_turn() {
     drain(&mut core);
     assert_eq!(states(&core)[0], ServiceStateName::Stopping);
     // Removed, then listed again, while it stops.
-    let without_one = Settings {
-        upstreams: names(3)[1..].to_vec(),
-        ..settings.clone()
-    };
+    let without_one = without_the_first(&settings);
     core.handle_reload(now + 1, without_one);
     drain(&mut core);
     core.handle_reload(now + 2, settings);

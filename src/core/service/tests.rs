@@ -23,6 +23,30 @@ fn actions(core: &mut Core) -> Vec<Action> {
     drain(core).0
 }
 
+/// The port check of instance 1's generation `generation`.
+fn probe(generation: u64) -> Action {
+    Action::ProbeUpstream {
+        instance: InstanceId(1),
+        generation: Generation(generation),
+    }
+}
+
+/// A stop signal to instance 1's generation `generation`.
+fn signal(generation: u64, signal: StopSignal) -> Action {
+    Action::SignalService {
+        instance: InstanceId(1),
+        generation: Generation(generation),
+        signal,
+    }
+}
+
+/// Answers the port check (free) and then the spawn with `result`.
+fn spawned(core: &mut Core, now: u64, generation: u64, result: Result<u32, String>) {
+    core.handle_service_probed(now, InstanceId(1), Generation(generation), false);
+    actions(core);
+    core.handle_service_spawned(now, InstanceId(1), Generation(generation), result);
+}
+
 /// Answers the port check and the spawn, then the first probe: the
 /// generation is ready at `now + PROBE_INTERVAL_MS`. Returns that time.
 fn bring_up(core: &mut Core, now: u64, generation: u64, pid: u32) -> u64 {
@@ -82,13 +106,7 @@ fn state(core: &Core) -> Option<ServiceStateName> {
 #[test]
 fn no_client_is_let_in_before_the_service_answers() {
     let mut core = Core::new(supervised(service()), 0);
-    assert_eq!(
-        actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(1)
-        }]
-    );
+    assert_eq!(actions(&mut core), vec![probe(1)]);
     core.handle_service_probed(0, InstanceId(1), Generation(1), false);
     assert_eq!(
         actions(&mut core),
@@ -104,23 +122,11 @@ fn no_client_is_let_in_before_the_service_answers() {
     assert_eq!(actions(&mut core), vec![], "the service is only starting");
     assert_eq!(state(&core), Some(ServiceStateName::Starting));
     core.handle_tick(100);
-    assert_eq!(
-        actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(1)
-        }]
-    );
+    assert_eq!(actions(&mut core), vec![probe(1)]);
     core.handle_service_probed(100, InstanceId(1), Generation(1), false);
     assert_eq!(actions(&mut core), vec![], "refused: not ready yet");
     core.handle_tick(200);
-    assert_eq!(
-        actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(1)
-        }]
-    );
+    assert_eq!(actions(&mut core), vec![probe(1)]);
     core.handle_service_probed(200, InstanceId(1), Generation(1), true);
     let (acts, events) = drain(&mut core);
     assert!(
@@ -157,23 +163,14 @@ fn a_busy_port_is_a_failed_start_retried_with_backoff() {
     core.handle_tick(START_RETRY_BASE_MS);
     assert_eq!(
         actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(1)
-        }],
+        vec![probe(1)],
         "the same generation number: nothing was spawned"
     );
     core.handle_service_probed(START_RETRY_BASE_MS, InstanceId(1), Generation(1), true);
     core.handle_tick(3 * START_RETRY_BASE_MS - 1);
     assert_eq!(actions(&mut core), vec![], "the second wait doubles");
     core.handle_tick(3 * START_RETRY_BASE_MS);
-    assert_eq!(
-        actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(1)
-        }]
-    );
+    assert_eq!(actions(&mut core), vec![probe(1)]);
 }
 
 #[test]
@@ -196,23 +193,10 @@ fn restart_after_n_waits_for_the_last_permit_and_keeps_the_queue() {
     now += 5;
     core.handle_relay_ended(now, second, finished());
     let acts = actions(&mut core);
-    assert!(
-        acts.contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Term
-        }),
-        "{acts:?}"
-    );
+    assert!(acts.contains(&signal(1, StopSignal::Term)), "{acts:?}");
     stop_done(&mut core, now, 1);
     let acts = actions(&mut core);
-    assert!(
-        acts.contains(&Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(2)
-        }),
-        "{acts:?}"
-    );
+    assert!(acts.contains(&probe(2)), "{acts:?}");
     core.handle_service_probed(now, InstanceId(1), Generation(2), false);
     assert_eq!(
         actions(&mut core),
@@ -252,11 +236,7 @@ fn a_crash_cuts_its_connections_kills_the_leftovers_and_starts_again_at_once() {
         a,
         Action::Close { conn: c, outcome: Outcome::UpstreamError, ended_by: EndedBy::Upstream, .. } if *c == conn
     )));
-    assert!(acts.contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Kill
-    }));
+    assert!(acts.contains(&signal(1, StopSignal::Kill)));
     assert!(events.contains(&Event::UpstreamExited {
         instance: InstanceId(1),
         generation: Generation(1),
@@ -275,10 +255,7 @@ fn a_crash_cuts_its_connections_kills_the_leftovers_and_starts_again_at_once() {
         Generation(1),
         ServiceSample::default(),
     );
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
-        instance: InstanceId(1),
-        generation: Generation(2)
-    }));
+    assert!(actions(&mut core).contains(&probe(2)));
     assert_eq!(core.state_of(waiting), Some(StateName::Queued));
 }
 
@@ -293,25 +270,11 @@ fn failed_starts_give_up_close_the_waiting_and_turn_newcomers_away_until_one_is_
     );
     actions(&mut core);
     let waiting = core.handle_accepted(0, addr(1));
-    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
-    actions(&mut core);
-    core.handle_service_spawned(
-        0,
-        InstanceId(1),
-        Generation(1),
-        Err("no such file".to_string()),
-    );
+    spawned(&mut core, 0, 1, Err("no such file".to_string()));
     actions(&mut core);
     core.handle_tick(START_RETRY_BASE_MS);
     actions(&mut core);
-    core.handle_service_probed(START_RETRY_BASE_MS, InstanceId(1), Generation(2), false);
-    actions(&mut core);
-    core.handle_service_spawned(
-        START_RETRY_BASE_MS,
-        InstanceId(1),
-        Generation(2),
-        Err("again".to_string()),
-    );
+    spawned(&mut core, START_RETRY_BASE_MS, 2, Err("again".to_string()));
     let (acts, events) = drain(&mut core);
     assert!(events.contains(&Event::UpstreamFailed {
         instance: InstanceId(1),
@@ -370,11 +333,7 @@ fn memory_over_the_limit_makes_it_due_and_it_restarts_between_connections() {
         rss_kib: Some((1001, 1000))
     }));
     core.handle_relay_ended(now + 1, conn, finished());
-    assert!(actions(&mut core).contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Term
-    }));
+    assert!(actions(&mut core).contains(&signal(1, StopSignal::Term)));
 }
 
 #[test]
@@ -399,11 +358,7 @@ fn a_ttl_expiry_cuts_the_client_then_restarts_the_service() {
             ..
         }
     )));
-    assert!(acts.contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Term
-    }));
+    assert!(acts.contains(&signal(1, StopSignal::Term)));
     assert_eq!(core.state_of(waiting), Some(StateName::Queued));
 }
 
@@ -443,14 +398,7 @@ fn a_service_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
             } else if t < now + 500 {
                 panic!("only looks before the stop timeout: {action:?}");
             } else {
-                assert_eq!(
-                    action,
-                    Action::SignalService {
-                        instance: InstanceId(1),
-                        generation: Generation(1),
-                        signal: StopSignal::Kill
-                    }
-                );
+                assert_eq!(action, signal(1, StopSignal::Kill));
             }
         }
     }
@@ -473,11 +421,7 @@ fn an_idle_service_is_stopped_and_the_next_client_starts_it() {
     core.handle_tick(now + 1009);
     assert_eq!(actions(&mut core), vec![]);
     core.handle_tick(now + 1010);
-    assert!(actions(&mut core).contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Term
-    }));
+    assert!(actions(&mut core).contains(&signal(1, StopSignal::Term)));
     stop_done(&mut core, now + 1020, 1);
     assert_eq!(actions(&mut core), vec![], "nobody needs it");
     assert_eq!(state(&core), Some(ServiceStateName::Stopped));
@@ -506,11 +450,7 @@ fn shutdown_stops_the_service_after_the_connections_and_only_then_finishes() {
     );
     core.handle_relay_ended(now + 1, conn, finished());
     let (acts, events) = drain(&mut core);
-    assert!(acts.contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Term
-    }));
+    assert!(acts.contains(&signal(1, StopSignal::Term)));
     let done = |e: &Event| matches!(e, Event::ShutdownDone { .. });
     assert!(!events.iter().any(done), "the service still runs");
     assert!(!core.is_finished());
@@ -582,16 +522,10 @@ fn hooks_learn_the_generation_and_pid() {
 fn a_start_that_exits_before_it_is_ready_kills_its_leftovers_and_retries() {
     let mut core = Core::new(supervised(service()), 0);
     actions(&mut core);
-    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
-    actions(&mut core);
-    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(5));
+    spawned(&mut core, 0, 1, Ok(5));
     core.handle_service_exited(50, InstanceId(1), Generation(1), ServiceExit::Code(1));
     let (acts, events) = drain(&mut core);
-    assert!(acts.contains(&Action::SignalService {
-        instance: InstanceId(1),
-        generation: Generation(1),
-        signal: StopSignal::Kill
-    }));
+    assert!(acts.contains(&signal(1, StopSignal::Kill)));
     assert!(events.iter().any(|e| matches!(
         e,
         Event::UpstreamStartFailed {
@@ -610,13 +544,7 @@ fn a_start_that_exits_before_it_is_ready_kills_its_leftovers_and_retries() {
     core.handle_service_sampled(150, InstanceId(1), Generation(1), ServiceSample::default());
     assert_eq!(actions(&mut core), vec![], "the retry waits its backoff");
     core.handle_tick(150 + START_RETRY_BASE_MS);
-    assert_eq!(
-        actions(&mut core),
-        vec![Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(2)
-        }]
-    );
+    assert_eq!(actions(&mut core), vec![probe(2)]);
 }
 
 #[test]
@@ -626,21 +554,10 @@ fn a_shutdown_with_nobody_connected_stops_the_service_at_once() {
     actions(&mut core);
     core.handle_shutdown(now);
     let acts = actions(&mut core);
-    assert!(
-        acts.contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Term
-        }),
-        "{acts:?}"
-    );
+    assert!(acts.contains(&signal(1, StopSignal::Term)), "{acts:?}");
     core.handle_shutdown(now + 1);
     assert!(
-        actions(&mut core).contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Kill
-        }),
+        actions(&mut core).contains(&signal(1, StopSignal::Kill)),
         "a second stop kills what is left"
     );
     stop_done(&mut core, now + 2, 1);
@@ -688,22 +605,14 @@ fn tick_answering_samples(core: &mut Core, from: u64, until: u64) -> Vec<Action>
 #[test]
 fn an_exit_before_ready_is_a_failed_start_and_the_next_one_follows() {
     let mut core = Core::new(supervised(service()), 0);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
-        instance: InstanceId(1),
-        generation: Generation(1)
-    }));
-    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
-    actions(&mut core);
-    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(42));
+    assert!(actions(&mut core).contains(&probe(1)));
+    spawned(&mut core, 0, 1, Ok(42));
     actions(&mut core);
     core.handle_service_exited(10, InstanceId(1), Generation(1), ServiceExit::Code(1));
     let _ = actions(&mut core);
     let seen = tick_answering_samples(&mut core, 10, 10 + 2 * START_RETRY_BASE_MS);
     assert!(
-        seen.contains(&Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(2)
-        }),
+        seen.contains(&probe(2)),
         "no retry after the failed start; still {:?}: {:?}",
         state(&core),
         &seen[seen.len().saturating_sub(4)..]
@@ -728,23 +637,13 @@ fn generations_never_repeat_across_supervision_turned_off_and_on() {
         },
     );
     let stop = actions(&mut core);
-    assert!(
-        stop.contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Term
-        }),
-        "{stop:?}"
-    );
+    assert!(stop.contains(&signal(1, StopSignal::Term)), "{stop:?}");
     stop_done(&mut core, at + 10, 1);
     actions(&mut core);
     core.handle_reload(at + 20, supervised(service()));
     let start = actions(&mut core);
     assert!(
-        start.contains(&Action::ProbeUpstream {
-            instance: InstanceId(1),
-            generation: Generation(2)
-        }),
+        start.contains(&probe(2)),
         "the next start must be generation 2: {start:?}"
     );
 }
@@ -760,14 +659,7 @@ fn a_shutdown_with_nobody_left_stops_the_service_at_once() {
     actions(&mut core);
     core.handle_shutdown(at + 1);
     let stop = actions(&mut core);
-    assert!(
-        stop.contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Term
-        }),
-        "{stop:?}"
-    );
+    assert!(stop.contains(&signal(1, StopSignal::Term)), "{stop:?}");
 }
 
 /// Model seed 42: a reload turns supervision on while a client proxies to the
@@ -805,11 +697,7 @@ fn a_stray_answer_after_a_header_reading_newcomer_does_nothing() {
     core.handle_tick(at + 1_000);
     let stop = actions(&mut core);
     assert!(
-        stop.contains(&Action::SignalService {
-            instance: InstanceId(1),
-            generation: Generation(1),
-            signal: StopSignal::Term
-        }),
+        stop.contains(&signal(1, StopSignal::Term)),
         "idle stop: {stop:?}"
     );
     stop_done(&mut core, at + 1_010, 1);
@@ -894,10 +782,7 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
         generation: Generation(1)
     }));
     core.handle_service_sampled(t, InstanceId(1), Generation(1), ServiceSample::default());
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
-        instance: InstanceId(1),
-        generation: Generation(2)
-    }));
+    assert!(actions(&mut core).contains(&probe(2)));
     core.handle_service_probed(t, InstanceId(1), Generation(2), true);
     let (_, events) = drain(&mut core);
     assert!(
@@ -921,13 +806,8 @@ fn a_client_whose_hook_ran_through_the_give_up_does_not_wait_for_a_failed_servic
 #[test]
 fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
     let mut core = Core::new(supervised(service()), 0);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
-        instance: InstanceId(1),
-        generation: Generation(1)
-    }));
-    core.handle_service_probed(0, InstanceId(1), Generation(1), false);
-    actions(&mut core);
-    core.handle_service_spawned(0, InstanceId(1), Generation(1), Ok(42));
+    assert!(actions(&mut core).contains(&probe(1)));
+    spawned(&mut core, 0, 1, Ok(42));
     actions(&mut core);
     core.handle_reload(
         10,
@@ -956,10 +836,7 @@ fn a_start_abandoned_for_a_reload_is_stopped_not_failed() {
         "{events:?}"
     );
     stop_done(&mut core, 20, 1);
-    assert!(actions(&mut core).contains(&Action::ProbeUpstream {
-        instance: InstanceId(1),
-        generation: Generation(2)
-    }));
+    assert!(actions(&mut core).contains(&probe(2)));
     core.handle_service_probed(20, InstanceId(1), Generation(2), false);
     assert_eq!(
         actions(&mut core),
