@@ -271,10 +271,7 @@ fn conn_info(now: u64, slot: usize, c: &Conn) -> ConnInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
-    }
+    use crate::core::test_support::addr;
 
     fn core(permits: u32) -> Core {
         Core::new(
