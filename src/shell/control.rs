@@ -715,7 +715,9 @@ impl Shell {
             }
             // Its answer would come after the exit: nothing waits once
             // stopping.
-            Command::Drain(_) | Command::Restart(_) if self.core.is_stopping() => {
+            Command::Drain(_) | Command::Restart(_) | Command::Reload
+                if self.core.is_stopping() =>
+            {
                 error_reply("stopping")
             }
             Command::Drain(dur) => {
@@ -765,9 +767,7 @@ impl Shell {
                 }
             }
             Command::Reload => {
-                if self.core.is_stopping() {
-                    error_reply("stopping")
-                } else if self.config.config_file.is_none() || self.options.reload_args.is_none() {
+                if self.config.config_file.is_none() || self.options.reload_args.is_none() {
                     error_reply("no config file given with -c")
                 } else {
                     // A reload under way may have read the file before the
