@@ -715,7 +715,9 @@ impl Shell {
             }
             // Its answer would come after the exit: nothing waits once
             // stopping.
-            Command::Drain(_) | Command::Restart(_) if self.core.is_stopping() => {
+            Command::Drain(_) | Command::Restart(_) | Command::Reload
+                if self.core.is_stopping() =>
+            {
                 error_reply("stopping")
             }
             Command::Drain(dur) => {
@@ -765,9 +767,7 @@ impl Shell {
                 }
             }
             Command::Reload => {
-                if self.core.is_stopping() {
-                    error_reply("stopping")
-                } else if self.config.config_file.is_none() || self.options.reload_args.is_none() {
+                if self.config.config_file.is_none() || self.options.reload_args.is_none() {
                     error_reply("no config file given with -c")
                 } else {
                     // A reload under way may have read the file before the
@@ -874,7 +874,7 @@ impl Shell {
     /// back (`ok`) or whose time ran out (`error msg=timeout`).
     fn control_answer_drains(&mut self, now: u64, error: Option<&str>) {
         let idle = self.core.active() == 0;
-        self.control_answer(now, |phase| match (phase, error) {
+        self.control_answer(now, |_, phase| match (phase, error) {
             (Phase::Waiting(Pending::Drain { .. }), Some(msg)) => Some(error_reply(msg)),
             (Phase::Waiting(Pending::Drain { .. }), None) if idle => Some(Reply::default().ok()),
             (Phase::Waiting(Pending::Drain { until: Some(t) }), None) if *t <= now => {
@@ -884,15 +884,22 @@ impl Shell {
         });
     }
 
-    /// Starts writing `answer`'s reply to each connection it gives one.
-    fn control_answer(&mut self, now: u64, mut answer: impl FnMut(&Phase) -> Option<Vec<u8>>) {
+    /// Starts writing `answer`'s reply to each connection it gives one;
+    /// `answer` sees the core as it is now. Empty (no allocation) until
+    /// some connection is answered.
+    fn control_answer(
+        &mut self,
+        now: u64,
+        mut answer: impl FnMut(&Core, &Phase) -> Option<Vec<u8>>,
+    ) {
         let Some(server) = &self.control else {
             return;
         };
+        let core = &self.core;
         let answers: Vec<(usize, Vec<u8>)> = server
             .conns
             .iter()
-            .filter_map(|(slot, c)| answer(&c.phase).map(|reply| (slot, reply)))
+            .filter_map(|(slot, c)| answer(core, &c.phase).map(|reply| (slot, reply)))
             .collect();
         for (slot, reply) in answers {
             self.control_reply(now, slot, reply);
@@ -907,7 +914,7 @@ impl Shell {
         run: u64,
         result: Result<Vec<&str>, String>,
     ) {
-        self.control_answer(now, |phase| {
+        self.control_answer(now, |_, phase| {
             if !matches!(phase, Phase::Waiting(Pending::Reload { run: r }) if *r <= run) {
                 return None;
             }
@@ -945,44 +952,26 @@ impl Shell {
     /// Answers `restart` commands whose instances all have a new ready
     /// generation (or one of which failed).
     fn control_answer_restarts(&mut self, now: u64) {
-        let Some(server) = &self.control else {
-            return;
-        };
-        let waiting =
-            |(_, c): &(usize, &CtlConn)| matches!(c.phase, Phase::Waiting(Pending::Restart(_)));
-        // The pool's numbers are taken only while a restart waits.
-        if !server.conns.iter().any(|entry| waiting(&entry)) {
-            return;
-        }
-        let core = &self.core;
-        let lookup = |id: u32| {
-            let instance = InstanceId(id);
-            Some((
-                core.instance_name(instance)?,
-                core.instance_service(instance)?,
-            ))
-        };
-        // Empty (no allocation) until some restart is answered.
-        let answers: Vec<(usize, Vec<u8>)> = server
-            .conns
-            .iter()
-            .filter_map(|(slot, c)| match &c.phase {
-                Phase::Waiting(Pending::Restart(waits)) => {
-                    restart_answer(waits, lookup).map(|reply| (slot, reply))
-                }
-                _ => None,
+        self.control_answer(now, |core, phase| {
+            let Phase::Waiting(Pending::Restart(waits)) = phase else {
+                return None;
+            };
+            // The pool's numbers are taken only while a restart waits.
+            restart_answer(waits, |id: u32| {
+                let instance = InstanceId(id);
+                Some((
+                    core.instance_name(instance)?,
+                    core.instance_service(instance)?,
+                ))
             })
-            .collect();
-        for (slot, reply) in answers {
-            self.control_reply(now, slot, reply);
-        }
+        });
     }
 
     /// Answers every waiting `drain`, `reload` and `restart` with an error:
     /// when shutdown begins (their answer would never come), or when the
     /// reload thread they wait for could not start.
     pub(super) fn control_fail_waiters(&mut self, now: u64, reload_only: bool, msg: &str) {
-        self.control_answer(now, |phase| {
+        self.control_answer(now, |_, phase| {
             let waiting = match phase {
                 Phase::Waiting(Pending::Reload { .. }) => true,
                 Phase::Waiting(_) => !reload_only,

@@ -287,14 +287,25 @@ impl Shell {
     pub(super) fn outputs_reloaded(&mut self) {
         for i in 0..self.outputs.instances.len() {
             let instance = InstanceId::at(i);
-            let inst = &self.outputs.instances[i];
-            let kept = self.core.instance_service(instance).is_some()
-                && self.core.instance_name(instance) == inst.made_for.as_deref();
-            if inst.open_pipes() > 0 && !kept && !self.outputs.closing.contains(&instance) {
+            let kept =
+                self.core.instance_service(instance).is_some() && self.listed_as_made(instance);
+            if self.outputs.instances[i].open_pipes() > 0
+                && !kept
+                && !self.outputs.closing.contains(&instance)
+            {
                 self.outputs.closing.push(instance);
             }
         }
         self.close_outputs();
+    }
+
+    /// Whether the core still lists `instance` under the name its pipes
+    /// were made for.
+    fn listed_as_made(&self, instance: InstanceId) -> bool {
+        self.outputs
+            .instances
+            .get(instance.index())
+            .is_some_and(|inst| self.core.instance_name(instance) == inst.made_for.as_deref())
     }
 
     /// Closes the pipes of the instances waiting for it whose time came:
@@ -305,10 +316,7 @@ impl Shell {
         let mut k = 0;
         while let Some(&instance) = self.outputs.closing.get(k) {
             let i = instance.index();
-            let gone =
-                self.outputs.instances.get(i).is_none_or(|inst| {
-                    self.core.instance_name(instance) != inst.made_for.as_deref()
-                });
+            let gone = !self.listed_as_made(instance);
             if !gone && self.core.instance_service(instance).is_some() {
                 // A later reload took it back under the same name: kept.
                 self.outputs.closing.swap_remove(k);

@@ -883,10 +883,7 @@ impl Shell {
             return Some(Duration::ZERO);
         }
         match self.probe_deadline() {
-            Some(deadline) => {
-                let probe = Duration::from_millis(deadline.saturating_sub(now).saturating_add(1));
-                Some(timeout.map_or(probe, |t| t.min(probe)))
-            }
+            Some(deadline) => super::sooner(timeout, super::until(now, deadline)),
             None => timeout,
         }
     }
