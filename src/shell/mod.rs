@@ -46,7 +46,7 @@ pub(crate) use control::{Command, check_control_path, parse_line};
 use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 pub(crate) use metrics::resolve_metrics_addr;
-use net::resolve;
+pub(crate) use net::resolve;
 pub(crate) use net::resolve_upstreams;
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;
