@@ -5,7 +5,7 @@ use std::net::ToSocketAddrs;
 
 use crate::api::error::Error;
 use crate::config::{self, RawArgs, show};
-use crate::shell::{check_control_path, resolve_metrics_addr, resolve_upstreams};
+use crate::shell::{check_control_path, resolve, resolve_metrics_addr, resolve_upstreams};
 
 /// Loads and validates the settings `raw` names (the command line over its
 /// `-c` file), looks the listen address and the upstream up (blocking: no
@@ -14,22 +14,11 @@ use crate::shell::{check_control_path, resolve_metrics_addr, resolve_upstreams};
 pub fn check(raw: &RawArgs) -> Result<String, Error> {
     let config = config::load(raw)?;
     if !config.listen.is_empty() {
-        let resolve_error = |source| Error::Resolve {
-            what: "listen address",
-            name: config.listen.clone(),
-            source,
-        };
-        let found = config
-            .listen
-            .to_socket_addrs()
-            .map_err(resolve_error)?
-            .next();
-        if found.is_none() {
-            return Err(resolve_error(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no addresses",
-            )));
-        }
+        resolve(
+            "listen address",
+            &config.listen,
+            config.listen.to_socket_addrs(),
+        )?;
     }
     let upstream = resolve_upstreams(&config)?;
     if let Some(addr) = &config.metrics {

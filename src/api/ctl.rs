@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::config::cli::{CtlArgs, CtlSocket};
 use crate::config::file::{parse_file, read_config_file};
+use crate::shell::{Command, parse_line};
 
 /// The reply ended with `ok`.
 pub const EXIT_OK: u8 = 0;
@@ -30,14 +31,13 @@ pub const LONG_WAIT: Duration = Duration::from_secs(300);
 /// How long `command` may wait for each part of its reply; `None` (no
 /// limit) for a `drain` without a time limit, which waits as long as the
 /// permits are held. A `drain DUR` waits its `DUR` and [`IO_TIMEOUT`] more.
+/// The command is read by the control server's own parser: one it refuses
+/// is answered at once.
 pub fn reply_timeout(command: &str) -> Option<Duration> {
-    let mut words = command.split_ascii_whitespace();
-    match words.next() {
-        Some("drain") => words.next().map(|dur| {
-            crate::config::units::parse_duration(dur)
-                .map_or(IO_TIMEOUT, |d| d.saturating_add(IO_TIMEOUT))
-        }),
-        Some("reload" | "restart") => Some(LONG_WAIT),
+    match parse_line(command.as_bytes()) {
+        Ok(Command::Drain(None)) => None,
+        Ok(Command::Drain(Some(ms))) => Some(Duration::from_millis(ms).saturating_add(IO_TIMEOUT)),
+        Ok(Command::Reload | Command::Restart(_)) => Some(LONG_WAIT),
         _ => Some(IO_TIMEOUT),
     }
 }

@@ -115,7 +115,8 @@ impl Builder {
     pub fn from_config(config: Config) -> Builder {
         Builder {
             listen: Some(config.listen.clone()),
-            upstream: Some(pool_text(&config.upstreams)),
+            // As `upstream()` reads it back: the instances, comma-separated.
+            upstream: Some(pool::list_text(&config.upstreams)),
             config,
             options: ShellOptions::default(),
         }
@@ -415,12 +416,6 @@ impl Builder {
         let shell = Shell::start(self.config, self.options)?;
         Ok(Lock { shell })
     }
-}
-
-/// A pool as `upstream()` reads it back: its instances, comma-separated.
-fn pool_text(upstreams: &[HostPort]) -> String {
-    let items: Vec<String> = upstreams.iter().map(HostPort::to_string).collect();
-    items.join(",")
 }
 
 fn non_zero(d: Duration) -> Option<Duration> {

@@ -81,8 +81,6 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
         _ => true,
     };
     let mut origins: Vec<(&'static str, Origin)> = Vec::new();
-    let mut proxy_host_origin = None;
-    let mut upstream_given = false;
     let file_values = file
         .entries
         .iter()
@@ -102,14 +100,17 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
             },
         })?;
         origins.push((spec.key, origin));
-        match spec.key {
-            "proxy-host" => proxy_host_origin = Some(origin),
-            "upstream" => upstream_given = true,
-            _ => {}
-        }
     }
-    if !upstream_given {
-        match (draft.proxy_port, proxy_host_origin) {
+    // Where the value in force for `key` was written: the last one read.
+    let origin_of = |key: &str| {
+        origins
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, origin)| *origin)
+    };
+    if origin_of("upstream").is_none() {
+        match (draft.proxy_port, origin_of("proxy-host")) {
             (Some(ports), _) => {
                 let host = draft
                     .proxy_host
@@ -145,11 +146,10 @@ fn merge(raw: &RawArgs, file: &FileArgs, file_path: &Path) -> Result<Config, Con
     }
     // The rules between settings blame where the culprit was written.
     if let Err((spec, reason)) = draft.config.check_supervision() {
-        let origin = origins.iter().rev().find(|(key, _)| *key == spec.key);
-        return Err(match origin {
-            Some((_, Origin::Line(line))) => ConfigError::File {
+        return Err(match origin_of(spec.key) {
+            Some(Origin::Line(line)) => ConfigError::File {
                 path: file_path.to_owned(),
-                line: *line,
+                line,
                 message: format!("{}: {reason}", spec.key),
             },
             _ => usage(spec, reason),

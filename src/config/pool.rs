@@ -115,12 +115,15 @@ impl Show for Vec<HostPort> {
             });
         match (consecutive, self.first(), self.last()) {
             (true, Some(first), Some(last)) => format!("{first}-{}", last.port),
-            _ => {
-                let items: Vec<String> = self.iter().map(HostPort::to_string).collect();
-                items.join(",")
-            }
+            _ => list_text(self),
         }
     }
+}
+
+/// The instances as a comma-separated list (`a:1,b:2`), never a range.
+pub(crate) fn list_text(upstreams: &[HostPort]) -> String {
+    let items: Vec<String> = upstreams.iter().map(HostPort::to_string).collect();
+    items.join(",")
 }
 
 /// The items of a comma-separated list, blanks around each trimmed; an

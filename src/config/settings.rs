@@ -566,7 +566,7 @@ impl Config {
                 .parse::<IpAddr>()
                 .is_ok_and(|ip| !upstream_is_local(ip))
         });
-        match (service_specs().find(|spec| spec.key == "spawn"), remote) {
+        match (spec_by_key("spawn"), remote) {
             (Some(spec), Some(remote)) => Err((spec, not_on_this_host(&remote.to_string()))),
             _ => Ok(()),
         }

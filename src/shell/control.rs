@@ -115,7 +115,7 @@ pub(crate) fn parse_command(line: &str) -> Result<Command, String> {
 
 /// Parses the bytes of a command line, newline gone and a `\r` before it
 /// allowed. Pure; the error is the reply's `msg`.
-fn parse_line(bytes: &[u8]) -> Result<Command, String> {
+pub(crate) fn parse_line(bytes: &[u8]) -> Result<Command, String> {
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
     if bytes.len() > MAX_LINE {
         return Err(format!("command line longer than {MAX_LINE} bytes"));

@@ -42,11 +42,11 @@ use crate::core::{
 use crate::sys;
 use log::{CommaList, Logger};
 
-pub(crate) use control::check_control_path;
+pub(crate) use control::{Command, check_control_path, parse_line};
 use fds::FdBudget;
 use hooks::{HookTable, RunningHook};
 pub(crate) use metrics::resolve_metrics_addr;
-use net::resolve;
+pub(crate) use net::resolve;
 pub(crate) use net::resolve_upstreams;
 use notify::Notifier;
 pub(crate) use notify::SERVICE_MANAGER_ENV;

@@ -51,7 +51,7 @@ fn resolve_one(config: &Config, upstream: &HostPort) -> Result<Vec<SocketAddr>, 
 
 /// Every address a lookup gave, or an error naming `what` and `name`; an empty
 /// answer is an error too.
-pub(super) fn resolve(
+pub(crate) fn resolve(
     what: &'static str,
     name: &str,
     lookup: io::Result<std::vec::IntoIter<SocketAddr>>,
